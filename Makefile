@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 50051
+METRICS_PORT ?= 9090
+MODELS ?= models
+
+.PHONY: setup serve test protos lint demo-model bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The CPU build of torch first, pinned: it lies on this machine's disk.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/saliency serve --models $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+		--python_out=. --grpc_python_out=. --pyi_out=. \
+		protos/saliency/v1/explainer.proto
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check service handlers evaluation benchmarks tests
+
+# Rebuilds the shipped demo model package deterministically (trains on generated cells).
+demo-model: $(STAMP)
+	$(BIN)/saliency demo-model --models $(MODELS) --force
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache

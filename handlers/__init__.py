@@ -1,0 +1,1 @@
+"""Explanation methods, one module per family; ``handlers.registry`` maps method → handler."""

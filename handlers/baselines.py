@@ -1,0 +1,39 @@
+"""Reference images ("what the model sees when evidence is removed"), in model-input space.
+
+Shared by occlusion, RISE, DE-CAM and Integrated Gradients so that "black" means
+the same thing everywhere: the bottom of the manifest's value range, normalized.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from service.repository import InputSpec
+
+BASELINES = ("black", "blur", "uniform_noise", "mean")
+
+
+def make_baseline(
+    kind: str, inputs: np.ndarray, spec: InputSpec, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """A baseline with the shape of ``inputs`` (N×C×H×W, normalized like the model input)."""
+    mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+    low, high = spec.value_range
+    if kind == "black":
+        return np.broadcast_to((low - mean) / std, inputs.shape).astype(np.float32)
+    if kind == "mean":
+        return np.broadcast_to(inputs.mean(axis=(2, 3), keepdims=True), inputs.shape).astype(
+            np.float32
+        )
+    if kind == "blur":
+        sigma = max(inputs.shape[2], inputs.shape[3]) / 16.0
+        return gaussian_filter(inputs, sigma=(0, 0, sigma, sigma), mode="nearest").astype(
+            np.float32
+        )
+    if kind == "uniform_noise":
+        generator = rng if rng is not None else np.random.default_rng(0)
+        raw = generator.uniform(low, high, size=inputs.shape).astype(np.float32)
+        return ((raw - mean) / std).astype(np.float32)
+    raise ValueError(f"unknown baseline {kind!r}; expected one of {list(BASELINES)}")

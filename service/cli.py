@@ -1,0 +1,144 @@
+"""``saliency serve | export | explain | demo-model`` — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from service import config as config_module
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.server import serve  # noqa: PLC0415 - keep `saliency explain` light
+
+    config = config_module.from_sources(args)
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.ensure_demo:
+        from service.demo_package import ensure_demo_package  # noqa: PLC0415
+
+        ensure_demo_package(config.models)
+    asyncio.run(serve(config))
+    return 0
+
+
+def _load_factory(spec: str) -> object:
+    """``package.module:callable`` → the object it returns (or names)."""
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise SystemExit(f"--module must look like package.module:factory, got {spec!r}")
+    sys.path.insert(0, str(Path.cwd()))
+    factory = getattr(importlib.import_module(module_name), attribute)
+    return factory() if callable(factory) else factory
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    from service.export import export_package  # noqa: PLC0415
+
+    model = _load_factory(args.module)
+    if args.state_dict:
+        # weights_only: tensors only, never arbitrary pickled objects.
+        state = torch.load(args.state_dict, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)  # type: ignore[attr-defined]
+    shape = tuple(int(v) for v in args.input_shape.split(","))
+    labels = (Path(args.labels).read_text().split() if args.labels and Path(args.labels).is_file()
+              else (args.labels.split(",") if args.labels else []))
+    report = export_package(
+        model, name=args.name, version=args.version, input_shape=shape,  # type: ignore[arg-type]
+        mean=[float(v) for v in args.mean.split(",")], std=[float(v) for v in args.std.split(",")],
+        class_labels=labels, repository=Path(args.models), cam_layer=args.cam_layer,
+        head=args.head, overwrite=args.force,
+    )
+    print(f"wrote {report.path}")
+    print(f"scale outputs: {', '.join(report.scale_modules)}")
+    print(f"ONNX Runtime vs PyTorch max abs diff: {report.max_abs_diff:.3g}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from service.client import SaliencyClient  # noqa: PLC0415
+
+    with SaliencyClient(args.server, timeout=args.timeout) as client:
+        image = Path(args.image).read_bytes()
+        result = client.explain(args.model, args.method, images=[image], seed=args.seed,
+                                target=args.target, return_overlay=True)
+    Path(args.out).write_bytes(result.overlays[0])
+    response = result.response
+    top = response.predictions[0].top
+    print("prediction: " + ", ".join(f"{c.label} {c.probability:.3f}" for c in top[:3]))
+    print(f"explained class: {response.targets[0]}")
+    cost = response.cost
+    print(f"cost: method {cost.method} forward {cost.forward_passes} backward "
+          f"{cost.backward_passes} wall {cost.wall_seconds * 1000:.1f} ms cpu "
+          f"{cost.cpu_seconds * 1000:.1f} ms")
+    print(f"map: {args.out} ({result.maps.shape[1]}×{result.maps.shape[2]}, "
+          f"mean {float(np.mean(result.maps)):.3f})")
+    return 0
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from service.demo_package import ensure_demo_package  # noqa: PLC0415
+
+    path = ensure_demo_package(Path(args.models), force=args.force)
+    print(f"demo model package: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saliency", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    config_module.add_arguments(serve)
+    serve.add_argument("--ensure-demo", action="store_true",
+                       help="build the demo model package first if it is missing")
+    serve.set_defaults(run=_serve)
+
+    export = commands.add_parser("export", help="package a PyTorch module (ONNX + torch.export)")
+    export.add_argument("--module", required=True, help="package.module:factory returning a Module")
+    export.add_argument("--state-dict", help="weights to load (tensors only)")
+    export.add_argument("--name", required=True)
+    export.add_argument("--version", type=int, default=1)
+    export.add_argument("--input-shape", required=True, help="C,H,W e.g. 3,224,224")
+    export.add_argument("--mean", default="0.485,0.456,0.406")
+    export.add_argument("--std", default="0.229,0.224,0.225")
+    export.add_argument("--labels", help="file with one label per line, or comma-separated")
+    export.add_argument("--cam-layer", help="module for Grad-CAM (default: last scale)")
+    export.add_argument("--head", help="final nn.Linear after global average pooling, if any")
+    export.add_argument("--models", default="models", help="model repository root")
+    export.add_argument("--force", action="store_true", help="replace an existing version")
+    export.set_defaults(run=_export)
+
+    explain = commands.add_parser("explain", help="explain one image and write a PNG overlay")
+    explain.add_argument("--server", default="localhost:50051")
+    explain.add_argument("--model", default="demo")
+    explain.add_argument("--image", required=True)
+    explain.add_argument("--method", default="vanilla_gradient")
+    explain.add_argument("--target", type=int, help="class index (default: predicted)")
+    explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--timeout", type=float, default=120.0)
+    explain.add_argument("--out", default="saliency.png")
+    explain.set_defaults(run=_explain)
+
+    demo = commands.add_parser("demo-model", help="train and export the demo model package")
+    demo.add_argument("--models", default="models")
+    demo.add_argument("--force", action="store_true")
+    demo.set_defaults(run=_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

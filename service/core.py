@@ -1,0 +1,302 @@
+"""The transport-free core: decode and validate a request, run its handler, build the reply.
+
+It raises ``service.errors`` exceptions and never touches a gRPC context, so it
+can be driven in-process (benchmarks, TorchServe) exactly as the server drives it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+
+from handlers import registry
+from handlers.base import (
+    ENGINE_ONNX,
+    CostCounter,
+    ExplainJob,
+    Handler,
+    Limits,
+    ProgressUpdate,
+    RequestState,
+    softmax,
+)
+from saliency.v1 import explainer_pb2 as pb
+from service.config import Config
+from service.errors import InvalidInput, NotFound
+from service.images import (
+    array_to_tensor,
+    decode_image,
+    overlay_png,
+    resize_uint8,
+    tensor_to_array,
+    to_uint8_rgb,
+)
+from service.metrics import Metrics
+from service.repository import InputSpec, ModelHandle, Repository
+
+# METHOD_AUTO's preference, best maps first (see the README's "Choosing a method").
+AUTO_PREFERENCE = (
+    pb.METHOD_GRADCAM,
+    pb.METHOD_FASTCAM,
+    pb.METHOD_GUIDED_ABSOLUTEGRAD,
+    pb.METHOD_INTEGRATED_GRADIENTS,
+    pb.METHOD_SMOOTHGRAD,
+    pb.METHOD_VANILLA_GRADIENT,
+    pb.METHOD_SMOE_SCALE,
+    pb.METHOD_OCCLUSION,
+)
+DEFAULT_TOP_K = 5
+_FLOAT_DTYPES = (np.float32, np.float64, np.float16)
+
+
+def preprocess_pixels(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 N×H×W×C pixels → normalized float32 N×C×H×W model input."""
+    low, high = spec.value_range
+    scaled = pixels.astype(np.float32) / 255.0 * (high - low) + low
+    mean = np.asarray(spec.mean, np.float32).reshape(1, 1, 1, -1)
+    std = np.asarray(spec.std, np.float32).reshape(1, 1, 1, -1)
+    return np.ascontiguousarray(((scaled - mean) / std).transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def decode_input(message: pb.Input, spec: InputSpec, config: Config) -> np.ndarray:
+    """A request's input → float32 N×C×H×W as the model takes it, or INVALID_ARGUMENT."""
+    channels, height, width = spec.channels, spec.height, spec.width
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise InvalidInput("input is empty: set input.tensor or input.images")
+    if kind == "images":
+        images = list(message.images.images)
+        if not images:
+            raise InvalidInput("input.images holds no images")
+        _check_batch(len(images), config)
+        decoded = [decode_image(data, i, config.max_pixels) for i, data in enumerate(images)]
+        pixels = np.stack([resize_uint8(image, height, width) for image in decoded])
+        if channels == 1:
+            pixels = pixels.mean(axis=3, keepdims=True).astype(np.uint8)
+        return preprocess_pixels(pixels, spec)
+    array = tensor_to_array(message.tensor)
+    if array.ndim != 4:
+        raise InvalidInput(
+            f"tensor shape {list(array.shape)} must be 4-D: N×{channels}×{height}×{width} "
+            f"(float, normalized) or N×{height}×{width}×{channels} (uint8 pixels)"
+        )
+    _check_batch(array.shape[0], config)
+    if array.shape[2] * array.shape[3] > config.max_pixels and array.dtype != np.uint8:
+        raise InvalidInput(f"tensor of {array.shape[2]}×{array.shape[3]} pixels exceeds "
+                           f"the limit max_pixels={config.max_pixels}")
+    if array.dtype == np.uint8:
+        if tuple(array.shape[1:]) != (height, width, channels):
+            raise InvalidInput(
+                f"uint8 tensor shape {list(array.shape)} must be N×{height}×{width}×{channels} "
+                "(raw pixels, channels last)"
+            )
+        return preprocess_pixels(array, spec)
+    if tuple(array.shape[1:]) != (channels, height, width):
+        raise InvalidInput(
+            f"tensor shape {list(array.shape)} does not match the model input "
+            f"N×{channels}×{height}×{width}"
+        )
+    if not np.isfinite(array).all():
+        raise InvalidInput("tensor holds NaN or Inf values")
+    return np.array(array, dtype=np.float32, order="C")  # a writable copy
+
+
+def _check_batch(batch: int, config: Config) -> None:
+    if batch > config.max_batch:
+        raise InvalidInput(f"batch of {batch} exceeds the limit max_batch={config.max_batch}")
+
+
+def resolve_targets(target: pb.Target, logits: np.ndarray) -> np.ndarray:
+    """One class index per batch item: predicted (default), a fixed index, or per item."""
+    batch, classes = logits.shape
+    kind = target.WhichOneof("kind")
+    if kind is None or kind == "predicted":
+        return logits.argmax(axis=1).astype(np.int64)
+    if kind == "class_index":
+        indices = np.full(batch, target.class_index, np.int64)
+    else:
+        indices = np.asarray(list(target.per_item.indices), np.int64)
+        if indices.shape[0] != batch:
+            raise InvalidInput(
+                f"target.per_item has {indices.shape[0]} indices for a batch of {batch}"
+            )
+    if indices.size and (indices.min() < 0 or indices.max() >= classes):
+        raise InvalidInput(f"target class {indices.tolist()} out of range [0, {classes - 1}]")
+    return indices
+
+
+def predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list[pb.Prediction]:
+    """Top-k classes with probabilities for every batch item."""
+    probabilities = softmax(logits.astype(np.float64))
+    k = min(top_k if top_k > 0 else DEFAULT_TOP_K, logits.shape[1])
+    result = []
+    for row_logits, row_probabilities in zip(logits, probabilities, strict=True):
+        order = np.argsort(-row_probabilities, kind="stable")[:k]
+        result.append(pb.Prediction(top=[
+            pb.ClassScore(index=int(i), label=labels[i] if i < len(labels) else str(i),
+                          probability=float(row_probabilities[i]), logit=float(row_logits[i]))
+            for i in order
+        ]))
+    return result
+
+
+class Core:
+    """Runs requests against the repository; every public call is one request."""
+
+    def __init__(self, repository: Repository, config: Config, metrics: Metrics) -> None:
+        self.repository = repository
+        self.config = config
+        self.metrics = metrics
+        self.limits = Limits(
+            max_samples=config.max_samples,
+            max_generations=config.max_generations,
+            chunk_memory_bytes=config.chunk_memory_bytes,
+        )
+
+    # ---- discovery -----------------------------------------------------------------------
+
+    def methods_for(self, model: ModelHandle) -> list[Handler]:
+        return [h for h in registry.handlers() if h.available_for(model)]
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self._status(h) for h in self.repository.handles()])
+
+    @staticmethod
+    def _status(handle: ModelHandle) -> pb.ModelStatus:
+        return pb.ModelStatus(name=handle.name, version=handle.version, ready=handle.ready,
+                              error=handle.error)
+
+    def get_model(self, request: pb.GetModelRequest) -> pb.ModelInfo:
+        handle = self.repository.find(request.model, request.version)
+        info = pb.ModelInfo(status=self._status(handle))
+        if not handle.ready:
+            return info
+        spec = handle.spec()
+        info.input.CopyFrom(pb.InputSpec(
+            shape=[-1, *spec.input.shape[1:]], dtype=pb.DTYPE_FLOAT32, layout=spec.input.layout,
+            mean=spec.input.mean, std=spec.input.std, value_range=spec.input.value_range))
+        info.class_labels.extend(spec.class_labels)
+        info.scale_outputs.extend(spec.scale_outputs)
+        info.cam_layer = spec.cam_layer
+        for handler in self.methods_for(handle):
+            mean = self.metrics.mean_cost(handle.name, handler.name)
+            info.methods.append(pb.MethodInfo(
+                method=handler.method, name=handler.name, engine=handler.engine,
+                defaults={k: str(v) for k, v in handler.defaults.items()},
+                mean_seconds=mean.mean_seconds, measured_requests=mean.requests,
+                description=handler.description))
+        for key, value in spec.extra.get("exporter", {}).items():
+            info.metadata[f"exporter.{key}"] = str(value)
+        return info
+
+    # ---- inference -----------------------------------------------------------------------
+
+    def predict(self, request: pb.PredictRequest, cost: CostCounter) -> pb.PredictResponse:
+        handle = self.repository.get(request.model, request.version)
+        spec = handle.spec()
+        inputs = decode_input(request.input, spec.input, self.config)
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        (logits,) = handle.run(inputs)
+        cost.forward(inputs.shape[0], ENGINE_ONNX)
+        return pb.PredictResponse(
+            model=handle.name, version=handle.version,
+            predictions=predictions(logits, spec.class_labels, request.top_k),
+            logits=array_to_tensor(logits.astype(np.float32)),
+            cost=pb.Cost(forward_passes=cost.forward_passes,
+                         wall_seconds=time.perf_counter() - started,
+                         cpu_seconds=time.process_time() - cpu_started),
+        )
+
+    def choose_handler(self, request: pb.ExplainRequest, handle: ModelHandle) -> Handler:
+        """The handler for the request; METHOD_AUTO picks by measured cost and budget."""
+        if request.method == pb.METHOD_UNSPECIFIED:
+            raise InvalidInput("method is unset: choose one, e.g. METHOD_VANILLA_GRADIENT, "
+                               "or METHOD_AUTO")
+        available = {h.method: h for h in self.methods_for(handle)}
+        if request.method == pb.METHOD_AUTO:
+            return self._auto(request, handle, available)
+        handler = registry.get(request.method)
+        if handler.method not in available:
+            names = ", ".join(h.name for h in available.values())
+            raise NotFound(f"method {handler.name} is not offered for model {handle.name!r} "
+                           f"(it needs {'a torch program' if handler.needs_torch else 'scale outputs'}"
+                           f"); available methods: {names}")
+        return handler
+
+    def _auto(self, request: pb.ExplainRequest, handle: ModelHandle,
+              available: dict[int, Handler]) -> Handler:
+        budget_seconds = request.budget.max_latency_ms / 1000.0
+        ranked = [available[m] for m in AUTO_PREFERENCE if m in available]
+        ranked += [h for m, h in available.items() if m not in AUTO_PREFERENCE]
+        if not ranked:
+            raise NotFound(f"model {handle.name!r} offers no methods")
+        if budget_seconds <= 0:
+            return ranked[0]
+        measured = [(h, self.metrics.mean_cost(handle.name, h.name)) for h in ranked]
+        for handler, mean in measured:
+            if mean.requests and mean.mean_seconds <= budget_seconds:
+                return handler
+        # Nothing measured fits: the cheapest measured one, else the first forward-only one.
+        known = [(m.mean_seconds, i) for i, (_, m) in enumerate(measured) if m.requests]
+        if known:
+            return measured[min(known)[1]][0]
+        forward_only = [h for h in ranked if not h.uses_gradients]
+        return forward_only[0] if forward_only else ranked[0]
+
+    def explain(
+        self,
+        request: pb.ExplainRequest,
+        state: RequestState,
+        cost: CostCounter,
+        on_progress: Callable[[ProgressUpdate], None] | None = None,
+    ) -> pb.ExplainResponse:
+        """Runs one Explain request to completion (or raises a ServiceError)."""
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        handle = self.repository.get(request.model, request.version)
+        spec = handle.spec()
+        handler = self.choose_handler(request, handle)
+        which = request.WhichOneof("params")
+        if which is not None and which != handler.params_field:
+            raise InvalidInput(f"params {which!r} were given for method {handler.name}; "
+                               f"it takes {handler.params_field!r}")
+        params = handler.resolve_params(getattr(request, which) if which else None)
+        inputs = decode_input(request.input, spec.input, self.config)
+        state.check()
+        (logits,) = handle.run(inputs)
+        cost.forward(inputs.shape[0], ENGINE_ONNX)
+        targets = resolve_targets(request.target, logits)
+        job = ExplainJob(
+            model=handle, inputs=inputs, targets=targets, params=params, base_logits=logits,
+            seed=int(request.seed), state=state, cost=cost, limits=self.limits,
+            best_effort=request.budget.best_effort, on_progress=on_progress,
+        )
+        attribution = handler.explain(job)
+        response = pb.ExplainResponse(
+            model=handle.name, version=handle.version,
+            saliency=array_to_tensor(attribution.maps),
+            predictions=predictions(logits, spec.class_labels, request.top_k),
+            targets=targets.tolist(),
+            diagnostics=job.diagnostics,
+            request_id=uuid.uuid4().hex,
+        )
+        if request.return_raw:
+            response.raw.CopyFrom(array_to_tensor(attribution.raw.astype(np.float32)))
+        wall = time.perf_counter() - started
+        if request.return_overlay:
+            pictures = to_uint8_rgb(inputs, list(spec.input.mean), list(spec.input.std),
+                                    spec.input.value_range)
+            for index, picture in enumerate(pictures):
+                label = spec.class_labels[targets[index]] if spec.class_labels else targets[index]
+                caption = (f"{handler.name} · {label} · fwd {cost.forward_passes} "
+                           f"bwd {cost.backward_passes} · {wall * 1000:.0f} ms")
+                response.overlays.append(overlay_png(picture, attribution.maps[index], caption))
+        response.cost.CopyFrom(pb.Cost(
+            method=handler.method, forward_passes=cost.forward_passes,
+            backward_passes=cost.backward_passes, wall_seconds=time.perf_counter() - started,
+            cpu_seconds=time.process_time() - cpu_started, truncated=job.truncated))
+        return response

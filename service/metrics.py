@@ -1,0 +1,114 @@
+"""Prometheus metrics on the cost of every method, served on their own port.
+
+Each server owns a registry (several servers can live in one process, e.g. in
+tests). The figures here are the same ones each response's ``Cost`` carries.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+# 1 ms … 120 s, roughly ×2.5 per bucket.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0,
+)
+
+
+@dataclass
+class MeanCost:
+    """Running mean of one (model, method)'s successful requests, for GetModel and AUTO."""
+
+    requests: int = 0
+    wall_seconds: float = 0.0
+
+    @property
+    def mean_seconds(self) -> float:
+        return self.wall_seconds / self.requests if self.requests else 0.0
+
+
+class Metrics:
+    """The service's metric families (names as DESIGN.md gives them)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "saliency_requests", "Requests by model, method and gRPC status code.",
+            ["model", "method", "code"], registry=r)
+        self.request_seconds = Histogram(
+            "saliency_request_seconds", "Wall time of successful requests.",
+            ["model", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.forward_passes = Counter(
+            "saliency_forward_passes", "Forward passes, counted per image.",
+            ["model", "method", "engine"], registry=r)
+        self.backward_passes = Counter(
+            "saliency_backward_passes", "Backward passes, counted per image.",
+            ["model", "method"], registry=r)
+        self.cpu_seconds = Counter(
+            "saliency_cpu_seconds", "Process CPU seconds spent while serving requests.",
+            ["model", "method"], registry=r)
+        self.inflight = Gauge(
+            "saliency_inflight_requests", "Requests executing now.", registry=r)
+        self.queued = Gauge(
+            "saliency_queued_requests", "Requests admitted and waiting for a worker.", registry=r)
+        self.rejected = Counter(
+            "saliency_rejected", "Requests refused before running, by reason.", ["reason"],
+            registry=r)
+        self.model_ready = Gauge(
+            "saliency_model_ready", "1 when the model version is loaded and serving.",
+            ["model", "version"], registry=r)
+        self._means: dict[tuple[str, str], MeanCost] = {}
+        self._lock = threading.Lock()
+        self._http: Any = None
+
+    def observe(self, model: str, method: str, code: str, wall_seconds: float,
+                cpu_seconds: float, forward_by_engine: dict[str, int],
+                backward_passes: int) -> None:
+        """Records one finished request (successful or not)."""
+        self.requests.labels(model, method, code).inc()
+        for engine, count in forward_by_engine.items():
+            if count:
+                self.forward_passes.labels(model, method, engine).inc(count)
+        if backward_passes:
+            self.backward_passes.labels(model, method).inc(backward_passes)
+        if cpu_seconds > 0:
+            self.cpu_seconds.labels(model, method).inc(cpu_seconds)
+        if code == "OK":
+            self.request_seconds.labels(model, method).observe(wall_seconds)
+            with self._lock:
+                mean = self._means.setdefault((model, method), MeanCost())
+                mean.requests += 1
+                mean.wall_seconds += wall_seconds
+
+    def mean_cost(self, model: str, method: str) -> MeanCost:
+        with self._lock:
+            found = self._means.get((model, method))
+            return MeanCost(found.requests, found.wall_seconds) if found else MeanCost()
+
+    def exposition(self) -> bytes:
+        """The text format, as ``/metrics`` serves it."""
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Starts the ``/metrics`` HTTP endpoint; returns the bound port (0 picks one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,268 @@
+"""The model repository: ``models/<name>/<version>/{model.onnx, model.pt2, manifest.json}``.
+
+Loading never unpickles: ONNX files go to ONNX Runtime and ``model.pt2`` to
+``torch.export.load``. Every file's sha256 is checked against the manifest. A
+package that fails to load is kept with its error (reported by health and
+``ListModels``) while the others serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import FailedPrecondition, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ONNX_FILE = "model.onnx"
+TORCH_FILE = "model.pt2"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model takes: N×C×H×W float32, normalized by mean/std from value_range."""
+
+    shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    value_range: tuple[float, float] = (0.0, 1.0)
+    name: str = "input"
+    layout: str = "NCHW"
+    dtype: str = "float32"
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    @property
+    def height(self) -> int:
+        return self.shape[2]
+
+    @property
+    def width(self) -> int:
+        return self.shape[3]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``manifest.json`` of one package."""
+
+    name: str
+    version: int
+    input: InputSpec
+    class_labels: tuple[str, ...]
+    logits_output: str
+    scale_outputs: tuple[str, ...]
+    scale_modules: tuple[str, ...]
+    cam_layer: str
+    cam_output: str
+    methods: tuple[str, ...]
+    files: dict[str, str]
+    head: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        spec = data["input"]
+        return cls(
+            name=str(data["name"]),
+            version=int(data["version"]),
+            input=InputSpec(
+                shape=tuple(int(d) for d in spec["shape"]),
+                mean=tuple(float(v) for v in spec["mean"]),
+                std=tuple(float(v) for v in spec["std"]),
+                value_range=tuple(float(v) for v in spec.get("value_range", (0.0, 1.0))),
+                name=str(spec.get("name", "input")),
+                layout=str(spec.get("layout", "NCHW")),
+                dtype=str(spec.get("dtype", "float32")),
+            ),
+            class_labels=tuple(str(c) for c in data.get("class_labels", ())),
+            logits_output=str(data.get("outputs", {}).get("logits", "logits")),
+            scale_outputs=tuple(data.get("outputs", {}).get("scales", ())),
+            scale_modules=tuple(data.get("scale_modules", ())),
+            cam_layer=str(data.get("cam_layer", "")),
+            cam_output=str(data.get("cam_output", "")),
+            methods=tuple(data.get("methods", ())),
+            files={k: str(v["sha256"]) for k, v in data.get("files", {}).items()},
+            head=dict(data.get("head", {})),
+            extra={k: v for k, v in data.items() if k in ("exporter", "verification", "format", "metadata", "activation_bytes",
+                                    "scale_shapes")},
+        )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ModelHandle:
+    """One loaded package: an ONNX Runtime session, the optional torch program, the manifest."""
+
+    def __init__(self, name: str, version: int, path: Path) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.manifest: Manifest | None = None
+        self.session: ort.InferenceSession | None = None
+        self.program: Any = None
+        self.error = ""
+        self._module: Any = None
+        self._module_lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self.session is not None and self.manifest is not None and not self.error
+
+    @property
+    def has_torch(self) -> bool:
+        return self.program is not None
+
+    def load(self, intra_op_threads: int = 0) -> None:
+        """Loads and verifies the package; on failure records the error instead of raising."""
+        try:
+            self._load(intra_op_threads)
+            self.error = ""
+        except Exception as exc:  # noqa: BLE001 - any failure marks this package broken only
+            self.session = None
+            self.program = None
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("model %s/%s failed to load: %s", self.name, self.version, self.error)
+
+    def _load(self, intra_op_threads: int) -> None:
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path} is missing")
+        manifest = Manifest.from_json(json.loads(manifest_path.read_text()))
+        if ONNX_FILE not in manifest.files:
+            raise ValueError(f"manifest lists no {ONNX_FILE}")
+        for file_name, expected in manifest.files.items():
+            file_path = self.path / file_name
+            if not file_path.is_file():
+                raise FileNotFoundError(f"{file_path} is listed in the manifest but missing")
+            actual = sha256_file(file_path)
+            if actual != expected:
+                raise ValueError(f"{file_name} sha256 {actual[:12]}… != manifest {expected[:12]}…")
+        options = ort.SessionOptions()
+        options.inter_op_num_threads = 1
+        if intra_op_threads > 0:
+            options.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(
+            str(self.path / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+        )
+        self.program = None
+        self._module = None
+        if TORCH_FILE in manifest.files:
+            import torch  # noqa: PLC0415 - only packages with a torch program need torch
+
+            self.program = torch.export.load(str(self.path / TORCH_FILE))
+        self.manifest = manifest
+
+    def spec(self) -> Manifest:
+        if self.manifest is None:
+            raise Unavailable(f"model {self.name} version {self.version} is not loaded")
+        return self.manifest
+
+    def run(self, inputs: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+        """One ONNX Runtime call; outputs default to the logits alone."""
+        if self.session is None:
+            raise Unavailable(f"model {self.name} version {self.version} is not loaded")
+        names = outputs or [self.spec().logits_output]
+        feed = {self.spec().input.name: np.ascontiguousarray(inputs, dtype=np.float32)}
+        return self.session.run(names, feed)
+
+    def torch_module(self) -> Any:
+        """The torch program as a callable module with parameter gradients off (shared, stateless)."""
+        if self.program is None:
+            raise FailedPrecondition(
+                f"model {self.name} has no {TORCH_FILE}; gradient methods need it "
+                "(re-export the model with `saliency export`)"
+            )
+        with self._module_lock:
+            if self._module is None:
+                module = self.program.module()
+                for parameter in module.parameters():
+                    parameter.requires_grad_(False)
+                self._module = module
+            return self._module
+
+
+class Repository:
+    """All packages under one root, loaded once and reloadable."""
+
+    def __init__(self, root: Path, intra_op_threads: int = 0) -> None:
+        self.root = Path(root)
+        self.intra_op_threads = intra_op_threads
+        self._models: dict[str, dict[int, ModelHandle]] = {}
+        self._lock = threading.Lock()
+
+    def load_all(self) -> None:
+        """Scans ``root/<name>/<version>/`` and loads every package found."""
+        found: dict[str, dict[int, ModelHandle]] = {}
+        if self.root.is_dir():
+            for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+                for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+                    if not version_dir.name.isdigit():
+                        continue
+                    handle = ModelHandle(model_dir.name, int(version_dir.name), version_dir)
+                    handle.load(self.intra_op_threads)
+                    found.setdefault(model_dir.name, {})[handle.version] = handle
+        else:
+            log.warning("model repository %s does not exist", self.root)
+        with self._lock:
+            self._models = found
+        for handle in self.handles():
+            state = "ready" if handle.ready else f"NOT READY ({handle.error})"
+            log.info("model %s version %d: %s", handle.name, handle.version, state)
+
+    def handles(self) -> list[ModelHandle]:
+        with self._lock:
+            return [h for versions in self._models.values() for h in versions.values()]
+
+    def all_ready(self) -> bool:
+        handles = self.handles()
+        return bool(handles) and all(h.ready for h in handles)
+
+    def any_ready(self) -> bool:
+        return any(h.ready for h in self.handles())
+
+    def find(self, name: str, version: int = 0) -> ModelHandle:
+        """The package by name and version (0 = newest); NOT_FOUND names what exists."""
+        with self._lock:
+            versions = self._models.get(name)
+            names = sorted(self._models)
+        if not name:
+            raise NotFound(f"no model named in the request; available models: {names}")
+        if versions is None:
+            raise NotFound(f"model {name!r} not found; available models: {names}")
+        if version == 0:
+            ready = [v for v, h in versions.items() if h.ready]
+            version = max(ready) if ready else max(versions)
+        if version not in versions:
+            raise NotFound(
+                f"model {name!r} has no version {version}; available versions: {sorted(versions)}"
+            )
+        return versions[version]
+
+    def get(self, name: str, version: int = 0) -> ModelHandle:
+        """Like ``find`` but the package must be ready (else UNAVAILABLE with the reason)."""
+        handle = self.find(name, version)
+        if not handle.ready:
+            raise Unavailable(
+                f"model {name!r} version {handle.version} is not ready: {handle.error}"
+            )
+        return handle
