@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,11 +239,16 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path,
                  output_names: list[str]) -> None:
     """ONNX with a dynamic batch axis, as one self-contained file."""
     try:
-        torch.onnx.export(
-            wrapper, (example,), str(path), input_names=["input"], output_names=output_names,
-            dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in output_names}},
-            opset_version=17, dynamo=False,
-        )
+        # The TorchScript-based exporter: deterministic, fast, and exact for the conv nets
+        # served here; its deprecation notice is not actionable for a pinned torch.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                wrapper, (example,), str(path), input_names=["input"],
+                output_names=output_names,
+                dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in output_names}},
+                opset_version=17, dynamo=False,
+            )
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {exc}") from exc
     onnx.checker.check_model(str(path))

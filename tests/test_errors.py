@@ -1,0 +1,122 @@
+"""Every bad request gets a clear status, and the server keeps serving after each one."""
+
+from __future__ import annotations
+
+import io
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from saliency.v1 import explainer_pb2 as pb
+from service.images import array_to_tensor
+from tests.conftest import TINY_SHAPE
+
+
+def good_tensor(batch: int = 1) -> pb.Tensor:
+    return array_to_tensor(np.zeros((batch, *TINY_SHAPE), np.float32))
+
+
+def explain(**fields: object) -> pb.ExplainRequest:
+    values: dict[str, object] = {"model": "tiny", "method": pb.METHOD_VANILLA_GRADIENT,
+                                 "input": pb.Input(tensor=good_tensor())}
+    values.update(fields)
+    return pb.ExplainRequest(**values)
+
+
+def raw_tensor(shape: list[int], dtype: int, data: bytes) -> pb.Input:
+    return pb.Input(tensor=pb.Tensor(shape=shape, dtype=dtype, data=data))
+
+
+def big_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def occlusion(**params: int) -> pb.ExplainRequest:
+    request = explain(method=pb.METHOD_OCCLUSION)
+    for name, value in params.items():
+        setattr(request.occlusion, name, value)
+    return request
+
+
+nan = np.zeros((1, *TINY_SHAPE), np.float32)
+nan[0, 0, 0, 0] = np.nan
+inf = np.zeros((1, *TINY_SHAPE), np.float32)
+inf[0, 1, 2, 3] = np.inf
+
+CASES = [
+    ("unknown model", explain(model="nope"), grpc.StatusCode.NOT_FOUND, "available models"),
+    ("unknown version", explain(version=7), grpc.StatusCode.NOT_FOUND, "available versions"),
+    ("unknown method", explain(method=999),
+     grpc.StatusCode.NOT_FOUND, "available methods"),
+    ("method unset", explain(method=pb.METHOD_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT,
+     "method is unset"),
+    ("broken package", explain(model="broken"), grpc.StatusCode.UNAVAILABLE, "not ready"),
+    ("no input", explain(input=pb.Input()), grpc.StatusCode.INVALID_ARGUMENT, "input is empty"),
+    ("wrong shape", explain(input=pb.Input(tensor=array_to_tensor(
+        np.zeros((1, 3, 16, 16), np.float32)))), grpc.StatusCode.INVALID_ARGUMENT,
+     "does not match the model input"),
+    ("3-D tensor", explain(input=pb.Input(tensor=array_to_tensor(
+        np.zeros(TINY_SHAPE, np.float32)))), grpc.StatusCode.INVALID_ARGUMENT, "must be 4-D"),
+    ("unset dtype", explain(input=raw_tensor([1, *TINY_SHAPE], pb.DTYPE_UNSPECIFIED, b"")),
+     grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+    ("unknown dtype", explain(input=raw_tensor([1, *TINY_SHAPE], 77, b"")),
+     grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+    ("short data", explain(input=raw_tensor([1, *TINY_SHAPE], pb.DTYPE_FLOAT32, b"\0" * 100)),
+     grpc.StatusCode.INVALID_ARGUMENT, "needs 12288"),
+    ("zero dimension", explain(input=raw_tensor([0, *TINY_SHAPE], pb.DTYPE_FLOAT32, b"")),
+     grpc.StatusCode.INVALID_ARGUMENT, "every dimension > 0"),
+    ("NaN", explain(input=pb.Input(tensor=array_to_tensor(nan))),
+     grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+    ("Inf", explain(input=pb.Input(tensor=array_to_tensor(inf))),
+     grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+    ("undecodable image", explain(input=pb.Input(images=pb.EncodedImages(images=[b"GIF89a"]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "could not be decoded"),
+    ("no images", explain(input=pb.Input(images=pb.EncodedImages())),
+     grpc.StatusCode.INVALID_ARGUMENT, "holds no images"),
+    ("batch over limit", explain(input=pb.Input(tensor=good_tensor(9))),
+     grpc.StatusCode.INVALID_ARGUMENT, "max_batch=8"),
+    ("image over limit", explain(input=pb.Input(images=pb.EncodedImages(
+        images=[big_png(1100, 1000)]))), grpc.StatusCode.INVALID_ARGUMENT, "max_pixels"),
+    ("params for another method", pb.ExplainRequest(
+        model="tiny", method=pb.METHOD_VANILLA_GRADIENT, input=pb.Input(tensor=good_tensor()),
+        occlusion=pb.OcclusionParams(window=4)),
+     grpc.StatusCode.INVALID_ARGUMENT, "were given for method vanilla_gradient"),
+    ("negative window", occlusion(window=-3), grpc.StatusCode.INVALID_ARGUMENT,
+     "window must be > 0"),
+    ("zero stride", occlusion(stride=0), grpc.StatusCode.INVALID_ARGUMENT, "stride must be > 0"),
+    ("window larger than image", occlusion(window=64), grpc.StatusCode.INVALID_ARGUMENT,
+     "exceeds the server limit"),
+    ("target out of range", explain(target=pb.Target(class_index=4)),
+     grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+    ("per-item target count", explain(target=pb.Target(per_item=pb.ClassIndices(indices=[0, 1]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "2 indices for a batch of 1"),
+]
+
+
+@pytest.mark.parametrize(("request_", "code", "message"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_request_gets_a_clear_status(stub, request_: pb.ExplainRequest,
+                                         code: grpc.StatusCode, message: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Explain(request_, timeout=30)
+    assert caught.value.code() == code, caught.value.details()
+    assert message in caught.value.details()
+    # The server keeps serving after every one.
+    reply = stub.Predict(pb.PredictRequest(model="tiny", input=pb.Input(tensor=good_tensor())),
+                         timeout=30)
+    assert len(reply.predictions) == 1
+
+
+def test_predict_errors_match_explain_errors(stub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Predict(pb.PredictRequest(model="tiny", input=pb.Input(tensor=good_tensor(9))),
+                     timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetModel(pb.GetModelRequest(model="missing"), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "tiny" in caught.value.details()

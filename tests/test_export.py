@@ -1,0 +1,126 @@
+"""Model packages: export finds scales, verifies ONNX Runtime, and loading checks checksums."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import service.export as export_module
+from service.export import ExportError, export_package, find_scale_modules
+from service.repository import Repository
+from tests.models import TinyCNN
+
+
+def export_tiny(root: Path, name: str = "m", **kwargs: object) -> export_module.ExportReport:
+    return export_package(TinyCNN(), name=name, version=1, input_shape=(3, 32, 32),
+                          mean=[0.5] * 3, std=[0.25] * 3, class_labels=["a", "b", "c", "d"],
+                          repository=root, head="fc", **kwargs)
+
+
+def test_scale_ends_are_the_outermost_module_before_each_resolution_drop() -> None:
+    assert find_scale_modules(TinyCNN(), torch.zeros(1, 3, 32, 32)) == [
+        "layer1", "layer2", "layer3"]
+
+
+class Residual(nn.Module):
+    """A stride-2 block with a downsample branch that runs before the main path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(4, 8, 1, 2)
+        self.conv = nn.Conv2d(4, 8, 3, 2, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv(x) + self.down(x))
+
+
+def test_scale_search_handles_residual_downsampling() -> None:
+    model = nn.Sequential()
+    model.add_module("stem", nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.ReLU()))
+    model.add_module("stage", Residual())
+    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    assert find_scale_modules(model, torch.zeros(1, 3, 16, 16)) == ["stem", "stage"]
+
+
+def test_package_files_manifest_and_agreement(tmp_path: Path) -> None:
+    report = export_tiny(tmp_path)
+    files = sorted(p.name for p in report.path.iterdir())
+    assert files == ["manifest.json", "model.onnx", "model.pt2"]
+    manifest = json.loads((report.path / "manifest.json").read_text())
+    assert manifest["outputs"] == {"logits": "logits",
+                                   "scales": ["scale_0", "scale_1", "scale_2"]}
+    assert manifest["cam_layer"] == "layer3" and manifest["cam_output"] == "scale_2"
+    assert manifest["head"]["type"] == "gap_linear"
+    assert manifest["verification"]["max_abs_diff"] < 1e-4
+    assert set(manifest["files"]) == {"model.onnx", "model.pt2"}
+    assert report.scale_shapes == ((8, 32, 32), (16, 16, 16), (32, 8, 8))
+    # The loaded package answers like the source module, from both engines.
+    repository = Repository(tmp_path)
+    repository.load_all()
+    handle = repository.get("m")
+    x = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = TinyCNN()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(handle.run(x)[0], expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        program_logits = handle.torch_module()(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(program_logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_export_refuses_a_package_that_disagrees(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    original = export_module._export_onnx
+
+    def other_weights(wrapper: nn.Module, example: torch.Tensor, path: Path,
+                      names: list[str]) -> None:
+        # The fault: the ONNX graph carries different weights than the torch module.
+        impostor = export_module.WithScaleOutputs(TinyCNN(seed=1), wrapper.scale_modules)
+        original(impostor.eval(), example, path, names)
+
+    monkeypatch.setattr(export_module, "_export_onnx", other_weights)
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        export_tiny(tmp_path)
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_will_not_overwrite_without_force(tmp_path: Path) -> None:
+    export_tiny(tmp_path)
+    with pytest.raises(ExportError, match="exists"):
+        export_tiny(tmp_path)
+    assert export_tiny(tmp_path, overwrite=True).path.is_dir()
+
+
+def test_tampered_or_missing_files_mark_only_that_package_broken(tmp_path: Path) -> None:
+    export_tiny(tmp_path, name="good")
+    export_tiny(tmp_path, name="tampered")
+    export_tiny(tmp_path, name="missing")
+    (tmp_path / "tampered" / "1" / "model.pt2").write_bytes(b"not a program")
+    (tmp_path / "missing" / "1" / "model.onnx").unlink()
+    repository = Repository(tmp_path)
+    repository.load_all()
+    status = {h.name: h for h in repository.handles()}
+    assert status["good"].ready
+    assert not status["tampered"].ready and "sha256" in status["tampered"].error
+    assert not status["missing"].ready and "missing" in status["missing"].error
+
+
+def test_export_cli_packages_a_module_by_name(tmp_path: Path) -> None:
+    from service.cli import main
+
+    state = tmp_path / "weights.pt"
+    torch.save(TinyCNN(seed=3).state_dict(), state)
+    assert main(["export", "--module", "tests.models:TinyCNN", "--state-dict", str(state),
+                 "--name", "cli", "--input-shape", "3,32,32", "--labels", "a,b,c,d",
+                 "--head", "fc", "--models", str(tmp_path)]) == 0
+    repository = Repository(tmp_path)
+    repository.load_all()
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    with torch.no_grad():
+        expected = TinyCNN(seed=3)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(repository.get("cli").run(x)[0], expected, rtol=1e-4, atol=1e-5)
