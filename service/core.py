@@ -222,9 +222,9 @@ class Core:
         handler = registry.get(request.method)
         if handler.method not in available:
             names = ", ".join(h.name for h in available.values())
+            needs = "a torch program (model.pt2)" if handler.needs_torch else "scale outputs"
             raise NotFound(f"method {handler.name} is not offered for model {handle.name!r} "
-                           f"(it needs {'a torch program' if handler.needs_torch else 'scale outputs'}"
-                           f"); available methods: {names}")
+                           f"(it needs {needs}); available methods: {names}")
         return handler
 
     def _auto(self, request: pb.ExplainRequest, handle: ModelHandle,

@@ -27,6 +27,9 @@ MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 TORCH_FILE = "model.pt2"
 FORMAT_VERSION = 1
+# Manifest keys kept verbatim in ``Manifest.extra``.
+_EXTRA_KEYS = ("exporter", "verification", "format", "metadata", "activation_bytes",
+               "scale_shapes")
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,7 @@ class Manifest:
             methods=tuple(data.get("methods", ())),
             files={k: str(v["sha256"]) for k, v in data.get("files", {}).items()},
             head=dict(data.get("head", {})),
-            extra={k: v for k, v in data.items() if k in ("exporter", "verification", "format", "metadata", "activation_bytes",
-                                    "scale_shapes")},
+            extra={k: v for k, v in data.items() if k in _EXTRA_KEYS},
         )
 
 
@@ -186,7 +188,7 @@ class ModelHandle:
         return self.session.run(names, feed)
 
     def torch_module(self) -> Any:
-        """The torch program as a callable module with parameter gradients off (shared, stateless)."""
+        """The torch program as a callable module, parameter gradients off (shared, stateless)."""
         if self.program is None:
             raise FailedPrecondition(
                 f"model {self.name} has no {TORCH_FILE}; gradient methods need it "
