@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/saliency serve --models $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/saliency serve --ensure-demo --models $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
