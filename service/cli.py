@@ -64,12 +64,18 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    import grpc  # noqa: PLC0415
+
     from service.client import SaliencyClient  # noqa: PLC0415
 
+    image = Path(args.image).read_bytes()
     with SaliencyClient(args.server, timeout=args.timeout) as client:
-        image = Path(args.image).read_bytes()
-        result = client.explain(args.model, args.method, images=[image], seed=args.seed,
-                                target=args.target, return_overlay=True)
+        try:
+            result = client.explain(args.model, args.method, images=[image], seed=args.seed,
+                                    target=args.target, return_overlay=True)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
     Path(args.out).write_bytes(result.overlays[0])
     response = result.response
     top = response.predictions[0].top
