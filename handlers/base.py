@@ -101,6 +101,11 @@ class ExplainJob:
     on_progress: Callable[[ProgressUpdate], None] | None = None
     diagnostics: dict[str, float] = field(default_factory=dict)
     truncated: bool = False
+    # Extra ONNX outputs of the prediction run, by name, for handlers that set
+    # ``wants_scale_outputs`` (so multi-scale methods need no second forward pass).
+    scale_outputs: dict[str, np.ndarray] | None = None
+    # PNG overlays a handler renders itself (e.g. LOVI); used instead of the default blend.
+    overlays: list[bytes] | None = None
 
     @property
     def batch(self) -> int:
@@ -168,6 +173,8 @@ class Handler:
     needs_torch: ClassVar[bool] = False
     uses_gradients: ClassVar[bool] = False
     needs_scales: ClassVar[bool] = False
+    # Ask the service to return ``scale_outputs_for(model)`` from its prediction run.
+    wants_scale_outputs: ClassVar[bool] = False
     # The ExplainRequest ``params`` oneof field that carries this method's parameters.
     params_field: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
@@ -180,6 +187,10 @@ class Handler:
         if self.needs_torch and not model.has_torch:
             return False
         return not (self.needs_scales and not spec.scale_outputs)
+
+    def scale_outputs_for(self, model: ModelHandle) -> list[str]:
+        """ONNX outputs (beside the logits) to fetch in the prediction run."""
+        return list(model.spec().scale_outputs)
 
     def resolve_params(self, message: Message | None) -> dict[str, Any]:
         """Defaults overlaid with the fields the client set; enums become lower-case names."""

@@ -12,6 +12,7 @@ from service.errors import NotFound
 _BUILTIN = (
     "handlers.gradients",
     "handlers.perturbation",
+    "handlers.multiscale",
 )
 
 _HANDLERS: dict[int, Handler] = {}

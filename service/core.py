@@ -6,6 +6,7 @@ can be driven in-process (benchmarks, TorchServe) exactly as the server drives i
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -49,6 +50,13 @@ AUTO_PREFERENCE = (
     pb.METHOD_OCCLUSION,
 )
 DEFAULT_TOP_K = 5
+# METHOD_AUTO's cost prior before a method has been measured, in ONNX Runtime forward passes
+# per image: one torch forward + backward ≈ 4.5 of them, Grad-CAM's (backward only down to
+# the CAM layer) ≈ 2 (DESIGN.md: ResNet-50 shape, 29 ms forward, 130 ms input gradient,
+# 59 ms LayerGradCam). The unit is timed on the request's own prediction run.
+_TORCH_GRADIENT_PASS = 4.5
+_CAM_PASS = 2.0
+_DEFAULT_FORWARD_SECONDS = 0.03
 _FLOAT_DTYPES = (np.float32, np.float64, np.float16)
 
 
@@ -143,6 +151,26 @@ def predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list
     return result
 
 
+def prior_forward_passes(handler: Handler, model: ModelHandle) -> float:
+    """METHOD_AUTO's cost estimate of a method not yet measured, in ONNX Runtime forward
+    passes per image (the prediction run included), from its default sample counts."""
+    if handler.method in (pb.METHOD_SMOE_SCALE, pb.METHOD_LOVI):
+        return 1.0
+    if handler.method == pb.METHOD_FASTCAM and model.spec().head.get("type") == "gap_linear":
+        return 1.0
+    if handler.method in (pb.METHOD_FASTCAM, pb.METHOD_GRADCAM, pb.METHOD_GRADCAM_PLUS_PLUS):
+        return 1.0 + _CAM_PASS
+    defaults = handler.defaults
+    repeats = float(defaults.get("samples") or defaults.get("steps") or defaults.get("masks")
+                    or defaults.get("population", 0) * defaults.get("generations", 0) or 1)
+    if "window" in defaults and "stride" in defaults:
+        spec = model.spec().input
+        window, stride = int(defaults["window"]), max(1, int(defaults["stride"]))
+        repeats = float(np.prod([math.ceil(max(0, side - window) / stride) + 1
+                                 for side in (spec.height, spec.width)]))
+    return 1.0 + repeats * (_TORCH_GRADIENT_PASS if handler.uses_gradients else 1.0)
+
+
 class Core:
     """Runs requests against the repository; every public call is one request."""
 
@@ -228,7 +256,10 @@ class Core:
         return handler
 
     def _auto(self, request: pb.ExplainRequest, handle: ModelHandle,
-              available: dict[int, Handler]) -> Handler:
+              available: dict[int, Handler], forward_seconds: float | None = None) -> Handler:
+        """The most preferred method whose expected latency fits ``budget.max_latency_ms``,
+        else the cheapest. Expected latency is the measured mean (``Metrics.mean_cost``) or,
+        before any measurement, ``prior_forward_passes`` × the prediction run's time."""
         budget_seconds = request.budget.max_latency_ms / 1000.0
         ranked = [available[m] for m in AUTO_PREFERENCE if m in available]
         ranked += [h for m, h in available.items() if m not in AUTO_PREFERENCE]
@@ -236,16 +267,32 @@ class Core:
             raise NotFound(f"model {handle.name!r} offers no methods")
         if budget_seconds <= 0:
             return ranked[0]
-        measured = [(h, self.metrics.mean_cost(handle.name, h.name)) for h in ranked]
-        for handler, mean in measured:
-            if mean.requests and mean.mean_seconds <= budget_seconds:
+        unit = forward_seconds if forward_seconds else _DEFAULT_FORWARD_SECONDS
+        expected = []
+        for handler in ranked:
+            mean = self.metrics.mean_cost(handle.name, handler.name)
+            seconds = (mean.mean_seconds if mean.requests
+                       else prior_forward_passes(handler, handle) * unit)
+            if seconds <= budget_seconds:
                 return handler
-        # Nothing measured fits: the cheapest measured one, else the first forward-only one.
-        known = [(m.mean_seconds, i) for i, (_, m) in enumerate(measured) if m.requests]
-        if known:
-            return measured[min(known)[1]][0]
-        forward_only = [h for h in ranked if not h.uses_gradients]
-        return forward_only[0] if forward_only else ranked[0]
+            expected.append((seconds, len(expected), handler))
+        return min(expected)[2]
+
+    @staticmethod
+    def _params(request: pb.ExplainRequest, handler: Handler) -> dict[str, object]:
+        which = request.WhichOneof("params")
+        if which is not None and which != handler.params_field:
+            raise InvalidInput(f"params {which!r} were given for method {handler.name}; "
+                               f"it takes {handler.params_field!r}")
+        return handler.resolve_params(getattr(request, which) if which else None)
+
+    @staticmethod
+    def _prediction_run(handle: ModelHandle, inputs: np.ndarray, names: list[str],
+                        cost: CostCounter) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The one ONNX Runtime pass for the prediction, plus any outputs handlers read."""
+        logits, *extra = handle.run(inputs, [handle.spec().logits_output, *names])
+        cost.forward(inputs.shape[0], ENGINE_ONNX)
+        return logits, dict(zip(names, extra, strict=True))
 
     def explain(
         self,
@@ -259,21 +306,32 @@ class Core:
         cpu_started = time.process_time()
         handle = self.repository.get(request.model, request.version)
         spec = handle.spec()
-        handler = self.choose_handler(request, handle)
-        which = request.WhichOneof("params")
-        if which is not None and which != handler.params_field:
-            raise InvalidInput(f"params {which!r} were given for method {handler.name}; "
-                               f"it takes {handler.params_field!r}")
-        params = handler.resolve_params(getattr(request, which) if which else None)
-        inputs = decode_input(request.input, spec.input, self.config)
-        state.check()
-        (logits,) = handle.run(inputs)
-        cost.forward(inputs.shape[0], ENGINE_ONNX)
+        if request.method == pb.METHOD_AUTO:
+            # AUTO times the prediction run to price methods not yet measured; that run also
+            # fetches the outputs forward-only methods read, so any choice costs one pass.
+            inputs = decode_input(request.input, spec.input, self.config)
+            state.check()
+            available = {h.method: h for h in self.methods_for(handle)}
+            names = list(dict.fromkeys(
+                n for h in available.values() if h.wants_scale_outputs
+                for n in h.scale_outputs_for(handle)))
+            run_started = time.perf_counter()
+            logits, extra = self._prediction_run(handle, inputs, names, cost)
+            handler = self._auto(request, handle, available, time.perf_counter() - run_started)
+            params = self._params(request, handler)
+        else:
+            handler = self.choose_handler(request, handle)
+            params = self._params(request, handler)
+            inputs = decode_input(request.input, spec.input, self.config)
+            state.check()
+            names = handler.scale_outputs_for(handle) if handler.wants_scale_outputs else []
+            logits, extra = self._prediction_run(handle, inputs, names, cost)
         targets = resolve_targets(request.target, logits)
         job = ExplainJob(
             model=handle, inputs=inputs, targets=targets, params=params, base_logits=logits,
             seed=int(request.seed), state=state, cost=cost, limits=self.limits,
             best_effort=request.budget.best_effort, on_progress=on_progress,
+            scale_outputs=extra or None,
         )
         attribution = handler.explain(job)
         response = pb.ExplainResponse(
@@ -287,7 +345,9 @@ class Core:
         if request.return_raw:
             response.raw.CopyFrom(array_to_tensor(attribution.raw.astype(np.float32)))
         wall = time.perf_counter() - started
-        if request.return_overlay:
+        if request.return_overlay and job.overlays:
+            response.overlays.extend(job.overlays)
+        elif request.return_overlay:
             pictures = to_uint8_rgb(inputs, list(spec.input.mean), list(spec.input.std),
                                     spec.input.value_range)
             for index, picture in enumerate(pictures):

@@ -1,0 +1,504 @@
+"""SMOE Scale, FastCAM and LOVI: saliency from the scale activations of one forward pass.
+
+Mundhenk, Chen & Friedland, "Efficient Saliency Maps for Explainable AI"
+(https://arxiv.org/abs/1911.11293). Each scale's post-ReLU activation x (C channels, plus
+1e-7 so the log is finite) gives the SMOE Scale map μ · (log₂ μ − mean_c log₂ x) with
+μ = mean_c x: high where few channels fire strongly. Each map is squashed into [0, 1] by a
+Gaussian CDF of its z-score (or a Gamma CDF with maximum-likelihood shape/scale), upsampled
+bilinearly to the input and averaged with per-scale weights. FastCAM multiplies that map by a
+class activation map; for a global-average-pool + linear head the CAM is read off the head's
+weights, which is exactly Grad-CAM for that architecture with no backward pass.
+
+The maps are computed from outputs of the prediction run the service makes anyway (handlers
+set ``wants_scale_outputs``), so SMOE, LOVI and FastCAM on a linear head cost one forward
+pass per image. Packages exported with :func:`add_smoe_outputs` carry the per-scale SMOE
+maps as extra ONNX outputs (``smoe_0..k``), so only N×h×w maps leave ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+from scipy import special
+
+from handlers.base import (
+    ENGINE_ONNX,
+    ENGINE_TORCH,
+    ExplainJob,
+    Handler,
+    run_onnx_batched,
+    scale_by_max,
+)
+from handlers.registry import register
+from saliency.v1 import explainer_pb2 as pb
+from service.errors import InvalidInput
+from service.repository import ONNX_FILE, ModelHandle
+
+log = logging.getLogger(__name__)
+
+EPSILON = 1e-7
+NORMALIZATIONS = ("gaussian_cdf", "gamma_cdf")
+# The paper's per-layer weights for ResNet-50's five scales (stem ReLU, layer1..layer4),
+# an example of the ``weights`` parameter; the default is equal weights.
+PAPER_RESNET50_WEIGHTS = (0.18, 0.15, 0.37, 0.40, 0.72)
+SMOE_OUTPUT_PREFIX = "smoe_"
+_NEWTON_STEPS = 10
+# LOVI hue per depth: violet (270°) for the first scale down to red (0°) for the last.
+_LOVI_FIRST_HUE = 0.75
+
+
+# ---- the maths, on numpy arrays ---------------------------------------------------------------
+
+
+def smoe_scale(activations: np.ndarray) -> np.ndarray:
+    """SMOE Scale of N×C×h×w activations over channels → float32 N×h×w (ReLU applied first)."""
+    x = np.maximum(activations, 0.0, dtype=np.float32) + np.float32(EPSILON)
+    mean = x.mean(axis=1)
+    return (mean * (np.log2(mean) - np.log2(x).mean(axis=1))).astype(np.float32)
+
+
+def gaussian_cdf_normalize(maps: np.ndarray) -> np.ndarray:
+    """Φ of each N×h×w map's z-score (mean and unbiased std per map); a flat map → 0.5."""
+    flat = maps.reshape(maps.shape[0], -1).astype(np.float64)
+    mean = flat.mean(axis=1, keepdims=True)
+    std = flat.std(axis=1, ddof=1, keepdims=True) if flat.shape[1] > 1 else np.zeros_like(mean)
+    z = np.where(std > 0, (flat - mean) / np.where(std > 0, std, 1.0), 0.0)
+    return special.ndtr(z).reshape(maps.shape).astype(np.float32)
+
+
+def gamma_fit(values: np.ndarray) -> tuple[float, float]:
+    """Maximum-likelihood Gamma shape k and scale θ of positive values (Choi & Wette 1969).
+
+    Solves log k − ψ(k) = s with s = log mean − mean log by Newton's method from the
+    closed-form start (3 − s + √((s − 3)² + 24 s)) / 12 s; θ = mean / k.
+    """
+    mean = float(values.mean())
+    s = math.log(mean) - float(np.log(values).mean())
+    if not (s > 1e-12 and math.isfinite(s)):
+        return math.inf, 0.0
+    k = (3.0 - s + math.sqrt((s - 3.0) ** 2 + 24.0 * s)) / (12.0 * s)
+    for _ in range(_NEWTON_STEPS):
+        step = (math.log(k) - float(special.digamma(k)) - s) / (1.0 / k - float(
+            special.polygamma(1, k)))
+        k = max(k - step, k / 10.0)  # stay positive
+    return k, mean / k
+
+
+def gamma_cdf_normalize(maps: np.ndarray) -> np.ndarray:
+    """Gamma CDF of each N×h×w map shifted to start just above 0, with fitted shape/scale.
+
+    A flat map (no spread to fit) → 0.5, as the Gaussian normalization gives.
+    """
+    out = np.empty(maps.shape, np.float32)
+    for index, single in enumerate(maps.astype(np.float64)):
+        shifted = single - single.min() + EPSILON
+        shape, scale = gamma_fit(shifted.ravel())
+        if not math.isfinite(shape) or scale <= 0:
+            out[index] = 0.5
+        else:
+            out[index] = special.gammainc(shape, shifted / scale)
+    return out
+
+
+def normalize(maps: np.ndarray, method: str) -> np.ndarray:
+    if method == "gamma_cdf":
+        return gamma_cdf_normalize(maps)
+    return gaussian_cdf_normalize(maps)
+
+
+def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """size_out×size_in interpolation weights, half-pixel centres (align_corners=False)."""
+    source = (np.arange(size_out, dtype=np.float64) + 0.5) * size_in / size_out - 0.5
+    source = np.clip(source, 0.0, None)
+    low = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    frac = source - low
+    matrix = np.zeros((size_out, size_in), np.float64)
+    rows = np.arange(size_out)
+    np.add.at(matrix, (rows, low), 1.0 - frac)
+    np.add.at(matrix, (rows, high), frac)
+    return matrix.astype(np.float32)
+
+
+def upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of N×h×w maps to N×height×width (as torch's interpolate, align_corners
+    False), done as two small matrix products."""
+    rows = bilinear_matrix(maps.shape[1], height)
+    cols = bilinear_matrix(maps.shape[2], width)
+    return np.matmul(np.matmul(rows, maps.astype(np.float32)), cols.T)
+
+
+def combine(layer_maps: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted average Σ wᵢ Mᵢ / Σ wᵢ of N×S×H×W maps → N×H×W."""
+    weights = np.asarray(weights, np.float32)
+    return (np.tensordot(layer_maps, weights, axes=([1], [0])) / weights.sum()).astype(
+        np.float32)
+
+
+def layer_maps(smoe_maps: list[np.ndarray], normalization: str, height: int,
+               width: int) -> np.ndarray:
+    """Per-scale SMOE maps (N×hᵢ×wᵢ) → normalized and upsampled N×S×H×W in [0, 1]."""
+    return np.stack([upsample(normalize(m, normalization), height, width)
+                     for m in smoe_maps], axis=1)
+
+
+def lovi_rgb(maps: np.ndarray) -> np.ndarray:
+    """LOVI of one image's S×H×W per-scale maps → uint8 H×W×3.
+
+    Hue is the map-weighted mean depth (first scale violet … last scale red), saturation
+    1 − min/max over scales (grey where all scales agree), value the max over scales.
+    """
+    scales = maps.shape[0]
+    depth = np.linspace(0.0, 1.0, scales, dtype=np.float32).reshape(-1, 1, 1)
+    total = maps.sum(axis=0)
+    mean_depth = np.where(total > 0, (maps * depth).sum(axis=0) / np.where(total > 0, total, 1),
+                          0.0)
+    high = maps.max(axis=0)
+    low = maps.min(axis=0)
+    saturation = np.where(high > 0, 1.0 - low / np.where(high > 0, high, 1.0), 0.0)
+    hsv = np.stack([_LOVI_FIRST_HUE * (1.0 - mean_depth), saturation, high], axis=-1)
+    hsv8 = (np.clip(hsv, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return np.asarray(Image.fromarray(hsv8, mode="HSV").convert("RGB"))
+
+
+def png(rgb: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+# ---- the linear head, read from model.onnx ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """logits = GAP(scale) @ weight.T + bias, read from the package's ONNX graph."""
+
+    weight: np.ndarray  # classes × features
+    bias: np.ndarray  # classes
+
+    def cam(self, activations: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """ReLU(Σ_k W[c,k] A_k) / (h·w): the Grad-CAM of this head, N×h×w."""
+        _, _, height, width = activations.shape
+        rows = self.weight[targets].astype(np.float32)  # N × C
+        cam = np.einsum("nc,nchw->nhw", rows, activations.astype(np.float32))
+        return np.maximum(cam, 0.0) / np.float32(height * width)
+
+    def logits(self, activations: np.ndarray) -> np.ndarray:
+        return activations.mean(axis=(2, 3)) @ self.weight.T + self.bias
+
+
+_HEADS: dict[tuple[str, str], LinearHead | None] = {}
+_HEADS_LOCK = threading.Lock()
+
+
+def linear_head(model: ModelHandle) -> LinearHead | None:
+    """The package's GAP+linear head weights, or None; read once per package and cached.
+
+    Read from ``model.onnx`` (already checksum-verified, no unpickling, no torch): the
+    initializers named after the manifest's linear module, else the Gemm (or MatMul + Add)
+    producing the logits. Reading the graph rather than a file written beside it keeps
+    every package exported so far usable, and the weights can never disagree with the
+    network that served the prediction (each request also checks the logits, see FastCAM).
+    """
+    spec = model.spec()
+    if spec.head.get("type") != "gap_linear":
+        return None
+    key = (str(model.path), spec.files.get(ONNX_FILE, ""))
+    with _HEADS_LOCK:
+        if key not in _HEADS:
+            try:
+                _HEADS[key] = _read_linear_head(model, str(spec.head.get("linear", "")),
+                                                spec.logits_output)
+            except Exception as exc:  # noqa: BLE001 - an unreadable head means the slow path
+                log.warning("model %s: cannot read the linear head (%s); FastCAM will use "
+                            "Grad-CAM", model.name, exc)
+                _HEADS[key] = None
+        return _HEADS[key]
+
+
+def _read_linear_head(model: ModelHandle, linear: str, logits_name: str) -> LinearHead | None:
+    import onnx  # noqa: PLC0415 - only needed once per package
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    graph = onnx.load(str(model.path / ONNX_FILE)).graph
+    initializers = {t.name: t for t in graph.initializer}
+    for prefix in ("model.", ""):
+        weight = initializers.get(f"{prefix}{linear}.weight")
+        if weight is not None:
+            bias = initializers.get(f"{prefix}{linear}.bias")
+            w = numpy_helper.to_array(weight).astype(np.float32)
+            b = (numpy_helper.to_array(bias).astype(np.float32) if bias is not None
+                 else np.zeros(w.shape[0], np.float32))
+            return LinearHead(w, b)
+    producers = {out: node for node in graph.node for out in node.output}
+    node = producers.get(logits_name)
+    while node is not None and node.op_type == "Identity":
+        node = producers.get(node.input[0])
+    if node is None:
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm" and node.input[1] in initializers and not attrs.get("transA", 0):
+        b_matrix = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        w = b_matrix if attrs.get("transB", 0) else b_matrix.T
+        w = w * np.float32(attrs.get("alpha", 1.0))
+        bias = np.zeros(w.shape[0], np.float32)
+        if len(node.input) > 2 and node.input[2] in initializers:
+            bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32)
+            bias = np.broadcast_to(bias * np.float32(attrs.get("beta", 1.0)), w.shape[:1])
+        return LinearHead(w, np.array(bias, np.float32))
+    if node.op_type == "Add":
+        matmul = next((producers[i] for i in node.input if i in producers
+                       and producers[i].op_type == "MatMul"), None)
+        bias_name = next((i for i in node.input if i in initializers), None)
+        if matmul is not None and matmul.input[1] in initializers:
+            w = numpy_helper.to_array(initializers[matmul.input[1]]).astype(np.float32).T
+            bias = (numpy_helper.to_array(initializers[bias_name]).astype(np.float32)
+                    if bias_name else np.zeros(w.shape[0], np.float32))
+            return LinearHead(w, bias)
+    return None
+
+
+# ---- SMOE maps baked into the ONNX graph --------------------------------------------------------
+
+
+def add_smoe_outputs(model: Any, scale_names: list[str]) -> Any:
+    """Adds ``smoe_i`` = SMOE Scale of ``scale_i`` (N×h×w) as outputs of an ONNX ModelProto.
+
+    One session run then returns the logits and the per-scale maps, and only the maps (not
+    the C×h×w activations) are copied out of ONNX Runtime.
+    """
+    from onnx import TensorProto, helper  # noqa: PLC0415 - export time only
+
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    graph = model.graph
+    eps = helper.make_tensor("smoe_eps", TensorProto.FLOAT, [], [EPSILON])
+    inv_ln2 = helper.make_tensor("smoe_inv_ln2", TensorProto.FLOAT, [], [1.0 / math.log(2.0)])
+    graph.initializer.extend([eps, inv_ln2])
+    if opset >= 18:
+        graph.initializer.append(helper.make_tensor("smoe_axes", TensorProto.INT64, [1], [1]))
+
+    def mean_over_channels(source: str, target: str) -> Any:
+        if opset >= 18:
+            return helper.make_node("ReduceMean", [source, "smoe_axes"], [target], keepdims=0)
+        return helper.make_node("ReduceMean", [source], [target], axes=[1], keepdims=0)
+
+    for index, scale in enumerate(scale_names):
+        p = f"smoe{index}_"
+        graph.node.extend([
+            helper.make_node("Relu", [scale], [p + "relu"]),
+            helper.make_node("Add", [p + "relu", "smoe_eps"], [p + "x"]),
+            mean_over_channels(p + "x", p + "mean"),
+            helper.make_node("Log", [p + "x"], [p + "log_x"]),
+            mean_over_channels(p + "log_x", p + "mean_log"),
+            helper.make_node("Log", [p + "mean"], [p + "log_mean"]),
+            helper.make_node("Sub", [p + "log_mean", p + "mean_log"], [p + "gap"]),
+            helper.make_node("Mul", [p + "mean", p + "gap"], [p + "nats"]),
+            helper.make_node("Mul", [p + "nats", "smoe_inv_ln2"],
+                             [f"{SMOE_OUTPUT_PREFIX}{index}"]),
+        ])
+        graph.output.append(helper.make_tensor_value_info(
+            f"{SMOE_OUTPUT_PREFIX}{index}", TensorProto.FLOAT, ["batch", None, None]))
+    return model
+
+
+def baked_smoe_outputs(model: ModelHandle) -> list[str] | None:
+    """``smoe_0..k`` when the package's ONNX graph carries them for every scale, else None."""
+    session = model.session
+    if session is None:
+        return None
+    names = {o.name for o in session.get_outputs()}
+    wanted = [f"{SMOE_OUTPUT_PREFIX}{i}" for i in range(len(model.spec().scale_outputs))]
+    return wanted if all(n in names for n in wanted) else None
+
+
+# ---- the handlers ---------------------------------------------------------------------------
+
+
+class MultiScaleHandler(Handler):
+    """Shared by SMOE Scale, FastCAM and LOVI: parameters and the per-scale maps."""
+
+    engine = ENGINE_ONNX
+    needs_scales = True
+    wants_scale_outputs = True
+    defaults: ClassVar[dict[str, Any]] = {"weights": [], "normalization": "gaussian_cdf"}
+    paper = "https://arxiv.org/abs/1911.11293"
+
+    def scale_outputs_for(self, model: ModelHandle) -> list[str]:
+        """ONNX outputs this method reads from the prediction run."""
+        return baked_smoe_outputs(model) or list(model.spec().scale_outputs)
+
+    def validate(self, params: dict[str, Any], job: ExplainJob) -> None:
+        if params["normalization"] == "unspecified":
+            params["normalization"] = "gaussian_cdf"
+        self.require_choice(params, "normalization", NORMALIZATIONS)
+        scales = len(job.model.spec().scale_outputs)
+        weights = [float(w) for w in params["weights"]] or [1.0] * scales
+        if len(weights) != scales:
+            raise InvalidInput(
+                f"weights has {len(weights)} values but model {job.model.name!r} has {scales} "
+                f"scale outputs {list(job.model.spec().scale_outputs)}: give one weight per "
+                "scale, or none for equal weights")
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise InvalidInput(f"weights must be finite, non-negative and sum to > 0, "
+                               f"got {weights}")
+        params["weights"] = weights
+
+    def outputs(self, job: ExplainJob, names: list[str]) -> dict[str, np.ndarray]:
+        """The named ONNX outputs of the prediction run; runs the network only if missing."""
+        have = dict(job.scale_outputs or {})
+        missing = [n for n in names if n not in have]
+        if missing:
+            have.update(zip(missing, run_onnx_batched(job, job.inputs, missing), strict=True))
+        return have
+
+    def per_scale(self, job: ExplainJob) -> np.ndarray:
+        """Normalized, upsampled SMOE maps N×S×H×W in [0, 1]."""
+        names = self.scale_outputs_for(job.model)
+        found = self.outputs(job, names)
+        baked = names[0].startswith(SMOE_OUTPUT_PREFIX)
+        maps = [found[n] if baked else smoe_scale(found[n]) for n in names]
+        height, width = job.inputs.shape[2:]
+        return layer_maps(maps, job.params["normalization"], height, width)
+
+    def combined(self, layers: np.ndarray, job: ExplainJob) -> np.ndarray:
+        return combine(layers, np.asarray(job.params["weights"], np.float32))
+
+
+@register
+class SmoeScale(MultiScaleHandler):
+    """SMOE Scale fast path: the weighted average of the normalized per-scale maps."""
+
+    method = pb.METHOD_SMOE_SCALE
+    name = "smoe_scale"
+    params_field = "smoe_scale"
+    description = ("SMOE Scale of every scale output, normalized and averaged; reuses the "
+                   "prediction's forward pass (1 forward, 0 backward).")
+
+    def _compute(self, job: ExplainJob) -> np.ndarray:
+        return self.per_scale(job)
+
+    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+        return np.clip(self.combined(raw, job), 0.0, 1.0)
+
+
+@register
+class Lovi(MultiScaleHandler):
+    """LOVI: the per-scale maps as one picture (hue = depth), the combined map as saliency."""
+
+    method = pb.METHOD_LOVI
+    name = "lovi"
+    params_field = "lovi"
+    description = ("Per-scale SMOE maps rendered as one PNG overlay (hue by depth, violet = "
+                   "early, red = late); saliency is the combined map (1 forward, 0 backward).")
+
+    def _compute(self, job: ExplainJob) -> np.ndarray:
+        layers = self.per_scale(job)
+        job.overlays = [png(lovi_rgb(item)) for item in layers]
+        return layers
+
+    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+        return np.clip(self.combined(raw, job), 0.0, 1.0)
+
+
+@register
+class FastCam(MultiScaleHandler):
+    """FastCAM: the combined SMOE map × a class activation map of the target class.
+
+    On a GAP+linear head the CAM is W[target] · A over the last scale output, which equals
+    Grad-CAM there (∂ logit / ∂ A_k(i,j) = W[target,k] / hw), so no backward pass runs.
+    Other heads fall back to Grad-CAM on the torch program.
+    """
+
+    method = pb.METHOD_FASTCAM
+    name = "fastcam"
+    params_field = "fastcam"
+    description = ("Combined SMOE map × class activation map; 1 forward on a GAP+linear "
+                   "head, otherwise + 1 torch forward/backward for Grad-CAM.")
+
+    def available_for(self, model: ModelHandle) -> bool:
+        if not super().available_for(model):
+            return False
+        return model.spec().head.get("type") == "gap_linear" or model.has_torch
+
+    def scale_outputs_for(self, model: ModelHandle) -> list[str]:
+        names = super().scale_outputs_for(model)
+        cam = cam_output(model)
+        return names if cam in names or linear_head(model) is None else [*names, cam]
+
+    def _compute(self, job: ExplainJob) -> np.ndarray:
+        layers = self.per_scale(job)
+        cam = self.cam(job)
+        height, width = job.inputs.shape[2:]
+        return self.combined(layers, job) * upsample(cam, height, width)
+
+    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+        return scale_by_max(raw)
+
+    def cam(self, job: ExplainJob) -> np.ndarray:
+        """Raw ReLU'd CAM N×h×w: from the linear head when its logits check out, else
+        Grad-CAM on the torch program."""
+        head = linear_head(job.model)
+        name = cam_output(job.model)
+        if head is not None:
+            activations = self.outputs(job, [name])[name]
+            if job.base_logits is None or _logits_match(head.logits(activations),
+                                                        job.base_logits):
+                job.diagnostics["cam_backward_free"] = 1.0
+                return head.cam(activations, job.targets)
+            log.warning("model %s: the linear head does not reproduce the logits; using "
+                        "Grad-CAM", job.model.name)
+        job.diagnostics["cam_backward_free"] = 0.0
+        return grad_cam_fallback(job, name)
+
+
+def cam_output(model: ModelHandle) -> str:
+    spec = model.spec()
+    return str(spec.head.get("scale_output") or spec.cam_output or spec.scale_outputs[-1])
+
+
+def _logits_match(predicted: np.ndarray, actual: np.ndarray) -> bool:
+    tolerance = 1e-3 * max(1.0, float(np.abs(actual).max()))
+    return predicted.shape == actual.shape and float(np.abs(predicted - actual).max()) <= tolerance
+
+
+def grad_cam_fallback(job: ExplainJob, output_name: str) -> np.ndarray:
+    """Grad-CAM (raw, ReLU'd, N×h×w) from ``handlers.cam`` when present, else by autograd."""
+    try:
+        from handlers.cam import grad_cam  # noqa: PLC0415 - optional module, loaded lazily
+    except ImportError:
+        return autograd_grad_cam(job, output_name)
+    return np.asarray(grad_cam(job, output_name), np.float32)
+
+
+def autograd_grad_cam(job: ExplainJob, output_name: str) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al., https://arxiv.org/abs/1610.02391) on the torch program:
+    α_k = mean_ij ∂ logit / ∂ A_k(i,j), CAM = ReLU(Σ_k α_k A_k); 1 forward + 1 backward."""
+    import torch  # noqa: PLC0415 - only the fallback needs torch
+
+    module = job.model.torch_module()
+    position = 1 + list(job.model.spec().scale_outputs).index(output_name)
+    cams = []
+    size = job.items_per_chunk(backward=True)
+    for start in range(0, job.batch, size):
+        part = slice(start, min(job.batch, start + size))
+        job.state.check()
+        batch = torch.from_numpy(np.ascontiguousarray(job.inputs[part])).requires_grad_(True)
+        outputs = module(batch)
+        activations = outputs[position]
+        index = torch.from_numpy(job.targets[part].astype(np.int64)).view(-1, 1)
+        selected = outputs[0].gather(1, index).sum()
+        (gradient,) = torch.autograd.grad(selected, activations)
+        alpha = gradient.mean(dim=(2, 3), keepdim=True)
+        cams.append(torch.relu((alpha * activations).sum(dim=1)).detach().numpy())
+        count = part.stop - part.start
+        job.cost.forward(count, ENGINE_TORCH)
+        job.cost.backward(count)
+    return np.concatenate(cams).astype(np.float32)
