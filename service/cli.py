@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
 import sys
 from pathlib import Path
 
@@ -15,11 +14,11 @@ from service import config as config_module
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service.logging_setup import configure  # noqa: PLC0415
     from service.server import serve  # noqa: PLC0415 - keep `saliency explain` light
 
     config = config_module.from_sources(args)
-    logging.basicConfig(level=config.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(config.log_level, config.log_format)
     if args.ensure_demo:
         from service.demo_package import ensure_demo_package  # noqa: PLC0415
 

@@ -32,7 +32,12 @@ class Config:
     max_batch: int = 16
     max_pixels: int = 1024 * 1024
     max_message_bytes: int = 64 * 1024 * 1024
+    # Per-request work: SmoothGrad/VarGrad/AbsoluteGrad samples, Integrated Gradients
+    # steps, RISE masks, DE-CAM population and generations.
     max_samples: int = 256
+    max_steps: int = 256
+    max_masks: int = 10240
+    max_population: int = 256
     max_generations: int = 500
     # Bytes of activations one batched chunk of a handler may hold (memory budget).
     chunk_memory_bytes: int = 512 * 1024 * 1024
@@ -40,8 +45,41 @@ class Config:
     intra_op_threads: int = 0
     # Seconds in-flight requests get to finish on SIGTERM.
     grace_seconds: float = 20.0
+    # Seconds between scans of the model repository for changed packages (0 = off;
+    # SIGHUP always rescans).
+    reload_interval_seconds: float = 0.0
+    # TLS: server certificate and key (PEM); with a client CA, clients must present a
+    # certificate it signed (mutual TLS). Empty = plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Bearer tokens required in the ``authorization`` metadata (health stays open):
+    # one token, and/or a file with one token per line (e.g. a mounted secret).
+    auth_token: str = ""
+    auth_token_file: str = ""
     log_level: str = "INFO"
+    # "json" (one object per line) or "text".
+    log_format: str = "json"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_inflight < 1:
+            problems.append(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.max_queue < 0:
+            problems.append(f"max_queue must be >= 0, got {self.max_queue}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.log_format not in ("json", "text"):
+            problems.append(f"log_format must be 'json' or 'text', got {self.log_format!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
 
 def _fields() -> list[dataclasses.Field[Any]]:
@@ -88,4 +126,7 @@ def from_sources(
             except ValueError as exc:
                 raise SystemExit(f"invalid value {raw!r} for {f.name}: {exc}") from exc
     values.update(overrides)
-    return Config(**values)
+    try:
+        return Config(**values)
+    except ValueError as exc:
+        raise SystemExit(f"invalid configuration: {exc}") from exc

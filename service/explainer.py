@@ -1,4 +1,4 @@
-"""The gRPC servicer: admission, deadlines, cancellation, error mapping and metrics.
+"""The gRPC servicer: limits, admission, deadlines, cancellation, error mapping, metrics, logs.
 
 It converts nothing but messages and statuses; the work is ``service.core.Core``,
 run in a bounded thread pool off the event loop.
@@ -8,77 +8,187 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 
 from handlers.base import CostCounter, ProgressUpdate, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from service.config import Config
 from service.core import Core
-from service.errors import ResourceExhausted, ServiceError, Unavailable
+from service.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from service.images import array_to_tensor
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+# Parameter fields that scale a request's work → the Config limit that bounds them.
+PARAM_LIMITS = {
+    "samples": "max_samples",
+    "steps": "max_steps",
+    "masks": "max_masks",
+    "population": "max_population",
+    "generations": "max_generations",
+}
+
 
 def method_label(method: int) -> str:
-    """``METHOD_VANILLA_GRADIENT`` → ``vanilla_gradient`` (the handler's name)."""
+    """``METHOD_VANILLA_GRADIENT`` → ``vanilla_gradient`` (the handler's name); enum values
+    outside the proto become ``unknown`` so metric labels stay bounded."""
     try:
         return pb.Method.Name(method).removeprefix("METHOD_").lower()
     except ValueError:
-        return f"unknown_{method}"
+        return "unknown"
 
 
+def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config) -> None:
+    """Refuses work beyond the configured per-request limits before it takes a slot.
+
+    Raises InvalidInput naming the limit (and its flag) that the request exceeds.
+    """
+    source = request.input
+    kind = source.WhichOneof("kind")
+    batch = 0
+    if kind == "images":
+        batch = len(source.images.images)
+    elif kind == "tensor" and source.tensor.shape:
+        batch = int(source.tensor.shape[0])
+    if batch > config.max_batch:
+        raise InvalidInput(f"batch of {batch} exceeds the limit max_batch={config.max_batch} "
+                           "(--max-batch); split the request")
+    which = request.WhichOneof("params") if isinstance(request, pb.ExplainRequest) else None
+    if which is None:
+        return
+    params = getattr(request, which)
+    for name, limit_name in PARAM_LIMITS.items():
+        descriptor = params.DESCRIPTOR.fields_by_name.get(name)
+        if descriptor is None or not params.HasField(name):
+            continue
+        value = int(getattr(params, name))
+        limit = int(getattr(config, limit_name))
+        if value > limit:
+            raise InvalidInput(
+                f"{which}.{name}={value} exceeds the server limit {limit_name}={limit} "
+                f"(--{limit_name.replace('_', '-')})")
+
+
+@dataclass
 class Admission:
     """At most ``max_inflight`` requests executing and ``max_queue`` waiting; the rest are
-    refused at once, so memory stays bounded under overload."""
+    refused at once with RESOURCE_EXHAUSTED, so memory stays bounded under overload."""
 
-    def __init__(self, max_inflight: int, max_queue: int, metrics: Metrics) -> None:
-        self.max_inflight = max_inflight
-        self.max_queue = max_queue
-        self.metrics = metrics
-        self._slots = asyncio.Semaphore(max_inflight)
-        self.inflight = 0
-        self.waiting = 0
-        self.draining = False
+    max_inflight: int
+    max_queue: int
+    metrics: Metrics
+    inflight: int = 0
+    waiting: int = 0
+    draining: bool = False
+    # Observed maxima and totals (for tests and logs).
+    peak_inflight: int = 0
+    peak_waiting: int = 0
+    admitted: int = 0
+    _slots: asyncio.Semaphore | None = field(default=None, repr=False)
 
-    async def acquire(self) -> None:
+    def _semaphore(self) -> asyncio.Semaphore:
+        if self._slots is None:  # created lazily on the server's event loop
+            self._slots = asyncio.Semaphore(self.max_inflight)
+        return self._slots
+
+    def _reject(self, reason: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+
+    async def acquire(self, state: RequestState) -> float:
+        """Waits for a slot; returns the seconds spent waiting.
+
+        Raises Unavailable while draining, ResourceExhausted when the queue is full, and
+        DeadlineExceeded when the request's deadline passed while it waited (it is not
+        started then).
+        """
         if self.draining:
-            self.metrics.rejected.labels("shutting_down").inc()
+            self._reject("shutting_down")
             raise Unavailable("the server is shutting down; retry on another replica")
-        if self._slots.locked() and self.waiting >= self.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
+        if self.inflight + self.waiting >= self.max_inflight + self.max_queue:
+            self._reject("queue_full")
             raise ResourceExhausted(
                 f"server at capacity: {self.inflight} executing (max_inflight="
                 f"{self.max_inflight}) and {self.waiting} waiting (max_queue={self.max_queue}); "
-                "retry with backoff"
-            )
+                "retry with backoff")
+        started = time.perf_counter()
         self.waiting += 1
+        self.peak_waiting = max(self.peak_waiting, self.waiting)
         self.metrics.queued.set(self.waiting)
         try:
-            await self._slots.acquire()
+            await self._semaphore().acquire()
+        except asyncio.CancelledError:
+            self._reject("deadline_in_queue" if state.expired() else "cancelled_in_queue")
+            raise
         finally:
             self.waiting -= 1
             self.metrics.queued.set(self.waiting)
+        waited = time.perf_counter() - started
+        if state.expired():
+            self._semaphore().release()
+            self._reject("deadline_in_queue")
+            raise DeadlineExceeded(
+                f"the request's deadline passed after {waited:.3f} s in the queue; it was not "
+                "started (raise the deadline or retry when the server is less busy)")
         self.inflight += 1
+        self.admitted += 1
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
         self.metrics.inflight.set(self.inflight)
+        self.metrics.queue_seconds.observe(waited)
+        return waited
 
     def release(self) -> None:
         self.inflight -= 1
         self.metrics.inflight.set(self.inflight)
-        self._slots.release()
+        self._semaphore().release()
 
     async def idle(self) -> None:
         """Waits until nothing is executing or waiting (for graceful shutdown)."""
         while self.inflight or self.waiting:
             await asyncio.sleep(0.05)
+
+
+def request_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The client's ``x-request-id`` when it is a sane token, else a fresh one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            if _REQUEST_ID.match(text):
+                return text
+    return uuid.uuid4().hex
+
+
+@dataclass
+class _Outcome:
+    """What one request did, gathered for its metrics and its log line."""
+
+    request_id: str
+    model: str
+    method: str
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    cost: pb.Cost | None = None
+    queue_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
 
 
 class ExplainerServicer(pb_grpc.ExplainerServicer):
@@ -87,68 +197,116 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     def __init__(self, core: Core, metrics: Metrics, admission: Admission,
                  executor: ThreadPoolExecutor) -> None:
         self.core = core
+        self.config: Config = core.config
         self.metrics = metrics
         self.admission = admission
         self.executor = executor
 
-    async def _run(self, context: grpc.aio.ServicerContext, model: str, method: str,
+    def _model_label(self, name: str) -> str:
+        """The model's name when the repository has it, else ``unknown`` (bounded labels)."""
+        known = {handle.name for handle in self.core.repository.handles()}
+        return name if name in known else "unknown"
+
+    def _finish(self, outcome: _Outcome, cost: CostCounter) -> None:
+        """Records metrics and the request's log line; the figures are the response's Cost
+        when there is one, so ``/metrics`` adds up to the responses."""
+        if outcome.cost is not None:
+            wall, cpu = outcome.cost.wall_seconds, outcome.cost.cpu_seconds
+        else:
+            wall, cpu = time.perf_counter() - outcome.started - outcome.queue_seconds, \
+                outcome.cpu_seconds
+        self.metrics.observe(outcome.model, outcome.method, outcome.code.name, wall, cpu,
+                             dict(cost.forward_by_engine), cost.backward_passes)
+        log.info("request %s %s", outcome.method, outcome.code.name, extra={
+            "event": "request", "request_id": outcome.request_id, "model": outcome.model,
+            "method": outcome.method, "code": outcome.code.name,
+            "latency_ms": round((time.perf_counter() - outcome.started) * 1000, 3),
+            "queue_ms": round(outcome.queue_seconds * 1000, 3),
+            "forward_passes": cost.forward_passes, "backward_passes": cost.backward_passes})
+
+    async def _run(self, context: grpc.aio.ServicerContext,
+                   request: pb.ExplainRequest | pb.PredictRequest, method: str,
                    work: Callable[[RequestState, CostCounter], T],
                    relabel: Callable[[T], str] | None = None) -> T:
-        """Admits, runs ``work`` in the pool, records metrics and maps errors to statuses.
+        """Checks limits, admits, runs ``work`` in the pool and maps errors to statuses.
 
-        ``relabel`` names the method that actually ran (METHOD_AUTO resolves late).
+        ``relabel`` names the method that actually ran (METHOD_AUTO resolves late). When
+        the client cancels or the deadline passes mid-run, the worker is told through the
+        RequestState and its slot is freed only once it has stopped, so the pool never
+        holds more than ``max_inflight`` requests.
         """
+        outcome = _Outcome(request_id_of(context), self._model_label(request.model), method)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, outcome.request_id),))
         remaining = context.time_remaining()
         state = RequestState(time.monotonic() + remaining if remaining is not None else None)
         cost = CostCounter()
-        started = time.perf_counter()
-        cpu_started = time.process_time()
-        code = grpc.StatusCode.OK
-        admitted = False
-        try:
-            await self.admission.acquire()
-            admitted = True
-            state.check()  # a request whose deadline passed while queued is not started
-            loop = asyncio.get_running_loop()
+        admitted = handed_off = False
+
+        def timed(state: RequestState, cost: CostCounter) -> T:
+            cpu_started = time.process_time()
             try:
-                result = await loop.run_in_executor(self.executor, work, state, cost)
-                if relabel is not None:
-                    method = relabel(result)
-                return result
+                return work(state, cost)
+            finally:
+                outcome.cpu_seconds = time.process_time() - cpu_started
+
+        try:
+            check_limits(request, self.config)
+            outcome.queue_seconds = await self.admission.acquire(state)
+            admitted = True
+            future = asyncio.get_running_loop().run_in_executor(self.executor, timed, state,
+                                                                cost)
+            try:
+                result = await asyncio.shield(future)
             except asyncio.CancelledError:
                 state.cancelled.set()
-                code = grpc.StatusCode.CANCELLED
+                handed_off = True
+                outcome.code = (grpc.StatusCode.DEADLINE_EXCEEDED if state.expired()
+                                else grpc.StatusCode.CANCELLED)
+                future.add_done_callback(lambda _: self._release_after(outcome, cost))
                 raise
+            outcome.cost = getattr(result, "cost", None)
+            if relabel is not None:
+                outcome.method = relabel(result)
+            if isinstance(result, pb.ExplainResponse):
+                result.request_id = outcome.request_id
+            return result
         except ServiceError as exc:
-            code = exc.code
-            await context.abort(code, str(exc))
+            outcome.code = exc.code
+            await context.abort(exc.code, str(exc))
             raise AssertionError("unreachable") from exc  # abort raises
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
+            if outcome.code == grpc.StatusCode.OK:
+                outcome.code = (grpc.StatusCode.DEADLINE_EXCEEDED if state.expired()
+                                else grpc.StatusCode.CANCELLED)
             raise
         except Exception as exc:
-            code = grpc.StatusCode.INTERNAL
-            request_id = uuid.uuid4().hex
-            log.exception("request %s (%s/%s) failed", request_id, model, method)
-            await context.abort(code, f"internal error {type(exc).__name__}; request id "
-                                      f"{request_id} (see the server log)")
+            outcome.code = grpc.StatusCode.INTERNAL
+            log.exception("request %s failed: %s", outcome.request_id, type(exc).__name__,
+                          extra={"event": "internal_error", "request_id": outcome.request_id,
+                                 "model": outcome.model, "method": outcome.method,
+                                 "code": "INTERNAL"})
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error ({type(exc).__name__}); request id "
+                                f"{outcome.request_id} — quote it to the operator, whose log "
+                                "has the traceback")
             raise AssertionError("unreachable") from exc
         finally:
-            if admitted:
-                self.admission.release()
-            self.metrics.observe(
-                model or "unknown", method, code.name, time.perf_counter() - started,
-                time.process_time() - cpu_started, dict(cost.forward_by_engine),
-                cost.backward_passes)
+            if not handed_off:
+                if admitted:
+                    self.admission.release()
+                self._finish(outcome, cost)
+
+    def _release_after(self, outcome: _Outcome, cost: CostCounter) -> None:
+        """Done-callback of a cancelled request's worker: frees its slot, then records it."""
+        self.admission.release()
+        self._finish(outcome, cost)
 
     async def Explain(self, request: pb.ExplainRequest,  # noqa: N802 - gRPC method name
                       context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
         def work(state: RequestState, cost: CostCounter) -> pb.ExplainResponse:
             return self.core.explain(request, state, cost)
 
-        return await self._run(context, request.model, method_label(request.method), work,
+        return await self._run(context, request, method_label(request.method), work,
                                _ran_method)
 
     async def ExplainStream(self, request: pb.ExplainRequest,  # noqa: N802
@@ -169,7 +327,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             return self.core.explain(request, state, cost, on_progress)
 
         task = asyncio.ensure_future(self._run(
-            context, request.model, method_label(request.method), work, _ran_method))
+            context, request, method_label(request.method), work, _ran_method))
         try:
             while not task.done() or not queue.empty():
                 getter = asyncio.ensure_future(queue.get())
@@ -187,9 +345,10 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     async def Predict(self, request: pb.PredictRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         def work(state: RequestState, cost: CostCounter) -> pb.PredictResponse:
+            state.check()
             return self.core.predict(request, cost)
 
-        return await self._run(context, request.model, "predict", work)
+        return await self._run(context, request, "predict", work)
 
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -204,5 +363,5 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             raise AssertionError("unreachable") from exc
 
 
-def _ran_method(response: pb.ExplainResponse) -> str:
+def _ran_method(response: Any) -> str:
     return method_label(response.cost.method)

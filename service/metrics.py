@@ -39,7 +39,11 @@ class MeanCost:
 
 
 class Metrics:
-    """The service's metric families (names as DESIGN.md gives them)."""
+    """The service's metric families (names as DESIGN.md gives them).
+
+    ``observe`` takes the same figures the response's ``Cost`` carries, so the
+    histogram sums and counters on ``/metrics`` add up to the responses exactly.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -48,8 +52,12 @@ class Metrics:
             "saliency_requests", "Requests by model, method and gRPC status code.",
             ["model", "method", "code"], registry=r)
         self.request_seconds = Histogram(
-            "saliency_request_seconds", "Wall time of successful requests.",
+            "saliency_request_seconds",
+            "Wall time of successful requests' work (Cost.wall_seconds; queueing excluded).",
             ["model", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram(
+            "saliency_queue_seconds", "Time admitted requests waited for a worker.",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.forward_passes = Counter(
             "saliency_forward_passes", "Forward passes, counted per image.",
             ["model", "method", "engine"], registry=r)
@@ -62,14 +70,19 @@ class Metrics:
         self.inflight = Gauge(
             "saliency_inflight_requests", "Requests executing now.", registry=r)
         self.queued = Gauge(
-            "saliency_queued_requests", "Requests admitted and waiting for a worker.", registry=r)
+            "saliency_queued_requests", "Requests admitted and waiting for a worker (queue depth).",
+            registry=r)
         self.rejected = Counter(
             "saliency_rejected", "Requests refused before running, by reason.", ["reason"],
             registry=r)
         self.model_ready = Gauge(
             "saliency_model_ready", "1 when the model version is loaded and serving.",
             ["model", "version"], registry=r)
+        self.reloads = Counter(
+            "saliency_repository_reloads", "Rescans of the model repository that found changes.",
+            registry=r)
         self._means: dict[tuple[str, str], MeanCost] = {}
+        self._ready_labels: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._http: Any = None
 
@@ -93,9 +106,19 @@ class Metrics:
                 mean.wall_seconds += wall_seconds
 
     def mean_cost(self, model: str, method: str) -> MeanCost:
+        """Mean wall seconds of the successful requests so far (GetModel, METHOD_AUTO)."""
         with self._lock:
             found = self._means.get((model, method))
             return MeanCost(found.requests, found.wall_seconds) if found else MeanCost()
+
+    def set_models_ready(self, states: dict[tuple[str, str], bool]) -> None:
+        """Sets ``saliency_model_ready`` for every (model, version) and drops vanished ones."""
+        with self._lock:
+            for labels in self._ready_labels - set(states):
+                self.model_ready.remove(*labels)
+            for labels, ready in states.items():
+                self.model_ready.labels(*labels).set(1 if ready else 0)
+            self._ready_labels = set(states)
 
     def exposition(self) -> bytes:
         """The text format, as ``/metrics`` serves it."""

@@ -1,7 +1,9 @@
-"""Server start-up: the Explainer service, health, reflection, metrics and graceful shutdown.
+"""Server start-up: the Explainer service, health, reflection, metrics, reloads and shutdown.
 
 Health: "" is live as soon as the port is bound; ``saliency.v1.Explainer`` is
-SERVING once at least one model is loaded, and NOT_SERVING while draining.
+SERVING while at least one model is ready, and NOT_SERVING while draining.
+Models are reloaded without a restart when the repository changes (polled every
+``reload_interval_seconds``) or on SIGHUP.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +26,7 @@ from service.core import Core
 from service.explainer import Admission, ExplainerServicer
 from service.metrics import Metrics
 from service.repository import Repository
+from service.security import BearerTokenInterceptor, load_tokens, server_credentials
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
@@ -34,6 +38,21 @@ def set_thread_counts(intra_op_threads: int) -> None:
         import torch  # noqa: PLC0415 - torch is optional at run time for ONNX-only serving
 
         torch.set_num_threads(intra_op_threads)
+
+
+def repository_fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime) of every file in ``root/<model>/<version>/``: a change in any
+    package changes it."""
+    entries: list[tuple[str, int, int]] = []
+    if not root.is_dir():
+        return ()
+    for path in root.glob("*/*/*"):
+        try:
+            status = path.stat()
+        except OSError:  # removed while scanning
+            continue
+        entries.append((str(path.relative_to(root)), status.st_size, status.st_mtime_ns))
+    return tuple(sorted(entries))
 
 
 class SaliencyServer:
@@ -48,16 +67,54 @@ class SaliencyServer:
                                            thread_name_prefix="explain")
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
-        self.admission: Admission | None = None
+        self.admission = Admission(config.max_inflight, config.max_queue, self.metrics)
         self.port = 0
         self.metrics_port = 0
+        self._fingerprint: tuple[tuple[str, int, int], ...] = ()
+        self._reload_lock: asyncio.Lock | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # ---- models --------------------------------------------------------------------------
 
     def load_models(self) -> None:
+        """(Re)loads every package; in-flight requests keep the handles they hold."""
         registry.load_builtin()
+        self._fingerprint = repository_fingerprint(self.config.models)
         self.repository.load_all()
-        for handle in self.repository.handles():
-            self.metrics.model_ready.labels(handle.name, str(handle.version)).set(
-                1 if handle.ready else 0)
+        self.metrics.set_models_ready({(h.name, str(h.version)): h.ready
+                                       for h in self.repository.handles()})
+
+    async def reload(self, force: bool = False) -> bool:
+        """Reloads the repository if it changed (or ``force``); returns whether it did."""
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            current = await loop.run_in_executor(None, repository_fingerprint, self.config.models)
+            if not force and current == self._fingerprint:
+                return False
+            await loop.run_in_executor(None, self.load_models)
+            self.metrics.reloads.inc()
+            await self._update_readiness()
+            log.info("model repository reloaded", extra={
+                "event": "reload", "models_ready": sum(h.ready for h in self.repository.handles())})
+            return True
+
+    async def _update_readiness(self) -> None:
+        ready = self.repository.any_ready() and not self._stopping
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if ready
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _poll(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reload()
+            except Exception:  # noqa: BLE001 - a failed scan must not stop polling
+                log.exception("repository reload failed", extra={"event": "reload_failed"})
+
+    # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> int:
         """Loads models, binds the ports and marks readiness; returns the gRPC port."""
@@ -66,41 +123,55 @@ class SaliencyServer:
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
-        self.server = grpc.aio.server(options=options)
-        self.admission = Admission(self.config.max_inflight, self.config.max_queue, self.metrics)
+        interceptors = []
+        tokens = load_tokens(self.config)
+        if tokens:
+            interceptors.append(BearerTokenInterceptor(tokens, self.metrics))
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         servicer = ExplainerServicer(self.core, self.metrics, self.admission, self.executor)
         pb_grpc.add_ExplainerServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        credentials = server_credentials(self.config)
+        try:
+            self.port = (self.server.add_secure_port(address, credentials) if credentials
+                         else self.server.add_insecure_port(address))
+        except RuntimeError as exc:
+            raise OSError(f"could not bind {address}: {exc}") from exc
         if self.port == 0:
-            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+            raise OSError(f"could not bind {address}")
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.load_models)
-        ready = self.repository.any_ready()
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if ready
-                              else health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("serving on %s:%d (metrics on :%d); %d model(s) ready",
-                 self.config.host, self.port, self.metrics_port,
-                 sum(h.ready for h in self.repository.handles()))
+        await asyncio.get_running_loop().run_in_executor(None, self.load_models)
+        await self._update_readiness()
+        if self.config.reload_interval_seconds > 0:
+            self._poller = asyncio.ensure_future(self._poll(self.config.reload_interval_seconds))
+        ready = sum(h.ready for h in self.repository.handles())
+        log.info("serving on %s:%d (metrics on :%d, %s); %d model(s) ready", self.config.host,
+                 self.port, self.metrics_port, "TLS" if self.config.tls else "plaintext", ready,
+                 extra={"event": "serving", "port": self.port, "metrics_port": self.metrics_port,
+                        "models_ready": ready})
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Readiness NOT_SERVING, refuse new work, let in-flight requests finish, then stop."""
+        """Readiness NOT_SERVING, refuse new work (UNAVAILABLE), let admitted requests finish
+        within ``grace`` seconds, then close the ports."""
         grace = self.config.grace_seconds if grace is None else grace
+        self._stopping = True
+        if self._poller is not None:
+            self._poller.cancel()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.admission is not None:
-            self.admission.draining = True
-            try:
-                await asyncio.wait_for(self.admission.idle(), timeout=grace)
-            except TimeoutError:
-                log.warning("grace period of %.1f s ended with requests still running", grace)
+        self.admission.draining = True
+        try:
+            await asyncio.wait_for(self.admission.idle(), timeout=grace)
+        except TimeoutError:
+            log.warning("grace period of %.1f s ended with %d request(s) still running", grace,
+                        self.admission.inflight, extra={"event": "drain_timeout"})
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(1.0)
@@ -113,14 +184,23 @@ class SaliencyServer:
 
 
 async def serve(config: Config) -> None:
-    """Runs until SIGTERM/SIGINT, then shuts down gracefully."""
+    """Runs until SIGTERM/SIGINT, then shuts down gracefully; SIGHUP reloads the models."""
     server = SaliencyServer(config)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hangup() -> None:
+        task = asyncio.ensure_future(server.reload(force=True))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
-    log.info("signal received: draining for up to %.1f s", config.grace_seconds)
+    log.info("signal received: draining for up to %.1f s", config.grace_seconds,
+             extra={"event": "draining"})
     await server.stop()
-    log.info("stopped")
+    log.info("stopped", extra={"event": "stopped"})
