@@ -1,0 +1,290 @@
+"""Shared benchmark helpers: timing, percentiles, tables, JSON results, model repositories
+and a ``saliency serve`` subprocess on a free loopback port.
+
+Ratios measured side by side in one run are meaningful on a shared machine; absolute times
+are not, so every result file records the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = Path(os.environ.get("SALIENCY_BENCH_CACHE",
+                            Path(tempfile.gettempdir()) / "saliency-bench-cache"))
+DEMO_MODELS = ROOT / "models"
+
+
+# ---- timing and statistics -------------------------------------------------------------------
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """p50/p95/p99/max/mean of ``values`` (seconds in, milliseconds out); empty → zeros."""
+    if len(values) == 0:
+        return {"count": 0, "p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0,
+                "mean_ms": 0.0}
+    array = np.asarray(values, dtype=np.float64) * 1000.0
+    p50, p95, p99 = np.percentile(array, [50, 95, 99])
+    return {"count": len(values), "p50_ms": float(p50), "p95_ms": float(p95),
+            "p99_ms": float(p99), "max_ms": float(array.max()), "mean_ms": float(array.mean())}
+
+
+def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        magnitude = abs(value)
+        if magnitude >= 100:
+            return f"{value:.0f}"
+        if magnitude >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def table(rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A Markdown table of ``rows`` (missing cells blank)."""
+    rows = list(rows)
+    if not rows:
+        return "(no rows)\n"
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, load and library versions, so absolute numbers can be judged."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for module in ("torch", "onnxruntime", "grpc", "captum"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - a missing library is simply not listed
+            continue
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "platform": platform.platform(), "versions": versions,
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
+    """Writes ``results/<name>.json`` with the machine description added."""
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    document = {"benchmark": name, "machine": machine_info(), **payload}
+    path.write_text(json.dumps(document, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    return parser
+
+
+# ---- inputs and model repositories -----------------------------------------------------------
+
+def png_images(count: int, size: int, seed: int = 0) -> list[bytes]:
+    """Deterministic smooth RGB test pictures (blobs on a gradient), PNG-encoded."""
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    images = []
+    for _ in range(count):
+        canvas = np.stack([xx, yy, 1 - xx], axis=-1) * 0.4
+        for _blob in range(4):
+            cy, cx = rng.uniform(0.2, 0.8, 2)
+            radius = rng.uniform(0.05, 0.15)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+            canvas += blob[..., None] * rng.uniform(0.2, 0.6, 3)
+        pixels = (np.clip(canvas, 0, 1) * 255).astype(np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="PNG")
+        images.append(out.getvalue())
+    return images
+
+
+def demo_repository() -> Path:
+    """The shipped demo package's repository, or a random-weight DemoResNet stand-in (same
+    cost) exported into the cache when ``models/demo/1`` is not there yet."""
+    if (DEMO_MODELS / "demo" / "1" / "manifest.json").is_file():
+        return DEMO_MODELS
+    root = CACHE / "demo-standin"
+    if not (root / "demo" / "1" / "manifest.json").is_file():
+        from service.architectures import DemoResNet  # noqa: PLC0415
+        from service.export import export_package  # noqa: PLC0415
+
+        export_package(DemoResNet(num_classes=10), name="demo", version=1,
+                       input_shape=(3, 128, 128), mean=[0.5] * 3, std=[0.25] * 3,
+                       class_labels=[f"class_{i}" for i in range(10)], repository=root,
+                       scale_modules=DemoResNet.scale_modules(), cam_layer="layer4",
+                       head="fc", overwrite=True)
+    return root
+
+
+def resnet50_repository(size: int = 224, name: str = "resnet50") -> Path:
+    """A repository holding ``ResNet50Shape`` (random weights, seed 0) at ``size``², cached."""
+    root = CACHE / f"resnet50-{size}"
+    if not (root / name / "1" / "manifest.json").is_file():
+        import torch  # noqa: PLC0415
+
+        from service.architectures import ResNet50Shape  # noqa: PLC0415
+        from service.export import export_package  # noqa: PLC0415
+
+        torch.manual_seed(0)
+        export_package(ResNet50Shape(num_classes=1000), name=name, version=1,
+                       input_shape=(3, size, size), mean=[0.485, 0.456, 0.406],
+                       std=[0.229, 0.224, 0.225], class_labels=[],
+                       repository=root, scale_modules=ResNet50Shape.scale_modules(),
+                       cam_layer="layer4", head="fc", overwrite=True, verify_inputs=1)
+    return root
+
+
+# ---- a server subprocess ---------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process in KiB (``VmRSS`` of ``/proc/<pid>/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class ServerProcess:
+    """``saliency serve`` on a free loopback port in a subprocess; a context manager.
+
+    ``flags`` are extra config flags, e.g. ``{"max_inflight": 2, "max_queue": 2}``.
+    """
+
+    def __init__(self, models: Path, flags: dict[str, Any] | None = None,
+                 log_path: Path | None = None, ready_timeout: float = 180.0) -> None:
+        self.models = Path(models)
+        self.flags = dict(flags or {})
+        self.port = free_port()
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="saliency-serve-",
+                                                           suffix=".log")[1])
+        self.ready_timeout = ready_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
+    def start(self) -> ServerProcess:
+        command = [sys.executable, "-m", "service.cli", "serve", "--models", str(self.models),
+                   "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "-1"]
+        for key, value in self.flags.items():
+            command += ["--" + key.replace("_", "-"), str(value)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH",
+                                                                                 ""))
+        with self.log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file,
+                                            stderr=subprocess.STDOUT)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        import grpc  # noqa: PLC0415
+        from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
+        deadline = time.monotonic() + self.ready_timeout
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}:\n"
+                                       + self.log_path.read_text()[-3000:])
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(
+                        service="saliency.v1.Explainer"), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"server not ready after {self.ready_timeout:.0f} s; log "
+                           f"{self.log_path}:\n" + self.log_path.read_text()[-3000:])
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop()

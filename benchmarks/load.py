@@ -1,0 +1,381 @@
+"""gRPC load generator: throughput, tail latency and status codes under load and overload.
+
+Closed loop (N clients, each sending its next request when the last one returns) measures
+capacity; open loop (arrivals at a fixed rate, whatever the server does) shows overload
+behaviour, which closed loops hide. Every run is bounded by a request count and a duration
+and talks to loopback only. Scenarios: the fast path (SMOE Scale when offered, else Predict),
+gradient methods, DE-CAM, a realistic mix, an overload run at 3× the measured capacity,
+and a memory run (server RSS after 1,000 and after 10,000 mixed requests).
+
+    python -m benchmarks.load [--quick] [--server HOST:PORT] [--models DIR --model NAME]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from benchmarks.common import (
+    ServerProcess,
+    base_parser,
+    demo_repository,
+    percentiles,
+    png_images,
+    table,
+    write_json,
+)
+from saliency.v1 import explainer_pb2 as pb
+from saliency.v1 import explainer_pb2_grpc as pb_grpc
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * 1024 * 1024),
+                   ("grpc.max_send_message_length", 256 * 1024 * 1024)]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One kind of request in a scenario, drawn with probability ∝ ``weight``."""
+
+    label: str
+    rpc: str  # "Explain" or "Predict"
+    request: Any
+    weight: float = 1.0
+
+
+@dataclass
+class Outcome:
+    label: str
+    code: str
+    seconds: float
+    finished: float  # seconds since the run started
+
+
+@dataclass
+class RunResult:
+    """Everything one bounded run observed."""
+
+    mode: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    elapsed: float = 0.0
+    offered_rate: float = 0.0
+    concurrency: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(o.code for o in self.outcomes))
+
+    def summary(self) -> dict[str, Any]:
+        ok = [o.seconds for o in self.outcomes if o.code == "OK"]
+        elapsed = max(self.elapsed, 1e-9)
+        per_label = {}
+        for label in sorted({o.label for o in self.outcomes}):
+            mine = [o for o in self.outcomes if o.label == label]
+            per_label[label] = {"counts": dict(Counter(o.code for o in mine)),
+                                **percentiles([o.seconds for o in mine if o.code == "OK"])}
+        return {"mode": self.mode, "requests": len(self.outcomes), "elapsed_s": self.elapsed,
+                "concurrency": self.concurrency, "offered_rate": self.offered_rate,
+                "throughput_ok": len(ok) / elapsed,
+                "throughput_all": len(self.outcomes) / elapsed,
+                "counts": self.counts(), "latency_ok": percentiles(ok),
+                "latency_all": percentiles([o.seconds for o in self.outcomes]),
+                "per_label": per_label}
+
+
+class Picker:
+    """Weighted, seeded choice among a scenario's calls."""
+
+    def __init__(self, calls: list[Call], seed: int = 0) -> None:
+        if not calls:
+            raise ValueError("a scenario needs at least one call")
+        self.calls = calls
+        self.weights = [c.weight for c in calls]
+        self.rng = random.Random(seed)
+
+    def __call__(self) -> Call:
+        return self.rng.choices(self.calls, self.weights)[0]
+
+
+async def _send(stub: pb_grpc.ExplainerStub, call: Call, timeout: float,
+                started: float) -> Outcome:
+    begin = time.perf_counter()
+    try:
+        await getattr(stub, call.rpc)(call.request, timeout=timeout)
+        code = "OK"
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code().name
+    end = time.perf_counter()
+    return Outcome(call.label, code, end - begin, end - started)
+
+
+async def closed_loop(address: str, picker: Picker, concurrency: int, max_requests: int,
+                      max_seconds: float, timeout: float = 30.0) -> RunResult:
+    """``concurrency`` clients back to back until ``max_requests`` or ``max_seconds``."""
+    result = RunResult("closed", concurrency=concurrency)
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.ExplainerStub(channel)
+        started = time.perf_counter()
+        stop_at = started + max_seconds
+        issued = 0
+
+        async def client() -> None:
+            nonlocal issued
+            while issued < max_requests and time.perf_counter() < stop_at:
+                issued += 1
+                result.outcomes.append(await _send(stub, picker(), timeout, started))
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        result.elapsed = time.perf_counter() - started
+    return result
+
+
+async def open_loop(address: str, picker: Picker, rate: float, max_requests: int,
+                    max_seconds: float, timeout: float = 30.0) -> RunResult:
+    """Requests at ``rate`` per second (evenly spaced), whatever the server's state, until
+    ``max_requests`` are sent or ``max_seconds`` pass; then waits for the stragglers."""
+    result = RunResult("open", offered_rate=rate)
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.ExplainerStub(channel)
+        started = time.perf_counter()
+        tasks: set[asyncio.Task[Outcome]] = set()
+
+        def done(task: asyncio.Task[Outcome]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is None:
+                result.outcomes.append(task.result())
+
+        for index in range(max_requests):
+            due = started + index / rate
+            if due - started > max_seconds:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.ensure_future(_send(stub, picker(), timeout, started))
+            tasks.add(task)
+            task.add_done_callback(done)
+        if tasks:
+            await asyncio.wait(set(tasks))
+        result.elapsed = time.perf_counter() - started
+    return result
+
+
+# ---- scenarios -------------------------------------------------------------------------------
+
+def _explain(model: str, method: str, image: bytes, params: Any = None) -> pb.ExplainRequest:
+    request = pb.ExplainRequest(model=model, method=pb.Method.Value("METHOD_" + method.upper()),
+                                input=pb.Input(images=pb.EncodedImages(images=[image])), seed=1)
+    if params is not None:
+        getattr(request, method).CopyFrom(params)
+    return request
+
+
+def scenarios(info: pb.ModelInfo, model: str, image: bytes,
+              quick: bool = False) -> dict[str, list[Call]]:
+    """The request mixes, built from the methods the model offers."""
+    offered = {m.name for m in info.methods}
+    predict = Call("predict", "Predict", pb.PredictRequest(
+        model=model, input=pb.Input(images=pb.EncodedImages(images=[image]))))
+    fast = (Call("smoe_scale", "Explain", _explain(model, "smoe_scale", image))
+            if "smoe_scale" in offered else predict)
+    gradient_calls = [Call(name, "Explain", _explain(model, name, image, params))
+                      for name, params in (
+                          ("vanilla_gradient", None),
+                          ("gradcam", None),
+                          ("smoothgrad", pb.SmoothGradParams(samples=8)),
+                          ("integrated_gradients", pb.IntegratedGradientsParams(steps=16)))
+                      if name in offered]
+    decam_params = (pb.DecamParams(population=8, generations=4, patience=0) if quick
+                    else pb.DecamParams(population=16, generations=10, patience=0))
+    slow_calls = ([Call("decam", "Explain", _explain(model, "decam", image, decam_params))]
+                  if "decam" in offered else
+                  [Call("occlusion", "Explain", _explain(
+                      model, "occlusion", image, pb.OcclusionParams(window=32, stride=16)))]
+                  if "occlusion" in offered else [])
+    result: dict[str, list[Call]] = {"fast": [fast]}
+    if gradient_calls:
+        result["gradients"] = gradient_calls
+    if slow_calls:
+        result["decam" if "decam" in offered else "occlusion"] = slow_calls
+    mix = [Call(fast.label, fast.rpc, fast.request, 5.0), Call("predict", "Predict",
+                                                                predict.request, 1.0)]
+    mix += [Call(c.label, c.rpc, c.request, 3.0 / len(gradient_calls)) for c in gradient_calls]
+    mix += [Call(c.label, c.rpc, c.request, 0.5) for c in slow_calls]
+    result["mix"] = mix
+    # Mixed but cheap, for the 10,000-request memory run.
+    result["memory_mix"] = [c for c in mix if c.label not in ("decam", "occlusion")]
+    return result
+
+
+async def _warm(address: str, calls: list[Call], timeout: float) -> dict[str, str]:
+    """One request of each kind (first-call costs out of the way); returns their codes."""
+    codes = {}
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.ExplainerStub(channel)
+        for call in calls:
+            codes[call.label] = (await _send(stub, call, timeout, time.perf_counter())).code
+    return codes
+
+
+def _row(name: str, summary: dict[str, Any]) -> dict[str, Any]:
+    latency = summary["latency_ok"]
+    counts = summary["counts"]
+    return {"run": name, "mode": summary["mode"],
+            "load": (f"{summary['concurrency']} clients" if summary["mode"] == "closed"
+                     else f"{summary['offered_rate']:.1f}/s"),
+            "requests": summary["requests"], "ok/s": summary["throughput_ok"],
+            "p50 ms": latency["p50_ms"], "p95 ms": latency["p95_ms"],
+            "p99 ms": latency["p99_ms"], "max ms": latency["max_ms"],
+            "codes": " ".join(f"{k}:{v}" for k, v in sorted(counts.items()))}
+
+
+async def _get_model(address: str, model: str) -> pb.ModelInfo:
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        return await pb_grpc.ExplainerStub(channel).GetModel(pb.GetModelRequest(model=model),
+                                                             timeout=30)
+
+
+async def run_suite(address: str, model: str, quick: bool, server: ServerProcess | None,
+                    max_inflight: int, overload_scenario: str = "mix",
+                    timeout: float = 30.0) -> dict[str, Any]:
+    """All scenarios against one server; returns the JSON-ready results."""
+    info = await _get_model(address, model)
+    size = int(info.input.shape[-1])
+    image = png_images(1, size, seed=3)[0]
+    mixes = scenarios(info, model, image, quick)
+    warm_codes = await _warm(address, [c for calls in mixes.values() for c in calls], timeout)
+    failing = {k: v for k, v in warm_codes.items() if v != "OK"}
+    for calls_name, calls in list(mixes.items()):  # drop calls the server refuses outright
+        kept = [c for c in calls if c.label not in failing]
+        if kept:
+            mixes[calls_name] = kept
+        else:
+            del mixes[calls_name]
+    requests, seconds = (40, 4.0) if quick else (400, 25.0)
+    runs: dict[str, Any] = {}
+    capacity: dict[str, float] = {}
+    unloaded_p99: dict[str, float] = {}
+    for name, calls in mixes.items():
+        if name == "memory_mix":
+            continue
+        budget = requests // 4 if name in ("decam", "occlusion") else requests
+        alone = await closed_loop(address, Picker(calls, 1), 1, budget, seconds, timeout)
+        runs[f"{name}/unloaded"] = alone.summary()
+        unloaded_p99[name] = runs[f"{name}/unloaded"]["latency_ok"]["p99_ms"]
+        saturated = await closed_loop(address, Picker(calls, 2), 2 * max_inflight, budget,
+                                      seconds, timeout)
+        runs[f"{name}/capacity"] = saturated.summary()
+        capacity[name] = runs[f"{name}/capacity"]["throughput_ok"]
+
+    overload: dict[str, Any] = {}
+    if overload_scenario in mixes and capacity.get(overload_scenario, 0) > 0:
+        calls = mixes[overload_scenario]
+        half = await open_loop(address, Picker(calls, 3), 0.5 * capacity[overload_scenario],
+                               requests, seconds, timeout)
+        runs[f"{overload_scenario}/open-0.5x"] = half.summary()
+        rate = 3.0 * capacity[overload_scenario]
+        over = await open_loop(address, Picker(calls, 4), rate, int(rate * seconds) + 1,
+                               seconds, timeout)
+        runs[f"{overload_scenario}/overload-3x"] = summary = over.summary()
+        accepted_p99 = summary["latency_ok"]["p99_ms"]
+        overload = {
+            "scenario": overload_scenario, "offered_rate": rate,
+            "capacity": capacity[overload_scenario],
+            "counts": summary["counts"],
+            "resource_exhausted": summary["counts"].get("RESOURCE_EXHAUSTED", 0),
+            "deadline_exceeded": summary["counts"].get("DEADLINE_EXCEEDED", 0),
+            "unloaded_p99_ms": unloaded_p99[overload_scenario],
+            "accepted_p99_ms": accepted_p99,
+            "p99_ratio": accepted_p99 / max(unloaded_p99[overload_scenario], 1e-9),
+            "server_alive": server.alive() if server is not None else None,
+        }
+        overload["p99_within_2x"] = overload["p99_ratio"] <= 2.0
+
+    memory: dict[str, Any] = {}
+    if server is not None and "memory_mix" in mixes:
+        first, total = (100, 1000) if quick else (1000, 10000)
+        picker = Picker(mixes["memory_mix"], 5)
+        warm = await closed_loop(address, picker, max_inflight, first, 600.0, timeout)
+        rss_first = server.rss_kib()
+        rest = await closed_loop(address, picker, max_inflight, total - first, 1200.0, timeout)
+        rss_last = server.rss_kib()
+        counts = Counter(warm.counts()) + Counter(rest.counts())
+        memory = {"requests_first": len(warm.outcomes), "rss_first_kib": rss_first,
+                  "requests_total": len(warm.outcomes) + len(rest.outcomes),
+                  "rss_last_kib": rss_last, "growth": rss_last / rss_first - 1.0,
+                  "counts": dict(counts),
+                  "throughput_ok": (counts["OK"] / max(warm.elapsed + rest.elapsed, 1e-9))}
+        memory["within_10_percent"] = abs(memory["growth"]) <= 0.10
+    return {"model": model, "input_size": size, "warm_codes": warm_codes,
+            "capacity": capacity, "unloaded_p99_ms": unloaded_p99, "runs": runs,
+            "overload": overload, "memory": memory,
+            "scenarios": {k: [c.label for c in v] for k, v in mixes.items()}}
+
+
+def report(results: dict[str, Any]) -> str:
+    """The printed table plus the overload and memory verdicts."""
+    lines = [f"model {results['model']} ({results['input_size']}²)", "",
+             table([_row(k, v) for k, v in results["runs"].items()])]
+    overload = results.get("overload")
+    if overload:
+        lines.append(
+            f"overload ({overload['scenario']}, {overload['offered_rate']:.1f}/s offered = 3× "
+            f"capacity {overload['capacity']:.1f}/s): codes {overload['counts']}; accepted p99 "
+            f"{overload['accepted_p99_ms']:.1f} ms vs unloaded p99 "
+            f"{overload['unloaded_p99_ms']:.1f} ms = {overload['p99_ratio']:.2f}× "
+            f"({'within' if overload['p99_within_2x'] else 'NOT within'} 2×); server alive: "
+            f"{overload['server_alive']}")
+    memory = results.get("memory")
+    if memory:
+        lines.append(
+            f"memory: RSS {memory['rss_first_kib'] / 1024:.1f} MiB after "
+            f"{memory['requests_first']} requests, {memory['rss_last_kib'] / 1024:.1f} MiB "
+            f"after {memory['requests_total']} ({memory['growth'] * 100:+.1f}%, "
+            f"{'within' if memory['within_10_percent'] else 'NOT within'} 10%)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--server", help="an already running server (default: start one)")
+    parser.add_argument("--models", type=Path, help="model repository (default: the demo)")
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--max-inflight", type=int, default=2)
+    parser.add_argument("--max-queue", type=int, default=2,
+                        help="queue bound of the started server; it bounds queueing delay, "
+                             "hence the accepted requests' tail latency under overload")
+    parser.add_argument("--intra-op-threads", type=int, default=1)
+    parser.add_argument("--overload-scenario", default="mix")
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline")
+    parser.add_argument("--name", default="load", help="results/<name>.json")
+    args = parser.parse_args(argv)
+    server = None
+    address = args.server
+    config = {"max_inflight": args.max_inflight, "max_queue": args.max_queue,
+              "intra_op_threads": args.intra_op_threads}
+    if address is None:
+        models = args.models or demo_repository()
+        server = ServerProcess(models, config).start()
+        address = server.address
+    try:
+        results = asyncio.run(run_suite(address, args.model, args.quick, server,
+                                        args.max_inflight, args.overload_scenario,
+                                        args.timeout))
+    finally:
+        if server is not None:
+            server.stop()
+    results["server_config"] = config if server is not None else {"address": address}
+    results["quick"] = args.quick
+    text = report(results)
+    print(text)
+    path = write_json(args.name, {**results, "report": text}, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
