@@ -97,6 +97,18 @@ def _demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from evaluation.report import Options, run  # noqa: PLC0415 - matplotlib, onnxruntime
+
+    summary = run(Options(
+        server=args.server, model=args.model, models=Path(args.models), images=args.images,
+        size=args.size, config=args.config, methods=args.methods, out=Path(args.out),
+        batch=args.batch, seed=args.seed, timeout=args.timeout, target=args.target,
+        progress=not args.no_progress))
+    print(f"wrote {summary} (rows in {summary.parent / 'results.csv'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saliency", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--models", default="models")
     demo.add_argument("--force", action="store_true")
     demo.set_defaults(run=_demo_model)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score every method on synthetic cells: ground truth, faithfulness, cost")
+    evaluate.add_argument("--server", default="localhost:50051")
+    evaluate.add_argument("--model", default="demo")
+    evaluate.add_argument("--models", default="models",
+                          help="the repository the server loads (metrics run its model.onnx)")
+    evaluate.add_argument("--images", type=int, default=200)
+    evaluate.add_argument("--size", type=int, help="image side (default: the configuration's)")
+    evaluate.add_argument("--config", choices=("test", "held_out"), default="test")
+    evaluate.add_argument("--methods", default="all",
+                          help="all, or names; parameters as guided_absolutegrad:quantile=0")
+    evaluate.add_argument("--out", default="report")
+    evaluate.add_argument("--batch", type=int, default=8, help="images per request")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--timeout", type=float, default=600.0)
+    evaluate.add_argument("--target", choices=("label", "predicted"), default="label",
+                          help="explain the true class (default) or the predicted one")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(run=_evaluate)
     return parser
 
 
