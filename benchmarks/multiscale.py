@@ -1,0 +1,284 @@
+"""Does the multi-scale fast path cost about one forward pass?
+
+Side by side in one run, p50 latency at 224×224 (batch 1 and 8) of: plain ONNX Runtime
+inference, the SMOE Scale fast path, FastCAM, our Grad-CAM (torch) and Captum's
+``LayerGradCam`` (pytorch-grad-cam's ``GradCAM`` is tried first; it imports torchvision,
+which is not available here). In-process (``Core``) and over gRPC (a real server on a
+loopback port), on ``DemoResNet`` and a ResNet-50-shaped model, random weights. Also
+compares SMOE computed in numpy after the run with SMOE baked into the ONNX graph.
+
+    .venv/bin/python -m benchmarks.multiscale [--quick]
+
+Writes ``benchmarks/results/multiscale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from handlers import registry
+from handlers.base import CostCounter, ExplainJob, RequestState
+from handlers.multiscale import (
+    add_smoe_outputs,
+    autograd_grad_cam,
+    combine,
+    layer_maps,
+    smoe_scale,
+)
+from saliency.v1 import explainer_pb2 as pb
+from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from service.architectures import DemoResNet, ResNet50Shape
+from service.config import Config
+from service.core import Core
+from service.export import export_package
+from service.images import array_to_tensor
+from service.metrics import Metrics
+from service.repository import ONNX_FILE, Repository
+from service.server import SaliencyServer
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "multiscale.json"
+SIZE = 224
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+TARGETS = {"fast_path_vs_inference_max": 1.25, "fastcam_vs_our_gradcam_min": 1.8,
+           "fastcam_vs_peer_gradcam_min": 5.0}
+
+
+def p50_ms(call: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000.0)
+
+
+def build(name: str, root: Path) -> tuple[torch.nn.Module, Path]:
+    """Exports the architecture (random weights, fixed seed) into ``root``."""
+    torch.manual_seed(0)
+    model = DemoResNet(num_classes=10) if name == "demo_resnet" else ResNet50Shape()
+    model.eval()
+    export_package(model, name=name, version=1, input_shape=(3, SIZE, SIZE), mean=MEAN,
+                   std=STD, class_labels=[], repository=root,
+                   scale_modules=model.scale_modules(), cam_layer=model.cam_layer,
+                   head="fc", verify_inputs=2, tolerance=1e-2)
+    return model, root / name / "1"
+
+
+class Server:
+    """A SaliencyServer on its own event loop in a thread, bound to a free loopback port."""
+
+    def __init__(self, models: Path) -> None:
+        config = Config(models=models, host="127.0.0.1", port=0, metrics_port=0, max_batch=16,
+                        log_level="WARNING")
+        self.server = SaliencyServer(config)
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.server.start())
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        if not started.wait(300):
+            raise RuntimeError("server did not start")
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(1.0), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def peer_gradcam(model: torch.nn.Module) -> tuple[str, Callable[[torch.Tensor, list[int]], Any]]:
+    """pytorch-grad-cam's GradCAM when it imports, else Captum's LayerGradCam."""
+    layer = model.get_submodule(model.cam_layer)
+    try:
+        from pytorch_grad_cam import GradCAM  # noqa: PLC0415
+        from pytorch_grad_cam.utils.model_targets import (  # noqa: PLC0415
+            ClassifierOutputTarget,
+        )
+
+        cam = GradCAM(model=model, target_layers=[layer])
+        return "pytorch-grad-cam GradCAM", lambda x, t: cam(
+            input_tensor=x, targets=[ClassifierOutputTarget(i) for i in t])
+    except Exception:  # noqa: BLE001 - it imports torchvision, absent here
+        from captum.attr import LayerGradCam  # noqa: PLC0415
+
+        captum = LayerGradCam(model, layer)
+        return "Captum LayerGradCam (pytorch-grad-cam cannot import: no torchvision)", \
+            lambda x, t: captum.attribute(x, target=t)
+
+
+def smoe_numpy_vs_baked(package: Path, inputs: np.ndarray, repeats: int) -> dict[str, float]:
+    """SMOE maps from the raw scale outputs in numpy vs. from ``smoe_i`` outputs in the graph."""
+    proto = onnx.load(str(package / ONNX_FILE))
+    scales = [o.name for o in proto.graph.output if o.name.startswith("scale_")]
+    plain = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    baked_proto = add_smoe_outputs(proto, scales)
+    baked = ort.InferenceSession(baked_proto.SerializeToString(),
+                                 providers=["CPUExecutionProvider"])
+    smoe_names = [f"smoe_{i}" for i in range(len(scales))]
+    weights = np.ones(len(scales), np.float32)
+
+    def logits_only() -> None:
+        plain.run(["logits"], {"input": inputs})
+
+    def numpy_path() -> np.ndarray:
+        _, *acts = plain.run(["logits", *scales], {"input": inputs})
+        return combine(layer_maps([smoe_scale(a) for a in acts], "gaussian_cdf", SIZE, SIZE),
+                       weights)
+
+    def baked_path() -> np.ndarray:
+        _, *maps = baked.run(["logits", *smoe_names], {"input": inputs})
+        return combine(layer_maps(maps, "gaussian_cdf", SIZE, SIZE), weights)
+
+    difference = float(np.abs(numpy_path() - baked_path()).max())
+    return {"logits_only_ms": p50_ms(logits_only, repeats),
+            "numpy_smoe_ms": p50_ms(numpy_path, repeats),
+            "baked_smoe_ms": p50_ms(baked_path, repeats),
+            "max_abs_difference": difference}
+
+
+def run(arch: str, root: Path, batches: list[int], repeats: int) -> list[dict[str, Any]]:
+    model, package = build(arch, root)
+    repository = Repository(root)
+    repository.load_all()
+    handle = repository.get(arch)
+    core = Core(repository, Config(models=root, max_batch=16), Metrics())
+    have_gradcam = pb.METHOD_GRADCAM in {h.method for h in registry.handlers()}
+    peer_name, peer = peer_gradcam(model)
+    server = Server(root)
+    rows = []
+    try:
+        channel = grpc.insecure_channel(server.address, options=[
+            ("grpc.max_send_message_length", 256 << 20),
+            ("grpc.max_receive_message_length", 256 << 20)])
+        stub = pb_grpc.ExplainerStub(channel)
+        for batch in batches:
+            inputs = np.random.default_rng(batch).normal(size=(batch, 3, SIZE, SIZE)).astype(
+                np.float32)
+            tensor = pb.Input(tensor=array_to_tensor(inputs))
+            targets = handle.run(inputs)[0].argmax(1)
+
+            def explain(method: int, tensor: pb.Input = tensor) -> pb.ExplainResponse:
+                return core.explain(pb.ExplainRequest(model=arch, method=method, input=tensor),
+                                    RequestState(), CostCounter())
+
+            def our_gradcam(inputs: np.ndarray = inputs, targets: np.ndarray = targets) -> Any:
+                if have_gradcam:
+                    return explain(pb.METHOD_GRADCAM)
+                handle.run(inputs)  # the prediction run the service makes first
+                job = ExplainJob(model=handle, inputs=inputs, targets=targets, params={})
+                return autograd_grad_cam(job, handle.spec().cam_output)
+
+            x = torch.from_numpy(inputs)
+            row: dict[str, Any] = {"model": arch, "batch": batch}
+            row["ort_inference_ms"] = p50_ms(lambda inputs=inputs: handle.run(inputs), repeats)
+            row["predict_ms"] = p50_ms(lambda tensor=tensor: core.predict(
+                pb.PredictRequest(model=arch, input=tensor), CostCounter()), repeats)
+            row["smoe_ms"] = p50_ms(lambda: explain(pb.METHOD_SMOE_SCALE), repeats)
+            row["fastcam_ms"] = p50_ms(lambda: explain(pb.METHOD_FASTCAM), repeats)
+            row["our_gradcam_ms"] = p50_ms(our_gradcam, repeats)
+            target_list = targets.tolist()
+            row["peer_gradcam_ms"] = p50_ms(lambda x=x, t=target_list: peer(x, t), repeats)
+            row["grpc_predict_ms"] = p50_ms(lambda tensor=tensor: stub.Predict(
+                pb.PredictRequest(model=arch, input=tensor), timeout=600), repeats)
+            for key, method in (("grpc_smoe_ms", pb.METHOD_SMOE_SCALE),
+                                ("grpc_fastcam_ms", pb.METHOD_FASTCAM)):
+                row[key] = p50_ms(lambda m=method, tensor=tensor: stub.Explain(
+                    pb.ExplainRequest(model=arch, method=m, input=tensor), timeout=600),
+                    repeats)
+            if have_gradcam:
+                row["grpc_gradcam_ms"] = p50_ms(lambda tensor=tensor: stub.Explain(
+                    pb.ExplainRequest(model=arch, method=pb.METHOD_GRADCAM, input=tensor),
+                    timeout=600), repeats)
+            reply = explain(pb.METHOD_FASTCAM)
+            row["fastcam_forward_passes"] = reply.cost.forward_passes
+            row["fastcam_backward_passes"] = reply.cost.backward_passes
+            row["smoe_vs_inference"] = row["smoe_ms"] / row["predict_ms"]
+            row["grpc_smoe_vs_inference"] = row["grpc_smoe_ms"] / row["grpc_predict_ms"]
+            row["gradcam_vs_fastcam"] = row["our_gradcam_ms"] / row["fastcam_ms"]
+            row["peer_vs_fastcam"] = row["peer_gradcam_ms"] / row["fastcam_ms"]
+            row["our_gradcam"] = "handlers.cam" if have_gradcam else "autograd (multiscale)"
+            row["peer"] = peer_name
+            row["smoe_graph"] = smoe_numpy_vs_baked(package, inputs, repeats)
+            rows.append(row)
+            print(f"  {arch} batch {batch} done", file=sys.stderr, flush=True)
+        channel.close()
+    finally:
+        server.stop()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--models", nargs="+", default=["demo_resnet", "resnet50_shape"])
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    batches = [1] if args.quick else [1, 8]
+    repeats = 3 if args.quick else args.repeats
+    rows = []
+    with tempfile.TemporaryDirectory() as temp:
+        for arch in args.models:
+            rows += run(arch, Path(temp) / arch, batches, repeats)
+    header = ("| model | batch | ORT run | Predict | SMOE | FastCAM | Grad-CAM (ours) | peer "
+              "Grad-CAM | gRPC Predict | gRPC SMOE | gRPC FastCAM | SMOE/Predict | "
+              "Grad-CAM/FastCAM | peer/FastCAM |")
+    lines = [header, "|" + "---|" * 14]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['ort_inference_ms']:.1f} | "
+            f"{r['predict_ms']:.1f} | {r['smoe_ms']:.1f} | {r['fastcam_ms']:.1f} | "
+            f"{r['our_gradcam_ms']:.1f} | {r['peer_gradcam_ms']:.1f} | "
+            f"{r['grpc_predict_ms']:.1f} | {r['grpc_smoe_ms']:.1f} | {r['grpc_fastcam_ms']:.1f} | "
+            f"{r['smoe_vs_inference']:.2f}× | {r['gradcam_vs_fastcam']:.2f}× | "
+            f"{r['peer_vs_fastcam']:.2f}× |")
+    lines += ["", "SMOE after the run in numpy vs. baked into the ONNX graph (p50 ms):",
+              "| model | batch | logits only | numpy SMOE | baked SMOE | max |Δ| |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        g = r["smoe_graph"]
+        lines.append(f"| {r['model']} | {r['batch']} | {g['logits_only_ms']:.1f} | "
+                     f"{g['numpy_smoe_ms']:.1f} | {g['baked_smoe_ms']:.1f} | "
+                     f"{g['max_abs_difference']:.2g} |")
+    peers = sorted({r["peer"] for r in rows})
+    lines += ["", f"peer Grad-CAM: {', '.join(peers)}; our Grad-CAM: "
+              f"{', '.join(sorted({r['our_gradcam'] for r in rows}))}; times in ms (p50)."]
+    print("\n".join(lines))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({
+        "benchmark": "multiscale", "quick": args.quick, "repeats": repeats, "size": SIZE,
+        "targets": TARGETS, "rows": rows, "table": lines,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "onnxruntime": ort.__version__,
+                    "torch_threads": torch.get_num_threads()},
+    }, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
