@@ -229,8 +229,8 @@ def source_grad_cam(inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def test_smoe_on_the_exported_model_matches_the_reference(core, repository, normalization,
                                                          weights) -> None:
     inputs = tiny_inputs(2, seed=3)
-    params = pb.MultiScaleParams(
-        weights=weights, normalization=pb.Normalization.Value(f"NORMALIZATION_{normalization.upper()}"))
+    enum = pb.Normalization.Value(f"NORMALIZATION_{normalization.upper()}")
+    params = pb.MultiScaleParams(weights=weights, normalization=enum)
     reply = explain(core, pb.METHOD_SMOE_SCALE, inputs, smoe_scale=params)
     per_scale = [reference_smoe(a) for a in onnx_scales(repository, inputs)]
     layers, combined = reference_combined(per_scale, normalization, weights or [1.0] * 3,
