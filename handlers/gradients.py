@@ -1,60 +1,119 @@
-"""Pixel-gradient methods on the exported ``torch.export`` program.
+"""Pixel-gradient methods on a prepared copy of the exported ``torch.export`` program.
 
-Batches of network inputs run as chunked forward+backward passes bounded by the
-request's memory budget; parameters never need gradients, only the input does.
+Batches of network inputs run as chunked forward+backward passes bounded by the request's
+memory budget; parameters never need gradients, only the input does. The program copy has
+BatchNorm folded into its convolutions and channels-last weights (``handlers.torch_program``).
+
+Every map here is ``|attribution|`` maxed over channels and divided by the image's maximum
+(0 stays "no evidence"); ``return_raw`` gives the signed N×C×H×W attribution.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from handlers.base import ENGINE_TORCH, ExplainJob, Handler, chunks
 from handlers.registry import register
+from handlers.torch_program import FAST, GUIDED, prepared_module
 from saliency.v1 import explainer_pb2 as pb
 
+# Builds the network inputs (M×C×H×W) and their target classes (M) for rows ``part``.
+RowMaker = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
+# Receives the input gradients and the selected logits of rows ``part``.
+RowConsumer = Callable[[slice, torch.Tensor, torch.Tensor], None]
 
-def input_gradients(job: ExplainJob, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+
+def gradient_rows(job: ExplainJob, rows: int, make_rows: RowMaker, consume: RowConsumer,
+                  variant: str = FAST) -> None:
+    """Runs ∂ logit[target] / ∂ input over ``rows`` virtual rows in memory-bounded chunks.
+
+    Rows are built per chunk (noise samples or interpolation steps never exist all at once);
+    the deadline is checked before each chunk; each row is one forward and one backward pass.
+    """
+    module = prepared_module(job.model, variant)
+    size = job.items_per_chunk(backward=True)
+    for part in chunks(rows, size):
+        job.state.check()
+        batch, targets = make_rows(part)
+        batch = batch.detach().requires_grad_(True)
+        logits = module(batch)[0]
+        selected = logits.gather(1, targets.view(-1, 1).to(torch.int64)).view(-1)
+        (grad,) = torch.autograd.grad(selected.sum(), batch)
+        count = part.stop - part.start
+        job.cost.forward(count, ENGINE_TORCH)
+        job.cost.backward(count)
+        consume(part, grad.detach(), selected.detach())
+
+
+def input_gradients(job: ExplainJob, inputs: np.ndarray, targets: np.ndarray,
+                    variant: str = FAST) -> np.ndarray:
     """∂ logit[target] / ∂ input for every row of ``inputs`` (M×C×H×W), chunked.
 
     Each row counts as one forward and one backward pass.
     """
-    module = job.model.torch_module()
-    gradients = np.empty_like(inputs, dtype=np.float32)
-    size = job.items_per_chunk(backward=True)
-    for part in chunks(inputs.shape[0], size):
-        job.state.check()
-        batch = torch.from_numpy(np.ascontiguousarray(inputs[part])).requires_grad_(True)
-        logits = _logits(module(batch))
-        index = torch.from_numpy(targets[part].astype(np.int64)).view(-1, 1)
-        selected = logits.gather(1, index).sum()
-        (grad,) = torch.autograd.grad(selected, batch)
-        gradients[part] = grad.detach().numpy()
-        count = part.stop - part.start
-        job.cost.forward(count, ENGINE_TORCH)
-        job.cost.backward(count)
+    source = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+    classes = torch.from_numpy(np.asarray(targets, dtype=np.int64))
+    gradients = np.empty(source.shape, dtype=np.float32)
+
+    def make_rows(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return source[part], classes[part]
+
+    def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
+        gradients[part] = grad.numpy()
+
+    gradient_rows(job, source.shape[0], make_rows, consume, variant)
     return gradients
 
 
-def _logits(outputs: object) -> torch.Tensor:
-    """The exported program returns (logits, scale_0, …); plain modules return logits."""
-    if isinstance(outputs, tuple | list):
-        return outputs[0]
-    return outputs  # type: ignore[return-value]
+class GradientHandler(Handler):
+    """Shared flags of the gradient family."""
 
-
-@register
-class VanillaGradient(Handler):
-    """Simonyan et al. (arXiv 1312.6034): |∂ logit / ∂ x|, max over channels."""
-
-    method = pb.METHOD_VANILLA_GRADIENT
-    name = "vanilla_gradient"
     engine = ENGINE_TORCH
     needs_torch = True
     uses_gradients = True
+
+
+@register
+class VanillaGradient(GradientHandler):
+    """Simonyan et al. (arXiv 1312.6034): ∂ logit / ∂ x."""
+
+    method = pb.METHOD_VANILLA_GRADIENT
+    name = "vanilla_gradient"
     params_field = "vanilla_gradient"
     description = "Gradient of the target logit w.r.t. the input; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1312.6034"
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
         return input_gradients(job, job.inputs, job.targets)
+
+
+@register
+class InputXGradient(GradientHandler):
+    """Shrikumar et al. (arXiv 1605.01713): x ⊙ ∂ logit / ∂ x, as Captum's InputXGradient."""
+
+    method = pb.METHOD_INPUT_X_GRADIENT
+    name = "input_x_gradient"
+    params_field = "input_x_gradient"
+    description = "Input times its gradient; 1 forward + 1 backward."
+    paper = "https://arxiv.org/abs/1605.01713"
+
+    def _compute(self, job: ExplainJob) -> np.ndarray:
+        return job.inputs * input_gradients(job, job.inputs, job.targets)
+
+
+@register
+class GuidedBackprop(GradientHandler):
+    """Springenberg et al. (arXiv 1412.6806): every ReLU passes back only positive gradients
+    of positive inputs; computed on a rewritten copy of the program, never the user's module."""
+
+    method = pb.METHOD_GUIDED_BACKPROP
+    name = "guided_backprop"
+    params_field = "guided_backprop"
+    description = "Gradient with ReLU backward clamped to positive values; 1 forward + 1 backward."
+    paper = "https://arxiv.org/abs/1412.6806"
+
+    def _compute(self, job: ExplainJob) -> np.ndarray:
+        return input_gradients(job, job.inputs, job.targets, variant=GUIDED)

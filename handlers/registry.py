@@ -11,6 +11,9 @@ from service.errors import NotFound
 # Modules whose Handler subclasses are registered at start-up.
 _BUILTIN = (
     "handlers.gradients",
+    "handlers.noise",
+    "handlers.integrated",
+    "handlers.cam",
     "handlers.perturbation",
     "handlers.multiscale",
 )

@@ -1,0 +1,151 @@
+"""Grad-CAM (Selvaraju et al., arXiv 1610.02391) and Grad-CAM++ (Chattopadhay et al.,
+arXiv 1710.11063) at a scale output of the exported program.
+
+The program already returns the scale activations, so the gradient is
+``torch.autograd.grad(logit, scale_output)`` on a program copy where that output is a leaf:
+the layers before it run without autograd and the backward stops there.
+
+Maps: the ReLU'd CAM min-max normalized per image (as pytorch-grad-cam does), then upsampled
+bilinearly (align_corners=False) to the input size. ``return_raw`` gives the signed CAM
+before the ReLU at the layer's resolution (N×h×w, Captum's ``relu_attributions=False``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from handlers.base import ENGINE_TORCH, ExplainJob, chunks, normalize_per_image
+from handlers.gradients import GradientHandler
+from handlers.registry import register
+from handlers.torch_program import CUT_PREFIX, prepared_module
+from saliency.v1 import explainer_pb2 as pb
+from service.errors import InvalidInput
+
+# pytorch-grad-cam's guard in the Grad-CAM++ α denominator.
+PLUS_PLUS_EPSILON = 1e-6
+
+
+def resolve_layer(job: ExplainJob, layer: str) -> str:
+    """The scale output for ``layer``: '' = the manifest's CAM output, a scale output name,
+    or a module name listed in the manifest's scale modules."""
+    spec = job.model.spec()
+    if not layer:
+        if not spec.cam_output:
+            raise InvalidInput(f"model {spec.name!r} names no CAM layer; set params.layer to "
+                               f"one of {list(spec.scale_outputs)}")
+        return spec.cam_output
+    if layer in spec.scale_outputs:
+        return layer
+    if layer in spec.scale_modules:
+        return spec.scale_outputs[spec.scale_modules.index(layer)]
+    choices = [f"{o} ({m})" for o, m in zip(spec.scale_outputs, spec.scale_modules, strict=False)]
+    raise InvalidInput(f"layer {layer!r} is neither a scale output nor a scale module of "
+                       f"model {spec.name!r}; choose one of {choices}")
+
+
+def layer_gradients(job: ExplainJob, output_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Activations A and ∂ logit[target] / ∂ A at ``output_name`` (both N×K×h×w float32).
+
+    One forward and one (partial) backward pass per image, chunked by the memory budget.
+    """
+    module = prepared_module(job.model, CUT_PREFIX + output_name)
+    index = job.model.spec().scale_outputs.index(output_name) + 1
+    activations: list[np.ndarray] = []
+    gradients: list[np.ndarray] = []
+    targets = torch.from_numpy(job.targets.astype(np.int64)).view(-1, 1)
+    for part in chunks(job.batch, job.items_per_chunk(backward=True)):
+        job.state.check()
+        outputs = module(torch.from_numpy(np.ascontiguousarray(job.inputs[part])))
+        activation = outputs[index]
+        selected = outputs[0].gather(1, targets[part]).sum()
+        (grad,) = torch.autograd.grad(selected, activation)
+        activations.append(activation.detach().contiguous().numpy())
+        gradients.append(grad.contiguous().numpy())
+        count = part.stop - part.start
+        job.cost.forward(count, ENGINE_TORCH)
+        job.cost.backward(count)
+    return np.concatenate(activations), np.concatenate(gradients)
+
+
+def gradcam_weights(gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM: the spatial mean of the gradient per channel (N×K)."""
+    return gradients.mean(axis=(2, 3))
+
+
+def gradcam_plus_plus_weights(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM++ with the exponential-output closed form, as in pytorch-grad-cam:
+    α = g² / (2g² + ΣA · g³ + ε) where g ≠ 0 (else 0); weight = Σ α · ReLU(g)."""
+    squares = gradients ** 2
+    cubes = squares * gradients
+    activation_sums = activations.sum(axis=(2, 3))[:, :, None, None]
+    alpha = squares / (2 * squares + activation_sums * cubes + PLUS_PLUS_EPSILON)
+    alpha = np.where(gradients != 0, alpha, 0)
+    return (np.maximum(gradients, 0) * alpha).sum(axis=(2, 3))
+
+
+def signed_cam(job: ExplainJob, output_name: str, plus_plus: bool = False) -> np.ndarray:
+    """Σ_k w_k A_k at ``output_name`` before the ReLU (N×h×w float32)."""
+    activations, gradients = layer_gradients(job, output_name)
+    if plus_plus:
+        weights = gradcam_plus_plus_weights(activations, gradients)
+    else:
+        weights = gradcam_weights(gradients)
+    return np.einsum("nk,nkhw->nhw", weights, activations).astype(np.float32)
+
+
+def grad_cam(job: ExplainJob, output_name: str) -> np.ndarray:
+    """The ReLU'd Grad-CAM (N×h×w float32) at scale output ``output_name``, before upsampling."""
+    return np.maximum(signed_cam(job, output_name), 0.0)
+
+
+def upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear (align_corners=False) resize of N×h×w maps to N×height×width."""
+    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
+    return F.interpolate(tensor, size=(height, width), mode="bilinear",
+                         align_corners=False)[:, 0].numpy()
+
+
+class CamHandler(GradientHandler):
+    """Shared layer choice and map making of the CAM methods."""
+
+    plus_plus = False
+    needs_scales = True
+    defaults: dict[str, Any] = {"layer": ""}  # noqa: RUF012
+
+    def validate(self, params: dict[str, Any], job: ExplainJob) -> None:
+        resolve_layer(job, str(params.get("layer", "")))
+
+    def _compute(self, job: ExplainJob) -> np.ndarray:
+        output_name = resolve_layer(job, str(job.params.get("layer", "")))
+        return signed_cam(job, output_name, self.plus_plus)
+
+    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+        scaled = normalize_per_image(np.maximum(raw, 0.0))
+        return np.clip(upsample(scaled, job.inputs.shape[2], job.inputs.shape[3]), 0.0, 1.0)
+
+
+@register
+class GradCam(CamHandler):
+    """Grad-CAM: channel weights are the spatially averaged gradients of the target logit."""
+
+    method = pb.METHOD_GRADCAM
+    name = "gradcam"
+    params_field = "gradcam"
+    description = "Gradient-weighted class activation map at the CAM layer; 1 forward + 1 backward."
+    paper = "https://arxiv.org/abs/1610.02391"
+
+
+@register
+class GradCamPlusPlus(CamHandler):
+    """Grad-CAM++: channel weights from positive gradients with per-pixel α coefficients."""
+
+    method = pb.METHOD_GRADCAM_PLUS_PLUS
+    name = "gradcam_plus_plus"
+    params_field = "gradcam_plus_plus"
+    plus_plus = True
+    description = "Grad-CAM with higher-order pixel weights; 1 forward + 1 backward."
+    paper = "https://arxiv.org/abs/1710.11063"
