@@ -1,4 +1,4 @@
-"""Perturbation baselines on ONNX Runtime only: occlusion (and RISE).
+"""Perturbation baselines on ONNX Runtime only: occlusion and RISE.
 
 These call nothing but the session's outputs, so they explain any ONNX model.
 This module must not import torch.
@@ -6,9 +6,20 @@ This module must not import torch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import numpy as np
 
-from handlers.base import ExplainJob, Handler, run_onnx_batched, scale_by_max, softmax
+from handlers.base import (
+    ExplainJob,
+    Handler,
+    chunks,
+    normalize_per_image,
+    run_onnx_batched,
+    scale_by_max,
+    softmax,
+)
 from handlers.baselines import BASELINES, make_baseline
 from handlers.registry import register
 from saliency.v1 import explainer_pb2 as pb
@@ -44,7 +55,7 @@ class Occlusion(Handler):
     method = pb.METHOD_OCCLUSION
     name = "occlusion"
     params_field = "occlusion"
-    defaults = {"window": 16, "stride": 8, "baseline": "black"}
+    defaults: ClassVar[dict[str, Any]] = {"window": 16, "stride": 8, "baseline": "black"}
     description = "Drop in target probability when a window is replaced by a baseline."
     paper = "https://arxiv.org/abs/1311.2901"
 
@@ -93,3 +104,112 @@ class Occlusion(Handler):
     def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
         """Only evidence for the class counts: negative drops clip to 0, then scale by max."""
         return scale_by_max(np.maximum(raw, 0.0))
+
+
+def bilinear_matrix(source: int, target: int) -> np.ndarray:
+    """``target × source`` weights of bilinear interpolation with half-pixel centres and edges
+    clamped (as ``scipy.ndimage.zoom(order=1, grid_mode=True, mode="nearest")``), so that a
+    grid ``g`` upsamples as ``A @ g @ B.T`` for a whole batch of grids in one einsum."""
+    centres = (np.arange(target, dtype=np.float64) + 0.5) * source / target - 0.5
+    centres = np.clip(centres, 0.0, source - 1)
+    low = np.floor(centres).astype(np.int64)
+    high = np.minimum(low + 1, source - 1)
+    frac = centres - low
+    weights = np.zeros((target, source), np.float64)
+    rows = np.arange(target)
+    np.add.at(weights, (rows, low), 1.0 - frac)
+    np.add.at(weights, (rows, high), frac)
+    return weights.astype(np.float32)
+
+
+def upsample_grids(grids: np.ndarray, height: int, width: int) -> np.ndarray:
+    """K×g×g grids → K×H×W maps, bilinear (one einsum for the whole batch)."""
+    rows = bilinear_matrix(grids.shape[-2], height)
+    cols = bilinear_matrix(grids.shape[-1], width)
+    return np.einsum("hs,kst,wt->khw", rows, grids.astype(np.float32), cols, optimize=True)
+
+
+def blend(inputs: np.ndarray, baseline: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``inputs`` where ``keep`` is 1, ``baseline`` where it is 0 (keep: K×H×W or K×1×H×W)."""
+    if keep.ndim == 3:
+        keep = keep[:, None]
+    return (baseline + keep * (inputs - baseline)).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class RiseMasks:
+    """The random part of RISE, drawn once per request so chunking never changes it."""
+
+    grids: np.ndarray  # float32 M×s×s binary cells
+    shifts: np.ndarray  # int64 M×2 (dy, dx) offsets into the upsampled grid
+    cell: tuple[int, int]  # upsampled cell size (ch, cw)
+
+
+def draw_rise_masks(rng: np.random.Generator, masks: int, cells: int,
+                    keep_probability: float, height: int, width: int) -> RiseMasks:
+    """Binary ``cells × cells`` grids kept with ``keep_probability`` and random shifts."""
+    grids = (rng.random((masks, cells, cells)) < keep_probability).astype(np.float32)
+    cell = (int(np.ceil(height / cells)), int(np.ceil(width / cells)))
+    shifts = np.stack([rng.integers(0, cell[0], masks), rng.integers(0, cell[1], masks)], axis=1)
+    return RiseMasks(grids, shifts.astype(np.int64), cell)
+
+
+def render_rise_masks(drawn: RiseMasks, part: slice, height: int, width: int) -> np.ndarray:
+    """Masks ``part`` as float32 K×H×W: each grid upsampled bilinearly to (s+1)·cell and
+    cropped at its shift (Petsiuk et al., Sec. 3.2)."""
+    cells = drawn.grids.shape[1]
+    rows = bilinear_matrix(cells, (cells + 1) * drawn.cell[0])
+    cols = bilinear_matrix(cells, (cells + 1) * drawn.cell[1])
+    shifts = drawn.shifts[part]
+    row_index = shifts[:, 0:1] + np.arange(height)[None]  # K×H
+    col_index = shifts[:, 1:2] + np.arange(width)[None]  # K×W
+    return np.einsum("khs,kst,kwt->khw", rows[row_index], drawn.grids[part], cols[col_index],
+                     optimize=True).astype(np.float32)
+
+
+@register
+class Rise(Handler):
+    """Petsiuk et al., RISE (arXiv 1806.07421): the saliency of a pixel is the expected target
+    probability over random masks that keep it, ``S = Σ_i p(I ⊙ M_i) M_i / (N · p_keep)``.
+
+    Masked-out pixels become 0 in model-input space (the normalization mean), as in the
+    authors' code where masks multiply the normalized tensor. The masks are shared by every
+    item of the batch; each chunk of masks × items is one ONNX Runtime call.
+    """
+
+    method = pb.METHOD_RISE
+    name = "rise"
+    params_field = "rise"
+    defaults: ClassVar[dict[str, Any]] = {"masks": 1000, "cells": 7, "keep_probability": 0.5}
+    description = "Expected target probability over random upsampled binary masks."
+    paper = "https://arxiv.org/abs/1806.07421"
+
+    def validate(self, params: dict, job: ExplainJob) -> None:
+        height, width = job.inputs.shape[2:]
+        self.require_positive(params, "masks", limit=job.limits.max_samples * 40)
+        self.require_positive(params, "cells", limit=min(height, width))
+        value = params["keep_probability"]
+        if not (np.isfinite(value) and 0.0 < value < 1.0):
+            raise InvalidInput(f"keep_probability must be in (0, 1), got {value}")
+
+    def _compute(self, job: ExplainJob) -> np.ndarray:
+        masks, cells = job.params["masks"], job.params["cells"]
+        keep = float(job.params["keep_probability"])
+        batch, _, height, width = job.inputs.shape
+        drawn = draw_rise_masks(job.rng(), masks, cells, keep, height, width)
+        saliency = np.zeros((batch, height, width), np.float64)
+        per_chunk = max(1, job.items_per_chunk() // batch)
+        for part in chunks(masks, per_chunk):
+            rendered = render_rise_masks(drawn, part, height, width)  # K×H×W
+            # K×N×C×H×W: every mask on every item; the zero baseline makes blending a product.
+            perturbed = job.inputs[None] * rendered[:, None, None]
+            flat = perturbed.reshape(-1, *job.inputs.shape[1:])
+            probabilities = target_probabilities(
+                job, flat, np.tile(job.targets, rendered.shape[0])
+            ).reshape(rendered.shape[0], batch)
+            saliency += np.einsum("kn,khw->nhw", probabilities, rendered)
+        return (saliency / (masks * keep)).astype(np.float32)
+
+    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+        """The expectation is positive everywhere; min-max per image shows where it peaks."""
+        return normalize_per_image(raw)

@@ -15,6 +15,7 @@ _BUILTIN = (
     "handlers.integrated",
     "handlers.cam",
     "handlers.perturbation",
+    "handlers.decam",
     "handlers.multiscale",
 )
 

@@ -1,0 +1,375 @@
+"""DE-CAM: a class activation map found by Differential Evolution, using model outputs only.
+
+Karatsiolis & Kamilaris, "A Model-agnostic Approach for Generating Saliency Maps to Explain
+Inferred Decisions of Deep Learning Models" (https://arxiv.org/abs/2209.08906): query only the
+model's output probabilities and let Differential Evolution search for the image regions that
+drive the score of the target class; the best solution is the map. No gradients and no
+internals, so any ONNX model can be explained, whatever framework made it.
+
+Our formulation (the paper fixes the principle, not these details):
+
+* A candidate is a mask on a coarse ``grid × grid`` lattice (default 8, at most 32), values in
+  [0, 1], upsampled bilinearly to the input size (``M``).
+* With ``x`` the input, ``b`` a baseline (blur by default; see ``handlers.baselines``) and
+  ``p(·)`` the softmax probability of the target class, the fitness to maximize is::
+
+      preservation_weight · p(M·x + (1−M)·b) / p(x)
+    + deletion_weight     · (p(x) − p((1−M)·x + M·b)) / p(x)
+    − sparsity            · mean(mask)
+
+  Keeping the masked region should keep the score, removing it should destroy the score, and
+  the mask should be small. Dividing by ``p(x)`` puts every image on the same scale, so one
+  ``sparsity`` suits confident and unconfident predictions alike.
+* Standard DE, best/1/bin (default) or rand/1/bin with weight ``mutation`` (F) and binomial
+  ``crossover`` (CR), deferred updating (the whole generation is evaluated at once),
+  bounce-back into [0, 1] for mutants that leave it, a trial replacing its parent when it is
+  at least as fit.
+  ``patience`` generations without improvement of any image's best stop the search early.
+* ``refine`` runs coarse-to-fine stages (4 → 8 → … → grid, doubling), splitting the generations
+  between stages; each stage starts from the previous stage's population upsampled.
+
+Why our own DE loop rather than ``scipy.optimize.differential_evolution(vectorized=True)``:
+scipy runs one search per call, so a batch of N images would cost N times the ONNX Runtime
+calls; here the N searches run in lock-step and one generation of the whole batch (both
+fitness terms, N × population candidates) is a single memory-bounded ONNX Runtime call. The
+loop also owns what a server needs between generations: the request's seed, deadline and
+cancellation checks, streamed progress and a best-so-far answer for best-effort requests.
+
+This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from handlers.base import (
+    ExplainJob,
+    Handler,
+    ProgressUpdate,
+    chunks,
+    run_onnx_batched,
+    scale_by_max,
+    softmax,
+)
+from handlers.baselines import BASELINES, make_baseline
+from handlers.perturbation import base_probabilities, blend, upsample_grids
+from handlers.registry import register
+from saliency.v1 import explainer_pb2 as pb
+from service.errors import DeadlineExceeded, InvalidInput
+
+MAX_GRID = 32
+MIN_POPULATION = 4
+STRATEGIES = ("best1bin", "rand1bin")
+# How often (in generations) a progress update carries the current best maps.
+MAPS_EVERY = 5
+# Smallest improvement of a best fitness that resets the patience counter.
+IMPROVEMENT = 1e-6
+
+
+@dataclass(frozen=True)
+class FitnessWeights:
+    preservation: float
+    deletion: float
+    sparsity: float
+
+
+class MaskFitness:
+    """Evaluates masks of N images in lock-step: one ONNX Runtime call per generation."""
+
+    def __init__(self, job: ExplainJob, baseline: np.ndarray, weights: FitnessWeights) -> None:
+        self.job = job
+        self.baseline = baseline
+        self.weights = weights
+        self.base = np.maximum(base_probabilities(job), 1e-6)  # N
+
+    @property
+    def terms(self) -> int:
+        """Forward passes per candidate (a zero-weighted term is not evaluated)."""
+        return int(self.weights.preservation > 0) + int(self.weights.deletion > 0)
+
+    def __call__(self, grids: np.ndarray) -> np.ndarray:
+        """grids N×P×g×g in [0, 1] → fitness N×P (higher is better)."""
+        job = self.job
+        batch, population = grids.shape[:2]
+        height, width = job.inputs.shape[2:]
+        flat_grids = grids.reshape(batch * population, *grids.shape[2:])
+        owner = np.repeat(np.arange(batch), population)  # the image each candidate explains
+        keep_probability = np.zeros(batch * population)
+        delete_probability = np.zeros(batch * population)
+        per_chunk = max(1, job.items_per_chunk() // max(self.terms, 1))
+        for part in chunks(batch * population, per_chunk):
+            masks = upsample_grids(flat_grids[part], height, width)
+            inputs, baseline = job.inputs[owner[part]], self.baseline[owner[part]]
+            images = []
+            if self.weights.preservation > 0:
+                images.append(blend(inputs, baseline, masks))
+            if self.weights.deletion > 0:
+                images.append(blend(inputs, baseline, 1.0 - masks))
+            (logits,) = run_onnx_batched(job, np.concatenate(images), chunk_items=per_chunk
+                                         * self.terms)
+            probabilities = softmax(logits)[
+                np.arange(logits.shape[0]), np.tile(job.targets[owner[part]], len(images))
+            ].reshape(len(images), -1)
+            row = 0
+            if self.weights.preservation > 0:
+                keep_probability[part] = probabilities[row]
+                row += 1
+            if self.weights.deletion > 0:
+                delete_probability[part] = probabilities[row]
+        base = self.base[owner]
+        fitness = (
+            self.weights.preservation * keep_probability / base
+            + self.weights.deletion * (base - delete_probability) / base
+            - self.weights.sparsity * flat_grids.reshape(batch * population, -1).mean(axis=1)
+        )
+        return fitness.reshape(batch, population)
+
+
+def donor_indices(rng: np.random.Generator, batch: int, population: int) -> np.ndarray:
+    """N×P×3 indices of three distinct population members, none equal to the target i."""
+    keys = rng.random((batch, population, population))
+    keys[:, np.arange(population), np.arange(population)] = np.inf
+    return np.argsort(keys, axis=2)[:, :, :3]
+
+
+def de_generation(rng: np.random.Generator, population: np.ndarray, fitness: np.ndarray,
+                  mutation: float, crossover: float, strategy: str) -> np.ndarray:
+    """One DE/x/1/bin trial population for N lock-stepped searches (N×P×D in [0, 1])."""
+    batch, size, dims = population.shape
+    donors = donor_indices(rng, batch, size)
+    pick = np.arange(batch)[:, None]
+    r0, r1, r2 = (population[pick, donors[:, :, k]] for k in range(3))
+    if strategy == "best1bin":
+        base = population[np.arange(batch), fitness.argmax(axis=1)][:, None]
+    else:
+        base = r0
+    mutant = base + mutation * (r1 - r2)
+    # Bounce-back: a coordinate that leaves [0, 1] lands between its base and the bound it
+    # crossed. Plain clipping piles coordinates onto the bound, where r1 − r2 = 0 freezes them.
+    bounce = rng.random((batch, size, dims))
+    base_full = np.broadcast_to(base, mutant.shape)
+    mutant = np.where(mutant < 0.0, base_full * bounce, mutant)
+    mutant = np.where(mutant > 1.0, base_full + bounce * (1.0 - base_full), mutant)
+    cross = rng.random((batch, size, dims)) < crossover
+    forced = rng.integers(0, dims, (batch, size))
+    cross[pick, np.arange(size)[None], forced] = True
+    return np.where(cross, mutant, population)
+
+
+def refine_stages(grid: int, refine: bool) -> list[int]:
+    """Grid sides of the coarse-to-fine stages: 4 → 8 → … → grid (just ``grid`` otherwise)."""
+    if not refine or grid <= 4:
+        return [grid]
+    stages = [4]
+    while stages[-1] * 2 < grid:
+        stages.append(stages[-1] * 2)
+    return [*stages, grid]
+
+
+def split_generations(generations: int, stages: int) -> list[int]:
+    """Generations per stage, the remainder going to the finest stages."""
+    base, extra = divmod(generations, stages)
+    return [base + (1 if i >= stages - extra else 0) for i in range(stages)]
+
+
+@register
+class Decam(Handler):
+    """DE-CAM (https://arxiv.org/abs/2209.08906): Differential Evolution over coarse masks,
+    fitness from ONNX Runtime probabilities only; the best mask is the map."""
+
+    method = pb.METHOD_DECAM
+    name = "decam"
+    params_field = "decam"
+    defaults: ClassVar[dict[str, Any]] = {
+        "grid": 8, "population": 32, "generations": 30, "mutation": 0.6, "crossover": 0.7,
+        "sparsity": 0.3, "deletion_weight": 1.0, "preservation_weight": 1.0,
+        "baseline": "blur", "strategy": "best1bin", "refine": False, "patience": 8,
+    }
+    description = ("Differential Evolution searches coarse masks that keep/remove the target "
+                   "class score (output-only, gradient-free).")
+    paper = "https://arxiv.org/abs/2209.08906"
+
+    def validate(self, params: dict, job: ExplainJob) -> None:
+        grid = params["grid"]
+        if not 2 <= grid <= MAX_GRID:
+            raise InvalidInput(f"grid must be in [2, {MAX_GRID}], got {grid}")
+        height, width = job.inputs.shape[2:]
+        if grid > min(height, width):
+            raise InvalidInput(f"grid={grid} exceeds the input size {height}×{width}")
+        population = params["population"]
+        if population < MIN_POPULATION:
+            raise InvalidInput(f"population must be >= {MIN_POPULATION} (DE draws three "
+                               f"distinct donors per candidate), got {population}")
+        if population > job.limits.max_samples:
+            raise InvalidInput(f"population={population} exceeds the server limit of "
+                               f"{job.limits.max_samples}")
+        self.require_positive(params, "generations", limit=job.limits.max_generations)
+        self.require_range(params, "mutation", 0.0, 2.0)
+        if params["mutation"] <= 0:
+            raise InvalidInput(f"mutation must be in (0, 2], got {params['mutation']}")
+        self.require_range(params, "crossover", 0.0, 1.0)
+        for name in ("sparsity", "deletion_weight", "preservation_weight"):
+            self.require_range(params, name, 0.0, 100.0)
+        if params["deletion_weight"] == 0 and params["preservation_weight"] == 0:
+            raise InvalidInput("deletion_weight and preservation_weight are both 0: at least "
+                               "one fitness term must query the model")
+        self.require_choice(params, "baseline", BASELINES)
+        self.require_choice(params, "strategy", STRATEGIES)
+        if params["patience"] < 0:
+            raise InvalidInput(f"patience must be >= 0 (0 = never stop early), "
+                               f"got {params['patience']}")
+
+    def _compute(self, job: ExplainJob) -> np.ndarray:
+        params = job.params
+        rng = job.rng()
+        height, width = job.inputs.shape[2:]
+        baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input, rng)
+        fitness_of = MaskFitness(job, baseline, FitnessWeights(
+            preservation=float(params["preservation_weight"]),
+            deletion=float(params["deletion_weight"]),
+            sparsity=float(params["sparsity"])))
+        search = _Search(job, rng, fitness_of)
+        stages = refine_stages(int(params["grid"]), bool(params["refine"]))
+        population: np.ndarray | None = None
+        for grid, generations in zip(stages, split_generations(int(params["generations"]),
+                                                                len(stages)), strict=True):
+            if population is None:
+                population = rng.random((job.batch, int(params["population"]), grid, grid))
+            else:  # seed the finer stage with the coarser stage's population
+                coarse = population.reshape(-1, *population.shape[2:])
+                population = np.clip(upsample_grids(coarse, grid, grid), 0.0, 1.0).reshape(
+                    job.batch, -1, grid, grid)
+            population = search.run(population, generations)
+            if search.stopped:
+                break
+        job.diagnostics.update(search.diagnostics())
+        return upsample_grids(search.best_grids(), height, width)
+
+    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+        return scale_by_max(raw)
+
+
+class _Search:
+    """The DE state of one request across refinement stages."""
+
+    def __init__(self, job: ExplainJob, rng: np.random.Generator, fitness_of: MaskFitness
+                 ) -> None:
+        self.job = job
+        self.rng = rng
+        self.fitness_of = fitness_of
+        params = job.params
+        self.mutation = float(params["mutation"])
+        self.crossover = float(params["crossover"])
+        self.strategy = str(params["strategy"])
+        self.patience = int(params["patience"])
+        self.total_steps = int(params["generations"])
+        self.step = 0
+        self.stopped = False  # truncated by the deadline: no further stages
+        self.best: np.ndarray | None = None  # N×g×g
+        self.best_fitness = np.full(job.batch, -np.inf)
+        self.stale = 0
+        self.generation_seconds = 0.0
+
+    def _evaluate(self, candidates: np.ndarray) -> np.ndarray | None:
+        """Fitness of N×P candidates, or None when a best-effort request ran out of time."""
+        job = self.job
+        try:
+            return self.fitness_of(candidates)
+        except DeadlineExceeded:
+            if job.best_effort and self.best is not None:
+                return None
+            raise
+
+    def _out_of_time(self) -> bool:
+        """Best effort: stop when the next generation would not finish before the deadline."""
+        state = self.job.state
+        if not self.job.best_effort or state.deadline is None or self.best is None:
+            return False
+        margin = max(0.05, 1.5 * self.generation_seconds)
+        return time.monotonic() + margin >= state.deadline
+
+    def _truncate(self) -> None:
+        self.job.truncated = True
+        self.stopped = True
+
+    def run(self, population: np.ndarray, generations: int) -> np.ndarray:
+        """Evolves N×P×g×g ``population`` for up to ``generations``; returns the last one."""
+        job = self.job
+        batch, size = population.shape[:2]
+        shape = population.shape[2:]
+        if self._out_of_time():
+            self._truncate()
+            return population
+        job.state.check()
+        fitness = self._evaluate(population)
+        if fitness is None:
+            self._truncate()
+            return population
+        self._track(population, fitness)
+        vectors = population.reshape(batch, size, -1)
+        for _ in range(generations):
+            if self._out_of_time():
+                self._truncate()
+                break
+            job.state.check()
+            started = time.perf_counter()
+            trial = de_generation(self.rng, vectors, fitness, self.mutation, self.crossover,
+                                  self.strategy)
+            trial_fitness = self._evaluate(trial.reshape(batch, size, *shape))
+            if trial_fitness is None:
+                self._truncate()
+                break
+            better = trial_fitness >= fitness
+            vectors = np.where(better[:, :, None], trial, vectors)
+            fitness = np.where(better, trial_fitness, fitness)
+            self.generation_seconds = time.perf_counter() - started
+            self.step += 1
+            improved = self._track(vectors.reshape(batch, size, *shape), fitness)
+            self._report()
+            self.stale = 0 if improved else self.stale + 1
+            if self.patience and self.stale >= self.patience:
+                break  # this stage converged; a finer stage may still improve
+        return vectors.reshape(batch, size, *shape)
+
+    def _track(self, population: np.ndarray, fitness: np.ndarray) -> bool:
+        """Updates the per-image best; True when any image's best improved."""
+        leader = fitness.argmax(axis=1)
+        leader_fitness = fitness[np.arange(fitness.shape[0]), leader]
+        improved = leader_fitness > self.best_fitness + IMPROVEMENT
+        if self.best is None or self.best.shape[1:] != population.shape[2:]:
+            # A new refinement stage: its best replaces the coarser one.
+            self.best = population[np.arange(fitness.shape[0]), leader].copy()
+            self.best_fitness = leader_fitness.copy()
+            return True
+        self.best[improved] = population[np.arange(fitness.shape[0]), leader][improved]
+        self.best_fitness = np.where(improved, leader_fitness, self.best_fitness)
+        return bool(improved.any())
+
+    def best_grids(self) -> np.ndarray:
+        assert self.best is not None
+        return self.best.astype(np.float32)
+
+    def _report(self) -> None:
+        job = self.job
+        if job.on_progress is None:
+            return
+        maps = None
+        if self.step % MAPS_EVERY == 0 or self.step == 1:
+            height, width = job.inputs.shape[2:]
+            maps = scale_by_max(upsample_grids(self.best_grids(), height, width))
+        job.on_progress(ProgressUpdate(
+            step=self.step, total_steps=self.total_steps,
+            best_fitness=float(self.best_fitness.mean()),
+            forward_passes=job.cost.forward_passes, maps=maps))
+
+    def diagnostics(self) -> dict[str, float]:
+        assert self.best is not None
+        return {
+            "best_fitness": float(self.best_fitness.mean()),
+            "generations_run": float(self.step),
+            "mask_mean": float(self.best.mean()),
+        }

@@ -1,0 +1,107 @@
+"""ONNX models built directly with ``onnx.helper`` (no PyTorch, no exporter) and packaged by
+hand, to show that the ONNX-only methods explain a model from any framework."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from service.repository import MANIFEST, ONNX_FILE, sha256_file
+
+OPSET = 17
+IR_VERSION = 8
+
+
+def small_cnn(classes: int = 3, channels: int = 3, size: int = 24, seed: int = 0,
+              width: int = 8) -> onnx.ModelProto:
+    """Conv → Relu → MaxPool → Conv → Relu → GlobalAveragePool → Flatten → Gemm → "logits",
+    NCHW input "input" with a free batch dimension, random weights from ``seed``."""
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, *shape: int, scale: float) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.normal(0.0, scale, shape).astype(np.float32), name)
+
+    initializers = [
+        weight("w1", width, channels, 3, 3, scale=0.4),
+        weight("b1", width, scale=0.1),
+        weight("w2", 2 * width, width, 3, 3, scale=0.2),
+        weight("b2", 2 * width, scale=0.1),
+        weight("w3", classes, 2 * width, scale=1.0),
+        weight("b3", classes, scale=0.1),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "small_cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="onnx.helper")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_package(model: onnx.ModelProto, repository: Path, name: str, version: int = 1,
+                  mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+                  std: tuple[float, ...] = (0.25, 0.25, 0.25),
+                  labels: tuple[str, ...] | None = None) -> Path:
+    """A package with ``model.onnx`` and a hand-written manifest only: no ``model.pt2``, no
+    scale outputs, nothing our exporter would add."""
+    folder = Path(repository) / name / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(folder / ONNX_FILE))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    shape = [-1, *(int(d.dim_value) for d in dims[1:])]
+    classes = int(model.graph.output[0].type.tensor_type.shape.dim[1].dim_value)
+    manifest = {
+        "format": 1,
+        "name": name,
+        "version": version,
+        "input": {"name": "input", "shape": shape, "mean": list(mean), "std": list(std),
+                  "value_range": [0.0, 1.0], "layout": "NCHW", "dtype": "float32"},
+        "class_labels": list(labels or (f"class_{i}" for i in range(classes))),
+        "outputs": {"logits": "logits"},
+        "files": {ONNX_FILE: {"sha256": sha256_file(folder / ONNX_FILE)}},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def region_model(size: int = 24, box: tuple[int, int, int, int] = (4, 12, 10, 18),
+                 gain: float = 0.05) -> onnx.ModelProto:
+    """A linear model whose class-0 logit is ``gain`` × the sum of all channels inside ``box``
+    (y0, y1, x0, x1) and whose class-1 logit is 0: the evidence for class 0 is exactly the box,
+    so a map of class 0 must put its mass there."""
+    y0, y1, x0, x1 = box
+    weights = np.zeros((2, 3, size, size), np.float32)
+    weights[0, :, y0:y1, x0:x1] = gain
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "w"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "region",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(weights.reshape(2, -1), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="onnx.helper")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
