@@ -7,7 +7,7 @@ PORT ?= 50051
 METRICS_PORT ?= 9090
 MODELS ?= models
 
-.PHONY: setup serve test protos lint demo-model bench clean
+.PHONY: setup serve test protos lint demo-model bench mar clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ demo-model: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+# A TorchServe archive of one package (TorchServe is archived upstream; the gRPC server is the
+# primary path): make mar MAR_PACKAGE=models/demo/1 → deploy/torchserve/model-store/demo.mar
+MAR_PACKAGE ?= $(MODELS)/demo/1
+mar: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH deploy/torchserve/archive.sh $(MAR_PACKAGE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

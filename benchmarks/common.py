@@ -288,3 +288,139 @@ class ServerProcess:
 
     def __exit__(self, *_: Any) -> None:
         self.stop()
+
+
+# ---- a TorchServe subprocess (the peer, and the adapter's integration test) ------------------
+
+def torchserve_missing() -> str:
+    """Why TorchServe cannot run here ("" when it can): its launcher and Java 11+."""
+    import shutil  # noqa: PLC0415
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "torchserve").exists() and shutil.which("torchserve") is None:
+        return "the torchserve launcher is not installed (pip install 'torchserve==0.12.*')"
+    if shutil.which("java") is None:
+        return "TorchServe's frontend needs Java 11+ and `java` is not on PATH"
+    return ""
+
+
+class TorchServeProcess:
+    """TorchServe 0.12 in the foreground on three free loopback ports, token auth off.
+
+    Its own TMPDIR keeps its pid file apart from any other TorchServe on the machine; the
+    whole process group (launcher, Java frontend, Python workers) is stopped on exit.
+    """
+
+    def __init__(self, model_store: Path, models: str, workdir: Path,
+                 workers: int = 1, env: dict[str, str] | None = None,
+                 ready_timeout: float = 240.0) -> None:
+        self.model_store = Path(model_store)
+        self.models = models  # e.g. "tiny=tiny.mar"
+        self.workdir = Path(workdir)
+        self.workers = workers
+        self.env = dict(env or {})
+        self.ready_timeout = ready_timeout
+        self.inference_port, self.management_port, self.metrics_port = (
+            free_port(), free_port(), free_port())
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.inference_port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.management_port}"
+
+    def start(self) -> TorchServeProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+        config = self.workdir / "config.properties"
+        config.write_text("\n".join([
+            f"inference_address=http://127.0.0.1:{self.inference_port}",
+            f"management_address=http://127.0.0.1:{self.management_port}",
+            f"metrics_address=http://127.0.0.1:{self.metrics_port}",
+            "disable_token_authorization=true", "enable_envvars_config=true",
+            f"default_workers_per_model={self.workers}", "default_response_timeout=600",
+            "max_response_size=268435456", "max_request_size=67108864",
+            "disable_system_metrics=true", ""]))
+        launcher = Path(sys.executable).parent / "torchserve"
+        command = [str(launcher) if launcher.exists() else "torchserve", "--start",
+                   "--foreground", "--ncs", "--disable-token-auth", "--ts-config", str(config),
+                   "--model-store", str(self.model_store), "--models", self.models]
+        env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"), **self.env)
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.log_path = self.workdir / "torchserve.log"
+        with self.log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(command, cwd=self.workdir, env=env,
+                                            stdout=log_file, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        import urllib.error  # noqa: PLC0415
+        import urllib.request  # noqa: PLC0415
+
+        deadline = time.monotonic() + self.ready_timeout
+        names = [spec.split("=")[0] for spec in self.models.split(",")]
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n"
+                                   + self.log_path.read_text(errors="replace")[-4000:])
+            try:
+                ready = True
+                for name in names:
+                    with urllib.request.urlopen(f"{self.management_url}/models/{name}",
+                                                timeout=5) as reply:
+                        status = json.loads(reply.read())
+                    workers = status[0].get("workers", [])
+                    ready &= bool(workers) and all(w.get("status") == "READY" for w in workers)
+                if ready:
+                    return
+            except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError):
+                pass
+            time.sleep(1.0)
+        log = self.log_path.read_text(errors="replace")[-4000:]
+        self.stop()
+        raise TimeoutError(f"TorchServe not ready after {self.ready_timeout:.0f} s:\n{log}")
+
+    def worker_pids(self) -> list[int]:
+        import psutil  # noqa: PLC0415 - a TorchServe dependency
+
+        if self.process is None:
+            return []
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        return [c.pid for c in children if "model_service_worker" in " ".join(c.cmdline())]
+
+    def stop(self) -> None:
+        import signal  # noqa: PLC0415
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> TorchServeProcess:
+        return self.start()
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop()
+
+
+def archive_package(package: Path, export_dir: Path) -> Path:
+    """``deploy/torchserve/archive.sh``: a model package → ``<export_dir>/<name>.mar``."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    subprocess.run(["bash", str(ROOT / "deploy" / "torchserve" / "archive.sh"), str(package),
+                    str(export_dir)], cwd=ROOT, env=env, check=True, capture_output=True)
+    name = json.loads((Path(package) / "manifest.json").read_text())["name"]
+    return Path(export_dir) / f"{name}.mar"
