@@ -113,33 +113,43 @@ def normalize(maps: np.ndarray, method: str) -> np.ndarray:
     return gaussian_cdf_normalize(maps)
 
 
-def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """size_out×size_in interpolation weights, half-pixel centres (align_corners=False)."""
+def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output position: the two source indices and the weight of the second, with
+    half-pixel centres (torch's ``interpolate(..., align_corners=False)``)."""
     source = (np.arange(size_out, dtype=np.float64) + 0.5) * size_in / size_out - 0.5
     source = np.clip(source, 0.0, None)
     low = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
     high = np.minimum(low + 1, size_in - 1)
-    frac = source - low
-    matrix = np.zeros((size_out, size_in), np.float64)
-    rows = np.arange(size_out)
-    np.add.at(matrix, (rows, low), 1.0 - frac)
-    np.add.at(matrix, (rows, high), frac)
-    return matrix.astype(np.float32)
+    return low, high, (source - low).astype(np.float32)
 
 
 def upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of N×h×w maps to N×height×width (as torch's interpolate, align_corners
-    False), done as two small matrix products."""
-    rows = bilinear_matrix(maps.shape[1], height)
-    cols = bilinear_matrix(maps.shape[2], width)
-    return np.matmul(np.matmul(rows, maps.astype(np.float32)), cols.T)
+    """Bilinear resize of N×h×w maps to N×height×width, one axis at a time.
+
+    Gathers and blends rather than multiplying by interpolation matrices: BLAS threads on a
+    busy 2-core machine cost far more than these few element-wise operations.
+    """
+    maps = maps.astype(np.float32, copy=False)
+    low, high, frac = _bilinear_taps(maps.shape[2], width)  # columns first: the small side
+    columns = maps[:, :, low]
+    columns *= 1.0 - frac
+    columns += maps[:, :, high] * frac
+    low, high, frac = _bilinear_taps(maps.shape[1], height)  # then whole contiguous rows
+    frac = frac[None, :, None]
+    out = columns[:, low, :]
+    out *= 1.0 - frac
+    out += columns[:, high, :] * frac
+    return out
 
 
 def combine(layer_maps: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Weighted average Σ wᵢ Mᵢ / Σ wᵢ of N×S×H×W maps → N×H×W."""
-    weights = np.asarray(weights, np.float32)
-    return (np.tensordot(layer_maps, weights, axes=([1], [0])) / weights.sum()).astype(
-        np.float32)
+    weights = np.asarray(weights, np.float64)
+    total = np.zeros(layer_maps.shape[:1] + layer_maps.shape[2:], np.float32)
+    for index, weight in enumerate(weights):
+        if weight:
+            total += np.float32(weight) * layer_maps[:, index]
+    return total / np.float32(weights.sum())
 
 
 def layer_maps(smoe_maps: list[np.ndarray], normalization: str, height: int,
@@ -187,8 +197,8 @@ class LinearHead:
     def cam(self, activations: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """ReLU(Σ_k W[c,k] A_k) / (h·w): the Grad-CAM of this head, N×h×w."""
         _, _, height, width = activations.shape
-        rows = self.weight[targets].astype(np.float32)  # N × C
-        cam = np.einsum("nc,nchw->nhw", rows, activations.astype(np.float32))
+        rows = self.weight[targets].astype(np.float32)[:, :, None, None]  # N × C × 1 × 1
+        cam = (rows * activations.astype(np.float32, copy=False)).sum(axis=1)
         return np.maximum(cam, 0.0) / np.float32(height * width)
 
     def logits(self, activations: np.ndarray) -> np.ndarray:
