@@ -86,7 +86,8 @@ def test_in_process_explain_equals_grpc(in_process, stub) -> None:
 
 def test_in_process_bad_method_is_an_error_row(in_process) -> None:
     class Context:
-        statuses: list = []
+        def __init__(self) -> None:
+            self.statuses: list[tuple[int, str, int]] = []
 
         def get_request_header(self, idx: int, key: str) -> str:
             return "True"
