@@ -137,7 +137,7 @@ class Admission:
         try:
             await self._semaphore().acquire()
         except asyncio.CancelledError:
-            self._reject("deadline_in_queue" if state.expired() else "cancelled_in_queue")
+            self._reject("deadline_in_queue" if deadline_passed(state) else "cancelled_in_queue")
             raise
         finally:
             self.waiting -= 1
@@ -165,6 +165,12 @@ class Admission:
         """Waits until nothing is executing or waiting (for graceful shutdown)."""
         while self.inflight or self.waiting:
             await asyncio.sleep(0.05)
+
+
+def deadline_passed(state: RequestState, slack_seconds: float = 0.05) -> bool:
+    """Whether a cancellation is the deadline's doing: gRPC cancels at the deadline, which
+    our clock may see a hair later than gRPC's."""
+    return state.deadline is not None and time.monotonic() >= state.deadline - slack_seconds
 
 
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
@@ -260,7 +266,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             except asyncio.CancelledError:
                 state.cancelled.set()
                 handed_off = True
-                outcome.code = (grpc.StatusCode.DEADLINE_EXCEEDED if state.expired()
+                outcome.code = (grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(state)
                                 else grpc.StatusCode.CANCELLED)
                 future.add_done_callback(lambda _: self._release_after(outcome, cost))
                 raise
@@ -276,7 +282,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             raise AssertionError("unreachable") from exc  # abort raises
         except asyncio.CancelledError:
             if outcome.code == grpc.StatusCode.OK:
-                outcome.code = (grpc.StatusCode.DEADLINE_EXCEEDED if state.expired()
+                outcome.code = (grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(state)
                                 else grpc.StatusCode.CANCELLED)
             raise
         except Exception as exc:

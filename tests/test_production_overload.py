@@ -1,0 +1,166 @@
+"""Staying up under load: bounded admission, deadlines and cancellation through the real server."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from saliency.v1 import explainer_pb2 as pb
+from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from tests.conftest import RunningServer, make_config
+from tests.production_support import rss_bytes, scrape, slow_repository, slow_request, value
+
+MAX_INFLIGHT = 1
+MAX_QUEUE = 2
+
+
+@pytest.fixture(scope="module")
+def busy(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    root = slow_repository(tmp_path_factory.getbasetemp(), repository)
+    # A small memory budget makes many chunks, so deadline checks come often.
+    running = RunningServer(make_config(root, max_inflight=MAX_INFLIGHT, max_queue=MAX_QUEUE,
+                                        chunk_memory_bytes=8 * 1024 * 1024)).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(busy: RunningServer) -> Iterator[pb_grpc.ExplainerStub]:
+    with grpc.insecure_channel(busy.address) as channel:
+        yield pb_grpc.ExplainerStub(channel)
+
+
+def wait_idle(server: RunningServer, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        admission = server.server.admission
+        if admission.inflight == 0 and admission.waiting == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the server did not become idle")
+
+
+def test_overload_is_refused_at_once_and_memory_stays_flat(busy: RunningServer,
+                                                           stub: pb_grpc.ExplainerStub) -> None:
+    stub.Explain(slow_request(stride=48), timeout=60)  # warm-up outside the measurement
+    wait_idle(busy)
+    concurrent, waves = 24, 3
+    request = slow_request(batch=2, stride=8)
+    rss_before = rss_bytes()
+    statuses: Counter[str] = Counter()
+    refusal_seconds: list[float] = []
+    accepted_seconds: list[float] = []
+    rss_waves: list[int] = []
+    for _ in range(waves):
+        started = time.perf_counter()
+        finished: dict[int, float] = {}
+        futures = [stub.Explain.future(request, timeout=120) for _ in range(concurrent)]
+        for index, future in enumerate(futures):
+            future.add_done_callback(
+                lambda _, i=index: finished.setdefault(i, time.perf_counter() - started))
+        for index, future in enumerate(futures):
+            try:
+                future.result()
+                statuses["OK"] += 1
+                accepted_seconds.append(finished[index])
+            except grpc.RpcError as error:
+                statuses[error.code().name] += 1
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refusal_seconds.append(finished[index])
+                    assert "max_inflight=1" in error.details()
+                    assert "max_queue=2" in error.details()
+        wait_idle(busy)
+        rss_waves.append(rss_bytes())
+    rss_after = rss_waves[-1]
+    admission = busy.server.admission
+    accepted, rejected = statuses["OK"], statuses["RESOURCE_EXHAUSTED"]
+    print(f"\noverload: {waves} waves × {concurrent} concurrent slow requests, max_inflight="
+          f"{MAX_INFLIGHT} max_queue={MAX_QUEUE}: accepted {accepted}, rejected {rejected}, "
+          f"peak executing {admission.peak_inflight}, peak waiting {admission.peak_waiting}; "
+          f"RSS before {rss_before / 2**20:.1f} MiB, after each wave "
+          f"{', '.join(f'{r / 2**20:.1f}' for r in rss_waves)} MiB")
+    assert set(statuses) <= {"OK", "RESOURCE_EXHAUSTED"}
+    assert accepted + rejected == waves * concurrent
+    assert admission.peak_inflight == MAX_INFLIGHT
+    assert admission.peak_waiting <= MAX_QUEUE
+    assert accepted >= waves * (MAX_INFLIGHT + MAX_QUEUE)
+    assert rejected >= waves * concurrent // 2
+    # Refusals are immediate: the median one arrives long before a request could finish.
+    median_refusal = sorted(refusal_seconds)[len(refusal_seconds) // 2]
+    print(f"median refusal after {median_refusal * 1000:.0f} ms, first accepted request "
+          f"done after {min(accepted_seconds) * 1000:.0f} ms")
+    assert median_refusal < min(accepted_seconds)
+    assert rss_after - rss_before < 64 * 2**20
+    assert rss_waves[-1] - rss_waves[0] < 16 * 2**20  # no growth per wave once warm
+    samples = scrape(busy.server.metrics_port)
+    assert value(samples, "saliency_rejected_total", reason="queue_full") >= rejected
+
+
+def test_deadline_passed_while_queued_is_not_started(busy: RunningServer,
+                                                     stub: pb_grpc.ExplainerStub) -> None:
+    wait_idle(busy)
+    before = scrape(busy.server.metrics_port)
+    occupying = stub.Explain.future(slow_request(batch=2, stride=4), timeout=120)
+    _wait_for(lambda: busy.server.admission.inflight == 1)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Explain(slow_request(seed=1), timeout=0.3)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    first = occupying.result()
+    wait_idle(busy)
+    after = scrape(busy.server.metrics_port)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    labels = {"model": "slow", "method": "occlusion"}
+    assert delta("saliency_rejected_total", reason="deadline_in_queue") == 1
+    assert delta("saliency_requests_total", code="DEADLINE_EXCEEDED", **labels) == 1
+    # Only the occupying request ran: the queued one did no forward pass at all.
+    assert delta("saliency_forward_passes_total", engine="onnxruntime", **labels) == \
+        first.cost.forward_passes
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_deadline_and_cancellation_stop_a_running_method(busy: RunningServer,
+                                                         stub: pb_grpc.ExplainerStub,
+                                                         how: str) -> None:
+    wait_idle(busy)
+    before = scrape(busy.server.metrics_port)
+    request = slow_request(batch=4, stride=4)  # 4 + 4 × 169 forward passes if run to the end
+    full = 4 + 4 * 169
+    started = time.perf_counter()
+    if how == "deadline":
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Explain(request, timeout=0.5)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    else:
+        future = stub.Explain.future(request, timeout=120)
+        _wait_for(lambda: busy.server.admission.inflight == 1)
+        time.sleep(0.2)
+        future.cancel()
+    wait_idle(busy)
+    stopped = time.perf_counter() - started
+    after = scrape(busy.server.metrics_port)
+    code = "DEADLINE_EXCEEDED" if how == "deadline" else "CANCELLED"
+    labels = {"model": "slow", "method": "occlusion"}
+    done = value(after, "saliency_forward_passes_total", engine="onnxruntime", **labels) - \
+        value(before, "saliency_forward_passes_total", engine="onnxruntime", **labels)
+    assert value(after, "saliency_requests_total", code=code, **labels) - \
+        value(before, "saliency_requests_total", code=code, **labels) == 1
+    assert 0 < done < full / 2, f"the worker went on for {done} of {full} passes"
+    assert stopped < 10
+    # The slot is free again: the next request runs.
+    assert stub.Explain(slow_request(stride=48), timeout=60).cost.forward_passes > 0
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
