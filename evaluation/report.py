@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import sys
 import time
@@ -48,7 +49,7 @@ GROUND_TRUTH_COLUMNS = (
     "pointing_game", "relevance_mass", "relevance_rank",
 )
 FAITHFULNESS_COLUMNS = ("rcap", "deletion_auc", "insertion_auc")
-KEY_COLUMNS = ("run", "method", "index")
+KEY_COLUMNS = ("run", "method", "index", "params")
 COLUMNS = (*KEY_COLUMNS, "label", "target", "predicted", "background", "forward_passes",
            "backward_passes", "ms", "truncated", *FAITHFULNESS_COLUMNS, *GROUND_TRUTH_COLUMNS)
 
@@ -151,6 +152,7 @@ class Run:
     config: CellConfig
     variants: list[Variant]
     engines: dict[str, str]
+    defaults: dict[str, dict[str, str]]
     version: int
     map_size: tuple[int, int]
     cells: CellBatch
@@ -175,6 +177,7 @@ def run(options: Options) -> Path:
         version = int(info.status.version)
         offered = [m.name for m in info.methods]
         engines = {m.name: m.engine for m in info.methods}
+        defaults = {m.name: dict(m.defaults) for m in info.methods}
         variants = select_variants(options.methods, offered)
         package = options.models / options.model / str(version)
         if not (package / "model.onnx").is_file():
@@ -189,7 +192,7 @@ def run(options: Options) -> Path:
             config = dataclasses.replace(config, size=options.size)
         key = (f"{options.config}-{config.size}px-seed{config.seed}-{options.model}"
                f"-v{version}-target_{options.target}")
-        state = Run(options, key, config, variants, engines, version,
+        state = Run(options, key, config, variants, engines, defaults, version,
                     tuple(int(d) for d in info.input.shape[2:4]),  # type: ignore[arg-type]
                     generate_cells(options.images, config))
         _fill(client, classifier, state)
@@ -202,8 +205,9 @@ def _fill(client: Any, classifier: metrics.OnnxClassifier, state: Run) -> None:
 
     options = state.options
     csv_path = options.out / "results.csv"
-    done = {(r["run"], r["method"], int(r["index"])) for r in read_rows(csv_path)}
-    todo = {v: [i for i in range(options.images) if (state.key, v.label, i) not in done]
+    done = {tuple(r[k] for k in KEY_COLUMNS) for r in read_rows(csv_path)}
+    todo = {v: [i for i in range(options.images)
+                if (state.key, v.label, str(i), effective_params(state, v)) not in done]
             for v in state.variants}
     total = sum(len(indices) for indices in todo.values())
     bar = tqdm(total=total, desc="evaluate", unit="map", file=sys.stderr,
@@ -224,6 +228,14 @@ def _fill(client: Any, classifier: metrics.OnnxClassifier, state: Run) -> None:
             append_rows(csv_path, rows)
             bar.update(len(batch))
     bar.close()
+
+
+def effective_params(state: Run, variant: Variant) -> str:
+    """The parameters a method ran with (server defaults, then the variant's), as the cache key:
+    a row computed under other defaults is computed again."""
+    merged = dict(state.defaults.get(variant.method, {}))
+    merged.update(dict(variant.params))
+    return json.dumps(merged, sort_keys=True)
 
 
 def _describe(exc: Exception) -> str:
@@ -260,6 +272,7 @@ def _score_batch(client: Any, classifier: metrics.OnnxClassifier, state: Run,
     for j, index in enumerate(indices):
         row: dict[str, Any] = {
             "run": state.key, "method": variant.label, "index": index,
+            "params": effective_params(state, variant),
             "label": int(cells.labels[index]), "target": int(targets[j]),
             "predicted": predicted[j] if j < len(predicted) else -1,
             "background": int(cells.backgrounds[index]) if cells.backgrounds is not None else -1,
@@ -374,6 +387,13 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     new = not path.is_file()
+    if not new:
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if tuple(header) != COLUMNS:  # written by another version: rewrite with today's columns
+            old = read_rows(path)
+            path.unlink()
+            append_rows(path, [{k: r.get(k, "") for k in COLUMNS} for r in old])
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         if new:

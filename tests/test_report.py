@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -115,6 +116,9 @@ def test_evaluate_end_to_end_and_rerun_reuses_results(cell_server, tmp_path: Pat
     assert {float(r["backward_passes"]) for r in vanilla} == {1.0}
     occlusion = [r for r in rows if r["method"].startswith("occlusion")]
     assert {float(r["backward_passes"]) for r in occlusion} == {0.0}
+    # The cache key records the parameters the map was made with: server defaults + overrides.
+    params = json.loads(occlusion[0]["params"])
+    assert params["window"] == "8" and params["stride"] == "8" and "baseline" in params
     # 32×32 with window 8 and stride 8: 16 windows, plus the prediction.
     assert {float(r["forward_passes"]) for r in occlusion} == {17.0}
 
