@@ -382,7 +382,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
     with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+        return [{**{k: "" for k in COLUMNS}, **row} for row in csv.DictReader(handle)]
 
 
 def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -532,7 +532,12 @@ def claims(rows: list[dict[str, str]], labels: set[str]) -> list[str]:
 def write_report(state: Run) -> Path:
     """``summary.md`` and the figures, from the rows of this run in ``results.csv``."""
     options = state.options
-    rows = [r for r in read_rows(options.out / "results.csv") if r["run"] == state.key]
+    current = {v.label: effective_params(state, v) for v in state.variants}
+    latest: dict[tuple[str, str], dict[str, str]] = {}
+    for r in read_rows(options.out / "results.csv"):
+        if r["run"] == state.key and current.get(r["method"]) == r["params"]:
+            latest[(r["method"], r["index"])] = r  # the last row written wins
+    rows = list(latest.values())
     summaries = summarize(rows, state.variants, state.engines)
     points = [(s.p50_ms, s.means["rcap"]) for s in summaries]
     front = pareto_front(points)
