@@ -240,19 +240,24 @@ def rcap(images: np.ndarray, maps: np.ndarray, targets: np.ndarray, model: Proba
          percentiles: tuple[float, ...] = RCAP_PERCENTILES) -> np.ndarray:
     """RCAP per image: mean over levels k of hit_k · softmax(f(I_k))_target.
 
-    Level k keeps the pixels with S > q_k (q_k = the map's ``percentiles[k]`` quantile: the
-    top 30 %, 25 %, …, 5 %) and blacks out the rest; hit_k = Σ_{S > q_k} S / Σ S.
+    Level k keeps the pixels with S > q_k and blacks out the rest, where q_k is the map's
+    ``percentiles[k]`` order statistic (the sorted value at index ⌊n·p⌋ − 1, as the authors'
+    ``get_quantiles`` takes it), so the levels keep the top 30 %, 25 %, …, 5 % of the pixels;
+    hit_k = Σ_{S > q_k} S / Σ S.
 
     Ties: the comparison is strict, as in the authors' code, so pixels equal to q_k are not
     recovered. A map that is flat (or flat over its top 30 %) therefore recovers fewer pixels
     than the nominal share, down to none at all, and a constant or all-zero map scores exactly
-    0: it ranks no pixel above another, so it explains nothing. Negative values are clipped to 0
-    first (the service's maps are already in [0, 1]).
+    0: it ranks no pixel above another, so it explains nothing. (The authors' code instead
+    lowers q_k to 0 whenever it equals 1, the maximum of their normalized maps; that would give
+    a constant map of ones the whole image and a hit rate of 1, so it is not copied.) Negative
+    values are clipped to 0 first (the service's maps are already in [0, 1]).
     """
     saliency = np.clip(np.asarray(maps, np.float64), 0.0, None)
     count = len(saliency)
     flat = saliency.reshape(count, -1)
-    quantiles = np.quantile(flat, np.asarray(percentiles), axis=1).T  # N × K
+    positions = [max(int(flat.shape[1] * p) - 1, 0) for p in percentiles]
+    quantiles = np.sort(flat, axis=1)[:, positions]  # N × K
     keep = flat[:, None, :] > quantiles[:, :, None]  # N × K × pixels
     total = flat.sum(axis=1, keepdims=True)
     kept = (keep * flat[:, None, :]).sum(axis=2)

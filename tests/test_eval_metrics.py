@@ -148,7 +148,7 @@ def test_rcap_matches_a_one_image_reading_of_the_paper(scene) -> None:
     s, image = on_object[0], images[0]
     expected = []
     for p in metrics.RCAP_PERCENTILES:
-        keep = s > np.quantile(s, p)
+        keep = s > np.sort(s.ravel())[int(s.size * p) - 1]
         hit = s[keep].sum() / s.sum()
         probability = model((image * keep[..., None])[None])[0, 0]
         expected.append(hit * probability)
