@@ -60,15 +60,20 @@ TARGETS = {"fast_path_vs_inference_max": 1.25, "fastcam_vs_our_gradcam_min": 1.8
            "fastcam_vs_peer_gradcam_min": 5.0}
 
 
-def p50_ms(call: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
+def p50_ms(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
+           ) -> dict[str, float]:
+    """p50 milliseconds of each call, timed round-robin so that load on a shared machine
+    falls on every call alike (the ratios are what this benchmark reports)."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times) * 1000.0)
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return {name: float(np.median(values) * 1000.0) for name, values in times.items()}
 
 
 def build(name: str, root: Path) -> tuple[torch.nn.Module, Path]:
@@ -155,10 +160,9 @@ def smoe_numpy_vs_baked(package: Path, inputs: np.ndarray, repeats: int) -> dict
         return combine(layer_maps(maps, "gaussian_cdf", SIZE, SIZE), weights)
 
     difference = float(np.abs(numpy_path() - baked_path()).max())
-    return {"logits_only_ms": p50_ms(logits_only, repeats),
-            "numpy_smoe_ms": p50_ms(numpy_path, repeats),
-            "baked_smoe_ms": p50_ms(baked_path, repeats),
-            "max_abs_difference": difference}
+    timed = p50_ms({"logits_only_ms": logits_only, "numpy_smoe_ms": numpy_path,
+                    "baked_smoe_ms": baked_path}, repeats)
+    return {**timed, "max_abs_difference": difference}
 
 
 def run(arch: str, root: Path, batches: list[int], repeats: int) -> list[dict[str, Any]]:
@@ -194,26 +198,28 @@ def run(arch: str, root: Path, batches: list[int], repeats: int) -> list[dict[st
                 return autograd_grad_cam(job, handle.spec().cam_output)
 
             x = torch.from_numpy(inputs)
-            row: dict[str, Any] = {"model": arch, "batch": batch}
-            row["ort_inference_ms"] = p50_ms(lambda inputs=inputs: handle.run(inputs), repeats)
-            row["predict_ms"] = p50_ms(lambda tensor=tensor: core.predict(
-                pb.PredictRequest(model=arch, input=tensor), CostCounter()), repeats)
-            row["smoe_ms"] = p50_ms(lambda: explain(pb.METHOD_SMOE_SCALE), repeats)
-            row["fastcam_ms"] = p50_ms(lambda: explain(pb.METHOD_FASTCAM), repeats)
-            row["our_gradcam_ms"] = p50_ms(our_gradcam, repeats)
             target_list = targets.tolist()
-            row["peer_gradcam_ms"] = p50_ms(lambda x=x, t=target_list: peer(x, t), repeats)
-            row["grpc_predict_ms"] = p50_ms(lambda tensor=tensor: stub.Predict(
-                pb.PredictRequest(model=arch, input=tensor), timeout=600), repeats)
-            for key, method in (("grpc_smoe_ms", pb.METHOD_SMOE_SCALE),
-                                ("grpc_fastcam_ms", pb.METHOD_FASTCAM)):
-                row[key] = p50_ms(lambda m=method, tensor=tensor: stub.Explain(
-                    pb.ExplainRequest(model=arch, method=m, input=tensor), timeout=600),
-                    repeats)
+
+            def grpc_explain(method: int, tensor: pb.Input = tensor) -> Any:
+                return stub.Explain(pb.ExplainRequest(model=arch, method=method, input=tensor),
+                                    timeout=600)
+
+            calls: dict[str, Callable[[], Any]] = {
+                "ort_inference_ms": lambda inputs=inputs: handle.run(inputs),
+                "predict_ms": lambda tensor=tensor: core.predict(
+                    pb.PredictRequest(model=arch, input=tensor), CostCounter()),
+                "smoe_ms": lambda: explain(pb.METHOD_SMOE_SCALE),
+                "fastcam_ms": lambda: explain(pb.METHOD_FASTCAM),
+                "our_gradcam_ms": our_gradcam,
+                "peer_gradcam_ms": lambda x=x, t=target_list: peer(x, t),
+                "grpc_predict_ms": lambda tensor=tensor: stub.Predict(
+                    pb.PredictRequest(model=arch, input=tensor), timeout=600),
+                "grpc_smoe_ms": lambda: grpc_explain(pb.METHOD_SMOE_SCALE),
+                "grpc_fastcam_ms": lambda: grpc_explain(pb.METHOD_FASTCAM),
+            }
             if have_gradcam:
-                row["grpc_gradcam_ms"] = p50_ms(lambda tensor=tensor: stub.Explain(
-                    pb.ExplainRequest(model=arch, method=pb.METHOD_GRADCAM, input=tensor),
-                    timeout=600), repeats)
+                calls["grpc_gradcam_ms"] = lambda: grpc_explain(pb.METHOD_GRADCAM)
+            row: dict[str, Any] = {"model": arch, "batch": batch, **p50_ms(calls, repeats)}
             reply = explain(pb.METHOD_FASTCAM)
             row["fastcam_forward_passes"] = reply.cost.forward_passes
             row["fastcam_backward_passes"] = reply.cost.backward_passes
