@@ -240,27 +240,29 @@ def run(arch: str, root: Path, batches: list[int], repeats: int) -> list[dict[st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="batch 1 only, 5 repeats")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--models", nargs="+", default=["demo_resnet", "resnet50_shape"])
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     batches = [1] if args.quick else [1, 8]
-    repeats = 3 if args.quick else args.repeats
+    repeats = 5 if args.quick else args.repeats
     rows = []
     with tempfile.TemporaryDirectory() as temp:
         for arch in args.models:
             rows += run(arch, Path(temp) / arch, batches, repeats)
     header = ("| model | batch | ORT run | Predict | SMOE | FastCAM | Grad-CAM (ours) | peer "
-              "Grad-CAM | gRPC Predict | gRPC SMOE | gRPC FastCAM | SMOE/Predict | "
+              "Grad-CAM | gRPC Predict | gRPC SMOE | gRPC FastCAM | gRPC Grad-CAM | "
+              "SMOE/Predict | "
               "Grad-CAM/FastCAM | peer/FastCAM |")
-    lines = [header, "|" + "---|" * 14]
+    lines = [header, "|" + "---|" * 15]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['ort_inference_ms']:.1f} | "
             f"{r['predict_ms']:.1f} | {r['smoe_ms']:.1f} | {r['fastcam_ms']:.1f} | "
             f"{r['our_gradcam_ms']:.1f} | {r['peer_gradcam_ms']:.1f} | "
             f"{r['grpc_predict_ms']:.1f} | {r['grpc_smoe_ms']:.1f} | {r['grpc_fastcam_ms']:.1f} | "
+            f"{r.get('grpc_gradcam_ms', float('nan')):.1f} | "
             f"{r['smoe_vs_inference']:.2f}× | {r['gradcam_vs_fastcam']:.2f}× | "
             f"{r['peer_vs_fastcam']:.2f}× |")
     lines += ["", "SMOE after the run in numpy vs. baked into the ONNX graph (p50 ms):",
