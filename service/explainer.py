@@ -207,6 +207,15 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         self.metrics = metrics
         self.admission = admission
         self.executor = executor
+        self._running: set[RequestState] = set()
+
+    def cancel_running(self) -> int:
+        """Tells every executing request to stop at its next check (end of the grace
+        period); returns how many there were."""
+        running = list(self._running)
+        for state in running:
+            state.cancelled.set()
+        return len(running)
 
     def _model_label(self, name: str) -> str:
         """The model's name when the repository has it, else ``unknown`` (bounded labels)."""
@@ -259,6 +268,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             check_limits(request, self.config)
             outcome.queue_seconds = await self.admission.acquire(state)
             admitted = True
+            self._running.add(state)
             future = asyncio.get_running_loop().run_in_executor(self.executor, timed, state,
                                                                 cost)
             try:
@@ -268,7 +278,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                 handed_off = True
                 outcome.code = (grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(state)
                                 else grpc.StatusCode.CANCELLED)
-                future.add_done_callback(lambda _: self._release_after(outcome, cost))
+                future.add_done_callback(lambda _: self._release_after(outcome, cost, state))
                 raise
             outcome.cost = getattr(result, "cost", None)
             if relabel is not None:
@@ -299,11 +309,14 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         finally:
             if not handed_off:
                 if admitted:
+                    self._running.discard(state)
                     self.admission.release()
                 self._finish(outcome, cost)
 
-    def _release_after(self, outcome: _Outcome, cost: CostCounter) -> None:
+    def _release_after(self, outcome: _Outcome, cost: CostCounter,
+                       state: RequestState) -> None:
         """Done-callback of a cancelled request's worker: frees its slot, then records it."""
+        self._running.discard(state)
         self.admission.release()
         self._finish(outcome, cost)
 

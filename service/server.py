@@ -68,6 +68,7 @@ class SaliencyServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.admission = Admission(config.max_inflight, config.max_queue, self.metrics)
+        self.servicer = ExplainerServicer(self.core, self.metrics, self.admission, self.executor)
         self.port = 0
         self.metrics_port = 0
         self._fingerprint: tuple[tuple[str, int, int], ...] = ()
@@ -128,8 +129,7 @@ class SaliencyServer:
         if tokens:
             interceptors.append(BearerTokenInterceptor(tokens, self.metrics))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        servicer = ExplainerServicer(self.core, self.metrics, self.admission, self.executor)
-        pb_grpc.add_ExplainerServicer_to_server(servicer, self.server)
+        pb_grpc.add_ExplainerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -170,8 +170,9 @@ class SaliencyServer:
         try:
             await asyncio.wait_for(self.admission.idle(), timeout=grace)
         except TimeoutError:
-            log.warning("grace period of %.1f s ended with %d request(s) still running", grace,
-                        self.admission.inflight, extra={"event": "drain_timeout"})
+            stopped = self.servicer.cancel_running()
+            log.warning("grace period of %.1f s ended with %d request(s) still running; "
+                        "cancelling them", grace, stopped, extra={"event": "drain_timeout"})
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(1.0)

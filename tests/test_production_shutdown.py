@@ -1,0 +1,190 @@
+"""A real ``saliency serve`` process and real signals: SIGHUP reloads, SIGTERM drains.
+
+On SIGTERM readiness turns NOT_SERVING, new requests get UNAVAILABLE, admitted
+requests (executing and queued) finish, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from saliency.v1 import explainer_pb2 as pb
+from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from service.server import SERVICE_NAME
+from tests.conftest import RunningServer, make_config
+from tests.production_support import scrape, slow_repository, slow_request, tiny_request, value
+
+
+def saliency_command() -> list[str]:
+    script = Path(sys.executable).parent / "saliency"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+
+
+class ServeProcess:
+    """``saliency serve`` in a subprocess; its JSON log lines are collected as they come."""
+
+    def __init__(self, models: Path, *flags: str) -> None:
+        command = [*saliency_command(), "serve", "--models", str(models), "--port", "0",
+                   "--metrics-port", "0", "--log-format", "json", *flags]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.Queue[dict] = queue.Queue()
+        self.log: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        serving = self.wait_for_event("serving", timeout=120)
+        self.port, self.metrics_port = serving["port"], serving["metrics_port"]
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            try:
+                self.lines.put(json.loads(line))
+            except json.JSONDecodeError:
+                self.lines.put({"message": line.rstrip()})
+
+    def wait_for_event(self, event: str, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                entry = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"server exited ({self.process.returncode}); "
+                                         f"log: {self.log[-5:]}") from None
+                continue
+            self.log.append(entry)
+            if entry.get("event") == event:
+                return entry
+        raise AssertionError(f"no {event!r} log line within {timeout} s; log: {self.log[-5:]}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def models(repository: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    shutil.copytree(slow_repository(tmp_path_factory.getbasetemp(), repository), root)
+    return root
+
+
+def test_sighup_reloads_and_sigterm_drains_in_flight_requests(models: Path,
+                                                              repository: Path) -> None:
+    server = ServeProcess(models, "--max-inflight", "2", "--max-queue", "4",
+                          "--grace-seconds", "60", "--chunk-memory-bytes", str(8 * 2**20))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def readiness() -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                    timeout=5).status
+
+            assert readiness() == health_pb2.HealthCheckResponse.SERVING
+            # SIGHUP: a package copied in is served without a restart.
+            shutil.copytree(repository / "tiny", models / "added")
+            manifest_path = models / "added" / "1" / "manifest.json"
+            manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()),
+                                                 "name": "added"}))
+            server.process.send_signal(signal.SIGHUP)
+            server.wait_for_event("reload")
+            added = tiny_request(pb.METHOD_VANILLA_GRADIENT)
+            added.model = "added"
+            assert stub.Explain(added, timeout=30).model == "added"
+
+            # Four slow requests: two executing, two queued.
+            in_flight = [stub.Explain.future(slow_request(batch=1, stride=4, seed=i),
+                                             timeout=300) for i in range(4)]
+            _until(lambda: (lambda s: value(s, "saliency_inflight_requests") == 2 and
+                            value(s, "saliency_queued_requests") == 2)(
+                                scrape(server.metrics_port)))
+            server.process.send_signal(signal.SIGTERM)
+            _until(lambda: readiness() == health_pb2.HealthCheckResponse.NOT_SERVING)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Explain(tiny_request(pb.METHOD_VANILLA_GRADIENT), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in refused.value.details()
+            assert any(not f.done() for f in in_flight), "the requests finished too early"
+            completed = 0
+            for future in in_flight:
+                reply = future.result()
+                assert reply.cost.forward_passes == 1 + 169
+                completed += 1
+        returncode = server.process.wait(timeout=120)
+        print(f"\nshutdown: {completed} of {len(in_flight)} in-flight requests (2 executing, "
+              f"2 queued) completed after SIGTERM; exit code {returncode}")
+        assert completed == 4
+        assert returncode == 0
+        events = [entry.get("event") for entry in server.log]
+        while True:  # drain the rest of the log
+            try:
+                events.append(server.lines.get(timeout=1).get("event"))
+            except queue.Empty:
+                break
+        assert "draining" in events and "stopped" in events
+        assert "drain_timeout" not in events
+    finally:
+        server.kill()
+
+
+def test_grace_period_bounds_the_drain(repository: Path,
+                                      tmp_path_factory: pytest.TempPathFactory,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A request longer than the grace period does not hold the server: when the grace
+    period ends the request is cancelled at its next check and the server stops."""
+    root = slow_repository(tmp_path_factory.getbasetemp(), repository)
+    running = RunningServer(make_config(root, max_inflight=1,
+                                        chunk_memory_bytes=8 * 2**20)).start()
+    stopped = False
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            long_request = stub.Explain.future(slow_request(batch=8, stride=2), timeout=300)
+            _until(lambda: running.server.admission.inflight == 1)
+            started = time.monotonic()
+            running.stop(grace=0.5)
+            stopped = True
+            elapsed = time.monotonic() - started
+            with pytest.raises(grpc.RpcError) as error:
+                long_request.result(timeout=30)
+            assert error.value.code() in (grpc.StatusCode.CANCELLED,
+                                          grpc.StatusCode.UNAVAILABLE)
+        assert elapsed < 10, f"stopping took {elapsed:.1f} s"
+        assert any(getattr(r, "event", None) == "drain_timeout" for r in caplog.records)
+        _until(lambda: running.server.admission.inflight == 0, timeout=10)
+    finally:
+        if not stopped:
+            running.stop()
+
+
+def _until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except (OSError, grpc.RpcError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
