@@ -10,7 +10,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, make_config
 from tests.production_support import rss_bytes, scrape, slow_repository, slow_request, value
@@ -62,7 +61,8 @@ def test_overload_is_refused_at_once_and_memory_stays_flat(busy: RunningServer,
         futures = [stub.Explain.future(request, timeout=120) for _ in range(concurrent)]
         for index, future in enumerate(futures):
             future.add_done_callback(
-                lambda _, i=index: finished.setdefault(i, time.perf_counter() - started))
+                lambda _, i=index, done=finished, t0=started: done.setdefault(
+                    i, time.perf_counter() - t0))
         for index, future in enumerate(futures):
             try:
                 future.result()
