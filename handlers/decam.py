@@ -56,7 +56,7 @@ from handlers.base import (
     softmax,
 )
 from handlers.baselines import BASELINES, make_baseline
-from handlers.perturbation import base_probabilities, blend, upsample_grids
+from handlers.perturbation import base_probabilities, upsample_grids
 from handlers.registry import register
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import DeadlineExceeded, InvalidInput
@@ -85,6 +85,8 @@ class MaskFitness:
         self.baseline = baseline
         self.weights = weights
         self.base = np.maximum(base_probabilities(job), 1e-6)  # N
+        # keep = b + M·(x − b) and delete = x − M·(x − b): one product per candidate.
+        self.difference = (job.inputs - baseline).astype(np.float32)
 
     @property
     def terms(self) -> int:
@@ -102,13 +104,13 @@ class MaskFitness:
         delete_probability = np.zeros(batch * population)
         per_chunk = max(1, job.items_per_chunk() // max(self.terms, 1))
         for part in chunks(batch * population, per_chunk):
-            masks = upsample_grids(flat_grids[part], height, width)
-            inputs, baseline = job.inputs[owner[part]], self.baseline[owner[part]]
+            masks = upsample_grids(flat_grids[part], height, width)[:, None]
+            kept = masks * self.difference[owner[part]]
             images = []
             if self.weights.preservation > 0:
-                images.append(blend(inputs, baseline, masks))
+                images.append(self.baseline[owner[part]] + kept)
             if self.weights.deletion > 0:
-                images.append(blend(inputs, baseline, 1.0 - masks))
+                images.append(job.inputs[owner[part]] - kept)
             (logits,) = run_onnx_batched(job, np.concatenate(images), chunk_items=per_chunk
                                          * self.terms)
             probabilities = softmax(logits)[
@@ -224,33 +226,41 @@ class Decam(Handler):
                                f"got {params['patience']}")
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
-        params = job.params
-        rng = job.rng()
-        height, width = job.inputs.shape[2:]
-        baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input, rng)
-        fitness_of = MaskFitness(job, baseline, FitnessWeights(
-            preservation=float(params["preservation_weight"]),
-            deletion=float(params["deletion_weight"]),
-            sparsity=float(params["sparsity"])))
-        search = _Search(job, rng, fitness_of)
-        stages = refine_stages(int(params["grid"]), bool(params["refine"]))
-        population: np.ndarray | None = None
-        for grid, generations in zip(stages, split_generations(int(params["generations"]),
-                                                                len(stages)), strict=True):
-            if population is None:
-                population = rng.random((job.batch, int(params["population"]), grid, grid))
-            else:  # seed the finer stage with the coarser stage's population
-                coarse = population.reshape(-1, *population.shape[2:])
-                population = np.clip(upsample_grids(coarse, grid, grid), 0.0, 1.0).reshape(
-                    job.batch, -1, grid, grid)
-            population = search.run(population, generations)
-            if search.stopped:
-                break
-        job.diagnostics.update(search.diagnostics())
-        return upsample_grids(search.best_grids(), height, width)
+        return search_masks(job)
 
     def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
         return scale_by_max(raw)
+
+
+def search_masks(job: ExplainJob, fitness_class: type[MaskFitness] = MaskFitness) -> np.ndarray:
+    """Runs the (optionally coarse-to-fine) DE search; returns the best masks as N×H×W.
+
+    ``fitness_class`` lets a benchmark swap in another way of evaluating the same candidates.
+    """
+    params = job.params
+    rng = job.rng()
+    height, width = job.inputs.shape[2:]
+    baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input, rng)
+    fitness_of = fitness_class(job, baseline, FitnessWeights(
+        preservation=float(params["preservation_weight"]),
+        deletion=float(params["deletion_weight"]),
+        sparsity=float(params["sparsity"])))
+    search = _Search(job, rng, fitness_of)
+    stages = refine_stages(int(params["grid"]), bool(params["refine"]))
+    population: np.ndarray | None = None
+    for grid, generations in zip(stages, split_generations(int(params["generations"]),
+                                                            len(stages)), strict=True):
+        if population is None:
+            population = rng.random((job.batch, int(params["population"]), grid, grid))
+        else:  # seed the finer stage with the coarser stage's population
+            coarse = population.reshape(-1, *population.shape[2:])
+            population = np.clip(upsample_grids(coarse, grid, grid), 0.0, 1.0).reshape(
+                job.batch, -1, grid, grid)
+        population = search.run(population, generations)
+        if search.stopped:
+            break
+    job.diagnostics.update(search.diagnostics())
+    return upsample_grids(search.best_grids(), height, width)
 
 
 class _Search:

@@ -1,0 +1,238 @@
+"""DE-CAM: how much does batching every generation into one ONNX Runtime call buy?
+
+Side by side in one run, on the same images, seed and parameters:
+
+* ``batched``: our DE-CAM — the N images' searches in lock-step, each generation (N ×
+  population candidates × 2 fitness terms) one memory-bounded ONNX Runtime call;
+* ``batched_per_image``: the same, one image at a time (what lock-step adds);
+* ``one_candidate_per_call``: the straightforward way — the same DE, the same random numbers,
+  but each candidate evaluated by its own ONNX Runtime call (its keep and delete images);
+* ``scipy_vectorized``: ``scipy.optimize.differential_evolution(vectorized=True)`` with the
+  same fitness, population, generations, F, CR and strategy, one image per search.
+
+The first three share the DE trajectory, so their final fitness must agree up to float noise
+(batched and single-image ONNX Runtime results differ in the last bits). Then time-to-map with
+default parameters at 128×128 and 224×224 (DemoResNet-shaped models).
+
+    python -m benchmarks.decam [--quick]
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import differential_evolution
+
+from benchmarks.common import CACHE, base_parser, demo_repository, fmt, table, write_json
+from handlers import registry
+from handlers.base import ExplainJob, Limits, run_onnx_batched, softmax
+from handlers.decam import MaskFitness, search_masks
+from handlers.perturbation import blend, upsample_grids
+from saliency.v1 import explainer_pb2 as pb
+from service.repository import ModelHandle
+
+
+class OneCandidatePerCall(MaskFitness):
+    """The same fitness, but one ONNX Runtime call per candidate (its keep + delete images)."""
+
+    def __call__(self, grids: np.ndarray) -> np.ndarray:
+        job = self.job
+        batch, population = grids.shape[:2]
+        height, width = job.inputs.shape[2:]
+        fitness = np.zeros((batch, population))
+        for item in range(batch):
+            x, b = job.inputs[item:item + 1], self.baseline[item:item + 1]
+            target, base = job.targets[item], self.base[item]
+            for index in range(population):
+                mask = upsample_grids(grids[item, index][None], height, width)
+                images = np.concatenate([blend(x, b, mask), blend(x, b, 1.0 - mask)])
+                (logits,) = run_onnx_batched(job, images)
+                keep, delete = softmax(logits)[:, target]
+                fitness[item, index] = (
+                    self.weights.preservation * keep / base
+                    + self.weights.deletion * (base - delete) / base
+                    - self.weights.sparsity * grids[item, index].mean())
+        return fitness
+
+
+def load(root: Path, name: str) -> ModelHandle:
+    handle = ModelHandle(name, 1, root / name / "1")
+    handle.load()
+    if not handle.ready:
+        raise SystemExit(f"{name} failed to load: {handle.error}")
+    return handle
+
+
+def model_224() -> ModelHandle:
+    """A DemoResNet-shaped model at 224×224 (random weights; only the cost matters here)."""
+    root = CACHE / "decam-224"
+    if not (root / "demo224" / "1" / "manifest.json").is_file():
+        from service.architectures import DemoResNet  # noqa: PLC0415
+        from service.export import export_package  # noqa: PLC0415
+
+        export_package(DemoResNet(num_classes=10), name="demo224", version=1,
+                       input_shape=(3, 224, 224), mean=[0.5] * 3, std=[0.25] * 3,
+                       class_labels=[f"class_{i}" for i in range(10)], repository=root,
+                       scale_modules=DemoResNet.scale_modules(), cam_layer="layer4",
+                       head="fc", overwrite=True, verify_inputs=1)
+    return load(root, "demo224")
+
+
+def make_job(handle: ModelHandle, inputs: np.ndarray, params: dict[str, Any],
+             seed: int) -> ExplainJob:
+    handler = registry.get(pb.METHOD_DECAM)
+    resolved = {**handler.resolve_params(None), **params}
+    (logits,) = handle.run(inputs)
+    job = ExplainJob(model=handle, inputs=inputs, targets=logits.argmax(1), params=resolved,
+                     base_logits=logits, seed=seed,
+                     limits=Limits(max_samples=4096, max_generations=10_000))
+    handler.validate(resolved, job)
+    return job
+
+
+def timed_search(handle: ModelHandle, inputs: np.ndarray, params: dict[str, Any], seed: int,
+                 fitness_class: type[MaskFitness] = MaskFitness) -> dict[str, Any]:
+    job = make_job(handle, inputs, params, seed)
+    started = time.perf_counter()
+    maps = search_masks(job, fitness_class)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "forward_passes": job.cost.forward_passes,
+            "fitness": float(job.diagnostics["best_fitness"]),
+            "generations_run": job.diagnostics["generations_run"], "maps": maps}
+
+
+def scipy_search(handle: ModelHandle, image: np.ndarray, params: dict[str, Any],
+                 seed: int) -> dict[str, Any]:
+    """One image through scipy's vectorized DE with our fitness (it minimizes −fitness)."""
+    job = make_job(handle, image, params, seed)
+    from handlers.baselines import make_baseline  # noqa: PLC0415
+    from handlers.decam import FitnessWeights  # noqa: PLC0415
+
+    baseline = make_baseline(job.params["baseline"], job.inputs, handle.spec().input,
+                             job.rng())
+    fitness = MaskFitness(job, baseline, FitnessWeights(
+        float(job.params["preservation_weight"]), float(job.params["deletion_weight"]),
+        float(job.params["sparsity"])))
+    grid, size = int(job.params["grid"]), int(job.params["population"])
+
+    def negative(x: np.ndarray) -> np.ndarray:  # x: D×S
+        return -fitness(x.T.reshape(1, -1, grid, grid))[0]
+
+    started = time.perf_counter()
+    result = differential_evolution(
+        negative, [(0.0, 1.0)] * grid * grid, strategy=job.params["strategy"],
+        maxiter=int(job.params["generations"]), init=job.rng().random((size, grid * grid)),
+        mutation=float(job.params["mutation"]), recombination=float(job.params["crossover"]),
+        tol=0.0, polish=False, vectorized=True, updating="deferred", rng=seed)
+    return {"seconds": time.perf_counter() - started,
+            "forward_passes": job.cost.forward_passes, "fitness": float(-result.fun)}
+
+
+def small_cnn_handle() -> ModelHandle:
+    """A small CNN built with ``onnx.helper`` at 32×32, whose cost is mostly per-call overhead."""
+    from tests.onnx_models import small_cnn, write_package  # noqa: PLC0415
+
+    root = CACHE / "decam-small"
+    if not (root / "small" / "1" / "manifest.json").is_file():
+        write_package(small_cnn(classes=10, size=32), root, "small")
+    return load(root, "small")
+
+
+def side_by_side(handle: ModelHandle, inputs: np.ndarray, params: dict[str, Any],
+                 seed: int) -> dict[str, Any]:
+    """The four ways on the same images, seed and parameters."""
+    images = inputs.shape[0]
+    batched = timed_search(handle, inputs, params, seed)
+    per_image = [timed_search(handle, inputs[i:i + 1], params, seed) for i in range(images)]
+    reference = timed_search(handle, inputs, params, seed, OneCandidatePerCall)
+    scipy_runs = [scipy_search(handle, inputs[i:i + 1], params, seed) for i in range(images)]
+    rows = []
+    for name, seconds, passes, fitness in [
+        ("batched (lock-step)", batched["seconds"], batched["forward_passes"],
+         batched["fitness"]),
+        ("batched, one image at a time", sum(r["seconds"] for r in per_image),
+         sum(r["forward_passes"] for r in per_image),
+         float(np.mean([r["fitness"] for r in per_image]))),
+        ("one candidate per call", reference["seconds"], reference["forward_passes"],
+         reference["fitness"]),
+        ("scipy vectorized, per image", sum(r["seconds"] for r in scipy_runs),
+         sum(r["forward_passes"] for r in scipy_runs),
+         float(np.mean([r["fitness"] for r in scipy_runs]))),
+    ]:
+        rows.append({"model": f"{handle.name} {inputs.shape[2]}×{inputs.shape[3]}", "way": name,
+                     "seconds": seconds, "forward_passes": passes,
+                     "mean_best_fitness": fitness,
+                     "time_vs_batched": seconds / batched["seconds"]})
+    return {
+        "model": handle.name, "input": list(inputs.shape[1:]), "rows": rows,
+        "speedup_vs_one_candidate_per_call": reference["seconds"] / batched["seconds"],
+        "speedup_lockstep_vs_per_image": rows[1]["seconds"] / batched["seconds"],
+        "fitness_gap": abs(batched["fitness"] - reference["fitness"]),
+        "map_gap": float(np.abs(batched["maps"] - reference["maps"]).max()),
+    }
+
+
+def cell_inputs(handle: ModelHandle, images: int, seed: int) -> np.ndarray:
+    """Test cells when the dataset module is there, else Gaussian noise."""
+    spec = handle.spec().input
+    try:
+        from evaluation.cells import TEST_CONFIG, CellConfig, generate  # noqa: PLC0415
+        from service.core import preprocess_pixels  # noqa: PLC0415
+
+        cells = generate(images, CellConfig(size=spec.height, seed=TEST_CONFIG.seed))
+        return preprocess_pixels(cells.images, spec)
+    except ImportError:
+        return np.random.default_rng(seed).normal(size=(images, *spec.shape[1:])).astype(
+            np.float32)
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    images = 2 if args.quick else args.images
+    # The side-by-side run uses no early stop so all ways do exactly the same generations.
+    params = ({"population": 16, "generations": 8, "patience": 0} if args.quick
+              else {"population": 32, "generations": 30, "patience": 0})
+
+    demo = load(demo_repository(), "demo")
+    small = small_cnn_handle()
+    comparisons = [side_by_side(demo, cell_inputs(demo, images, args.seed), params, args.seed),
+                   side_by_side(small, cell_inputs(small, images, args.seed), params,
+                                args.seed)]
+
+    timing = []
+    for label, handle in [("128×128", demo), ("224×224", model_224())]:
+        image = cell_inputs(handle, 1, args.seed)
+        defaults = {"generations": 8, "population": 16} if args.quick else {}
+        run = timed_search(handle, image, defaults, args.seed)
+        timing.append({"input": label, "model": handle.name,
+                       "params": "quick" if args.quick else "defaults",
+                       "seconds_to_map": run["seconds"],
+                       "forward_passes": run["forward_passes"],
+                       "generations_run": run["generations_run"]})
+
+    print(f"DE-CAM, {images} images, params {params}, seed {args.seed}\n")
+    print(table([{k: fmt(v) for k, v in row.items()}
+                 for comparison in comparisons for row in comparison["rows"]]))
+    for comparison in comparisons:
+        print(f"{comparison['model']}: one-candidate-per-call / batched wall time "
+              f"{comparison['speedup_vs_one_candidate_per_call']:.1f}× (target >= 10×); "
+              f"lock-step gain {comparison['speedup_lockstep_vs_per_image']:.2f}×; "
+              f"|fitness gap| {comparison['fitness_gap']:.2e}, "
+              f"max |map gap| {comparison['map_gap']:.2e}")
+    print()
+    print(table([{k: fmt(v) for k, v in row.items()} for row in timing]))
+    path = write_json("decam", {
+        "quick": args.quick, "images": images, "params": params, "seed": args.seed,
+        "comparisons": comparisons, "time_to_map": timing,
+    }, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
