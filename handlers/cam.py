@@ -5,9 +5,10 @@ The program already returns the scale activations, so the gradient is
 ``torch.autograd.grad(logit, scale_output)`` on a program copy where that output is a leaf:
 the layers before it run without autograd and the backward stops there.
 
-Maps: the ReLU'd CAM min-max normalized per image (as pytorch-grad-cam does), then upsampled
-bilinearly (align_corners=False) to the input size. ``return_raw`` gives the signed CAM
-before the ReLU at the layer's resolution (N×h×w, Captum's ``relu_attributions=False``).
+Maps: the ReLU'd CAM upsampled bilinearly (align_corners=False) to the input size, then
+min-max normalized per image (pytorch-grad-cam's result; an all-zero CAM stays all zeros).
+``return_raw`` gives the signed CAM before the ReLU at the layer's resolution (N×h×w, Captum's
+``relu_attributions=False``).
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ class CamHandler(GradientHandler):
         return signed_cam(job, output_name, self.plus_plus)
 
     def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
-        scaled = normalize_per_image(np.maximum(raw, 0.0))
-        return np.clip(upsample(scaled, job.inputs.shape[2], job.inputs.shape[3]), 0.0, 1.0)
+        positive = np.maximum(raw, 0.0)
+        return normalize_per_image(upsample(positive, job.inputs.shape[2], job.inputs.shape[3]))
 
 
 @register
