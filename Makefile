@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first, pinned: it lies on this machine's disk.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# Test reference for Grad-CAM++; --no-deps because it requires torchvision (new torch).
+	$(BIN)/python -m pip install --quiet --no-deps grad-cam==1.5.7
 	touch $(STAMP)
 
 serve: $(STAMP)
