@@ -106,11 +106,12 @@ def mass_inside(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 def run_method(handle: ModelHandle, method: int, params: dict[str, Any], inputs: np.ndarray,
                targets: np.ndarray, logits: np.ndarray, seed: int = 0,
-               batch: int = 8) -> tuple[np.ndarray, int, float]:
-    """Maps for all inputs, in batches; returns (maps, forward passes, seconds)."""
+               batch: int = 8) -> tuple[np.ndarray, int, float, float | None]:
+    """Maps for all inputs, in batches; returns (maps, forward passes, seconds, mean DE-CAM
+    fitness or None)."""
     handler = registry.get(method)
     resolved = {**handler.resolve_params(None), **params}
-    maps, passes, started = [], 0, time.perf_counter()
+    maps, passes, fitness, started = [], 0, [], time.perf_counter()
     for start in range(0, inputs.shape[0], batch):
         part = slice(start, start + batch)
         job = ExplainJob(model=handle, inputs=inputs[part], targets=targets[part],
@@ -118,13 +119,18 @@ def run_method(handle: ModelHandle, method: int, params: dict[str, Any], inputs:
                          limits=Limits(max_samples=4096, max_generations=1000))
         maps.append(handler.explain(job).maps)
         passes += job.cost.forward_passes
-    return np.concatenate(maps), passes, time.perf_counter() - started
+        if "best_fitness" in job.diagnostics:
+            fitness.append(job.diagnostics["best_fitness"] * job.batch)
+    mean_fitness = sum(fitness) / inputs.shape[0] if fitness else None
+    return np.concatenate(maps), passes, time.perf_counter() - started, mean_fitness
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--images", type=int, default=60)
+    parser.add_argument("--variant-images", type=int, default=24,
+                        help="images for the DE-CAM grid/refinement variants")
     parser.add_argument("--quick", action="store_true", help="a few images, smaller budgets")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -143,27 +149,35 @@ def main() -> None:
     accuracy = float((logits.argmax(1) == targets).mean())
     area = float(masks.mean())
 
-    methods: list[tuple[str, int, dict[str, Any]]] = [
-        ("decam", pb.METHOD_DECAM, {}),
-        ("decam_refine", pb.METHOD_DECAM, {"refine": True, "grid": 16}),
-        ("rise", pb.METHOD_RISE, {"masks": 400} if args.quick else {}),
+    # (label, method, params, images): refinement variants on a subset to bound the run time.
+    variants = 6 if args.quick else args.variant_images
+    methods: list[tuple[str, int, dict[str, Any], int]] = [
+        ("decam", pb.METHOD_DECAM, {}, images),
+        ("rise", pb.METHOD_RISE, {"masks": 400} if args.quick else {}, images),
         ("occlusion", pb.METHOD_OCCLUSION, {"window": max(4, spec.height // 8),
-                                            "stride": max(2, spec.height // 16)}),
+                                            "stride": max(2, spec.height // 16)}, images),
+        ("decam grid 8 (same subset)", pb.METHOD_DECAM, {}, variants),
+        ("decam refine 4→8", pb.METHOD_DECAM, {"refine": True}, variants),
+        ("decam grid 16", pb.METHOD_DECAM, {"grid": 16}, variants),
+        ("decam refine 4→8→16", pb.METHOD_DECAM, {"grid": 16, "refine": True}, variants),
     ]
     available = {h.method for h in registry.handlers() if h.available_for(handle)}
     if pb.METHOD_GRADCAM in available:
-        methods.insert(0, ("gradcam", pb.METHOD_GRADCAM, {}))
+        methods.insert(0, ("gradcam", pb.METHOD_GRADCAM, {}, images))
     rows = []
-    for label, method, params in methods:
-        maps, passes, seconds = run_method(handle, method, params, inputs, targets, logits)
-        scores = mass_inside(maps, masks)
-        rows.append({"method": label, "params": params, "mass_inside": float(scores.mean()),
+    for label, method, params, count in methods:
+        count = min(count, len(keep))
+        maps, passes, seconds, fitness = run_method(
+            handle, method, params, inputs[:count], targets[:count], logits[:count])
+        scores = mass_inside(maps, masks[:count])
+        rows.append({"method": label, "params": params, "images": count,
+                     "mass_inside": float(scores.mean()),
                      "mass_inside_std": float(scores.std()),
-                     "forward_passes_per_image": passes / len(keep),
-                     "seconds_per_image": seconds / len(keep)})
-        print(f"{label:14s} mass inside {scores.mean():.3f} ± {scores.std():.3f}   "
-              f"forward/image {passes / len(keep):8.0f}   s/image {seconds / len(keep):.3f}",
-              flush=True)
+                     "forward_passes_per_image": passes / count,
+                     "seconds_per_image": seconds / count, "best_fitness": fitness})
+        print(f"{label:28s} n={count:3d} mass inside {scores.mean():.3f} ± {scores.std():.3f}"
+              f"   forward/image {passes / count:7.0f}   s/image {seconds / count:6.3f}"
+              + (f"   fitness {fitness:.3f}" if fitness is not None else ""), flush=True)
     by_name = {row["method"]: row["mass_inside"] for row in rows}
     ratio = by_name["decam"] / by_name["gradcam"] if "gradcam" in by_name else None
     print(f"\nmodel {handle.name}/{handle.version} ({spec.height}×{spec.width}), "

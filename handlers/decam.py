@@ -299,7 +299,8 @@ class _Search:
         state = self.job.state
         if not self.job.best_effort or state.deadline is None or self.best is None:
             return False
-        margin = max(0.05, 1.5 * self.generation_seconds)
+        # Room for one more generation (with slack for a noisy machine) and the reply.
+        margin = max(0.1, 2.0 * self.generation_seconds)
         return time.monotonic() + margin >= state.deadline
 
     def _truncate(self) -> None:
