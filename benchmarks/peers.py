@@ -1,0 +1,508 @@
+"""Side by side with what a user would pick instead.
+
+1. TorchServe 0.12 + Captum (its stock ``/explanations`` path: Integrated Gradients, 15
+   steps, JSON lists) against our ``Explain`` over gRPC with Integrated Gradients: same model
+   weights, same PNG images, same target, same concurrency. Explanations/s, p50/p99, response
+   bytes, and the relative completeness error |Σ attribution − (f(x) − f(x'))| / |f(x) − f(x')|
+   of both; then ours at the fewest steps whose error is no worse than TorchServe's.
+2. Captum in-process against our server end to end, same method and steps (what the service
+   adds), and our core in-process (what gRPC adds).
+3. ``Predict`` over gRPC against ONNX Runtime in-process for one 128×128 image.
+
+Models: the demo model and a ResNet-50-shaped model (random weights) at 224².
+
+    python -m benchmarks.peers [--quick] [--models demo,resnet50] [--requests 8]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from benchmarks.common import (
+    CACHE,
+    ROOT,
+    ServerProcess,
+    TorchServeProcess,
+    base_parser,
+    demo_repository,
+    percentiles,
+    png_images,
+    resnet50_repository,
+    table,
+    time_calls,
+    torchserve_missing,
+    write_json,
+)
+from saliency.v1 import explainer_pb2 as pb
+from saliency.v1 import explainer_pb2_grpc as pb_grpc
+
+STOCK_STEPS = 15  # TorchServe's VisionHandler.get_insights: n_steps=15
+OPTIONS = [("grpc.max_receive_message_length", 256 * 1024 * 1024),
+           ("grpc.max_send_message_length", 256 * 1024 * 1024)]
+
+
+# ---- the model on both sides ----------------------------------------------------------------
+
+ARCHITECTURES = {"demo": "DemoResNet", "resnet50": "ResNet50Shape"}
+
+
+def _architecture(package: Path) -> tuple[str, dict[str, int], dict[str, Any]]:
+    """The eager class, its constructor arguments and its weights (from ``model.pt2``)."""
+    import torch  # noqa: PLC0415
+
+    name = json.loads((package / "manifest.json").read_text())["name"]
+    if name not in ARCHITECTURES:
+        raise ValueError(f"no eager architecture known for package {name!r}")
+    program = torch.export.load(str(package / "model.pt2"))
+    state = {key.removeprefix("model."): value for key, value in program.state_dict.items()}
+    state.update({key.removeprefix("model."): value
+                  for key, value in getattr(program, "constants", {}).items()
+                  if isinstance(value, torch.Tensor) and key.startswith("model.")})
+    arguments = {"num_classes": int(state["fc.weight"].shape[0])}
+    if name == "demo":
+        arguments["width"] = int(state["stem.0.weight"].shape[0])
+    return ARCHITECTURES[name], arguments, state
+
+
+def eager_module(package: Path) -> Any:
+    """The package's model as the eager ``service.architectures`` module, checked against the
+    package's torch program, so Captum and TorchServe run exactly the served weights."""
+    import torch  # noqa: PLC0415
+
+    from service import architectures  # noqa: PLC0415
+
+    class_name, arguments, state = _architecture(package)
+    module = getattr(architectures, class_name)(**arguments)
+    module.load_state_dict(state, strict=False)
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    shape = json.loads((package / "manifest.json").read_text())["input"]["shape"]
+    x = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch.export.load(str(package / "model.pt2")).module()(x)[0]
+        got = module(x)
+    if not torch.allclose(got, expected, atol=1e-3, rtol=1e-3):
+        raise RuntimeError(f"eager {class_name} disagrees with {package}/model.pt2 by "
+                           f"{float((got - expected).abs().max()):.3g}")
+    return module
+
+
+def torchserve_mar(package: Path, store: Path) -> str:
+    """The package's weights in TorchServe's eager layout (``model.py`` + state dict),
+    archived with the stock-explain handler; cached by the package's checksum."""
+    import torch  # noqa: PLC0415
+
+    manifest = json.loads((package / "manifest.json").read_text())
+    _, _channels, height, width = manifest["input"]["shape"]
+    digest = hashlib.sha256((package / "model.pt2").read_bytes()).hexdigest()[:10]
+    name = f"peer_{manifest['name']}_{digest}"
+    if (store / f"{name}.mar").is_file():
+        return name
+    class_name, arguments, _ = _architecture(package)
+    with tempfile.TemporaryDirectory() as staging:
+        staging_dir = Path(staging)
+        torch.save(eager_module(package).state_dict(), staging_dir / "weights.pth")
+        call = ", ".join(f"{k}={v}" for k, v in arguments.items())
+        (staging_dir / "model.py").write_text(
+            f"from service.architectures import {class_name}\n\n\n"
+            f"class Model({class_name}):\n    def __init__(self):\n"
+            f"        super().__init__({call})\n")
+        (staging_dir / "preprocess.json").write_text(json.dumps(
+            {"height": height, "width": width, "mean": manifest["input"]["mean"],
+             "std": manifest["input"]["std"]}))
+        handler = ROOT / "deploy" / "torchserve" / "captum_ig_handler.py"
+        store.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(Path(sys.executable).parent / "torch-model-archiver"),
+                        "--model-name", name, "--version", "1",
+                        "--model-file", str(staging_dir / "model.py"),
+                        "--serialized-file", str(staging_dir / "weights.pth"),
+                        "--handler", str(handler),
+                        "--extra-files", str(staging_dir / "preprocess.json"),
+                        "--export-path", str(store), "--force"], check=True)
+    return name
+
+
+# ---- clients --------------------------------------------------------------------------------
+
+def _concurrent(call: Any, items: list[Any], concurrency: int) -> tuple[list[float], float,
+                                                                          list[Any]]:
+    """Runs ``call(item)`` for every item with ``concurrency`` threads; latencies, elapsed."""
+    def timed(item: Any) -> tuple[float, Any]:
+        started = time.perf_counter()
+        result = call(item)
+        return time.perf_counter() - started, result
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        outcomes = list(pool.map(timed, items))
+    return [o[0] for o in outcomes], time.perf_counter() - started, [o[1] for o in outcomes]
+
+
+def _torchserve_explain(url: str, image: bytes) -> tuple[int, np.ndarray]:
+    request = urllib.request.Request(url, data=image, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        body = reply.read()
+    return len(body), np.asarray(json.loads(body), dtype=np.float64)
+
+
+def _ig_request(model: str, image: bytes, steps: int, rule: str) -> pb.ExplainRequest:
+    request = pb.ExplainRequest(model=model, method=pb.METHOD_INTEGRATED_GRADIENTS,
+                                input=pb.Input(images=pb.EncodedImages(images=[image])),
+                                return_raw=True)
+    request.target.class_index = 0  # TorchServe's explain path explains class 0 by default
+    request.integrated_gradients.steps = steps
+    request.integrated_gradients.rule = pb.QuadratureRule.Value("QUADRATURE_" + rule.upper())
+    return request
+
+
+def _relative_completeness(module: Any, inputs: np.ndarray, attribution: np.ndarray,
+                           baseline: np.ndarray) -> float:
+    import torch  # noqa: PLC0415
+
+    with torch.no_grad():
+        at_input = float(module(torch.from_numpy(inputs))[0, 0])
+        at_baseline = float(module(torch.from_numpy(baseline))[0, 0])
+    expected = at_input - at_baseline
+    return abs(float(attribution.sum()) - expected) / max(abs(expected), 1e-12)
+
+
+# ---- 1. TorchServe + Captum vs our Explain ---------------------------------------------------
+
+# Below this relative completeness error, float32 rounding dominates (sums of ~10⁵ terms);
+# "equal error" means no worse than TorchServe's or this floor, whichever is larger.
+ERROR_FLOOR = 0.01
+
+
+class _Side:
+    """Latencies, wall time and replies of one side, gathered over interleaved rounds."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
+        self.replies: list[Any] = []
+
+    def run(self, call: Any, items: list[Any], concurrency: int) -> None:
+        latencies, elapsed, replies = _concurrent(call, items, concurrency)
+        self.latencies += latencies
+        self.elapsed += elapsed
+        self.replies += replies
+
+    def summary(self) -> dict[str, Any]:
+        return {"explanations_per_s": len(self.latencies) / max(self.elapsed, 1e-9),
+                **percentiles(self.latencies)}
+
+
+def _ours_summary(side: _Side, steps: int, rule: str) -> dict[str, Any]:
+    from service.images import tensor_to_array  # noqa: PLC0415
+
+    sizes = []
+    for reply in side.replies:
+        trimmed = pb.ExplainResponse()
+        trimmed.CopyFrom(reply)
+        trimmed.ClearField("raw")  # the wire size of the default reply: maps, no raw
+        sizes.append(trimmed.ByteSize())
+    return {"steps": steps, "rule": rule, **side.summary(),
+            "response_bytes": float(np.mean(sizes)),
+            "completeness_error_relative": float(np.mean(
+                [r.diagnostics["completeness_error_relative"] for r in side.replies])),
+            "attribution_sum_mean": float(np.mean(
+                [tensor_to_array(r.raw).sum() for r in side.replies]))}
+
+
+def versus_torchserve(model: str, package: Path, address: str, images: list[bytes],
+                      concurrency: int, steps_grid: tuple[int, ...]) -> dict[str, Any]:
+    """One model: TorchServe's stock explain path against ours, in interleaved rounds (both
+    servers up, alternating), so background load hits both sides alike."""
+    from service.core import preprocess_pixels  # noqa: PLC0415
+    from service.images import decode_image  # noqa: PLC0415
+    from service.repository import Manifest  # noqa: PLC0415
+
+    manifest = Manifest.from_json(json.loads((package / "manifest.json").read_text()))
+    module = eager_module(package)
+    inputs = [preprocess_pixels(decode_image(image, 0, 1 << 24)[None], manifest.input)
+              for image in images]
+    result: dict[str, Any] = {"model": model, "images": len(images),
+                              "concurrency": concurrency, "steps": STOCK_STEPS}
+    indices = list(range(len(images)))
+    rounds = [indices[i::2] for i in range(2)] if len(images) >= 4 else [indices]
+    channel = grpc.insecure_channel(address, options=OPTIONS)
+    stub = pb_grpc.ExplainerStub(channel)
+
+    def explain(request: pb.ExplainRequest) -> pb.ExplainResponse:
+        return stub.Explain(request, timeout=600)
+
+    def ours_requests(batch: list[bytes], steps: int) -> list[pb.ExplainRequest]:
+        return [_ig_request(model, image, steps, "gauss_legendre") for image in batch]
+
+    # Our completeness error by steps (two images), to find the equal-error step count.
+    sweep = []
+    for steps in steps_grid:
+        errors = [explain(r).diagnostics["completeness_error_relative"]
+                  for r in ours_requests(images[:2], steps)]
+        sweep.append({"steps": steps, "completeness_error_relative": float(np.mean(errors))})
+    result["ours_steps_sweep"] = sweep
+
+    missing = torchserve_missing()
+    workdir = Path(tempfile.mkdtemp(prefix="peer-torchserve-"))
+    served: TorchServeProcess | None = None
+    try:
+        torchserve = _Side()
+        ours_equal = _Side()
+        if missing:
+            result["torchserve"] = {"skipped": missing}
+        else:
+            name = torchserve_mar(package, CACHE / "torchserve-store")
+            served = TorchServeProcess(CACHE / "torchserve-store", f"{name}={name}.mar",
+                                       workdir, workers=1).start()
+            url = f"{served.inference_url}/explanations/{name}"
+            _torchserve_explain(url, images[0])  # warm-up
+        explain(ours_requests(images[:1], STOCK_STEPS)[0])  # warm-up
+        for batch in rounds:
+            pictures = [images[index] for index in batch]
+            if served is not None:
+                torchserve.run(lambda image, url=url: _torchserve_explain(url, image), pictures,
+                               concurrency)
+            ours_equal.run(explain, ours_requests(pictures, STOCK_STEPS), concurrency)
+        if served is not None:
+            served.stop()
+            order = [index for batch in rounds for index in batch]
+            errors = [_relative_completeness(module, inputs[index], attribution,
+                                             np.zeros_like(inputs[index]))
+                      for index, (_, attribution) in zip(order, torchserve.replies,
+                                                         strict=True)]
+            result["torchserve"] = {
+                **torchserve.summary(),
+                "response_bytes": float(np.mean([r[0] for r in torchserve.replies])),
+                "completeness_error_relative": float(np.mean(errors)),
+                "method": "Captum IntegratedGradients (gausslegendre), zero baseline, "
+                          "eager model, 1 worker"}
+        result["ours_equal_steps"] = _ours_summary(ours_equal, STOCK_STEPS, "gauss_legendre")
+        reference = result["torchserve"].get("completeness_error_relative")
+        if reference is not None:
+            target = max(float(reference), ERROR_FLOOR)
+            fitting = [s["steps"] for s in sweep if s["completeness_error_relative"] <= target]
+            chosen = min(fitting) if fitting else STOCK_STEPS
+            result["equal_error_target"] = target
+            if chosen == STOCK_STEPS:
+                result["ours_equal_error"] = result["ours_equal_steps"]
+            else:
+                side = _Side()
+                for batch in rounds:
+                    side.run(explain, ours_requests([images[i] for i in batch], chosen),
+                             concurrency)
+                result["ours_equal_error"] = _ours_summary(side, chosen, "gauss_legendre")
+            ts = result["torchserve"]
+            result["ratios"] = {
+                "throughput_equal_steps": result["ours_equal_steps"]["explanations_per_s"]
+                / ts["explanations_per_s"],
+                "throughput_equal_error": result["ours_equal_error"]["explanations_per_s"]
+                / ts["explanations_per_s"],
+                "p50_equal_steps": ts["p50_ms"] / result["ours_equal_steps"]["p50_ms"],
+                "response_bytes": ts["response_bytes"]
+                / result["ours_equal_steps"]["response_bytes"],
+            }
+    finally:
+        channel.close()
+        if served is not None:
+            served.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+# ---- 2. Captum in-process vs our server ------------------------------------------------------
+
+def service_overhead(model: str, package: Path, address: str, image: bytes, steps: int,
+                     repeats: int) -> list[dict[str, Any]]:
+    """p50 of Captum in-process, our core in-process and our server over gRPC, one image."""
+    import torch  # noqa: PLC0415
+    from captum.attr import IntegratedGradients, Saliency  # noqa: PLC0415
+
+    from handlers.base import CostCounter, RequestState  # noqa: PLC0415
+    from service.config import Config  # noqa: PLC0415
+    from service.core import Core, preprocess_pixels  # noqa: PLC0415
+    from service.images import decode_image  # noqa: PLC0415
+    from service.metrics import Metrics  # noqa: PLC0415
+    from service.repository import Manifest, Repository  # noqa: PLC0415
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server runs each request on one intra-op thread
+    try:
+        manifest = Manifest.from_json(json.loads((package / "manifest.json").read_text()))
+        module = eager_module(package)
+        x = torch.from_numpy(preprocess_pixels(decode_image(image, 0, 1 << 24)[None],
+                                               manifest.input))
+        repository = Repository(package.parent.parent, intra_op_threads=1)
+        repository.load_all()
+        core = Core(repository, Config(models=package.parent.parent, intra_op_threads=1),
+                    Metrics())
+        rows = []
+        cases = [("vanilla_gradient", pb.METHOD_VANILLA_GRADIENT, None,
+                  lambda: Saliency(module).attribute(x.clone().requires_grad_(), target=0,
+                                                     abs=True)),
+                 (f"integrated_gradients-{steps}", pb.METHOD_INTEGRATED_GRADIENTS,
+                  pb.IntegratedGradientsParams(steps=steps),
+                  lambda: IntegratedGradients(module).attribute(x, target=0, n_steps=steps))]
+        with grpc.insecure_channel(address, options=OPTIONS) as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            for label, method, params, captum_call in cases:
+                request = pb.ExplainRequest(model=manifest.name, method=method,
+                                            input=pb.Input(images=pb.EncodedImages(
+                                                images=[image])))
+                request.target.class_index = 0
+                if params is not None:
+                    request.integrated_gradients.CopyFrom(params)
+                captum = percentiles(time_calls(captum_call, repeats))
+                core_p50 = percentiles(time_calls(
+                    lambda r=request: core.explain(r, RequestState(None), CostCounter()),
+                    repeats))
+                served = percentiles(time_calls(lambda r=request: stub.Explain(r, timeout=600),
+                                                repeats))
+                rows.append({"model": model, "method": label,
+                             "captum_p50_ms": captum["p50_ms"],
+                             "core_p50_ms": core_p50["p50_ms"],
+                             "grpc_p50_ms": served["p50_ms"],
+                             "service_added_ms": served["p50_ms"] - captum["p50_ms"],
+                             "grpc_added_ms": served["p50_ms"] - core_p50["p50_ms"]})
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---- 3. gRPC overhead of Predict ---------------------------------------------------------------
+
+def predict_overhead(package: Path, address: str, repeats: int) -> dict[str, Any]:
+    """Predict over gRPC against one ONNX Runtime call in-process (same session options)."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    from service.images import array_to_tensor  # noqa: PLC0415
+
+    manifest = json.loads((package / "manifest.json").read_text())
+    shape = [1, *manifest["input"]["shape"][1:]]
+    inputs = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(package / "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    local = percentiles(time_calls(lambda: session.run(["logits"], {"input": inputs}),
+                                   repeats, warmup=5))
+    request = pb.PredictRequest(model=manifest["name"],
+                                input=pb.Input(tensor=array_to_tensor(inputs)))
+    with grpc.insecure_channel(address, options=OPTIONS) as channel:
+        stub = pb_grpc.ExplainerStub(channel)
+        remote = percentiles(time_calls(lambda: stub.Predict(request, timeout=30), repeats,
+                                        warmup=5))
+    return {"input_shape": shape, "onnxruntime_p50_ms": local["p50_ms"],
+            "grpc_p50_ms": remote["p50_ms"], "added_p50_ms": remote["p50_ms"] - local["p50_ms"],
+            "onnxruntime_p99_ms": local["p99_ms"], "grpc_p99_ms": remote["p99_ms"],
+            "target_added_ms": 1.0}
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+def report(results: dict[str, Any]) -> str:
+    lines = []
+    rows = []
+    for entry in results["versus_torchserve"]:
+        ts = entry.get("torchserve", {})
+        if "skipped" in ts:
+            lines.append(f"{entry['model']}: TorchServe skipped: {ts['skipped']}")
+        else:
+            rows.append({"model": entry["model"], "server": "TorchServe + Captum",
+                         "steps": STOCK_STEPS, "expl/s": ts["explanations_per_s"],
+                         "p50 ms": ts["p50_ms"], "p99 ms": ts["p99_ms"],
+                         "bytes": ts["response_bytes"],
+                         "completeness err": ts["completeness_error_relative"]})
+        for key, label in (("ours_equal_steps", "ours, equal steps"),
+                           ("ours_equal_error", "ours, equal error")):
+            if key in entry:
+                ours = entry[key]
+                rows.append({"model": entry["model"], "server": label, "steps": ours["steps"],
+                             "expl/s": ours["explanations_per_s"], "p50 ms": ours["p50_ms"],
+                             "p99 ms": ours["p99_ms"], "bytes": ours["response_bytes"],
+                             "completeness err": ours["completeness_error_relative"]})
+    lines.append("Integrated Gradients: TorchServe 0.12 + Captum vs our Explain over gRPC "
+                 f"({results['concurrency']} concurrent clients)")
+    lines.append(table(rows))
+    for entry in results["versus_torchserve"]:
+        if "ratios" in entry:
+            ratios = entry["ratios"]
+            lines.append(
+                f"{entry['model']}: throughput ×{ratios['throughput_equal_steps']:.2f} at equal "
+                f"steps, ×{ratios['throughput_equal_error']:.2f} at equal completeness error; "
+                f"p50 ×{ratios['p50_equal_steps']:.2f} faster; responses "
+                f"×{ratios['response_bytes']:.1f} smaller")
+        sweep = ", ".join(f"{s['steps']}: {s['completeness_error_relative']:.3g}"
+                          for s in entry.get("ours_steps_sweep", []))
+        lines.append(f"{entry['model']}: our relative completeness error by steps: {sweep}")
+    lines += ["", "What the service adds (batch 1, one image, concurrency 1):",
+              table(results["service_overhead"])]
+    predict = results["predict_overhead"]
+    lines.append(
+        f"Predict {predict['input_shape']}: ONNX Runtime in-process p50 "
+        f"{predict['onnxruntime_p50_ms']:.2f} ms, over gRPC {predict['grpc_p50_ms']:.2f} ms: "
+        f"{predict['added_p50_ms']:.2f} ms added (target ≤ 1 ms)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None, help="demo,resnet50 (quick: demo)")
+    parser.add_argument("--requests", type=int, help="explanations per side (default 8, "
+                                                     "quick 4)")
+    parser.add_argument("--concurrency", type=int, default=2)
+    args = parser.parse_args(argv)
+    models = (args.models or ("demo" if args.quick else "demo,resnet50")).split(",")
+    requests = args.requests or (4 if args.quick else 8)
+    repeats = 5 if args.quick else 20
+    steps_grid = (4, 8, 15) if args.quick else (4, 6, 8, 10, 12, 15)
+    results: dict[str, Any] = {"concurrency": args.concurrency, "requests": requests,
+                               "versus_torchserve": [], "service_overhead": [],
+                               "quick": args.quick}
+    config = {"max_inflight": args.concurrency, "max_queue": 16, "intra_op_threads": 1}
+    for model in models:
+        if model == "demo":
+            repository = demo_repository()
+        elif model == "resnet50":
+            repository = resnet50_repository(224)
+        else:
+            parser.error(f"unknown model {model!r}; choose demo or resnet50")
+        package = repository / model / "1"
+        size = json.loads((package / "manifest.json").read_text())["input"]["shape"][-1]
+        images = png_images(requests, int(size), seed=5)
+        with ServerProcess(repository, config) as server:
+            results["versus_torchserve"].append(versus_torchserve(
+                model, package, server.address, images, args.concurrency, steps_grid))
+            results["service_overhead"] += service_overhead(
+                model, package, server.address, images[0], STOCK_STEPS,
+                max(3, repeats // (4 if model == "resnet50" else 1)))
+            if model == "demo":
+                results["predict_overhead"] = predict_overhead(package, server.address,
+                                                               repeats * 10)
+    if "predict_overhead" not in results:
+        with ServerProcess(demo_repository(), config) as server:
+            results["predict_overhead"] = predict_overhead(
+                demo_repository() / "demo" / "1", server.address, repeats * 10)
+    text = report(results)
+    print(text)
+    print(f"wrote {write_json('peers', {**results, 'report': text}, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
