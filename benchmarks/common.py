@@ -171,6 +171,27 @@ def demo_repository() -> Path:
     return root
 
 
+def sized_repository(architecture: str, size: int) -> Path:
+    """A cached repository with one random-weight package (``demo`` = DemoResNet,
+    ``resnet50`` = ResNet50Shape) whose input is ``size``×``size``, for size sweeps."""
+    if architecture == "resnet50":
+        return resnet50_repository(size)
+    root = CACHE / f"demo-{size}"
+    if not (root / "demo" / "1" / "manifest.json").is_file():
+        import torch  # noqa: PLC0415
+
+        from service.architectures import DemoResNet  # noqa: PLC0415
+        from service.export import export_package  # noqa: PLC0415
+
+        torch.manual_seed(0)
+        export_package(DemoResNet(num_classes=10), name="demo", version=1,
+                       input_shape=(3, size, size), mean=[0.5] * 3, std=[0.25] * 3,
+                       class_labels=[], repository=root,
+                       scale_modules=DemoResNet.scale_modules(), cam_layer="layer4",
+                       head="fc", overwrite=True, verify_inputs=1)
+    return root
+
+
 def resnet50_repository(size: int = 224, name: str = "resnet50") -> Path:
     """A repository holding ``ResNet50Shape`` (random weights, seed 0) at ``size``², cached."""
     root = CACHE / f"resnet50-{size}"
