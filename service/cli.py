@@ -109,6 +109,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """``saliency bench load --quick`` → ``python -m benchmarks.load --quick``."""
+    suite = "run_all" if args.suite == "all" else args.suite
+    try:
+        module = importlib.import_module(f"benchmarks.{suite}")
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"no benchmark suite {args.suite!r} ({exc}); run from the "
+                         "repository root, where benchmarks/ is") from exc
+    return int(module.main(args.suite_args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saliency", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="explain the true class (default) or the predicted one")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=_evaluate)
+
+    bench = commands.add_parser(
+        "bench", help="run a benchmark suite: load, peers, scaling, … or all (make bench)")
+    bench.add_argument("suite", help="a benchmarks/<suite>.py name, or all")
+    bench.add_argument("suite_args", nargs=argparse.REMAINDER,
+                       help="passed on, e.g. --quick or --server HOST:PORT")
+    bench.set_defaults(run=_bench)
     return parser
 
 
