@@ -255,7 +255,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         remaining = context.time_remaining()
         state = RequestState(time.monotonic() + remaining if remaining is not None else None)
         cost = CostCounter()
-        admitted = handed_off = False
+        admitted = handed_off = settled = False
 
         def timed(state: RequestState, cost: CostCounter) -> T:
             cpu_started = time.process_time()
@@ -263,6 +263,18 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                 return work(state, cost)
             finally:
                 outcome.cpu_seconds = time.process_time() - cpu_started
+
+        def settle() -> None:
+            """Frees the slot and records the request — before the client hears the
+            status, so a scrape after any reply already counts it."""
+            nonlocal settled
+            if settled or handed_off:
+                return
+            settled = True
+            if admitted:
+                self._running.discard(state)
+                self.admission.release()
+            self._finish(outcome, cost)
 
         try:
             check_limits(request, self.config)
@@ -285,9 +297,11 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                 outcome.method = relabel(result)
             if isinstance(result, pb.ExplainResponse):
                 result.request_id = outcome.request_id
+            settle()
             return result
         except ServiceError as exc:
             outcome.code = exc.code
+            settle()
             await context.abort(exc.code, str(exc))
             raise AssertionError("unreachable") from exc  # abort raises
         except asyncio.CancelledError:
@@ -301,17 +315,14 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                           extra={"event": "internal_error", "request_id": outcome.request_id,
                                  "model": outcome.model, "method": outcome.method,
                                  "code": "INTERNAL"})
+            settle()
             await context.abort(grpc.StatusCode.INTERNAL,
                                 f"internal error ({type(exc).__name__}); request id "
                                 f"{outcome.request_id} — quote it to the operator, whose log "
                                 "has the traceback")
             raise AssertionError("unreachable") from exc
         finally:
-            if not handed_off:
-                if admitted:
-                    self._running.discard(state)
-                    self.admission.release()
-                self._finish(outcome, cost)
+            settle()
 
     def _release_after(self, outcome: _Outcome, cost: CostCounter,
                        state: RequestState) -> None:
