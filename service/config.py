@@ -15,6 +15,36 @@ from typing import Any
 
 ENV_PREFIX = "SALIENCY_"
 
+# One line per setting, shown by ``saliency serve --help`` (and in the README).
+HELP = {
+    "models": "model repository root: <models>/<name>/<version>/",
+    "host": "address to bind (0.0.0.0 in containers)",
+    "port": "gRPC port (0 picks a free one)",
+    "metrics_port": "Prometheus /metrics port (0 picks a free one, -1 turns it off)",
+    "max_inflight": "requests executing at once (one worker thread each)",
+    "max_queue": "requests waiting for a worker; beyond that RESOURCE_EXHAUSTED at once",
+    "max_batch": "images per request",
+    "max_pixels": "pixels (height × width) per image, decoded or tensor",
+    "max_message_bytes": "largest gRPC message received or sent",
+    "max_samples": "noise samples per image (SmoothGrad, VarGrad, Guided AbsoluteGrad)",
+    "max_steps": "Integrated Gradients steps",
+    "max_masks": "RISE masks",
+    "max_population": "DE-CAM population",
+    "max_generations": "DE-CAM generations",
+    "chunk_memory_bytes": "activation memory one batched chunk of a method may hold",
+    "intra_op_threads": "threads inside one ONNX Runtime / torch call (0 = library default)",
+    "grace_seconds": "on SIGTERM, seconds admitted requests get to finish",
+    "reload_interval_seconds": "seconds between repository scans for changed packages "
+                               "(0 = off; SIGHUP always reloads)",
+    "tls_cert": "server certificate chain (PEM); with tls_key turns TLS on",
+    "tls_key": "server private key (PEM)",
+    "tls_client_ca": "CA bundle (PEM) that client certificates must chain to (mutual TLS)",
+    "auth_token": "bearer token required in 'authorization' metadata (health stays open)",
+    "auth_token_file": "file with one accepted bearer token per line (e.g. a mounted secret)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "json (one object per line) or text",
+}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -106,7 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            help=f"default {f.default!s}; env {ENV_PREFIX}{f.name.upper()}",
+            help=f"{HELP.get(f.name, '')} (default {f.default!s}; env "
+                 f"{ENV_PREFIX}{f.name.upper()})",
         )
 
 

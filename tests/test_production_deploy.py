@@ -270,3 +270,20 @@ def test_autoscaler_targets_the_deployment_and_a_metric_the_server_exports() -> 
     assert re.search(rf"^# TYPE {metric} gauge$", exported, re.MULTILINE)
     assert metric in (K8S / "README.md").read_text()  # the adapter rule is documented
     assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
+
+
+def test_every_setting_has_a_flag_an_env_var_and_help() -> None:
+    from service.config import HELP, from_sources  # noqa: PLC0415
+    from service.config import add_arguments as add  # noqa: PLC0415
+
+    fields = [f.name for f in dataclasses.fields(Config) if f.name != "extra"]
+    assert set(HELP) == set(fields)
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser()
+    add(parser)
+    args = parser.parse_args(["--max-queue", "3"])
+    config = from_sources(args, environ={"SALIENCY_MAX_QUEUE": "9", "SALIENCY_MAX_BATCH": "5"})
+    assert config.max_queue == 3 and config.max_batch == 5  # flag > env > default
+    with pytest.raises(SystemExit, match="tls_cert and tls_key"):
+        from_sources(None, environ={"SALIENCY_TLS_CERT": "cert.pem"})
