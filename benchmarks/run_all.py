@@ -20,7 +20,8 @@ from benchmarks.common import RESULTS, ROOT, base_parser, machine_info
 
 NOT_SUITES = {"__init__", "common", "run_all"}
 # Fast suites first; the long peer comparison last.
-ORDER = ("gradients", "multiscale", "decam", "localization", "scaling", "load", "peers")
+ORDER = ("gradients", "multiscale", "multiscale_cells", "decam", "localization", "scaling",
+         "load", "peers")
 
 
 def discover() -> list[str]:
@@ -34,8 +35,12 @@ def run_suite(name: str, quick: bool, out: Path, timeout: float) -> dict[str, An
     command = [sys.executable, "-m", f"benchmarks.{name}"]
     if quick:
         command.append("--quick")
-    if out != RESULTS:
-        command += ["--out", str(out)]
+    if out != RESULTS:  # suites name their results folder --out, or their file --output
+        source = (ROOT / "benchmarks" / f"{name}.py").read_text()
+        if '"--out"' in source:
+            command += ["--out", str(out)]
+        elif '"--output"' in source:
+            command += ["--output", str(out / f"{name}.json")]
     started = time.perf_counter()
     log_path = out / f"{name}.log"
     try:
