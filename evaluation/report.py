@@ -141,6 +141,7 @@ class Options:
     target: str = "label"
     examples: int = 6
     progress: bool = True
+    fill: bool = True  # False: only summarize what the cache already holds
 
 
 @dataclass
@@ -195,7 +196,8 @@ def run(options: Options) -> Path:
         state = Run(options, key, config, variants, engines, defaults, version,
                     tuple(int(d) for d in info.input.shape[2:4]),  # type: ignore[arg-type]
                     generate_cells(options.images, config))
-        _fill(client, classifier, state)
+        if options.fill:
+            _fill(client, classifier, state)
     return write_report(state)
 
 
@@ -545,7 +547,8 @@ def write_report(state: Run) -> Path:
     lines = [
         f"# Saliency methods on {options.model} v{state.version}: quality and cost",
         "",
-        f"{options.images} synthetic cell images (`{options.config}` configuration: "
+        f"Up to {options.images} synthetic cell images (n per method below; "
+        f"`{options.config}` configuration: "
         f"{config.size}×{config.size} px, backgrounds {', '.join(config.backgrounds)}, seed "
         f"{config.seed}); maps scored at {state.map_size[0]}×{state.map_size[1]}; explained "
         f"class: {'the true label' if options.target == 'label' else 'the prediction'}. "
@@ -555,13 +558,13 @@ def write_report(state: Run) -> Path:
         "p50 ms is request wall time over its batch of "
         f"{options.batch}). Means over images; ground-truth metrics skip blank images.",
         "",
-        "| method | engine | fwd/img | bwd/img | p50 ms | "
+        "| method | engine | n | fwd/img | bwd/img | p50 ms | "
         + " | ".join(h for _, h, _ in SUMMARY_METRICS) + " |",
-        "|" + "---|" * (5 + len(SUMMARY_METRICS)),
+        "|" + "---|" * (6 + len(SUMMARY_METRICS)),
     ]
     for s in summaries:
         cells_text = [f"{s.label}{' ★' if summaries.index(s) in front else ''}", s.engine,
-                      _fmt(s.forward, 1), _fmt(s.backward, 1), _fmt(s.p50_ms, 1)]
+                      str(s.images), _fmt(s.forward, 1), _fmt(s.backward, 1), _fmt(s.p50_ms, 1)]
         cells_text += [_fmt(s.means[name]) for name, _, _ in SUMMARY_METRICS]
         lines.append("| " + " | ".join(cells_text) + " |")
     lines += ["", "★ = on the cost (p50 ms) vs RCAP Pareto front: "

@@ -130,9 +130,9 @@ def test_evaluate_end_to_end_and_rerun_reuses_results(cell_server, tmp_path: Pat
     assert "| vanilla_gradient" in summary and "| occlusion[window=8,stride=8]" in summary
     table = next(line for line in summary.splitlines() if line.startswith("| vanilla_gradient"))
     cells_text = [c.strip() for c in table.strip("|").split("|")]
-    assert cells_text[1] == "torch" and cells_text[2] == "2.0" and cells_text[3] == "1.0"
+    assert cells_text[1:5] == ["torch", str(images), "2.0", "1.0"]
     mean_rcap = np.mean([float(r["rcap"]) for r in vanilla])
-    assert cells_text[5] == f"{mean_rcap:.3f}"
+    assert cells_text[6] == f"{mean_rcap:.3f}"
     assert "## The papers' claims, checked here" in summary
     for figure in ("examples.png", "cost_quality.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -147,3 +147,14 @@ def test_evaluate_end_to_end_and_rerun_reuses_results(cell_server, tmp_path: Pat
     assert len(again) == 3 * images
     assert {r["method"] for r in again[len(rows):]} == {"occlusion"}
     assert re.search(r"^\| occlusion( ★)? \|", (out / "summary.md").read_text(), re.MULTILINE)
+
+    # --report-only with more images than cached: nothing is computed, n says what was scored.
+    served_before = requests_served(running, "occlusion")
+    more = [*args]
+    more[more.index("--images") + 1] = str(2 * images)
+    assert cli.main([*more, "--report-only", "--methods", "occlusion"]) == 0
+    assert requests_served(running, "occlusion") == served_before
+    assert len(read_csv(out / "results.csv")) == 3 * images
+    line = next(x for x in (out / "summary.md").read_text().splitlines()
+                if x.startswith("| occlusion"))
+    assert line.split("|")[3].strip() == str(images)
