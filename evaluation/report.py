@@ -191,8 +191,10 @@ def run(options: Options) -> Path:
         config = CONFIGS[options.config]
         if options.size:
             config = dataclasses.replace(config, size=options.size)
+        manifest = json.loads((package / "manifest.json").read_text())
+        weights = manifest.get("files", {}).get("model.onnx", {}).get("sha256", "")[:8]
         key = (f"{options.config}-{config.size}px-seed{config.seed}-{options.model}"
-               f"-v{version}-target_{options.target}")
+               f"-v{version}-{weights}-target_{options.target}")
         state = Run(options, key, config, variants, engines, defaults, version,
                     tuple(int(d) for d in info.input.shape[2:4]),  # type: ignore[arg-type]
                     generate_cells(options.images, config))

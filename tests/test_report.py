@@ -100,7 +100,9 @@ def test_evaluate_end_to_end_and_rerun_reuses_results(cell_server, tmp_path: Pat
     rows = read_csv(out / "results.csv")
     assert len(rows) == 2 * images
     assert {r["method"] for r in rows} == {"vanilla_gradient", "occlusion[window=8,stride=8]"}
-    assert {r["run"] for r in rows} == {"test-48px-seed1-cells-v3-target_label"}
+    # The run key names the data, the model and its weights (a retrained model is a new run).
+    (run_key,) = {r["run"] for r in rows}
+    assert re.fullmatch(r"test-48px-seed1-cells-v3-[0-9a-f]{8}-target_label", run_key)
     for row in rows:
         assert int(row["target"]) == int(row["label"])  # explained the true class
         assert 0.0 <= float(row["rcap"]) <= 1.0
