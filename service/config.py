@@ -35,7 +35,7 @@ HELP = {
     "intra_op_threads": "threads inside one ONNX Runtime / torch call (0 = library default)",
     "grace_seconds": "on SIGTERM, seconds admitted requests get to finish",
     "reload_interval_seconds": "seconds between repository scans for changed packages "
-                               "(0 = off; SIGHUP always reloads)",
+    "(0 = off; SIGHUP always reloads)",
     "tls_cert": "server certificate chain (PEM); with tls_key turns TLS on",
     "tls_key": "server private key (PEM)",
     "tls_client_ca": "CA bundle (PEM) that client certificates must chain to (mutual TLS)",
@@ -137,7 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             dest=f.name,
             default=None,
             help=f"{HELP.get(f.name, '')} (default {f.default!s}; env "
-                 f"{ENV_PREFIX}{f.name.upper()})",
+            f"{ENV_PREFIX}{f.name.upper()})",
         )
 
 

@@ -71,8 +71,10 @@ def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config)
     elif kind == "tensor" and source.tensor.shape:
         batch = int(source.tensor.shape[0])
     if batch > config.max_batch:
-        raise InvalidInput(f"batch of {batch} exceeds the limit max_batch={config.max_batch} "
-                           "(--max-batch); split the request")
+        raise InvalidInput(
+            f"batch of {batch} exceeds the limit max_batch={config.max_batch} "
+            "(--max-batch); split the request"
+        )
     which = request.WhichOneof("params") if isinstance(request, pb.ExplainRequest) else None
     if which is None:
         return
@@ -86,7 +88,8 @@ def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config)
         if value > limit:
             raise InvalidInput(
                 f"{which}.{name}={value} exceeds the server limit {limit_name}={limit} "
-                f"(--{limit_name.replace('_', '-')})")
+                f"(--{limit_name.replace('_', '-')})"
+            )
 
 
 @dataclass
@@ -129,7 +132,8 @@ class Admission:
             raise ResourceExhausted(
                 f"server at capacity: {self.inflight} executing (max_inflight="
                 f"{self.max_inflight}) and {self.waiting} waiting (max_queue={self.max_queue}); "
-                "retry with backoff")
+                "retry with backoff"
+            )
         started = time.perf_counter()
         self.waiting += 1
         self.peak_waiting = max(self.peak_waiting, self.waiting)
@@ -148,7 +152,8 @@ class Admission:
             self._reject("deadline_in_queue")
             raise DeadlineExceeded(
                 f"the request's deadline passed after {waited:.3f} s in the queue; it was not "
-                "started (raise the deadline or retry when the server is less busy)")
+                "started (raise the deadline or retry when the server is less busy)"
+            )
         self.inflight += 1
         self.admitted += 1
         self.peak_inflight = max(self.peak_inflight, self.inflight)
@@ -200,8 +205,9 @@ class _Outcome:
 class ExplainerServicer(pb_grpc.ExplainerServicer):
     """``saliency.v1.Explainer`` over a Core."""
 
-    def __init__(self, core: Core, metrics: Metrics, admission: Admission,
-                 executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, core: Core, metrics: Metrics, admission: Admission, executor: ThreadPoolExecutor
+    ) -> None:
         self.core = core
         self.config: Config = core.config
         self.metrics = metrics
@@ -228,21 +234,44 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         if outcome.cost is not None:
             wall, cpu = outcome.cost.wall_seconds, outcome.cost.cpu_seconds
         else:
-            wall, cpu = time.perf_counter() - outcome.started - outcome.queue_seconds, \
-                outcome.cpu_seconds
-        self.metrics.observe(outcome.model, outcome.method, outcome.code.name, wall, cpu,
-                             dict(cost.forward_by_engine), cost.backward_passes)
-        log.info("request %s %s", outcome.method, outcome.code.name, extra={
-            "event": "request", "request_id": outcome.request_id, "model": outcome.model,
-            "method": outcome.method, "code": outcome.code.name,
-            "latency_ms": round((time.perf_counter() - outcome.started) * 1000, 3),
-            "queue_ms": round(outcome.queue_seconds * 1000, 3),
-            "forward_passes": cost.forward_passes, "backward_passes": cost.backward_passes})
+            wall, cpu = (
+                time.perf_counter() - outcome.started - outcome.queue_seconds,
+                outcome.cpu_seconds,
+            )
+        self.metrics.observe(
+            outcome.model,
+            outcome.method,
+            outcome.code.name,
+            wall,
+            cpu,
+            dict(cost.forward_by_engine),
+            cost.backward_passes,
+        )
+        log.info(
+            "request %s %s",
+            outcome.method,
+            outcome.code.name,
+            extra={
+                "event": "request",
+                "request_id": outcome.request_id,
+                "model": outcome.model,
+                "method": outcome.method,
+                "code": outcome.code.name,
+                "latency_ms": round((time.perf_counter() - outcome.started) * 1000, 3),
+                "queue_ms": round(outcome.queue_seconds * 1000, 3),
+                "forward_passes": cost.forward_passes,
+                "backward_passes": cost.backward_passes,
+            },
+        )
 
-    async def _run(self, context: grpc.aio.ServicerContext,
-                   request: pb.ExplainRequest | pb.PredictRequest, method: str,
-                   work: Callable[[RequestState, CostCounter], T],
-                   relabel: Callable[[T], str] | None = None) -> T:
+    async def _run(
+        self,
+        context: grpc.aio.ServicerContext,
+        request: pb.ExplainRequest | pb.PredictRequest,
+        method: str,
+        work: Callable[[RequestState, CostCounter], T],
+        relabel: Callable[[T], str] | None = None,
+    ) -> T:
         """Checks limits, admits, runs ``work`` in the pool and maps errors to statuses.
 
         ``relabel`` names the method that actually ran (METHOD_AUTO resolves late). When
@@ -281,15 +310,17 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             outcome.queue_seconds = await self.admission.acquire(state)
             admitted = True
             self._running.add(state)
-            future = asyncio.get_running_loop().run_in_executor(self.executor, timed, state,
-                                                                cost)
+            future = asyncio.get_running_loop().run_in_executor(self.executor, timed, state, cost)
             try:
                 result = await asyncio.shield(future)
             except asyncio.CancelledError:
                 state.cancelled.set()
                 handed_off = True
-                outcome.code = (grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(state)
-                                else grpc.StatusCode.CANCELLED)
+                outcome.code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED
+                    if deadline_passed(state)
+                    else grpc.StatusCode.CANCELLED
+                )
                 future.add_done_callback(lambda _: self._release_after(outcome, cost, state))
                 raise
             outcome.cost = getattr(result, "cost", None)
@@ -306,49 +337,68 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             raise AssertionError("unreachable") from exc  # abort raises
         except asyncio.CancelledError:
             if outcome.code == grpc.StatusCode.OK:
-                outcome.code = (grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(state)
-                                else grpc.StatusCode.CANCELLED)
+                outcome.code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED
+                    if deadline_passed(state)
+                    else grpc.StatusCode.CANCELLED
+                )
             raise
         except Exception as exc:
             outcome.code = grpc.StatusCode.INTERNAL
-            log.exception("request %s failed: %s", outcome.request_id, type(exc).__name__,
-                          extra={"event": "internal_error", "request_id": outcome.request_id,
-                                 "model": outcome.model, "method": outcome.method,
-                                 "code": "INTERNAL"})
+            log.exception(
+                "request %s failed: %s",
+                outcome.request_id,
+                type(exc).__name__,
+                extra={
+                    "event": "internal_error",
+                    "request_id": outcome.request_id,
+                    "model": outcome.model,
+                    "method": outcome.method,
+                    "code": "INTERNAL",
+                },
+            )
             settle()
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error ({type(exc).__name__}); request id "
-                                f"{outcome.request_id} — quote it to the operator, whose log "
-                                "has the traceback")
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error ({type(exc).__name__}); request id "
+                f"{outcome.request_id} — quote it to the operator, whose log "
+                "has the traceback",
+            )
             raise AssertionError("unreachable") from exc
         finally:
             settle()
 
-    def _release_after(self, outcome: _Outcome, cost: CostCounter,
-                       state: RequestState) -> None:
+    def _release_after(self, outcome: _Outcome, cost: CostCounter, state: RequestState) -> None:
         """Done-callback of a cancelled request's worker: frees its slot, then records it."""
         self._running.discard(state)
         self.admission.release()
         self._finish(outcome, cost)
 
-    async def Explain(self, request: pb.ExplainRequest,  # noqa: N802 - gRPC method name
-                      context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+    async def Explain(  # noqa: N802 - gRPC method name
+        self,
+        request: pb.ExplainRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ExplainResponse:
         def work(state: RequestState, cost: CostCounter) -> pb.ExplainResponse:
             return self.core.explain(request, state, cost)
 
-        return await self._run(context, request, method_label(request.method), work,
-                               _ran_method)
+        return await self._run(context, request, method_label(request.method), work, _ran_method)
 
-    async def ExplainStream(self, request: pb.ExplainRequest,  # noqa: N802
-                            context: grpc.aio.ServicerContext
-                            ) -> AsyncIterator[pb.ExplainUpdate]:
+    async def ExplainStream(  # noqa: N802 - gRPC method name
+        self,
+        request: pb.ExplainRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ExplainUpdate]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[pb.ExplainUpdate] = asyncio.Queue()
 
         def on_progress(update: ProgressUpdate) -> None:
-            progress = pb.Progress(step=update.step, total_steps=update.total_steps,
-                                   best_fitness=update.best_fitness,
-                                   forward_passes=update.forward_passes)
+            progress = pb.Progress(
+                step=update.step,
+                total_steps=update.total_steps,
+                best_fitness=update.best_fitness,
+                forward_passes=update.forward_passes,
+            )
             if update.maps is not None:
                 progress.saliency.CopyFrom(array_to_tensor(update.maps))
             loop.call_soon_threadsafe(queue.put_nowait, pb.ExplainUpdate(progress=progress))
@@ -356,8 +406,9 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         def work(state: RequestState, cost: CostCounter) -> pb.ExplainResponse:
             return self.core.explain(request, state, cost, on_progress)
 
-        task = asyncio.ensure_future(self._run(
-            context, request, method_label(request.method), work, _ran_method))
+        task = asyncio.ensure_future(
+            self._run(context, request, method_label(request.method), work, _ran_method)
+        )
         try:
             while not task.done() or not queue.empty():
                 getter = asyncio.ensure_future(queue.get())
@@ -372,20 +423,29 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                 task.cancel()
         yield pb.ExplainUpdate(result=result)
 
-    async def Predict(self, request: pb.PredictRequest,  # noqa: N802
-                      context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+    async def Predict(  # noqa: N802 - gRPC method name
+        self,
+        request: pb.PredictRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.PredictResponse:
         def work(state: RequestState, cost: CostCounter) -> pb.PredictResponse:
             state.check()
             return self.core.predict(request, cost)
 
         return await self._run(context, request, "predict", work)
 
-    async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
-                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(  # noqa: N802 - gRPC method name
+        self,
+        request: pb.ListModelsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ListModelsResponse:
         return self.core.list_models()
 
-    async def GetModel(self, request: pb.GetModelRequest,  # noqa: N802
-                       context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModel(  # noqa: N802 - gRPC method name
+        self,
+        request: pb.GetModelRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ModelInfo:
         try:
             return self.core.get_model(request)
         except ServiceError as exc:

@@ -19,18 +19,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service.healthcheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m service.healthcheck",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     port = os.environ.get("SALIENCY_PORT", "50051")
     parser.add_argument("--address", default=f"127.0.0.1:{port}")
     parser.add_argument("--service", default="", help='"" = live; saliency.v1.Explainer = ready')
     parser.add_argument("--timeout", type=float, default=3.0)
-    parser.add_argument("--tls-ca", default=os.environ.get("SALIENCY_PROBE_TLS_CA", ""),
-                        help="PEM bundle that signed the server certificate")
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("SALIENCY_PROBE_TLS_CA", ""),
+        help="PEM bundle that signed the server certificate",
+    )
     parser.add_argument("--tls-cert", default=os.environ.get("SALIENCY_PROBE_TLS_CERT", ""))
     parser.add_argument("--tls-key", default=os.environ.get("SALIENCY_PROBE_TLS_KEY", ""))
-    parser.add_argument("--server-name", default="localhost",
-                        help="name to verify the server certificate against")
+    parser.add_argument(
+        "--server-name", default="localhost", help="name to verify the server certificate against"
+    )
     return parser
 
 
@@ -46,8 +53,9 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
         with open(args.tls_cert, "rb") as handle:
             chain = handle.read()
     credentials = grpc.ssl_channel_credentials(root, key, chain)
-    return grpc.secure_channel(args.address, credentials,
-                               options=[("grpc.ssl_target_name_override", args.server_name)])
+    return grpc.secure_channel(
+        args.address, credentials, options=[("grpc.ssl_target_name_override", args.server_name)]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _channel(args) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
     except grpc.RpcError as error:
         sys.stderr.write(f"unhealthy: {error.code().name}: {error.details()}\n")
         return 1

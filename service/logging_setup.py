@@ -16,8 +16,21 @@ from typing import Any
 # Fields a log call may attach with ``extra=``; anything else is dropped, so a
 # careless ``extra`` cannot leak a payload into the logs.
 FIELDS = (
-    "event", "request_id", "model", "version", "method", "code", "latency_ms", "queue_ms",
-    "forward_passes", "backward_passes", "peer", "reason", "port", "metrics_port", "models_ready",
+    "event",
+    "request_id",
+    "model",
+    "version",
+    "method",
+    "code",
+    "latency_ms",
+    "queue_ms",
+    "forward_passes",
+    "backward_passes",
+    "peer",
+    "reason",
+    "port",
+    "metrics_port",
+    "models_ready",
     "error",
 )
 

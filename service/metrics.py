@@ -21,7 +21,21 @@ from prometheus_client import (
 
 # 1 ms … 120 s, roughly ×2.5 per bucket.
 LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
     120.0,
 )
 
@@ -49,46 +63,80 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "saliency_requests", "Requests by model, method and gRPC status code.",
-            ["model", "method", "code"], registry=r)
+            "saliency_requests",
+            "Requests by model, method and gRPC status code.",
+            ["model", "method", "code"],
+            registry=r,
+        )
         self.request_seconds = Histogram(
             "saliency_request_seconds",
             "Wall time of successful requests' work (Cost.wall_seconds; queueing excluded).",
-            ["model", "method"], buckets=LATENCY_BUCKETS, registry=r)
+            ["model", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_seconds = Histogram(
-            "saliency_queue_seconds", "Time admitted requests waited for a worker.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "saliency_queue_seconds",
+            "Time admitted requests waited for a worker.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.forward_passes = Counter(
-            "saliency_forward_passes", "Forward passes, counted per image.",
-            ["model", "method", "engine"], registry=r)
+            "saliency_forward_passes",
+            "Forward passes, counted per image.",
+            ["model", "method", "engine"],
+            registry=r,
+        )
         self.backward_passes = Counter(
-            "saliency_backward_passes", "Backward passes, counted per image.",
-            ["model", "method"], registry=r)
+            "saliency_backward_passes",
+            "Backward passes, counted per image.",
+            ["model", "method"],
+            registry=r,
+        )
         self.cpu_seconds = Counter(
-            "saliency_cpu_seconds", "Process CPU seconds spent while serving requests.",
-            ["model", "method"], registry=r)
-        self.inflight = Gauge(
-            "saliency_inflight_requests", "Requests executing now.", registry=r)
+            "saliency_cpu_seconds",
+            "Process CPU seconds spent while serving requests.",
+            ["model", "method"],
+            registry=r,
+        )
+        self.inflight = Gauge("saliency_inflight_requests", "Requests executing now.", registry=r)
         self.queued = Gauge(
-            "saliency_queued_requests", "Requests admitted and waiting for a worker (queue depth).",
-            registry=r)
+            "saliency_queued_requests",
+            "Requests admitted and waiting for a worker (queue depth).",
+            registry=r,
+        )
         self.rejected = Counter(
-            "saliency_rejected", "Requests refused before running, by reason.", ["reason"],
-            registry=r)
+            "saliency_rejected",
+            "Requests refused before running, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.model_ready = Gauge(
-            "saliency_model_ready", "1 when the model version is loaded and serving.",
-            ["model", "version"], registry=r)
+            "saliency_model_ready",
+            "1 when the model version is loaded and serving.",
+            ["model", "version"],
+            registry=r,
+        )
         self.reloads = Counter(
-            "saliency_repository_reloads", "Rescans of the model repository that found changes.",
-            registry=r)
+            "saliency_repository_reloads",
+            "Rescans of the model repository that found changes.",
+            registry=r,
+        )
         self._means: dict[tuple[str, str], MeanCost] = {}
         self._ready_labels: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._http: Any = None
 
-    def observe(self, model: str, method: str, code: str, wall_seconds: float,
-                cpu_seconds: float, forward_by_engine: dict[str, int],
-                backward_passes: int) -> None:
+    def observe(
+        self,
+        model: str,
+        method: str,
+        code: str,
+        wall_seconds: float,
+        cpu_seconds: float,
+        forward_by_engine: dict[str, int],
+        backward_passes: int,
+    ) -> None:
         """Records one finished request (successful or not)."""
         self.requests.labels(model, method, code).inc()
         for engine, count in forward_by_engine.items():

@@ -32,7 +32,8 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     cert = _read(config.tls_cert, "tls_cert")
     client_ca = _read(config.tls_client_ca, "tls_client_ca") if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _read(path: str, name: str) -> bytes:
@@ -86,15 +87,17 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if self._authorized(handler_call_details.invocation_metadata):
             return handler
         self.metrics.rejected.labels("unauthenticated").inc()
-        log.warning("unauthenticated call refused", extra={"event": "unauthenticated",
-                                                           "method": method})
+        log.warning(
+            "unauthenticated call refused", extra={"event": "unauthenticated", "method": method}
+        )
         return _refusal(handler)
 
 
 async def _abort(_request: Any, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                        "missing or invalid bearer token: send metadata "
-                        "'authorization: Bearer <token>'")
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'",
+    )
 
 
 async def _abort_stream(_request: Any, context: grpc.aio.ServicerContext) -> Any:

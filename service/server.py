@@ -63,8 +63,9 @@ class SaliencyServer:
         self.metrics = Metrics()
         self.repository = Repository(config.models, config.intra_op_threads)
         self.core = Core(self.repository, config, self.metrics)
-        self.executor = ThreadPoolExecutor(max_workers=config.max_inflight,
-                                           thread_name_prefix="explain")
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.max_inflight, thread_name_prefix="explain"
+        )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.admission = Admission(config.max_inflight, config.max_queue, self.metrics)
@@ -83,8 +84,9 @@ class SaliencyServer:
         registry.load_builtin()
         self._fingerprint = repository_fingerprint(self.config.models)
         self.repository.load_all()
-        self.metrics.set_models_ready({(h.name, str(h.version)): h.ready
-                                       for h in self.repository.handles()})
+        self.metrics.set_models_ready(
+            {(h.name, str(h.version)): h.ready for h in self.repository.handles()}
+        )
 
     async def reload(self, force: bool = False) -> bool:
         """Reloads the repository if it changed (or ``force``); returns whether it did."""
@@ -98,14 +100,23 @@ class SaliencyServer:
             await loop.run_in_executor(None, self.load_models)
             self.metrics.reloads.inc()
             await self._update_readiness()
-            log.info("model repository reloaded", extra={
-                "event": "reload", "models_ready": sum(h.ready for h in self.repository.handles())})
+            log.info(
+                "model repository reloaded",
+                extra={
+                    "event": "reload",
+                    "models_ready": sum(h.ready for h in self.repository.handles()),
+                },
+            )
             return True
 
     async def _update_readiness(self) -> None:
         ready = self.repository.any_ready() and not self._stopping
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if ready
-                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(
+            SERVICE_NAME,
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
 
     async def _poll(self, interval: float) -> None:
         while True:
@@ -132,12 +143,16 @@ class SaliencyServer:
         pb_grpc.add_ExplainerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
         address = f"{self.config.host}:{self.config.port}"
         credentials = server_credentials(self.config)
         try:
-            self.port = (self.server.add_secure_port(address, credentials) if credentials
-                         else self.server.add_insecure_port(address))
+            self.port = (
+                self.server.add_secure_port(address, credentials)
+                if credentials
+                else self.server.add_insecure_port(address)
+            )
         except RuntimeError as exc:
             raise OSError(f"could not bind {address}: {exc}") from exc
         if self.port == 0:
@@ -152,10 +167,20 @@ class SaliencyServer:
         if self.config.reload_interval_seconds > 0:
             self._poller = asyncio.ensure_future(self._poll(self.config.reload_interval_seconds))
         ready = sum(h.ready for h in self.repository.handles())
-        log.info("serving on %s:%d (metrics on :%d, %s); %d model(s) ready", self.config.host,
-                 self.port, self.metrics_port, "TLS" if self.config.tls else "plaintext", ready,
-                 extra={"event": "serving", "port": self.port, "metrics_port": self.metrics_port,
-                        "models_ready": ready})
+        log.info(
+            "serving on %s:%d (metrics on :%d, %s); %d model(s) ready",
+            self.config.host,
+            self.port,
+            self.metrics_port,
+            "TLS" if self.config.tls else "plaintext",
+            ready,
+            extra={
+                "event": "serving",
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "models_ready": ready,
+            },
+        )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -171,8 +196,12 @@ class SaliencyServer:
             await asyncio.wait_for(self.admission.idle(), timeout=grace)
         except TimeoutError:
             stopped = self.servicer.cancel_running()
-            log.warning("grace period of %.1f s ended with %d request(s) still running; "
-                        "cancelling them", grace, stopped, extra={"event": "drain_timeout"})
+            log.warning(
+                "grace period of %.1f s ended with %d request(s) still running; cancelling them",
+                grace,
+                stopped,
+                extra={"event": "drain_timeout"},
+            )
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(1.0)
@@ -201,7 +230,10 @@ async def serve(config: Config) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
-    log.info("signal received: draining for up to %.1f s", config.grace_seconds,
-             extra={"event": "draining"})
+    log.info(
+        "signal received: draining for up to %.1f s",
+        config.grace_seconds,
+        extra={"event": "draining"},
+    )
     await server.stop()
     log.info("stopped", extra={"event": "stopped"})

@@ -29,8 +29,9 @@ class SlowCNN(nn.Module):
         super().__init__()
         torch.manual_seed(1)
         self.layer1 = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(),
-                                    nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU())
+        self.layer2 = nn.Sequential(
+            nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU()
+        )
         self.layer3 = nn.Sequential(nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(32, num_classes)
@@ -46,9 +47,17 @@ def slow_repository(base: Path, tiny_repository: Path) -> Path:
     with _lock:
         if _slow_root is None:
             root = base / "slow-models"
-            export_package(SlowCNN(), name="slow", version=1, input_shape=SLOW_SHAPE,
-                           mean=[0.5] * 3, std=[0.25] * 3, class_labels=["a", "b", "c", "d"],
-                           repository=root, head="fc")
+            export_package(
+                SlowCNN(),
+                name="slow",
+                version=1,
+                input_shape=SLOW_SHAPE,
+                mean=[0.5] * 3,
+                std=[0.25] * 3,
+                class_labels=["a", "b", "c", "d"],
+                repository=root,
+                head="fc",
+            )
             shutil.copytree(tiny_repository / "tiny", root / "tiny")
             _slow_root = root
         return _slow_root
@@ -57,18 +66,21 @@ def slow_repository(base: Path, tiny_repository: Path) -> Path:
 def slow_request(batch: int = 1, stride: int = 4, seed: int = 0) -> pb.ExplainRequest:
     """Occlusion on the slow model: 13×13 = 169 windows per image at stride 4."""
     inputs = np.random.default_rng(seed).normal(size=(batch, *SLOW_SHAPE)).astype(np.float32)
-    request = pb.ExplainRequest(model="slow", method=pb.METHOD_OCCLUSION,
-                                input=pb.Input(tensor=array_to_tensor(inputs)))
+    request = pb.ExplainRequest(
+        model="slow", method=pb.METHOD_OCCLUSION, input=pb.Input(tensor=array_to_tensor(inputs))
+    )
     request.occlusion.window = 16
     request.occlusion.stride = stride
     return request
 
 
-def tiny_request(method: int, batch: int = 1, seed: int = 0,
-                 shape: tuple[int, ...] = (3, 32, 32)) -> pb.ExplainRequest:
+def tiny_request(
+    method: int, batch: int = 1, seed: int = 0, shape: tuple[int, ...] = (3, 32, 32)
+) -> pb.ExplainRequest:
     inputs = np.random.default_rng(seed).normal(size=(batch, *shape)).astype(np.float32)
-    return pb.ExplainRequest(model="tiny", method=method,
-                             input=pb.Input(tensor=array_to_tensor(inputs)))
+    return pb.ExplainRequest(
+        model="tiny", method=method, input=pb.Input(tensor=array_to_tensor(inputs))
+    )
 
 
 def scrape(metrics_port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

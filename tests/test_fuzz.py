@@ -30,12 +30,27 @@ from tests.conftest import RunningServer, make_config
 from tests.production_support import tiny_request
 
 # Small limits keep every fuzzed request cheap: that is what the limits are for.
-LIMITS = {"max_batch": 4, "max_pixels": 96 * 96, "max_samples": 8, "max_steps": 8,
-          "max_masks": 32, "max_population": 8, "max_generations": 3,
-          "max_message_bytes": 4 * 1024 * 1024}
+LIMITS = {
+    "max_batch": 4,
+    "max_pixels": 96 * 96,
+    "max_samples": 8,
+    "max_steps": 8,
+    "max_masks": 32,
+    "max_population": 8,
+    "max_generations": 3,
+    "max_message_bytes": 4 * 1024 * 1024,
+}
 EXAMPLES = 500
-PROPER = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
-          "UNAVAILABLE", "DEADLINE_EXCEEDED", "OUT_OF_RANGE"}
+PROPER = {
+    "OK",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "FAILED_PRECONDITION",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "OUT_OF_RANGE",
+}
 ITEM_SIZES = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT64: 8, pb.DTYPE_UINT8: 1, pb.DTYPE_FLOAT16: 2}
 PARAMS_FIELDS = [f.name for f in pb.ExplainRequest.DESCRIPTOR.oneofs_by_name["params"].fields]
 METHODS = [value.number for value in pb.Method.DESCRIPTOR.values]
@@ -54,10 +69,18 @@ def fuzzed(repository: Path) -> Iterator[RunningServer]:
 dims = st.one_of(st.integers(-3, 40), st.sampled_from([0, 1, 3, 32, 2**31, 2**40, 2**62]))
 shapes = st.one_of(
     st.lists(dims, min_size=0, max_size=6),
-    st.tuples(st.integers(-1, 6), st.sampled_from([1, 3, 4]), st.sampled_from([16, 32, 33]),
-              st.sampled_from([32, 31])).map(list),
-    st.tuples(st.integers(1, 5), st.sampled_from([32, 8]), st.sampled_from([32, 8]),
-              st.sampled_from([3, 1])).map(list),
+    st.tuples(
+        st.integers(-1, 6),
+        st.sampled_from([1, 3, 4]),
+        st.sampled_from([16, 32, 33]),
+        st.sampled_from([32, 31]),
+    ).map(list),
+    st.tuples(
+        st.integers(1, 5),
+        st.sampled_from([32, 8]),
+        st.sampled_from([32, 8]),
+        st.sampled_from([3, 1]),
+    ).map(list),
 )
 dtypes = st.one_of(st.sampled_from(list(ITEM_SIZES)), st.integers(-3, 9))
 special_floats = st.sampled_from([0.0, -0.0, 1e38, -1e38, math.nan, math.inf, -math.inf, 1e-45])
@@ -68,14 +91,29 @@ def tensors(draw: st.DrawFn) -> pb.Tensor:
     shape = draw(shapes)
     dtype = draw(dtypes)
     expected = max(0, math.prod(shape) * ITEM_SIZES.get(dtype, 4)) if shape else 0
-    size = draw(st.one_of(
-        st.just(expected), st.integers(0, 64), st.just(max(expected - 1, 0)),
-        st.just(expected + 1)))
+    size = draw(
+        st.one_of(
+            st.just(expected),
+            st.integers(0, 64),
+            st.just(max(expected - 1, 0)),
+            st.just(expected + 1),
+        )
+    )
     if size > 1 << 20:  # keep within the message limit; the length is still wrong
         size = draw(st.integers(0, 4096))
-    data = draw(st.one_of(st.just(b"\x00" * size), st.binary(min_size=size, max_size=size),
-                          st.just(np.random.default_rng(draw(st.integers(0, 9))).normal(
-                              size=size // 4).astype("<f4").tobytes()[:size].ljust(size, b"\0"))))
+    data = draw(
+        st.one_of(
+            st.just(b"\x00" * size),
+            st.binary(min_size=size, max_size=size),
+            st.just(
+                np.random.default_rng(draw(st.integers(0, 9)))
+                .normal(size=size // 4)
+                .astype("<f4")
+                .tobytes()[:size]
+                .ljust(size, b"\0")
+            ),
+        )
+    )
     if draw(st.booleans()) and dtype == pb.DTYPE_FLOAT32 and size == expected and size >= 4:
         values = np.frombuffer(data, "<f4").copy()
         values[draw(st.integers(0, values.size - 1))] = draw(special_floats)
@@ -94,8 +132,9 @@ def encoded_images(draw: st.DrawFn) -> pb.EncodedImages:
         mode = draw(st.sampled_from(["RGB", "L", "RGBA", "P", "I;16"]))
         picture = Image.new(mode, (width, height), color=draw(st.integers(0, 255)))
         out = io.BytesIO()
-        picture.save(out, format=draw(st.sampled_from(["PNG", "JPEG"])) if mode in ("RGB", "L")
-                     else "PNG")
+        picture.save(
+            out, format=draw(st.sampled_from(["PNG", "JPEG"])) if mode in ("RGB", "L") else "PNG"
+        )
         data = out.getvalue()
         if draw(st.booleans()):
             data = data[: draw(st.integers(0, len(data)))]  # truncated
@@ -112,10 +151,17 @@ def _field_value(draw: st.DrawFn, field: FieldDescriptor) -> object:
     if kind == FieldDescriptor.TYPE_BOOL:
         return draw(st.booleans())
     if kind == FieldDescriptor.TYPE_STRING:
-        return draw(st.one_of(st.text(max_size=20), st.sampled_from(
-            ["best1bin", "rand1bin", "scale_0", "layer3", "fc", "scale_9"])))
-    return draw(st.one_of(st.integers(-5, 70), st.sampled_from([0, 2**31 - 1, -(2**31)]),
-                          st.integers(*INT32)))
+        return draw(
+            st.one_of(
+                st.text(max_size=20),
+                st.sampled_from(["best1bin", "rand1bin", "scale_0", "layer3", "fc", "scale_9"]),
+            )
+        )
+    return draw(
+        st.one_of(
+            st.integers(-5, 70), st.sampled_from([0, 2**31 - 1, -(2**31)]), st.integers(*INT32)
+        )
+    )
 
 
 def _fill(draw: st.DrawFn, message: Message) -> None:
@@ -125,7 +171,8 @@ def _fill(draw: st.DrawFn, message: Message) -> None:
             continue
         if field.is_repeated:
             getattr(message, field.name).extend(
-                [_field_value(draw, field) for _ in range(draw(st.integers(0, 6)))])
+                [_field_value(draw, field) for _ in range(draw(st.integers(0, 6)))]
+            )
         else:
             setattr(message, field.name, _field_value(draw, field))
 
@@ -137,8 +184,7 @@ def inputs(draw: st.DrawFn) -> pb.Input:
         return pb.Input(tensor=draw(tensors()))
     if choice == "valid":
         batch = draw(st.integers(1, 3))
-        return tiny_request(pb.METHOD_UNSPECIFIED, batch=batch,
-                            seed=draw(st.integers(0, 99))).input
+        return tiny_request(pb.METHOD_UNSPECIFIED, batch=batch, seed=draw(st.integers(0, 99))).input
     if choice == "images":
         return pb.Input(images=draw(encoded_images()))
     return pb.Input()
@@ -152,7 +198,8 @@ def explain_requests(draw: st.DrawFn) -> pb.ExplainRequest:
         version=draw(st.sampled_from([0] * 12 + [1, 2, -1, 2**62])),
         method=draw(st.one_of(*[st.sampled_from(METHODS)] * 6, st.integers(-3, 60))),
         seed=draw(st.integers(0, 2**64 - 1)),
-        return_raw=draw(st.booleans()), return_overlay=draw(st.booleans()),
+        return_raw=draw(st.booleans()),
+        return_overlay=draw(st.booleans()),
         top_k=draw(st.integers(*INT32)),
     )
     request.input.CopyFrom(draw(inputs()))
@@ -177,11 +224,13 @@ def explain_requests(draw: st.DrawFn) -> pb.ExplainRequest:
 @st.composite
 def calls(draw: st.DrawFn) -> tuple[str, Message]:
     request = draw(explain_requests())
-    rpc = draw(st.sampled_from(["Explain", "Explain", "Explain", "ExplainStream", "Predict",
-                                "GetModel"]))
+    rpc = draw(
+        st.sampled_from(["Explain", "Explain", "Explain", "ExplainStream", "Predict", "GetModel"])
+    )
     if rpc == "Predict":
-        return rpc, pb.PredictRequest(model=request.model, version=request.version,
-                                      input=request.input, top_k=request.top_k)
+        return rpc, pb.PredictRequest(
+            model=request.model, version=request.version, input=request.input, top_k=request.top_k
+        )
     if rpc == "GetModel":
         return rpc, pb.GetModelRequest(model=request.model, version=request.version)
     return rpc, request
@@ -193,8 +242,9 @@ def calls(draw: st.DrawFn) -> tuple[str, Message]:
 def test_malformed_requests_get_proper_statuses(fuzzed: RunningServer) -> None:
     statuses: Counter[str] = Counter()
     by_rpc: Counter[str] = Counter()
-    with grpc.insecure_channel(fuzzed.address, options=[
-            ("grpc.max_send_message_length", 64 * 1024 * 1024)]) as channel:
+    with grpc.insecure_channel(
+        fuzzed.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    ) as channel:
         stub = pb_grpc.ExplainerStub(channel)
         rpcs: dict[str, Callable[[Message], object]] = {
             "Explain": lambda r: stub.Explain(r, timeout=60),
@@ -203,8 +253,13 @@ def test_malformed_requests_get_proper_statuses(fuzzed: RunningServer) -> None:
             "GetModel": lambda r: stub.GetModel(r, timeout=60),
         }
 
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(call=calls())
         def one(call: tuple[str, Message]) -> None:
             rpc, request = call
@@ -221,14 +276,20 @@ def test_malformed_requests_get_proper_statuses(fuzzed: RunningServer) -> None:
 
         one()
         tried = sum(statuses.values())
-        print(f"\nfuzz: {tried} requests tried ({dict(sorted(by_rpc.items()))}); statuses seen: "
-              f"{dict(statuses.most_common())}")
+        print(
+            f"\nfuzz: {tried} requests tried ({dict(sorted(by_rpc.items()))}); statuses seen: "
+            f"{dict(statuses.most_common())}"
+        )
         assert tried >= EXAMPLES
         assert len(statuses) >= 3  # the strategies reach past the first checks
         # Still healthy, and still right.
         health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest(service="saliency.v1.Explainer"),
-                            timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(
+                health_pb2.HealthCheckRequest(service="saliency.v1.Explainer"), timeout=10
+            ).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         reply = stub.Explain(tiny_request(pb.METHOD_VANILLA_GRADIENT, batch=2), timeout=30)
         assert reply.cost.backward_passes == 2
     admission = fuzzed.server.admission

@@ -69,7 +69,8 @@ def test_deadline_stops_every_multi_pass_method(core: Core, handler) -> None:
         core.explain(request, cut_state, cut_cost)
     assert cut_cost.forward_passes < full_cost.forward_passes, (
         f"{handler.name} ran {cut_cost.forward_passes} of {full_cost.forward_passes} "
-        "forward passes after its deadline")
+        "forward passes after its deadline"
+    )
     assert cut_state.checks == 3
 
 

@@ -46,8 +46,11 @@ def _hadolint() -> str:
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    result = subprocess.run([_hadolint(), "--format", "json", str(DEPLOY / "Dockerfile")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [_hadolint(), "--format", "json", str(DEPLOY / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
     findings = json.loads(result.stdout or "[]")
     assert findings == [], findings
     assert result.returncode == 0
@@ -56,8 +59,9 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_hadolint_does_flag_a_bad_dockerfile(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python\nRUN pip install torch\nRUN cd /src\n")
-    result = subprocess.run([_hadolint(), "--format", "json", str(bad)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [_hadolint(), "--format", "json", str(bad)], capture_output=True, text=True
+    )
     codes = {finding["code"] for finding in json.loads(result.stdout)}
     assert {"DL3006", "DL3013"} <= codes and result.returncode != 0
 
@@ -65,8 +69,11 @@ def test_hadolint_does_flag_a_bad_dockerfile(tmp_path: Path) -> None:
 def _instructions() -> list[tuple[str, str]]:
     text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines()]
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
-            for line in lines if line and not line.startswith("#")]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
+        for line in lines
+        if line and not line.startswith("#")
+    ]
 
 
 def test_dockerfile_shape() -> None:
@@ -75,7 +82,7 @@ def test_dockerfile_shape() -> None:
     steps = _instructions()
     stages = [arg for op, arg in steps if op == "FROM"]
     assert len(stages) >= 2 and any(" AS build" in s for s in stages)
-    final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM"):]
+    final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM") :]
     runs = " ".join(arg for op, arg in steps if op == "RUN")
     assert "torch==2.13.0" in runs
     assert "--index-url https://download.pytorch.org/whl/cpu" in runs
@@ -111,8 +118,9 @@ def test_healthcheck_probe_reports_live_ready_and_down(repository: Path, tmp_pat
         address = ["--address", running.address]
         assert main(address) == 0
         assert main([*address, "--service", SERVICE_NAME]) == 0
-        running.call(running.server.health.set(
-            SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING))
+        running.call(
+            running.server.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
         assert main([*address, "--service", SERVICE_NAME]) == 1
         assert main(address) == 0
     finally:
@@ -149,8 +157,14 @@ def test_manifests_validate_against_the_kubernetes_schemas() -> None:
     import kubernetes_validate  # noqa: PLC0415
 
     documents = _documents()
-    assert set(documents) == {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service",
-                              "HorizontalPodAutoscaler", "PodMonitor"}
+    assert set(documents) == {
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodMonitor",
+    }
     validated = []
     for kind, document in documents.items():
         try:
@@ -180,7 +194,7 @@ def test_config_map_sets_only_real_settings_and_matches_defaults() -> None:
     data = _documents()["ConfigMap"]["data"]
     fields = {f.name for f in dataclasses.fields(Config) if f.name != "extra"}
     for key, text in data.items():
-        assert key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in fields, key
+        assert key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in fields, key
         assert isinstance(text, str), f"{key} must be a string in a ConfigMap"
     assert data["SALIENCY_PORT"] == str(DEFAULTS.port)
     assert data["SALIENCY_METRICS_PORT"] == str(DEFAULTS.metrics_port)
@@ -203,8 +217,10 @@ def test_probes_ports_and_service_match_the_server() -> None:
         assert container[probe]["grpc"]["port"] == grpc_port
         assert container[probe]["grpc"].get("service", "") == ""
     assert container["readinessProbe"]["grpc"] == {"port": grpc_port, "service": SERVICE_NAME}
-    assert container["envFrom"][0]["configMapRef"]["name"] == \
-        documents["ConfigMap"]["metadata"]["name"]
+    assert (
+        container["envFrom"][0]["configMapRef"]["name"]
+        == documents["ConfigMap"]["metadata"]["name"]
+    )
 
     pod = documents["Deployment"]["spec"]["template"]
     labels = pod["metadata"]["labels"]
@@ -233,8 +249,9 @@ def test_drain_fits_in_the_termination_grace_period() -> None:
     pod = documents["Deployment"]["spec"]["template"]["spec"]
     container = _container(documents)
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    grace = float(documents["ConfigMap"]["data"].get("SALIENCY_GRACE_SECONDS",
-                                                     DEFAULTS.grace_seconds))
+    grace = float(
+        documents["ConfigMap"]["data"].get("SALIENCY_GRACE_SECONDS", DEFAULTS.grace_seconds)
+    )
     total = pod["terminationGracePeriodSeconds"]
     # preStop, then the drain, then a few seconds to close the ports — no more.
     assert pre_stop + grace < total <= pre_stop + grace + 15

@@ -33,8 +33,7 @@ def copy_package(source: Path, target: Path, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def faulty(repository: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[RunningServer]:
+def faulty(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """tiny (good), broken (corrupt ONNX), missing (no ONNX file) and mismatch: a package
     whose manifest promises 16×16 inputs to a network built for 32×32, so its program
     raises on every call."""
@@ -54,16 +53,25 @@ def faulty(repository: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_handler_exception_is_internal_with_a_logged_request_id(
-        faulty: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    faulty: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="service.explainer")
     inputs = np.zeros((1, 3, 16, 16), np.float32)
     with grpc.insecure_channel(faulty.address) as channel:
         stub = pb_grpc.ExplainerStub(channel)
         for call, request in (
-            (stub.Predict, pb.PredictRequest(model="mismatch", input=pb.Input(
-                tensor=array_to_tensor(inputs)))),
-            (stub.Explain, pb.ExplainRequest(model="mismatch", method=pb.METHOD_OCCLUSION,
-                                             input=pb.Input(tensor=array_to_tensor(inputs)))),
+            (
+                stub.Predict,
+                pb.PredictRequest(model="mismatch", input=pb.Input(tensor=array_to_tensor(inputs))),
+            ),
+            (
+                stub.Explain,
+                pb.ExplainRequest(
+                    model="mismatch",
+                    method=pb.METHOD_OCCLUSION,
+                    input=pb.Input(tensor=array_to_tensor(inputs)),
+                ),
+            ),
         ):
             with pytest.raises(grpc.RpcError) as error:
                 call(request, timeout=30)
@@ -79,34 +87,48 @@ def test_handler_exception_is_internal_with_a_logged_request_id(
             assert line["code"] == "INTERNAL"
             assert "Traceback" in line["traceback"] and "onnxruntime" in line["traceback"]
             # The summary line is written as the call ends, just after the status is sent.
-            eventually(lambda rid=request_id: any(
-                getattr(r, "request_id", None) == rid and getattr(r, "event", None) == "request"
-                for r in caplog.records))
-            summary = [json.loads(JsonFormatter().format(r)) for r in caplog.records
-                       if getattr(r, "request_id", None) == request_id
-                       and getattr(r, "event", None) == "request"]
+            eventually(
+                lambda rid=request_id: any(
+                    getattr(r, "request_id", None) == rid and getattr(r, "event", None) == "request"
+                    for r in caplog.records
+                )
+            )
+            summary = [
+                json.loads(JsonFormatter().format(r))
+                for r in caplog.records
+                if getattr(r, "request_id", None) == request_id
+                and getattr(r, "event", None) == "request"
+            ]
             assert summary[0]["code"] == "INTERNAL" and summary[0]["latency_ms"] > 0
         # The server keeps serving, and says so.
         reply = stub.Explain(tiny_request(pb.METHOD_VANILLA_GRADIENT), timeout=30)
         assert reply.cost.backward_passes == 1
         health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                            timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
 
 
-def test_request_logs_are_json_without_payloads(faulty: RunningServer,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_request_logs_are_json_without_payloads(
+    faulty: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="service.explainer")
     request = tiny_request(pb.METHOD_VANILLA_GRADIENT, batch=2)
     with grpc.insecure_channel(faulty.address) as channel:
         call = pb_grpc.ExplainerStub(channel).Explain.with_call(
-            request, timeout=30, metadata=(("x-request-id", "trace-abc.123"),))
+            request, timeout=30, metadata=(("x-request-id", "trace-abc.123"),)
+        )
     reply, _ = call
     assert reply.request_id == "trace-abc.123"
-    eventually(lambda: any(getattr(r, "request_id", None) == "trace-abc.123"
-                           for r in caplog.records))
-    lines = [JsonFormatter().format(r) for r in caplog.records
-             if getattr(r, "request_id", None) == "trace-abc.123"]
+    eventually(
+        lambda: any(getattr(r, "request_id", None) == "trace-abc.123" for r in caplog.records)
+    )
+    lines = [
+        JsonFormatter().format(r)
+        for r in caplog.records
+        if getattr(r, "request_id", None) == "trace-abc.123"
+    ]
     assert len(lines) == 1
     entry = json.loads(lines[0])
     assert entry["model"] == "tiny" and entry["method"] == "vanilla_gradient"
@@ -116,7 +138,8 @@ def test_request_logs_are_json_without_payloads(faulty: RunningServer,
 
 
 def test_corrupt_and_missing_packages_are_not_ready_while_others_serve(
-        faulty: RunningServer) -> None:
+    faulty: RunningServer,
+) -> None:
     with grpc.insecure_channel(faulty.address) as channel:
         stub = pb_grpc.ExplainerStub(channel)
         models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
@@ -150,12 +173,17 @@ def test_repository_poll_reloads_without_restart(repository: Path, tmp_path: Pat
             health = health_pb2_grpc.HealthStub(channel)
 
             def ready() -> int:
-                return health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                    timeout=10).status
+                return health.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10
+                ).status
 
             def metric(name: str) -> float:
-                return value(scrape(running.server.metrics_port), "saliency_model_ready",
-                             model=name, version="1")
+                return value(
+                    scrape(running.server.metrics_port),
+                    "saliency_model_ready",
+                    model=name,
+                    version="1",
+                )
 
             assert ready() == health_pb2.HealthCheckResponse.NOT_SERVING
             assert metric("late") == 0
@@ -169,16 +197,20 @@ def test_repository_poll_reloads_without_restart(repository: Path, tmp_path: Pat
             copy_package(tiny, tmp_path / "fresh" / "1", "fresh")
             eventually(lambda: metric("fresh") == 1)
             shutil.rmtree(tmp_path / "fresh")
-            eventually(lambda: ("saliency_model_ready", frozenset(
-                {("model", "fresh"), ("version", "1")})) not in scrape(
-                    running.server.metrics_port))
+            eventually(
+                lambda: (
+                    ("saliency_model_ready", frozenset({("model", "fresh"), ("version", "1")}))
+                    not in scrape(running.server.metrics_port)
+                )
+            )
 
             with (late / "model.onnx").open("ab") as handle:
                 handle.write(b"corrupted")
             eventually(lambda: ready() == health_pb2.HealthCheckResponse.NOT_SERVING)
             assert metric("late") == 0
-            assert value(scrape(running.server.metrics_port),
-                         "saliency_repository_reloads_total") >= 4
+            assert (
+                value(scrape(running.server.metrics_port), "saliency_repository_reloads_total") >= 4
+            )
     finally:
         running.stop()
 

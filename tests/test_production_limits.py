@@ -16,9 +16,16 @@ from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, make_config
 from tests.production_support import tiny_request
 
-LIMITS = {"max_message_bytes": 64 * 1024, "max_batch": 4, "max_pixels": 48 * 48,
-          "max_samples": 8, "max_steps": 9, "max_masks": 10, "max_population": 11,
-          "max_generations": 12}
+LIMITS = {
+    "max_message_bytes": 64 * 1024,
+    "max_batch": 4,
+    "max_pixels": 48 * 48,
+    "max_samples": 8,
+    "max_steps": 9,
+    "max_masks": 10,
+    "max_population": 11,
+    "max_generations": 12,
+}
 
 # (method, params oneof field, parameter, limit that bounds it)
 PARAMS = [
@@ -59,33 +66,41 @@ def test_batch_limit(limited: pb_grpc.ExplainerStub) -> None:
     images = [_png(32, 32, seed) for seed in range(5)]
     for call, request in (
         (limited.Explain, tiny_request(pb.METHOD_VANILLA_GRADIENT, batch=5)),
-        (limited.Predict, pb.PredictRequest(model="tiny", input=pb.Input(
-            images=pb.EncodedImages(images=images)))),
+        (
+            limited.Predict,
+            pb.PredictRequest(model="tiny", input=pb.Input(images=pb.EncodedImages(images=images))),
+        ),
     ):
         error = refusal(call, request)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_batch=4" in error.details()
-    assert len(limited.Explain(tiny_request(pb.METHOD_VANILLA_GRADIENT, batch=4),
-                               timeout=30).targets) == 4
+    assert (
+        len(limited.Explain(tiny_request(pb.METHOD_VANILLA_GRADIENT, batch=4), timeout=30).targets)
+        == 4
+    )
 
 
 def test_pixel_limit_for_images_and_tensors(limited: pb_grpc.ExplainerStub) -> None:
-    image = pb.PredictRequest(model="tiny", input=pb.Input(
-        images=pb.EncodedImages(images=[_png(49, 48)])))
+    image = pb.PredictRequest(
+        model="tiny", input=pb.Input(images=pb.EncodedImages(images=[_png(49, 48)]))
+    )
     tensor = tiny_request(pb.METHOD_VANILLA_GRADIENT, shape=(3, 64, 64))
     for call, request in ((limited.Predict, image), (limited.Explain, tensor)):
         error = refusal(call, request)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert f"max_pixels={LIMITS['max_pixels']}" in error.details().replace(" is ", "=")
-    ok = pb.PredictRequest(model="tiny", input=pb.Input(images=pb.EncodedImages(
-        images=[_png(48, 48)])))
+    ok = pb.PredictRequest(
+        model="tiny", input=pb.Input(images=pb.EncodedImages(images=[_png(48, 48)]))
+    )
     assert len(limited.Predict(ok, timeout=30).predictions) == 1
 
 
-@pytest.mark.parametrize(("method", "field", "param", "limit"), PARAMS,
-                         ids=[f"{p[1]}.{p[2]}" for p in PARAMS])
-def test_work_limits(limited: pb_grpc.ExplainerStub, method: int, field: str, param: str,
-                     limit: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "field", "param", "limit"), PARAMS, ids=[f"{p[1]}.{p[2]}" for p in PARAMS]
+)
+def test_work_limits(
+    limited: pb_grpc.ExplainerStub, method: int, field: str, param: str, limit: str
+) -> None:
     request = tiny_request(method)
     setattr(getattr(request, field), param, LIMITS[limit] + 1)
     error = refusal(limited.Explain, request)

@@ -29,16 +29,20 @@ def test_counters_and_histograms_equal_the_costs_in_responses(metered: RunningSe
         stub = pb_grpc.ExplainerStub(channel)
         replies = {"vanilla_gradient": [], "occlusion": [], "predict": []}
         for seed in range(3):
-            replies["vanilla_gradient"].append(stub.Explain(
-                tiny_request(pb.METHOD_VANILLA_GRADIENT, batch=2, seed=seed), timeout=30))
+            replies["vanilla_gradient"].append(
+                stub.Explain(
+                    tiny_request(pb.METHOD_VANILLA_GRADIENT, batch=2, seed=seed), timeout=30
+                )
+            )
         for seed in range(2):
             request = tiny_request(pb.METHOD_OCCLUSION, batch=1, seed=seed)
             request.occlusion.stride = 16
             replies["occlusion"].append(stub.Explain(request, timeout=30))
         for seed in range(2):
             request = tiny_request(pb.METHOD_VANILLA_GRADIENT, batch=3, seed=seed)
-            replies["predict"].append(stub.Predict(
-                pb.PredictRequest(model="tiny", input=request.input), timeout=30))
+            replies["predict"].append(
+                stub.Predict(pb.PredictRequest(model="tiny", input=request.input), timeout=30)
+            )
         info = stub.GetModel(pb.GetModelRequest(model="tiny"), timeout=10)
         after = scrape(port)
         bad = tiny_request(pb.METHOD_VANILLA_GRADIENT, shape=(3, 31, 32))
@@ -46,8 +50,10 @@ def test_counters_and_histograms_equal_the_costs_in_responses(metered: RunningSe
             stub.Explain(bad, timeout=30)
         assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.RpcError) as unavailable:
-            stub.Explain(pb.ExplainRequest(model="broken", method=pb.METHOD_OCCLUSION,
-                                           input=bad.input), timeout=30)
+            stub.Explain(
+                pb.ExplainRequest(model="broken", method=pb.METHOD_OCCLUSION, input=bad.input),
+                timeout=30,
+            )
         assert unavailable.value.code() == grpc.StatusCode.UNAVAILABLE
     failed = scrape(port)
 
@@ -60,14 +66,19 @@ def test_counters_and_histograms_equal_the_costs_in_responses(metered: RunningSe
         assert delta("saliency_requests_total", code="OK", **labels) == len(costs)
         assert delta("saliency_request_seconds_count", **labels) == len(costs)
         assert delta("saliency_request_seconds_sum", **labels) == pytest.approx(
-            sum(c.wall_seconds for c in costs), rel=1e-9, abs=1e-12)
+            sum(c.wall_seconds for c in costs), rel=1e-9, abs=1e-12
+        )
         assert delta("saliency_cpu_seconds_total", **labels) == pytest.approx(
-            sum(c.cpu_seconds for c in costs), rel=1e-9, abs=1e-12)
-        forward = sum(delta("saliency_forward_passes_total", engine=engine, **labels)
-                      for engine in ("torch", "onnxruntime"))
+            sum(c.cpu_seconds for c in costs), rel=1e-9, abs=1e-12
+        )
+        forward = sum(
+            delta("saliency_forward_passes_total", engine=engine, **labels)
+            for engine in ("torch", "onnxruntime")
+        )
         assert forward == sum(c.forward_passes for c in costs)
         assert delta("saliency_backward_passes_total", **labels) == sum(
-            c.backward_passes for c in costs)
+            c.backward_passes for c in costs
+        )
         # Every observation lands in exactly the bucket its Cost says.
         for bound in LATENCY_BUCKETS:
             expected = sum(c.wall_seconds <= bound for c in costs)
@@ -83,12 +94,24 @@ def test_counters_and_histograms_equal_the_costs_in_responses(metered: RunningSe
     def failed_delta(name: str, **labels: str) -> float:
         return value(failed, name, **labels) - value(after, name, **labels)
 
-    assert failed_delta("saliency_requests_total", model="tiny", method="vanilla_gradient",
-                        code="INVALID_ARGUMENT") == 1
-    assert failed_delta("saliency_requests_total", model="broken", method="occlusion",
-                        code="UNAVAILABLE") == 1
-    assert failed_delta("saliency_request_seconds_count", model="tiny",
-                        method="vanilla_gradient") == 0
+    assert (
+        failed_delta(
+            "saliency_requests_total",
+            model="tiny",
+            method="vanilla_gradient",
+            code="INVALID_ARGUMENT",
+        )
+        == 1
+    )
+    assert (
+        failed_delta(
+            "saliency_requests_total", model="broken", method="occlusion", code="UNAVAILABLE"
+        )
+        == 1
+    )
+    assert (
+        failed_delta("saliency_request_seconds_count", model="tiny", method="vanilla_gradient") == 0
+    )
 
     # GetModel's measured mean is the same figures: what METHOD_AUTO ranks by.
     methods = {m.name: m for m in info.methods}
@@ -105,8 +128,9 @@ def test_gauges_and_model_readiness(metered: RunningServer) -> None:
     assert value(samples, "saliency_model_ready", model="tiny", version="1") == 1
     assert ("saliency_model_ready", frozenset({("model", "broken"), ("version", "1")})) in samples
     assert value(samples, "saliency_model_ready", model="broken", version="1") == 0
-    buckets = {dict(labels)["le"] for name, labels in samples
-               if name == "saliency_queue_seconds_bucket"}
+    buckets = {
+        dict(labels)["le"] for name, labels in samples if name == "saliency_queue_seconds_bucket"
+    }
     assert {"0.001", "120.0", "+Inf"} <= buckets
 
 
@@ -119,11 +143,16 @@ def test_unknown_models_and_methods_do_not_create_label_values(metered: RunningS
                 stub.Explain(pb.ExplainRequest(model=name, method=999), timeout=10)
             assert error.value.code() == grpc.StatusCode.NOT_FOUND
     samples = scrape(metered.server.metrics_port)
-    models = {dict(labels).get("model") for name, labels in samples
-              if name == "saliency_requests_total"}
+    models = {
+        dict(labels).get("model") for name, labels in samples if name == "saliency_requests_total"
+    }
     assert "nope-1" not in models and "unknown" in models
-    assert value(samples, "saliency_requests_total", model="unknown", method="unknown",
-                 code="NOT_FOUND") == 2
+    assert (
+        value(
+            samples, "saliency_requests_total", model="unknown", method="unknown", code="NOT_FOUND"
+        )
+        == 2
+    )
 
 
 def _le(bound: float) -> str:

@@ -22,8 +22,11 @@ MAX_QUEUE = 2
 def busy(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     root = slow_repository(tmp_path_factory.getbasetemp(), repository)
     # A small memory budget makes many chunks, so deadline checks come often.
-    running = RunningServer(make_config(root, max_inflight=MAX_INFLIGHT, max_queue=MAX_QUEUE,
-                                        chunk_memory_bytes=8 * 1024 * 1024)).start()
+    running = RunningServer(
+        make_config(
+            root, max_inflight=MAX_INFLIGHT, max_queue=MAX_QUEUE, chunk_memory_bytes=8 * 1024 * 1024
+        )
+    ).start()
     yield running
     running.stop()
 
@@ -44,8 +47,9 @@ def wait_idle(server: RunningServer, timeout: float = 30.0) -> None:
     raise AssertionError("the server did not become idle")
 
 
-def test_overload_is_refused_at_once_and_memory_stays_flat(busy: RunningServer,
-                                                           stub: pb_grpc.ExplainerStub) -> None:
+def test_overload_is_refused_at_once_and_memory_stays_flat(
+    busy: RunningServer, stub: pb_grpc.ExplainerStub
+) -> None:
     stub.Explain(slow_request(stride=48), timeout=60)  # warm-up outside the measurement
     wait_idle(busy)
     concurrent, waves = 24, 3
@@ -62,7 +66,9 @@ def test_overload_is_refused_at_once_and_memory_stays_flat(busy: RunningServer,
         for index, future in enumerate(futures):
             future.add_done_callback(
                 lambda _, i=index, done=finished, t0=started: done.setdefault(
-                    i, time.perf_counter() - t0))
+                    i, time.perf_counter() - t0
+                )
+            )
         for index, future in enumerate(futures):
             try:
                 future.result()
@@ -79,11 +85,13 @@ def test_overload_is_refused_at_once_and_memory_stays_flat(busy: RunningServer,
     rss_after = rss_waves[-1]
     admission = busy.server.admission
     accepted, rejected = statuses["OK"], statuses["RESOURCE_EXHAUSTED"]
-    print(f"\noverload: {waves} waves × {concurrent} concurrent slow requests, max_inflight="
-          f"{MAX_INFLIGHT} max_queue={MAX_QUEUE}: accepted {accepted}, rejected {rejected}, "
-          f"peak executing {admission.peak_inflight}, peak waiting {admission.peak_waiting}; "
-          f"RSS before {rss_before / 2**20:.1f} MiB, after each wave "
-          f"{', '.join(f'{r / 2**20:.1f}' for r in rss_waves)} MiB")
+    print(
+        f"\noverload: {waves} waves × {concurrent} concurrent slow requests, max_inflight="
+        f"{MAX_INFLIGHT} max_queue={MAX_QUEUE}: accepted {accepted}, rejected {rejected}, "
+        f"peak executing {admission.peak_inflight}, peak waiting {admission.peak_waiting}; "
+        f"RSS before {rss_before / 2**20:.1f} MiB, after each wave "
+        f"{', '.join(f'{r / 2**20:.1f}' for r in rss_waves)} MiB"
+    )
     assert set(statuses) <= {"OK", "RESOURCE_EXHAUSTED"}
     assert accepted + rejected == waves * concurrent
     assert admission.peak_inflight == MAX_INFLIGHT
@@ -92,8 +100,10 @@ def test_overload_is_refused_at_once_and_memory_stays_flat(busy: RunningServer,
     assert rejected >= waves * concurrent // 2
     # Refusals are immediate: the median one arrives long before a request could finish.
     median_refusal = sorted(refusal_seconds)[len(refusal_seconds) // 2]
-    print(f"median refusal after {median_refusal * 1000:.0f} ms, first accepted request "
-          f"done after {min(accepted_seconds) * 1000:.0f} ms")
+    print(
+        f"median refusal after {median_refusal * 1000:.0f} ms, first accepted request "
+        f"done after {min(accepted_seconds) * 1000:.0f} ms"
+    )
     assert median_refusal < min(accepted_seconds)
     assert rss_after - rss_before < 64 * 2**20
     assert rss_waves[-1] - rss_waves[0] < 16 * 2**20  # no growth per wave once warm
@@ -101,8 +111,9 @@ def test_overload_is_refused_at_once_and_memory_stays_flat(busy: RunningServer,
     assert value(samples, "saliency_rejected_total", reason="queue_full") >= rejected
 
 
-def test_deadline_passed_while_queued_is_not_started(busy: RunningServer,
-                                                     stub: pb_grpc.ExplainerStub) -> None:
+def test_deadline_passed_while_queued_is_not_started(
+    busy: RunningServer, stub: pb_grpc.ExplainerStub
+) -> None:
     wait_idle(busy)
     before = scrape(busy.server.metrics_port)
     occupying = stub.Explain.future(slow_request(batch=2, stride=4), timeout=120)
@@ -121,14 +132,16 @@ def test_deadline_passed_while_queued_is_not_started(busy: RunningServer,
     assert delta("saliency_rejected_total", reason="deadline_in_queue") == 1
     assert delta("saliency_requests_total", code="DEADLINE_EXCEEDED", **labels) == 1
     # Only the occupying request ran: the queued one did no forward pass at all.
-    assert delta("saliency_forward_passes_total", engine="onnxruntime", **labels) == \
-        first.cost.forward_passes
+    assert (
+        delta("saliency_forward_passes_total", engine="onnxruntime", **labels)
+        == first.cost.forward_passes
+    )
 
 
 @pytest.mark.parametrize("how", ["deadline", "cancel"])
-def test_deadline_and_cancellation_stop_a_running_method(busy: RunningServer,
-                                                         stub: pb_grpc.ExplainerStub,
-                                                         how: str) -> None:
+def test_deadline_and_cancellation_stop_a_running_method(
+    busy: RunningServer, stub: pb_grpc.ExplainerStub, how: str
+) -> None:
     wait_idle(busy)
     before = scrape(busy.server.metrics_port)
     request = slow_request(batch=4, stride=4)  # 4 + 4 × 169 forward passes if run to the end
@@ -148,10 +161,14 @@ def test_deadline_and_cancellation_stop_a_running_method(busy: RunningServer,
     after = scrape(busy.server.metrics_port)
     code = "DEADLINE_EXCEEDED" if how == "deadline" else "CANCELLED"
     labels = {"model": "slow", "method": "occlusion"}
-    done = value(after, "saliency_forward_passes_total", engine="onnxruntime", **labels) - \
-        value(before, "saliency_forward_passes_total", engine="onnxruntime", **labels)
-    assert value(after, "saliency_requests_total", code=code, **labels) - \
-        value(before, "saliency_requests_total", code=code, **labels) == 1
+    done = value(after, "saliency_forward_passes_total", engine="onnxruntime", **labels) - value(
+        before, "saliency_forward_passes_total", engine="onnxruntime", **labels
+    )
+    assert (
+        value(after, "saliency_requests_total", code=code, **labels)
+        - value(before, "saliency_requests_total", code=code, **labels)
+        == 1
+    )
     assert 0 < done < full / 2, f"the worker went on for {done} of {full} passes"
     assert stopped < 10
     # The slot is free again: the next request runs.

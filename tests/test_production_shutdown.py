@@ -37,10 +37,22 @@ class ServeProcess:
     """``saliency serve`` in a subprocess; its JSON log lines are collected as they come."""
 
     def __init__(self, models: Path, *flags: str) -> None:
-        command = [*saliency_command(), "serve", "--models", str(models), "--port", "0",
-                   "--metrics-port", "0", "--log-format", "json", *flags]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        command = [
+            *saliency_command(),
+            "serve",
+            "--models",
+            str(models),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--log-format",
+            "json",
+            *flags,
+        ]
+        self.process = subprocess.Popen(
+            command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
         self.lines: queue.Queue[dict] = queue.Queue()
         self.log: list[dict] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -62,8 +74,9 @@ class ServeProcess:
                 entry = self.lines.get(timeout=0.2)
             except queue.Empty:
                 if self.process.poll() is not None:
-                    raise AssertionError(f"server exited ({self.process.returncode}); "
-                                         f"log: {self.log[-5:]}") from None
+                    raise AssertionError(
+                        f"server exited ({self.process.returncode}); log: {self.log[-5:]}"
+                    ) from None
                 continue
             self.log.append(entry)
             if entry.get("event") == event:
@@ -87,25 +100,37 @@ def models(repository: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path:
     return root
 
 
-def test_sighup_reloads_and_sigterm_drains_in_flight_requests(models: Path,
-                                                              repository: Path) -> None:
-    server = ServeProcess(models, "--max-inflight", "2", "--max-queue", "4",
-                          "--grace-seconds", "60", "--chunk-memory-bytes", str(8 * 2**20))
+def test_sighup_reloads_and_sigterm_drains_in_flight_requests(
+    models: Path, repository: Path
+) -> None:
+    server = ServeProcess(
+        models,
+        "--max-inflight",
+        "2",
+        "--max-queue",
+        "4",
+        "--grace-seconds",
+        "60",
+        "--chunk-memory-bytes",
+        str(8 * 2**20),
+    )
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ExplainerStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
 
             def readiness() -> int:
-                return health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                    timeout=5).status
+                return health.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5
+                ).status
 
             assert readiness() == health_pb2.HealthCheckResponse.SERVING
             # SIGHUP: a package copied in is served without a restart.
             shutil.copytree(repository / "tiny", models / "added")
             manifest_path = models / "added" / "1" / "manifest.json"
-            manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()),
-                                                 "name": "added"}))
+            manifest_path.write_text(
+                json.dumps({**json.loads(manifest_path.read_text()), "name": "added"})
+            )
             server.process.send_signal(signal.SIGHUP)
             server.wait_for_event("reload")
             added = tiny_request(pb.METHOD_VANILLA_GRADIENT)
@@ -113,11 +138,18 @@ def test_sighup_reloads_and_sigterm_drains_in_flight_requests(models: Path,
             assert stub.Explain(added, timeout=30).model == "added"
 
             # Four slow requests: two executing, two queued.
-            in_flight = [stub.Explain.future(slow_request(batch=1, stride=4, seed=i),
-                                             timeout=300) for i in range(4)]
-            _until(lambda: (lambda s: value(s, "saliency_inflight_requests") == 2 and
-                            value(s, "saliency_queued_requests") == 2)(
-                                scrape(server.metrics_port)))
+            in_flight = [
+                stub.Explain.future(slow_request(batch=1, stride=4, seed=i), timeout=300)
+                for i in range(4)
+            ]
+            _until(
+                lambda: (
+                    lambda s: (
+                        value(s, "saliency_inflight_requests") == 2
+                        and value(s, "saliency_queued_requests") == 2
+                    )
+                )(scrape(server.metrics_port))
+            )
             server.process.send_signal(signal.SIGTERM)
             _until(lambda: readiness() == health_pb2.HealthCheckResponse.NOT_SERVING)
             with pytest.raises(grpc.RpcError) as refused:
@@ -131,8 +163,10 @@ def test_sighup_reloads_and_sigterm_drains_in_flight_requests(models: Path,
                 assert reply.cost.forward_passes == 1 + 169
                 completed += 1
         returncode = server.process.wait(timeout=120)
-        print(f"\nshutdown: {completed} of {len(in_flight)} in-flight requests (2 executing, "
-              f"2 queued) completed after SIGTERM; exit code {returncode}")
+        print(
+            f"\nshutdown: {completed} of {len(in_flight)} in-flight requests (2 executing, "
+            f"2 queued) completed after SIGTERM; exit code {returncode}"
+        )
         assert completed == 4
         assert returncode == 0
         events = [entry.get("event") for entry in server.log]
@@ -147,14 +181,13 @@ def test_sighup_reloads_and_sigterm_drains_in_flight_requests(models: Path,
         server.kill()
 
 
-def test_grace_period_bounds_the_drain(repository: Path,
-                                      tmp_path_factory: pytest.TempPathFactory,
-                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_grace_period_bounds_the_drain(
+    repository: Path, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     """A request longer than the grace period does not hold the server: when the grace
     period ends the request is cancelled at its next check and the server stops."""
     root = slow_repository(tmp_path_factory.getbasetemp(), repository)
-    running = RunningServer(make_config(root, max_inflight=1,
-                                        chunk_memory_bytes=8 * 2**20)).start()
+    running = RunningServer(make_config(root, max_inflight=1, chunk_memory_bytes=8 * 2**20)).start()
     stopped = False
     try:
         with grpc.insecure_channel(running.address) as channel:
@@ -167,8 +200,7 @@ def test_grace_period_bounds_the_drain(repository: Path,
             elapsed = time.monotonic() - started
             with pytest.raises(grpc.RpcError) as error:
                 long_request.result(timeout=30)
-            assert error.value.code() in (grpc.StatusCode.CANCELLED,
-                                          grpc.StatusCode.UNAVAILABLE)
+            assert error.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
         assert elapsed < 10, f"stopping took {elapsed:.1f} s"
         assert any(getattr(r, "event", None) == "drain_timeout" for r in caplog.records)
         _until(lambda: running.server.admission.inflight == 0, timeout=10)
