@@ -11,8 +11,9 @@ weights, which is exactly Grad-CAM for that architecture with no backward pass.
 
 The maps are computed from outputs of the prediction run the service makes anyway (handlers
 set ``wants_scale_outputs``), so SMOE, LOVI and FastCAM on a linear head cost one forward
-pass per image. Packages exported with :func:`add_smoe_outputs` carry the per-scale SMOE
-maps as extra ONNX outputs (``smoe_0..k``), so only N×h×w maps leave ONNX Runtime.
+pass per image. Computing SMOE inside the ONNX graph instead (:func:`add_smoe_outputs`) was
+measured by ``benchmarks/multiscale.py`` and did not beat numpy after the run, so packages
+keep plain scale outputs.
 """
 
 from __future__ import annotations
@@ -276,14 +277,15 @@ def _read_linear_head(model: ModelHandle, linear: str, logits_name: str) -> Line
     return None
 
 
-# ---- SMOE maps baked into the ONNX graph --------------------------------------------------------
+# ---- SMOE inside the ONNX graph (measured, not adopted) -------------------------------------
 
 
 def add_smoe_outputs(model: Any, scale_names: list[str]) -> Any:
     """Adds ``smoe_i`` = SMOE Scale of ``scale_i`` (N×h×w) as outputs of an ONNX ModelProto.
 
     One session run then returns the logits and the per-scale maps, and only the maps (not
-    the C×h×w activations) are copied out of ONNX Runtime.
+    the C×h×w activations) leave ONNX Runtime. ``benchmarks/multiscale.py`` compares it with
+    numpy after the run; it was not faster, so the exporter does not add these outputs.
     """
     from onnx import TensorProto, helper  # noqa: PLC0415 - export time only
 
@@ -319,16 +321,6 @@ def add_smoe_outputs(model: Any, scale_names: list[str]) -> Any:
     return model
 
 
-def baked_smoe_outputs(model: ModelHandle) -> list[str] | None:
-    """``smoe_0..k`` when the package's ONNX graph carries them for every scale, else None."""
-    session = model.session
-    if session is None:
-        return None
-    names = {o.name for o in session.get_outputs()}
-    wanted = [f"{SMOE_OUTPUT_PREFIX}{i}" for i in range(len(model.spec().scale_outputs))]
-    return wanted if all(n in names for n in wanted) else None
-
-
 # ---- the handlers ---------------------------------------------------------------------------
 
 
@@ -340,10 +332,6 @@ class MultiScaleHandler(Handler):
     wants_scale_outputs = True
     defaults: ClassVar[dict[str, Any]] = {"weights": [], "normalization": "gaussian_cdf"}
     paper = "https://arxiv.org/abs/1911.11293"
-
-    def scale_outputs_for(self, model: ModelHandle) -> list[str]:
-        """ONNX outputs this method reads from the prediction run."""
-        return baked_smoe_outputs(model) or list(model.spec().scale_outputs)
 
     def validate(self, params: dict[str, Any], job: ExplainJob) -> None:
         if params["normalization"] == "unspecified":
@@ -371,10 +359,9 @@ class MultiScaleHandler(Handler):
 
     def per_scale(self, job: ExplainJob) -> np.ndarray:
         """Normalized, upsampled SMOE maps N×S×H×W in [0, 1]."""
-        names = self.scale_outputs_for(job.model)
+        names = list(job.model.spec().scale_outputs)
         found = self.outputs(job, names)
-        baked = names[0].startswith(SMOE_OUTPUT_PREFIX)
-        maps = [found[n] if baked else smoe_scale(found[n]) for n in names]
+        maps = [smoe_scale(found[n]) for n in names]
         height, width = job.inputs.shape[2:]
         return layer_maps(maps, job.params["normalization"], height, width)
 
@@ -437,11 +424,6 @@ class FastCam(MultiScaleHandler):
         if not super().available_for(model):
             return False
         return model.spec().head.get("type") == "gap_linear" or model.has_torch
-
-    def scale_outputs_for(self, model: ModelHandle) -> list[str]:
-        names = super().scale_outputs_for(model)
-        cam = cam_output(model)
-        return names if cam in names or linear_head(model) is None else [*names, cam]
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
         layers = self.per_scale(job)

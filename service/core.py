@@ -306,7 +306,7 @@ class Core:
         cpu_started = time.process_time()
         handle = self.repository.get(request.model, request.version)
         spec = handle.spec()
-        if request.method == pb.METHOD_AUTO:
+        if request.method == pb.METHOD_AUTO and request.budget.max_latency_ms > 0:
             # AUTO times the prediction run to price methods not yet measured; that run also
             # fetches the outputs forward-only methods read, so any choice costs one pass.
             inputs = decode_input(request.input, spec.input, self.config)
