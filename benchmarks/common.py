@@ -364,7 +364,10 @@ class TorchServeProcess:
             "disable_token_authorization=true", "enable_envvars_config=true",
             f"default_workers_per_model={self.workers}", "default_response_timeout=600",
             "max_response_size=268435456", "max_request_size=67108864",
-            "disable_system_metrics=true", ""]))
+            "disable_system_metrics=true",
+            # Worker sockets are /tmp/.ts.sock.<port>: a port of our own keeps two TorchServes
+            # on one machine (a test and a benchmark) from taking each other's workers.
+            f"initial_worker_port={free_port()}", ""]))
         launcher = Path(sys.executable).parent / "torchserve"
         command = [str(launcher) if launcher.exists() else "torchserve", "--start",
                    "--foreground", "--ncs", "--disable-token-auth", "--ts-config", str(config),
