@@ -436,6 +436,8 @@ def report(results: dict[str, Any]) -> str:
                              "expl/s": ours["explanations_per_s"], "p50 ms": ours["p50_ms"],
                              "p99 ms": ours["p99_ms"], "bytes": ours["response_bytes"],
                              "completeness err": ours["completeness_error_relative"]})
+    for model, error in results.get("errors", {}).items():
+        lines.append(f"{model}: FAILED: {error}")
     lines.append("Integrated Gradients: TorchServe 0.12 + Captum vs our Explain over gRPC "
                  f"({results['concurrency']} concurrent clients)")
     lines.append(table(rows))
@@ -452,7 +454,9 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"{entry['model']}: our relative completeness error by steps: {sweep}")
     lines += ["", "What the service adds (batch 1, one image, concurrency 1):",
               table(results["service_overhead"])]
-    predict = results["predict_overhead"]
+    predict = results.get("predict_overhead")
+    if predict is None:
+        return "\n".join(lines) + "\n"
     lines.append(
         f"Predict {predict['input_shape']}: ONNX Runtime in-process p50 "
         f"{predict['onnxruntime_p50_ms']:.2f} ms, over gRPC {predict['grpc_p50_ms']:.2f} ms: "
@@ -485,16 +489,20 @@ def main(argv: list[str] | None = None) -> int:
         package = repository / model / "1"
         size = json.loads((package / "manifest.json").read_text())["input"]["shape"][-1]
         images = png_images(requests, int(size), seed=5)
-        with ServerProcess(repository, config) as server:
-            results["versus_torchserve"].append(versus_torchserve(
-                model, package, server.address, images, args.concurrency, steps_grid))
-            results["service_overhead"] += service_overhead(
-                model, package, server.address, images[0], STOCK_STEPS,
-                max(3, repeats // (4 if model == "resnet50" else 1)))
-            if model == "demo":
-                results["predict_overhead"] = predict_overhead(package, server.address,
-                                                               repeats * 10)
-    if "predict_overhead" not in results:
+        try:
+            with ServerProcess(repository, config) as server:
+                results["versus_torchserve"].append(versus_torchserve(
+                    model, package, server.address, images, args.concurrency, steps_grid))
+                results["service_overhead"] += service_overhead(
+                    model, package, server.address, images[0], STOCK_STEPS,
+                    max(3, repeats // (4 if model == "resnet50" else 1)))
+                if model == "demo":
+                    results["predict_overhead"] = predict_overhead(package, server.address,
+                                                                   repeats * 10)
+        except Exception as exc:  # noqa: BLE001 - one model's failure is reported, not fatal
+            results.setdefault("errors", {})[model] = f"{type(exc).__name__}: {exc}"
+            print(f"{model}: failed: {exc}", file=sys.stderr)
+    if "predict_overhead" not in results and "demo" not in results.get("errors", {}):
         with ServerProcess(demo_repository(), config) as server:
             results["predict_overhead"] = predict_overhead(
                 demo_repository() / "demo" / "1", server.address, repeats * 10)
