@@ -23,6 +23,9 @@ HELP = {
     "metrics_port": "Prometheus /metrics port (0 picks a free one, -1 turns it off)",
     "max_inflight": "requests executing at once (one worker thread each)",
     "max_queue": "requests waiting for a worker; beyond that RESOURCE_EXHAUSTED at once",
+    "max_concurrent_rpcs": "calls of any kind the gRPC server holds at once, refused by gRPC "
+    "itself beyond that, bounding the request bytes in memory (0 = max_inflight + "
+    "max_queue + 64)",
     "max_batch": "images per request",
     "max_pixels": "pixels (height × width) per image, decoded or tensor",
     "max_message_bytes": "largest gRPC message received or sent",
@@ -58,6 +61,7 @@ class Config:
     # those; more are refused with RESOURCE_EXHAUSTED.
     max_inflight: int = 2
     max_queue: int = 16
+    max_concurrent_rpcs: int = 0
     # Per-request limits.
     max_batch: int = 16
     max_pixels: int = 1024 * 1024
@@ -96,6 +100,8 @@ class Config:
         problems = []
         if self.max_inflight < 1:
             problems.append(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.max_concurrent_rpcs < 0:
+            problems.append(f"max_concurrent_rpcs must be >= 0, got {self.max_concurrent_rpcs}")
         if self.max_queue < 0:
             problems.append(f"max_queue must be >= 0, got {self.max_queue}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -106,6 +112,12 @@ class Config:
             problems.append(f"log_format must be 'json' or 'text', got {self.log_format!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def concurrent_rpcs(self) -> int:
+        """The gRPC server's bound on calls held at once (health and discovery calls
+        get 64 beyond the admitted requests)."""
+        return self.max_concurrent_rpcs or self.max_inflight + self.max_queue + 64
 
     @property
     def tls(self) -> bool:

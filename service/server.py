@@ -139,7 +139,12 @@ class SaliencyServer:
         tokens = load_tokens(self.config)
         if tokens:
             interceptors.append(BearerTokenInterceptor(tokens, self.metrics))
-        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        # Bounds what a flood can hold in memory: each call may carry max_message_bytes.
+        self.server = grpc.aio.server(
+            options=options,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=self.config.concurrent_rpcs,
+        )
         pb_grpc.add_ExplainerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

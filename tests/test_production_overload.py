@@ -181,3 +181,34 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         time.sleep(0.01)
+
+
+def test_grpc_bounds_calls_held_in_memory(
+    repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Beyond ``max_concurrent_rpcs`` gRPC refuses calls itself, before reading them, so a
+    flood of large messages cannot pile up in memory."""
+    root = slow_repository(tmp_path_factory.getbasetemp(), repository)
+    running = RunningServer(
+        make_config(root, max_inflight=1, max_queue=1, max_concurrent_rpcs=3)
+    ).start()
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            futures = [stub.Explain.future(slow_request(stride=8), timeout=120) for _ in range(10)]
+            outcomes: Counter[str] = Counter()
+            for future in futures:
+                try:
+                    future.result()
+                    outcomes["OK"] += 1
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    by_grpc = "Concurrent RPC limit" in error.details()
+                    outcomes["refused by gRPC" if by_grpc else "refused by admission"] += 1
+            assert outcomes["OK"] == 2  # one executing, one queued
+            assert outcomes["refused by gRPC"] >= 1
+            assert sum(outcomes.values()) == 10
+            wait_idle(running)
+            assert stub.Explain(slow_request(stride=48), timeout=60).cost.forward_passes > 0
+    finally:
+        running.stop()
