@@ -376,3 +376,16 @@ def test_auto_over_grpc_before_anything_is_measured(repository) -> None:
             assert ran[pb.Method.Name(reply.cost.method)[len("METHOD_"):].lower()] == 1
     finally:
         running.stop()
+
+
+def test_a_job_without_the_prediction_outputs_runs_the_network_once(core, handle) -> None:
+    """Called directly (no prediction run before it), SMOE fetches the scales itself."""
+    from handlers.multiscale import SmoeScale  # noqa: PLC0415
+
+    inputs = tiny_inputs(2, seed=13)
+    job = ExplainJob(model=handle, inputs=inputs, targets=np.zeros(2, np.int64),
+                     params=SmoeScale().resolve_params(None))
+    direct = SmoeScale().explain(job)
+    assert job.cost.forward_passes == 2 and job.cost.backward_passes == 0
+    served = explain(core, pb.METHOD_SMOE_SCALE, inputs)
+    np.testing.assert_allclose(direct.maps, tensor_to_array(served.saliency), rtol=1e-6)
