@@ -37,7 +37,7 @@ def run_suite(name: str, quick: bool, out: Path, timeout: float) -> dict[str, An
         command.append("--quick")
     if out != RESULTS:  # suites name their results folder --out, or their file --output
         source = (ROOT / "benchmarks" / f"{name}.py").read_text()
-        if '"--out"' in source:
+        if '"--out"' in source or "base_parser(" in source:
             command += ["--out", str(out)]
         elif '"--output"' in source:
             command += ["--output", str(out / f"{name}.json")]
