@@ -1,0 +1,113 @@
+"""Prepared program copies: same results as the exported program, built once, shared."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from handlers import torch_program as tp
+from tests.gradient_fixtures import ARCHITECTURES, Exported, export_all, inputs
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
+    return export_all(tmp_path_factory.mktemp("program_models"))
+
+
+def count(program_module: torch.nn.Module, name: str) -> int:
+    return sum(1 for n in program_module.graph.nodes if name in str(n.target))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_fast_variant_folds_every_batch_norm_and_keeps_all_outputs(
+        exported: dict[str, Exported], architecture: str) -> None:
+    program = exported[architecture].handle.program
+    original = program.module()
+    batch_norms = count(original, "batch_norm")
+    assert batch_norms > 0
+    copy = program.module()
+    assert tp.fold_batch_norms(copy) == batch_norms
+    fast = tp.build_variant(program, tp.FAST)
+    assert count(fast.graph_module, "batch_norm") == 0
+    x = torch.from_numpy(inputs(3))
+    with torch.no_grad():
+        expected, actual = original(x), fast(x)
+    assert len(actual) == len(expected) > 2
+    for e, a in zip(expected, actual, strict=True):
+        assert a.shape == e.shape
+        assert float((a - e).abs().max() / e.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_guided_variant_routes_every_relu(exported: dict[str, Exported],
+                                          architecture: str) -> None:
+    program = exported[architecture].handle.program
+    relus = count(program.module(), "relu")
+    guided = tp.build_variant(program, tp.GUIDED)
+    targets = [n.target for n in guided.graph_module.graph.nodes if n.op == "call_function"]
+    assert targets.count(tp.guided_relu) == relus
+    assert count(guided.graph_module, "aten.relu") == 0
+
+
+def test_guided_relu_passes_only_positive_gradients_of_positive_inputs() -> None:
+    x = torch.tensor([-1.0, 2.0, 3.0, -4.0, 0.0], requires_grad=True)
+    upstream = torch.tensor([5.0, -6.0, 7.0, 8.0, 9.0])
+    out = tp.GuidedReLU.apply(x)
+    torch.testing.assert_close(out, torch.relu(x))
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    torch.testing.assert_close(grad, torch.tensor([0.0, 0.0, 7.0, 0.0, 0.0]))
+
+
+def test_cut_variant_makes_the_scale_output_a_leaf(exported: dict[str, Exported]) -> None:
+    handle = exported["demo_resnet"].handle
+    name = handle.spec().cam_output
+    index = handle.spec().scale_outputs.index(name) + 1
+    cut = tp.build_variant(handle.program, tp.CUT_PREFIX + name)
+    x = torch.from_numpy(inputs(2))
+    outputs = cut(x)
+    leaf = outputs[index]
+    assert leaf.requires_grad and leaf.grad_fn is None
+    (ours,) = torch.autograd.grad(outputs[0][:, 1].sum(), leaf)
+    # Reference: the unmodified program with the input requiring grad.
+    source = x.clone().requires_grad_(True)
+    full = handle.program.module()(source)
+    (expected,) = torch.autograd.grad(full[0][:, 1].sum(), full[index])
+    assert float((ours - expected).abs().max() / expected.abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="no output"):
+        tp.build_variant(handle.program, tp.CUT_PREFIX + "scale_99")
+
+
+def test_prepared_modules_are_built_once_and_shared_across_threads(
+        exported: dict[str, Exported], tmp_path: Path) -> None:
+    handle = exported["vgg_style"].handle
+    results: list[torch.nn.Module] = []
+    barrier = threading.Barrier(4)
+
+    def fetch() -> None:
+        barrier.wait()
+        results.append(tp.prepared_module(handle, tp.GUIDED))
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 4 and all(r is results[0] for r in results)
+    assert tp.prepared_module(handle, tp.FAST) is tp.prepared_module(handle, tp.FAST)
+    assert tp.prepared_module(handle, tp.FAST) is not results[0]
+
+
+def test_a_reloaded_package_gets_fresh_copies(exported: dict[str, Exported]) -> None:
+    handle = exported["demo_resnet"].handle
+    before = tp.prepared_module(handle, tp.FAST)
+    handle.load()
+    after = tp.prepared_module(handle, tp.FAST)
+    assert after is not before
+    x = torch.from_numpy(inputs(1))
+    with torch.no_grad():
+        np.testing.assert_allclose(after(x)[0].numpy(), before(x)[0].numpy(), rtol=1e-6,
+                                   atol=1e-6)
