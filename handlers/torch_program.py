@@ -49,7 +49,8 @@ class GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (out,) = ctx.saved_tensors
-        return torch.where(out > 0, grad.clamp(min=0), torch.zeros_like(grad))
+        # ReLU's own backward (zero where the output is 0), then keep positive gradients.
+        return torch.ops.aten.threshold_backward.default(grad, out, 0.0).clamp_min_(0.0)
 
 
 def guided_relu(x: torch.Tensor) -> torch.Tensor:
