@@ -98,7 +98,8 @@ class Variant:
 def select_variants(spec: str, offered: list[str]) -> list[Variant]:
     """``--methods``: comma-separated "all" (every offered method plus ``EXTRA_VARIANTS``)
     and method names, each optionally with parameters: ``all,rise:masks=500,cells=5,occlusion``
-    (an item ``name=value`` continues the previous method's parameters).
+    (an item ``name=value`` continues the previous method's parameters; ``-name`` drops a
+    method, e.g. ``all,-decam``).
     """
     texts: list[str] = []
     for item in filter(None, (p.strip() for p in spec.split(","))):
@@ -107,7 +108,10 @@ def select_variants(spec: str, offered: list[str]) -> list[Variant]:
         else:
             texts.append(item)
     chosen: list[Variant] = []
+    dropped = {text[1:].strip().lower() for text in texts if text.startswith("-")}
     for text in texts:
+        if text.startswith("-"):
+            continue
         if text == "all":
             for name in offered:
                 chosen.append(Variant(name))
@@ -119,7 +123,7 @@ def select_variants(spec: str, offered: list[str]) -> list[Variant]:
             raise SystemExit(f"method {variant.method!r} is not offered by the model; "
                              f"offered: {', '.join(offered)}")
         chosen.append(variant)
-    unique = list(dict.fromkeys(chosen))
+    unique = [v for v in dict.fromkeys(chosen) if v.method not in dropped]
     if not unique:
         raise SystemExit("--methods selected nothing")
     return unique

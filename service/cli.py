@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--size", type=int, help="image side (default: the configuration's)")
     evaluate.add_argument("--config", choices=("test", "held_out"), default="test")
     evaluate.add_argument("--methods", default="all",
-                          help="all, or names; parameters as guided_absolutegrad:quantile=0")
+                          help="all, or names; parameters as guided_absolutegrad:quantile=0; "
+                          "-name drops a method")
     evaluate.add_argument("--out", default="report")
     evaluate.add_argument("--batch", type=int, default=8, help="images per request")
     evaluate.add_argument("--seed", type=int, default=0)

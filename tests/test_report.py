@@ -28,6 +28,8 @@ def test_select_variants_expands_all_and_reads_parameters() -> None:
                       "guided_absolutegrad[quantile=0]", "rise"]
     chosen = report.select_variants("rise:masks=50,cells=4,vanilla_gradient", offered)
     assert [v.label for v in chosen] == ["rise[masks=50,cells=4]", "vanilla_gradient"]
+    chosen = report.select_variants("all,-guided_absolutegrad", offered)
+    assert [v.label for v in chosen] == ["vanilla_gradient", "rise"]
     with pytest.raises(SystemExit, match="not offered"):
         report.select_variants("gradcam", offered)
 
