@@ -85,9 +85,18 @@ def summary_markdown(runs: list[dict[str, Any]], quick: bool, out: Path,
     for run in runs:
         lines.append(f"| {run['name']} | {run['exit']} | {run['seconds']:.0f} | "
                      f"{Path(run['json']).name if run['json'] else '(none)'} |")
+    ran = {run["name"] for run in runs}
+    earlier = [name for name in discover() if name not in ran and (out / f"{name}.json").is_file()]
+    for name in earlier:
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC",
+                              time.gmtime((out / f"{name}.json").stat().st_mtime))
+        lines.append(f"| {name} | (earlier run, {stamp}) | | {name}.json |")
     for run in runs:
         lines += ["", f"## {run['name']}", "", "```", _excerpt(run["name"], out, run["log"]),
                   "```"]
+    for name in earlier:
+        lines += ["", f"## {name} (earlier run)", "", "```",
+                  _excerpt(name, out, str(out / f"{name}.log")), "```"]
     return "\n".join(lines) + "\n"
 
 
