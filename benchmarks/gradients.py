@@ -49,49 +49,81 @@ from service.repository import ModelHandle, Repository
 
 SIZE = 224
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-METHODS = ("vanilla_gradient", "input_x_gradient", "guided_backprop", "gradcam",
-           "gradcam_plus_plus", "smoothgrad", "vargrad", "guided_absolutegrad",
-           "integrated_gradients")
+METHODS = (
+    "vanilla_gradient",
+    "input_x_gradient",
+    "guided_backprop",
+    "gradcam",
+    "gradcam_plus_plus",
+    "smoothgrad",
+    "vargrad",
+    "guided_absolutegrad",
+    "integrated_gradients",
+)
 
 
 def build(name: str) -> tuple[torch.nn.Module, ModelHandle]:
     """The architecture with random weights (seed 0) and its package, exported once (cached)."""
     torch.manual_seed(0)
-    module: torch.nn.Module = (DemoResNet(num_classes=10) if name == "demo"
-                               else ResNet50Shape(num_classes=1000))
+    module: torch.nn.Module = (
+        DemoResNet(num_classes=10) if name == "demo" else ResNet50Shape(num_classes=1000)
+    )
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     root = CACHE / f"gradients-{name}-{SIZE}"
     if not (root / name / "1" / "manifest.json").is_file():
-        export_package(module, name=name, version=1, input_shape=(3, SIZE, SIZE), mean=MEAN,
-                       std=STD, class_labels=[], repository=root,
-                       scale_modules=module.scale_modules(), cam_layer=module.cam_layer,
-                       head="fc", overwrite=True, verify_inputs=1)
+        export_package(
+            module,
+            name=name,
+            version=1,
+            input_shape=(3, SIZE, SIZE),
+            mean=MEAN,
+            std=STD,
+            class_labels=[],
+            repository=root,
+            scale_modules=module.scale_modules(),
+            cam_layer=module.cam_layer,
+            head="fc",
+            overwrite=True,
+            verify_inputs=1,
+        )
     repository = Repository(root)
     repository.load_all()
     return module, repository.get(name)
 
 
-def captum_call(method: str, module: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
-                params: dict[str, Any], chunk: int, baseline: torch.Tensor,
-                sigma: float) -> tuple[str, Callable[[], torch.Tensor]]:
+def captum_call(
+    method: str,
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    params: dict[str, Any],
+    chunk: int,
+    baseline: torch.Tensor,
+    sigma: float,
+) -> tuple[str, Callable[[], torch.Tensor]]:
     """(peer description, a call computing the Captum equivalent of ``method``)."""
     layer = module.get_submodule(module.cam_layer)  # type: ignore[arg-type]
     if method == "vanilla_gradient":
         return "Saliency(abs=False)", lambda: Saliency(module).attribute(
-            x, target=targets, abs=False)
+            x, target=targets, abs=False
+        )
     if method == "input_x_gradient":
         return "InputXGradient", lambda: InputXGradient(module).attribute(x, target=targets)
     if method == "guided_backprop":
         return "GuidedBackprop", lambda: GuidedBackprop(module).attribute(x, target=targets)
     if method in ("gradcam", "gradcam_plus_plus"):
+
         def cam() -> torch.Tensor:
-            raw = LayerGradCam(module, layer).attribute(x, target=targets,
-                                                        relu_attributions=True)
+            raw = LayerGradCam(module, layer).attribute(x, target=targets, relu_attributions=True)
             return LayerAttribution.interpolate(raw, (SIZE, SIZE), "bilinear")
-        return ("LayerGradCam + interpolate" if method == "gradcam"
-                else "LayerGradCam (same passes; Captum has no Grad-CAM++)"), cam
+
+        return (
+            "LayerGradCam + interpolate"
+            if method == "gradcam"
+            else "LayerGradCam (same passes; Captum has no Grad-CAM++)"
+        ), cam
     if method in ("smoothgrad", "vargrad", "guided_absolutegrad"):
         nt_type = "smoothgrad" if method == "smoothgrad" else "vargrad"
         peer = f"NoiseTunnel({nt_type})"
@@ -99,13 +131,23 @@ def captum_call(method: str, module: torch.nn.Module, x: torch.Tensor, targets: 
             peer += " (same passes; Captum has no Guided AbsoluteGrad)"
         samples = int(params["samples"])
         return peer, lambda: NoiseTunnel(Saliency(module)).attribute(
-            x, nt_type=nt_type, nt_samples=samples, stdevs=sigma, target=targets, abs=False,
-            nt_samples_batch_size=max(1, chunk // x.shape[0]))
+            x,
+            nt_type=nt_type,
+            nt_samples=samples,
+            stdevs=sigma,
+            target=targets,
+            abs=False,
+            nt_samples_batch_size=max(1, chunk // x.shape[0]),
+        )
     if method == "integrated_gradients":
-        return "IntegratedGradients(gausslegendre)", lambda: IntegratedGradients(
-            module).attribute(x, baselines=baseline, target=targets,
-                              n_steps=int(params["steps"]), method="gausslegendre",
-                              internal_batch_size=chunk)
+        return "IntegratedGradients(gausslegendre)", lambda: IntegratedGradients(module).attribute(
+            x,
+            baselines=baseline,
+            target=targets,
+            n_steps=int(params["steps"]),
+            method="gausslegendre",
+            internal_batch_size=chunk,
+        )
     raise ValueError(method)
 
 
@@ -115,13 +157,17 @@ def agreement(method: str, ours: np.ndarray, reference: torch.Tensor) -> float |
         return "-"  # different noise, or a different method
     expected = reference.detach().numpy().astype(np.float64)
     if method == "gradcam":
-        return "-" if ours.shape != expected.shape else float(
-            np.abs(ours - expected).max() / np.abs(expected).max())
+        return (
+            "-"
+            if ours.shape != expected.shape
+            else float(np.abs(ours - expected).max() / np.abs(expected).max())
+        )
     return float(np.abs(ours - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
-def measure(name: str, batch: int, quick: bool, repeats: int,
-            samples: int = 0) -> list[dict[str, Any]]:
+def measure(
+    name: str, batch: int, quick: bool, repeats: int, samples: int = 0
+) -> list[dict[str, Any]]:
     module, handle = build(name)
     rng = np.random.default_rng(batch)
     x = rng.normal(size=(batch, 3, SIZE, SIZE)).astype(np.float32)
@@ -135,15 +181,28 @@ def measure(name: str, batch: int, quick: bool, repeats: int,
             params.update({k: samples or 2 for k in ("samples", "steps") if k in params})
 
         def job() -> ExplainJob:
-            return ExplainJob(model=handle, inputs=x, targets=targets, params=params,  # noqa: B023
-                              base_logits=logits, seed=1)
+            return ExplainJob(
+                model=handle,
+                inputs=x,
+                targets=targets,
+                params=params,  # noqa: B023
+                base_logits=logits,
+                seed=1,
+            )
 
         chunk = job().items_per_chunk(backward=True)
         baseline = make_baseline("black", x, handle.spec().input)
         sigma = float(noise_sigmas(x, float(params.get("noise_level", 0.15))).mean())
-        peer, captum = captum_call(method, module, torch.from_numpy(x),
-                                   torch.from_numpy(targets), params, chunk,
-                                   torch.from_numpy(baseline), sigma)
+        peer, captum = captum_call(
+            method,
+            module,
+            torch.from_numpy(x),
+            torch.from_numpy(targets),
+            params,
+            chunk,
+            torch.from_numpy(baseline),
+            sigma,
+        )
         results: dict[str, Any] = {}
 
         def ours(results: dict[str, Any] = results) -> None:
@@ -163,7 +222,7 @@ def measure(name: str, batch: int, quick: bool, repeats: int,
         times: dict[str, list[float]] = {"ours": [], "captum": []}
         for repeat in range(count):
             order = (("ours", ours), ("captum", theirs))
-            for label, call in (order if repeat % 2 == 0 else order[::-1]):
+            for label, call in order if repeat % 2 == 0 else order[::-1]:
                 started = time.perf_counter()
                 call()
                 times[label].append(time.perf_counter() - started)
@@ -176,27 +235,45 @@ def measure(name: str, batch: int, quick: bool, repeats: int,
             expected = results["captum"].detach().numpy()[:, 0]
             scale = expected.reshape(batch, -1).max(1).reshape(-1, 1, 1)
             results["captum"] = torch.from_numpy(expected / np.where(scale > 0, scale, 1))
-        rows.append({
-            "model": name, "batch": batch, "method": method, "peer": peer,
-            "params": {k: v for k, v in params.items() if k in ("samples", "steps")},
-            "ours_ms_per_image": ours_ms, "captum_ms_per_image": captum_ms,
-            "ratio": ours_ms / captum_ms,
-            "max_rel_diff": agreement(method, raw, results["captum"]),
-            "forward_passes": done.cost.forward_passes,
-            "backward_passes": done.cost.backward_passes, "repeats": repeats,
-        })
-        print(f"{name} b{batch} {method}: ours {ours_ms:.1f} ms/img, captum "
-              f"{captum_ms:.1f} ms/img, ratio {ours_ms / captum_ms:.2f}", flush=True)
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "method": method,
+                "peer": peer,
+                "params": {k: v for k, v in params.items() if k in ("samples", "steps")},
+                "ours_ms_per_image": ours_ms,
+                "captum_ms_per_image": captum_ms,
+                "ratio": ours_ms / captum_ms,
+                "max_rel_diff": agreement(method, raw, results["captum"]),
+                "forward_passes": done.cost.forward_passes,
+                "backward_passes": done.cost.backward_passes,
+                "repeats": repeats,
+            }
+        )
+        print(
+            f"{name} b{batch} {method}: ours {ours_ms:.1f} ms/img, captum "
+            f"{captum_ms:.1f} ms/img, ratio {ours_ms / captum_ms:.2f}",
+            flush=True,
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=0,
-                        help="timed calls per single-pass method (default 6, --quick 3)")
-    parser.add_argument("--samples", type=int, default=0,
-                        help="samples/steps for every multi-pass method (default: the "
-                             "handler defaults, 20 samples and 32 steps; --quick 2)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="timed calls per single-pass method (default 6, --quick 3)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="samples/steps for every multi-pass method (default: the "
+        "handler defaults, 20 samples and 32 steps; --quick 2)",
+    )
     parser.add_argument("--models", default="demo,resnet50")
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 6)
@@ -206,16 +283,33 @@ def main(argv: list[str] | None = None) -> Path:
     for name in models:
         for batch in batches:
             rows.extend(measure(name, batch, args.quick, repeats, args.samples))
-    columns = ["model", "batch", "method", "ours_ms_per_image", "captum_ms_per_image", "ratio",
-               "max_rel_diff", "peer"]
+    columns = [
+        "model",
+        "batch",
+        "method",
+        "ours_ms_per_image",
+        "captum_ms_per_image",
+        "ratio",
+        "max_rel_diff",
+        "peer",
+    ]
     report = table(rows, columns)
     worst = max(r["ratio"] for r in rows)
-    summary = (f"threads {torch.get_num_threads()}; worst ratio ours/Captum {worst:.2f} "
-               f"(target ≤ 1.0)\n")
+    summary = (
+        f"threads {torch.get_num_threads()}; worst ratio ours/Captum {worst:.2f} (target ≤ 1.0)\n"
+    )
     print(report + summary)
-    path = write_json("gradients", {"quick": args.quick, "size": SIZE, "rows": rows,
-                                    "worst_ratio": worst, "report": report + summary},
-                      args.out)
+    path = write_json(
+        "gradients",
+        {
+            "quick": args.quick,
+            "size": SIZE,
+            "rows": rows,
+            "worst_ratio": worst,
+            "report": report + summary,
+        },
+        args.out,
+    )
     print(f"wrote {path}")
     return path
 

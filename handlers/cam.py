@@ -13,7 +13,7 @@ min-max normalized per image (pytorch-grad-cam's result; an all-zero CAM stays a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,16 +36,20 @@ def resolve_layer(job: ExplainJob, layer: str) -> str:
     spec = job.model.spec()
     if not layer:
         if not spec.cam_output:
-            raise InvalidInput(f"model {spec.name!r} names no CAM layer; set params.layer to "
-                               f"one of {list(spec.scale_outputs)}")
+            raise InvalidInput(
+                f"model {spec.name!r} names no CAM layer; set params.layer to "
+                f"one of {list(spec.scale_outputs)}"
+            )
         return spec.cam_output
     if layer in spec.scale_outputs:
         return layer
     if layer in spec.scale_modules:
         return spec.scale_outputs[spec.scale_modules.index(layer)]
     choices = [f"{o} ({m})" for o, m in zip(spec.scale_outputs, spec.scale_modules, strict=False)]
-    raise InvalidInput(f"layer {layer!r} is neither a scale output nor a scale module of "
-                       f"model {spec.name!r}; choose one of {choices}")
+    raise InvalidInput(
+        f"layer {layer!r} is neither a scale output nor a scale module of "
+        f"model {spec.name!r}; choose one of {choices}"
+    )
 
 
 def layer_gradients(job: ExplainJob, output_name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +84,7 @@ def gradcam_weights(gradients: np.ndarray) -> np.ndarray:
 def gradcam_plus_plus_weights(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
     """Grad-CAM++ with the exponential-output closed form, as in pytorch-grad-cam:
     α = g² / (2g² + ΣA · g³ + ε) where g ≠ 0 (else 0); weight = Σ α · ReLU(g)."""
-    squares = gradients ** 2
+    squares = gradients**2
     cubes = squares * gradients
     activation_sums = activations.sum(axis=(2, 3))[:, :, None, None]
     alpha = squares / (2 * squares + activation_sums * cubes + PLUS_PLUS_EPSILON)
@@ -106,8 +110,9 @@ def grad_cam(job: ExplainJob, output_name: str) -> np.ndarray:
 def upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear (align_corners=False) resize of N×h×w maps to N×height×width."""
     tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
-    return F.interpolate(tensor, size=(height, width), mode="bilinear",
-                         align_corners=False)[:, 0].numpy()
+    return F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)[
+        :, 0
+    ].numpy()
 
 
 class CamHandler(GradientHandler):
@@ -115,7 +120,7 @@ class CamHandler(GradientHandler):
 
     plus_plus = False
     needs_scales = True
-    defaults: dict[str, Any] = {"layer": ""}  # noqa: RUF012
+    defaults: ClassVar[dict[str, Any]] = {"layer": ""}
 
     def validate(self, params: dict[str, Any], job: ExplainJob) -> None:
         resolve_layer(job, str(params.get("layer", "")))

@@ -26,8 +26,9 @@ RowMaker = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
 RowConsumer = Callable[[slice, torch.Tensor, torch.Tensor], None]
 
 
-def gradient_rows(job: ExplainJob, rows: int, make_rows: RowMaker, consume: RowConsumer,
-                  variant: str = FAST) -> None:
+def gradient_rows(
+    job: ExplainJob, rows: int, make_rows: RowMaker, consume: RowConsumer, variant: str = FAST
+) -> None:
     """Runs ∂ logit[target] / ∂ input over ``rows`` virtual rows in memory-bounded chunks.
 
     Rows are built per chunk (noise samples or interpolation steps never exist all at once);
@@ -48,8 +49,9 @@ def gradient_rows(job: ExplainJob, rows: int, make_rows: RowMaker, consume: RowC
         consume(part, grad.detach(), selected.detach())
 
 
-def input_gradients(job: ExplainJob, inputs: np.ndarray, targets: np.ndarray,
-                    variant: str = FAST) -> np.ndarray:
+def input_gradients(
+    job: ExplainJob, inputs: np.ndarray, targets: np.ndarray, variant: str = FAST
+) -> np.ndarray:
     """∂ logit[target] / ∂ input for every row of ``inputs`` (M×C×H×W), chunked.
 
     Each row counts as one forward and one backward pass.

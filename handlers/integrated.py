@@ -9,7 +9,7 @@ reported as ``diagnostics["completeness_error"]`` (absolute, in logits), with
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -22,8 +22,7 @@ from handlers.torch_program import FAST, prepared_module
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import InvalidInput
 
-RULES = ("gauss_legendre", "riemann_left", "riemann_right", "riemann_middle",
-         "riemann_trapezoid")
+RULES = ("gauss_legendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 IG_BASELINES = ("black", "blur", "uniform_noise", "mean")
 
 
@@ -68,8 +67,9 @@ def target_logits(job: ExplainJob, inputs: np.ndarray) -> np.ndarray:
     return out
 
 
-def integrated_gradients(job: ExplainJob, baseline: np.ndarray, steps: int,
-                         rule: str) -> np.ndarray:
+def integrated_gradients(
+    job: ExplainJob, baseline: np.ndarray, steps: int, rule: str
+) -> np.ndarray:
     """The IG attribution (N×C×H×W float32); rows are step-major like Captum's expansion."""
     nodes, weights = quadrature(rule, steps)
     inputs = torch.from_numpy(np.ascontiguousarray(job.inputs, dtype=np.float32))
@@ -105,10 +105,15 @@ class IntegratedGradients(GradientHandler):
     method = pb.METHOD_INTEGRATED_GRADIENTS
     name = "integrated_gradients"
     params_field = "integrated_gradients"
-    defaults: dict[str, Any] = {"steps": 32, "baseline": "black",  # noqa: RUF012
-                                "rule": "gauss_legendre"}
-    description = ("Path integral of gradients from a baseline (black/blur/uniform noise/mean); "
-                   "steps forward + steps backward + 1 forward, batched.")
+    defaults: ClassVar[dict[str, Any]] = {
+        "steps": 32,
+        "baseline": "black",
+        "rule": "gauss_legendre",
+    }
+    description = (
+        "Path integral of gradients from a baseline (black/blur/uniform noise/mean); "
+        "steps forward + steps backward + 1 forward, batched."
+    )
     paper = "https://arxiv.org/abs/1703.01365"
 
     def validate(self, params: dict[str, Any], job: ExplainJob) -> None:
@@ -120,8 +125,7 @@ class IntegratedGradients(GradientHandler):
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
         params = job.params
-        baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input,
-                                 job.rng())
+        baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input, job.rng())
         attribution = integrated_gradients(job, baseline, params["steps"], params["rule"])
         if job.base_logits is not None:
             index = np.arange(job.batch)
@@ -133,5 +137,6 @@ class IntegratedGradients(GradientHandler):
         gap = np.abs(attribution.reshape(job.batch, -1).sum(axis=1, dtype=np.float64) - expected)
         job.diagnostics["completeness_error"] = float(gap.max())
         job.diagnostics["completeness_error_relative"] = float(
-            gap.max() / max(float(np.abs(expected).max()), 1e-12))
+            gap.max() / max(float(np.abs(expected).max()), 1e-12)
+        )
         return attribution

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -62,31 +62,35 @@ def seeded_noise(seed: int, shape: tuple[int, ...], sigmas: np.ndarray) -> Noise
 
     def draw(row: int, image: int) -> torch.Tensor:
         if row != expected[0]:
-            raise RuntimeError(f"noise rows must be drawn in order: got {row}, "
-                               f"expected {expected[0]}")
+            raise RuntimeError(
+                f"noise rows must be drawn in order: got {row}, expected {expected[0]}"
+            )
         expected[0] += 1
         return torch.randn(shape, generator=generator) * float(sigmas[image])
 
     return draw
 
 
-def noise_tunnel(job: ExplainJob, samples: int, noise_level: float,
-                 noise: NoiseSource | None = None) -> NoiseStats:
+def noise_tunnel(
+    job: ExplainJob, samples: int, noise_level: float, noise: NoiseSource | None = None
+) -> NoiseStats:
     """Sums of ∂ logit[target] / ∂ x over ``samples`` noisy copies of every image."""
     inputs = torch.from_numpy(np.ascontiguousarray(job.inputs, dtype=np.float32))
     targets = torch.from_numpy(job.targets.astype(np.int64))
     batch = inputs.shape[0]
     if noise is None:
-        noise = seeded_noise(job.seed, tuple(inputs.shape[1:]),
-                             noise_sigmas(job.inputs, noise_level))
+        noise = seeded_noise(
+            job.seed, tuple(inputs.shape[1:]), noise_sigmas(job.inputs, noise_level)
+        )
     shape = tuple(inputs.shape)
     stats = NoiseStats(samples, np.zeros(shape), np.zeros(shape), np.zeros(shape))
 
     def make_rows(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         rows = range(part.start, part.stop)
         images = [row // samples for row in rows]
-        noisy = torch.stack([inputs[image] + noise(row, image)
-                             for row, image in zip(rows, images, strict=True)])
+        noisy = torch.stack(
+            [inputs[image] + noise(row, image) for row, image in zip(rows, images, strict=True)]
+        )
         return noisy, targets[images]
 
     def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
@@ -105,17 +109,21 @@ class NoiseHandler(GradientHandler):
     """Shared validation of the sample count and noise level."""
 
     min_samples = 1
-    defaults: dict[str, Any] = {"samples": 20, "noise_level": 0.15}  # noqa: RUF012
+    defaults: ClassVar[dict[str, Any]] = {"samples": 20, "noise_level": 0.15}
 
     def validate(self, params: dict[str, Any], job: ExplainJob) -> None:
         self.require_positive(params, "samples", job.limits.max_samples)
         if params["samples"] < self.min_samples:
-            raise InvalidInput(f"samples must be >= {self.min_samples} for {self.name} "
-                               f"(it needs a variance), got {params['samples']}")
+            raise InvalidInput(
+                f"samples must be >= {self.min_samples} for {self.name} "
+                f"(it needs a variance), got {params['samples']}"
+            )
         self.require_range(params, "noise_level", 0.0, 1.0)
         if params["noise_level"] <= 0:
-            raise InvalidInput(f"noise_level must be in (0, 1] (a fraction of the input "
-                               f"range), got {params['noise_level']}")
+            raise InvalidInput(
+                f"noise_level must be in (0, 1] (a fraction of the input "
+                f"range), got {params['noise_level']}"
+            )
 
 
 @register
@@ -128,8 +136,10 @@ class SmoothGrad(NoiseHandler):
     method = pb.METHOD_SMOOTHGRAD
     name = "smoothgrad"
     params_field = "smoothgrad"
-    description = ("Mean gradient over noisy copies (σ = noise_level × input range); "
-                   "samples forward + samples backward, batched.")
+    description = (
+        "Mean gradient over noisy copies (σ = noise_level × input range); "
+        "samples forward + samples backward, batched."
+    )
     paper = "https://arxiv.org/abs/1706.03825"
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
@@ -148,8 +158,9 @@ class VarGrad(NoiseHandler):
     name = "vargrad"
     params_field = "vargrad"
     min_samples = 2
-    description = ("Variance of the gradient over noisy copies; samples forward + samples "
-                   "backward, batched.")
+    description = (
+        "Variance of the gradient over noisy copies; samples forward + samples backward, batched."
+    )
     paper = "https://arxiv.org/abs/1810.03292"
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
@@ -171,8 +182,9 @@ def guided_absolutegrad(stats: NoiseStats, quantile: float) -> np.ndarray:
         return stats.total_abs.astype(np.float32)
     variance = stats.variance(unbiased=True)
     batch, channels, height, width = variance.shape
-    threshold = np.quantile(variance.reshape(batch, channels, height * width), quantile,
-                            axis=2).reshape(batch, channels, 1, 1)
+    threshold = np.quantile(
+        variance.reshape(batch, channels, height * width), quantile, axis=2
+    ).reshape(batch, channels, 1, 1)
     guide = np.where(variance > threshold, 1.0, variance)
     return (stats.total_abs * guide).astype(np.float32)
 
@@ -190,9 +202,11 @@ class GuidedAbsoluteGrad(NoiseHandler):
     name = "guided_absolutegrad"
     params_field = "guided_absolutegrad"
     min_samples = 2
-    defaults: dict[str, Any] = {"samples": 20, "noise_level": 0.15, "quantile": 0.85}  # noqa: RUF012
-    description = ("Σ|noisy gradients| × variance guide (quantile 0 = AbsoluteGrad); "
-                   "samples forward + samples backward, batched.")
+    defaults: ClassVar[dict[str, Any]] = {"samples": 20, "noise_level": 0.15, "quantile": 0.85}
+    description = (
+        "Σ|noisy gradients| × variance guide (quantile 0 = AbsoluteGrad); "
+        "samples forward + samples backward, batched."
+    )
     paper = "https://arxiv.org/abs/2404.15564"
 
     def validate(self, params: dict[str, Any], job: ExplainJob) -> None:

@@ -106,7 +106,7 @@ def build_variant(program: Any, variant: str) -> PreparedModule:
     if variant == GUIDED:
         replace_relus(graph_module)
     elif variant.startswith(CUT_PREFIX):
-        cut_at_output(graph_module, variant[len(CUT_PREFIX):])
+        cut_at_output(graph_module, variant[len(CUT_PREFIX) :])
     elif variant != FAST:
         raise ValueError(f"unknown program variant {variant!r}")
     to_channels_last(graph_module)
@@ -133,8 +133,12 @@ def fold_batch_norms(graph_module: fx.GraphModule) -> int:
         if node.op != "call_function" or node.target not in _BATCH_NORM_TARGETS:
             continue
         conv = node.args[0]
-        if (not isinstance(conv, fx.Node) or conv.op != "call_function"
-                or conv.target != torch.ops.aten.conv2d.default or len(conv.users) != 1):
+        if (
+            not isinstance(conv, fx.Node)
+            or conv.op != "call_function"
+            or conv.target != torch.ops.aten.conv2d.default
+            or len(conv.users) != 1
+        ):
             continue
         if node.target == torch.ops.aten.batch_norm.default:
             _, gamma_n, beta_n, mean_n, var_n, training, _, eps = node.args[:8]
@@ -148,10 +152,14 @@ def fold_batch_norms(graph_module: fx.GraphModule) -> int:
         mean, var = _attr(graph_module, mean_n), _attr(graph_module, var_n)
         gamma = _attr(graph_module, gamma_n) if gamma_n is not None else None
         beta = _attr(graph_module, beta_n) if beta_n is not None else None
-        missing = (weight is None or mean is None or var is None
-                   or (bias_node is not None and bias is None)
-                   or (gamma_n is not None and gamma is None)
-                   or (beta_n is not None and beta is None))
+        missing = (
+            weight is None
+            or mean is None
+            or var is None
+            or (bias_node is not None and bias is None)
+            or (gamma_n is not None and gamma is None)
+            or (beta_n is not None and beta is None)
+        )
         if missing:
             continue
         with torch.no_grad():
@@ -177,8 +185,9 @@ def fold_batch_norms(graph_module: fx.GraphModule) -> int:
             args.append(None)
         args[1], args[2] = weight_attr, bias_attr
         with graph.inserting_after(conv):
-            new_conv = graph.call_function(torch.ops.aten.conv2d.default, tuple(args),
-                                           dict(conv.kwargs))
+            new_conv = graph.call_function(
+                torch.ops.aten.conv2d.default, tuple(args), dict(conv.kwargs)
+            )
         node.replace_all_uses_with(new_conv)
         graph.erase_node(node)
         graph.erase_node(conv)
@@ -219,9 +228,15 @@ def to_channels_last(graph_module: fx.GraphModule) -> None:
             _set(graph_module, name, buffer.contiguous(memory_format=torch.channels_last), False)
     for name, parameter in list(graph_module.named_parameters()):
         if parameter.dim() == 4:
-            _set(graph_module, name, torch.nn.Parameter(
-                parameter.detach().contiguous(memory_format=torch.channels_last),
-                requires_grad=False), True)
+            _set(
+                graph_module,
+                name,
+                torch.nn.Parameter(
+                    parameter.detach().contiguous(memory_format=torch.channels_last),
+                    requires_grad=False,
+                ),
+                True,
+            )
 
 
 def _set(root: torch.nn.Module, name: str, value: torch.Tensor, is_parameter: bool) -> None:

@@ -57,16 +57,26 @@ def export_all(root: Path) -> dict[str, Exported]:
     exported: dict[str, Exported] = {}
     for architecture in ARCHITECTURES:
         module, head = build_module(architecture)
-        export_package(module, name=architecture, version=1, input_shape=(3, SIZE, SIZE),
-                       mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], class_labels=(),
-                       repository=root, head=head or None,
-                       scale_modules=module.scale_modules(), cam_layer=module.cam_layer)
+        export_package(
+            module,
+            name=architecture,
+            version=1,
+            input_shape=(3, SIZE, SIZE),
+            mean=[0.5, 0.5, 0.5],
+            std=[0.25, 0.25, 0.25],
+            class_labels=(),
+            repository=root,
+            head=head or None,
+            scale_modules=module.scale_modules(),
+            cam_layer=module.cam_layer,
+        )
     repository = Repository(root)
     repository.load_all()
     for architecture in ARCHITECTURES:
         module, _ = build_module(architecture)
-        exported[architecture] = Exported(module, repository.get(architecture),
-                                          module.get_submodule(module.cam_layer))
+        exported[architecture] = Exported(
+            module, repository.get(architecture), module.get_submodule(module.cam_layer)
+        )
     return exported
 
 
@@ -74,12 +84,25 @@ def inputs(batch: int = 3, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(batch, 3, SIZE, SIZE)).astype(np.float32)
 
 
-def make_job(handle: ModelHandle, x: np.ndarray, targets: np.ndarray,
-             params: dict[str, object], seed: int = 0, limits: Limits | None = None,
-             base_logits: bool = True) -> ExplainJob:
+def make_job(
+    handle: ModelHandle,
+    x: np.ndarray,
+    targets: np.ndarray,
+    params: dict[str, object],
+    seed: int = 0,
+    limits: Limits | None = None,
+    base_logits: bool = True,
+) -> ExplainJob:
     logits = handle.run(x)[0] if base_logits else None
-    return ExplainJob(model=handle, inputs=x, targets=np.asarray(targets, np.int64),
-                      params=params, base_logits=logits, seed=seed, limits=limits or Limits())
+    return ExplainJob(
+        model=handle,
+        inputs=x,
+        targets=np.asarray(targets, np.int64),
+        params=params,
+        base_logits=logits,
+        seed=seed,
+        limits=limits or Limits(),
+    )
 
 
 def non_predicted_targets(handle: ModelHandle, x: np.ndarray) -> np.ndarray:

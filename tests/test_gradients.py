@@ -53,8 +53,9 @@ def model(request: pytest.FixtureRequest, exported: dict[str, Exported]) -> Expo
     return exported[request.param]
 
 
-def run(method: int, model: Exported, x: np.ndarray, targets: np.ndarray,
-        **params: object) -> tuple[np.ndarray, np.ndarray, object]:
+def run(
+    method: int, model: Exported, x: np.ndarray, targets: np.ndarray, **params: object
+) -> tuple[np.ndarray, np.ndarray, object]:
     handler = registry.get(method)
     job = make_job(model.handle, x, targets, {**handler.defaults, **params})
     attribution = handler.explain(job)
@@ -74,11 +75,14 @@ def default_map(raw: np.ndarray) -> np.ndarray:
     return maps / maps.reshape(maps.shape[0], -1).max(axis=1).reshape(-1, 1, 1)
 
 
-@pytest.mark.parametrize(("method", "reference"), [
-    (pb.METHOD_VANILLA_GRADIENT, lambda m: Saliency(m)),
-    (pb.METHOD_INPUT_X_GRADIENT, lambda m: InputXGradient(m)),
-    (pb.METHOD_GUIDED_BACKPROP, lambda m: GuidedBackprop(m)),
-])
+@pytest.mark.parametrize(
+    ("method", "reference"),
+    [
+        (pb.METHOD_VANILLA_GRADIENT, lambda m: Saliency(m)),
+        (pb.METHOD_INPUT_X_GRADIENT, lambda m: InputXGradient(m)),
+        (pb.METHOD_GUIDED_BACKPROP, lambda m: GuidedBackprop(m)),
+    ],
+)
 def test_single_pass_methods_match_captum(model: Exported, method: int, reference) -> None:
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
@@ -98,8 +102,14 @@ def test_guided_backprop_differs_from_the_plain_gradient(model: Exported) -> Non
     assert relative_error(guided, plain) > 1e-2
 
 
-def captum_noise_tunnel(model: Exported, x: np.ndarray, targets: np.ndarray, samples: int,
-                        sigmas: np.ndarray, nt_type: str) -> tuple[np.ndarray, list]:
+def captum_noise_tunnel(
+    model: Exported,
+    x: np.ndarray,
+    targets: np.ndarray,
+    samples: int,
+    sigmas: np.ndarray,
+    nt_type: str,
+) -> tuple[np.ndarray, list]:
     """Captum's NoiseTunnel per image (its stdev is one float per call), and the noise it drew.
 
     Captum draws ``torch.normal(0, σ repeated to samples×C×H×W)`` from the global generator;
@@ -108,14 +118,24 @@ def captum_noise_tunnel(model: Exported, x: np.ndarray, targets: np.ndarray, sam
     tunnel = NoiseTunnel(Saliency(model.module))
     results, noises = [], []
     for index in range(x.shape[0]):
-        image = torch.from_numpy(x[index:index + 1].copy())
+        image = torch.from_numpy(x[index : index + 1].copy())
         torch.manual_seed(1000 + index)
-        results.append(tunnel.attribute(image, nt_type=nt_type, nt_samples=samples,
-                                        stdevs=float(sigmas[index]),
-                                        target=int(targets[index]), abs=False).detach().numpy())
+        results.append(
+            tunnel.attribute(
+                image,
+                nt_type=nt_type,
+                nt_samples=samples,
+                stdevs=float(sigmas[index]),
+                target=int(targets[index]),
+                abs=False,
+            )
+            .detach()
+            .numpy()
+        )
         torch.manual_seed(1000 + index)
-        noises.append(torch.normal(0, torch.tensor(float(sigmas[index])).repeat(
-            (samples, *image.shape[1:]))))
+        noises.append(
+            torch.normal(0, torch.tensor(float(sigmas[index])).repeat((samples, *image.shape[1:])))
+        )
     return np.concatenate(results), noises
 
 
@@ -126,27 +146,39 @@ def test_noise_tunnel_matches_captum_on_identical_noise(model: Exported, nt_type
     samples, level = 6, 0.15
     sigmas = noise_sigmas(x, level)
     expected, noises = captum_noise_tunnel(model, x, targets, samples, sigmas, nt_type)
-    job = make_job(model.handle, x, targets, {"samples": samples, "noise_level": level},
-                   limits=Limits(chunk_memory_bytes=1 << 20))  # several chunks
-    stats = noise_tunnel(job, samples, level,
-                         noise=lambda row, image: noises[image][row % samples])
+    job = make_job(
+        model.handle,
+        x,
+        targets,
+        {"samples": samples, "noise_level": level},
+        limits=Limits(chunk_memory_bytes=1 << 20),
+    )  # several chunks
+    stats = noise_tunnel(job, samples, level, noise=lambda row, image: noises[image][row % samples])
     ours = stats.mean() if nt_type == "smoothgrad" else stats.variance()
     assert relative_error(ours, expected) <= TOLERANCE
     assert job.cost.forward_passes == 3 * samples and job.cost.backward_passes == 3 * samples
 
 
-@pytest.mark.parametrize("method", [pb.METHOD_SMOOTHGRAD, pb.METHOD_VARGRAD,
-                                    pb.METHOD_GUIDED_ABSOLUTEGRAD])
-def test_noise_methods_are_reproducible_and_seeded(exported: dict[str, Exported],
-                                                   method: int) -> None:
+@pytest.mark.parametrize(
+    "method", [pb.METHOD_SMOOTHGRAD, pb.METHOD_VARGRAD, pb.METHOD_GUIDED_ABSOLUTEGRAD]
+)
+def test_noise_methods_are_reproducible_and_seeded(
+    exported: dict[str, Exported], method: int
+) -> None:
     handle = exported["demo_resnet"].handle
     handler = registry.get(method)
     x = inputs(2)
     params = {**handler.defaults, "samples": 4}
 
     def raw(seed: int, chunk_bytes: int) -> np.ndarray:
-        job = make_job(handle, x, np.array([1, 2]), params, seed=seed,
-                       limits=Limits(chunk_memory_bytes=chunk_bytes))
+        job = make_job(
+            handle,
+            x,
+            np.array([1, 2]),
+            params,
+            seed=seed,
+            limits=Limits(chunk_memory_bytes=chunk_bytes),
+        )
         return handler.explain(job).raw
 
     first = raw(7, 1 << 30)
@@ -170,15 +202,16 @@ def test_seeded_noise_has_the_requested_scale(exported: dict[str, Exported]) -> 
         assert abs(float(values.mean())) < 0.02 * expected
 
 
-def gag_reference(model: Exported, x: np.ndarray, targets: np.ndarray, noises: list,
-                  quantile: float) -> tuple[np.ndarray, np.ndarray]:
+def gag_reference(
+    model: Exported, x: np.ndarray, targets: np.ndarray, noises: list, quantile: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Guided AbsoluteGrad written straight from the formula, one sample at a time."""
     module = model.module
     maps, totals = [], []
     for index in range(x.shape[0]):
         gradients = []
         for noise in noises[index]:
-            noisy = (torch.from_numpy(x[index:index + 1].copy()) + noise).requires_grad_(True)
+            noisy = (torch.from_numpy(x[index : index + 1].copy()) + noise).requires_grad_(True)
             logit = module(noisy)[0, int(targets[index])]
             gradients.append(torch.autograd.grad(logit, noisy)[0][0].double())
         stacked = torch.stack(gradients)  # S×C×H×W
@@ -205,31 +238,46 @@ def test_guided_absolutegrad_matches_the_formula(model: Exported, quantile: floa
     samples = 5
     sigmas = noise_sigmas(x, 0.15)
     generator = torch.Generator().manual_seed(3)
-    noises = [[torch.randn((1, *x.shape[1:]), generator=generator) * float(s)
-               for _ in range(samples)] for s in sigmas]
+    noises = [
+        [torch.randn((1, *x.shape[1:]), generator=generator) * float(s) for _ in range(samples)]
+        for s in sigmas
+    ]
     expected_raw, expected_maps = gag_reference(model, x, targets, noises, quantile)
     job = make_job(model.handle, x, targets, {})
-    stats = noise_tunnel(job, samples, 0.15,
-                         noise=lambda row, image: noises[image][row % samples][0])
+    stats = noise_tunnel(
+        job, samples, 0.15, noise=lambda row, image: noises[image][row % samples][0]
+    )
     raw = guided_absolutegrad(stats, quantile)
     assert relative_error(raw, expected_raw) <= TOLERANCE
     maps = GuidedAbsoluteGrad().to_maps(raw, job)
     assert relative_error(maps, expected_maps) <= TOLERANCE
 
 
-@pytest.mark.parametrize("rule", ["gauss_legendre", "riemann_left", "riemann_right",
-                                  "riemann_middle", "riemann_trapezoid"])
+@pytest.mark.parametrize(
+    "rule",
+    ["gauss_legendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"],
+)
 def test_integrated_gradients_matches_captum(model: Exported, rule: str) -> None:
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
     steps = 8
-    raw, maps, job = run(pb.METHOD_INTEGRATED_GRADIENTS, model, x, targets, steps=steps,
-                         rule=rule, baseline="black")
+    raw, maps, job = run(
+        pb.METHOD_INTEGRATED_GRADIENTS, model, x, targets, steps=steps, rule=rule, baseline="black"
+    )
     baseline = make_baseline("black", x, model.handle.spec().input)
     captum_rule = "gausslegendre" if rule == "gauss_legendre" else rule
-    expected = IntegratedGradients(model.module).attribute(
-        *tensors(x, targets)[:1], baselines=torch.from_numpy(baseline.copy()),
-        target=torch.from_numpy(targets), n_steps=steps, method=captum_rule).detach().numpy()
+    expected = (
+        IntegratedGradients(model.module)
+        .attribute(
+            *tensors(x, targets)[:1],
+            baselines=torch.from_numpy(baseline.copy()),
+            target=torch.from_numpy(targets),
+            n_steps=steps,
+            method=captum_rule,
+        )
+        .detach()
+        .numpy()
+    )
     if rule == "riemann_trapezoid":
         # Captum spaces its trapezoid nodes by 1/steps instead of 1/(steps − 1).
         expected = expected * steps / (steps - 1)
@@ -250,12 +298,28 @@ def test_integrated_gradients_baselines(exported: dict[str, Exported], baseline:
     model = exported["vgg_style"]
     x = inputs(2)
     targets = np.array([0, 3])
-    raw, _, job = run(pb.METHOD_INTEGRATED_GRADIENTS, model, x, targets, steps=6,
-                      baseline=baseline, rule="gauss_legendre")
+    raw, _, job = run(
+        pb.METHOD_INTEGRATED_GRADIENTS,
+        model,
+        x,
+        targets,
+        steps=6,
+        baseline=baseline,
+        rule="gauss_legendre",
+    )
     reference = make_baseline(baseline, x, model.handle.spec().input, job.rng())
-    expected = IntegratedGradients(model.module).attribute(
-        torch.from_numpy(x.copy()), baselines=torch.from_numpy(reference),
-        target=torch.from_numpy(targets), n_steps=6, method="gausslegendre").detach().numpy()
+    expected = (
+        IntegratedGradients(model.module)
+        .attribute(
+            torch.from_numpy(x.copy()),
+            baselines=torch.from_numpy(reference),
+            target=torch.from_numpy(targets),
+            n_steps=6,
+            method="gausslegendre",
+        )
+        .detach()
+        .numpy()
+    )
     assert relative_error(raw, expected) <= TOLERANCE
 
 
@@ -264,16 +328,30 @@ def test_completeness_improves_with_steps(exported: dict[str, Exported]) -> None
     x = inputs(2)
     errors = []
     for steps in (2, 64):
-        _, _, job = run(pb.METHOD_INTEGRATED_GRADIENTS, model, x, np.array([1, 1]),
-                        steps=steps, rule="gauss_legendre")
+        _, _, job = run(
+            pb.METHOD_INTEGRATED_GRADIENTS,
+            model,
+            x,
+            np.array([1, 1]),
+            steps=steps,
+            rule="gauss_legendre",
+        )
         errors.append(job.diagnostics["completeness_error"])
     assert errors[1] < errors[0]
 
 
 def upsampled(cam: np.ndarray, size: int) -> np.ndarray:
     """Bilinear to the input size, then min-max per image (all-zero stays zero)."""
-    big = F.interpolate(torch.from_numpy(cam.astype(np.float32))[:, None], size=(size, size),
-                        mode="bilinear", align_corners=False)[:, 0].numpy().astype(np.float64)
+    big = (
+        F.interpolate(
+            torch.from_numpy(cam.astype(np.float32))[:, None],
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
+        )[:, 0]
+        .numpy()
+        .astype(np.float64)
+    )
     low = big.reshape(big.shape[0], -1).min(1).reshape(-1, 1, 1)
     span = big.reshape(big.shape[0], -1).max(1).reshape(-1, 1, 1) - low
     return np.where(span > 0, (big - low) / np.where(span > 0, span, 1), 0.0)
@@ -283,8 +361,12 @@ def test_gradcam_matches_captum_layer_gradcam(model: Exported) -> None:
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
     raw, maps, job = run(pb.METHOD_GRADCAM, model, x, targets)
-    expected = LayerGradCam(model.module, model.cam_module).attribute(
-        *tensors(x, targets), relu_attributions=False).detach().numpy()[:, 0]
+    expected = (
+        LayerGradCam(model.module, model.cam_module)
+        .attribute(*tensors(x, targets), relu_attributions=False)
+        .detach()
+        .numpy()[:, 0]
+    )
     assert relative_error(raw, expected) <= TOLERANCE
     assert relative_error(maps, upsampled(np.maximum(expected, 0), x.shape[2])) <= TOLERANCE
     assert (job.cost.forward_passes, job.cost.backward_passes) == (3, 3)
@@ -300,8 +382,12 @@ def test_gradcam_at_a_named_layer(exported: dict[str, Exported]) -> None:
     targets = np.array([4, 0])
     by_module, _, _ = run(pb.METHOD_GRADCAM, model, x, targets, layer="layer3")
     by_output, _, _ = run(pb.METHOD_GRADCAM, model, x, targets, layer="scale_2")
-    expected = LayerGradCam(model.module, model.module.layer3).attribute(
-        *tensors(x, targets), relu_attributions=False).detach().numpy()[:, 0]
+    expected = (
+        LayerGradCam(model.module, model.module.layer3)
+        .attribute(*tensors(x, targets), relu_attributions=False)
+        .detach()
+        .numpy()[:, 0]
+    )
     assert by_module.shape == expected.shape == (2, 4, 4)
     assert relative_error(by_module, expected) <= TOLERANCE
     np.testing.assert_array_equal(by_module, by_output)
@@ -335,8 +421,9 @@ def grad_cam_library(pytestconfig: pytest.Config):
 
 
 def _unavailable(*_args: object, **_kwargs: object) -> None:
-    raise RuntimeError("not installed: a placeholder for an import pytorch-grad-cam does not "
-                       "need for Grad-CAM++")
+    raise RuntimeError(
+        "not installed: a placeholder for an import pytorch-grad-cam does not need for Grad-CAM++"
+    )
 
 
 _PLACEHOLDERS = {
@@ -364,8 +451,10 @@ def test_cam_maps_match_pytorch_grad_cam(model: Exported, grad_cam_library, meth
     layer = module.get_submodule(module.cam_layer)
     kind = library.GradCAMPlusPlus if method == pb.METHOD_GRADCAM_PLUS_PLUS else library.GradCAM
     with kind(model=module, target_layers=[layer]) as cam:
-        expected = cam(input_tensor=torch.from_numpy(x.copy()),
-                       targets=[classifier_target(int(t)) for t in targets])
+        expected = cam(
+            input_tensor=torch.from_numpy(x.copy()),
+            targets=[classifier_target(int(t)) for t in targets],
+        )
     assert expected.shape == maps.shape
     assert relative_error(maps, expected) <= TOLERANCE
 
@@ -381,27 +470,36 @@ def test_gradcam_plus_plus_differs_from_gradcam(model: Exported) -> None:
 GRADIENT_METHODS = [h.method for h in registry.handlers() if h.uses_gradients]
 
 
-@pytest.mark.parametrize(("method", "params", "message"), [
-    (pb.METHOD_SMOOTHGRAD, {"samples": 0}, "samples must be > 0"),
-    (pb.METHOD_SMOOTHGRAD, {"samples": 10_000}, "exceeds the server limit"),
-    (pb.METHOD_SMOOTHGRAD, {"noise_level": 0.0}, "noise_level must be in (0, 1]"),
-    (pb.METHOD_VARGRAD, {"noise_level": 1.5}, "noise_level must be in"),
-    (pb.METHOD_VARGRAD, {"samples": 1}, "samples must be >= 2"),
-    (pb.METHOD_GUIDED_ABSOLUTEGRAD, {"quantile": 1.5}, "quantile must be in"),
-    (pb.METHOD_GUIDED_ABSOLUTEGRAD, {"quantile": float("nan")}, "quantile must be in"),
-    (pb.METHOD_INTEGRATED_GRADIENTS, {"steps": 0}, "steps must be > 0"),
-    (pb.METHOD_INTEGRATED_GRADIENTS, {"steps": 1, "rule": "riemann_trapezoid"},
-     "steps must be >= 2"),
-    (pb.METHOD_INTEGRATED_GRADIENTS, {"baseline": "zebra"}, "baseline must be one of"),
-    (pb.METHOD_GRADCAM, {"layer": "nope"}, "layer 'nope' is neither"),
-])
-def test_invalid_parameters_are_named(exported: dict[str, Exported], method: int,
-                                      params: dict, message: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        (pb.METHOD_SMOOTHGRAD, {"samples": 0}, "samples must be > 0"),
+        (pb.METHOD_SMOOTHGRAD, {"samples": 10_000}, "exceeds the server limit"),
+        (pb.METHOD_SMOOTHGRAD, {"noise_level": 0.0}, "noise_level must be in (0, 1]"),
+        (pb.METHOD_VARGRAD, {"noise_level": 1.5}, "noise_level must be in"),
+        (pb.METHOD_VARGRAD, {"samples": 1}, "samples must be >= 2"),
+        (pb.METHOD_GUIDED_ABSOLUTEGRAD, {"quantile": 1.5}, "quantile must be in"),
+        (pb.METHOD_GUIDED_ABSOLUTEGRAD, {"quantile": float("nan")}, "quantile must be in"),
+        (pb.METHOD_INTEGRATED_GRADIENTS, {"steps": 0}, "steps must be > 0"),
+        (
+            pb.METHOD_INTEGRATED_GRADIENTS,
+            {"steps": 1, "rule": "riemann_trapezoid"},
+            "steps must be >= 2",
+        ),
+        (pb.METHOD_INTEGRATED_GRADIENTS, {"baseline": "zebra"}, "baseline must be one of"),
+        (pb.METHOD_GRADCAM, {"layer": "nope"}, "layer 'nope' is neither"),
+    ],
+)
+def test_invalid_parameters_are_named(
+    exported: dict[str, Exported], method: int, params: dict, message: str
+) -> None:
     handler = registry.get(method)
-    job = make_job(exported["demo_resnet"].handle, inputs(1), np.array([0]),
-                   {**handler.defaults, **params})
-    with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[")):
+    job = make_job(
+        exported["demo_resnet"].handle, inputs(1), np.array([0]), {**handler.defaults, **params}
+    )
+    with pytest.raises(
+        InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    ):
         handler.explain(job)
     assert job.cost.forward_passes == 0
 
@@ -421,8 +519,13 @@ def test_deadline_is_checked_between_chunks(exported: dict[str, Exported], metho
     handler = registry.get(method)
     params = {**handler.defaults}
     params.update({k: 4 for k in ("samples", "steps") if k in params})
-    job = make_job(exported["vgg_style"].handle, inputs(2), np.array([0, 1]), params,
-                   limits=Limits(chunk_memory_bytes=1))  # one row per chunk
+    job = make_job(
+        exported["vgg_style"].handle,
+        inputs(2),
+        np.array([0, 1]),
+        params,
+        limits=Limits(chunk_memory_bytes=1),
+    )  # one row per chunk
     job.state = CountingState()
     handler.explain(job)
     assert job.state.checks >= job.cost.backward_passes
@@ -441,8 +544,13 @@ def test_a_passed_deadline_stops_a_long_method(exported: dict[str, Exported]) ->
             if self.checks > 2:
                 raise DeadlineExceeded("deadline")
 
-    job = make_job(exported["vgg_style"].handle, inputs(1), np.array([0]),
-                   {**handler.defaults}, limits=Limits(chunk_memory_bytes=1))
+    job = make_job(
+        exported["vgg_style"].handle,
+        inputs(1),
+        np.array([0]),
+        {**handler.defaults},
+        limits=Limits(chunk_memory_bytes=1),
+    )
     job.state = ExpiresAfterTwoChecks()
     with pytest.raises(DeadlineExceeded):
         handler.explain(job)

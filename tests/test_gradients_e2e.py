@@ -21,7 +21,8 @@ SMALL_PARAMS = {
     "vargrad": pb.SmoothGradParams(samples=SAMPLES, noise_level=0.2),
     "guided_absolutegrad": pb.GuidedAbsoluteGradParams(samples=SAMPLES, quantile=0.5),
     "integrated_gradients": pb.IntegratedGradientsParams(
-        steps=STEPS, rule=pb.QUADRATURE_RIEMANN_MIDDLE, baseline=pb.BASELINE_BLUR),
+        steps=STEPS, rule=pb.QUADRATURE_RIEMANN_MIDDLE, baseline=pb.BASELINE_BLUR
+    ),
 }
 
 
@@ -36,8 +37,13 @@ def torch_passes(name: str) -> tuple[int, int]:
 
 def request_for(name: str, method: int, batch: int, target: str) -> pb.ExplainRequest:
     x = np.random.default_rng(batch).normal(size=(batch, *TINY_SHAPE)).astype(np.float32)
-    request = pb.ExplainRequest(model="tiny", method=method, seed=11, return_raw=True,
-                                input=pb.Input(tensor=array_to_tensor(x)))
+    request = pb.ExplainRequest(
+        model="tiny",
+        method=method,
+        seed=11,
+        return_raw=True,
+        input=pb.Input(tensor=array_to_tensor(x)),
+    )
     if target == "class":
         request.target.class_index = 3
     if name in SMALL_PARAMS:
@@ -47,9 +53,16 @@ def request_for(name: str, method: int, batch: int, target: str) -> pb.ExplainRe
 
 def test_the_whole_family_is_registered() -> None:
     assert {h.name for h in FAMILY} == {
-        "vanilla_gradient", "input_x_gradient", "smoothgrad", "vargrad",
-        "integrated_gradients", "guided_backprop", "guided_absolutegrad", "gradcam",
-        "gradcam_plus_plus"}
+        "vanilla_gradient",
+        "input_x_gradient",
+        "smoothgrad",
+        "vargrad",
+        "integrated_gradients",
+        "guided_backprop",
+        "guided_absolutegrad",
+        "gradcam",
+        "gradcam_plus_plus",
+    }
 
 
 @pytest.mark.parametrize("target", ["predicted", "class"])
@@ -83,12 +96,15 @@ def test_equal_seeds_give_equal_maps_over_grpc(stub) -> None:
     assert stub.Explain(other, timeout=60).saliency.data != first.saliency.data
 
 
-@pytest.mark.parametrize(("field", "params", "message"), [
-    ("smoothgrad", pb.SmoothGradParams(samples=0), "samples must be > 0"),
-    ("guided_absolutegrad", pb.GuidedAbsoluteGradParams(quantile=2.0), "quantile must be in"),
-    ("integrated_gradients", pb.IntegratedGradientsParams(steps=100_000), "server limit"),
-    ("gradcam", pb.GradCamParams(layer="fc"), "layer 'fc' is neither"),
-])
+@pytest.mark.parametrize(
+    ("field", "params", "message"),
+    [
+        ("smoothgrad", pb.SmoothGradParams(samples=0), "samples must be > 0"),
+        ("guided_absolutegrad", pb.GuidedAbsoluteGradParams(quantile=2.0), "quantile must be in"),
+        ("integrated_gradients", pb.IntegratedGradientsParams(steps=100_000), "server limit"),
+        ("gradcam", pb.GradCamParams(layer="fc"), "layer 'fc' is neither"),
+    ],
+)
 def test_bad_parameters_are_invalid_argument(stub, field: str, params, message: str) -> None:
     method = {h.name: h.method for h in FAMILY}[field]
     request = request_for(field, method, 1, "predicted")

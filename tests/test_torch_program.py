@@ -24,7 +24,8 @@ def count(program_module: torch.nn.Module, name: str) -> int:
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_fast_variant_folds_every_batch_norm_and_keeps_all_outputs(
-        exported: dict[str, Exported], architecture: str) -> None:
+    exported: dict[str, Exported], architecture: str
+) -> None:
     program = exported[architecture].handle.program
     original = program.module()
     batch_norms = count(original, "batch_norm")
@@ -43,8 +44,7 @@ def test_fast_variant_folds_every_batch_norm_and_keeps_all_outputs(
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_guided_variant_routes_every_relu(exported: dict[str, Exported],
-                                          architecture: str) -> None:
+def test_guided_variant_routes_every_relu(exported: dict[str, Exported], architecture: str) -> None:
     program = exported[architecture].handle.program
     relus = count(program.module(), "relu")
     guided = tp.build_variant(program, tp.GUIDED)
@@ -82,7 +82,8 @@ def test_cut_variant_makes_the_scale_output_a_leaf(exported: dict[str, Exported]
 
 
 def test_prepared_modules_are_built_once_and_shared_across_threads(
-        exported: dict[str, Exported], tmp_path: Path) -> None:
+    exported: dict[str, Exported], tmp_path: Path
+) -> None:
     handle = exported["vgg_style"].handle
     results: list[torch.nn.Module] = []
     barrier = threading.Barrier(4)
@@ -109,5 +110,4 @@ def test_a_reloaded_package_gets_fresh_copies(exported: dict[str, Exported]) -> 
     assert after is not before
     x = torch.from_numpy(inputs(1))
     with torch.no_grad():
-        np.testing.assert_allclose(after(x)[0].numpy(), before(x)[0].numpy(), rtol=1e-6,
-                                   atol=1e-6)
+        np.testing.assert_allclose(after(x)[0].numpy(), before(x)[0].numpy(), rtol=1e-6, atol=1e-6)
