@@ -80,6 +80,16 @@ def export_all(root: Path) -> dict[str, Exported]:
     return exported
 
 
+_SHARED: dict[str, dict[str, Exported]] = {}
+
+
+def shared_exports(tmp_path_factory: object) -> dict[str, Exported]:
+    """``export_all`` once per test session (exporting is the slow part of these tests)."""
+    if "models" not in _SHARED:
+        _SHARED["models"] = export_all(tmp_path_factory.mktemp("gradient_models"))  # type: ignore[attr-defined]
+    return _SHARED["models"]
+
+
 def inputs(batch: int = 3, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(batch, 3, SIZE, SIZE)).astype(np.float32)
 

@@ -33,11 +33,11 @@ from service.errors import InvalidInput
 from tests.gradient_fixtures import (
     ARCHITECTURES,
     Exported,
-    export_all,
     inputs,
     make_job,
     non_predicted_targets,
     relative_error,
+    shared_exports,
 )
 
 TOLERANCE = 1e-4
@@ -45,7 +45,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
-    return export_all(tmp_path_factory.mktemp("gradient_models"))
+    return shared_exports(tmp_path_factory)
 
 
 @pytest.fixture(params=ARCHITECTURES)

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from handlers import torch_program as tp
-from tests.gradient_fixtures import ARCHITECTURES, Exported, export_all, inputs
+from tests.gradient_fixtures import ARCHITECTURES, Exported, inputs, shared_exports
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
-    return export_all(tmp_path_factory.mktemp("program_models"))
+    return shared_exports(tmp_path_factory)
 
 
 def count(program_module: torch.nn.Module, name: str) -> int:
