@@ -60,18 +60,22 @@ _LOVI_FIRST_HUE = 0.75
 
 def smoe_scale(activations: np.ndarray) -> np.ndarray:
     """SMOE Scale of N×C×h×w activations over channels → float32 N×h×w (ReLU applied first)."""
-    x = np.maximum(activations, 0.0, dtype=np.float32) + np.float32(EPSILON)
+    x = np.maximum(activations, 0.0, dtype=np.float32)
+    x += np.float32(EPSILON)
     mean = x.mean(axis=1)
-    return (mean * (np.log2(mean) - np.log2(x).mean(axis=1))).astype(np.float32)
+    mean_log = np.log2(x, out=x).mean(axis=1)  # x is a private copy: reuse it
+    return mean * (np.log2(mean) - mean_log)
 
 
 def gaussian_cdf_normalize(maps: np.ndarray) -> np.ndarray:
     """Φ of each N×h×w map's z-score (mean and unbiased std per map); a flat map → 0.5."""
-    flat = maps.reshape(maps.shape[0], -1).astype(np.float64)
-    mean = flat.mean(axis=1, keepdims=True)
-    std = flat.std(axis=1, ddof=1, keepdims=True) if flat.shape[1] > 1 else np.zeros_like(mean)
-    z = np.where(std > 0, (flat - mean) / np.where(std > 0, std, 1.0), 0.0)
-    return special.ndtr(z).reshape(maps.shape).astype(np.float32)
+    flat = maps.reshape(maps.shape[0], -1)
+    mean = flat.mean(axis=1, dtype=np.float64, keepdims=True)
+    std = (flat.std(axis=1, ddof=1, dtype=np.float64, keepdims=True) if flat.shape[1] > 1
+           else np.zeros_like(mean))
+    scale = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
+    z = (flat - mean.astype(np.float32)) * scale  # 0 for a flat map
+    return special.ndtr(z).reshape(maps.shape)
 
 
 def gamma_fit(values: np.ndarray) -> tuple[float, float]:
