@@ -389,3 +389,29 @@ def test_a_job_without_the_prediction_outputs_runs_the_network_once(core, handle
     assert job.cost.forward_passes == 2 and job.cost.backward_passes == 0
     served = explain(core, pb.METHOD_SMOE_SCALE, inputs)
     np.testing.assert_allclose(direct.maps, tensor_to_array(served.saliency), rtol=1e-6)
+
+
+DEMO_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@pytest.mark.skipif(not (DEMO_MODELS / "demo" / "1" / "manifest.json").is_file(),
+                    reason="the demo package models/demo/1 has not been built")
+def test_smoe_and_fastcam_on_the_demo_model_match_the_reference() -> None:
+    repo = Repository(DEMO_MODELS)
+    repo.load_all()
+    demo = repo.get("demo")
+    spec = demo.spec()
+    demo_core = Core(repo, Config(models=DEMO_MODELS, max_batch=8), Metrics())
+    inputs = np.random.default_rng(0).normal(size=(1, *spec.input.shape[1:])).astype(np.float32)
+    request = pb.ExplainRequest(model="demo", method=pb.METHOD_SMOE_SCALE, return_raw=True,
+                                input=pb.Input(tensor=array_to_tensor(inputs)))
+    reply = demo_core.explain(request, RequestState(), CostCounter())
+    *scales, = demo.run(inputs, list(spec.scale_outputs))
+    layers, combined = reference_combined([reference_smoe(a) for a in scales], "gaussian_cdf",
+                                          [1.0] * len(scales), spec.input.shape[2:])
+    np.testing.assert_allclose(tensor_to_array(reply.raw), layers, rtol=1e-3, atol=2e-4)
+    np.testing.assert_allclose(tensor_to_array(reply.saliency), combined, rtol=1e-3, atol=2e-4)
+    head = linear_head(demo)
+    assert head is not None  # the demo model ends in global-average-pool + fc
+    np.testing.assert_allclose(head.logits(scales[-1]), demo.run(inputs)[0], rtol=1e-4,
+                               atol=1e-4)
