@@ -396,7 +396,7 @@ DEMO_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 @pytest.mark.skipif(not (DEMO_MODELS / "demo" / "1" / "manifest.json").is_file(),
                     reason="the demo package models/demo/1 has not been built")
-def test_smoe_and_fastcam_on_the_demo_model_match_the_reference() -> None:
+def test_smoe_and_linear_head_on_the_demo_model_match_the_reference() -> None:
     repo = Repository(DEMO_MODELS)
     repo.load_all()
     demo = repo.get("demo")
