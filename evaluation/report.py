@@ -146,6 +146,7 @@ class Options:
     examples: int = 6
     progress: bool = True
     fill: bool = True  # False: only summarize what the cache already holds
+    deadline: float = 0.0  # seconds of filling before writing the report (0 = no limit)
 
 
 @dataclass
@@ -208,7 +209,12 @@ def run(options: Options) -> Path:
 
 
 def _fill(client: Any, classifier: metrics.OnnxClassifier, state: Run) -> None:
-    """Computes and appends the rows still missing from ``results.csv``."""
+    """Computes and appends the rows still missing from ``results.csv``.
+
+    Work goes round by round: one batch of images through every method, then the next batch.
+    A run cut short (or a slow method's ``--deadline``) thus leaves every method scored on the
+    same first images, which is what the paired comparisons need.
+    """
     from tqdm import tqdm  # noqa: PLC0415
 
     options = state.options
@@ -220,19 +226,26 @@ def _fill(client: Any, classifier: metrics.OnnxClassifier, state: Run) -> None:
     total = sum(len(indices) for indices in todo.values())
     bar = tqdm(total=total, desc="evaluate", unit="map", file=sys.stderr,
                disable=not options.progress or total == 0)
-    for variant, indices in todo.items():
-        bar.set_postfix_str(variant.label)
-        cache = MapCache(options.out / "maps" / state.key / f"{slug(variant.label)}.npz")
-        for begin in range(0, len(indices), options.batch):
-            batch = indices[begin:begin + options.batch]
+    caches = {v: MapCache(options.out / "maps" / state.key / f"{slug(v.label)}.npz")
+              for v in todo}
+    stop_at = time.monotonic() + options.deadline if options.deadline else math.inf
+    for begin in range(0, options.images, options.batch):
+        for variant, indices in todo.items():
+            batch = [i for i in indices if begin <= i < begin + options.batch]
+            if not batch or variant.label in state.errors:
+                continue
+            if time.monotonic() > stop_at:
+                state.errors.setdefault("(run)", f"--deadline reached at image {begin}")
+                bar.close()
+                return
+            bar.set_postfix_str(variant.label)
             try:
                 rows, maps = _score_batch(client, classifier, state, variant, batch)
             except Exception as exc:  # noqa: BLE001 - one failing method must not stop the rest
                 state.errors[variant.label] = _describe(exc)
                 print(f"{variant.label}: {state.errors[variant.label]}", file=sys.stderr)
-                bar.update(len(indices) - begin)
-                break
-            cache.add(batch, maps)  # maps first: a row is written only once its map is saved
+                continue
+            caches[variant].add(batch, maps)  # the map is saved before its row is written
             append_rows(csv_path, rows)
             bar.update(len(batch))
     bar.close()
@@ -576,7 +589,9 @@ def write_report(state: Run) -> Path:
     lines += ["", "★ = on the cost (p50 ms) vs RCAP Pareto front: "
               + ", ".join(summaries[i].label for i in front) + ".", ""]
     for label, error in state.errors.items():
-        lines.append(f"- {label} failed: {error}")
+        lines.append(f"- {label}: {error}" if label == "(run)" else f"- {label} failed: {error}")
+    if state.errors:
+        lines.append("")
     lines += ["## The papers' claims, checked here", ""]
     lines += claims(rows, {s.label for s in summaries})
     lines += ["", "## Definitions", "",

@@ -104,7 +104,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         server=args.server, model=args.model, models=Path(args.models), images=args.images,
         size=args.size, config=args.config, methods=args.methods, out=Path(args.out),
         batch=args.batch, seed=args.seed, timeout=args.timeout, target=args.target,
-        progress=not args.no_progress, fill=not args.report_only))
+        progress=not args.no_progress, fill=not args.report_only, deadline=args.deadline))
     print(f"wrote {summary} (rows in {summary.parent / 'results.csv'})")
     return 0
 
@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--target", choices=("label", "predicted"), default="label",
                           help="explain the true class (default) or the predicted one")
     evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument("--deadline", type=float, default=0.0,
+                          help="stop computing after this many seconds and report what is done "
+                          "(a re-run continues)")
     evaluate.add_argument("--report-only", action="store_true",
                           help="write the summary from cached results without computing more")
     evaluate.set_defaults(run=_evaluate)

@@ -162,3 +162,13 @@ def test_evaluate_end_to_end_and_rerun_reuses_results(cell_server, tmp_path: Pat
     line = next(x for x in (out / "summary.md").read_text().splitlines()
                 if x.startswith("| occlusion"))
     assert line.split("|")[3].strip() == str(images)
+
+
+def test_deadline_stops_filling_and_still_reports(cell_server, tmp_path: Path) -> None:
+    running, root = cell_server
+    out = tmp_path / "report"
+    assert cli.main(["evaluate", "--server", running.address, "--model", "cells", "--models",
+                     str(root), "--images", "4", "--methods", "vanilla_gradient", "--out",
+                     str(out), "--no-progress", "--deadline", "1e-9"]) == 0
+    assert not (out / "results.csv").exists()  # stopped before the first request
+    assert "- (run): --deadline reached at image 0" in (out / "summary.md").read_text()
