@@ -275,10 +275,11 @@ def main(argv: list[str] | None = None) -> Path:
         "handler defaults, 20 samples and 32 steps; --quick 2)",
     )
     parser.add_argument("--models", default="demo,resnet50")
+    parser.add_argument("--batches", default="1,8", help="batch sizes (--quick: 1,2)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 6)
     models = ["demo"] if args.quick else args.models.split(",")
-    batches = (1, 2) if args.quick else (1, 8)
+    batches = (1, 2) if args.quick else tuple(int(b) for b in args.batches.split(","))
     rows = []
     for name in models:
         for batch in batches:
