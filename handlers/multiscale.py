@@ -206,8 +206,13 @@ class LinearHead:
         cam = (rows * activations.astype(np.float32, copy=False)).sum(axis=1)
         return np.maximum(cam, 0.0) / np.float32(height * width)
 
-    def logits(self, activations: np.ndarray) -> np.ndarray:
-        return activations.mean(axis=(2, 3)) @ self.weight.T + self.bias
+    def logits(self, activations: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
+        """All logits (N×classes), or only ``classes[n]`` of each item (N) — the latter with
+        no matrix product, which BLAS threads make slow on a busy machine."""
+        pooled = activations.mean(axis=(2, 3))
+        if classes is None:
+            return pooled @ self.weight.T + self.bias
+        return (pooled * self.weight[classes]).sum(axis=1) + self.bias[classes]
 
 
 _HEADS: dict[tuple[str, str], LinearHead | None] = {}
@@ -445,8 +450,9 @@ class FastCam(MultiScaleHandler):
         name = cam_output(job.model)
         if head is not None:
             activations = self.outputs(job, [name])[name]
-            if job.base_logits is None or _logits_match(head.logits(activations),
-                                                        job.base_logits):
+            rows = np.arange(job.batch)
+            if job.base_logits is None or _logits_match(
+                    head.logits(activations, job.targets), job.base_logits[rows, job.targets]):
                 job.diagnostics["cam_backward_free"] = 1.0
                 return head.cam(activations, job.targets)
             log.warning("model %s: the linear head does not reproduce the logits; using "

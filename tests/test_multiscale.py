@@ -415,3 +415,22 @@ def test_smoe_and_linear_head_on_the_demo_model_match_the_reference() -> None:
     assert head is not None  # the demo model ends in global-average-pool + fc
     np.testing.assert_allclose(head.logits(scales[-1]), demo.run(inputs)[0], rtol=1e-4,
                                atol=1e-4)
+
+
+def test_a_head_that_does_not_reproduce_the_logits_is_not_trusted(core, handle,
+                                                                   monkeypatch) -> None:
+    """Weights that disagree with the served logits (a package whose head was misdescribed)
+    must not yield a wrong CAM: FastCAM falls back to Grad-CAM on the torch program."""
+    import handlers.multiscale as multiscale  # noqa: PLC0415
+
+    true_head = linear_head(handle)
+    wrong = multiscale.LinearHead(true_head.weight[::-1].copy(), true_head.bias)
+    monkeypatch.setattr(multiscale, "linear_head", lambda _model: wrong)
+    inputs = tiny_inputs(2, seed=17)
+    reply = explain(core, pb.METHOD_FASTCAM, inputs)
+    assert reply.diagnostics["cam_backward_free"] == 0.0
+    assert reply.cost.backward_passes == 2
+    monkeypatch.undo()
+    trusted = explain(core, pb.METHOD_FASTCAM, inputs)
+    np.testing.assert_allclose(tensor_to_array(reply.saliency), tensor_to_array(trusted.saliency),
+                               rtol=1e-3, atol=1e-4)
