@@ -37,8 +37,8 @@ QUICK_STD = (0.25, 0.25, 0.25)
 BLANK = CLASS_NAMES.index("blank")
 
 
-def quick_model_package(root: Path, size: int = QUICK_SIZE, train_images: int = 6000,
-                        epochs: int = 6, seed: int = 0) -> Path:
+def quick_model_package(root: Path, size: int = QUICK_SIZE, train_images: int = 4000,
+                        epochs: int = 4, seed: int = 0) -> Path:
     """Trains a small DemoResNet on generated cells and exports it (once; cached)."""
     import torch  # noqa: PLC0415 - only when there is no demo model to use
 
@@ -53,7 +53,7 @@ def quick_model_package(root: Path, size: int = QUICK_SIZE, train_images: int = 
     data = generate(train_images, config)
     inputs = torch.from_numpy(preprocess_pixels(data.images, _spec(size)))
     labels = torch.from_numpy(data.labels)
-    model = DemoResNet(num_classes=len(CLASS_NAMES), width=16)
+    model = DemoResNet(num_classes=len(CLASS_NAMES), width=8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * (train_images // 64)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
