@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated suite names")
     parser.add_argument("--skip", default="", help="comma-separated suite names to leave out")
-    parser.add_argument("--timeout", type=float, help="seconds per suite (default 600, "
+    parser.add_argument("--timeout", type=float, help="seconds per suite (default 900, "
                                                        "quick 300)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown suites {unknown}; available: {names}")
         names = [n for n in names if n in wanted]
     names = [n for n in names if n not in set(args.skip.split(","))]
-    timeout = args.timeout or (300.0 if args.quick else 600.0)
+    timeout = args.timeout or (300.0 if args.quick else 900.0)
     started = time.perf_counter()
     runs = []
     for name in names:
