@@ -4,8 +4,11 @@ Side by side in one run, for every gradient-family method: ms/image of our handl
 (in-process ``Handler.explain`` on the exported package, prepared program copy) and of the
 Captum equivalent on the source ``nn.Module`` (eval mode, parameter gradients off, the same
 inputs, targets, sample/step counts and chunk size as ``internal_batch_size`` /
-``nt_samples_batch_size``), and their ratio. 224×224, batch 1 and 8, on ``DemoResNet`` and
-``ResNet50Shape`` (random weights). Calls alternate ours/Captum so load on a shared machine
+``nt_samples_batch_size``), and their ratio. The chunk budget (``--chunk-mib``, default
+4 GiB) lets a batch of 8 run as one pass like Captum's unchunked single-pass methods; with the
+server's default 512 MiB a ResNet-50 at 224² is chunked to one image per pass.
+224×224, batch 1 and 8, on ``DemoResNet`` and ``ResNet50Shape`` (random weights).
+Calls alternate ours/Captum so load on a shared machine
 falls on both alike; the best (minimum) of the repeats is reported, the least disturbed by
 other work on a shared machine. Single-pass methods are warmed up and repeated ``--repeats``
 times; multi-pass ones (samples/steps) a third as often, as each call already averages over
@@ -40,7 +43,7 @@ from captum.attr import (
 
 from benchmarks.common import CACHE, base_parser, table, write_json
 from handlers import registry
-from handlers.base import ExplainJob
+from handlers.base import ExplainJob, Limits
 from handlers.baselines import make_baseline
 from handlers.noise import noise_sigmas
 from service.architectures import DemoResNet, ResNet50Shape
@@ -166,7 +169,7 @@ def agreement(method: str, ours: np.ndarray, reference: torch.Tensor) -> float |
 
 
 def measure(
-    name: str, batch: int, quick: bool, repeats: int, samples: int = 0
+    name: str, batch: int, quick: bool, repeats: int, samples: int = 0, limits: Limits | None = None
 ) -> list[dict[str, Any]]:
     module, handle = build(name)
     rng = np.random.default_rng(batch)
@@ -188,6 +191,7 @@ def measure(
                 params=params,  # noqa: B023
                 base_logits=logits,
                 seed=1,
+                limits=limits or Limits(),
             )
 
         chunk = job().items_per_chunk(backward=True)
@@ -249,6 +253,7 @@ def measure(
                 "forward_passes": done.cost.forward_passes,
                 "backward_passes": done.cost.backward_passes,
                 "repeats": repeats,
+                "chunk_items": chunk,
             }
         )
         print(
@@ -276,6 +281,13 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--models", default="demo,resnet50")
     parser.add_argument("--batches", default="1,8", help="batch sizes (--quick: 1,2)")
+    parser.add_argument(
+        "--chunk-mib",
+        type=int,
+        default=4096,
+        help="memory budget of one chunk (the server's --chunk-memory-bytes); the default lets "
+        "a batch of 8 ResNet-50 images run as one pass, as Captum's single-pass methods do",
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 6)
     models = ["demo"] if args.quick else args.models.split(",")
@@ -283,7 +295,8 @@ def main(argv: list[str] | None = None) -> Path:
     rows = []
     for name in models:
         for batch in batches:
-            rows.extend(measure(name, batch, args.quick, repeats, args.samples))
+            limits = Limits(chunk_memory_bytes=args.chunk_mib * 1024 * 1024)
+            rows.extend(measure(name, batch, args.quick, repeats, args.samples, limits))
     columns = [
         "model",
         "batch",
