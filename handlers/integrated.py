@@ -79,6 +79,7 @@ def integrated_gradients(
     batch = inputs.shape[0]
     alphas = torch.tensor(nodes, dtype=torch.float32)
     total = torch.zeros(inputs.shape, dtype=torch.float64)
+    step_weights = torch.tensor(weights, dtype=torch.float64)
 
     def make_rows(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.arange(part.start, part.stop)
@@ -87,8 +88,9 @@ def integrated_gradients(
         return scaled, targets[image]
 
     def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
-        for offset, row in enumerate(range(part.start, part.stop)):
-            total[row % batch] += weights[row // batch] * grad[offset].double()
+        rows = torch.arange(part.start, part.stop)
+        scaled = grad.double() * step_weights[rows // batch].view(-1, 1, 1, 1)
+        total.index_add_(0, rows % batch, scaled)
 
     gradient_rows(job, batch * steps, make_rows, consume)
     return (total * difference.double()).float().numpy()

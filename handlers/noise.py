@@ -94,12 +94,12 @@ def noise_tunnel(
         return noisy, targets[images]
 
     def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
-        values = grad.double().numpy()
-        for offset, row in enumerate(range(part.start, part.stop)):
-            image = row // samples
-            stats.total[image] += values[offset]
-            stats.total_squares[image] += values[offset] ** 2
-            stats.total_abs[image] += np.abs(values[offset])
+        images = torch.arange(part.start, part.stop) // samples
+        values = grad.double()
+        # The tensors share memory with the float64 numpy sums.
+        torch.from_numpy(stats.total).index_add_(0, images, values)
+        torch.from_numpy(stats.total_squares).index_add_(0, images, values * values)
+        torch.from_numpy(stats.total_abs).index_add_(0, images, values.abs())
 
     gradient_rows(job, batch * samples, make_rows, consume)
     return stats
