@@ -25,22 +25,36 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-CACHE = Path(os.environ.get("SALIENCY_BENCH_CACHE",
-                            Path(tempfile.gettempdir()) / "saliency-bench-cache"))
+CACHE = Path(
+    os.environ.get("SALIENCY_BENCH_CACHE", Path(tempfile.gettempdir()) / "saliency-bench-cache")
+)
 DEMO_MODELS = ROOT / "models"
 
 
 # ---- timing and statistics -------------------------------------------------------------------
 
+
 def percentiles(values: Sequence[float]) -> dict[str, float]:
     """p50/p95/p99/max/mean of ``values`` (seconds in, milliseconds out); empty → zeros."""
     if len(values) == 0:
-        return {"count": 0, "p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0,
-                "mean_ms": 0.0}
+        return {
+            "count": 0,
+            "p50_ms": 0.0,
+            "p95_ms": 0.0,
+            "p99_ms": 0.0,
+            "max_ms": 0.0,
+            "mean_ms": 0.0,
+        }
     array = np.asarray(values, dtype=np.float64) * 1000.0
     p50, p95, p99 = np.percentile(array, [50, 95, 99])
-    return {"count": len(values), "p50_ms": float(p50), "p95_ms": float(p95),
-            "p99_ms": float(p99), "max_ms": float(array.max()), "mean_ms": float(array.mean())}
+    return {
+        "count": len(values),
+        "p50_ms": float(p50),
+        "p95_ms": float(p95),
+        "p99_ms": float(p99),
+        "max_ms": float(array.max()),
+        "mean_ms": float(array.mean()),
+    }
 
 
 def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
@@ -56,6 +70,7 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> list[f
 
 
 # ---- output ----------------------------------------------------------------------------------
+
 
 def fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -98,9 +113,14 @@ def machine_info() -> dict[str, Any]:
             versions[module] = __import__(module).__version__
         except Exception:  # noqa: BLE001 - a missing library is simply not listed
             continue
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "platform": platform.platform(), "versions": versions,
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "versions": versions,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def write_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
@@ -131,6 +151,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 # ---- inputs and model repositories -----------------------------------------------------------
+
 
 def png_images(count: int, size: int, seed: int = 0) -> list[bytes]:
     """Deterministic smooth RGB test pictures (blobs on a gradient), PNG-encoded."""
@@ -163,11 +184,20 @@ def demo_repository() -> Path:
         from service.architectures import DemoResNet  # noqa: PLC0415
         from service.export import export_package  # noqa: PLC0415
 
-        export_package(DemoResNet(num_classes=10), name="demo", version=1,
-                       input_shape=(3, 128, 128), mean=[0.5] * 3, std=[0.25] * 3,
-                       class_labels=[f"class_{i}" for i in range(10)], repository=root,
-                       scale_modules=DemoResNet.scale_modules(), cam_layer="layer4",
-                       head="fc", overwrite=True)
+        export_package(
+            DemoResNet(num_classes=10),
+            name="demo",
+            version=1,
+            input_shape=(3, 128, 128),
+            mean=[0.5] * 3,
+            std=[0.25] * 3,
+            class_labels=[f"class_{i}" for i in range(10)],
+            repository=root,
+            scale_modules=DemoResNet.scale_modules(),
+            cam_layer="layer4",
+            head="fc",
+            overwrite=True,
+        )
     return root
 
 
@@ -184,11 +214,21 @@ def sized_repository(architecture: str, size: int) -> Path:
         from service.export import export_package  # noqa: PLC0415
 
         torch.manual_seed(0)
-        export_package(DemoResNet(num_classes=10), name="demo", version=1,
-                       input_shape=(3, size, size), mean=[0.5] * 3, std=[0.25] * 3,
-                       class_labels=[], repository=root,
-                       scale_modules=DemoResNet.scale_modules(), cam_layer="layer4",
-                       head="fc", overwrite=True, verify_inputs=1)
+        export_package(
+            DemoResNet(num_classes=10),
+            name="demo",
+            version=1,
+            input_shape=(3, size, size),
+            mean=[0.5] * 3,
+            std=[0.25] * 3,
+            class_labels=[],
+            repository=root,
+            scale_modules=DemoResNet.scale_modules(),
+            cam_layer="layer4",
+            head="fc",
+            overwrite=True,
+            verify_inputs=1,
+        )
     return root
 
 
@@ -202,15 +242,26 @@ def resnet50_repository(size: int = 224, name: str = "resnet50") -> Path:
         from service.export import export_package  # noqa: PLC0415
 
         torch.manual_seed(0)
-        export_package(ResNet50Shape(num_classes=1000), name=name, version=1,
-                       input_shape=(3, size, size), mean=[0.485, 0.456, 0.406],
-                       std=[0.229, 0.224, 0.225], class_labels=[],
-                       repository=root, scale_modules=ResNet50Shape.scale_modules(),
-                       cam_layer="layer4", head="fc", overwrite=True, verify_inputs=1)
+        export_package(
+            ResNet50Shape(num_classes=1000),
+            name=name,
+            version=1,
+            input_shape=(3, size, size),
+            mean=[0.485, 0.456, 0.406],
+            std=[0.229, 0.224, 0.225],
+            class_labels=[],
+            repository=root,
+            scale_modules=ResNet50Shape.scale_modules(),
+            cam_layer="layer4",
+            head="fc",
+            overwrite=True,
+            verify_inputs=1,
+        )
     return root
 
 
 # ---- a server subprocess ---------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -232,13 +283,19 @@ class ServerProcess:
     ``flags`` are extra config flags, e.g. ``{"max_inflight": 2, "max_queue": 2}``.
     """
 
-    def __init__(self, models: Path, flags: dict[str, Any] | None = None,
-                 log_path: Path | None = None, ready_timeout: float = 180.0) -> None:
+    def __init__(
+        self,
+        models: Path,
+        flags: dict[str, Any] | None = None,
+        log_path: Path | None = None,
+        ready_timeout: float = 180.0,
+    ) -> None:
         self.models = Path(models)
         self.flags = dict(flags or {})
         self.port = free_port()
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="saliency-serve-",
-                                                           suffix=".log")[1])
+        self.log_path = log_path or Path(
+            tempfile.mkstemp(prefix="saliency-serve-", suffix=".log")[1]
+        )
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -255,15 +312,27 @@ class ServerProcess:
         return rss_kib(self.pid)
 
     def start(self) -> ServerProcess:
-        command = [sys.executable, "-m", "service.cli", "serve", "--models", str(self.models),
-                   "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "-1"]
+        command = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--models",
+            str(self.models),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            "-1",
+        ]
         for key, value in self.flags.items():
             command += ["--" + key.replace("_", "-"), str(value)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH",
-                                                                                 ""))
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with self.log_path.open("wb") as log_file:
-            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file,
-                                            stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
         self._wait_ready()
         return self
 
@@ -277,19 +346,24 @@ class ServerProcess:
             while time.monotonic() < deadline:
                 assert self.process is not None
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.process.returncode}:\n"
-                                       + self.log_path.read_text()[-3000:])
+                    raise RuntimeError(
+                        f"server exited with {self.process.returncode}:\n"
+                        + self.log_path.read_text()[-3000:]
+                    )
                 try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(
-                        service="saliency.v1.Explainer"), timeout=2)
+                    reply = health.Check(
+                        health_pb2.HealthCheckRequest(service="saliency.v1.Explainer"), timeout=2
+                    )
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.3)
         self.stop()
-        raise TimeoutError(f"server not ready after {self.ready_timeout:.0f} s; log "
-                           f"{self.log_path}:\n" + self.log_path.read_text()[-3000:])
+        raise TimeoutError(
+            f"server not ready after {self.ready_timeout:.0f} s; log "
+            f"{self.log_path}:\n" + self.log_path.read_text()[-3000:]
+        )
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -313,6 +387,7 @@ class ServerProcess:
 
 # ---- a TorchServe subprocess (the peer, and the adapter's integration test) ------------------
 
+
 def torchserve_missing() -> str:
     """Why TorchServe cannot run here ("" when it can): its launcher and Java 11+."""
     import shutil  # noqa: PLC0415
@@ -332,9 +407,15 @@ class TorchServeProcess:
     whole process group (launcher, Java frontend, Python workers) is stopped on exit.
     """
 
-    def __init__(self, model_store: Path, models: str, workdir: Path,
-                 workers: int = 1, env: dict[str, str] | None = None,
-                 ready_timeout: float = 240.0) -> None:
+    def __init__(
+        self,
+        model_store: Path,
+        models: str,
+        workdir: Path,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 240.0,
+    ) -> None:
         self.model_store = Path(model_store)
         self.models = models  # e.g. "tiny=tiny.mar"
         self.workdir = Path(workdir)
@@ -342,7 +423,10 @@ class TorchServeProcess:
         self.env = dict(env or {})
         self.ready_timeout = ready_timeout
         self.inference_port, self.management_port, self.metrics_port = (
-            free_port(), free_port(), free_port())
+            free_port(),
+            free_port(),
+            free_port(),
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -357,29 +441,53 @@ class TorchServeProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "tmp").mkdir(exist_ok=True)
         config = self.workdir / "config.properties"
-        config.write_text("\n".join([
-            f"inference_address=http://127.0.0.1:{self.inference_port}",
-            f"management_address=http://127.0.0.1:{self.management_port}",
-            f"metrics_address=http://127.0.0.1:{self.metrics_port}",
-            "disable_token_authorization=true", "enable_envvars_config=true",
-            f"default_workers_per_model={self.workers}", "default_response_timeout=600",
-            "max_response_size=268435456", "max_request_size=67108864",
-            "disable_system_metrics=true",
-            # Worker sockets are /tmp/.ts.sock.<port>: a port of our own keeps two TorchServes
-            # on one machine (a test and a benchmark) from taking each other's workers.
-            f"initial_worker_port={free_port()}", ""]))
+        config.write_text(
+            "\n".join(
+                [
+                    f"inference_address=http://127.0.0.1:{self.inference_port}",
+                    f"management_address=http://127.0.0.1:{self.management_port}",
+                    f"metrics_address=http://127.0.0.1:{self.metrics_port}",
+                    "disable_token_authorization=true",
+                    "enable_envvars_config=true",
+                    f"default_workers_per_model={self.workers}",
+                    "default_response_timeout=600",
+                    "max_response_size=268435456",
+                    "max_request_size=67108864",
+                    "disable_system_metrics=true",
+                    # Worker sockets are /tmp/.ts.sock.<port>: a port of our own keeps two
+                    # TorchServes on one machine (test, benchmark) off each other's workers.
+                    f"initial_worker_port={free_port()}",
+                    "",
+                ]
+            )
+        )
         launcher = Path(sys.executable).parent / "torchserve"
-        command = [str(launcher) if launcher.exists() else "torchserve", "--start",
-                   "--foreground", "--ncs", "--disable-token-auth", "--ts-config", str(config),
-                   "--model-store", str(self.model_store), "--models", self.models]
+        command = [
+            str(launcher) if launcher.exists() else "torchserve",
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--disable-token-auth",
+            "--ts-config",
+            str(config),
+            "--model-store",
+            str(self.model_store),
+            "--models",
+            self.models,
+        ]
         env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"), **self.env)
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.log_path = self.workdir / "torchserve.log"
         with self.log_path.open("wb") as log_file:
-            self.process = subprocess.Popen(command, cwd=self.workdir, env=env,
-                                            stdout=log_file, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.workdir,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self._wait_ready()
         return self
 
@@ -392,13 +500,16 @@ class TorchServeProcess:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n"
-                                   + self.log_path.read_text(errors="replace")[-4000:])
+                raise RuntimeError(
+                    f"TorchServe exited with {self.process.returncode}:\n"
+                    + self.log_path.read_text(errors="replace")[-4000:]
+                )
             try:
                 ready = True
                 for name in names:
-                    with urllib.request.urlopen(f"{self.management_url}/models/{name}",
-                                                timeout=5) as reply:
+                    with urllib.request.urlopen(
+                        f"{self.management_url}/models/{name}", timeout=5
+                    ) as reply:
                         status = json.loads(reply.read())
                     workers = status[0].get("workers", [])
                     ready &= bool(workers) and all(w.get("status") == "READY" for w in workers)
@@ -444,7 +555,12 @@ def archive_package(package: Path, export_dir: Path) -> Path:
     """``deploy/torchserve/archive.sh``: a model package → ``<export_dir>/<name>.mar``."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    subprocess.run(["bash", str(ROOT / "deploy" / "torchserve" / "archive.sh"), str(package),
-                    str(export_dir)], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(
+        ["bash", str(ROOT / "deploy" / "torchserve" / "archive.sh"), str(package), str(export_dir)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     name = json.loads((Path(package) / "manifest.json").read_text())["name"]
     return Path(export_dir) / f"{name}.mar"

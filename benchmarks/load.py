@@ -34,8 +34,10 @@ from benchmarks.common import (
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 256 * 1024 * 1024)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+]
 
 
 @dataclass(frozen=True)
@@ -76,15 +78,23 @@ class RunResult:
         per_label = {}
         for label in sorted({o.label for o in self.outcomes}):
             mine = [o for o in self.outcomes if o.label == label]
-            per_label[label] = {"counts": dict(Counter(o.code for o in mine)),
-                                **percentiles([o.seconds for o in mine if o.code == "OK"])}
-        return {"mode": self.mode, "requests": len(self.outcomes), "elapsed_s": self.elapsed,
-                "concurrency": self.concurrency, "offered_rate": self.offered_rate,
-                "throughput_ok": len(ok) / elapsed,
-                "throughput_all": len(self.outcomes) / elapsed,
-                "counts": self.counts(), "latency_ok": percentiles(ok),
-                "latency_all": percentiles([o.seconds for o in self.outcomes]),
-                "per_label": per_label}
+            per_label[label] = {
+                "counts": dict(Counter(o.code for o in mine)),
+                **percentiles([o.seconds for o in mine if o.code == "OK"]),
+            }
+        return {
+            "mode": self.mode,
+            "requests": len(self.outcomes),
+            "elapsed_s": self.elapsed,
+            "concurrency": self.concurrency,
+            "offered_rate": self.offered_rate,
+            "throughput_ok": len(ok) / elapsed,
+            "throughput_all": len(self.outcomes) / elapsed,
+            "counts": self.counts(),
+            "latency_ok": percentiles(ok),
+            "latency_all": percentiles([o.seconds for o in self.outcomes]),
+            "per_label": per_label,
+        }
 
 
 class Picker:
@@ -101,8 +111,7 @@ class Picker:
         return self.rng.choices(self.calls, self.weights)[0]
 
 
-async def _send(stub: pb_grpc.ExplainerStub, call: Call, timeout: float,
-                started: float) -> Outcome:
+async def _send(stub: pb_grpc.ExplainerStub, call: Call, timeout: float, started: float) -> Outcome:
     begin = time.perf_counter()
     try:
         await getattr(stub, call.rpc)(call.request, timeout=timeout)
@@ -113,8 +122,14 @@ async def _send(stub: pb_grpc.ExplainerStub, call: Call, timeout: float,
     return Outcome(call.label, code, end - begin, end - started)
 
 
-async def closed_loop(address: str, picker: Picker, concurrency: int, max_requests: int,
-                      max_seconds: float, timeout: float = 30.0) -> RunResult:
+async def closed_loop(
+    address: str,
+    picker: Picker,
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    timeout: float = 30.0,
+) -> RunResult:
     """``concurrency`` clients back to back until ``max_requests`` or ``max_seconds``."""
     result = RunResult("closed", concurrency=concurrency)
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
@@ -134,8 +149,14 @@ async def closed_loop(address: str, picker: Picker, concurrency: int, max_reques
     return result
 
 
-async def open_loop(address: str, picker: Picker, rate: float, max_requests: int,
-                    max_seconds: float, timeout: float = 30.0) -> RunResult:
+async def open_loop(
+    address: str,
+    picker: Picker,
+    rate: float,
+    max_requests: int,
+    max_seconds: float,
+    timeout: float = 30.0,
+) -> RunResult:
     """Requests at ``rate`` per second (evenly spaced), whatever the server's state, until
     ``max_requests`` are sent or ``max_seconds`` pass; then waits for the stragglers."""
     result = RunResult("open", offered_rate=rate)
@@ -170,43 +191,71 @@ async def open_loop(address: str, picker: Picker, rate: float, max_requests: int
 
 # ---- scenarios -------------------------------------------------------------------------------
 
+
 def _explain(model: str, method: str, image: bytes, params: Any = None) -> pb.ExplainRequest:
-    request = pb.ExplainRequest(model=model, method=pb.Method.Value("METHOD_" + method.upper()),
-                                input=pb.Input(images=pb.EncodedImages(images=[image])), seed=1)
+    request = pb.ExplainRequest(
+        model=model,
+        method=pb.Method.Value("METHOD_" + method.upper()),
+        input=pb.Input(images=pb.EncodedImages(images=[image])),
+        seed=1,
+    )
     if params is not None:
         getattr(request, method).CopyFrom(params)
     return request
 
 
-def scenarios(info: pb.ModelInfo, model: str, image: bytes,
-              quick: bool = False) -> dict[str, list[Call]]:
+def scenarios(
+    info: pb.ModelInfo, model: str, image: bytes, quick: bool = False
+) -> dict[str, list[Call]]:
     """The request mixes, built from the methods the model offers."""
     offered = {m.name for m in info.methods}
-    predict = Call("predict", "Predict", pb.PredictRequest(
-        model=model, input=pb.Input(images=pb.EncodedImages(images=[image]))))
-    fast = (Call("smoe_scale", "Explain", _explain(model, "smoe_scale", image))
-            if "smoe_scale" in offered else predict)
-    gradient_calls = [Call(name, "Explain", _explain(model, name, image, params))
-                      for name, params in (
-                          ("vanilla_gradient", None),
-                          ("gradcam", None),
-                          ("smoothgrad", pb.SmoothGradParams(samples=8)),
-                          ("integrated_gradients", pb.IntegratedGradientsParams(steps=16)))
-                      if name in offered]
-    decam_params = (pb.DecamParams(population=8, generations=4, patience=0) if quick
-                    else pb.DecamParams(population=16, generations=10, patience=0))
-    slow_calls = ([Call("decam", "Explain", _explain(model, "decam", image, decam_params))]
-                  if "decam" in offered else
-                  [Call("occlusion", "Explain", _explain(
-                      model, "occlusion", image, pb.OcclusionParams(window=32, stride=16)))]
-                  if "occlusion" in offered else [])
+    predict = Call(
+        "predict",
+        "Predict",
+        pb.PredictRequest(model=model, input=pb.Input(images=pb.EncodedImages(images=[image]))),
+    )
+    fast = (
+        Call("smoe_scale", "Explain", _explain(model, "smoe_scale", image))
+        if "smoe_scale" in offered
+        else predict
+    )
+    gradient_calls = [
+        Call(name, "Explain", _explain(model, name, image, params))
+        for name, params in (
+            ("vanilla_gradient", None),
+            ("gradcam", None),
+            ("smoothgrad", pb.SmoothGradParams(samples=8)),
+            ("integrated_gradients", pb.IntegratedGradientsParams(steps=16)),
+        )
+        if name in offered
+    ]
+    decam_params = (
+        pb.DecamParams(population=8, generations=4, patience=0)
+        if quick
+        else pb.DecamParams(population=16, generations=10, patience=0)
+    )
+    slow_calls = (
+        [Call("decam", "Explain", _explain(model, "decam", image, decam_params))]
+        if "decam" in offered
+        else [
+            Call(
+                "occlusion",
+                "Explain",
+                _explain(model, "occlusion", image, pb.OcclusionParams(window=32, stride=16)),
+            )
+        ]
+        if "occlusion" in offered
+        else []
+    )
     result: dict[str, list[Call]] = {"fast": [fast]}
     if gradient_calls:
         result["gradients"] = gradient_calls
     if slow_calls:
         result["decam" if "decam" in offered else "occlusion"] = slow_calls
-    mix = [Call(fast.label, fast.rpc, fast.request, 5.0), Call("predict", "Predict",
-                                                                predict.request, 1.0)]
+    mix = [
+        Call(fast.label, fast.rpc, fast.request, 5.0),
+        Call("predict", "Predict", predict.request, 1.0),
+    ]
     mix += [Call(c.label, c.rpc, c.request, 3.0 / len(gradient_calls)) for c in gradient_calls]
     mix += [Call(c.label, c.rpc, c.request, 0.5) for c in slow_calls]
     result["mix"] = mix
@@ -228,25 +277,46 @@ async def _warm(address: str, calls: list[Call], timeout: float) -> dict[str, st
 def _row(name: str, summary: dict[str, Any]) -> dict[str, Any]:
     latency = summary["latency_ok"]
     counts = summary["counts"]
-    return {"run": name, "mode": summary["mode"],
-            "load": (f"{summary['concurrency']} clients" if summary["mode"] == "closed"
-                     else f"{summary['offered_rate']:.1f}/s"),
-            "requests": summary["requests"], "ok/s": summary["throughput_ok"],
-            "p50 ms": latency["p50_ms"], "p95 ms": latency["p95_ms"],
-            "p99 ms": latency["p99_ms"], "max ms": latency["max_ms"],
-            "codes": " ".join(f"{k}:{v}" for k, v in sorted(counts.items()))}
+    return {
+        "run": name,
+        "mode": summary["mode"],
+        "load": (
+            f"{summary['concurrency']} clients"
+            if summary["mode"] == "closed"
+            else f"{summary['offered_rate']:.1f}/s"
+        ),
+        "requests": summary["requests"],
+        "ok/s": summary["throughput_ok"],
+        "p50 ms": latency["p50_ms"],
+        "p95 ms": latency["p95_ms"],
+        "p99 ms": latency["p99_ms"],
+        "max ms": latency["max_ms"],
+        "codes": " ".join(f"{k}:{v}" for k, v in sorted(counts.items())),
+    }
 
 
 async def _get_model(address: str, model: str) -> pb.ModelInfo:
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        return await pb_grpc.ExplainerStub(channel).GetModel(pb.GetModelRequest(model=model),
-                                                             timeout=30)
+        return await pb_grpc.ExplainerStub(channel).GetModel(
+            pb.GetModelRequest(model=model), timeout=30
+        )
 
 
-async def run_suite(address: str, model: str, quick: bool, server: ServerProcess | None,
-                    max_inflight: int, overload_scenarios: tuple[str, ...] = ("mix",),
-                    timeout: float = 30.0) -> dict[str, Any]:
-    """All scenarios against one server; returns the JSON-ready results."""
+async def run_suite(
+    address: str,
+    model: str,
+    quick: bool,
+    server: ServerProcess | None,
+    max_inflight: int,
+    overload_scenarios: tuple[str, ...] = ("mix",),
+    timeout: float = 30.0,
+    known_capacity: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """All scenarios against one server; returns the JSON-ready results.
+
+    With ``known_capacity`` only the overload scenarios run (unloaded, then 3× that
+    capacity): how another admission setting of the same server handles the same overload.
+    """
     info = await _get_model(address, model)
     size = int(info.input.shape[-1])
     image = png_images(1, size, seed=3)[0]
@@ -259,19 +329,23 @@ async def run_suite(address: str, model: str, quick: bool, server: ServerProcess
             mixes[calls_name] = kept
         else:
             del mixes[calls_name]
-    requests, seconds = (40, 4.0) if quick else (400, 25.0)
+    requests, seconds = (40, 4.0) if quick else (300, 15.0)
     runs: dict[str, Any] = {}
     capacity: dict[str, float] = {}
     unloaded_p99: dict[str, float] = {}
     for name, calls in mixes.items():
-        if name == "memory_mix":
+        if name == "memory_mix" or (known_capacity is not None and name not in overload_scenarios):
             continue
         budget = requests // 4 if name in ("decam", "occlusion") else requests
         alone = await closed_loop(address, Picker(calls, 1), 1, budget, seconds, timeout)
         runs[f"{name}/unloaded"] = alone.summary()
         unloaded_p99[name] = runs[f"{name}/unloaded"]["latency_ok"]["p99_ms"]
-        saturated = await closed_loop(address, Picker(calls, 2), 2 * max_inflight, budget,
-                                      seconds, timeout)
+        if known_capacity is not None:
+            capacity[name] = known_capacity.get(name, 0.0)
+            continue
+        saturated = await closed_loop(
+            address, Picker(calls, 2), 2 * max_inflight, budget, seconds, timeout
+        )
         runs[f"{name}/capacity"] = saturated.summary()
         capacity[name] = runs[f"{name}/capacity"]["throughput_ok"]
 
@@ -280,27 +354,33 @@ async def run_suite(address: str, model: str, quick: bool, server: ServerProcess
         if name not in mixes or capacity.get(name, 0) <= 0:
             continue
         calls = mixes[name]
-        half = await open_loop(address, Picker(calls, 3), 0.5 * capacity[name], requests,
-                               seconds, timeout)
+        half = await open_loop(
+            address, Picker(calls, 3), 0.5 * capacity[name], requests, seconds, timeout
+        )
         runs[f"{name}/open-0.5x"] = half.summary()
         rate = 3.0 * capacity[name]
-        over = await open_loop(address, Picker(calls, 4), rate, int(rate * seconds) + 1,
-                               seconds, timeout)
+        over = await open_loop(
+            address, Picker(calls, 4), rate, int(rate * seconds) + 1, seconds, timeout
+        )
         runs[f"{name}/overload-3x"] = summary = over.summary()
         accepted_p99 = summary["latency_ok"]["p99_ms"]
         overload[name] = entry = {
-            "scenario": name, "offered_rate": rate, "sent_rate": over.sent_rate,
-            "capacity": capacity[name], "counts": summary["counts"],
+            "scenario": name,
+            "offered_rate": rate,
+            "sent_rate": over.sent_rate,
+            "capacity": capacity[name],
+            "counts": summary["counts"],
             "resource_exhausted": summary["counts"].get("RESOURCE_EXHAUSTED", 0),
             "deadline_exceeded": summary["counts"].get("DEADLINE_EXCEEDED", 0),
-            "unloaded_p99_ms": unloaded_p99[name], "accepted_p99_ms": accepted_p99,
+            "unloaded_p99_ms": unloaded_p99[name],
+            "accepted_p99_ms": accepted_p99,
             "p99_ratio": accepted_p99 / max(unloaded_p99[name], 1e-9),
             "server_alive": server.alive() if server is not None else None,
         }
         entry["p99_within_2x"] = entry["p99_ratio"] <= 2.0
 
     memory: dict[str, Any] = {}
-    if server is not None and "memory_mix" in mixes:
+    if server is not None and "memory_mix" in mixes and known_capacity is None:
         first, total = (100, 1000) if quick else (1000, 10000)
         picker = Picker(mixes["memory_mix"], 5)
         warm = await closed_loop(address, picker, max_inflight, first, 600.0, timeout)
@@ -308,22 +388,38 @@ async def run_suite(address: str, model: str, quick: bool, server: ServerProcess
         rest = await closed_loop(address, picker, max_inflight, total - first, 1200.0, timeout)
         rss_last = server.rss_kib()
         counts = Counter(warm.counts()) + Counter(rest.counts())
-        memory = {"requests_first": len(warm.outcomes), "rss_first_kib": rss_first,
-                  "requests_total": len(warm.outcomes) + len(rest.outcomes),
-                  "rss_last_kib": rss_last, "growth": rss_last / rss_first - 1.0,
-                  "counts": dict(counts),
-                  "throughput_ok": (counts["OK"] / max(warm.elapsed + rest.elapsed, 1e-9))}
+        memory = {
+            "requests_first": len(warm.outcomes),
+            "rss_first_kib": rss_first,
+            "requests_total": len(warm.outcomes) + len(rest.outcomes),
+            "rss_last_kib": rss_last,
+            "growth": rss_last / rss_first - 1.0,
+            "counts": dict(counts),
+            "throughput_ok": (counts["OK"] / max(warm.elapsed + rest.elapsed, 1e-9)),
+        }
         memory["within_10_percent"] = abs(memory["growth"]) <= 0.10
-    return {"model": model, "input_size": size, "warm_codes": warm_codes,
-            "capacity": capacity, "unloaded_p99_ms": unloaded_p99, "runs": runs,
-            "overload": overload, "memory": memory,
-            "scenarios": {k: [c.label for c in v] for k, v in mixes.items()}}
+    return {
+        "model": model,
+        "input_size": size,
+        "warm_codes": warm_codes,
+        "capacity": capacity,
+        "unloaded_p99_ms": unloaded_p99,
+        "runs": runs,
+        "overload": overload,
+        "memory": memory,
+        "scenarios": {k: [c.label for c in v] for k, v in mixes.items()},
+    }
 
 
 def report(results: dict[str, Any]) -> str:
     """The printed table plus the overload and memory verdicts."""
-    lines = [f"model {results['model']} ({results['input_size']}²)", "",
-             table([_row(k, v) for k, v in results["runs"].items()])]
+    config = results.get("server_config", {})
+    lines = [
+        f"model {results['model']} ({results['input_size']}²), server "
+        + ", ".join(f"{k}={v}" for k, v in config.items()),
+        "",
+        table([_row(k, v) for k, v in results["runs"].items()]),
+    ]
     for overload in (results.get("overload") or {}).values():
         lines.append(
             f"overload ({overload['scenario']}, {overload['offered_rate']:.1f}/s offered = 3× "
@@ -332,14 +428,23 @@ def report(results: dict[str, Any]) -> str:
             f"{overload['accepted_p99_ms']:.1f} ms vs unloaded p99 "
             f"{overload['unloaded_p99_ms']:.1f} ms = {overload['p99_ratio']:.2f}× "
             f"({'within' if overload['p99_within_2x'] else 'NOT within'} 2×); server alive: "
-            f"{overload['server_alive']}")
+            f"{overload['server_alive']}"
+        )
+    for queue, other in (results.get("queue_sweep") or {}).items():
+        for overload in other["overload"].values():
+            lines.append(
+                f"  with max_queue={queue}: overload ({overload['scenario']}) codes "
+                f"{overload['counts']}; accepted p99 {overload['accepted_p99_ms']:.1f} ms vs "
+                f"unloaded {overload['unloaded_p99_ms']:.1f} ms = {overload['p99_ratio']:.2f}×"
+            )
     memory = results.get("memory")
     if memory:
         lines.append(
             f"memory: RSS {memory['rss_first_kib'] / 1024:.1f} MiB after "
             f"{memory['requests_first']} requests, {memory['rss_last_kib'] / 1024:.1f} MiB "
             f"after {memory['requests_total']} ({memory['growth'] * 100:+.1f}%, "
-            f"{'within' if memory['within_10_percent'] else 'NOT within'} 10%)")
+            f"{'within' if memory['within_10_percent'] else 'NOT within'} 10%)"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -349,33 +454,74 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, help="model repository (default: the demo)")
     parser.add_argument("--model", default="demo")
     parser.add_argument("--max-inflight", type=int, default=2)
-    parser.add_argument("--max-queue", type=int, default=2,
-                        help="queue bound of the started server; it bounds queueing delay, "
-                             "hence the accepted requests' tail latency under overload")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=2,
+        help="queue bound of the started server; it bounds queueing delay, "
+        "hence the accepted requests' tail latency under overload",
+    )
     parser.add_argument("--intra-op-threads", type=int, default=1)
-    parser.add_argument("--overload-scenarios", help="comma-separated (default mix,gradients;"
-                                                     " quick: mix)")
+    parser.add_argument(
+        "--overload-scenarios", help="comma-separated (default mix,gradients; quick: mix)"
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline")
+    parser.add_argument(
+        "--queue-sweep",
+        type=lambda t: [int(v) for v in t.split(",") if v],
+        default=None,
+        help="max_queue values to repeat the overload runs with (default 0,16; quick: none)",
+    )
     parser.add_argument("--name", default="load", help="results/<name>.json")
     args = parser.parse_args(argv)
-    overload_names = (args.overload_scenarios or ("mix" if args.quick else "mix,gradients")
-                      ).split(",")
+    if args.queue_sweep is None:
+        args.queue_sweep = [] if args.quick else [q for q in (0, 16) if q != args.max_queue]
+    overload_names = (args.overload_scenarios or ("mix" if args.quick else "mix,gradients")).split(
+        ","
+    )
     server = None
     address = args.server
-    config = {"max_inflight": args.max_inflight, "max_queue": args.max_queue,
-              "intra_op_threads": args.intra_op_threads}
+    config = {
+        "max_inflight": args.max_inflight,
+        "max_queue": args.max_queue,
+        "intra_op_threads": args.intra_op_threads,
+    }
     if address is None:
         models = args.models or demo_repository()
         server = ServerProcess(models, config).start()
         address = server.address
     try:
-        results = asyncio.run(run_suite(address, args.model, args.quick, server,
-                                        args.max_inflight, tuple(overload_names),
-                                        args.timeout))
+        results = asyncio.run(
+            run_suite(
+                address,
+                args.model,
+                args.quick,
+                server,
+                args.max_inflight,
+                tuple(overload_names),
+                args.timeout,
+            )
+        )
     finally:
         if server is not None:
             server.stop()
     results["server_config"] = config if server is not None else {"address": address}
+    results["queue_sweep"] = {}
+    for queue in [] if args.server else args.queue_sweep:
+        other = dict(config, max_queue=queue)
+        with ServerProcess(args.models or demo_repository(), other) as process:
+            results["queue_sweep"][str(queue)] = asyncio.run(
+                run_suite(
+                    process.address,
+                    args.model,
+                    args.quick,
+                    process,
+                    args.max_inflight,
+                    tuple(overload_names),
+                    args.timeout,
+                    known_capacity=results["capacity"],
+                )
+            )
     results["quick"] = args.quick
     text = report(results)
     print(text)

@@ -50,8 +50,10 @@ from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 
 STOCK_STEPS = 15  # TorchServe's VisionHandler.get_insights: n_steps=15
-OPTIONS = [("grpc.max_receive_message_length", 256 * 1024 * 1024),
-           ("grpc.max_send_message_length", 256 * 1024 * 1024)]
+OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+]
 
 
 # ---- the model on both sides ----------------------------------------------------------------
@@ -68,9 +70,13 @@ def _architecture(package: Path) -> tuple[str, dict[str, int], dict[str, Any]]:
         raise ValueError(f"no eager architecture known for package {name!r}")
     program = torch.export.load(str(package / "model.pt2"))
     state = {key.removeprefix("model."): value for key, value in program.state_dict.items()}
-    state.update({key.removeprefix("model."): value
-                  for key, value in getattr(program, "constants", {}).items()
-                  if isinstance(value, torch.Tensor) and key.startswith("model.")})
+    state.update(
+        {
+            key.removeprefix("model."): value
+            for key, value in getattr(program, "constants", {}).items()
+            if isinstance(value, torch.Tensor) and key.startswith("model.")
+        }
+    )
     arguments = {"num_classes": int(state["fc.weight"].shape[0])}
     if name == "demo":
         arguments["width"] = int(state["stem.0.weight"].shape[0])
@@ -96,8 +102,10 @@ def eager_module(package: Path) -> Any:
         expected = torch.export.load(str(package / "model.pt2")).module()(x)[0]
         got = module(x)
     if not torch.allclose(got, expected, atol=1e-3, rtol=1e-3):
-        raise RuntimeError(f"eager {class_name} disagrees with {package}/model.pt2 by "
-                           f"{float((got - expected).abs().max()):.3g}")
+        raise RuntimeError(
+            f"eager {class_name} disagrees with {package}/model.pt2 by "
+            f"{float((got - expected).abs().max()):.3g}"
+        )
     return module
 
 
@@ -120,27 +128,52 @@ def torchserve_mar(package: Path, store: Path) -> str:
         (staging_dir / "model.py").write_text(
             f"from service.architectures import {class_name}\n\n\n"
             f"class Model({class_name}):\n    def __init__(self):\n"
-            f"        super().__init__({call})\n")
-        (staging_dir / "preprocess.json").write_text(json.dumps(
-            {"height": height, "width": width, "mean": manifest["input"]["mean"],
-             "std": manifest["input"]["std"]}))
+            f"        super().__init__({call})\n"
+        )
+        (staging_dir / "preprocess.json").write_text(
+            json.dumps(
+                {
+                    "height": height,
+                    "width": width,
+                    "mean": manifest["input"]["mean"],
+                    "std": manifest["input"]["std"],
+                }
+            )
+        )
         handler = ROOT / "deploy" / "torchserve" / "captum_ig_handler.py"
         store.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(Path(sys.executable).parent / "torch-model-archiver"),
-                        "--model-name", name, "--version", "1",
-                        "--model-file", str(staging_dir / "model.py"),
-                        "--serialized-file", str(staging_dir / "weights.pth"),
-                        "--handler", str(handler),
-                        "--extra-files", str(staging_dir / "preprocess.json"),
-                        "--export-path", str(store), "--force"], check=True)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "torch-model-archiver"),
+                "--model-name",
+                name,
+                "--version",
+                "1",
+                "--model-file",
+                str(staging_dir / "model.py"),
+                "--serialized-file",
+                str(staging_dir / "weights.pth"),
+                "--handler",
+                str(handler),
+                "--extra-files",
+                str(staging_dir / "preprocess.json"),
+                "--export-path",
+                str(store),
+                "--force",
+            ],
+            check=True,
+        )
     return name
 
 
 # ---- clients --------------------------------------------------------------------------------
 
-def _concurrent(call: Any, items: list[Any], concurrency: int) -> tuple[list[float], float,
-                                                                          list[Any]]:
+
+def _concurrent(
+    call: Any, items: list[Any], concurrency: int
+) -> tuple[list[float], float, list[Any]]:
     """Runs ``call(item)`` for every item with ``concurrency`` threads; latencies, elapsed."""
+
     def timed(item: Any) -> tuple[float, Any]:
         started = time.perf_counter()
         result = call(item)
@@ -153,25 +186,30 @@ def _concurrent(call: Any, items: list[Any], concurrency: int) -> tuple[list[flo
 
 
 def _torchserve_explain(url: str, image: bytes) -> tuple[int, np.ndarray]:
-    request = urllib.request.Request(url, data=image, method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
+    request = urllib.request.Request(
+        url, data=image, method="POST", headers={"Content-Type": "application/octet-stream"}
+    )
     with urllib.request.urlopen(request, timeout=600) as reply:
         body = reply.read()
     return len(body), np.asarray(json.loads(body), dtype=np.float64)
 
 
 def _ig_request(model: str, image: bytes, steps: int, rule: str) -> pb.ExplainRequest:
-    request = pb.ExplainRequest(model=model, method=pb.METHOD_INTEGRATED_GRADIENTS,
-                                input=pb.Input(images=pb.EncodedImages(images=[image])),
-                                return_raw=True)
+    request = pb.ExplainRequest(
+        model=model,
+        method=pb.METHOD_INTEGRATED_GRADIENTS,
+        input=pb.Input(images=pb.EncodedImages(images=[image])),
+        return_raw=True,
+    )
     request.target.class_index = 0  # TorchServe's explain path explains class 0 by default
     request.integrated_gradients.steps = steps
     request.integrated_gradients.rule = pb.QuadratureRule.Value("QUADRATURE_" + rule.upper())
     return request
 
 
-def _relative_completeness(module: Any, inputs: np.ndarray, attribution: np.ndarray,
-                           baseline: np.ndarray) -> float:
+def _relative_completeness(
+    module: Any, inputs: np.ndarray, attribution: np.ndarray, baseline: np.ndarray
+) -> float:
     import torch  # noqa: PLC0415
 
     with torch.no_grad():
@@ -203,8 +241,10 @@ class _Side:
         self.replies += replies
 
     def summary(self) -> dict[str, Any]:
-        return {"explanations_per_s": len(self.latencies) / max(self.elapsed, 1e-9),
-                **percentiles(self.latencies)}
+        return {
+            "explanations_per_s": len(self.latencies) / max(self.elapsed, 1e-9),
+            **percentiles(self.latencies),
+        }
 
 
 def _ours_summary(side: _Side, steps: int, rule: str) -> dict[str, Any]:
@@ -216,16 +256,28 @@ def _ours_summary(side: _Side, steps: int, rule: str) -> dict[str, Any]:
         trimmed.CopyFrom(reply)
         trimmed.ClearField("raw")  # the wire size of the default reply: maps, no raw
         sizes.append(trimmed.ByteSize())
-    return {"steps": steps, "rule": rule, **side.summary(),
-            "response_bytes": float(np.mean(sizes)),
-            "completeness_error_relative": float(np.mean(
-                [r.diagnostics["completeness_error_relative"] for r in side.replies])),
-            "attribution_sum_mean": float(np.mean(
-                [tensor_to_array(r.raw).sum() for r in side.replies]))}
+    return {
+        "steps": steps,
+        "rule": rule,
+        **side.summary(),
+        "response_bytes": float(np.mean(sizes)),
+        "completeness_error_relative": float(
+            np.mean([r.diagnostics["completeness_error_relative"] for r in side.replies])
+        ),
+        "attribution_sum_mean": float(
+            np.mean([tensor_to_array(r.raw).sum() for r in side.replies])
+        ),
+    }
 
 
-def versus_torchserve(model: str, package: Path, address: str, images: list[bytes],
-                      concurrency: int, steps_grid: tuple[int, ...]) -> dict[str, Any]:
+def versus_torchserve(
+    model: str,
+    package: Path,
+    address: str,
+    images: list[bytes],
+    concurrency: int,
+    steps_grid: tuple[int, ...],
+) -> dict[str, Any]:
     """One model: TorchServe's stock explain path against ours, in interleaved rounds (both
     servers up, alternating), so background load hits both sides alike."""
     from service.core import preprocess_pixels  # noqa: PLC0415
@@ -234,10 +286,15 @@ def versus_torchserve(model: str, package: Path, address: str, images: list[byte
 
     manifest = Manifest.from_json(json.loads((package / "manifest.json").read_text()))
     module = eager_module(package)
-    inputs = [preprocess_pixels(decode_image(image, 0, 1 << 24)[None], manifest.input)
-              for image in images]
-    result: dict[str, Any] = {"model": model, "images": len(images),
-                              "concurrency": concurrency, "steps": STOCK_STEPS}
+    inputs = [
+        preprocess_pixels(decode_image(image, 0, 1 << 24)[None], manifest.input) for image in images
+    ]
+    result: dict[str, Any] = {
+        "model": model,
+        "images": len(images),
+        "concurrency": concurrency,
+        "steps": STOCK_STEPS,
+    }
     indices = list(range(len(images)))
     rounds = [indices[i::2] for i in range(2)] if len(images) >= 4 else [indices]
     channel = grpc.insecure_channel(address, options=OPTIONS)
@@ -252,8 +309,10 @@ def versus_torchserve(model: str, package: Path, address: str, images: list[byte
     # Our completeness error by steps (two images), to find the equal-error step count.
     sweep = []
     for steps in steps_grid:
-        errors = [explain(r).diagnostics["completeness_error_relative"]
-                  for r in ours_requests(images[:2], steps)]
+        errors = [
+            explain(r).diagnostics["completeness_error_relative"]
+            for r in ours_requests(images[:2], steps)
+        ]
         sweep.append({"steps": steps, "completeness_error_relative": float(np.mean(errors))})
     result["ours_steps_sweep"] = sweep
 
@@ -267,30 +326,35 @@ def versus_torchserve(model: str, package: Path, address: str, images: list[byte
             result["torchserve"] = {"skipped": missing}
         else:
             name = torchserve_mar(package, CACHE / "torchserve-store")
-            served = TorchServeProcess(CACHE / "torchserve-store", f"{name}={name}.mar",
-                                       workdir, workers=1).start()
+            served = TorchServeProcess(
+                CACHE / "torchserve-store", f"{name}={name}.mar", workdir, workers=1
+            ).start()
             url = f"{served.inference_url}/explanations/{name}"
             _torchserve_explain(url, images[0])  # warm-up
         explain(ours_requests(images[:1], STOCK_STEPS)[0])  # warm-up
         for batch in rounds:
             pictures = [images[index] for index in batch]
             if served is not None:
-                torchserve.run(lambda image, url=url: _torchserve_explain(url, image), pictures,
-                               concurrency)
+                torchserve.run(
+                    lambda image, url=url: _torchserve_explain(url, image), pictures, concurrency
+                )
             ours_equal.run(explain, ours_requests(pictures, STOCK_STEPS), concurrency)
         if served is not None:
             served.stop()
             order = [index for batch in rounds for index in batch]
-            errors = [_relative_completeness(module, inputs[index], attribution,
-                                             np.zeros_like(inputs[index]))
-                      for index, (_, attribution) in zip(order, torchserve.replies,
-                                                         strict=True)]
+            errors = [
+                _relative_completeness(
+                    module, inputs[index], attribution, np.zeros_like(inputs[index])
+                )
+                for index, (_, attribution) in zip(order, torchserve.replies, strict=True)
+            ]
             result["torchserve"] = {
                 **torchserve.summary(),
                 "response_bytes": float(np.mean([r[0] for r in torchserve.replies])),
                 "completeness_error_relative": float(np.mean(errors)),
                 "method": "Captum IntegratedGradients (gausslegendre), zero baseline, "
-                          "eager model, 1 worker"}
+                "eager model, 1 worker",
+            }
         result["ours_equal_steps"] = _ours_summary(ours_equal, STOCK_STEPS, "gauss_legendre")
         reference = result["torchserve"].get("completeness_error_relative")
         if reference is not None:
@@ -303,8 +367,9 @@ def versus_torchserve(model: str, package: Path, address: str, images: list[byte
             else:
                 side = _Side()
                 for batch in rounds:
-                    side.run(explain, ours_requests([images[i] for i in batch], chosen),
-                             concurrency)
+                    side.run(
+                        explain, ours_requests([images[i] for i in batch], chosen), concurrency
+                    )
                 result["ours_equal_error"] = _ours_summary(side, chosen, "gauss_legendre")
             ts = result["torchserve"]
             result["ratios"] = {
@@ -326,8 +391,10 @@ def versus_torchserve(model: str, package: Path, address: str, images: list[byte
 
 # ---- 2. Captum in-process vs our server ------------------------------------------------------
 
-def service_overhead(model: str, package: Path, address: str, image: bytes, steps: int,
-                     repeats: int) -> list[dict[str, Any]]:
+
+def service_overhead(
+    model: str, package: Path, address: str, image: bytes, steps: int, repeats: int
+) -> list[dict[str, Any]]:
     """p50 of Captum in-process, our core in-process and our server over gRPC, one image."""
     import torch  # noqa: PLC0415
     from captum.attr import IntegratedGradients, Saliency  # noqa: PLC0415
@@ -344,46 +411,66 @@ def service_overhead(model: str, package: Path, address: str, image: bytes, step
     try:
         manifest = Manifest.from_json(json.loads((package / "manifest.json").read_text()))
         module = eager_module(package)
-        x = torch.from_numpy(preprocess_pixels(decode_image(image, 0, 1 << 24)[None],
-                                               manifest.input))
+        x = torch.from_numpy(
+            preprocess_pixels(decode_image(image, 0, 1 << 24)[None], manifest.input)
+        )
         repository = Repository(package.parent.parent, intra_op_threads=1)
         repository.load_all()
-        core = Core(repository, Config(models=package.parent.parent, intra_op_threads=1),
-                    Metrics())
+        core = Core(repository, Config(models=package.parent.parent, intra_op_threads=1), Metrics())
         rows = []
-        cases = [("vanilla_gradient", pb.METHOD_VANILLA_GRADIENT, None,
-                  lambda: Saliency(module).attribute(x.clone().requires_grad_(), target=0,
-                                                     abs=True)),
-                 (f"integrated_gradients-{steps}", pb.METHOD_INTEGRATED_GRADIENTS,
-                  pb.IntegratedGradientsParams(steps=steps),
-                  lambda: IntegratedGradients(module).attribute(x, target=0, n_steps=steps))]
+        cases = [
+            (
+                "vanilla_gradient",
+                pb.METHOD_VANILLA_GRADIENT,
+                None,
+                lambda: Saliency(module).attribute(x.clone().requires_grad_(), target=0, abs=True),
+            ),
+            (
+                f"integrated_gradients-{steps}",
+                pb.METHOD_INTEGRATED_GRADIENTS,
+                pb.IntegratedGradientsParams(steps=steps),
+                lambda: IntegratedGradients(module).attribute(x, target=0, n_steps=steps),
+            ),
+        ]
         with grpc.insecure_channel(address, options=OPTIONS) as channel:
             stub = pb_grpc.ExplainerStub(channel)
             for label, method, params, captum_call in cases:
-                request = pb.ExplainRequest(model=manifest.name, method=method,
-                                            input=pb.Input(images=pb.EncodedImages(
-                                                images=[image])))
+                request = pb.ExplainRequest(
+                    model=manifest.name,
+                    method=method,
+                    input=pb.Input(images=pb.EncodedImages(images=[image])),
+                )
                 request.target.class_index = 0
                 if params is not None:
                     request.integrated_gradients.CopyFrom(params)
                 captum = percentiles(time_calls(captum_call, repeats))
-                core_p50 = percentiles(time_calls(
-                    lambda r=request: core.explain(r, RequestState(None), CostCounter()),
-                    repeats))
-                served = percentiles(time_calls(lambda r=request: stub.Explain(r, timeout=600),
-                                                repeats))
-                rows.append({"model": model, "method": label,
-                             "captum_p50_ms": captum["p50_ms"],
-                             "core_p50_ms": core_p50["p50_ms"],
-                             "grpc_p50_ms": served["p50_ms"],
-                             "service_added_ms": served["p50_ms"] - captum["p50_ms"],
-                             "grpc_added_ms": served["p50_ms"] - core_p50["p50_ms"]})
+                core_p50 = percentiles(
+                    time_calls(
+                        lambda r=request: core.explain(r, RequestState(None), CostCounter()),
+                        repeats,
+                    )
+                )
+                served = percentiles(
+                    time_calls(lambda r=request: stub.Explain(r, timeout=600), repeats)
+                )
+                rows.append(
+                    {
+                        "model": model,
+                        "method": label,
+                        "captum_p50_ms": captum["p50_ms"],
+                        "core_p50_ms": core_p50["p50_ms"],
+                        "grpc_p50_ms": served["p50_ms"],
+                        "service_added_ms": served["p50_ms"] - captum["p50_ms"],
+                        "grpc_added_ms": served["p50_ms"] - core_p50["p50_ms"],
+                    }
+                )
         return rows
     finally:
         torch.set_num_threads(threads)
 
 
 # ---- 3. gRPC overhead of Predict ---------------------------------------------------------------
+
 
 def predict_overhead(package: Path, address: str, repeats: int) -> dict[str, Any]:
     """Predict over gRPC against one ONNX Runtime call in-process (same session options)."""
@@ -397,23 +484,33 @@ def predict_overhead(package: Path, address: str, repeats: int) -> dict[str, Any
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(package / "model.onnx"), options,
-                                   providers=["CPUExecutionProvider"])
-    local = percentiles(time_calls(lambda: session.run(["logits"], {"input": inputs}),
-                                   repeats, warmup=5))
-    request = pb.PredictRequest(model=manifest["name"],
-                                input=pb.Input(tensor=array_to_tensor(inputs)))
+    session = ort.InferenceSession(
+        str(package / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+    local = percentiles(
+        time_calls(lambda: session.run(["logits"], {"input": inputs}), repeats, warmup=5)
+    )
+    request = pb.PredictRequest(
+        model=manifest["name"], input=pb.Input(tensor=array_to_tensor(inputs))
+    )
     with grpc.insecure_channel(address, options=OPTIONS) as channel:
         stub = pb_grpc.ExplainerStub(channel)
-        remote = percentiles(time_calls(lambda: stub.Predict(request, timeout=30), repeats,
-                                        warmup=5))
-    return {"input_shape": shape, "onnxruntime_p50_ms": local["p50_ms"],
-            "grpc_p50_ms": remote["p50_ms"], "added_p50_ms": remote["p50_ms"] - local["p50_ms"],
-            "onnxruntime_p99_ms": local["p99_ms"], "grpc_p99_ms": remote["p99_ms"],
-            "target_added_ms": 1.0}
+        remote = percentiles(
+            time_calls(lambda: stub.Predict(request, timeout=30), repeats, warmup=5)
+        )
+    return {
+        "input_shape": shape,
+        "onnxruntime_p50_ms": local["p50_ms"],
+        "grpc_p50_ms": remote["p50_ms"],
+        "added_p50_ms": remote["p50_ms"] - local["p50_ms"],
+        "onnxruntime_p99_ms": local["p99_ms"],
+        "grpc_p99_ms": remote["p99_ms"],
+        "target_added_ms": 1.0,
+    }
 
 
 # ---- the run -------------------------------------------------------------------------------
+
 
 def report(results: dict[str, Any]) -> str:
     lines = []
@@ -423,23 +520,42 @@ def report(results: dict[str, Any]) -> str:
         if "skipped" in ts:
             lines.append(f"{entry['model']}: TorchServe skipped: {ts['skipped']}")
         else:
-            rows.append({"model": entry["model"], "server": "TorchServe + Captum",
-                         "steps": STOCK_STEPS, "expl/s": ts["explanations_per_s"],
-                         "p50 ms": ts["p50_ms"], "p99 ms": ts["p99_ms"],
-                         "bytes": ts["response_bytes"],
-                         "completeness err": ts["completeness_error_relative"]})
-        for key, label in (("ours_equal_steps", "ours, equal steps"),
-                           ("ours_equal_error", "ours, equal error")):
+            rows.append(
+                {
+                    "model": entry["model"],
+                    "server": "TorchServe + Captum",
+                    "steps": STOCK_STEPS,
+                    "expl/s": ts["explanations_per_s"],
+                    "p50 ms": ts["p50_ms"],
+                    "p99 ms": ts["p99_ms"],
+                    "bytes": ts["response_bytes"],
+                    "completeness err": ts["completeness_error_relative"],
+                }
+            )
+        for key, label in (
+            ("ours_equal_steps", "ours, equal steps"),
+            ("ours_equal_error", "ours, equal error"),
+        ):
             if key in entry:
                 ours = entry[key]
-                rows.append({"model": entry["model"], "server": label, "steps": ours["steps"],
-                             "expl/s": ours["explanations_per_s"], "p50 ms": ours["p50_ms"],
-                             "p99 ms": ours["p99_ms"], "bytes": ours["response_bytes"],
-                             "completeness err": ours["completeness_error_relative"]})
+                rows.append(
+                    {
+                        "model": entry["model"],
+                        "server": label,
+                        "steps": ours["steps"],
+                        "expl/s": ours["explanations_per_s"],
+                        "p50 ms": ours["p50_ms"],
+                        "p99 ms": ours["p99_ms"],
+                        "bytes": ours["response_bytes"],
+                        "completeness err": ours["completeness_error_relative"],
+                    }
+                )
     for model, error in results.get("errors", {}).items():
         lines.append(f"{model}: FAILED: {error}")
-    lines.append("Integrated Gradients: TorchServe 0.12 + Captum vs our Explain over gRPC "
-                 f"({results['concurrency']} concurrent clients)")
+    lines.append(
+        "Integrated Gradients: TorchServe 0.12 + Captum vs our Explain over gRPC "
+        f"({results['concurrency']} concurrent clients)"
+    )
     lines.append(table(rows))
     for entry in results["versus_torchserve"]:
         if "ratios" in entry:
@@ -448,36 +564,46 @@ def report(results: dict[str, Any]) -> str:
                 f"{entry['model']}: throughput ×{ratios['throughput_equal_steps']:.2f} at equal "
                 f"steps, ×{ratios['throughput_equal_error']:.2f} at equal completeness error; "
                 f"p50 ×{ratios['p50_equal_steps']:.2f} faster; responses "
-                f"×{ratios['response_bytes']:.1f} smaller")
-        sweep = ", ".join(f"{s['steps']}: {s['completeness_error_relative']:.3g}"
-                          for s in entry.get("ours_steps_sweep", []))
+                f"×{ratios['response_bytes']:.1f} smaller"
+            )
+        sweep = ", ".join(
+            f"{s['steps']}: {s['completeness_error_relative']:.3g}"
+            for s in entry.get("ours_steps_sweep", [])
+        )
         lines.append(f"{entry['model']}: our relative completeness error by steps: {sweep}")
-    lines += ["", "What the service adds (batch 1, one image, concurrency 1):",
-              table(results["service_overhead"])]
+    lines += [
+        "",
+        "What the service adds (batch 1, one image, concurrency 1):",
+        table(results["service_overhead"]),
+    ]
     predict = results.get("predict_overhead")
     if predict is None:
         return "\n".join(lines) + "\n"
     lines.append(
         f"Predict {predict['input_shape']}: ONNX Runtime in-process p50 "
         f"{predict['onnxruntime_p50_ms']:.2f} ms, over gRPC {predict['grpc_p50_ms']:.2f} ms: "
-        f"{predict['added_p50_ms']:.2f} ms added (target ≤ 1 ms)")
+        f"{predict['added_p50_ms']:.2f} ms added (target ≤ 1 ms)"
+    )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default=None, help="demo,resnet50 (quick: demo)")
-    parser.add_argument("--requests", type=int, help="explanations per side (default 8, "
-                                                     "quick 4)")
+    parser.add_argument("--requests", type=int, help="explanations per side (default 8, quick 4)")
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args(argv)
     models = (args.models or ("demo" if args.quick else "demo,resnet50")).split(",")
     requests = args.requests or (4 if args.quick else 8)
     repeats = 5 if args.quick else 20
     steps_grid = (4, 8, 15) if args.quick else (4, 6, 8, 10, 12, 15)
-    results: dict[str, Any] = {"concurrency": args.concurrency, "requests": requests,
-                               "versus_torchserve": [], "service_overhead": [],
-                               "quick": args.quick}
+    results: dict[str, Any] = {
+        "concurrency": args.concurrency,
+        "requests": requests,
+        "versus_torchserve": [],
+        "service_overhead": [],
+        "quick": args.quick,
+    }
     config = {"max_inflight": args.concurrency, "max_queue": 16, "intra_op_threads": 1}
     for model in models:
         if model == "demo":
@@ -491,21 +617,31 @@ def main(argv: list[str] | None = None) -> int:
         images = png_images(requests, int(size), seed=5)
         try:
             with ServerProcess(repository, config) as server:
-                results["versus_torchserve"].append(versus_torchserve(
-                    model, package, server.address, images, args.concurrency, steps_grid))
+                results["versus_torchserve"].append(
+                    versus_torchserve(
+                        model, package, server.address, images, args.concurrency, steps_grid
+                    )
+                )
                 results["service_overhead"] += service_overhead(
-                    model, package, server.address, images[0], STOCK_STEPS,
-                    max(3, repeats // (4 if model == "resnet50" else 1)))
+                    model,
+                    package,
+                    server.address,
+                    images[0],
+                    STOCK_STEPS,
+                    max(3, repeats // (4 if model == "resnet50" else 1)),
+                )
                 if model == "demo":
-                    results["predict_overhead"] = predict_overhead(package, server.address,
-                                                                   repeats * 10)
+                    results["predict_overhead"] = predict_overhead(
+                        package, server.address, repeats * 10
+                    )
         except Exception as exc:  # noqa: BLE001 - one model's failure is reported, not fatal
             results.setdefault("errors", {})[model] = f"{type(exc).__name__}: {exc}"
             print(f"{model}: failed: {exc}", file=sys.stderr)
     if "predict_overhead" not in results and "demo" not in results.get("errors", {}):
         with ServerProcess(demo_repository(), config) as server:
             results["predict_overhead"] = predict_overhead(
-                demo_repository() / "demo" / "1", server.address, repeats * 10)
+                demo_repository() / "demo" / "1", server.address, repeats * 10
+            )
     text = report(results)
     print(text)
     print(f"wrote {write_json('peers', {**results, 'report': text}, args.out)}")

@@ -20,14 +20,25 @@ from benchmarks.common import RESULTS, ROOT, base_parser, machine_info
 
 NOT_SUITES = {"__init__", "common", "run_all"}
 # Fast suites first; the long peer comparison last.
-ORDER = ("gradients", "multiscale", "multiscale_cells", "decam", "localization", "scaling",
-         "load", "peers")
+ORDER = (
+    "gradients",
+    "multiscale",
+    "multiscale_cells",
+    "decam",
+    "localization",
+    "scaling",
+    "load",
+    "peers",
+)
 
 
 def discover() -> list[str]:
     """Every runnable suite under ``benchmarks/``, in a stable order."""
-    names = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
-                   if p.stem not in NOT_SUITES and not p.stem.startswith("_"))
+    names = sorted(
+        p.stem
+        for p in (ROOT / "benchmarks").glob("*.py")
+        if p.stem not in NOT_SUITES and not p.stem.startswith("_")
+    )
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
 
@@ -45,14 +56,25 @@ def run_suite(name: str, quick: bool, out: Path, timeout: float) -> dict[str, An
     log_path = out / f"{name}.log"
     try:
         with log_path.open("w") as log_file:
-            completed = subprocess.run(command, cwd=ROOT, stdout=log_file,
-                                       stderr=subprocess.STDOUT, timeout=timeout, check=False)
+            completed = subprocess.run(
+                command,
+                cwd=ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
         code: int | str = completed.returncode
     except subprocess.TimeoutExpired:
         code = f"timeout after {timeout:.0f} s"
     seconds = time.perf_counter() - started
-    return {"name": name, "exit": code, "seconds": seconds, "log": str(log_path),
-            "json": str(out / f"{name}.json") if (out / f"{name}.json").is_file() else ""}
+    return {
+        "name": name,
+        "exit": code,
+        "seconds": seconds,
+        "log": str(log_path),
+        "json": str(out / f"{name}.json") if (out / f"{name}.json").is_file() else "",
+    }
 
 
 def _excerpt(name: str, out: Path, log: str, limit: int = 6000) -> str:
@@ -70,33 +92,48 @@ def _excerpt(name: str, out: Path, log: str, limit: int = 6000) -> str:
     return text.strip()[-limit:]
 
 
-def summary_markdown(runs: list[dict[str, Any]], quick: bool, out: Path,
-                     total_seconds: float) -> str:
+def summary_markdown(
+    runs: list[dict[str, Any]], quick: bool, out: Path, total_seconds: float
+) -> str:
     machine = machine_info()
-    lines = ["# Benchmark summary", "",
-             f"Command: `python -m benchmarks.run_all{' --quick' if quick else ''}` "
-             f"(`make bench`), {machine['time_utc']}.",
-             f"Machine: {machine['cpu']}, {machine['cores']} cores, load average "
-             f"{machine['load_average'][0]:.1f} at the end; "
-             + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()) + ".",
-             f"Total {total_seconds / 60:.1f} min. Ratios measured side by side in one run are "
-             "the meaningful numbers; absolute times depend on the machine and its load.", "",
-             "| suite | exit | seconds | results |", "| --- | --- | --- | --- |"]
+    lines = [
+        "# Benchmark summary",
+        "",
+        f"Command: `python -m benchmarks.run_all{' --quick' if quick else ''}` "
+        f"(`make bench`), {machine['time_utc']}.",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, load average "
+        f"{machine['load_average'][0]:.1f} at the end; "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+        + ".",
+        f"Total {total_seconds / 60:.1f} min. Ratios measured side by side in one run are "
+        "the meaningful numbers; absolute times depend on the machine and its load.",
+        "",
+        "| suite | exit | seconds | results |",
+        "| --- | --- | --- | --- |",
+    ]
     for run in runs:
-        lines.append(f"| {run['name']} | {run['exit']} | {run['seconds']:.0f} | "
-                     f"{Path(run['json']).name if run['json'] else '(none)'} |")
+        lines.append(
+            f"| {run['name']} | {run['exit']} | {run['seconds']:.0f} | "
+            f"{Path(run['json']).name if run['json'] else '(none)'} |"
+        )
     ran = {run["name"] for run in runs}
     earlier = [name for name in discover() if name not in ran and (out / f"{name}.json").is_file()]
     for name in earlier:
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC",
-                              time.gmtime((out / f"{name}.json").stat().st_mtime))
+        stamp = time.strftime(
+            "%Y-%m-%d %H:%M UTC", time.gmtime((out / f"{name}.json").stat().st_mtime)
+        )
         lines.append(f"| {name} | (earlier run, {stamp}) | | {name}.json |")
     for run in runs:
-        lines += ["", f"## {run['name']}", "", "```", _excerpt(run["name"], out, run["log"]),
-                  "```"]
+        lines += ["", f"## {run['name']}", "", "```", _excerpt(run["name"], out, run["log"]), "```"]
     for name in earlier:
-        lines += ["", f"## {name} (earlier run)", "", "```",
-                  _excerpt(name, out, str(out / f"{name}.log")), "```"]
+        lines += [
+            "",
+            f"## {name} (earlier run)",
+            "",
+            "```",
+            _excerpt(name, out, str(out / f"{name}.log")),
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -104,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated suite names")
     parser.add_argument("--skip", default="", help="comma-separated suite names to leave out")
-    parser.add_argument("--summarize", action="store_true",
-                        help="run nothing; rewrite summary.md from the results already there")
-    parser.add_argument("--timeout", type=float, help="seconds per suite (default 900, "
-                                                       "quick 300)")
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="run nothing; rewrite summary.md from the results already there",
+    )
+    parser.add_argument("--timeout", type=float, help="seconds per suite (default 900, quick 300)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

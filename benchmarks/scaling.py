@@ -30,10 +30,11 @@ def _methods(counts: int | None = None) -> dict[str, tuple[int, Any]]:
         "vanilla_gradient": (pb.METHOD_VANILLA_GRADIENT, None),
         "gradcam": (pb.METHOD_GRADCAM, None),
         f"smoothgrad-{samples}": (pb.METHOD_SMOOTHGRAD, pb.SmoothGradParams(samples=samples)),
-        f"integrated_gradients-{samples}": (pb.METHOD_INTEGRATED_GRADIENTS,
-                                            pb.IntegratedGradientsParams(steps=samples)),
-        "decam-8x4": (pb.METHOD_DECAM, pb.DecamParams(population=8, generations=4,
-                                                      patience=0)),
+        f"integrated_gradients-{samples}": (
+            pb.METHOD_INTEGRATED_GRADIENTS,
+            pb.IntegratedGradientsParams(steps=samples),
+        ),
+        "decam-8x4": (pb.METHOD_DECAM, pb.DecamParams(population=8, generations=4, patience=0)),
     }
 
 
@@ -62,11 +63,16 @@ class InProcess:
 
         if method not in self.offered:
             return None
-        request = pb.ExplainRequest(model=self.model, method=method, seed=1,
-                                    input=pb.Input(images=pb.EncodedImages(images=[image])))
+        request = pb.ExplainRequest(
+            model=self.model,
+            method=method,
+            seed=1,
+            input=pb.Input(images=pb.EncodedImages(images=[image])),
+        )
         if params is not None:
             getattr(request, pb.Method.Name(method).removeprefix("METHOD_").lower()).CopyFrom(
-                params)
+                params
+            )
         times = []
         warmup = 1  # the first torch call prepares the program and its kernels
         for attempt in range(repeats + warmup):
@@ -90,19 +96,27 @@ def size_sweep(architecture: str, sizes: tuple[int, ...], repeats: int) -> list[
     return rows
 
 
-def count_sweep(architecture: str, size: int, counts: tuple[int, ...],
-                repeats: int, search: bool = True) -> list[dict[str, Any]]:
+def count_sweep(
+    architecture: str, size: int, counts: tuple[int, ...], repeats: int, search: bool = True
+) -> list[dict[str, Any]]:
     runner = InProcess(sized_repository(architecture, size), architecture)
     image = png_images(1, size, seed=2)[0]
     rows = []
     for count in counts:
         row: dict[str, Any] = {"model": architecture, "size": size, "samples/steps": count}
         for label, method, params in (
-                ("smoothgrad", pb.METHOD_SMOOTHGRAD, pb.SmoothGradParams(samples=count)),
-                ("integrated_gradients", pb.METHOD_INTEGRATED_GRADIENTS,
-                 pb.IntegratedGradientsParams(steps=count)),
-                ("decam generations", pb.METHOD_DECAM,
-                 pb.DecamParams(population=8, generations=count, patience=0))):
+            ("smoothgrad", pb.METHOD_SMOOTHGRAD, pb.SmoothGradParams(samples=count)),
+            (
+                "integrated_gradients",
+                pb.METHOD_INTEGRATED_GRADIENTS,
+                pb.IntegratedGradientsParams(steps=count),
+            ),
+            (
+                "decam generations",
+                pb.METHOD_DECAM,
+                pb.DecamParams(population=8, generations=count, patience=0),
+            ),
+        ):
             if search or method != pb.METHOD_DECAM:
                 row[label] = runner.time(method, params, image, repeats)
         rows.append(row)
@@ -122,20 +136,33 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for label in _methods():
             points = [(r["size"], r[label]) for r in rows if r.get(label) is not None]
             if points:
-                by_size.plot(*zip(*points, strict=True), marker="o",
-                             label=f"{architecture} {label}")
-    by_size.set(xlabel="image side (pixels)", ylabel="median latency (ms)", yscale="log",
-                title="latency vs image size (batch 1)")
+                by_size.plot(
+                    *zip(*points, strict=True), marker="o", label=f"{architecture} {label}"
+                )
+    by_size.set(
+        xlabel="image side (pixels)",
+        ylabel="median latency (ms)",
+        yscale="log",
+        title="latency vs image size (batch 1)",
+    )
     by_size.legend(fontsize=6)
     for architecture in sorted({r["model"] for r in results["by_count"]}):
         rows = [r for r in results["by_count"] if r["model"] == architecture]
         for label in ("smoothgrad", "integrated_gradients", "decam generations"):
             points = [(r["samples/steps"], r[label]) for r in rows if r.get(label) is not None]
             if points:
-                by_count.plot(*zip(*points, strict=True), marker="o",
-                              label=f"{architecture} {rows[0]['size']}² {label}")
-    by_count.set(xlabel="samples / steps / generations", ylabel="median latency (ms)",
-                 xscale="log", yscale="log", title="latency vs samples/steps")
+                by_count.plot(
+                    *zip(*points, strict=True),
+                    marker="o",
+                    label=f"{architecture} {rows[0]['size']}² {label}",
+                )
+    by_count.set(
+        xlabel="samples / steps / generations",
+        ylabel="median latency (ms)",
+        xscale="log",
+        yscale="log",
+        title="latency vs samples/steps",
+    )
     counts = sorted({r["samples/steps"] for r in results["by_count"]})
     by_count.set_xticks(counts, [str(c) for c in counts])
     by_count.minorticks_off()
@@ -158,17 +185,27 @@ def main(argv: list[str] | None = None) -> int:
             by_count += count_sweep("resnet50", 224, (4, 16), 1, search=False)
         except Exception as exc:  # noqa: BLE001 - reported in the results, the rest stands
             errors["resnet50"] = f"{type(exc).__name__}: {exc}"
-    results = {"by_size": by_size, "by_count": by_count, "quick": args.quick,
-               "unit": "median milliseconds, batch 1, in-process Core", "errors": errors}
-    text = ("Latency vs image size (ms, median)\n" + table(by_size) +
-            "\nLatency vs samples/steps (ms, median)\n" + table(by_count) +
-            "".join(f"{model}: FAILED: {error}\n" for model, error in errors.items()))
+    results = {
+        "by_size": by_size,
+        "by_count": by_count,
+        "quick": args.quick,
+        "unit": "median milliseconds, batch 1, in-process Core",
+        "errors": errors,
+    }
+    text = (
+        "Latency vs image size (ms, median)\n"
+        + table(by_size)
+        + "\nLatency vs samples/steps (ms, median)\n"
+        + table(by_count)
+        + "".join(f"{model}: FAILED: {error}\n" for model, error in errors.items())
+    )
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "scaling.png")
-    print(f"wrote {write_json('scaling', {**results, 'report': text}, out)} and "
-          f"{out / 'scaling.png'}")
+    print(
+        f"wrote {write_json('scaling', {**results, 'report': text}, out)} and {out / 'scaling.png'}"
+    )
     return 0
 
 

@@ -40,9 +40,15 @@ from service.repository import MANIFEST, Repository
 
 DEFAULT_METHOD_ENV = "SALIENCY_TORCHSERVE_METHOD"
 # gRPC status → HTTP status for per-request errors.
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400,
-               "RESOURCE_EXHAUSTED": 429, "DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503,
-               "CANCELLED": 499}
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "FAILED_PRECONDITION": 400,
+    "RESOURCE_EXHAUSTED": 429,
+    "DEADLINE_EXCEEDED": 504,
+    "UNAVAILABLE": 503,
+    "CANCELLED": 499,
+}
 
 
 def _body(row: Any) -> Any:
@@ -90,17 +96,24 @@ class SaliencyTorchServeHandler:
         self.load(model_dir)
 
     def handle(self, data: list[Any], context: Any) -> list[Any]:
-        explain = bool(context is not None and
-                       str(context.get_request_header(0, "explain")) == "True")
-        return self.explain_handle(None, data, context) if explain else self._predict_rows(
-            data, context)
+        explain = bool(
+            context is not None and str(context.get_request_header(0, "explain")) == "True"
+        )
+        return (
+            self.explain_handle(None, data, context)
+            if explain
+            else self._predict_rows(data, context)
+        )
 
-    def explain_handle(self, data_preprocess: Any, raw_data: list[Any],
-                       context: Any = None) -> list[Any]:
+    def explain_handle(
+        self, data_preprocess: Any, raw_data: list[Any], context: Any = None
+    ) -> list[Any]:
         """One explanation per request row (TorchServe may batch several rows)."""
         del data_preprocess  # the core decodes and preprocesses per the manifest
-        return [self._guard(index, context, self._explain_row, row)
-                for index, row in enumerate(raw_data)]
+        return [
+            self._guard(index, context, self._explain_row, row)
+            for index, row in enumerate(raw_data)
+        ]
 
     # ---- the work -------------------------------------------------------------------------
 
@@ -132,12 +145,21 @@ class SaliencyTorchServeHandler:
         if "tensor" in request:
             tensor = request["tensor"]
             data = tensor["data"]
-            array = (np.frombuffer(base64.b64decode(data), "<f4") if isinstance(data, str)
-                     else np.asarray(data, np.float32)).reshape(tensor["shape"])
-            return pb.Input(tensor=pb.Tensor(shape=list(array.shape), dtype=pb.DTYPE_FLOAT32,
-                                             data=array.astype("<f4").tobytes()))
-        raise InvalidInput("the request needs an image (raw body or base64 'image') "
-                                  "or a 'tensor' {shape, data}")
+            array = (
+                np.frombuffer(base64.b64decode(data), "<f4")
+                if isinstance(data, str)
+                else np.asarray(data, np.float32)
+            ).reshape(tensor["shape"])
+            return pb.Input(
+                tensor=pb.Tensor(
+                    shape=list(array.shape),
+                    dtype=pb.DTYPE_FLOAT32,
+                    data=array.astype("<f4").tobytes(),
+                )
+            )
+        raise InvalidInput(
+            "the request needs an image (raw body or base64 'image') or a 'tensor' {shape, data}"
+        )
 
     def _explain_request(self, request: dict[str, Any]) -> pb.ExplainRequest:
         method_name = str(request.get("method") or self.default_method).lower()
@@ -146,10 +168,14 @@ class SaliencyTorchServeHandler:
             method = pb.Method.Value("METHOD_" + method_name.upper())
         except ValueError:
             raise InvalidInput(f"unknown method {method_name!r}") from None
-        message = pb.ExplainRequest(model=self.model_name, version=self.version,
-                                    input=self._input(request), method=method,
-                                    seed=int(request.get("seed", 0)),
-                                    top_k=int(request.get("top_k", 0)))
+        message = pb.ExplainRequest(
+            model=self.model_name,
+            version=self.version,
+            input=self._input(request),
+            method=method,
+            seed=int(request.get("seed", 0)),
+            top_k=int(request.get("top_k", 0)),
+        )
         if request.get("target") is not None:
             message.target.class_index = int(request["target"])
         if request.get("params"):
@@ -168,19 +194,24 @@ class SaliencyTorchServeHandler:
         response = self.core.explain(request, RequestState(None), CostCounter())
         maps = tensor_to_array(response.saliency).astype("<f4")
         return {
-            "model": response.model, "version": response.version,
+            "model": response.model,
+            "version": response.version,
             "method": pb.Method.Name(response.cost.method).removeprefix("METHOD_").lower(),
-            "shape": list(maps.shape), "dtype": "float32",
+            "shape": list(maps.shape),
+            "dtype": "float32",
             "saliency": base64.b64encode(maps.tobytes()).decode("ascii"),
             "targets": list(response.targets),
-            "predictions": [[{"index": c.index, "label": c.label,
-                              "probability": c.probability} for c in p.top]
-                            for p in response.predictions],
-            "cost": {"forward_passes": response.cost.forward_passes,
-                     "backward_passes": response.cost.backward_passes,
-                     "wall_seconds": response.cost.wall_seconds,
-                     "cpu_seconds": response.cost.cpu_seconds,
-                     "truncated": response.cost.truncated},
+            "predictions": [
+                [{"index": c.index, "label": c.label, "probability": c.probability} for c in p.top]
+                for p in response.predictions
+            ],
+            "cost": {
+                "forward_passes": response.cost.forward_passes,
+                "backward_passes": response.cost.backward_passes,
+                "wall_seconds": response.cost.wall_seconds,
+                "cpu_seconds": response.cost.cpu_seconds,
+                "truncated": response.cost.truncated,
+            },
             "diagnostics": dict(response.diagnostics),
         }
 
@@ -188,12 +219,24 @@ class SaliencyTorchServeHandler:
         def predict(row: Any) -> dict[str, Any]:
             assert self.core is not None
             request = _as_request_dict(_body(row))
-            reply = self.core.predict(pb.PredictRequest(
-                model=self.model_name, version=self.version, input=self._input(request),
-                top_k=int(request.get("top_k", 0))), CostCounter())
-            return {"predictions": [[{"index": c.index, "label": c.label,
-                                      "probability": c.probability} for c in p.top]
-                                    for p in reply.predictions]}
+            reply = self.core.predict(
+                pb.PredictRequest(
+                    model=self.model_name,
+                    version=self.version,
+                    input=self._input(request),
+                    top_k=int(request.get("top_k", 0)),
+                ),
+                CostCounter(),
+            )
+            return {
+                "predictions": [
+                    [
+                        {"index": c.index, "label": c.label, "probability": c.probability}
+                        for c in p.top
+                    ]
+                    for p in reply.predictions
+                ]
+            }
 
         return [self._guard(index, context, predict, row) for index, row in enumerate(data)]
 
@@ -207,4 +250,3 @@ class SaliencyTorchServeHandler:
             if context is not None and hasattr(context, "set_response_status"):
                 context.set_response_status(HTTP_STATUS.get(code, 500), str(exc), idx=index)
             return {"error": str(exc), "code": code}
-

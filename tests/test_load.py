@@ -30,8 +30,11 @@ def _mix(stub: pb_grpc.ExplainerStub) -> list[Call]:
 
 def _slow_call() -> Call:
     """Occlusion with a 1-pixel stride: ~1,000 forwards, long enough to pile requests up."""
-    request = pb.ExplainRequest(model="tiny", method=pb.METHOD_OCCLUSION,
-                                input=pb.Input(images=pb.EncodedImages(images=[_image()])))
+    request = pb.ExplainRequest(
+        model="tiny",
+        method=pb.METHOD_OCCLUSION,
+        input=pb.Input(images=pb.EncodedImages(images=[_image()])),
+    )
     request.occlusion.window = 4
     request.occlusion.stride = 1
     return Call("occlusion", "Explain", request)
@@ -40,8 +43,11 @@ def _slow_call() -> Call:
 def test_closed_loop_counts_add_up(server: RunningServer, stub) -> None:
     calls = _mix(stub)
     assert {"predict", "vanilla_gradient"} <= {c.label for c in calls}
-    result = asyncio.run(closed_loop(server.address, Picker(calls, 0), concurrency=3,
-                                     max_requests=30, max_seconds=60))
+    result = asyncio.run(
+        closed_loop(
+            server.address, Picker(calls, 0), concurrency=3, max_requests=30, max_seconds=60
+        )
+    )
     summary = result.summary()
     assert summary["requests"] == 30 == sum(summary["counts"].values())
     assert summary["counts"] == {"OK": 30}
@@ -53,17 +59,28 @@ def test_closed_loop_counts_add_up(server: RunningServer, stub) -> None:
 
 def test_duration_bound_stops_a_closed_loop(server: RunningServer, stub) -> None:
     started = time.perf_counter()
-    result = asyncio.run(closed_loop(server.address, Picker(_mix(stub), 1), concurrency=2,
-                                     max_requests=10**6, max_seconds=1.0))
+    result = asyncio.run(
+        closed_loop(
+            server.address,
+            Picker(_mix(stub), 1),
+            concurrency=2,
+            max_requests=10**6,
+            max_seconds=1.0,
+        )
+    )
     assert time.perf_counter() - started < 15
     assert 0 < len(result.outcomes) < 10**6
 
 
 def test_open_loop_sends_at_the_offered_rate(server: RunningServer, stub) -> None:
-    predict = Call("predict", "Predict", pb.PredictRequest(
-        model="tiny", input=pb.Input(images=pb.EncodedImages(images=[_image()]))))
-    result = asyncio.run(open_loop(server.address, Picker([predict]), rate=40.0,
-                                   max_requests=20, max_seconds=10))
+    predict = Call(
+        "predict",
+        "Predict",
+        pb.PredictRequest(model="tiny", input=pb.Input(images=pb.EncodedImages(images=[_image()]))),
+    )
+    result = asyncio.run(
+        open_loop(server.address, Picker([predict]), rate=40.0, max_requests=20, max_seconds=10)
+    )
     assert len(result.outcomes) == 20
     # 20 arrivals 25 ms apart: the last leaves at 475 ms; the run cannot be much shorter.
     assert result.elapsed >= 0.47
@@ -78,15 +95,30 @@ def tiny_capacity(repository: Path):
 
 
 def test_overload_is_refused_with_resource_exhausted(tiny_capacity: RunningServer) -> None:
-    result = asyncio.run(open_loop(tiny_capacity.address, Picker([_slow_call()]), rate=50.0,
-                                   max_requests=25, max_seconds=10, timeout=60))
+    result = asyncio.run(
+        open_loop(
+            tiny_capacity.address,
+            Picker([_slow_call()]),
+            rate=50.0,
+            max_requests=25,
+            max_seconds=10,
+            timeout=60,
+        )
+    )
     counts = result.counts()
     assert sum(counts.values()) == 25
     assert counts.get("RESOURCE_EXHAUSTED", 0) > 0, counts
     assert counts.get("OK", 0) > 0, counts
     assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED"}, counts
-    text = report({"model": "tiny", "input_size": 32,
-                   "runs": {"overload": result.summary()}, "overload": {}, "memory": {}})
+    text = report(
+        {
+            "model": "tiny",
+            "input_size": 32,
+            "runs": {"overload": result.summary()},
+            "overload": {},
+            "memory": {},
+        }
+    )
     assert "RESOURCE_EXHAUSTED" in text
     # Still serving afterwards.
     with grpc.insecure_channel(tiny_capacity.address) as channel:

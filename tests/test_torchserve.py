@@ -29,9 +29,14 @@ def _inputs() -> np.ndarray:
 
 def _body(method: str, params: dict | None = None) -> dict:
     inputs = _inputs()
-    body: dict = {"tensor": {"shape": list(inputs.shape),
-                             "data": base64.b64encode(inputs.tobytes()).decode()},
-                  "method": method, "seed": SEED}
+    body: dict = {
+        "tensor": {
+            "shape": list(inputs.shape),
+            "data": base64.b64encode(inputs.tobytes()).decode(),
+        },
+        "method": method,
+        "seed": SEED,
+    }
     if params:
         body["params"] = params
     return body
@@ -42,8 +47,12 @@ def _decode(reply: dict) -> np.ndarray:
 
 
 def _grpc_maps(stub, method: str, params: object = None) -> np.ndarray:
-    request = pb.ExplainRequest(model="tiny", method=pb.Method.Value("METHOD_" + method.upper()),
-                                input=pb.Input(tensor=array_to_tensor(_inputs())), seed=SEED)
+    request = pb.ExplainRequest(
+        model="tiny",
+        method=pb.Method.Value("METHOD_" + method.upper()),
+        input=pb.Input(tensor=array_to_tensor(_inputs())),
+        seed=SEED,
+    )
     if params is not None:
         getattr(request, method).CopyFrom(params)
     return tensor_to_array(stub.Explain(request, timeout=120).saliency)
@@ -54,9 +63,14 @@ def _registered(method: str) -> bool:
 
 
 # Methods checked end to end; DE-CAM with small params so the test stays fast.
-CASES = [("vanilla_gradient", None, None),
-         ("decam", {"population": 6, "generations": 3, "grid": 4},
-          pb.DecamParams(population=6, generations=3, grid=4))]
+CASES = [
+    ("vanilla_gradient", None, None),
+    (
+        "decam",
+        {"population": 6, "generations": 3, "grid": 4},
+        pb.DecamParams(population=6, generations=3, grid=4),
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +86,16 @@ def test_handler_module_defines_exactly_one_class() -> None:
 
     import handlers.torchserve as module  # noqa: PLC0415
 
-    classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
-               if c.__module__ == module.__name__]
+    classes = [
+        c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__
+    ]
     assert classes == [SaliencyTorchServeHandler]
 
 
 def test_in_process_explain_equals_grpc(in_process, stub) -> None:
     (reply,) = in_process.explain_handle(None, [{"body": _body("vanilla_gradient")}])
     assert reply["method"] == "vanilla_gradient" and reply["shape"] == [1, 32, 32]
-    np.testing.assert_allclose(_decode(reply), _grpc_maps(stub, "vanilla_gradient"),
-                               atol=1e-6)
+    np.testing.assert_allclose(_decode(reply), _grpc_maps(stub, "vanilla_gradient"), atol=1e-6)
 
 
 def test_in_process_bad_method_is_an_error_row(in_process) -> None:
@@ -96,16 +110,18 @@ def test_in_process_bad_method_is_an_error_row(in_process) -> None:
             self.statuses.append((code, phrase, idx))
 
     context = Context()
-    good, bad = in_process.handle([{"body": _body("vanilla_gradient")},
-                                   {"body": _body("no_such_method")}], context)
+    good, bad = in_process.handle(
+        [{"body": _body("vanilla_gradient")}, {"body": _body("no_such_method")}], context
+    )
     assert "saliency" in good
     assert bad["code"] == "INVALID_ARGUMENT" and "no_such_method" in bad["error"]
     assert context.statuses == [(400, bad["error"], 1)]
 
 
 @pytest.fixture(scope="module")
-def torchserve(repository: Path, tmp_path_factory: pytest.TempPathFactory
-               ) -> Iterator[TorchServeProcess]:
+def torchserve(
+    repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TorchServeProcess]:
     missing = torchserve_missing()
     if missing:
         pytest.skip(f"TorchServe cannot start here: {missing}")
@@ -118,8 +134,12 @@ def torchserve(repository: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as reply:
             return reply.status, json.loads(reply.read())
@@ -140,13 +160,13 @@ def test_torchserve_explanations_equal_grpc(torchserve, stub, method, params, me
 
 
 def test_torchserve_predictions_and_errors(torchserve, stub) -> None:
-    status, reply = _post(f"{torchserve.inference_url}/predictions/tiny",
-                          _body("vanilla_gradient"))
+    status, reply = _post(f"{torchserve.inference_url}/predictions/tiny", _body("vanilla_gradient"))
     assert status == 200, reply
-    expected = stub.Predict(pb.PredictRequest(model="tiny", input=pb.Input(
-        tensor=array_to_tensor(_inputs()))), timeout=30)
+    expected = stub.Predict(
+        pb.PredictRequest(model="tiny", input=pb.Input(tensor=array_to_tensor(_inputs()))),
+        timeout=30,
+    )
     assert reply["predictions"][0][0]["index"] == expected.predictions[0].top[0].index
-    status, reply = _post(f"{torchserve.inference_url}/explanations/tiny",
-                          _body("no_such_method"))
+    status, reply = _post(f"{torchserve.inference_url}/explanations/tiny", _body("no_such_method"))
     assert status == 400
     assert "no_such_method" in json.dumps(reply)
