@@ -237,8 +237,9 @@ def measure(
         if method in ("gradcam", "gradcam_plus_plus"):
             raw = results["ours"].maps  # compare the upsampled map with Captum's
             expected = results["captum"].detach().numpy()[:, 0]
-            scale = expected.reshape(batch, -1).max(1).reshape(-1, 1, 1)
-            results["captum"] = torch.from_numpy(expected / np.where(scale > 0, scale, 1))
+            low = expected.reshape(batch, -1).min(1).reshape(-1, 1, 1)
+            span = expected.reshape(batch, -1).max(1).reshape(-1, 1, 1) - low
+            results["captum"] = torch.from_numpy((expected - low) / np.where(span > 0, span, 1))
         rows.append(
             {
                 "model": name,
