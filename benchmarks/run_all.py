@@ -96,11 +96,13 @@ def summary_markdown(
     runs: list[dict[str, Any]], quick: bool, out: Path, total_seconds: float
 ) -> str:
     machine = machine_info()
+    command = "python -m benchmarks.run_all" + (" --quick" if quick else "")
+    if not runs:
+        command = "python -m benchmarks.run_all --summarize (results of earlier runs, as dated)"
     lines = [
         "# Benchmark summary",
         "",
-        f"Command: `python -m benchmarks.run_all{' --quick' if quick else ''}` "
-        f"(`make bench`), {machine['time_utc']}.",
+        f"Command: `{command}` (`make bench` runs them all), {machine['time_utc']}.",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, load average "
         f"{machine['load_average'][0]:.1f} at the end; "
         + ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
