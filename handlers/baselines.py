@@ -11,7 +11,7 @@ from scipy.ndimage import gaussian_filter
 
 from service.repository import InputSpec
 
-BASELINES = ("black", "blur", "uniform_noise", "mean")
+BASELINES = ("black", "blur", "uniform_noise", "mean", "zero")
 
 
 def make_baseline(
@@ -23,6 +23,9 @@ def make_baseline(
     low, high = spec.value_range
     if kind == "black":
         return np.broadcast_to((low - mean) / std, inputs.shape).astype(np.float32)
+    if kind == "zero":
+        # Zero in model-input space: Captum's default, the dataset mean for normalized inputs.
+        return np.zeros_like(inputs, dtype=np.float32)
     if kind == "mean":
         return np.broadcast_to(inputs.mean(axis=(2, 3), keepdims=True), inputs.shape).astype(
             np.float32

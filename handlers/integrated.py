@@ -23,7 +23,7 @@ from saliency.v1 import explainer_pb2 as pb
 from service.errors import InvalidInput
 
 RULES = ("gauss_legendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
-IG_BASELINES = ("black", "blur", "uniform_noise", "mean")
+IG_BASELINES = ("black", "blur", "uniform_noise", "mean", "zero")
 
 
 def quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:

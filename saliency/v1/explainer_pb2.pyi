@@ -42,6 +42,7 @@ class Baseline(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BASELINE_BLUR: _ClassVar[Baseline]
     BASELINE_UNIFORM_NOISE: _ClassVar[Baseline]
     BASELINE_MEAN: _ClassVar[Baseline]
+    BASELINE_ZERO: _ClassVar[Baseline]
 
 class QuadratureRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -84,6 +85,7 @@ BASELINE_BLACK: Baseline
 BASELINE_BLUR: Baseline
 BASELINE_UNIFORM_NOISE: Baseline
 BASELINE_MEAN: Baseline
+BASELINE_ZERO: Baseline
 QUADRATURE_UNSPECIFIED: QuadratureRule
 QUADRATURE_RIEMANN_LEFT: QuadratureRule
 QUADRATURE_RIEMANN_RIGHT: QuadratureRule
