@@ -34,7 +34,6 @@ protos: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check service handlers evaluation benchmarks tests
 
 # Rebuilds the shipped demo model package deterministically (trains on generated cells).
 demo-model: $(STAMP)

@@ -38,4 +38,5 @@ class CaptumImageClassifier(VisionHandler):
     def postprocess(self, data):
         probabilities = F.softmax(data, dim=1)
         top, classes = torch.topk(probabilities, self.topk, dim=1)
-        return [dict(zip(map(str, c), p)) for c, p in zip(classes.tolist(), top.tolist())]
+        rows = zip(classes.tolist(), top.tolist(), strict=True)
+        return [dict(zip(map(str, c), p, strict=True)) for c, p in rows]
