@@ -65,6 +65,7 @@ def _export(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     import grpc  # noqa: PLC0415
 
+    from saliency.v1 import explainer_pb2 as pb  # noqa: PLC0415
     from service.client import SaliencyClient  # noqa: PLC0415
 
     image = Path(args.image).read_bytes()
@@ -81,7 +82,8 @@ def _explain(args: argparse.Namespace) -> int:
     print("prediction: " + ", ".join(f"{c.label} {c.probability:.3f}" for c in top[:3]))
     print(f"explained class: {response.targets[0]}")
     cost = response.cost
-    print(f"cost: method {cost.method} forward {cost.forward_passes} backward "
+    method_name = pb.Method.Name(cost.method).removeprefix("METHOD_").lower()
+    print(f"cost: method {method_name} forward {cost.forward_passes} backward "
           f"{cost.backward_passes} wall {cost.wall_seconds * 1000:.1f} ms cpu "
           f"{cost.cpu_seconds * 1000:.1f} ms")
     print(f"map: {args.out} ({result.maps.shape[1]}×{result.maps.shape[2]}, "

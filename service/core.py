@@ -171,6 +171,15 @@ def prior_forward_passes(handler: Handler, model: ModelHandle) -> float:
     return 1.0 + repeats * (_TORCH_GRADIENT_PASS if handler.uses_gradients else 1.0)
 
 
+# One cheap request per engine and prepared program variant, run when a package loads.
+WARM_UP_METHODS = (
+    pb.METHOD_SMOE_SCALE,
+    pb.METHOD_VANILLA_GRADIENT,
+    pb.METHOD_GUIDED_BACKPROP,
+    pb.METHOD_GRADCAM,
+)
+
+
 class Core:
     """Runs requests against the repository; every public call is one request."""
 
@@ -219,6 +228,28 @@ class Core:
         for key, value in spec.extra.get("exporter", {}).items():
             info.metadata[f"exporter.{key}"] = str(value)
         return info
+
+    def warm_up(self, handle: ModelHandle) -> list[str]:
+        """Runs one small request per engine and program variant so that the first client
+        request does not pay for session start-up or for preparing the torch program.
+
+        Returns the methods that failed (logged by the caller); a failure does not stop the
+        model from serving, so that its requests report the error themselves.
+        """
+        spec = handle.spec().input
+        zeros = np.zeros((1, spec.channels, spec.height, spec.width), np.float32)
+        available = {h.method for h in self.methods_for(handle)}
+        failed = []
+        for method in WARM_UP_METHODS:
+            if method not in available:
+                continue
+            request = pb.ExplainRequest(model=handle.name, version=handle.version, method=method,
+                                        input=pb.Input(tensor=array_to_tensor(zeros)))
+            try:
+                self.explain(request, RequestState(), CostCounter())
+            except Exception as exc:  # noqa: BLE001 - reported, the model still serves
+                failed.append(f"{registry.get(method).name}: {type(exc).__name__}: {exc}")
+        return failed
 
     # ---- inference -----------------------------------------------------------------------
 

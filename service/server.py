@@ -84,6 +84,11 @@ class SaliencyServer:
         registry.load_builtin()
         self._fingerprint = repository_fingerprint(self.config.models)
         self.repository.load_all()
+        for handle in self.repository.handles():
+            if handle.ready:
+                for failure in self.core.warm_up(handle):
+                    log.warning("warm-up of %s/%d failed: %s", handle.name, handle.version,
+                                failure)
         self.metrics.set_models_ready(
             {(h.name, str(h.version)): h.ready for h in self.repository.handles()}
         )

@@ -1,0 +1,60 @@
+"""p50/p95 latency over gRPC of Predict and of every method the demo model offers, one 128×128
+image per request, against a `saliency serve` subprocess on loopback.
+
+    python -m benchmarks.latency [--quick] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.common import (
+    ServerProcess,
+    base_parser,
+    demo_repository,
+    machine_info,
+    percentiles,
+    png_images,
+    table,
+    time_calls,
+    write_json,
+)
+from service.client import SaliencyClient
+
+# Long methods get fewer repeats so the suite stays bounded.
+SLOW = {"decam": 3, "rise": 5, "occlusion": 5, "integrated_gradients": 8, "smoothgrad": 8,
+        "vargrad": 8, "guided_absolutegrad": 8}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else args.repeats
+    image = png_images(1, 128, seed=0)
+    rows: list[dict[str, Any]] = []
+    with ServerProcess(demo_repository()) as server, SaliencyClient(server.address,
+                                                                    timeout=600) as client:
+        info = client.get_model("demo")
+        predict = percentiles(time_calls(lambda: client.predict("demo", images=image), repeats))
+        rows.append({"call": "Predict", "forward": 1, "backward": 0, **predict})
+        for method in info.methods:
+            count = max(2, min(repeats, SLOW.get(method.name, repeats)))
+            last: dict[str, Any] = {}
+
+            def call(name: str = method.name, holder: dict[str, Any] = last) -> None:
+                holder["cost"] = client.explain("demo", name, images=image, seed=0).cost
+
+            stats = percentiles(time_calls(call, count))
+            cost = last["cost"]
+            rows.append({"call": f"Explain {method.name}", "forward": cost.forward_passes,
+                         "backward": cost.backward_passes, **stats})
+    print(table(rows, ["call", "forward", "backward", "p50_ms", "p95_ms", "count"]))
+    path = write_json("latency", {"machine": machine_info(), "image": "1×128×128 PNG",
+                                  "rows": rows}, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
