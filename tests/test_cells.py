@@ -1,6 +1,6 @@
 """The synthetic cell dataset: determinism, slicing, ground truth and per-class appearance.
 
-Speed, measured on a 2-core CPU: ``generate(10_000)`` at 128×128 takes about 6 s (one core),
+Speed, measured on a 2-core CPU: ``generate(10_000)`` at 128×128 takes 5.3–5.8 s (one core),
 so the whole evaluation set can be regenerated on demand instead of being stored.
 """
 
