@@ -54,10 +54,11 @@ class ExportReport:
 def find_scale_modules(module: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the modules that end each spatial scale.
 
-    Runs one forward pass with hooks on every submodule; among 4-D outputs grouped
-    by resolution (in completion order), the last to complete before the resolution
-    drops is the end of that scale — for nested modules that is the outermost one
-    (e.g. ``layer1`` rather than ``layer1.1.relu``). 1×1 maps (pooled) are skipped.
+    Runs one forward pass with hooks on every submodule and groups 4-D outputs by
+    resolution in completion order. In each group the end of the scale is the
+    outermost module (fewest dots in its name) that finished last: ``layer1`` rather
+    than ``layer1.1.relu``, and rather than ``layer2.0.relu1`` of a bottleneck whose
+    stride sits on its 3×3 convolution. 1×1 maps (pooled) are skipped.
     """
     finished: list[tuple[str, tuple[int, int]]] = []
     handles = []
@@ -82,7 +83,8 @@ def find_scale_modules(module: nn.Module, example: torch.Tensor) -> list[str]:
         if size == (1, 1):
             continue
         if sizes and size == sizes[-1]:
-            scales[-1] = name
+            if name.count(".") <= scales[-1].count("."):
+                scales[-1] = name
         elif not sizes or size[0] * size[1] < sizes[-1][0] * sizes[-1][1]:
             scales.append(name)
             sizes.append(size)

@@ -124,3 +124,14 @@ def test_export_cli_packages_a_module_by_name(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = TinyCNN(seed=3)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(repository.get("cli").run(x)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_scale_search_on_bottlenecks_with_the_stride_on_the_3x3_conv() -> None:
+    from service.architectures import ResNet50Shape, VGGStyle
+
+    model = ResNet50Shape(num_classes=10).eval()
+    found = find_scale_modules(model, torch.zeros(1, 3, 64, 64))
+    assert found == ["relu", "layer1", "layer2", "layer3", "layer4"]
+    assert found == list(ResNet50Shape.scale_modules())
+    vgg = find_scale_modules(VGGStyle().eval(), torch.zeros(1, 3, 64, 64))
+    assert vgg[:4] == ["stage1", "stage2", "stage3", "stage4"]
