@@ -40,11 +40,11 @@ from service.repository import InputSpec, ModelHandle, Repository
 
 # METHOD_AUTO's preference, best maps first (see the README's "Choosing a method").
 AUTO_PREFERENCE = (
-    pb.METHOD_GRADCAM,
     pb.METHOD_FASTCAM,
-    pb.METHOD_GUIDED_ABSOLUTEGRAD,
+    pb.METHOD_GRADCAM,
     pb.METHOD_INTEGRATED_GRADIENTS,
-    pb.METHOD_SMOOTHGRAD,
+    pb.METHOD_GUIDED_BACKPROP,
+    pb.METHOD_GUIDED_ABSOLUTEGRAD,
     pb.METHOD_VANILLA_GRADIENT,
     pb.METHOD_SMOE_SCALE,
     pb.METHOD_OCCLUSION,
