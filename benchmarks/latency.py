@@ -1,5 +1,6 @@
 """p50/p95 latency over gRPC of Predict and of every method the demo model offers, one 128×128
-image per request, against a `saliency serve` subprocess on loopback.
+image per request, against a `saliency serve` subprocess on loopback; and what gRPC adds to
+`Predict` over one in-process ONNX Runtime call (same tensor, one thread each).
 
     python -m benchmarks.latency [--quick] [--repeats 20]
 """
@@ -19,6 +20,7 @@ from benchmarks.common import (
     time_calls,
     write_json,
 )
+from benchmarks.peers import predict_overhead
 from service.client import SaliencyClient
 
 # Long methods get fewer repeats so the suite stays bounded.
@@ -49,9 +51,15 @@ def main(argv: list[str] | None = None) -> int:
             cost = last["cost"]
             rows.append({"call": f"Explain {method.name}", "forward": cost.forward_passes,
                          "backward": cost.backward_passes, **stats})
+    with ServerProcess(demo_repository(), {"intra_op_threads": 1}) as server:
+        overhead = predict_overhead(demo_repository() / "demo" / "1", server.address,
+                                    30 if args.quick else 300)
     print(table(rows, ["call", "forward", "backward", "p50_ms", "p95_ms", "count"]))
+    print(f"Predict tensor 1×3×128×128: ONNX Runtime in-process p50 "
+          f"{overhead['onnxruntime_p50_ms']:.2f} ms, over gRPC {overhead['grpc_p50_ms']:.2f} ms, "
+          f"added {overhead['added_p50_ms']:.2f} ms (target ≤ 1 ms)")
     path = write_json("latency", {"machine": machine_info(), "image": "1×128×128 PNG",
-                                  "rows": rows}, args.out)
+                                  "rows": rows, "predict_overhead": overhead}, args.out)
     print(f"wrote {path}")
     return 0
 
