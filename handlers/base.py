@@ -80,7 +80,7 @@ class Limits:
 
     max_samples: int = 256
     max_generations: int = 500
-    chunk_memory_bytes: int = 1024 * 1024 * 1024
+    chunk_memory_bytes: int = 512 * 1024 * 1024
 
 
 @dataclass

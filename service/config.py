@@ -74,7 +74,7 @@ class Config:
     max_population: int = 256
     max_generations: int = 500
     # Bytes of activations one batched chunk of a handler may hold (memory budget).
-    chunk_memory_bytes: int = 1024 * 1024 * 1024
+    chunk_memory_bytes: int = 512 * 1024 * 1024
     # Threads inside one ONNX Runtime / torch call (0 = library default).
     intra_op_threads: int = 0
     # Seconds in-flight requests get to finish on SIGTERM.

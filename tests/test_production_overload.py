@@ -116,7 +116,8 @@ def test_deadline_passed_while_queued_is_not_started(
 ) -> None:
     wait_idle(busy)
     before = scrape(busy.server.metrics_port)
-    occupying = stub.Explain.future(slow_request(batch=2, stride=4), timeout=120)
+    # Long enough (4 + 4 × 625 passes, seconds on 2 cores) to outlast the queued deadline.
+    occupying = stub.Explain.future(slow_request(batch=4, stride=2), timeout=120)
     _wait_for(lambda: busy.server.admission.inflight == 1)
     with pytest.raises(grpc.RpcError) as error:
         stub.Explain(slow_request(seed=1), timeout=0.3)
@@ -144,8 +145,8 @@ def test_deadline_and_cancellation_stop_a_running_method(
 ) -> None:
     wait_idle(busy)
     before = scrape(busy.server.metrics_port)
-    request = slow_request(batch=4, stride=4)  # 4 + 4 × 169 forward passes if run to the end
-    full = 4 + 4 * 169
+    request = slow_request(batch=4, stride=2)  # 4 + 4 × 625 forward passes if run to the end
+    full = 4 + 4 * 625
     started = time.perf_counter()
     if how == "deadline":
         with pytest.raises(grpc.RpcError) as error:
