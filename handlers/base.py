@@ -115,7 +115,7 @@ class ExplainJob:
         """A generator fixed by the request's seed, so stochastic methods are reproducible."""
         return np.random.default_rng(self.seed)
 
-    def items_per_chunk(self, copies_per_item: int = 1, backward: bool = False) -> int:
+    def items_per_chunk(self, backward: bool = False) -> int:
         """How many network inputs fit one chunk under the memory budget."""
         spec = self.model.spec()
         per_item = int(spec.extra.get("activation_bytes", 0)) or 48 * int(
