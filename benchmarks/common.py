@@ -174,31 +174,41 @@ def png_images(count: int, size: int, seed: int = 0) -> list[bytes]:
     return images
 
 
+def cached_package(architecture: str, size: int, root: Path, name: str,
+                   verify_inputs: int = 4) -> Path:
+    """Exports a random-weight model (seed 0) into ``root`` once and returns ``root``.
+
+    ``architecture``: ``demo`` (DemoResNet, 10 classes) or ``resnet50`` (ResNet50Shape,
+    1,000 classes, ImageNet normalization); its scale modules are named explicitly.
+    """
+    if (root / name / "1" / "manifest.json").is_file():
+        return root
+    import torch  # noqa: PLC0415
+
+    from service.architectures import DemoResNet, ResNet50Shape  # noqa: PLC0415
+    from service.export import export_package  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    if architecture == "resnet50":
+        model, cls = ResNet50Shape(num_classes=1000), ResNet50Shape
+        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    else:
+        model, cls = DemoResNet(num_classes=10), DemoResNet
+        mean, std = [0.5] * 3, [0.25] * 3
+    export_package(
+        model, name=name, version=1, input_shape=(3, size, size), mean=mean, std=std,
+        class_labels=[], repository=root, scale_modules=cls.scale_modules(),
+        cam_layer="layer4", head="fc", overwrite=True, verify_inputs=verify_inputs,
+    )
+    return root
+
+
 def demo_repository() -> Path:
     """The shipped demo package's repository, or a random-weight DemoResNet stand-in (same
     cost) exported into the cache when ``models/demo/1`` is not there yet."""
     if (DEMO_MODELS / "demo" / "1" / "manifest.json").is_file():
         return DEMO_MODELS
-    root = CACHE / "demo-standin"
-    if not (root / "demo" / "1" / "manifest.json").is_file():
-        from service.architectures import DemoResNet  # noqa: PLC0415
-        from service.export import export_package  # noqa: PLC0415
-
-        export_package(
-            DemoResNet(num_classes=10),
-            name="demo",
-            version=1,
-            input_shape=(3, 128, 128),
-            mean=[0.5] * 3,
-            std=[0.25] * 3,
-            class_labels=[f"class_{i}" for i in range(10)],
-            repository=root,
-            scale_modules=DemoResNet.scale_modules(),
-            cam_layer="layer4",
-            head="fc",
-            overwrite=True,
-        )
-    return root
+    return cached_package("demo", 128, CACHE / "demo-standin", "demo")
 
 
 def sized_repository(architecture: str, size: int) -> Path:
@@ -206,61 +216,12 @@ def sized_repository(architecture: str, size: int) -> Path:
     ``resnet50`` = ResNet50Shape) whose input is ``size``×``size``, for size sweeps."""
     if architecture == "resnet50":
         return resnet50_repository(size)
-    root = CACHE / f"demo-{size}"
-    if not (root / "demo" / "1" / "manifest.json").is_file():
-        import torch  # noqa: PLC0415
-
-        from service.architectures import DemoResNet  # noqa: PLC0415
-        from service.export import export_package  # noqa: PLC0415
-
-        torch.manual_seed(0)
-        export_package(
-            DemoResNet(num_classes=10),
-            name="demo",
-            version=1,
-            input_shape=(3, size, size),
-            mean=[0.5] * 3,
-            std=[0.25] * 3,
-            class_labels=[],
-            repository=root,
-            scale_modules=DemoResNet.scale_modules(),
-            cam_layer="layer4",
-            head="fc",
-            overwrite=True,
-            verify_inputs=1,
-        )
-    return root
+    return cached_package("demo", size, CACHE / f"demo-{size}", "demo", verify_inputs=1)
 
 
 def resnet50_repository(size: int = 224, name: str = "resnet50") -> Path:
     """A repository holding ``ResNet50Shape`` (random weights, seed 0) at ``size``², cached."""
-    root = CACHE / f"resnet50-{size}"
-    if not (root / name / "1" / "manifest.json").is_file():
-        import torch  # noqa: PLC0415
-
-        from service.architectures import ResNet50Shape  # noqa: PLC0415
-        from service.export import export_package  # noqa: PLC0415
-
-        torch.manual_seed(0)
-        export_package(
-            ResNet50Shape(num_classes=1000),
-            name=name,
-            version=1,
-            input_shape=(3, size, size),
-            mean=[0.485, 0.456, 0.406],
-            std=[0.229, 0.224, 0.225],
-            class_labels=[],
-            repository=root,
-            scale_modules=ResNet50Shape.scale_modules(),
-            cam_layer="layer4",
-            head="fc",
-            overwrite=True,
-            verify_inputs=1,
-        )
-    return root
-
-
-# ---- a server subprocess ---------------------------------------------------------------------
+    return cached_package("resnet50", size, CACHE / f"resnet50-{size}", name, verify_inputs=1)
 
 
 def free_port() -> int:

@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 from scipy.optimize import differential_evolution
 
-from benchmarks.common import CACHE, base_parser, demo_repository, fmt, table, write_json
+from benchmarks.common import (
+    CACHE,
+    base_parser,
+    demo_repository,
+    fmt,
+    sized_repository,
+    table,
+    write_json,
+)
 from handlers import registry
 from handlers.base import ExplainJob, Limits, run_onnx_batched, softmax
 from handlers.decam import MaskFitness, search_masks
@@ -68,17 +76,8 @@ def load(root: Path, name: str) -> ModelHandle:
 
 def model_224() -> ModelHandle:
     """A DemoResNet-shaped model at 224×224 (random weights; only the cost matters here)."""
-    root = CACHE / "decam-224"
-    if not (root / "demo224" / "1" / "manifest.json").is_file():
-        from service.architectures import DemoResNet  # noqa: PLC0415
-        from service.export import export_package  # noqa: PLC0415
-
-        export_package(DemoResNet(num_classes=10), name="demo224", version=1,
-                       input_shape=(3, 224, 224), mean=[0.5] * 3, std=[0.25] * 3,
-                       class_labels=[f"class_{i}" for i in range(10)], repository=root,
-                       scale_modules=DemoResNet.scale_modules(), cam_layer="layer4",
-                       head="fc", overwrite=True, verify_inputs=1)
-    return load(root, "demo224")
+    root = sized_repository("demo", 224)
+    return load(root, "demo")
 
 
 def make_job(handle: ModelHandle, inputs: np.ndarray, params: dict[str, Any],

@@ -89,14 +89,12 @@ def test_predict_on_png_resizes_and_normalizes(stub, repository) -> None:
     data = png_bytes()
     reply = stub.Predict(pb.PredictRequest(model="tiny", input=pb.Input(
         images=pb.EncodedImages(images=[data]))), timeout=10)
-    handle = Repository(repository).find
     pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32),
                                                                            Image.BILINEAR))
     repo = Repository(repository)
     repo.load_all()
     spec = repo.get("tiny").spec().input
     (expected,) = repo.get("tiny").run(preprocess_pixels(pixels[None], spec))
-    assert handle is not None
     np.testing.assert_allclose(tensor_to_array(reply.logits), expected, rtol=1e-5, atol=1e-6)
 
 
