@@ -104,6 +104,9 @@ class ExplainJob:
     # Extra ONNX outputs of the prediction run, by name, for handlers that set
     # ``wants_scale_outputs`` (so multi-scale methods need no second forward pass).
     scale_outputs: dict[str, np.ndarray] | None = None
+    # Whether the client asked for PNG overlays; handlers that render their own (LOVI) skip
+    # the work otherwise.
+    wants_overlays: bool = False
     # PNG overlays a handler renders itself (e.g. LOVI); used instead of the default blend.
     overlays: list[bytes] | None = None
 

@@ -396,7 +396,7 @@ class SmoeScale(MultiScaleHandler):
 
 
 @register
-class Lovi(MultiScaleHandler):
+class Lovi(SmoeScale):
     """LOVI: the per-scale maps as one picture (hue = depth), the combined map as saliency."""
 
     method = pb.METHOD_LOVI
@@ -407,11 +407,9 @@ class Lovi(MultiScaleHandler):
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
         layers = self.per_scale(job)
-        job.overlays = [png(lovi_rgb(item)) for item in layers]
+        if job.wants_overlays:  # the pictures are the point of LOVI, but only when asked for
+            job.overlays = [png(lovi_rgb(item)) for item in layers]
         return layers
-
-    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
-        return np.clip(self.combined(raw, job), 0.0, 1.0)
 
 
 @register

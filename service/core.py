@@ -362,7 +362,7 @@ class Core:
             model=handle, inputs=inputs, targets=targets, params=params, base_logits=logits,
             seed=int(request.seed), state=state, cost=cost, limits=self.limits,
             best_effort=request.budget.best_effort, on_progress=on_progress,
-            scale_outputs=extra or None,
+            scale_outputs=extra or None, wants_overlays=request.return_overlay,
         )
         attribution = handler.explain(job)
         response = pb.ExplainResponse(
