@@ -38,7 +38,8 @@ from benchmarks.common import (
 from handlers import registry
 from handlers.base import ExplainJob, Limits, run_onnx_batched, softmax
 from handlers.decam import MaskFitness, search_masks
-from handlers.perturbation import blend, upsample_grids
+from handlers.perturbation import blend
+from handlers.resize import upsample
 from saliency.v1 import explainer_pb2 as pb
 from service.repository import ModelHandle
 
@@ -55,7 +56,7 @@ class OneCandidatePerCall(MaskFitness):
             x, b = job.inputs[item:item + 1], self.baseline[item:item + 1]
             target, base = job.targets[item], self.base[item]
             for index in range(population):
-                mask = upsample_grids(grids[item, index][None], height, width)
+                mask = upsample(grids[item, index][None], height, width)
                 images = np.concatenate([blend(x, b, mask), blend(x, b, 1.0 - mask)])
                 (logits,) = run_onnx_batched(job, images)
                 keep, delete = softmax(logits)[:, target]

@@ -1,9 +1,8 @@
 """Does the multi-scale fast path cost about one forward pass?
 
 Side by side in one run, p50 latency at 224×224 (batch 1 and 8) of: plain ONNX Runtime
-inference, the SMOE Scale fast path, FastCAM, our Grad-CAM (torch) and Captum's
-``LayerGradCam`` (pytorch-grad-cam's ``GradCAM`` is tried first; it imports torchvision,
-which is not available here). In-process (``Core``) and over gRPC (a real server on a
+inference, the SMOE Scale fast path, FastCAM, our Grad-CAM (torch) and pytorch-grad-cam's
+``GradCAM``. In-process (``Core``) and over gRPC (a real server on a
 loopback port), on ``DemoResNet`` and a ResNet-50-shaped model, random weights. Also
 compares SMOE computed in numpy after the run with SMOE baked into the ONNX graph.
 
@@ -121,23 +120,13 @@ class Server:
 
 
 def peer_gradcam(model: torch.nn.Module) -> tuple[str, Callable[[torch.Tensor, list[int]], Any]]:
-    """pytorch-grad-cam's GradCAM when it imports, else Captum's LayerGradCam."""
-    layer = model.get_submodule(model.cam_layer)
-    try:
-        from pytorch_grad_cam import GradCAM  # noqa: PLC0415
-        from pytorch_grad_cam.utils.model_targets import (  # noqa: PLC0415
-            ClassifierOutputTarget,
-        )
+    """pytorch-grad-cam's ``GradCAM`` at the model's CAM layer (the peer the issue names)."""
+    from tests.peer_grad_cam import import_pytorch_grad_cam  # noqa: PLC0415
 
-        cam = GradCAM(model=model, target_layers=[layer])
-        return "pytorch-grad-cam GradCAM", lambda x, t: cam(
-            input_tensor=x, targets=[ClassifierOutputTarget(i) for i in t])
-    except Exception:  # noqa: BLE001 - it imports torchvision, absent here
-        from captum.attr import LayerGradCam  # noqa: PLC0415
-
-        captum = LayerGradCam(model, layer)
-        return "Captum LayerGradCam (pytorch-grad-cam cannot import: no torchvision)", \
-            lambda x, t: captum.attribute(x, target=t)
+    library, classifier_target = import_pytorch_grad_cam()
+    cam = library.GradCAM(model=model, target_layers=[model.get_submodule(model.cam_layer)])
+    return "pytorch-grad-cam GradCAM", lambda x, t: cam(
+        input_tensor=x, targets=[classifier_target(i) for i in t])
 
 
 def smoe_numpy_vs_baked(package: Path, inputs: np.ndarray, repeats: int,

@@ -107,6 +107,7 @@ class ExplainJob:
     # Whether the client asked for PNG overlays; handlers that render their own (LOVI) skip
     # the work otherwise.
     wants_overlays: bool = False
+    wants_raw: bool = False  # handlers may skip building a raw attribution nobody reads
     # PNG overlays a handler renders itself (e.g. LOVI); used instead of the default blend.
     overlays: list[bytes] | None = None
 
@@ -228,7 +229,10 @@ class Handler:
         maps = self.to_maps(raw, job)
         if maps.shape != (job.batch, job.inputs.shape[2], job.inputs.shape[3]):
             raise RuntimeError(f"{self.name} produced maps of shape {maps.shape}")
-        return Attribution(maps=np.nan_to_num(maps).astype(np.float32), raw=raw)
+        maps = maps.astype(np.float32, copy=False)
+        if not np.isfinite(maps).all():  # cheap check; the copy only when needed
+            maps = np.nan_to_num(maps)
+        return Attribution(maps=maps, raw=raw)
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
         raise NotImplementedError

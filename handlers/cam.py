@@ -17,11 +17,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 
 from handlers.base import ENGINE_TORCH, ExplainJob, chunks, normalize_per_image
 from handlers.gradients import GradientHandler
 from handlers.registry import register
+from handlers.resize import upsample
 from handlers.torch_program import CUT_PREFIX, prepared_module
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import InvalidInput
@@ -105,14 +105,6 @@ def signed_cam(job: ExplainJob, output_name: str, plus_plus: bool = False) -> np
 def grad_cam(job: ExplainJob, output_name: str) -> np.ndarray:
     """The ReLU'd Grad-CAM (N×h×w float32) at scale output ``output_name``, before upsampling."""
     return np.maximum(signed_cam(job, output_name), 0.0)
-
-
-def upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear (align_corners=False) resize of N×h×w maps to N×height×width."""
-    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
-    return F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)[
-        :, 0
-    ].numpy()
 
 
 class CamHandler(GradientHandler):

@@ -56,8 +56,9 @@ from handlers.base import (
     softmax,
 )
 from handlers.baselines import BASELINES, make_baseline
-from handlers.perturbation import base_probabilities, upsample_grids
+from handlers.perturbation import base_probabilities
 from handlers.registry import register
+from handlers.resize import upsample
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import DeadlineExceeded, InvalidInput
 
@@ -104,7 +105,7 @@ class MaskFitness:
         delete_probability = np.zeros(batch * population)
         per_chunk = max(1, job.items_per_chunk() // max(self.terms, 1))
         for part in chunks(batch * population, per_chunk):
-            masks = upsample_grids(flat_grids[part], height, width)[:, None]
+            masks = upsample(flat_grids[part], height, width)[:, None]
             kept = masks * self.difference[owner[part]]
             images = []
             if self.weights.preservation > 0:
@@ -254,13 +255,13 @@ def search_masks(job: ExplainJob, fitness_class: type[MaskFitness] = MaskFitness
             population = rng.random((job.batch, int(params["population"]), grid, grid))
         else:  # seed the finer stage with the coarser stage's population
             coarse = population.reshape(-1, *population.shape[2:])
-            population = np.clip(upsample_grids(coarse, grid, grid), 0.0, 1.0).reshape(
+            population = np.clip(upsample(coarse, grid, grid), 0.0, 1.0).reshape(
                 job.batch, -1, grid, grid)
         population = search.run(population, generations)
         if search.stopped:
             break
     job.diagnostics.update(search.diagnostics())
-    return upsample_grids(search.best_grids(), height, width)
+    return upsample(search.best_grids(), height, width)
 
 
 class _Search:
@@ -371,7 +372,7 @@ class _Search:
         maps = None
         if self.step % MAPS_EVERY == 0 or self.step == 1:
             height, width = job.inputs.shape[2:]
-            maps = scale_by_max(upsample_grids(self.best_grids(), height, width))
+            maps = scale_by_max(upsample(self.best_grids(), height, width))
         job.on_progress(ProgressUpdate(
             step=self.step, total_steps=self.total_steps,
             best_fitness=float(self.best_fitness.mean()),

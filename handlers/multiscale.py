@@ -38,6 +38,7 @@ from handlers.base import (
     scale_by_max,
 )
 from handlers.registry import register
+from handlers.resize import upsample
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import InvalidInput
 from service.repository import ONNX_FILE, ModelHandle
@@ -59,23 +60,32 @@ _LOVI_FIRST_HUE = 0.75
 
 
 def smoe_scale(activations: np.ndarray) -> np.ndarray:
-    """SMOE Scale of N×C×h×w activations over channels → float32 N×h×w (ReLU applied first)."""
-    x = np.maximum(activations, 0.0, dtype=np.float32)
+    """SMOE Scale of N×C×h×w activations over channels → float32 N×h×w (ReLU applied first).
+
+    Written as few passes over the activations as possible (sums, in-place operations): on
+    small networks this loop, not the forward pass, bounds the fast path.
+    """
+    x = np.maximum(activations, np.float32(0.0), dtype=np.float32)
     x += np.float32(EPSILON)
-    mean = x.mean(axis=1)
-    mean_log = np.log2(x, out=x).mean(axis=1)  # x is a private copy: reuse it
-    return mean * (np.log2(mean) - mean_log)
+    inverse_channels = np.float32(1.0 / x.shape[1])
+    mean = x.sum(axis=1)
+    mean *= inverse_channels
+    mean_log = np.log2(x, out=x).sum(axis=1)  # x is a private copy: reuse it
+    mean_log *= inverse_channels
+    out = np.log2(mean)
+    out -= mean_log
+    out *= mean
+    return out
 
 
 def gaussian_cdf_normalize(maps: np.ndarray) -> np.ndarray:
     """Φ of each N×h×w map's z-score (mean and unbiased std per map); a flat map → 0.5."""
-    flat = maps.reshape(maps.shape[0], -1)
-    mean = flat.mean(axis=1, dtype=np.float64, keepdims=True)
-    std = (flat.std(axis=1, ddof=1, dtype=np.float64, keepdims=True) if flat.shape[1] > 1
-           else np.zeros_like(mean))
-    scale = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
-    z = (flat - mean.astype(np.float32)) * scale  # 0 for a flat map
-    return special.ndtr(z).reshape(maps.shape)
+    flat = maps.reshape(maps.shape[0], -1).astype(np.float32)
+    centred = flat - flat.mean(axis=1, dtype=np.float64, keepdims=True).astype(np.float32)
+    squares = np.einsum("ij,ij->i", centred, centred, dtype=np.float64)
+    std = np.sqrt(squares / max(flat.shape[1] - 1, 1))[:, None]
+    centred *= np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
+    return special.ndtr(centred).reshape(maps.shape)  # z = 0 for a flat map
 
 
 def gamma_fit(values: np.ndarray) -> tuple[float, float]:
@@ -118,35 +128,6 @@ def normalize(maps: np.ndarray, method: str) -> np.ndarray:
     return gaussian_cdf_normalize(maps)
 
 
-def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each output position: the two source indices and the weight of the second, with
-    half-pixel centres (torch's ``interpolate(..., align_corners=False)``)."""
-    source = (np.arange(size_out, dtype=np.float64) + 0.5) * size_in / size_out - 0.5
-    source = np.clip(source, 0.0, None)
-    low = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
-    high = np.minimum(low + 1, size_in - 1)
-    return low, high, (source - low).astype(np.float32)
-
-
-def upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of N×h×w maps to N×height×width, one axis at a time.
-
-    Gathers and blends rather than multiplying by interpolation matrices: BLAS threads on a
-    busy 2-core machine cost far more than these few element-wise operations.
-    """
-    maps = maps.astype(np.float32, copy=False)
-    low, high, frac = _bilinear_taps(maps.shape[2], width)  # columns first: the small side
-    columns = maps[:, :, low]
-    columns *= 1.0 - frac
-    columns += maps[:, :, high] * frac
-    low, high, frac = _bilinear_taps(maps.shape[1], height)  # then whole contiguous rows
-    frac = frac[None, :, None]
-    out = columns[:, low, :]
-    out *= 1.0 - frac
-    out += columns[:, high, :] * frac
-    return out
-
-
 def combine(layer_maps: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Weighted average Σ wᵢ Mᵢ / Σ wᵢ of N×S×H×W maps → N×H×W."""
     weights = np.asarray(weights, np.float64)
@@ -162,6 +143,21 @@ def layer_maps(smoe_maps: list[np.ndarray], normalization: str, height: int,
     """Per-scale SMOE maps (N×hᵢ×wᵢ) → normalized and upsampled N×S×H×W in [0, 1]."""
     return np.stack([upsample(normalize(m, normalization), height, width)
                      for m in smoe_maps], axis=1)
+
+
+def combined_map(smoe_maps: list[np.ndarray], normalization: str, weights: np.ndarray,
+                 height: int, width: int) -> np.ndarray:
+    """``combine(layer_maps(...), weights)`` without the N×S×H×W stack: each scale is
+    normalized at its own resolution, upsampled and accumulated in place."""
+    weights = np.asarray(weights, np.float64)
+    total = np.zeros((smoe_maps[0].shape[0], height, width), np.float32)
+    for smoe, weight in zip(smoe_maps, weights, strict=True):
+        if weight:
+            layer = upsample(normalize(smoe, normalization), height, width)
+            layer *= np.float32(weight)
+            total += layer
+    total /= np.float32(weights.sum())
+    return total
 
 
 def lovi_rgb(maps: np.ndarray) -> np.ndarray:
@@ -366,16 +362,22 @@ class MultiScaleHandler(Handler):
             have.update(zip(missing, run_onnx_batched(job, job.inputs, missing), strict=True))
         return have
 
-    def per_scale(self, job: ExplainJob) -> np.ndarray:
-        """Normalized, upsampled SMOE maps N×S×H×W in [0, 1]."""
+    def smoe_maps(self, job: ExplainJob) -> list[np.ndarray]:
+        """SMOE Scale of every scale output, N×hᵢ×wᵢ, at each scale's own resolution."""
         names = list(job.model.spec().scale_outputs)
         found = self.outputs(job, names)
-        maps = [smoe_scale(found[n]) for n in names]
-        height, width = job.inputs.shape[2:]
-        return layer_maps(maps, job.params["normalization"], height, width)
+        return [smoe_scale(found[n]) for n in names]
 
-    def combined(self, layers: np.ndarray, job: ExplainJob) -> np.ndarray:
-        return combine(layers, np.asarray(job.params["weights"], np.float32))
+    def per_scale(self, job: ExplainJob) -> np.ndarray:
+        """Normalized, upsampled SMOE maps N×S×H×W in [0, 1]."""
+        height, width = job.inputs.shape[2:]
+        return layer_maps(self.smoe_maps(job), job.params["normalization"], height, width)
+
+    def combined(self, job: ExplainJob) -> np.ndarray:
+        """The weighted average of the normalized, upsampled per-scale maps, N×H×W."""
+        height, width = job.inputs.shape[2:]
+        return combined_map(self.smoe_maps(job), job.params["normalization"],
+                            np.asarray(job.params["weights"]), height, width)
 
 
 @register
@@ -389,10 +391,21 @@ class SmoeScale(MultiScaleHandler):
                    "prediction's forward pass (1 forward, 0 backward).")
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
-        return self.per_scale(job)
+        """The combined map N×H×W, or the per-scale maps N×S×H×W (the raw attribution)
+        when the request wants them as raw output or pictures."""
+        if not (job.wants_raw or self.renders(job)):
+            return self.combined(job)
+        layers = self.per_scale(job)
+        if self.renders(job):
+            job.overlays = [png(lovi_rgb(item)) for item in layers]
+        return layers
+
+    def renders(self, job: ExplainJob) -> bool:
+        return False
 
     def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
-        return np.clip(self.combined(raw, job), 0.0, 1.0)
+        maps = combine(raw, np.asarray(job.params["weights"])) if raw.ndim == 4 else raw
+        return np.clip(maps, 0.0, 1.0)
 
 
 @register
@@ -405,11 +418,8 @@ class Lovi(SmoeScale):
     description = ("Per-scale SMOE maps rendered as one PNG overlay (hue by depth, violet = "
                    "early, red = late); saliency is the combined map (1 forward, 0 backward).")
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
-        layers = self.per_scale(job)
-        if job.wants_overlays:  # the pictures are the point of LOVI, but only when asked for
-            job.overlays = [png(lovi_rgb(item)) for item in layers]
-        return layers
+    def renders(self, job: ExplainJob) -> bool:
+        return job.wants_overlays  # the pictures are the point of LOVI, but only when asked
 
 
 @register
@@ -433,10 +443,9 @@ class FastCam(MultiScaleHandler):
         return model.spec().head.get("type") == "gap_linear" or model.has_torch
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
-        layers = self.per_scale(job)
         cam = self.cam(job)
         height, width = job.inputs.shape[2:]
-        return self.combined(layers, job) * upsample(cam, height, width)
+        return self.combined(job) * upsample(cam, height, width)
 
     def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
         return scale_by_max(raw)

@@ -108,8 +108,8 @@ class Occlusion(Handler):
 
 def bilinear_matrix(source: int, target: int) -> np.ndarray:
     """``target × source`` weights of bilinear interpolation with half-pixel centres and edges
-    clamped (as ``scipy.ndimage.zoom(order=1, grid_mode=True, mode="nearest")``), so that a
-    grid ``g`` upsamples as ``A @ g @ B.T`` for a whole batch of grids in one einsum."""
+    clamped (as ``scipy.ndimage.zoom(order=1, grid_mode=True, mode="nearest")``), so that RISE
+    can upsample and crop each grid at its own shift as ``A[rows] @ g @ B[cols].T``."""
     centres = (np.arange(target, dtype=np.float64) + 0.5) * source / target - 0.5
     centres = np.clip(centres, 0.0, source - 1)
     low = np.floor(centres).astype(np.int64)
@@ -120,13 +120,6 @@ def bilinear_matrix(source: int, target: int) -> np.ndarray:
     np.add.at(weights, (rows, low), 1.0 - frac)
     np.add.at(weights, (rows, high), frac)
     return weights.astype(np.float32)
-
-
-def upsample_grids(grids: np.ndarray, height: int, width: int) -> np.ndarray:
-    """K×g×g grids → K×H×W maps, bilinear (one einsum for the whole batch)."""
-    rows = bilinear_matrix(grids.shape[-2], height)
-    cols = bilinear_matrix(grids.shape[-1], width)
-    return np.einsum("hs,kst,wt->khw", rows, grids.astype(np.float32), cols, optimize=True)
 
 
 def blend(inputs: np.ndarray, baseline: np.ndarray, keep: np.ndarray) -> np.ndarray:

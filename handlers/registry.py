@@ -30,9 +30,16 @@ def register(handler_class: type[Handler]) -> type[Handler]:
     return handler_class
 
 
+_LOADED: list[bool] = []
+
+
 def load_builtin() -> None:
+    """Imports the built-in handler modules once (a per-request import lookup is not free)."""
+    if _LOADED:
+        return
     for module in _BUILTIN:
         importlib.import_module(module)
+    _LOADED.append(True)
 
 
 def handlers() -> list[Handler]:

@@ -275,12 +275,11 @@ class Core:
         if request.method == pb.METHOD_UNSPECIFIED:
             raise InvalidInput("method is unset: choose one, e.g. METHOD_VANILLA_GRADIENT, "
                                "or METHOD_AUTO")
-        available = {h.method: h for h in self.methods_for(handle)}
         if request.method == pb.METHOD_AUTO:
-            return self._auto(request, handle, available)
+            return self._auto(request, handle, {h.method: h for h in self.methods_for(handle)})
         handler = registry.get(request.method)
-        if handler.method not in available:
-            names = ", ".join(h.name for h in available.values())
+        if not handler.available_for(handle):
+            names = ", ".join(h.name for h in self.methods_for(handle))
             needs = "a torch program (model.pt2)" if handler.needs_torch else "scale outputs"
             raise NotFound(f"method {handler.name} is not offered for model {handle.name!r} "
                            f"(it needs {needs}); available methods: {names}")
@@ -363,6 +362,7 @@ class Core:
             seed=int(request.seed), state=state, cost=cost, limits=self.limits,
             best_effort=request.budget.best_effort, on_progress=on_progress,
             scale_outputs=extra or None, wants_overlays=request.return_overlay,
+            wants_raw=request.return_raw,
         )
         attribution = handler.explain(job)
         response = pb.ExplainResponse(

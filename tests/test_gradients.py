@@ -7,8 +7,6 @@ second-best class as target. Tolerance: max |ours − reference| / max |referenc
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +37,7 @@ from tests.gradient_fixtures import (
     relative_error,
     shared_exports,
 )
+from tests.peer_grad_cam import import_pytorch_grad_cam
 
 TOLERANCE = 1e-4
 
@@ -394,46 +393,9 @@ def test_gradcam_at_a_named_layer(exported: dict[str, Exported]) -> None:
 
 
 @pytest.fixture(scope="module")
-def grad_cam_library(pytestconfig: pytest.Config):
-    """pytorch-grad-cam, installed without its dependencies (``make setup``).
-
-    Its package imports torchvision and scikit-learn at import time for methods not used
-    here; torchvision cannot be installed beside the pinned torch, so both get placeholder
-    modules that raise if ever called. Grad-CAM++ itself needs only torch, numpy and cv2.
-    """
-    saved = {name: sys.modules.get(name) for name in _PLACEHOLDERS}
-    for name, attributes in _PLACEHOLDERS.items():
-        try:
-            __import__(name)
-        except ImportError:
-            placeholder = types.ModuleType(name)
-            for attribute in attributes:
-                setattr(placeholder, attribute, _unavailable)
-            sys.modules[name] = placeholder
-    try:
-        import pytorch_grad_cam
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-    return pytorch_grad_cam, ClassifierOutputTarget
-
-
-def _unavailable(*_args: object, **_kwargs: object) -> None:
-    raise RuntimeError(
-        "not installed: a placeholder for an import pytorch-grad-cam does not need for Grad-CAM++"
-    )
-
-
-_PLACEHOLDERS = {
-    "torchvision": (),
-    "torchvision.transforms": ("Compose", "Normalize", "ToTensor"),
-    "torchvision.transforms.functional": ("resize",),
-    "torchvision.ops": ("box_iou",),
-    "sklearn": (),
-    "sklearn.decomposition": ("KernelPCA", "NMF"),
-}
+def grad_cam_library():
+    """pytorch-grad-cam, installed without its dependencies (``make setup``)."""
+    return import_pytorch_grad_cam()
 
 
 @pytest.mark.parametrize("method", [pb.METHOD_GRADCAM_PLUS_PLUS, pb.METHOD_GRADCAM])

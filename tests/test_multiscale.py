@@ -22,12 +22,13 @@ from handlers.multiscale import (
     add_smoe_outputs,
     autograd_grad_cam,
     combine,
+    combined_map,
     gamma_cdf_normalize,
     gaussian_cdf_normalize,
+    layer_maps,
     linear_head,
     lovi_rgb,
     smoe_scale,
-    upsample,
 )
 from saliency.v1 import explainer_pb2 as pb
 from service.config import Config
@@ -136,29 +137,20 @@ def test_flat_maps_normalize_to_one_half() -> None:
     assert np.all(gamma_cdf_normalize(flat) == 0.5)
 
 
-@pytest.mark.parametrize("size_in, size_out", [((7, 7), (224, 224)), ((3, 5), (32, 40)),
-                                               ((8, 8), (8, 8)), ((16, 16), (32, 32))])
-def test_upsample_equals_torch_bilinear(size_in: tuple[int, int],
-                                        size_out: tuple[int, int]) -> None:
-    maps = np.random.default_rng(0).random((2, *size_in)).astype(np.float32)
-    expected = functional.interpolate(torch.from_numpy(maps).unsqueeze(1), size=size_out,
-                                      mode="bilinear", align_corners=False)[:, 0].numpy()
-    np.testing.assert_allclose(upsample(maps, *size_out), expected, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("normalization", ["gaussian_cdf", "gamma_cdf"])
 def test_combined_map_matches_the_reference(normalization: str) -> None:
     shapes = [(2, 8, 16, 16), (2, 16, 8, 8), (2, 32, 4, 4), (2, 32, 2, 2), (2, 64, 1, 2)]
     acts = [random_activations(s, seed=i) for i, s in enumerate(shapes)]
     weights = list(PAPER_RESNET50_WEIGHTS)
-    from handlers.multiscale import layer_maps  # noqa: PLC0415
-
     layers = layer_maps([smoe_scale(a) for a in acts], normalization, 32, 32)
     expected_layers, expected = reference_combined(
         [reference_smoe(a) for a in acts], normalization, weights, (32, 32))
     np.testing.assert_allclose(layers, expected_layers, rtol=1e-3, atol=2e-4)
     np.testing.assert_allclose(combine(layers, np.asarray(weights)), expected, rtol=1e-3,
                                atol=2e-4)
+    fused = combined_map([smoe_scale(a) for a in acts], normalization, np.asarray(weights),
+                         32, 32)
+    np.testing.assert_allclose(fused, expected, rtol=1e-3, atol=2e-4)
 
 
 def test_lovi_colours_depth_agreement_and_strength() -> None:
