@@ -124,6 +124,7 @@ def peer_gradcam(model: torch.nn.Module) -> tuple[str, Callable[[torch.Tensor, l
     from tests.peer_grad_cam import import_pytorch_grad_cam  # noqa: PLC0415
 
     library, classifier_target = import_pytorch_grad_cam()
+    model.requires_grad_(True)  # as a user's module has it (the export froze it)
     cam = library.GradCAM(model=model, target_layers=[model.get_submodule(model.cam_layer)])
     return "pytorch-grad-cam GradCAM", lambda x, t: cam(
         input_tensor=x, targets=[classifier_target(i) for i in t])
