@@ -25,8 +25,11 @@ Our formulation (the paper fixes the principle, not these details):
   bounce-back into [0, 1] for mutants that leave it, a trial replacing its parent when it is
   at least as fit.
   ``patience`` generations without improvement of any image's best stop the search early.
-* ``refine`` runs coarse-to-fine stages (4 → 8 → … → grid, doubling), splitting the generations
-  between stages; each stage starts from the previous stage's population upsampled.
+* ``refine`` (default on) runs coarse-to-fine stages (4 → 8 → … → grid, doubling), splitting
+  the generations between stages; each stage starts from the previous stage's population
+  upsampled. With it and ``sparsity`` 0.8 the maps put more of their mass on the object
+  (``benchmarks/localization.py``): a 4×4 stage settles where the evidence is before the
+  8×8 stage spends its generations on the outline, for the same forward passes.
 
 Why our own DE loop rather than ``scipy.optimize.differential_evolution(vectorized=True)``:
 scipy runs one search per call, so a batch of N images would cost N times the ONNX Runtime
@@ -189,8 +192,8 @@ class Decam(Handler):
     params_field = "decam"
     defaults: ClassVar[dict[str, Any]] = {
         "grid": 8, "population": 32, "generations": 30, "mutation": 0.6, "crossover": 0.7,
-        "sparsity": 0.3, "deletion_weight": 1.0, "preservation_weight": 1.0,
-        "baseline": "blur", "strategy": "best1bin", "refine": False, "patience": 8,
+        "sparsity": 0.8, "deletion_weight": 1.0, "preservation_weight": 1.0,
+        "baseline": "blur", "strategy": "best1bin", "refine": True, "patience": 8,
     }
     description = ("Differential Evolution searches coarse masks that keep/remove the target "
                    "class score (output-only, gradient-free).")

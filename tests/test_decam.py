@@ -98,8 +98,9 @@ def test_get_model_offers_only_onnx_methods(plain_stub) -> None:
 @pytest.mark.parametrize("method, field, params, passes_per_image", [
     (pb.METHOD_RISE, "rise", pb.RiseParams(masks=50, cells=4), 50),
     (pb.METHOD_OCCLUSION, "occlusion", pb.OcclusionParams(window=8, stride=8), 16),
+    # Default refinement: stages 4 and 8, each evaluating its start population once.
     (pb.METHOD_DECAM, "decam", pb.DecamParams(population=6, generations=3, patience=0),
-     2 * 6 * 4),
+     2 * 6 * (3 + 2)),
 ])
 def test_maps_over_grpc_for_a_model_made_without_our_exporter(
         plain_stub, method: int, field: str, params: object, passes_per_image: int) -> None:
@@ -150,7 +151,7 @@ def test_maps_put_their_mass_on_the_only_evidence(plain_stub, method: int, field
 def test_stream_reports_generations_then_the_result(plain_stub) -> None:
     generations = 12
     updates = list(plain_stub.ExplainStream(
-        decam_request(population=8, generations=generations, patience=0), timeout=60))
+        decam_request(population=8, generations=generations, patience=0, refine=False), timeout=60))
     kinds = [u.WhichOneof("update") for u in updates]
     assert kinds[-1] == "result" and set(kinds[:-1]) == {"progress"}
     progress = [u.progress for u in updates[:-1]]
