@@ -131,14 +131,17 @@ def scipy_search(handle: ModelHandle, image: np.ndarray, params: dict[str, Any],
             "forward_passes": job.cost.forward_passes, "fitness": float(-result.fun)}
 
 
-def small_cnn_handle() -> ModelHandle:
-    """A small CNN built with ``onnx.helper`` at 32×32, whose cost is mostly per-call overhead."""
-    from tests.onnx_models import small_cnn, write_package  # noqa: PLC0415
+def helper_model_handle(name: str) -> ModelHandle:
+    """A model built with ``onnx.helper`` at 32×32 (cached): ``small`` is a small CNN,
+    ``linear`` a logistic-regression-style Flatten → Gemm, where a call costs far more than
+    the arithmetic of one image."""
+    from tests.onnx_models import linear_classifier, small_cnn, write_package  # noqa: PLC0415
 
-    root = CACHE / "decam-small"
-    if not (root / "small" / "1" / "manifest.json").is_file():
-        write_package(small_cnn(classes=10, size=32), root, "small")
-    return load(root, "small")
+    build = {"small": small_cnn, "linear": linear_classifier}[name]
+    root = CACHE / f"decam-{name}"
+    if not (root / name / "1" / "manifest.json").is_file():
+        write_package(build(classes=10, size=32), root, name)
+    return load(root, name)
 
 
 def seconds_per_forward(handle: ModelHandle, inputs: np.ndarray, batch: int,
@@ -227,14 +230,13 @@ def main() -> None:
     params = ({"population": 16, "generations": 8, "patience": 0} if args.quick
               else {"population": 32, "generations": 30, "patience": 0})
 
-    demo = load(demo_repository(), "demo")
-    small = small_cnn_handle()
-    comparisons = [side_by_side(demo, cell_inputs(demo, images, args.seed), params, args.seed),
-                   side_by_side(small, cell_inputs(small, images, args.seed), params,
-                                args.seed)]
+    handles = [load(demo_repository(), "demo"), helper_model_handle("small"),
+               helper_model_handle("linear")]
+    comparisons = [side_by_side(handle, cell_inputs(handle, images, args.seed), params,
+                                args.seed) for handle in handles]
 
     timing = []
-    for label, handle in [("128×128", demo), ("224×224", model_224())]:
+    for label, handle in [("128×128", handles[0]), ("224×224", model_224())]:
         image = cell_inputs(handle, 1, args.seed)
         defaults = {"generations": 8, "population": 16} if args.quick else {}
         run = timed_search(handle, image, defaults, args.seed)

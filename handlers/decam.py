@@ -91,6 +91,7 @@ class MaskFitness:
         self.base = np.maximum(base_probabilities(job), 1e-6)  # N
         # keep = b + M·(x − b) and delete = x − M·(x − b): one product per candidate.
         self.difference = (job.inputs - baseline).astype(np.float32)
+        self._buffer: np.ndarray | None = None
 
     @property
     def terms(self) -> int:
@@ -101,38 +102,53 @@ class MaskFitness:
         """grids N×P×g×g in [0, 1] → fitness N×P (higher is better)."""
         job = self.job
         batch, population = grids.shape[:2]
-        height, width = job.inputs.shape[2:]
         flat_grids = grids.reshape(batch * population, *grids.shape[2:])
         owner = np.repeat(np.arange(batch), population)  # the image each candidate explains
-        keep_probability = np.zeros(batch * population)
-        delete_probability = np.zeros(batch * population)
+        probabilities = np.zeros((self.terms, batch * population))
         per_chunk = max(1, job.items_per_chunk() // max(self.terms, 1))
         for part in chunks(batch * population, per_chunk):
-            masks = upsample(flat_grids[part], height, width)[:, None]
-            kept = masks * self.difference[owner[part]]
-            images = []
-            if self.weights.preservation > 0:
-                images.append(self.baseline[owner[part]] + kept)
-            if self.weights.deletion > 0:
-                images.append(job.inputs[owner[part]] - kept)
-            (logits,) = run_onnx_batched(job, np.concatenate(images), chunk_items=per_chunk
-                                         * self.terms)
-            probabilities = softmax(logits)[
-                np.arange(logits.shape[0]), np.tile(job.targets[owner[part]], len(images))
-            ].reshape(len(images), -1)
-            row = 0
-            if self.weights.preservation > 0:
-                keep_probability[part] = probabilities[row]
-                row += 1
-            if self.weights.deletion > 0:
-                delete_probability[part] = probabilities[row]
+            images = self._masked_images(flat_grids[part], owner[part])
+            (logits,) = run_onnx_batched(job, images, chunk_items=per_chunk * self.terms)
+            targets = np.tile(job.targets[owner[part]], self.terms)
+            probabilities[:, part] = softmax(logits)[np.arange(logits.shape[0]), targets].reshape(
+                self.terms, -1)
         base = self.base[owner]
-        fitness = (
-            self.weights.preservation * keep_probability / base
-            + self.weights.deletion * (base - delete_probability) / base
-            - self.weights.sparsity * flat_grids.reshape(batch * population, -1).mean(axis=1)
-        )
+        fitness = -self.weights.sparsity * flat_grids.reshape(batch * population, -1).mean(axis=1)
+        row = 0
+        if self.weights.preservation > 0:
+            fitness += self.weights.preservation * probabilities[row] / base
+            row += 1
+        if self.weights.deletion > 0:
+            fitness += self.weights.deletion * (base - probabilities[row]) / base
         return fitness.reshape(batch, population)
+
+    def _masked_images(self, grids: np.ndarray, owner: np.ndarray) -> np.ndarray:
+        """The keep images (b + M·(x − b)) then the delete images (x − M·(x − b)) of K
+        candidates, as one contiguous (terms·K)×C×H×W batch.
+
+        Written in place into a buffer reused across generations, one image's candidates at a
+        time (they are consecutive), so no per-candidate copy of x, b or x − b is gathered:
+        these passes over memory, not the arithmetic, are what cost on a small model.
+        """
+        job = self.job
+        height, width = job.inputs.shape[2:]
+        count = grids.shape[0]
+        shape = (self.terms, count, *job.inputs.shape[1:])
+        if self._buffer is None or self._buffer.size < int(np.prod(shape)):
+            self._buffer = np.empty(int(np.prod(shape)), np.float32)
+        images = self._buffer[:int(np.prod(shape))].reshape(shape)
+        masks = upsample(grids, height, width)[:, None]  # K×1×H×W
+        keep, delete = self.weights.preservation > 0, self.weights.deletion > 0
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        for start, stop in zip(starts, [*starts[1:], count], strict=True):
+            item, rows = owner[start], slice(start, stop)
+            kept = images[0, rows]
+            np.multiply(masks[rows], self.difference[item], out=kept)  # M·(x − b)
+            if delete:
+                np.subtract(job.inputs[item], kept, out=images[-1, rows])
+            if keep:
+                kept += self.baseline[item]
+        return images.reshape(-1, *job.inputs.shape[1:])
 
 
 def donor_indices(rng: np.random.Generator, batch: int, population: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from handlers.base import (
 )
 from handlers.baselines import BASELINES, make_baseline
 from handlers.registry import register
+from handlers.resize import bilinear_matrix
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import InvalidInput
 
@@ -104,22 +105,6 @@ class Occlusion(Handler):
     def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
         """Only evidence for the class counts: negative drops clip to 0, then scale by max."""
         return scale_by_max(np.maximum(raw, 0.0))
-
-
-def bilinear_matrix(source: int, target: int) -> np.ndarray:
-    """``target × source`` weights of bilinear interpolation with half-pixel centres and edges
-    clamped (as ``scipy.ndimage.zoom(order=1, grid_mode=True, mode="nearest")``), so that RISE
-    can upsample and crop each grid at its own shift as ``A[rows] @ g @ B[cols].T``."""
-    centres = (np.arange(target, dtype=np.float64) + 0.5) * source / target - 0.5
-    centres = np.clip(centres, 0.0, source - 1)
-    low = np.floor(centres).astype(np.int64)
-    high = np.minimum(low + 1, source - 1)
-    frac = centres - low
-    weights = np.zeros((target, source), np.float64)
-    rows = np.arange(target)
-    np.add.at(weights, (rows, low), 1.0 - frac)
-    np.add.at(weights, (rows, high), frac)
-    return weights.astype(np.float32)
 
 
 def blend(inputs: np.ndarray, baseline: np.ndarray, keep: np.ndarray) -> np.ndarray:

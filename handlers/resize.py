@@ -1,12 +1,15 @@
 """Bilinear resizing of saliency maps, shared by every handler that upsamples a coarse map.
 
 Half-pixel centres with clamped edges, i.e. torch's ``interpolate(mode="bilinear",
-align_corners=False)`` and Grad-CAM's usual upsampling. OpenCV does the work: one SIMD
-pass per map, about five times faster than the best numpy gather-and-blend, which matters
-on the fast path where upsampling four scales used to cost more than half the forward pass.
+align_corners=False)`` and Grad-CAM's usual upsampling. OpenCV does the work for a few maps:
+one SIMD pass per map, about five times faster than the best numpy gather-and-blend, which
+matters on the fast path where upsampling four scales used to cost more than half the
+forward pass. Many small maps go through two matrix products instead.
 """
 
 from __future__ import annotations
+
+import functools
 
 import cv2
 import numpy as np
@@ -16,14 +19,41 @@ import numpy as np
 cv2.setNumThreads(1)
 
 
+# From this many maps on, two batched matrix products beat one cv2.resize per map (measured:
+# 128 8×8 grids to 32², 0.08 vs 0.27 ms; 32 to 128², 0.14 vs 0.21 ms; 8 28×28 maps to 224²,
+# 0.23 vs 0.09 ms).
+_MATRIX_FROM = 16
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_matrix(source: int, target: int) -> np.ndarray:
+    """``target × source`` weights of the same interpolation, so that a map ``g`` upsamples
+    as ``A @ g @ B.T`` (RISE also crops rows of A and B to shift its masks). Read-only."""
+    centres = (np.arange(target, dtype=np.float64) + 0.5) * source / target - 0.5
+    centres = np.clip(centres, 0.0, source - 1)
+    low = np.floor(centres).astype(np.int64)
+    high = np.minimum(low + 1, source - 1)
+    frac = centres - low
+    weights = np.zeros((target, source), np.float64)
+    rows = np.arange(target)
+    np.add.at(weights, (rows, low), 1.0 - frac)
+    np.add.at(weights, (rows, high), frac)
+    matrix = weights.astype(np.float32)
+    matrix.flags.writeable = False
+    return matrix
+
+
 def upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of N×h×w maps to float32 N×height×width (any N; h, w ≥ 1).
 
-    One ``cv2.resize`` per map: faster than stacking maps as channels (which needs two
-    transposes and is capped at 128 channels in OpenCV 5) and than one einsum with
-    interpolation matrices, except for batches of tiny grids where it is within 2×.
+    One ``cv2.resize`` per map for a few maps; for many (DE-CAM's population, RISE's masks)
+    ``A @ maps @ B.T`` as batched matrix products, which avoids a Python call per map.
     """
     maps = np.asarray(maps, np.float32)
+    if maps.shape[0] >= _MATRIX_FROM:
+        rows = bilinear_matrix(maps.shape[1], height)
+        columns = bilinear_matrix(maps.shape[2], width)
+        return np.ascontiguousarray(rows @ maps @ columns.T, dtype=np.float32)
     out = np.empty((maps.shape[0], height, width), np.float32)
     for index, single in enumerate(maps):
         out[index] = cv2.resize(single, (width, height), interpolation=cv2.INTER_LINEAR)

@@ -82,6 +82,30 @@ def write_package(model: onnx.ModelProto, repository: Path, name: str, version: 
     return folder
 
 
+def linear_classifier(classes: int = 10, size: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """Flatten → Gemm over 3×size×size pixels, random weights: the graph a converter makes of a
+    logistic-regression classifier (e.g. skl2onnx), whose cost per image is tiny next to the
+    cost of an ONNX Runtime call."""
+    rng = np.random.default_rng(seed)
+    weights = (rng.normal(size=(classes, 3 * size * size)) / size).astype(np.float32)
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "w", "b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "linear",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        [numpy_helper.from_array(weights, "w"),
+         numpy_helper.from_array(rng.normal(size=classes).astype(np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="onnx.helper")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
 def region_model(size: int = 24, box: tuple[int, int, int, int] = (4, 12, 10, 18),
                  gain: float = 0.05) -> onnx.ModelProto:
     """A linear model whose class-0 logit is ``gain`` × the sum of all channels inside ``box``

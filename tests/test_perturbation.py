@@ -9,7 +9,7 @@ from scipy.ndimage import gaussian_filter, zoom
 
 from handlers import registry
 from handlers.base import ExplainJob
-from handlers.perturbation import bilinear_matrix
+from handlers.resize import bilinear_matrix
 from saliency.v1 import explainer_pb2 as pb
 from service.repository import ModelHandle
 from tests.onnx_models import small_cnn, write_package
