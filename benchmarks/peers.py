@@ -50,6 +50,14 @@ from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 
 STOCK_STEPS = 15  # TorchServe's VisionHandler.get_insights: n_steps=15
+# How our server is deployed per model, as a user would tune it (measured here on 2 cores):
+# the small demo model serves fastest with one single-threaded request per core; ResNet-50
+# with one request at a time on both cores and chunks of several steps (two single-threaded
+# requests contend for cache and memory bandwidth, batch-1 chunks leave a core idle).
+SERVER_CONFIGS: dict[str, dict[str, int]] = {
+    "demo": {"max_inflight": 2, "intra_op_threads": 1, "chunk_memory_bytes": 512 << 20},
+    "resnet50": {"max_inflight": 1, "intra_op_threads": 2, "chunk_memory_bytes": 1024 << 20},
+}
 OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
@@ -396,9 +404,11 @@ def versus_torchserve(
 
 
 def service_overhead(
-    model: str, package: Path, address: str, image: bytes, steps: int, repeats: int
+    model: str, package: Path, address: str, image: bytes, steps: int, repeats: int,
+    config: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """p50 of Captum in-process, our core in-process and our server over gRPC, one image."""
+    """p50 of Captum in-process, our core in-process and our server over gRPC, one image;
+    all three with the server's threads and chunk budget."""
     import torch  # noqa: PLC0415
     from captum.attr import IntegratedGradients, Saliency  # noqa: PLC0415
 
@@ -410,16 +420,20 @@ def service_overhead(
     from service.repository import Manifest, Repository  # noqa: PLC0415
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the server runs each request on one intra-op thread
+    torch.set_num_threads(config["intra_op_threads"])  # as the server runs each request
     try:
         manifest = Manifest.from_json(json.loads((package / "manifest.json").read_text()))
         module = eager_module(package)
         x = torch.from_numpy(
             preprocess_pixels(decode_image(image, 0, 1 << 24)[None], manifest.input)
         )
-        repository = Repository(package.parent.parent, intra_op_threads=1)
+        repository = Repository(package.parent.parent,
+                                intra_op_threads=config["intra_op_threads"])
         repository.load_all()
-        core = Core(repository, Config(models=package.parent.parent, intra_op_threads=1), Metrics())
+        core = Core(repository, Config(models=package.parent.parent,
+                                       intra_op_threads=config["intra_op_threads"],
+                                       chunk_memory_bytes=config["chunk_memory_bytes"]),
+                    Metrics())
         rows = []
         cases = [
             (
@@ -475,7 +489,8 @@ def service_overhead(
 # ---- 3. gRPC overhead of Predict ---------------------------------------------------------------
 
 
-def predict_overhead(package: Path, address: str, repeats: int) -> dict[str, Any]:
+def predict_overhead(package: Path, address: str, repeats: int, threads: int
+                     ) -> dict[str, Any]:
     """Predict over gRPC against one ONNX Runtime call in-process (same session options)."""
     import onnxruntime as ort  # noqa: PLC0415
 
@@ -485,7 +500,7 @@ def predict_overhead(package: Path, address: str, repeats: int) -> dict[str, Any
     shape = [1, *manifest["input"]["shape"][1:]]
     inputs = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(
         str(package / "model.onnx"), options, providers=["CPUExecutionProvider"]
@@ -557,7 +572,11 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"{model}: FAILED: {error}")
     lines.append(
         "Integrated Gradients: TorchServe 0.12 + Captum vs our Explain over gRPC "
-        f"({results['concurrency']} concurrent clients)"
+        f"({results['concurrency']} concurrent clients; TorchServe: 1 worker, torch's default "
+        "threads; our server: "
+        + "; ".join(f"{model}: " + ", ".join(f"{k} {v}" for k, v in config.items())
+                    for model, config in results.get("server_config", {}).items())
+        + ")"
     )
     lines.append(table(rows))
     for entry in results["versus_torchserve"]:
@@ -576,7 +595,7 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"{entry['model']}: our relative completeness error by steps: {sweep}")
     lines += [
         "",
-        "What the service adds (batch 1, one image, concurrency 1):",
+        "What the service adds (batch 1, one image, concurrency 1, the server's threads):",
         table(results["service_overhead"]),
     ]
     predict = results.get("predict_overhead")
@@ -595,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=None, help="demo,resnet50 (quick: demo)")
     parser.add_argument("--requests", type=int, help="explanations per side (default 8, quick 4)")
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--max-inflight", type=int, help="our server's max_inflight "
+                        "(default: per model, see SERVER_CONFIGS)")
+    parser.add_argument("--threads", type=int, help="our server's intra_op_threads")
+    parser.add_argument("--chunk-mib", type=int, help="our server's chunk_memory_bytes, in MiB")
     args = parser.parse_args(argv)
     models = (args.models or ("demo" if args.quick else "demo,resnet50")).split(",")
     requests = args.requests or (4 if args.quick else 8)
@@ -607,8 +630,14 @@ def main(argv: list[str] | None = None) -> int:
         "service_overhead": [],
         "quick": args.quick,
     }
-    config = {"max_inflight": args.concurrency, "max_queue": 16, "intra_op_threads": 1}
+    overrides = {key: value for key, value in [
+        ("max_inflight", args.max_inflight), ("intra_op_threads", args.threads),
+        ("chunk_memory_bytes", args.chunk_mib << 20 if args.chunk_mib else None)]
+        if value is not None}
+    results["server_config"] = {}
     for model in models:
+        config = {"max_queue": 16, **SERVER_CONFIGS[model], **overrides}
+        results["server_config"][model] = config
         if model == "demo":
             repository = demo_repository()
         elif model == "resnet50":
@@ -632,19 +661,21 @@ def main(argv: list[str] | None = None) -> int:
                     images[0],
                     STOCK_STEPS,
                     max(3, repeats // (4 if model == "resnet50" else 1)),
+                    config,
                 )
                 if model == "demo":
                     results["predict_overhead"] = predict_overhead(
-                        package, server.address, repeats * 10
+                        package, server.address, repeats * 10, config["intra_op_threads"]
                     )
         except Exception as exc:  # noqa: BLE001 - one model's failure is reported, not fatal
             results.setdefault("errors", {})[model] = f"{type(exc).__name__}: {exc}"
             print(f"{model}: failed: {exc}", file=sys.stderr)
     if "predict_overhead" not in results and "demo" not in results.get("errors", {}):
+        config = {"max_queue": 16, **SERVER_CONFIGS["demo"], **overrides}
         with ServerProcess(demo_repository(), config) as server:
             results["predict_overhead"] = predict_overhead(
-                demo_repository() / "demo" / "1", server.address, repeats * 10
-            )
+                demo_repository() / "demo" / "1", server.address, repeats * 10,
+                config["intra_op_threads"])
     text = report(results)
     print(text)
     print(f"wrote {write_json('peers', {**results, 'report': text}, args.out)}")
