@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> Path:
         "--repeats",
         type=int,
         default=0,
-        help="timed calls per single-pass method (default 6, --quick 3)",
+        help="timed calls per single-pass method (default 3)",
     )
     parser.add_argument(
         "--samples",
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> Path:
         "a batch of 8 ResNet-50 images run as one pass, as Captum's single-pass methods do",
     )
     args = parser.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 6)
+    repeats = args.repeats or 3
     models = ["demo"] if args.quick else args.models.split(",")
     batches = (1, 2) if args.quick else tuple(int(b) for b in args.batches.split(","))
     rows = []

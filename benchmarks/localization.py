@@ -128,8 +128,8 @@ def run_method(handle: ModelHandle, method: int, params: dict[str, Any], inputs:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=Path("models"))
-    parser.add_argument("--images", type=int, default=60)
-    parser.add_argument("--variant-images", type=int, default=24,
+    parser.add_argument("--images", type=int, default=50)
+    parser.add_argument("--variant-images", type=int, default=16,
                         help="images for the DE-CAM grid/refinement variants")
     parser.add_argument("--quick", action="store_true", help="a few images, smaller budgets")
     parser.add_argument("--output", type=Path, default=RESULTS)

@@ -246,7 +246,7 @@ def run(arch: str, root: Path, batches: list[int], repeats: int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 5 repeats")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--models", nargs="+", default=["demo_resnet", "resnet50_shape"])
     parser.add_argument("--output", type=Path, default=RESULTS)
     # One thread per call: how a server runs fast-path requests (one per core in flight), and
