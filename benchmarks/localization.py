@@ -9,7 +9,7 @@ on generated cells in a few minutes (cached under the system temp folder). Metho
 (defaults: refinement 4 → 8, sparsity 0.8; and variants on a subset), RISE, occlusion, and
 Grad-CAM when its handler is registered.
 
-    python -m benchmarks.localization [--images 64] [--quick]
+    python -m benchmarks.localization [--images 50] [--quick]
 """
 
 from __future__ import annotations

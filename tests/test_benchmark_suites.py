@@ -1,0 +1,46 @@
+"""Benchmark suites run end to end in their quick mode and write what they promise.
+
+The suites are the evidence quoted in the README; a suite that no longer starts (a changed
+signature, a moved helper) would otherwise go unnoticed until the next full ``make bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_suite(name: str, out: Path, *extra: str) -> dict:
+    completed = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.mark.slow
+def test_latency_suite_times_every_method_and_the_predict_overhead(tmp_path: Path) -> None:
+    result = run_suite("latency", tmp_path)
+    calls = {row["call"] for row in result["rows"]}
+    assert "Predict" in calls and "Explain decam" in calls and "Explain fastcam" in calls
+    assert all(row["p50_ms"] > 0 for row in result["rows"])
+    overhead = result["predict_overhead"]
+    assert overhead["grpc_p50_ms"] > 0 and overhead["onnxruntime_p50_ms"] > 0
+
+
+@pytest.mark.slow
+def test_decam_suite_compares_the_same_search_three_ways(tmp_path: Path) -> None:
+    result = run_suite("decam", tmp_path)
+    assert [c["model"] for c in result["comparisons"]] == ["demo", "small", "linear"]
+    for comparison in result["comparisons"]:
+        passes = {row["way"]: row["forward_passes"] for row in comparison["rows"]}
+        assert passes["batched (lock-step)"] == passes["one candidate per call"]
+        assert comparison["fitness_gap"] < 1e-5  # the same DE trajectory, evaluated two ways
+        assert comparison["batched_over_floor"] > 0
+    assert {t["input"] for t in result["time_to_map"]} == {"128×128", "224×224"}
