@@ -636,14 +636,14 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None}
     results["server_config"] = {}
     for model in models:
-        config = {"max_queue": 16, **SERVER_CONFIGS[model], **overrides}
-        results["server_config"][model] = config
         if model == "demo":
             repository = demo_repository()
         elif model == "resnet50":
             repository = resnet50_repository(224)
         else:
             parser.error(f"unknown model {model!r}; choose demo or resnet50")
+        config = {"max_queue": 16, **SERVER_CONFIGS[model], **overrides}
+        results["server_config"][model] = config
         package = repository / model / "1"
         size = json.loads((package / "manifest.json").read_text())["input"]["shape"][-1]
         images = png_images(requests, int(size), seed=5)

@@ -85,7 +85,18 @@ def gaussian_cdf_normalize(maps: np.ndarray) -> np.ndarray:
     squares = np.einsum("ij,ij->i", centred, centred, dtype=np.float64)
     std = np.sqrt(squares / max(flat.shape[1] - 1, 1))[:, None]
     centred *= np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
-    return special.ndtr(centred).reshape(maps.shape)  # z = 0 for a flat map
+    return standard_normal_cdf(centred).reshape(maps.shape)  # z = 0 for a flat map
+
+
+def standard_normal_cdf(z: np.ndarray) -> np.ndarray:
+    """Φ(z) for float32 z. torch's vectorized ``ndtr`` is 4× faster than scipy's (0.40 vs
+    1.61 ms for 133 k values, one thread; the fast path at batch 8 spent 1.8 ms here), with
+    error 6e-8; scipy serves where torch is not installed."""
+    try:
+        import torch  # noqa: PLC0415 - optional here: the handler itself runs on ONNX Runtime
+    except ImportError:
+        return special.ndtr(z)
+    return torch.special.ndtr(torch.from_numpy(np.ascontiguousarray(z))).numpy()
 
 
 def gamma_fit(values: np.ndarray) -> tuple[float, float]:

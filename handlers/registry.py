@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from handlers.base import Handler
@@ -30,16 +31,12 @@ def register(handler_class: type[Handler]) -> type[Handler]:
     return handler_class
 
 
-_LOADED: list[bool] = []
-
-
+@functools.cache
 def load_builtin() -> None:
-    """Imports the built-in handler modules once (a per-request import lookup is not free)."""
-    if _LOADED:
-        return
+    """Imports the built-in handler modules once (a per-request import lookup is not free);
+    a failed import is not cached, so the next call retries and raises again."""
     for module in _BUILTIN:
         importlib.import_module(module)
-    _LOADED.append(True)
 
 
 def handlers() -> list[Handler]:
