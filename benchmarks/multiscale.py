@@ -36,8 +36,7 @@ from handlers.base import CostCounter, ExplainJob, RequestState
 from handlers.multiscale import (
     add_smoe_outputs,
     autograd_grad_cam,
-    combine,
-    layer_maps,
+    combined_map,
     smoe_scale,
 )
 from saliency.v1 import explainer_pb2 as pb
@@ -152,12 +151,11 @@ def smoe_numpy_vs_baked(package: Path, inputs: np.ndarray, repeats: int,
 
     def numpy_path() -> np.ndarray:
         _, *acts = plain.run(["logits", *scales], {"input": inputs})
-        return combine(layer_maps([smoe_scale(a) for a in acts], "gaussian_cdf", SIZE, SIZE),
-                       weights)
+        return combined_map([smoe_scale(a) for a in acts], "gaussian_cdf", weights, SIZE, SIZE)
 
     def baked_path() -> np.ndarray:
         _, *maps = baked.run(["logits", *smoe_names], {"input": inputs})
-        return combine(layer_maps(maps, "gaussian_cdf", SIZE, SIZE), weights)
+        return combined_map(maps, "gaussian_cdf", weights, SIZE, SIZE)
 
     difference = float(np.abs(numpy_path() - baked_path()).max())
     timed = p50_ms({"logits_only_ms": logits_only, "numpy_smoe_ms": numpy_path,

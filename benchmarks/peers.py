@@ -232,8 +232,9 @@ def _relative_completeness(
 # ---- 1. TorchServe + Captum vs our Explain ---------------------------------------------------
 
 # Below this relative completeness error, float32 rounding of the attributions dominates
-# (sums of ~10⁵ float32 terms); "equal error" means no worse than TorchServe's or this floor,
-# whichever is larger. Both errors are reported as measured.
+# (sums of ~10⁵ float32 terms): on resnet50 both sides measured 0.7–1.5e-6 at every step count
+# from 1 to 15. "Equal error" means no worse than TorchServe's or this floor, whichever is
+# larger. Both errors are reported as measured.
 ERROR_FLOOR = 1e-5
 
 

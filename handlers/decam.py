@@ -27,9 +27,9 @@ Our formulation (the paper fixes the principle, not these details):
   ``patience`` generations without improvement of any image's best stop the search early.
 * ``refine`` (default on) runs coarse-to-fine stages (4 → 8 → … → grid, doubling), splitting
   the generations between stages; each stage starts from the previous stage's population
-  upsampled. With it and ``sparsity`` 0.8 the maps put more of their mass on the object
-  (``benchmarks/localization.py``): a 4×4 stage settles where the evidence is before the
-  8×8 stage spends its generations on the outline, for the same forward passes.
+  upsampled. With it and ``sparsity`` 0.8 the maps put more of their mass on the object for
+  about the same forward passes (``benchmarks/localization.py``, 16 test cells: 0.290 against
+  0.259 for one 8×8 stage and 0.242 for one stage with sparsity 0.3).
 
 Why our own DE loop rather than ``scipy.optimize.differential_evolution(vectorized=True)``:
 scipy runs one search per call, so a batch of N images would cost N times the ONNX Runtime
@@ -134,9 +134,10 @@ class MaskFitness:
         height, width = job.inputs.shape[2:]
         count = grids.shape[0]
         shape = (self.terms, count, *job.inputs.shape[1:])
-        if self._buffer is None or self._buffer.size < int(np.prod(shape)):
-            self._buffer = np.empty(int(np.prod(shape)), np.float32)
-        images = self._buffer[:int(np.prod(shape))].reshape(shape)
+        size = int(np.prod(shape))
+        if self._buffer is None or self._buffer.size < size:
+            self._buffer = np.empty(size, np.float32)
+        images = self._buffer[:size].reshape(shape)
         masks = upsample(grids, height, width)[:, None]  # K×1×H×W
         keep, delete = self.weights.preservation > 0, self.weights.deletion > 0
         starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])

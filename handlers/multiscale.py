@@ -81,7 +81,7 @@ def smoe_scale(activations: np.ndarray) -> np.ndarray:
 
 def gaussian_cdf_normalize(maps: np.ndarray) -> np.ndarray:
     """Φ of each N×h×w map's z-score (mean and unbiased std per map); a flat map → 0.5."""
-    flat = maps.reshape(maps.shape[0], -1).astype(np.float32)
+    flat = maps.reshape(maps.shape[0], -1).astype(np.float32, copy=False)  # read only
     centred = flat - flat.mean(axis=1, dtype=np.float64, keepdims=True).astype(np.float32)
     squares = np.einsum("ij,ij->i", centred, centred, dtype=np.float64)
     std = np.sqrt(squares / max(flat.shape[1] - 1, 1))[:, None]

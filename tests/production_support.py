@@ -7,14 +7,17 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from saliency.v1 import explainer_pb2 as pb
 from service.export import export_package
 from service.images import array_to_tensor
+from service.server import SERVICE_NAME
 
 SLOW_SHAPE = (3, 64, 64)
 _lock = threading.Lock()
@@ -105,3 +108,9 @@ def rss_bytes(pid: int | str = "self") -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("VmRSS not found")
+
+
+def readiness(channel: grpc.Channel, timeout: float = 10.0) -> int:
+    """The readiness status (``saliency.v1.Explainer`` in the health service) on ``channel``."""
+    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    return health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout).status

@@ -13,15 +13,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.images import array_to_tensor
 from service.logging_setup import FIELDS, JsonFormatter
-from service.server import SERVICE_NAME
 from tests.conftest import RunningServer, make_config
-from tests.production_support import scrape, tiny_request, value
+from tests.production_support import readiness, scrape, tiny_request, value
 
 
 def copy_package(source: Path, target: Path, name: str) -> Path:
@@ -103,11 +102,7 @@ def test_handler_exception_is_internal_with_a_logged_request_id(
         # The server keeps serving, and says so.
         reply = stub.Explain(tiny_request(pb.METHOD_VANILLA_GRADIENT), timeout=30)
         assert reply.cost.backward_passes == 1
-        health = health_pb2_grpc.HealthStub(channel)
-        assert (
-            health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
-            == health_pb2.HealthCheckResponse.SERVING
-        )
+        assert readiness(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_request_logs_are_json_without_payloads(
@@ -170,12 +165,9 @@ def test_repository_poll_reloads_without_restart(repository: Path, tmp_path: Pat
     try:
         with grpc.insecure_channel(running.address) as channel:
             stub = pb_grpc.ExplainerStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
 
             def ready() -> int:
-                return health.Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10
-                ).status
+                return readiness(channel)
 
             def metric(name: str) -> float:
                 return value(

@@ -19,13 +19,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.server import SERVICE_NAME
 from tests.conftest import RunningServer, make_config
-from tests.production_support import scrape, slow_repository, slow_request, tiny_request, value
+from tests.production_support import (
+    readiness,
+    scrape,
+    slow_repository,
+    slow_request,
+    tiny_request,
+    value,
+)
 
 
 def saliency_command() -> list[str]:
@@ -117,14 +123,11 @@ def test_sighup_reloads_and_sigterm_drains_in_flight_requests(
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ExplainerStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
 
-            def readiness() -> int:
-                return health.Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5
-                ).status
+            def ready() -> int:
+                return readiness(channel, timeout=5)
 
-            assert readiness() == health_pb2.HealthCheckResponse.SERVING
+            assert ready() == health_pb2.HealthCheckResponse.SERVING
             # SIGHUP: a package copied in is served without a restart.
             shutil.copytree(repository / "tiny", models / "added")
             manifest_path = models / "added" / "1" / "manifest.json"
@@ -151,7 +154,7 @@ def test_sighup_reloads_and_sigterm_drains_in_flight_requests(
                 )(scrape(server.metrics_port))
             )
             server.process.send_signal(signal.SIGTERM)
-            _until(lambda: readiness() == health_pb2.HealthCheckResponse.NOT_SERVING)
+            _until(lambda: ready() == health_pb2.HealthCheckResponse.NOT_SERVING)
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Explain(tiny_request(pb.METHOD_VANILLA_GRADIENT), timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
