@@ -430,10 +430,10 @@ def report(results: dict[str, Any]) -> str:
             f"({'within' if overload['p99_within_2x'] else 'NOT within'} 2×); server alive: "
             f"{overload['server_alive']}"
         )
-    for queue, other in (results.get("queue_sweep") or {}).items():
+    for variant, other in (results.get("admission_sweep") or {}).items():
         for overload in other["overload"].values():
             lines.append(
-                f"  with max_queue={queue}: overload ({overload['scenario']}) codes "
+                f"  with {variant}: overload ({overload['scenario']}) codes "
                 f"{overload['counts']}; accepted p99 {overload['accepted_p99_ms']:.1f} ms vs "
                 f"unloaded {overload['unloaded_p99_ms']:.1f} ms = {overload['p99_ratio']:.2f}×"
             )
@@ -472,10 +472,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="max_queue values to repeat the overload runs with (default 0,16; quick: none)",
     )
+    parser.add_argument(
+        "--wait-sweep",
+        type=lambda t: [float(v) for v in t.split(",") if v],
+        default=None,
+        help="max_queue_wait_ms values to repeat the overload runs with, at the default "
+        "max_queue=16 (default 25; quick: none)",
+    )
     parser.add_argument("--name", default="load", help="results/<name>.json")
     args = parser.parse_args(argv)
     if args.queue_sweep is None:
         args.queue_sweep = [] if args.quick else [q for q in (0, 16) if q != args.max_queue]
+    if args.wait_sweep is None:
+        args.wait_sweep = [] if args.quick else [25.0]
     overload_names = (args.overload_scenarios or ("mix" if args.quick else "mix,gradients")).split(
         ","
     )
@@ -506,11 +515,15 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
     results["server_config"] = config if server is not None else {"address": address}
-    results["queue_sweep"] = {}
-    for queue in [] if args.server else args.queue_sweep:
-        other = dict(config, max_queue=queue)
-        with ServerProcess(args.models or demo_repository(), other) as process:
-            results["queue_sweep"][str(queue)] = asyncio.run(
+    # The same overloads under other admission settings, each on a fresh server.
+    variants = [{"max_queue": queue} for queue in args.queue_sweep] + [
+        {"max_queue": 16, "max_queue_wait_ms": wait} for wait in args.wait_sweep
+    ]
+    results["admission_sweep"] = {}
+    for variant in [] if args.server else variants:
+        label = " ".join(f"{key}={value:g}" for key, value in variant.items())
+        with ServerProcess(args.models or demo_repository(), {**config, **variant}) as process:
+            results["admission_sweep"][label] = asyncio.run(
                 run_suite(
                     process.address,
                     args.model,

@@ -100,7 +100,9 @@ class Occlusion(Handler):
             drops = base[None, :] - probabilities.reshape(len(group), batch)
             for index, (y, x) in enumerate(group):
                 attribution[:, y:y + window, x:x + window] += drops[index][:, None, None]
-        return attribution / coverage[None]
+        # A stride beyond the window leaves pixels no window covers: no evidence, 0.
+        return np.divide(attribution, coverage[None], out=np.zeros_like(attribution),
+                         where=coverage[None] > 0)
 
     def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
         """Only evidence for the class counts: negative drops clip to 0, then scale by max."""

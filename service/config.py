@@ -23,6 +23,8 @@ HELP = {
     "metrics_port": "Prometheus /metrics port (0 picks a free one, -1 turns it off)",
     "max_inflight": "requests executing at once (one worker thread each)",
     "max_queue": "requests waiting for a worker; beyond that RESOURCE_EXHAUSTED at once",
+    "max_queue_wait_ms": "refuse a request at once (RESOURCE_EXHAUSTED) when its expected wait "
+    "for a worker, from the measured cost of the requests ahead of it, exceeds this (0 = off)",
     "max_concurrent_rpcs": "calls of any kind the gRPC server holds at once, refused by gRPC "
     "itself beyond that, bounding the request bytes in memory (0 = max_inflight + "
     "max_queue + 64)",
@@ -61,6 +63,8 @@ class Config:
     # those; more are refused with RESOURCE_EXHAUSTED.
     max_inflight: int = 2
     max_queue: int = 16
+    # Bound on the expected queueing delay (ms) on top of the count; 0 = count only.
+    max_queue_wait_ms: float = 0.0
     max_concurrent_rpcs: int = 0
     # Per-request limits.
     max_batch: int = 16
@@ -104,6 +108,8 @@ class Config:
             problems.append(f"max_concurrent_rpcs must be >= 0, got {self.max_concurrent_rpcs}")
         if self.max_queue < 0:
             problems.append(f"max_queue must be >= 0, got {self.max_queue}")
+        if not self.max_queue_wait_ms >= 0:
+            problems.append(f"max_queue_wait_ms must be >= 0, got {self.max_queue_wait_ms}")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:

@@ -95,11 +95,21 @@ def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config)
 @dataclass
 class Admission:
     """At most ``max_inflight`` requests executing and ``max_queue`` waiting; the rest are
-    refused at once with RESOURCE_EXHAUSTED, so memory stays bounded under overload."""
+    refused at once with RESOURCE_EXHAUSTED, so memory stays bounded under overload.
+
+    With ``max_queue_wait_seconds`` > 0 a request is also refused at once when its expected
+    wait for a worker exceeds that bound. A count alone cannot bound queueing delay when
+    costs differ (a vanilla gradient behind two Integrated Gradients waits 15× its own run),
+    so the wait is estimated from the expected cost of the requests ahead of it: what the
+    executing ones have left and what the waiting ones will take, over ``max_inflight``
+    workers. Costs are the callers' estimates (the moving average of the recent requests'
+    run time per model and method, which rises with contention).
+    """
 
     max_inflight: int
     max_queue: int
     metrics: Metrics
+    max_queue_wait_seconds: float = 0.0
     inflight: int = 0
     waiting: int = 0
     draining: bool = False
@@ -108,6 +118,10 @@ class Admission:
     peak_waiting: int = 0
     admitted: int = 0
     _slots: asyncio.Semaphore | None = field(default=None, repr=False)
+    # Expected seconds of each waiting request, and (expected seconds, start) of each
+    # executing one, keyed by the request's state.
+    _waiting_cost: dict[int, float] = field(default_factory=dict, repr=False)
+    _running_cost: dict[int, tuple[float, float]] = field(default_factory=dict, repr=False)
 
     def _semaphore(self) -> asyncio.Semaphore:
         if self._slots is None:  # created lazily on the server's event loop
@@ -117,12 +131,22 @@ class Admission:
     def _reject(self, reason: str) -> None:
         self.metrics.rejected.labels(reason).inc()
 
-    async def acquire(self, state: RequestState) -> float:
+    def expected_wait(self) -> float:
+        """Seconds a request arriving now would wait for a worker (0 while one is free)."""
+        if self.inflight < self.max_inflight and not self.waiting:
+            return 0.0
+        now = time.perf_counter()
+        left = sum(max(cost - (now - started), 0.0) for cost, started in
+                   self._running_cost.values())
+        return (left + sum(self._waiting_cost.values())) / self.max_inflight
+
+    async def acquire(self, state: RequestState, expected_seconds: float = 0.0) -> float:
         """Waits for a slot; returns the seconds spent waiting.
 
-        Raises Unavailable while draining, ResourceExhausted when the queue is full, and
-        DeadlineExceeded when the request's deadline passed while it waited (it is not
-        started then).
+        Raises Unavailable while draining, ResourceExhausted when the queue is full or the
+        expected wait exceeds ``max_queue_wait_seconds``, and DeadlineExceeded when the
+        request's deadline passed while it waited (it is not started then).
+        ``expected_seconds`` is this request's own expected run time (0 = unknown).
         """
         if self.draining:
             self._reject("shutting_down")
@@ -134,8 +158,20 @@ class Admission:
                 f"{self.max_inflight}) and {self.waiting} waiting (max_queue={self.max_queue}); "
                 "retry with backoff"
             )
+        if self.max_queue_wait_seconds > 0:
+            wait = self.expected_wait()
+            if wait > self.max_queue_wait_seconds:
+                self._reject("queue_wait")
+                raise ResourceExhausted(
+                    f"server busy: a request would wait about {wait * 1000:.0f} ms for a "
+                    f"worker (max_queue_wait_ms={self.max_queue_wait_seconds * 1000:.0f}; "
+                    f"{self.inflight} executing, {self.waiting} waiting); retry with backoff "
+                    "or on another replica"
+                )
+        key = id(state)
         started = time.perf_counter()
         self.waiting += 1
+        self._waiting_cost[key] = expected_seconds
         self.peak_waiting = max(self.peak_waiting, self.waiting)
         self.metrics.queued.set(self.waiting)
         try:
@@ -145,6 +181,7 @@ class Admission:
             raise
         finally:
             self.waiting -= 1
+            self._waiting_cost.pop(key, None)
             self.metrics.queued.set(self.waiting)
         waited = time.perf_counter() - started
         if state.expired():
@@ -155,14 +192,16 @@ class Admission:
                 "started (raise the deadline or retry when the server is less busy)"
             )
         self.inflight += 1
+        self._running_cost[key] = (expected_seconds, time.perf_counter())
         self.admitted += 1
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         self.metrics.inflight.set(self.inflight)
         self.metrics.queue_seconds.observe(waited)
         return waited
 
-    def release(self) -> None:
+    def release(self, state: RequestState) -> None:
         self.inflight -= 1
+        self._running_cost.pop(id(state), None)
         self.metrics.inflight.set(self.inflight)
         self._semaphore().release()
 
@@ -302,12 +341,13 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             settled = True
             if admitted:
                 self._running.discard(state)
-                self.admission.release()
+                self.admission.release(state)
             self._finish(outcome, cost)
 
         try:
             check_limits(request, self.config)
-            outcome.queue_seconds = await self.admission.acquire(state)
+            outcome.queue_seconds = await self.admission.acquire(
+                state, self.metrics.mean_cost(outcome.model, method).recent_seconds)
             admitted = True
             self._running.add(state)
             future = asyncio.get_running_loop().run_in_executor(self.executor, timed, state, cost)
@@ -371,7 +411,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     def _release_after(self, outcome: _Outcome, cost: CostCounter, state: RequestState) -> None:
         """Done-callback of a cancelled request's worker: frees its slot, then records it."""
         self._running.discard(state)
-        self.admission.release()
+        self.admission.release(state)
         self._finish(outcome, cost)
 
     async def Explain(  # noqa: N802 - gRPC method name

@@ -19,6 +19,9 @@ from prometheus_client import (
     start_http_server,
 )
 
+# Weight of the newest request in the moving average of recent cost: about the last ten
+# requests count, so the estimate follows contention within a second of load.
+RECENT_WEIGHT = 0.2
 # 1 ms … 120 s, roughly ×2.5 per bucket.
 LATENCY_BUCKETS = (
     0.001,
@@ -42,10 +45,12 @@ LATENCY_BUCKETS = (
 
 @dataclass
 class MeanCost:
-    """Running mean of one (model, method)'s successful requests, for GetModel and AUTO."""
+    """Running mean of one (model, method)'s successful requests, for GetModel and AUTO,
+    and a moving average of the recent ones, which follows the load (for admission)."""
 
     requests: int = 0
     wall_seconds: float = 0.0
+    recent_seconds: float = 0.0
 
     @property
     def mean_seconds(self) -> float:
@@ -152,12 +157,16 @@ class Metrics:
                 mean = self._means.setdefault((model, method), MeanCost())
                 mean.requests += 1
                 mean.wall_seconds += wall_seconds
+                mean.recent_seconds = (wall_seconds if mean.requests == 1 else
+                                       mean.recent_seconds
+                                       + RECENT_WEIGHT * (wall_seconds - mean.recent_seconds))
 
     def mean_cost(self, model: str, method: str) -> MeanCost:
         """Mean wall seconds of the successful requests so far (GetModel, METHOD_AUTO)."""
         with self._lock:
             found = self._means.get((model, method))
-            return MeanCost(found.requests, found.wall_seconds) if found else MeanCost()
+            return (MeanCost(found.requests, found.wall_seconds, found.recent_seconds)
+                    if found else MeanCost())
 
     def set_models_ready(self, states: dict[tuple[str, str], bool]) -> None:
         """Sets ``saliency_model_ready`` for every (model, version) and drops vanished ones."""

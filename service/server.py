@@ -68,7 +68,8 @@ class SaliencyServer:
         )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
-        self.admission = Admission(config.max_inflight, config.max_queue, self.metrics)
+        self.admission = Admission(config.max_inflight, config.max_queue, self.metrics,
+                                   config.max_queue_wait_ms / 1000.0)
         self.servicer = ExplainerServicer(self.core, self.metrics, self.admission, self.executor)
         self.port = 0
         self.metrics_port = 0

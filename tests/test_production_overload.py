@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -213,3 +214,92 @@ def test_grpc_bounds_calls_held_in_memory(
             assert stub.Explain(slow_request(stride=48), timeout=60).cost.forward_passes > 0
     finally:
         running.stop()
+
+
+def test_expected_wait_bounds_the_queue_by_cost_not_count() -> None:
+    """Admission's wait estimate: the executing request's remaining cost plus the waiting
+    ones', over the workers. A request behind a long one is refused at once; behind a short
+    one it waits and then runs."""
+    from handlers.base import RequestState
+    from service.errors import ResourceExhausted
+    from service.explainer import Admission
+    from service.metrics import Metrics
+
+    async def scenario() -> None:
+        admission = Admission(max_inflight=1, max_queue=8, metrics=Metrics(),
+                              max_queue_wait_seconds=0.2)
+        long, short, behind_long, behind_short = (RequestState() for _ in range(4))
+        assert admission.expected_wait() == 0.0
+        await admission.acquire(long, expected_seconds=5.0)  # a free worker: never refused
+        assert 4.5 < admission.expected_wait() <= 5.0
+        with pytest.raises(ResourceExhausted, match="max_queue_wait_ms=200"):
+            await admission.acquire(behind_long, expected_seconds=0.01)
+        assert admission.waiting == 0
+        admission.release(long)
+        await admission.acquire(short, expected_seconds=0.05)
+        waiter = asyncio.ensure_future(admission.acquire(behind_short, expected_seconds=3.0))
+        await asyncio.sleep(0.01)
+        assert admission.waiting == 1
+        # Now the short request's remainder and the waiting 3 s are ahead of a newcomer.
+        assert 3.0 <= admission.expected_wait() <= 3.05
+        admission.release(short)
+        assert await waiter >= 0.0
+        assert admission.inflight == 1 and admission.waiting == 0
+        admission.release(behind_short)
+        assert admission.expected_wait() == 0.0
+
+    asyncio.run(scenario())
+
+
+def test_server_refuses_what_would_wait_too_long(
+    repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``max_queue_wait_ms`` through the real server: with a measured long request running,
+    a newcomer is refused at once with RESOURCE_EXHAUSTED although the queue has room; once
+    the worker is free the same request runs."""
+    root = slow_repository(tmp_path_factory.getbasetemp(), repository)
+    running = RunningServer(
+        make_config(root, max_inflight=1, max_queue=8, max_queue_wait_ms=100,
+                    chunk_memory_bytes=8 * 1024 * 1024)
+    ).start()
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            long_request = slow_request(batch=2, stride=2)
+            measured = stub.Explain(long_request, timeout=120).cost.wall_seconds
+            assert measured > 0.3, f"the long request took only {measured:.3f} s"
+            occupying = stub.Explain.future(long_request, timeout=120)
+            _wait_for(lambda: running.server.admission.inflight == 1)
+            started = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Explain(slow_request(stride=48), timeout=60)
+            refused_after = time.perf_counter() - started
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_queue_wait_ms=100" in error.value.details()
+            assert refused_after < measured / 2
+            assert occupying.result().cost.forward_passes > 0
+            wait_idle(running)
+            assert stub.Explain(slow_request(stride=48), timeout=60).cost.forward_passes > 0
+            samples = scrape(running.server.metrics_port)
+            assert value(samples, "saliency_rejected_total", reason="queue_wait") == 1
+    finally:
+        running.stop()
+
+
+def test_recent_cost_follows_the_load_while_the_mean_keeps_history() -> None:
+    """Admission prices requests by the moving average of recent run times, so a slowdown
+    under contention raises the wait estimate within a few requests."""
+    from service.metrics import RECENT_WEIGHT, Metrics
+
+    metrics = Metrics()
+    for _ in range(50):
+        metrics.observe("m", "x", "OK", 0.010, 0.0, {}, 0)
+    for _ in range(10):
+        metrics.observe("m", "x", "OK", 0.100, 0.0, {}, 0)
+    metrics.observe("m", "x", "INTERNAL", 5.0, 0.0, {}, 0)  # failures do not count
+    cost = metrics.mean_cost("m", "x")
+    assert cost.requests == 60
+    assert cost.mean_seconds == pytest.approx(0.025)
+    assert cost.recent_seconds == pytest.approx(0.100 - 0.090 * (1 - RECENT_WEIGHT) ** 10)
+    assert cost.recent_seconds > 0.09
+    assert metrics.mean_cost("m", "unseen").recent_seconds == 0.0
