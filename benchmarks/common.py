@@ -69,6 +69,22 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> list[f
     return times
 
 
+def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
+                     ) -> dict[str, list[float]]:
+    """Wall seconds of each call, timed round-robin so that load on a shared machine falls
+    on every call alike (for ratios measured side by side)."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
 # ---- output ----------------------------------------------------------------------------------
 
 

@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, ["call", "forward", "backward", "p50_ms", "p95_ms", "count"]))
     print(f"Predict tensor 1×3×128×128: ONNX Runtime in-process p50 "
           f"{overhead['onnxruntime_p50_ms']:.2f} ms, over gRPC {overhead['grpc_p50_ms']:.2f} ms, "
-          f"added {overhead['added_p50_ms']:.2f} ms (target ≤ 1 ms)")
+          f"added {overhead['added_p50_ms']:.2f} ms (target ≤ 1 ms); a bare grpc.aio server "
+          f"adds {overhead['bare_added_p50_ms']:.2f} ms, the service "
+          f"{overhead['service_added_p50_ms']:.2f} ms more")
     path = write_json("latency", {"machine": machine_info(), "image": "1×128×128 PNG",
                                   "rows": rows, "predict_overhead": overhead}, args.out)
     print(f"wrote {path}")

@@ -20,7 +20,6 @@ import platform
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from benchmarks.common import time_interleaved
 from handlers import registry
 from handlers.base import CostCounter, ExplainJob, RequestState
 from handlers.multiscale import (
@@ -60,19 +60,10 @@ TARGETS = {"fast_path_vs_inference_max": 1.25, "fastcam_vs_our_gradcam_min": 1.8
 
 def p50_ms(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
            ) -> dict[str, float]:
-    """p50 milliseconds of each call, timed round-robin so that load on a shared machine
-    falls on every call alike (the ratios are what this benchmark reports)."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - started)
+    """p50 milliseconds of each call, timed round-robin (the ratios are what this benchmark
+    reports), and the fastest call, closer to the quiet-machine cost on a loaded machine."""
+    times = time_interleaved(calls, repeats, warmup)
     result = {name: float(np.median(values) * 1000.0) for name, values in times.items()}
-    # The fastest call too: on a loaded machine it is closer to the quiet-machine cost.
     result.update({name.replace("_ms", "_min_ms"): float(min(values) * 1000.0)
                    for name, values in times.items()})
     return result

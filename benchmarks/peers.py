@@ -7,7 +7,8 @@
    of both; then ours at the fewest steps whose error is no worse than TorchServe's.
 2. Captum in-process against our server end to end, same method and steps (what the service
    adds), and our core in-process (what gRPC adds).
-3. ``Predict`` over gRPC against ONNX Runtime in-process for one 128×128 image.
+3. ``Predict`` over gRPC against ONNX Runtime in-process for one 128×128 image, and against
+   a bare ``grpc.aio`` server making the same call (``benchmarks/grpc_floor.py``).
 
 Models: the demo model and a ResNet-50-shaped model (random weights) at 224².
 
@@ -38,11 +39,13 @@ from benchmarks.common import (
     TorchServeProcess,
     base_parser,
     demo_repository,
+    free_port,
     percentiles,
     png_images,
     resnet50_repository,
     table,
     time_calls,
+    time_interleaved,
     torchserve_missing,
     write_json,
 )
@@ -53,10 +56,12 @@ STOCK_STEPS = 15  # TorchServe's VisionHandler.get_insights: n_steps=15
 # How our server is deployed per model, as a user would tune it (measured here on 2 cores):
 # the small demo model serves fastest with one single-threaded request per core; ResNet-50
 # with one request at a time on both cores and chunks of several steps (two single-threaded
-# requests contend for cache and memory bandwidth, batch-1 chunks leave a core idle).
+# requests contend for cache and memory bandwidth, batch-1 chunks leave a core idle). IG-15
+# in-process, minimum of 3: 512 MiB (1 step per chunk) 1.27 s, 1 GiB (3) 1.15 s, 1.5 GiB (5)
+# 1.02 s, 2.5 GiB (8) 1.06 s, 5 GiB (all 15) 1.48 s.
 SERVER_CONFIGS: dict[str, dict[str, int]] = {
     "demo": {"max_inflight": 2, "intra_op_threads": 1, "chunk_memory_bytes": 512 << 20},
-    "resnet50": {"max_inflight": 1, "intra_op_threads": 2, "chunk_memory_bytes": 1024 << 20},
+    "resnet50": {"max_inflight": 1, "intra_op_threads": 2, "chunk_memory_bytes": 1536 << 20},
 }
 OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -492,7 +497,10 @@ def service_overhead(
 
 def predict_overhead(package: Path, address: str, repeats: int, threads: int
                      ) -> dict[str, Any]:
-    """Predict over gRPC against one ONNX Runtime call in-process (same session options)."""
+    """Predict over gRPC against one ONNX Runtime call in-process (same session options),
+    and against a bare ``grpc.aio`` server doing only that call (``benchmarks/grpc_floor``):
+    the part of the overhead that is gRPC in Python rather than this service. The three are
+    timed round-robin."""
     import onnxruntime as ort  # noqa: PLC0415
 
     from service.images import array_to_tensor  # noqa: PLC0415
@@ -506,22 +514,40 @@ def predict_overhead(package: Path, address: str, repeats: int, threads: int
     session = ort.InferenceSession(
         str(package / "model.onnx"), options, providers=["CPUExecutionProvider"]
     )
-    local = percentiles(
-        time_calls(lambda: session.run(["logits"], {"input": inputs}), repeats, warmup=5)
-    )
     request = pb.PredictRequest(
         model=manifest["name"], input=pb.Input(tensor=array_to_tensor(inputs))
     )
-    with grpc.insecure_channel(address, options=OPTIONS) as channel:
-        stub = pb_grpc.ExplainerStub(channel)
-        remote = percentiles(
-            time_calls(lambda: stub.Predict(request, timeout=30), repeats, warmup=5)
-        )
+    port = free_port()
+    floor = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.grpc_floor", "--model", str(package / "model.onnx"),
+         "--port", str(port), "--threads", str(threads)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert floor.stdout is not None
+        line = floor.stdout.readline()
+        if "listening" not in line:
+            raise RuntimeError(f"the bare gRPC server did not start: {line}")
+        with grpc.insecure_channel(address, options=OPTIONS) as ours_channel, \
+                grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as floor_channel:
+            ours = pb_grpc.ExplainerStub(ours_channel)
+            bare = pb_grpc.ExplainerStub(floor_channel)
+            times = time_interleaved({
+                "onnxruntime": lambda: session.run(["logits"], {"input": inputs}),
+                "ours": lambda: ours.Predict(request, timeout=30),
+                "bare": lambda: bare.Predict(request, timeout=30),
+            }, repeats, warmup=5)
+    finally:
+        floor.terminate()
+        floor.wait(10)
+    local, remote, bare_grpc = (percentiles(times[k]) for k in ("onnxruntime", "ours", "bare"))
     return {
         "input_shape": shape,
         "onnxruntime_p50_ms": local["p50_ms"],
         "grpc_p50_ms": remote["p50_ms"],
         "added_p50_ms": remote["p50_ms"] - local["p50_ms"],
+        "bare_grpc_p50_ms": bare_grpc["p50_ms"],
+        "bare_added_p50_ms": bare_grpc["p50_ms"] - local["p50_ms"],
+        "service_added_p50_ms": remote["p50_ms"] - bare_grpc["p50_ms"],
         "onnxruntime_p99_ms": local["p99_ms"],
         "grpc_p99_ms": remote["p99_ms"],
         "target_added_ms": 1.0,
@@ -605,7 +631,10 @@ def report(results: dict[str, Any]) -> str:
     lines.append(
         f"Predict {predict['input_shape']}: ONNX Runtime in-process p50 "
         f"{predict['onnxruntime_p50_ms']:.2f} ms, over gRPC {predict['grpc_p50_ms']:.2f} ms: "
-        f"{predict['added_p50_ms']:.2f} ms added (target ≤ 1 ms)"
+        f"{predict['added_p50_ms']:.2f} ms added (target ≤ 1 ms); a bare grpc.aio server "
+        f"making the same ONNX Runtime call in a worker thread adds "
+        f"{predict['bare_added_p50_ms']:.2f} ms, so the service's own part is "
+        f"{predict['service_added_p50_ms']:.2f} ms"
     )
     return "\n".join(lines) + "\n"
 

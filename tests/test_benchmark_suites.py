@@ -32,6 +32,10 @@ def test_latency_suite_times_every_method_and_the_predict_overhead(tmp_path: Pat
     assert all(row["p50_ms"] > 0 for row in result["rows"])
     overhead = result["predict_overhead"]
     assert overhead["grpc_p50_ms"] > 0 and overhead["onnxruntime_p50_ms"] > 0
+    # The bare grpc.aio server answered too: the split of the overhead is measured.
+    assert overhead["bare_grpc_p50_ms"] > overhead["onnxruntime_p50_ms"]
+    assert overhead["service_added_p50_ms"] == pytest.approx(
+        overhead["grpc_p50_ms"] - overhead["bare_grpc_p50_ms"])
 
 
 @pytest.mark.slow
