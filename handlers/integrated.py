@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from handlers.base import ENGINE_TORCH, ExplainJob, chunks
+from handlers.base import ENGINE_TORCH, ExplainJob, chunks, run_onnx_batched
 from handlers.baselines import make_baseline
-from handlers.gradients import GradientHandler, gradient_rows
+from handlers.gradients import GradientHandler, gradient_rows, sum_rows_by_image
 from handlers.registry import register
 from handlers.torch_program import FAST, prepared_module
 from saliency.v1 import explainer_pb2 as pb
@@ -89,8 +89,7 @@ def integrated_gradients(
 
     def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
         rows = torch.arange(part.start, part.stop)
-        scaled = grad.double() * step_weights[rows // batch].view(-1, 1, 1, 1)
-        total.index_add_(0, rows % batch, scaled)
+        total.add_(sum_rows_by_image(grad, rows % batch, batch, step_weights[rows // batch]))
 
     gradient_rows(job, batch * steps, make_rows, consume)
     return (total * difference.double()).float().numpy()
@@ -101,7 +100,8 @@ class IntegratedGradients(GradientHandler):
     """Integrated Gradients along the straight path from a baseline to the input.
 
     Map: |attribution| maxed over channels, divided by the image's maximum.
-    Cost: steps forward + steps backward per image, plus 1 forward for f(baseline).
+    Cost: steps forward + steps backward per image, plus 1 forward for f(baseline) (on
+    ONNX Runtime when the prediction run gave f(x)).
     """
 
     method = pb.METHOD_INTEGRATED_GRADIENTS
@@ -130,11 +130,15 @@ class IntegratedGradients(GradientHandler):
         baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input, job.rng())
         attribution = integrated_gradients(job, baseline, params["steps"], params["rule"])
         if job.base_logits is not None:
+            # f(x) came from the ONNX Runtime prediction run: f(x') from the same engine
+            # (also cheaper than a torch forward pass).
             index = np.arange(job.batch)
             at_input = job.base_logits[index, job.targets].astype(np.float64)
+            (baseline_logits,) = run_onnx_batched(job, baseline)
+            at_baseline = baseline_logits[index, job.targets].astype(np.float64)
         else:
             at_input = target_logits(job, job.inputs)
-        at_baseline = target_logits(job, baseline)
+            at_baseline = target_logits(job, baseline)
         expected = at_input - at_baseline
         gap = np.abs(attribution.reshape(job.batch, -1).sum(axis=1, dtype=np.float64) - expected)
         job.diagnostics["completeness_error"] = float(gap.max())

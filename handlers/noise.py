@@ -3,7 +3,8 @@
 Like Captum's ``NoiseTunnel`` this is a wrapper around the gradient pass, not a copy of it:
 ``noise_tunnel`` draws ``samples`` noisy copies of every image, runs them through
 ``handlers.gradients.gradient_rows`` in memory-bounded chunks and keeps only running float64
-sums (Σg, Σg², Σ|g|) per image, so memory does not grow with the sample count.
+sums (Σg, Σg², Σ|g|) per image, so memory does not grow with the sample count (each chunk's
+own sum is one float32 matrix product, as precise as Captum's float32 throughout).
 
 Noise: σ = noise_level × (max(x) − min(x)) per image; row ``i·samples + s`` (image i, sample s,
 Captum's order) gets ε ~ N(0, σ²) drawn from a torch Generator seeded with the request's seed,
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from handlers.base import ExplainJob, normalize_per_image, scale_by_max
-from handlers.gradients import GradientHandler, gradient_rows
+from handlers.gradients import GradientHandler, gradient_rows, sum_rows_by_image
 from handlers.registry import register
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import InvalidInput
@@ -95,11 +96,11 @@ def noise_tunnel(
 
     def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
         images = torch.arange(part.start, part.stop) // samples
-        values = grad.double()
-        # The tensors share memory with the float64 numpy sums.
-        torch.from_numpy(stats.total).index_add_(0, images, values)
-        torch.from_numpy(stats.total_squares).index_add_(0, images, values * values)
-        torch.from_numpy(stats.total_abs).index_add_(0, images, values.abs())
+        # Float32 sums within a chunk, float64 across chunks; the tensors share memory with
+        # the numpy sums.
+        for total, values in ((stats.total, grad), (stats.total_squares, grad * grad),
+                              (stats.total_abs, grad.abs())):
+            torch.from_numpy(total).add_(sum_rows_by_image(values, images, batch))
 
     gradient_rows(job, batch * samples, make_rows, consume)
     return stats
