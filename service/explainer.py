@@ -7,6 +7,7 @@ run in a bounded thread pool off the event loop.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import re
 import time
@@ -100,10 +101,11 @@ class Admission:
     With ``max_queue_wait_seconds`` > 0 a request is also refused at once when its expected
     wait for a worker exceeds that bound. A count alone cannot bound queueing delay when
     costs differ (a vanilla gradient behind two Integrated Gradients waits 15× its own run),
-    so the wait is estimated from the expected cost of the requests ahead of it: what the
-    executing ones have left and what the waiting ones will take, over ``max_inflight``
-    workers. Costs are the callers' estimates (the moving average of the recent requests'
-    run time per model and method, which rises with contention).
+    so the wait is estimated from the expected cost of the requests ahead of it: the queue
+    is played forward (each waiting request, in arrival order, takes the worker that frees
+    first) and the newcomer gets the next free worker. Costs are the callers' estimates (the
+    moving average of the recent requests' run time per model and method, which rises with
+    contention).
     """
 
     max_inflight: int
@@ -136,9 +138,13 @@ class Admission:
         if self.inflight < self.max_inflight and not self.waiting:
             return 0.0
         now = time.perf_counter()
-        left = sum(max(cost - (now - started), 0.0) for cost, started in
-                   self._running_cost.values())
-        return (left + sum(self._waiting_cost.values())) / self.max_inflight
+        free_at = [max(cost - (now - started), 0.0) for cost, started in
+                   self._running_cost.values()]
+        free_at += [0.0] * max(self.max_inflight - len(free_at), 0)
+        heapq.heapify(free_at)
+        for cost in self._waiting_cost.values():  # dicts keep arrival order; the queue is FIFO
+            heapq.heappush(free_at, heapq.heappop(free_at) + cost)
+        return free_at[0]
 
     async def acquire(self, state: RequestState, expected_seconds: float = 0.0) -> float:
         """Waits for a slot; returns the seconds spent waiting.

@@ -251,6 +251,36 @@ def test_expected_wait_bounds_the_queue_by_cost_not_count() -> None:
     asyncio.run(scenario())
 
 
+def test_expected_wait_plays_the_queue_forward_over_several_workers() -> None:
+    """With two workers a newcomer waits for the first one to free, not for the average:
+    behind a 4 s and a 0.1 s request it waits 0.1 s; a waiting 1 s request takes that
+    worker, so the next newcomer waits until the 4 s one ends (1.1 s < 4 s: still the
+    0.1 + 1 s worker)."""
+    from handlers.base import RequestState
+    from service.explainer import Admission
+    from service.metrics import Metrics
+
+    async def scenario() -> None:
+        admission = Admission(max_inflight=2, max_queue=8, metrics=Metrics())
+        long, short, queued = (RequestState() for _ in range(3))
+        await admission.acquire(long, expected_seconds=4.0)
+        assert admission.expected_wait() == 0.0  # one worker still free
+        await admission.acquire(short, expected_seconds=0.1)
+        assert 0.05 < admission.expected_wait() <= 0.1
+        waiter = asyncio.ensure_future(admission.acquire(queued, expected_seconds=1.0))
+        await asyncio.sleep(0.01)
+        assert admission.waiting == 1
+        assert 1.0 < admission.expected_wait() <= 1.1
+        admission.release(short)
+        await waiter
+        assert 0.9 < admission.expected_wait() <= 1.0  # now the queued one's worker
+        admission.release(queued)
+        admission.release(long)
+        assert admission.expected_wait() == 0.0
+
+    asyncio.run(scenario())
+
+
 def test_server_refuses_what_would_wait_too_long(
     repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
