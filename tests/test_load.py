@@ -55,6 +55,12 @@ def test_closed_loop_counts_add_up(server: RunningServer, stub) -> None:
     latency = summary["latency_ok"]
     assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"] <= latency["max_ms"]
     assert summary["throughput_ok"] == pytest.approx(30 / result.elapsed)
+    # The server's own execution time of each answered request lies within what the client
+    # waited for it, and the load generator's CPU share is a share.
+    assert all(0 < o.server_seconds <= o.seconds for o in result.outcomes)
+    assert summary["execution_ok"]["count"] == 30
+    assert 0 < summary["execution_ok"]["p99_ms"] <= latency["p99_ms"]
+    assert 0 < summary["client_cpu_share"] < 2
 
 
 def test_duration_bound_stops_a_closed_loop(server: RunningServer, stub) -> None:
