@@ -347,7 +347,6 @@ async def run_suite(
     runs: dict[str, Any] = {}
     capacity: dict[str, float] = {}
     unloaded_p99: dict[str, float] = {}
-    unloaded_execution_p99: dict[str, float] = {}
     for name, calls in mixes.items():
         if name == "memory_mix" or (known_capacity is not None and name not in overload_scenarios):
             continue
@@ -355,7 +354,6 @@ async def run_suite(
         alone = await closed_loop(address, Picker(calls, 1), 1, budget, seconds, timeout)
         runs[f"{name}/unloaded"] = alone.summary()
         unloaded_p99[name] = runs[f"{name}/unloaded"]["latency_ok"]["p99_ms"]
-        unloaded_execution_p99[name] = runs[f"{name}/unloaded"]["execution_ok"]["p99_ms"]
         if known_capacity is not None:
             capacity[name] = known_capacity.get(name, 0.0)
             continue
@@ -392,7 +390,7 @@ async def run_suite(
             "unloaded_p99_ms": unloaded_p99[name],
             "accepted_p99_ms": accepted_p99,
             "p99_ratio": accepted_p99 / max(unloaded_p99[name], 1e-9),
-            "unloaded_execution_p99_ms": unloaded_execution_p99[name],
+            "unloaded_execution_p99_ms": runs[f"{name}/unloaded"]["execution_ok"]["p99_ms"],
             "accepted_execution_p99_ms": summary["execution_ok"]["p99_ms"],
             "client_cpu_share": summary["client_cpu_share"],
             "server_alive": server.alive() if server is not None else None,

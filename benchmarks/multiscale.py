@@ -210,7 +210,7 @@ def run(arch: str, root: Path, batches: list[int], repeats: int,
             }
             if have_gradcam:
                 calls["grpc_gradcam_ms"] = lambda: grpc_explain(pb.METHOD_GRADCAM)
-            # A batch costs ~batch× a single image; half the repeats keep its p50 as steady.
+            # A batch costs ~batch× one image: fewer repeats bound the suite's time.
             count = repeats if batch == 1 else max(5, repeats // 2)
             row: dict[str, Any] = {"model": arch, "batch": batch, "repeats": count,
                                    **p50_ms(calls, count)}

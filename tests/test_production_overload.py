@@ -254,8 +254,7 @@ def test_expected_wait_bounds_the_queue_by_cost_not_count() -> None:
 def test_expected_wait_plays_the_queue_forward_over_several_workers() -> None:
     """With two workers a newcomer waits for the first one to free, not for the average:
     behind a 4 s and a 0.1 s request it waits 0.1 s; a waiting 1 s request takes that
-    worker, so the next newcomer waits until the 4 s one ends (1.1 s < 4 s: still the
-    0.1 + 1 s worker)."""
+    worker, so the next newcomer waits 1.1 s (that worker frees again before the 4 s one)."""
     from handlers.base import RequestState
     from service.explainer import Admission
     from service.metrics import Metrics
