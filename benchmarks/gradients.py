@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     repeats = args.repeats or 3
     models = ["demo"] if args.quick else args.models.split(",")
+    unknown = sorted(set(models) - {"demo", "resnet50"})
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from demo,resnet50")
     batches = (1, 2) if args.quick else tuple(int(b) for b in args.batches.split(","))
     rows = []
     for name in models:

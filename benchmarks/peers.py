@@ -650,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-mib", type=int, help="our server's chunk_memory_bytes, in MiB")
     args = parser.parse_args(argv)
     models = (args.models or ("demo" if args.quick else "demo,resnet50")).split(",")
+    unknown = sorted(set(models) - set(ARCHITECTURES))
+    if unknown:  # before any model is built or measured
+        parser.error(f"unknown models {unknown}; choose from {','.join(ARCHITECTURES)}")
     requests = args.requests or (4 if args.quick else 8)
     repeats = 5 if args.quick else 20
     steps_grid = (1, 2, 4, 8, 15) if args.quick else (1, 2, 3, 4, 6, 8, 10, 12, 15)
@@ -666,12 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None}
     results["server_config"] = {}
     for model in models:
-        if model == "demo":
-            repository = demo_repository()
-        elif model == "resnet50":
-            repository = resnet50_repository(224)
-        else:
-            parser.error(f"unknown model {model!r}; choose demo or resnet50")
+        repository = demo_repository() if model == "demo" else resnet50_repository(224)
         config = {"max_queue": 16, **SERVER_CONFIGS[model], **overrides}
         results["server_config"][model] = config
         package = repository / model / "1"

@@ -48,3 +48,19 @@ def test_decam_suite_compares_the_same_search_three_ways(tmp_path: Path) -> None
         assert comparison["fitness_gap"] < 1e-5  # the same DE trajectory, evaluated two ways
         assert comparison["batched_over_floor"] > 0
     assert {t["input"] for t in result["time_to_map"]} == {"128×128", "224×224"}
+
+
+@pytest.mark.parametrize(("suite", "models"), [
+    ("multiscale", ["--models", "demo", "resnet5O"]),
+    ("gradients", ["--models", "demo,resnet5O"]),
+    ("peers", ["--models", "demo,resnet5O"]),
+])
+def test_suites_refuse_an_unknown_model_name_before_measuring(suite: str,
+                                                             models: list[str]) -> None:
+    """A mistyped name used to be measured as another architecture under the given label."""
+    completed = subprocess.run([sys.executable, "-m", f"benchmarks.{suite}", *models],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120,
+                               check=False)
+    assert completed.returncode == 2
+    assert "resnet5O" in completed.stderr and "resnet50" in completed.stderr
+    assert "done" not in completed.stderr  # nothing was measured
