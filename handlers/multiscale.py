@@ -85,13 +85,21 @@ def smoe_scale(activations: np.ndarray) -> np.ndarray:
 
 
 def gaussian_cdf_normalize(maps: np.ndarray) -> np.ndarray:
-    """Φ of each N×h×w map's z-score (mean and unbiased std per map); a flat map → 0.5."""
-    flat = maps.reshape(maps.shape[0], -1).astype(np.float32, copy=False)  # read only
-    centred = flat - flat.mean(axis=1, dtype=np.float64, keepdims=True).astype(np.float32)
-    squares = np.einsum("ij,ij->i", centred, centred, dtype=np.float64)
-    std = np.sqrt(squares / max(flat.shape[1] - 1, 1))[:, None]
-    centred *= np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
-    return standard_normal_cdf(centred).reshape(maps.shape)  # z = 0 for a flat map
+    """Φ of each N×h×w map's z-score (mean and unbiased std per map); a flat map → 0.5.
+
+    OpenCV's ``meanStdDev`` takes both moments in one float64-accumulating pass, half the
+    time of numpy's mean and sum of squares on the fast path's small maps.
+    """
+    maps = maps.astype(np.float32, copy=False)  # read only
+    z = np.empty(maps.shape, np.float32)
+    count = maps[0].size
+    unbiased = math.sqrt(count / max(count - 1, 1))
+    for index, single in enumerate(maps):
+        mean, std = cv2.meanStdDev(single.reshape(single.shape[0], -1))
+        spread = float(std[0, 0]) * unbiased
+        np.subtract(single, np.float32(mean[0, 0]), out=z[index])
+        z[index] *= np.float32(1.0 / spread if spread > 0 else 0.0)  # z = 0 for a flat map
+    return standard_normal_cdf(z)
 
 
 def standard_normal_cdf(z: np.ndarray) -> np.ndarray:
@@ -169,13 +177,18 @@ def combined_map(smoe_maps: list[np.ndarray], normalization: str, weights: np.nd
     """``combine(layer_maps(...), weights)`` without the N×S×H×W stack: each scale is
     normalized at its own resolution, upsampled and accumulated in place."""
     weights = np.asarray(weights, np.float64)
-    total = np.zeros((smoe_maps[0].shape[0], height, width), np.float32)
+    total: np.ndarray | None = None
     for smoe, weight in zip(smoe_maps, weights, strict=True):
         if weight:
             layer = upsample(normalize(smoe, normalization), height, width)
-            layer *= np.float32(weight)
-            total += layer
-    total /= np.float32(weights.sum())
+            if weight != 1.0:  # equal weights (the default) skip the multiplications
+                layer *= np.float32(weight)
+            if total is None:
+                total = layer
+            else:
+                total += layer
+    assert total is not None  # validated: the weights sum to > 0
+    total *= np.float32(1.0 / weights.sum())
     return total
 
 
