@@ -69,15 +69,23 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> list[f
     return times
 
 
-def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
-                     ) -> dict[str, list[float]]:
+def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
+                     min_seconds: float = 0.0, max_repeats: int = 0) -> dict[str, list[float]]:
     """Wall seconds of each call, timed round-robin so that load on a shared machine falls
-    on every call alike (for ratios measured side by side)."""
+    on every call alike (for ratios measured side by side).
+
+    At least ``repeats`` rounds; cheap calls get more rounds, up to ``max_repeats``, until the
+    rounds took ``min_seconds``, so a millisecond call's p50 rests on more than ten samples.
+    """
     for call in calls.values():
         for _ in range(warmup):
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
+    limit = max(repeats, max_repeats)
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or (rounds < limit and time.perf_counter() - started < min_seconds):
+        rounds += 1
         for name, call in calls.items():
             started = time.perf_counter()
             call()

@@ -90,7 +90,7 @@ def gaussian_cdf_normalize(maps: np.ndarray) -> np.ndarray:
     OpenCV's ``meanStdDev`` takes both moments in one float64-accumulating pass, half the
     time of numpy's mean and sum of squares on the fast path's small maps.
     """
-    maps = maps.astype(np.float32, copy=False)  # read only
+    maps = np.ascontiguousarray(maps, np.float32)  # read only; OpenCV wants contiguous rows
     z = np.empty(maps.shape, np.float32)
     count = maps[0].size
     unbiased = math.sqrt(count / max(count - 1, 1))

@@ -111,6 +111,18 @@ def test_smoe_scale_matches_the_per_pixel_formula(shape: tuple[int, ...]) -> Non
                                rtol=2e-4, atol=1e-5)
 
 
+def test_smoe_scale_applies_the_relu_to_outputs_taken_before_it() -> None:
+    """A scale output need not be post-ReLU: negative values count as zero activation."""
+    rng = np.random.default_rng(7)
+    raw = rng.normal(size=(2, 12, 6, 5)).astype(np.float32)
+    np.testing.assert_allclose(smoe_scale(raw), reference_smoe(raw), rtol=2e-4, atol=1e-5)
+    np.testing.assert_array_equal(smoe_scale(raw), smoe_scale(np.maximum(raw, 0.0)))
+    # A strided view (a channel slice) is read correctly, not reinterpreted.
+    view = raw[:, ::2]
+    np.testing.assert_allclose(smoe_scale(view), reference_smoe(np.ascontiguousarray(view)),
+                               rtol=2e-4, atol=1e-5)
+
+
 def test_smoe_scale_is_zero_where_channels_agree_and_large_where_one_fires() -> None:
     flat = np.full((1, 8, 2, 2), 3.0, np.float32)
     assert np.abs(smoe_scale(flat)).max() < 1e-5
@@ -129,6 +141,9 @@ def test_normalizations_match_scipy_stats(seed: int) -> None:
                                rtol=1e-3, atol=2e-4)
     for normalized in (gaussian_cdf_normalize(maps), gamma_cdf_normalize(maps)):
         assert normalized.min() >= 0 and normalized.max() <= 1
+    strided = maps[:, ::2, 1:]  # a view, as a caller may pass
+    np.testing.assert_allclose(gaussian_cdf_normalize(strided), reference_gaussian(strided),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_flat_maps_normalize_to_one_half() -> None:
@@ -149,6 +164,18 @@ def test_combined_map_matches_the_reference(normalization: str) -> None:
     np.testing.assert_allclose(combine(layers, np.asarray(weights)), expected, rtol=1e-3,
                                atol=2e-4)
     fused = combined_map([smoe_scale(a) for a in acts], normalization, np.asarray(weights),
+                         32, 32)
+    np.testing.assert_allclose(fused, expected, rtol=1e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("weights", [[1.0] * 5, [2.0] * 5, [0.0, 1.0, 0.0, 3.0, 1.0]])
+def test_combined_map_with_equal_unit_and_zero_weights(weights: list[float]) -> None:
+    """The default equal weights skip the multiplications; zero weights skip the scale."""
+    shapes = [(1, 8, 16, 16), (1, 16, 8, 8), (1, 32, 4, 4), (1, 32, 2, 2), (1, 64, 1, 2)]
+    acts = [random_activations(s, seed=10 + i) for i, s in enumerate(shapes)]
+    _, expected = reference_combined([reference_smoe(a) for a in acts], "gaussian_cdf",
+                                     weights, (32, 32))
+    fused = combined_map([smoe_scale(a) for a in acts], "gaussian_cdf", np.asarray(weights),
                          32, 32)
     np.testing.assert_allclose(fused, expected, rtol=1e-3, atol=2e-4)
 
