@@ -323,16 +323,6 @@ def versus_torchserve(
     def ours_requests(batch: list[bytes], steps: int) -> list[pb.ExplainRequest]:
         return [_ig_request(model, image, steps, "gauss_legendre") for image in batch]
 
-    # Our completeness error by steps (two images), to find the equal-error step count.
-    sweep = []
-    for steps in steps_grid:
-        errors = [
-            explain(r).diagnostics["completeness_error_relative"]
-            for r in ours_requests(images[:2], steps)
-        ]
-        sweep.append({"steps": steps, "completeness_error_relative": float(np.mean(errors))})
-    result["ours_steps_sweep"] = sweep
-
     missing = torchserve_missing()
     workdir = Path(tempfile.mkdtemp(prefix="peer-torchserve-"))
     served: TorchServeProcess | None = None
@@ -374,8 +364,18 @@ def versus_torchserve(
             }
         result["ours_equal_steps"] = _ours_summary(ours_equal, STOCK_STEPS, "gauss_legendre")
         reference = result["torchserve"].get("completeness_error_relative")
-        if reference is not None:
-            target = max(float(reference), ERROR_FLOOR)
+        target = max(float(reference), ERROR_FLOOR) if reference is not None else None
+        # Our mean completeness error by steps over the same images TorchServe's mean is
+        # taken on (per-image errors differ several-fold), up to the first that matches it.
+        sweep = []
+        for steps in steps_grid:
+            errors = [explain(r).diagnostics["completeness_error_relative"]
+                      for r in ours_requests(images, steps)]
+            sweep.append({"steps": steps, "completeness_error_relative": float(np.mean(errors))})
+            if target is not None and sweep[-1]["completeness_error_relative"] <= target:
+                break
+        result["ours_steps_sweep"] = sweep
+        if target is not None:
             fitting = [s["steps"] for s in sweep if s["completeness_error_relative"] <= target]
             chosen = min(fitting) if fitting else STOCK_STEPS
             result["equal_error_target"] = target
@@ -619,7 +619,9 @@ def report(results: dict[str, Any]) -> str:
             f"{s['steps']}: {s['completeness_error_relative']:.3g}"
             for s in entry.get("ours_steps_sweep", [])
         )
-        lines.append(f"{entry['model']}: our relative completeness error by steps: {sweep}")
+        lines.append(f"{entry['model']}: our relative completeness error by steps (mean over "
+                     f"the same {entry['images']} images, up to the first that matches "
+                     f"TorchServe's): {sweep}")
     lines += [
         "",
         "What the service adds (batch 1, one image, concurrency 1, the server's threads):",
