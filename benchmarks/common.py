@@ -82,9 +82,9 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: 
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
     limit = max(repeats, max_repeats)
-    started = time.perf_counter()
+    began = time.perf_counter()
     rounds = 0
-    while rounds < repeats or (rounds < limit and time.perf_counter() - started < min_seconds):
+    while rounds < repeats or (rounds < limit and time.perf_counter() - began < min_seconds):
         rounds += 1
         for name, call in calls.items():
             started = time.perf_counter()

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from benchmarks.common import time_interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,3 +67,18 @@ def test_suites_refuse_an_unknown_model_name_before_measuring(suite: str,
     assert completed.returncode == 2
     assert "resnet5O" in completed.stderr and "resnet50" in completed.stderr
     assert "done" not in completed.stderr  # nothing was measured
+
+
+def test_interleaved_timing_gives_cheap_calls_more_rounds_up_to_the_cap() -> None:
+    """Rounds repeat until ``min_seconds`` passed, at least ``repeats``, at most the cap."""
+    calls = {"a": lambda: time.sleep(0.001), "b": lambda: None}
+    cheap = time_interleaved(calls, repeats=3, warmup=0, min_seconds=0.05, max_repeats=200)
+    assert len(cheap["a"]) == len(cheap["b"])
+    assert 3 < len(cheap["a"]) < 200  # stopped by the time, not by either bound
+    assert sum(cheap["a"]) >= 0.04
+    capped = time_interleaved(calls, repeats=3, warmup=0, min_seconds=10.0, max_repeats=8)
+    assert len(capped["a"]) == 8
+    costly = {"a": lambda: time.sleep(0.03)}
+    assert len(time_interleaved(costly, repeats=3, warmup=0, min_seconds=0.05,
+                                max_repeats=200)["a"]) == 3
+    assert len(time_interleaved(calls, repeats=4, warmup=0)["b"]) == 4
