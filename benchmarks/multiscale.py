@@ -64,10 +64,11 @@ TARGETS = {"fast_path_vs_inference_max": 1.25, "fastcam_vs_our_gradcam_min": 1.8
 def p50_ms(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
            min_seconds: float = 0.0) -> dict[str, float]:
     """p50 milliseconds of each call, timed round-robin (the ratios are what this benchmark
-    reports), and the fastest call, closer to the quiet-machine cost on a loaded machine.
-    Rounds shorter than ``min_seconds`` in total are repeated, up to 5 × ``repeats``."""
+    reports), the fastest call, closer to the quiet-machine cost on a loaded machine, and the
+    rounds timed (``repeats``): rounds shorter than ``min_seconds`` in total are repeated, up
+    to 5 × ``repeats``."""
     times = time_interleaved(calls, repeats, warmup, min_seconds, 5 * repeats)
-    result: dict[str, float] = {"rounds": len(next(iter(times.values())))}
+    result: dict[str, float] = {"repeats": len(next(iter(times.values())))}
     result.update({name: float(np.median(values) * 1000.0) for name, values in times.items()})
     result.update({name.replace("_ms", "_min_ms"): float(min(values) * 1000.0)
                    for name, values in times.items()})
@@ -162,7 +163,6 @@ def smoe_numpy_vs_baked(package: Path, inputs: np.ndarray, repeats: int,
     difference = float(np.abs(numpy_path() - baked_path()).max())
     timed = p50_ms({"logits_only_ms": logits_only, "numpy_smoe_ms": numpy_path,
                     "baked_smoe_ms": baked_path}, repeats)
-    timed.pop("rounds")
     return {**timed, "max_abs_difference": difference}
 
 
@@ -225,8 +225,7 @@ def run(arch: str, root: Path, batches: list[int], repeats: int,
             # A batch costs ~batch× one image: fewer repeats bound the suite's time.
             count = repeats if batch == 1 else max(5, repeats // 2)
             timed = p50_ms(calls, count, min_seconds=min_seconds)
-            row: dict[str, Any] = {"model": arch, "batch": batch, "repeats": timed.pop("rounds"),
-                                   **timed}
+            row: dict[str, Any] = {"model": arch, "batch": batch, **timed}
             reply = explain(pb.METHOD_FASTCAM)
             row["fastcam_forward_passes"] = reply.cost.forward_passes
             row["fastcam_backward_passes"] = reply.cost.backward_passes

@@ -95,7 +95,7 @@ def gaussian_cdf_normalize(maps: np.ndarray) -> np.ndarray:
     count = maps[0].size
     unbiased = math.sqrt(count / max(count - 1, 1))
     for index, single in enumerate(maps):
-        mean, std = cv2.meanStdDev(single.reshape(single.shape[0], -1))
+        mean, std = cv2.meanStdDev(single)
         spread = float(std[0, 0]) * unbiased
         np.subtract(single, np.float32(mean[0, 0]), out=z[index])
         z[index] *= np.float32(1.0 / spread if spread > 0 else 0.0)  # z = 0 for a flat map
@@ -187,7 +187,8 @@ def combined_map(smoe_maps: list[np.ndarray], normalization: str, weights: np.nd
                 total = layer
             else:
                 total += layer
-    assert total is not None  # validated: the weights sum to > 0
+    if total is None:
+        raise ValueError(f"weights must not all be zero, got {weights.tolist()}")
     total *= np.float32(1.0 / weights.sum())
     return total
 

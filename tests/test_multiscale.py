@@ -453,3 +453,9 @@ def test_a_head_that_does_not_reproduce_the_logits_is_not_trusted(core, handle,
     trusted = explain(core, pb.METHOD_FASTCAM, inputs)
     np.testing.assert_allclose(tensor_to_array(reply.saliency), tensor_to_array(trusted.saliency),
                                rtol=1e-3, atol=1e-4)
+
+
+def test_combined_map_refuses_all_zero_weights() -> None:
+    maps = [smoe_scale(random_activations((1, 4, 4, 4), seed=3))]
+    with pytest.raises(ValueError, match="all be zero"):
+        combined_map(maps, "gaussian_cdf", np.zeros(1), 8, 8)
