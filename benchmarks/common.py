@@ -198,30 +198,56 @@ def png_images(count: int, size: int, seed: int = 0) -> list[bytes]:
     return images
 
 
-def cached_package(architecture: str, size: int, root: Path, name: str,
-                   verify_inputs: int = 4) -> Path:
-    """Exports a random-weight model (seed 0) into ``root`` once and returns ``root``.
+# The architectures the suites measure, by their ``--models`` name: the demo network and the
+# ResNet-50 shape (random weights: only cost matters), as (class in service.architectures,
+# classes).
+ARCHITECTURES: dict[str, tuple[str, int]] = {
+    "demo": ("DemoResNet", 10),
+    "resnet50": ("ResNet50Shape", 1000),
+}
 
-    ``architecture``: ``demo`` (DemoResNet, 10 classes) or ``resnet50`` (ResNet50Shape,
-    1,000 classes, ImageNet normalization); its scale modules are named explicitly.
-    """
-    if (root / name / "1" / "manifest.json").is_file():
-        return root
+
+def random_model(architecture: str) -> Any:
+    """A new ``architecture`` (a key of ARCHITECTURES) with seed-0 random weights, in eval
+    mode; an unknown name is an error, never silently another architecture."""
     import torch  # noqa: PLC0415
 
-    from service.architectures import DemoResNet, ResNet50Shape  # noqa: PLC0415
+    from service import architectures  # noqa: PLC0415
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose from "
+                         f"{','.join(ARCHITECTURES)}")
+    class_name, classes = ARCHITECTURES[architecture]
+    torch.manual_seed(0)
+    return getattr(architectures, class_name)(num_classes=classes).eval()
+
+
+def model_names(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """A comma-separated ``--models`` value; an unknown name ends the run before anything
+    is built or measured."""
+    names = [name for name in text.split(",") if name]
+    unknown = sorted(set(names) - set(ARCHITECTURES))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {','.join(ARCHITECTURES)}")
+    return names
+
+
+def cached_package(architecture: str, size: int, root: Path, name: str,
+                   verify_inputs: int = 4) -> Path:
+    """Exports ``random_model(architecture)`` into ``root`` once and returns ``root``; the
+    ResNet-50 shape gets ImageNet normalization. Its scale modules are named explicitly."""
+    if (root / name / "1" / "manifest.json").is_file():
+        return root
     from service.export import export_package  # noqa: PLC0415
 
-    torch.manual_seed(0)
+    model = random_model(architecture)
     if architecture == "resnet50":
-        model, cls = ResNet50Shape(num_classes=1000), ResNet50Shape
         mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     else:
-        model, cls = DemoResNet(num_classes=10), DemoResNet
         mean, std = [0.5] * 3, [0.25] * 3
     export_package(
         model, name=name, version=1, input_shape=(3, size, size), mean=mean, std=std,
-        class_labels=[], repository=root, scale_modules=cls.scale_modules(),
+        class_labels=[], repository=root, scale_modules=model.scale_modules(),
         cam_layer="layer4", head="fc", overwrite=True, verify_inputs=verify_inputs,
     )
     return root

@@ -41,12 +41,18 @@ from captum.attr import (
     Saliency,
 )
 
-from benchmarks.common import CACHE, base_parser, table, write_json
+from benchmarks.common import (
+    CACHE,
+    base_parser,
+    model_names,
+    random_model,
+    table,
+    write_json,
+)
 from handlers import registry
 from handlers.base import ExplainJob, Limits
 from handlers.baselines import make_baseline
 from handlers.noise import noise_sigmas
-from service.architectures import DemoResNet, ResNet50Shape
 from service.export import export_package
 from service.repository import ModelHandle, Repository
 
@@ -67,11 +73,7 @@ METHODS = (
 
 def build(name: str) -> tuple[torch.nn.Module, ModelHandle]:
     """The architecture with random weights (seed 0) and its package, exported once (cached)."""
-    torch.manual_seed(0)
-    module: torch.nn.Module = (
-        DemoResNet(num_classes=10) if name == "demo" else ResNet50Shape(num_classes=1000)
-    )
-    module.eval()
+    module: torch.nn.Module = random_model(name)
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     root = CACHE / f"gradients-{name}-{SIZE}"
@@ -291,10 +293,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     args = parser.parse_args(argv)
     repeats = args.repeats or 3
-    models = ["demo"] if args.quick else args.models.split(",")
-    unknown = sorted(set(models) - {"demo", "resnet50"})
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from demo,resnet50")
+    models = ["demo"] if args.quick else model_names(parser, args.models)
     batches = (1, 2) if args.quick else tuple(int(b) for b in args.batches.split(","))
     rows = []
     for name in models:

@@ -30,7 +30,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from benchmarks.common import time_interleaved
+from benchmarks.common import model_names, random_model, time_interleaved
 from handlers import registry
 from handlers.base import CostCounter, ExplainJob, RequestState
 from handlers.multiscale import (
@@ -41,7 +41,6 @@ from handlers.multiscale import (
 )
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.architectures import DemoResNet, ResNet50Shape
 from service.config import Config
 from service.core import Core
 from service.export import export_package
@@ -75,17 +74,14 @@ def p50_ms(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
     return result
 
 
-# The other benchmarks' model names → this one's row labels (kept for comparable results).
-ALIASES = {"demo": "demo_resnet", "resnet50": "resnet50_shape"}
+# ``--models`` names → this suite's row labels (kept, so results compare across runs).
+LABELS = {"demo": "demo_resnet", "resnet50": "resnet50_shape"}
 
 
-def build(name: str, root: Path) -> tuple[torch.nn.Module, Path]:
-    """Exports the architecture (random weights, fixed seed) into ``root``."""
-    if name not in ALIASES.values():
-        raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ALIASES)}")
-    torch.manual_seed(0)
-    model = DemoResNet(num_classes=10) if name == "demo_resnet" else ResNet50Shape()
-    model.eval()
+def build(architecture: str, root: Path) -> tuple[torch.nn.Module, Path]:
+    """Exports the architecture (random weights, fixed seed) into ``root`` under its label."""
+    model = random_model(architecture)
+    name = LABELS[architecture]
     export_package(model, name=name, version=1, input_shape=(3, SIZE, SIZE), mean=MEAN,
                    std=STD, class_labels=[], repository=root,
                    scale_modules=model.scale_modules(), cam_layer=model.cam_layer,
@@ -166,9 +162,10 @@ def smoe_numpy_vs_baked(package: Path, inputs: np.ndarray, repeats: int,
     return {**timed, "max_abs_difference": difference}
 
 
-def run(arch: str, root: Path, batches: list[int], repeats: int,
+def run(architecture: str, root: Path, batches: list[int], repeats: int,
         threads: int, min_seconds: float = MIN_ROW_SECONDS) -> list[dict[str, Any]]:
-    model, package = build(arch, root)
+    model, package = build(architecture, root)
+    arch = LABELS[architecture]  # the package's name and the rows' label
     repository = Repository(root, intra_op_threads=threads)
     repository.load_all()
     handle = repository.get(arch)
@@ -252,9 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 5 repeats")
     parser.add_argument("--repeats", type=int, default=10,
                         help="per call at batch 1; batches > 1 get half (at least 5)")
-    parser.add_argument("--models", nargs="+", default=["demo", "resnet50"],
-                        choices=sorted(ALIASES) + sorted(ALIASES.values()),
-                        help="demo (DemoResNet) and/or resnet50 (ResNet-50 shape)")
+    parser.add_argument("--models", default="demo,resnet50",
+                        help="comma-separated: demo (DemoResNet), resnet50 (ResNet-50 shape)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     # One thread per call: how a server runs fast-path requests (one per core in flight), and
     # steadier ratios on a shared machine than two threads contending with everything else.
@@ -267,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 5 if args.quick else args.repeats
     rows = []
     with tempfile.TemporaryDirectory() as temp:
-        for arch in dict.fromkeys(ALIASES.get(m, m) for m in args.models):
-            rows += run(arch, Path(temp) / arch, batches, repeats, args.threads,
-                        0.0 if args.quick else MIN_ROW_SECONDS)
+        for architecture in model_names(parser, args.models):
+            rows += run(architecture, Path(temp) / architecture, batches, repeats,
+                        args.threads, 0.0 if args.quick else MIN_ROW_SECONDS)
     header = ("| model | batch | ORT run | Predict | SMOE | FastCAM | Grad-CAM (ours) | peer "
               "Grad-CAM | gRPC Predict | gRPC SMOE | gRPC FastCAM | gRPC Grad-CAM | "
               "SMOE/Predict | "

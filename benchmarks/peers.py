@@ -33,6 +33,7 @@ import grpc
 import numpy as np
 
 from benchmarks.common import (
+    ARCHITECTURES,
     CACHE,
     ROOT,
     ServerProcess,
@@ -40,6 +41,7 @@ from benchmarks.common import (
     base_parser,
     demo_repository,
     free_port,
+    model_names,
     percentiles,
     png_images,
     resnet50_repository,
@@ -71,8 +73,6 @@ OPTIONS = [
 
 # ---- the model on both sides ----------------------------------------------------------------
 
-ARCHITECTURES = {"demo": "DemoResNet", "resnet50": "ResNet50Shape"}
-
 
 def _architecture(package: Path) -> tuple[str, dict[str, int], dict[str, Any]]:
     """The eager class, its constructor arguments and its weights (from ``model.pt2``)."""
@@ -93,7 +93,7 @@ def _architecture(package: Path) -> tuple[str, dict[str, int], dict[str, Any]]:
     arguments = {"num_classes": int(state["fc.weight"].shape[0])}
     if name == "demo":
         arguments["width"] = int(state["stem.0.weight"].shape[0])
-    return ARCHITECTURES[name], arguments, state
+    return ARCHITECTURES[name][0], arguments, state
 
 
 def eager_module(package: Path) -> Any:
@@ -651,10 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="our server's intra_op_threads")
     parser.add_argument("--chunk-mib", type=int, help="our server's chunk_memory_bytes, in MiB")
     args = parser.parse_args(argv)
-    models = (args.models or ("demo" if args.quick else "demo,resnet50")).split(",")
-    unknown = sorted(set(models) - set(ARCHITECTURES))
-    if unknown:  # before any model is built or measured
-        parser.error(f"unknown models {unknown}; choose from {','.join(ARCHITECTURES)}")
+    models = model_names(parser, args.models or ("demo" if args.quick else "demo,resnet50"))
     requests = args.requests or (4 if args.quick else 8)
     repeats = 5 if args.quick else 20
     steps_grid = (1, 2, 4, 8, 15) if args.quick else (1, 2, 3, 4, 6, 8, 10, 12, 15)

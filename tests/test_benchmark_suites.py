@@ -54,7 +54,7 @@ def test_decam_suite_compares_the_same_search_three_ways(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("suite", "models"), [
-    ("multiscale", ["--models", "demo", "resnet5O"]),
+    ("multiscale", ["--models", "demo,resnet5O"]),
     ("gradients", ["--models", "demo,resnet5O"]),
     ("peers", ["--models", "demo,resnet5O"]),
 ])
@@ -82,3 +82,17 @@ def test_interleaved_timing_gives_cheap_calls_more_rounds_up_to_the_cap() -> Non
     assert len(time_interleaved(costly, repeats=3, warmup=0, min_seconds=0.05,
                                 max_repeats=200)["a"]) == 3
     assert len(time_interleaved(calls, repeats=4, warmup=0)["b"]) == 4
+
+
+@pytest.mark.slow
+def test_quadrature_suite_scores_every_rule_against_the_reference(tmp_path: Path) -> None:
+    result = run_suite("quadrature", tmp_path)
+    rules = {row["rule"] for row in result["rows"]}
+    assert {"gauss_legendre", "midpoint", "graded t^2"} <= rules
+    by_rule = {rule: [r for r in result["rows"] if r["rule"] == rule] for rule in rules}
+    for rows in by_rule.values():
+        assert all(0 <= r["completeness_error"] < 1 and 0 < r["per_pixel_error"] < 1
+                   for r in rows)
+    gauss = by_rule["gauss_legendre"]
+    # More steps approach the 256-step reference pixel by pixel.
+    assert gauss[-1]["per_pixel_error"] < gauss[0]["per_pixel_error"]
