@@ -96,3 +96,19 @@ def test_quadrature_suite_scores_every_rule_against_the_reference(tmp_path: Path
     gauss = by_rule["gauss_legendre"]
     # More steps approach the 256-step reference pixel by pixel.
     assert gauss[-1]["per_pixel_error"] < gauss[0]["per_pixel_error"]
+
+
+def test_interleaved_timing_varies_which_call_comes_before_which() -> None:
+    """Every call follows every other, so none always carries one neighbour's traces."""
+    seen: list[str] = []
+    calls = {name: (lambda name=name: seen.append(name)) for name in "abc"}
+    times = time_interleaved(calls, repeats=30, warmup=0)
+    assert all(len(values) == 30 for values in times.values())
+    rounds = [seen[i:i + 3] for i in range(0, len(seen), 3)]
+    assert all(sorted(r) == list("abc") for r in rounds)  # each call once per round
+    pairs = {(r[i], r[i + 1]) for r in rounds for i in range(2)}
+    assert pairs == {(x, y) for x in "abc" for y in "abc" if x != y}
+    again: list[str] = []
+    time_interleaved({name: (lambda name=name: again.append(name)) for name in "abc"},
+                     repeats=30, warmup=0)
+    assert again == seen  # the order is seeded: a rerun times the calls in the same order
