@@ -102,6 +102,39 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: 
     return times
 
 
+def dense_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
+    """Float32 GFLOP/s of a ``size``² matrix product on ``threads`` torch threads (best of
+    ``repeats``): the rate this machine reaches on dense arithmetic, which convolutions lowered
+    to the same kind of kernels can at best approach."""
+    import torch  # noqa: PLC0415
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        best = min(time_calls(lambda: torch.mm(a, b), repeats, warmup=2))
+    finally:
+        torch.set_num_threads(previous)
+    return 2.0 * size**3 / best / 1e9
+
+
+def gradient_gflop(package: Path, images: int = 2) -> float:
+    """GFLOP of one forward and one input-gradient backward pass per image of a package's
+    prepared torch program (what one Integrated Gradients step costs), as torch's
+    ``FlopCounterMode`` counts them (convolutions and matrix products)."""
+    import torch  # noqa: PLC0415
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    from handlers.torch_program import FAST, build_variant  # noqa: PLC0415
+
+    shape = json.loads((package / "manifest.json").read_text())["input"]["shape"]
+    module = build_variant(torch.export.load(str(package / "model.pt2")), FAST)
+    x = torch.rand(images, *shape[1:]).requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        module(x)[0][:, 0].sum().backward()
+    return counter.get_total_flops() / images / 1e9
+
+
 # ---- output ----------------------------------------------------------------------------------
 
 

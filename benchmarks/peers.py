@@ -9,6 +9,8 @@
    adds), and our core in-process (what gRPC adds).
 3. ``Predict`` over gRPC against ONNX Runtime in-process for one 128×128 image, and against
    a bare ``grpc.aio`` server making the same call (``benchmarks/grpc_floor.py``).
+4. The compute floor of Integrated Gradients: the GFLOP of its steps over the dense float32
+   rate this machine reaches, so the ratio at equal steps reads against its ceiling.
 
 Models: the demo model and a ResNet-50-shaped model (random weights) at 224².
 
@@ -40,7 +42,9 @@ from benchmarks.common import (
     TorchServeProcess,
     base_parser,
     demo_repository,
+    dense_gflops,
     free_port,
+    gradient_gflop,
     model_names,
     percentiles,
     png_images,
@@ -406,6 +410,33 @@ def versus_torchserve(
     return result
 
 
+def compute_floor(package: Path, config: dict[str, Any], steps: int = STOCK_STEPS
+                  ) -> dict[str, Any]:
+    """The most IG-``steps`` explanations/s this machine can give: each step is one forward
+    and one input-gradient backward pass, done at the dense float32 rate of the cores the
+    server uses (``max_inflight`` × ``intra_op_threads``). Measured before any server runs."""
+    cores = config["max_inflight"] * config["intra_op_threads"]
+    gflop = gradient_gflop(package)
+    rate = dense_gflops(cores)
+    return {
+        "gflop_per_step_and_image": gflop,
+        "cores": cores,
+        "dense_gflops": rate,
+        "steps": steps,
+        "floor_explanations_per_s": rate / (steps * gflop),
+    }
+
+
+def with_floor(entry: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` with the compute floor and both sides' throughput as a fraction of it."""
+    best = floor["floor_explanations_per_s"]
+    floor = dict(floor, ours_fraction=entry["ours_equal_steps"]["explanations_per_s"] / best)
+    if "explanations_per_s" in entry.get("torchserve", {}):
+        floor["torchserve_fraction"] = entry["torchserve"]["explanations_per_s"] / best
+        floor["ceiling_equal_steps"] = best / entry["torchserve"]["explanations_per_s"]
+    return {**entry, "compute_floor": floor}
+
+
 # ---- 2. Captum in-process vs our server ------------------------------------------------------
 
 
@@ -622,6 +653,20 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"{entry['model']}: our relative completeness error by steps (mean over "
                      f"the same {entry['images']} images, up to the first that matches "
                      f"TorchServe's): {sweep}")
+        floor = entry.get("compute_floor")
+        if floor:
+            line = (
+                f"{entry['model']}: compute floor {floor['gflop_per_step_and_image']:.3g} GFLOP "
+                f"per step and image (forward + input-gradient backward) at "
+                f"{floor['dense_gflops']:.0f} GFLOP/s (dense float32, {floor['cores']} threads) "
+                f"= at most {floor['floor_explanations_per_s']:.3g} IG-{floor['steps']} "
+                f"explanations/s; ours reach {floor['ours_fraction']:.0%} of it"
+            )
+            if "ceiling_equal_steps" in floor:
+                line += (f", TorchServe {floor['torchserve_fraction']:.0%}, so no server can "
+                         f"beat TorchServe by more than ×{floor['ceiling_equal_steps']:.2f} "
+                         "at equal steps")
+            lines.append(line)
     lines += [
         "",
         "What the service adds (batch 1, one image, concurrency 1, the server's threads):",
@@ -675,12 +720,12 @@ def main(argv: list[str] | None = None) -> int:
         size = json.loads((package / "manifest.json").read_text())["input"]["shape"][-1]
         images = png_images(requests, int(size), seed=5)
         try:
+            floor = compute_floor(package, config)
             with ServerProcess(repository, config) as server:
-                results["versus_torchserve"].append(
-                    versus_torchserve(
-                        model, package, server.address, images, args.concurrency, steps_grid
-                    )
+                entry = versus_torchserve(
+                    model, package, server.address, images, args.concurrency, steps_grid
                 )
+                results["versus_torchserve"].append(with_floor(entry, floor))
                 results["service_overhead"] += service_overhead(
                     model,
                     package,

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import time_interleaved
+from benchmarks.common import gradient_gflop, time_interleaved
+from benchmarks.peers import with_floor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,3 +113,23 @@ def test_interleaved_timing_varies_which_call_comes_before_which() -> None:
     time_interleaved({name: (lambda name=name: again.append(name)) for name in "abc"},
                      repeats=30, warmup=0)
     assert again == seen  # the order is seeded: a rerun times the calls in the same order
+
+
+def test_gradient_gflop_counts_each_convolution_twice(repository: Path) -> None:
+    """Forward plus input-gradient backward of TinyCNN at 32²: every layer's multiply-adds
+    once forward and once backward (no weight gradients), two FLOPs each."""
+    macs = 32 * 32 * 8 * 3 * 9 + 16 * 16 * 16 * 8 * 9 + 8 * 8 * 32 * 16 * 9 + 32 * 4
+    assert gradient_gflop(repository / "tiny" / "1") == pytest.approx(2 * 2 * macs / 1e9)
+
+
+def test_compute_floor_bounds_both_servers() -> None:
+    floor = {"floor_explanations_per_s": 2.0, "steps": 15}
+    entry = {"ours_equal_steps": {"explanations_per_s": 1.5},
+             "torchserve": {"explanations_per_s": 0.5}}
+    got = with_floor(entry, floor)["compute_floor"]
+    assert got["ours_fraction"] == pytest.approx(0.75)
+    assert got["torchserve_fraction"] == pytest.approx(0.25)
+    assert got["ceiling_equal_steps"] == pytest.approx(4.0)
+    skipped = with_floor({"ours_equal_steps": {"explanations_per_s": 1.0},
+                          "torchserve": {"skipped": "not installed"}}, floor)["compute_floor"]
+    assert "ceiling_equal_steps" not in skipped and skipped["ours_fraction"] == 0.5
