@@ -35,12 +35,13 @@ def tensor_to_array(tensor: pb.Tensor) -> np.ndarray:
     if math.prod(shape) > (1 << 40):
         raise InvalidInput(f"tensor shape {shape} is absurdly large")
     expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # each read of a bytes field copies it: read once
+    if len(data) != expected:
         raise InvalidInput(
-            f"tensor data has {len(tensor.data)} bytes but shape {shape} of "
+            f"tensor data has {len(data)} bytes but shape {shape} of "
             f"{pb.DType.Name(tensor.dtype)} needs {expected}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def array_to_tensor(array: np.ndarray) -> pb.Tensor:

@@ -3,15 +3,29 @@
 Request lines carry ``request_id``, ``model``, ``method``, ``code`` and
 ``latency_ms`` (never payloads: no tensors, images or tokens); failures carry the
 traceback in ``traceback``.
+
+Lines are formatted and written by a background thread: the event loop only queues the
+record. A log line per request written on the loop cost ~0.1 ms of each ``Predict``'s latency,
+and a stalled stderr (a log collector that stops reading the pipe) would otherwise stall every
+call and the health checks with it. The queue is bounded; when stderr cannot keep up, lines
+are dropped and counted, and the next line that gets through says how many.
 """
 
 from __future__ import annotations
 
+import atexit
+import copy
 import json
 import logging
+import logging.handlers
+import queue
 import sys
+import threading
 import time
 from typing import Any
+
+QUEUE_LINES = 10_000
+STOP_SECONDS = 5.0
 
 # Fields a log call may attach with ``extra=``; anything else is dropped, so a
 # careless ``extra`` cannot leak a payload into the logs.
@@ -52,18 +66,100 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = value
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # rendered before the record crossed threads
+            entry["traceback"] = record.exc_text
         return json.dumps(entry, default=str)
 
 
-def configure(level: str = "INFO", log_format: str = "json") -> None:
-    """Sends the root logger to stderr in the chosen format (replacing earlier handlers)."""
+class QueueingHandler(logging.handlers.QueueHandler):
+    """Queues records for the writer thread, with their message and traceback rendered now
+    (arguments and tracebacks belong to the caller's frame); a full queue drops and counts."""
+
+    def __init__(self, lines: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(lines)
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        with self._lock:
+            try:
+                if self.dropped:
+                    self.queue.put_nowait(self.dropped_record())
+                    self.dropped = 0
+                self.queue.put_nowait(record)
+            except queue.Full:
+                self.dropped += 1
+
+    def dropped_record(self) -> logging.LogRecord:
+        """A warning with the count of lines dropped so far."""
+        return logging.LogRecord(
+            "service.logging", logging.WARNING, __file__, 0,
+            f"{self.dropped} log lines dropped: stderr did not keep up", None, None)
+
+
+class Writer(logging.handlers.QueueListener):
+    """The writer thread. Stopping waits at most ``STOP_SECONDS`` for a stalled stderr, so
+    an exit is never held up for good."""
+
+    def __init__(self, lines: queue.Queue[logging.LogRecord], queueing: QueueingHandler,
+                 handler: logging.Handler) -> None:
+        super().__init__(lines, handler)
+        self.queueing = queueing
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        try:
+            with self.queueing._lock:  # the count no later line will carry
+                if self.queueing.dropped:
+                    self.queue.put(self.queueing.dropped_record(), timeout=STOP_SECONDS)
+                    self.queueing.dropped = 0
+            self.queue.put(self._sentinel, timeout=STOP_SECONDS)
+        except queue.Full:
+            return
+        self._thread.join(STOP_SECONDS)
+        self._thread = None
+
+
+_writer: Writer | None = None
+
+
+def configure(level: str = "INFO", log_format: str = "json",
+              queue_lines: int = QUEUE_LINES) -> None:
+    """Sends the root logger to stderr in the chosen format through the writer thread
+    (replacing earlier handlers; the lines still queued are written at exit)."""
+    global _writer
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    stop_writer()
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(queue_lines)
+    queueing = QueueingHandler(lines)
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)
-    root.addHandler(handler)
+    root.addHandler(queueing)
     root.setLevel(level.upper())
+    _writer = Writer(lines, queueing, handler)
+    _writer.start()
+
+
+def stop_writer() -> None:
+    """Writes the queued lines and stops the writer thread (at exit, or before reconfiguring)."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
+
+
+atexit.register(stop_writer)
