@@ -41,6 +41,19 @@ class StalledStream(io.StringIO):
         return super().write(text)
 
 
+@pytest.fixture
+def stalled(monkeypatch: pytest.MonkeyPatch, root_logging: None) -> StalledStream:
+    """Logging configured onto a stalled stderr, with room for four queued lines."""
+    stream = StalledStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    logging_setup.configure("INFO", "json", queue_lines=4)
+    return stream
+
+
+def messages_of(stream: io.StringIO) -> list[str]:
+    return [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
+
+
 def test_lines_are_written_by_the_writer_thread_with_tracebacks(
     monkeypatch: pytest.MonkeyPatch, root_logging: None
 ) -> None:
@@ -64,11 +77,9 @@ def test_lines_are_written_by_the_writer_thread_with_tracebacks(
 
 
 def test_a_stalled_stderr_drops_and_counts_lines_instead_of_blocking(
-    monkeypatch: pytest.MonkeyPatch, root_logging: None
+    stalled: StalledStream,
 ) -> None:
-    stream = StalledStream()
-    monkeypatch.setattr(sys, "stderr", stream)
-    logging_setup.configure("INFO", "json", queue_lines=4)
+    stream = stalled
     log = logging.getLogger("service.test")
     caller = threading.Thread(target=lambda: [log.info("line %d", i) for i in range(50)])
     caller.start()
@@ -77,7 +88,7 @@ def test_a_stalled_stderr_drops_and_counts_lines_instead_of_blocking(
     assert stream.getvalue() == ""  # nothing could be written yet
     stream.release.set()
     logging_setup.stop_writer()  # writes the queued lines, then the count of the dropped
-    messages = [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
+    messages = messages_of(stream)
     kept = [m for m in messages if m.startswith("line ")]
     assert 0 < len(kept) <= 5  # the line being written and the four queued
     assert kept == [f"line {i}" for i in range(len(kept))]
@@ -86,11 +97,9 @@ def test_a_stalled_stderr_drops_and_counts_lines_instead_of_blocking(
 
 
 def test_the_first_line_after_a_stall_says_how_many_were_dropped(
-    monkeypatch: pytest.MonkeyPatch, root_logging: None
+    stalled: StalledStream,
 ) -> None:
-    stream = StalledStream()
-    monkeypatch.setattr(sys, "stderr", stream)
-    logging_setup.configure("INFO", "json", queue_lines=4)
+    stream = stalled
     log = logging.getLogger("service.test")
     for i in range(20):
         log.info("line %d", i)
@@ -103,7 +112,7 @@ def test_the_first_line_after_a_stall_says_how_many_were_dropped(
         threading.Event().wait(0.01)
     log.info("after the stall")
     logging_setup.stop_writer()
-    messages = [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
+    messages = messages_of(stream)
     kept = [m for m in messages if m.startswith("line ")]
     assert messages == [*kept, f"{20 - len(kept)} log lines dropped: stderr did not keep up",
                         "after the stall"]
