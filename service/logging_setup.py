@@ -104,6 +104,14 @@ class QueueingHandler(logging.handlers.QueueHandler):
             "service.logging", logging.WARNING, __file__, 0,
             f"{self.dropped} log lines dropped: stderr did not keep up", None, None)
 
+    def put_dropped(self, timeout: float) -> None:
+        """Queues the count of dropped lines, waiting up to ``timeout`` for room (at stop,
+        when no later line will carry it)."""
+        with self._lock:
+            if self.dropped:
+                self.queue.put(self.dropped_record(), timeout=timeout)
+                self.dropped = 0
+
 
 class Writer(logging.handlers.QueueListener):
     """The writer thread. Stopping waits at most ``STOP_SECONDS`` for a stalled stderr, so
@@ -118,10 +126,7 @@ class Writer(logging.handlers.QueueListener):
         if self._thread is None:
             return
         try:
-            with self.queueing._lock:  # the count no later line will carry
-                if self.queueing.dropped:
-                    self.queue.put(self.queueing.dropped_record(), timeout=STOP_SECONDS)
-                    self.queueing.dropped = 0
+            self.queueing.put_dropped(STOP_SECONDS)
             self.queue.put(self._sentinel, timeout=STOP_SECONDS)
         except queue.Full:
             return
