@@ -71,21 +71,30 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> list[f
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
-                     min_seconds: float = 0.0, max_repeats: int = 0) -> dict[str, list[float]]:
+                     min_seconds: float = 0.0, max_repeats: int = 0,
+                     steady_below: float = 0.0) -> dict[str, list[float]]:
     """Wall seconds of each call, timed round-robin so that load on a shared machine falls
     on every call alike (for ratios measured side by side).
 
-    Each round runs the calls in a fresh order (seeded, so runs repeat), so every call
-    follows every other alike: a call that always followed the same one would carry what that
-    one leaves behind (an in-process ONNX Runtime run made the gRPC call after it 0.06–0.13 ms
-    slower than an identical call one place later).
+    A call is slowed by what the call before it left in the caches: an in-process ONNX
+    Runtime run made the gRPC call after it 0.06–0.13 ms slower than an identical call one
+    place later, and a torch call before a few-millisecond ONNX Runtime call slows that by
+    more. So each round runs the calls in a fresh order (seeded, so runs repeat), and a call
+    whose last warm-up took less than ``steady_below`` seconds runs once untimed right before
+    each timed run: it is timed in the state it leaves behind itself, as in a server busy
+    with such calls. Costlier calls are timed once a round; their neighbours matter less.
 
     At least ``repeats`` rounds; cheap calls get more rounds, up to ``max_repeats``, until the
     rounds took ``min_seconds``, so a millisecond call's p50 rests on more than ten samples.
     """
-    for call in calls.values():
+    steady = set()
+    for name, call in calls.items():
         for _ in range(warmup):
+            started = time.perf_counter()
             call()
+            last = time.perf_counter() - started
+        if warmup and last < steady_below:
+            steady.add(name)
     times: dict[str, list[float]] = {name: [] for name in calls}
     order = list(calls.items())
     shuffle = random.Random(0).shuffle
@@ -96,6 +105,8 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: 
         rounds += 1
         shuffle(order)
         for name, call in order:
+            if name in steady:
+                call()
             started = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - started)

@@ -566,7 +566,7 @@ def predict_overhead(package: Path, address: str, repeats: int, threads: int
                 "onnxruntime": lambda: session.run(["logits"], {"input": inputs}),
                 "ours": lambda: ours.Predict(request, timeout=30),
                 "bare": lambda: bare.Predict(request, timeout=30),
-            }, repeats, warmup=5)
+            }, repeats, warmup=5, steady_below=0.05)
     finally:
         floor.terminate()
         floor.wait(10)

@@ -133,3 +133,18 @@ def test_compute_floor_bounds_both_servers() -> None:
     skipped = with_floor({"ours_equal_steps": {"explanations_per_s": 1.0},
                           "torchserve": {"skipped": "not installed"}}, floor)["compute_floor"]
     assert "ceiling_equal_steps" not in skipped and skipped["ours_fraction"] == 0.5
+
+
+def test_interleaved_timing_times_cheap_calls_right_after_themselves() -> None:
+    """A call under ``steady_below`` runs once untimed before each timed run, in the same
+    round; a costlier one runs once a round."""
+    seen: list[str] = []
+    calls = {"cheap": lambda: seen.append("cheap"),
+             "costly": lambda: (seen.append("costly"), time.sleep(0.02))}
+    times = time_interleaved(calls, repeats=5, warmup=1, steady_below=0.01)
+    assert len(times["cheap"]) == len(times["costly"]) == 5
+    rounds = seen[2:]  # after one warm-up call of each
+    assert rounds.count("cheap") == 10 and rounds.count("costly") == 5
+    for index, name in enumerate(rounds):
+        if name == "cheap" and (index == 0 or rounds[index - 1] != "cheap"):
+            assert rounds[index + 1] == "cheap"  # the untimed run, then the timed one
