@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -193,3 +194,13 @@ def test_metrics_endpoint_counts_requests(server, stub) -> None:
             in text)
     assert "saliency_request_seconds_bucket" in text
     assert 'saliency_backward_passes_total{method="vanilla_gradient",model="tiny"}' in text
+
+
+def test_sessions_stop_spinning_after_each_run(repository: Path) -> None:
+    """A gradient method runs torch right after the prediction run; pool threads still
+    spinning would take its cores."""
+    repo = Repository(repository, intra_op_threads=2)
+    repo.load_all()
+    options = repo.get("tiny").session.get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert options.intra_op_num_threads == 2
