@@ -25,6 +25,8 @@ import time
 from typing import Any
 
 QUEUE_LINES = 10_000
+BATCH_LINES = 1_000
+BATCH_SECONDS = 0.02
 STOP_SECONDS = 5.0
 
 # Fields a log call may attach with ``extra=``; anything else is dropped, so a
@@ -114,13 +116,42 @@ class QueueingHandler(logging.handlers.QueueHandler):
 
 
 class Writer(logging.handlers.QueueListener):
-    """The writer thread. Stopping waits at most ``STOP_SECONDS`` for a stalled stderr, so
-    an exit is never held up for good."""
+    """The writer thread: it writes what has gathered in one go, then rests ``BATCH_SECONDS``,
+    so under load one wake-up and one write serve many lines (waking once a line took the
+    GIL from the event loop once a request: 3.5 % of the fast path's throughput). Stopping
+    waits at most ``STOP_SECONDS`` for a stalled stderr, so an exit is never held up for good.
+    """
 
     def __init__(self, lines: queue.Queue[logging.LogRecord], queueing: QueueingHandler,
-                 handler: logging.Handler) -> None:
+                 handler: logging.StreamHandler[Any]) -> None:
         super().__init__(lines, handler)
         self.queueing = queueing
+        self.stream_handler = handler
+
+    def _monitor(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < BATCH_LINES:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            records = [record for record in batch if record is not self._sentinel]
+            if records:
+                self.write(records)
+            if len(records) < len(batch):
+                return
+            time.sleep(BATCH_SECONDS)
+
+    def write(self, records: list[logging.LogRecord]) -> None:
+        handler = self.stream_handler
+        try:
+            text = "".join(handler.format(record) + handler.terminator for record in records)
+            with handler.lock or threading.Lock():
+                handler.stream.write(text)
+                handler.flush()
+        except Exception:  # noqa: BLE001 - logging reports its own failures, never raises
+            handler.handleError(records[0])
 
     def stop(self) -> None:
         if self._thread is None:

@@ -90,7 +90,7 @@ def test_a_stalled_stderr_drops_and_counts_lines_instead_of_blocking(
     logging_setup.stop_writer()  # writes the queued lines, then the count of the dropped
     messages = messages_of(stream)
     kept = [m for m in messages if m.startswith("line ")]
-    assert 0 < len(kept) <= 5  # the line being written and the four queued
+    assert 0 < len(kept) <= 8  # a batch being written (at most the four queued), four more
     assert kept == [f"line {i}" for i in range(len(kept))]
     assert messages[len(kept):] == [
         f"{50 - len(kept)} log lines dropped: stderr did not keep up"]
