@@ -107,7 +107,7 @@ def test_the_first_line_after_a_stall_says_how_many_were_dropped(
     writer = logging_setup._writer
     assert writer is not None
     for _ in range(3000):  # until the writer has drained the queue (at most 30 s)
-        if writer.queue.empty():
+        if writer.lines.empty():
             break
         threading.Event().wait(0.01)
     log.info("after the stall")
