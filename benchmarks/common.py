@@ -301,7 +301,7 @@ def cached_package(architecture: str, size: int, root: Path, name: str,
     export_package(
         model, name=name, version=1, input_shape=(3, size, size), mean=mean, std=std,
         class_labels=[], repository=root, scale_modules=model.scale_modules(),
-        cam_layer="layer4", head="fc", overwrite=True, verify_inputs=verify_inputs,
+        cam_layer=model.cam_layer, head="fc", overwrite=True, verify_inputs=verify_inputs,
     )
     return root
 
@@ -315,8 +315,9 @@ def demo_repository() -> Path:
 
 
 def sized_repository(architecture: str, size: int) -> Path:
-    """A cached repository with one random-weight package (``demo`` = DemoResNet,
-    ``resnet50`` = ResNet50Shape) whose input is ``size``×``size``, for size sweeps."""
+    """A cached repository with one random-weight package named ``architecture`` (``demo`` =
+    DemoResNet, ``resnet50`` = ResNet50Shape) whose input is ``size``×``size``: the package
+    every suite measures, exported once for all of them, with ``random_model``'s weights."""
     if architecture == "resnet50":
         return resnet50_repository(size)
     return cached_package("demo", size, CACHE / f"demo-{size}", "demo", verify_inputs=1)

@@ -42,10 +42,10 @@ from captum.attr import (
 )
 
 from benchmarks.common import (
-    CACHE,
     base_parser,
     model_names,
     random_model,
+    sized_repository,
     table,
     write_json,
 )
@@ -53,11 +53,9 @@ from handlers import registry
 from handlers.base import ExplainJob, Limits
 from handlers.baselines import make_baseline
 from handlers.noise import noise_sigmas
-from service.export import export_package
 from service.repository import ModelHandle, Repository
 
 SIZE = 224
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 METHODS = (
     "vanilla_gradient",
     "input_x_gradient",
@@ -72,28 +70,12 @@ METHODS = (
 
 
 def build(name: str) -> tuple[torch.nn.Module, ModelHandle]:
-    """The architecture with random weights (seed 0) and its package, exported once (cached)."""
+    """The architecture with random weights (seed 0) and its package, the one the other suites
+    measure too (``sized_repository``: exported once, cached)."""
     module: torch.nn.Module = random_model(name)
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    root = CACHE / f"gradients-{name}-{SIZE}"
-    if not (root / name / "1" / "manifest.json").is_file():
-        export_package(
-            module,
-            name=name,
-            version=1,
-            input_shape=(3, SIZE, SIZE),
-            mean=MEAN,
-            std=STD,
-            class_labels=[],
-            repository=root,
-            scale_modules=module.scale_modules(),
-            cam_layer=module.cam_layer,
-            head="fc",
-            overwrite=True,
-            verify_inputs=1,
-        )
-    repository = Repository(root)
+    repository = Repository(sized_repository(name, SIZE))
     repository.load_all()
     return module, repository.get(name)
 

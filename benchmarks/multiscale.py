@@ -18,7 +18,6 @@ import asyncio
 import json
 import platform
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from benchmarks.common import model_names, random_model, time_interleaved
+from benchmarks.common import model_names, random_model, sized_repository, time_interleaved
 from handlers import registry
 from handlers.base import CostCounter, ExplainJob, RequestState
 from handlers.multiscale import (
@@ -43,7 +42,6 @@ from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.config import Config
 from service.core import Core
-from service.export import export_package
 from service.images import array_to_tensor
 from service.metrics import Metrics
 from service.repository import ONNX_FILE, Repository
@@ -52,7 +50,6 @@ from service.server import SaliencyServer
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "multiscale.json"
 SIZE = 224
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # Cheap rows (the demo network) repeat their rounds for at least this long: ten p50
 # samples of a few-millisecond call on a shared 2-core machine moved the gRPC ratio by 0.2.
 MIN_ROW_SECONDS = 5.0
@@ -82,15 +79,10 @@ def p50_ms(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
 LABELS = {"demo": "demo_resnet", "resnet50": "resnet50_shape"}
 
 
-def build(architecture: str, root: Path) -> tuple[torch.nn.Module, Path]:
-    """Exports the architecture (random weights, fixed seed) into ``root`` under its label."""
-    model = random_model(architecture)
-    name = LABELS[architecture]
-    export_package(model, name=name, version=1, input_shape=(3, SIZE, SIZE), mean=MEAN,
-                   std=STD, class_labels=[], repository=root,
-                   scale_modules=model.scale_modules(), cam_layer=model.cam_layer,
-                   head="fc", verify_inputs=2, tolerance=1e-2)
-    return model, root / name / "1"
+def build(architecture: str) -> tuple[torch.nn.Module, Path]:
+    """The architecture with random weights (seed 0) and the repository of its package, named
+    ``architecture``: the one the other suites measure (``sized_repository``, cached)."""
+    return random_model(architecture), sized_repository(architecture, SIZE)
 
 
 class Server:
@@ -166,13 +158,14 @@ def smoe_numpy_vs_baked(package: Path, inputs: np.ndarray, repeats: int,
     return {**timed, "max_abs_difference": difference}
 
 
-def run(architecture: str, root: Path, batches: list[int], repeats: int,
+def run(architecture: str, batches: list[int], repeats: int,
         threads: int, min_seconds: float = MIN_ROW_SECONDS) -> list[dict[str, Any]]:
-    model, package = build(architecture, root)
-    arch = LABELS[architecture]  # the package's name and the rows' label
+    model, root = build(architecture)
+    package = root / architecture / "1"  # the package is named after the architecture
+    label = LABELS[architecture]  # the rows' label
     repository = Repository(root, intra_op_threads=threads)
     repository.load_all()
-    handle = repository.get(arch)
+    handle = repository.get(architecture)
     core = Core(repository, Config(models=root, max_batch=16, intra_op_threads=threads),
                 Metrics())
     have_gradcam = pb.METHOD_GRADCAM in {h.method for h in registry.handlers()}
@@ -191,8 +184,8 @@ def run(architecture: str, root: Path, batches: list[int], repeats: int,
             targets = handle.run(inputs)[0].argmax(1)
 
             def explain(method: int, tensor: pb.Input = tensor) -> pb.ExplainResponse:
-                return core.explain(pb.ExplainRequest(model=arch, method=method, input=tensor),
-                                    RequestState(), CostCounter())
+                request = pb.ExplainRequest(model=architecture, method=method, input=tensor)
+                return core.explain(request, RequestState(), CostCounter())
 
             def our_gradcam(inputs: np.ndarray = inputs, targets: np.ndarray = targets) -> Any:
                 if have_gradcam:
@@ -205,19 +198,19 @@ def run(architecture: str, root: Path, batches: list[int], repeats: int,
             target_list = targets.tolist()
 
             def grpc_explain(method: int, tensor: pb.Input = tensor) -> Any:
-                return stub.Explain(pb.ExplainRequest(model=arch, method=method, input=tensor),
-                                    timeout=600)
+                request = pb.ExplainRequest(model=architecture, method=method, input=tensor)
+                return stub.Explain(request, timeout=600)
 
             calls: dict[str, Callable[[], Any]] = {
                 "ort_inference_ms": lambda inputs=inputs: handle.run(inputs),
                 "predict_ms": lambda tensor=tensor: core.predict(
-                    pb.PredictRequest(model=arch, input=tensor), CostCounter()),
+                    pb.PredictRequest(model=architecture, input=tensor), CostCounter()),
                 "smoe_ms": lambda: explain(pb.METHOD_SMOE_SCALE),
                 "fastcam_ms": lambda: explain(pb.METHOD_FASTCAM),
                 "our_gradcam_ms": our_gradcam,
                 "peer_gradcam_ms": lambda x=x, t=target_list: peer(x, t),
                 "grpc_predict_ms": lambda tensor=tensor: stub.Predict(
-                    pb.PredictRequest(model=arch, input=tensor), timeout=600),
+                    pb.PredictRequest(model=architecture, input=tensor), timeout=600),
                 "grpc_smoe_ms": lambda: grpc_explain(pb.METHOD_SMOE_SCALE),
                 "grpc_fastcam_ms": lambda: grpc_explain(pb.METHOD_FASTCAM),
             }
@@ -226,7 +219,7 @@ def run(architecture: str, root: Path, batches: list[int], repeats: int,
             # A batch costs ~batch× one image: fewer repeats bound the suite's time.
             count = repeats if batch == 1 else max(5, repeats // 2)
             timed = p50_ms(calls, count, min_seconds=min_seconds)
-            row: dict[str, Any] = {"model": arch, "batch": batch, **timed}
+            row: dict[str, Any] = {"model": label, "batch": batch, **timed}
             reply = explain(pb.METHOD_FASTCAM)
             row["fastcam_forward_passes"] = reply.cost.forward_passes
             row["fastcam_backward_passes"] = reply.cost.backward_passes
@@ -243,7 +236,7 @@ def run(architecture: str, root: Path, batches: list[int], repeats: int,
             row["best_of_gradcam_vs_fastcam"] = row["our_gradcam_min_ms"] / row["fastcam_min_ms"]
             row["best_of_peer_vs_fastcam"] = row["peer_gradcam_min_ms"] / row["fastcam_min_ms"]
             rows.append(row)
-            print(f"  {arch} batch {batch} done", file=sys.stderr, flush=True)
+            print(f"  {label} batch {batch} done", file=sys.stderr, flush=True)
         channel.close()
     finally:
         server.stop()
@@ -268,10 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = [1] if args.quick else [1, 8]
     repeats = 5 if args.quick else args.repeats
     rows = []
-    with tempfile.TemporaryDirectory() as temp:
-        for architecture in model_names(parser, args.models):
-            rows += run(architecture, Path(temp) / architecture, batches, repeats,
-                        args.threads, 0.0 if args.quick else MIN_ROW_SECONDS)
+    for architecture in model_names(parser, args.models):
+        rows += run(architecture, batches, repeats, args.threads,
+                    0.0 if args.quick else MIN_ROW_SECONDS)
     header = ("| model | batch | ORT run | Predict | SMOE | FastCAM | Grad-CAM (ours) | peer "
               "Grad-CAM | gRPC Predict | gRPC SMOE | gRPC FastCAM | gRPC Grad-CAM | "
               "SMOE/Predict | "

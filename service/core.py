@@ -162,7 +162,7 @@ def predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list
         ])
         for indices, chances, values in zip(
             order.tolist(), probabilities[rows, order].tolist(),
-            logits[rows, order].astype(np.float64).tolist(), strict=True)
+            logits[rows, order].tolist(), strict=True)
     ]
 
 
