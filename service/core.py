@@ -80,8 +80,12 @@ def preprocess_pixels(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     return inputs
 
 
-def decode_input(message: pb.Input, spec: InputSpec, config: Config) -> np.ndarray:
-    """A request's input → float32 N×C×H×W as the model takes it, or INVALID_ARGUMENT."""
+def decode_input(message: pb.Input, spec: InputSpec, config: Config,
+                 writable: bool = True) -> np.ndarray:
+    """A request's input → float32 N×C×H×W as the model takes it, or INVALID_ARGUMENT.
+
+    ``writable=False`` may return a read-only view of a float32 tensor's bytes, sparing a
+    copy where nothing writes to the input (a prediction)."""
     channels, height, width = spec.channels, spec.height, spec.width
     kind = message.WhichOneof("kind")
     if kind is None:
@@ -120,6 +124,8 @@ def decode_input(message: pb.Input, spec: InputSpec, config: Config) -> np.ndarr
         )
     if not np.isfinite(array).all():
         raise InvalidInput("tensor holds NaN or Inf values")
+    if not writable and array.dtype == np.float32:
+        return array
     return np.array(array, dtype=np.float32, order="C")  # a writable copy
 
 
@@ -147,22 +153,47 @@ def resolve_targets(target: pb.Target, logits: np.ndarray) -> np.ndarray:
     return indices
 
 
-def predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list[pb.Prediction]:
-    """Top-k classes with probabilities for every batch item."""
+# Up to this many classes plain Python ranks a row faster than numpy, whose per-call cost
+# dominates small rows (10 classes right after an ONNX Runtime run: 13 against 35 µs;
+# 100 classes run level; 1000 classes: 146 against 31 µs).
+PYTHON_RANKING_CLASSES = 64
+
+Ranked = list[tuple[list[int], list[float], list[float]]]
+
+
+def ranked_python(logits: np.ndarray, k: int) -> Ranked:
+    """(class indices, probabilities, logits) of each row's top ``k`` by logit, stable."""
+    ranked = []
+    for row in logits.tolist():
+        peak = max(row)
+        exps = [math.exp(z - peak) for z in row]
+        total = sum(exps)
+        order = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]
+        ranked.append((order, [exps[i] / total for i in order], [row[i] for i in order]))
+    return ranked
+
+
+def ranked_numpy(logits: np.ndarray, k: int) -> Ranked:
+    """``ranked_python`` for many classes."""
     probabilities = softmax(logits.astype(np.float64))
-    k = min(top_k if top_k > 0 else DEFAULT_TOP_K, logits.shape[1])
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     rows = np.arange(logits.shape[0])[:, None]
     # Plain Python numbers (tolist) build the messages far faster than numpy scalars.
+    return list(zip(order.tolist(), probabilities[rows, order].tolist(),
+                    logits[rows, order].tolist(), strict=True))
+
+
+def predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list[pb.Prediction]:
+    """Top-k classes with probabilities for every batch item."""
+    k = min(top_k if top_k > 0 else DEFAULT_TOP_K, logits.shape[1])
+    rank = ranked_python if logits.shape[1] <= PYTHON_RANKING_CLASSES else ranked_numpy
     return [
         pb.Prediction(top=[
             pb.ClassScore(index=i, label=labels[i] if i < len(labels) else str(i),
                           probability=p, logit=z)
             for i, p, z in zip(indices, chances, values, strict=True)
         ])
-        for indices, chances, values in zip(
-            order.tolist(), probabilities[rows, order].tolist(),
-            logits[rows, order].tolist(), strict=True)
+        for indices, chances, values in rank(logits, k)
     ]
 
 
@@ -271,7 +302,7 @@ class Core:
     def predict(self, request: pb.PredictRequest, cost: CostCounter) -> pb.PredictResponse:
         handle = self.repository.get(request.model, request.version)
         spec = handle.spec()
-        inputs = decode_input(request.input, spec.input, self.config)
+        inputs = decode_input(request.input, spec.input, self.config, writable=False)
         started = time.perf_counter()
         cpu_started = time.process_time()
         (logits,) = handle.run(inputs)

@@ -83,9 +83,10 @@ class QueueingHandler(logging.handlers.QueueHandler):
         self._lock = threading.Lock()
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        record = copy.copy(record)
-        record.msg, record.args = record.getMessage(), None
-        if record.exc_info:
+        if record.args:  # rendering in place changes nothing another handler would see
+            record.msg, record.args = record.getMessage(), None
+        if record.exc_info:  # a copy: other handlers may still want the live traceback
+            record = copy.copy(record)
             record.exc_text = logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
         return record

@@ -104,6 +104,13 @@ class Metrics:
             ["model", "method"],
             registry=r,
         )
+        self.inline = Counter(
+            "saliency_inline_requests",
+            "Requests run on the event loop instead of a worker thread (cheap one-item tensor "
+            "requests on an idle server; --inline-below-ms).",
+            ["model", "method"],
+            registry=r,
+        )
         self.inflight = Gauge("saliency_inflight_requests", "Requests executing now.", registry=r)
         self.queued = Gauge(
             "saliency_queued_requests",
