@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from handlers import registry
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from service.allocator import keep_freed_memory
 from service.config import Config
 from service.core import Core
 from service.explainer import Admission, ExplainerServicer
@@ -137,6 +138,7 @@ class SaliencyServer:
     async def start(self) -> int:
         """Loads models, binds the ports and marks readiness; returns the gRPC port."""
         set_thread_counts(self.config.intra_op_threads)
+        keep_freed_memory()
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),

@@ -1,0 +1,55 @@
+"""glibc malloc settings for a process that allocates and frees tensors all day.
+
+By default glibc hands every allocation above a moving threshold (128 KiB at first) to
+``mmap`` and gives freed memory at the top of a heap back to the kernel, so each pass of a
+gradient method maps its activations afresh and the kernel zeroes every page on first
+touch. An Integrated Gradients request on the demo model (15 steps, 128²) took ~4,000 page
+faults and 55–65 ms that way; with freed memory kept for reuse, none and 51–53 ms. The cost
+is that the process keeps its high-water mark of freed memory (bounded by
+``chunk_memory_bytes`` per executing request) instead of returning it.
+
+Only glibc has ``mallopt``; elsewhere nothing changes. Explicit ``MALLOC_MMAP_THRESHOLD_`` or
+``MALLOC_TRIM_THRESHOLD_`` environment variables win over these settings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# mallopt parameter numbers (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+# glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit): larger
+# blocks are always mapped.
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
+TRIM_THRESHOLD_BYTES = 1024 * 1024 * 1024
+ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": M_MMAP_THRESHOLD,
+               "MALLOC_TRIM_THRESHOLD_": M_TRIM_THRESHOLD}
+
+
+def keep_freed_memory() -> dict[str, int]:
+    """Sets glibc's mmap and trim thresholds (unless the environment sets them); returns
+    the settings applied, by name (empty when this is not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return {}
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    wanted = {"M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+              "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)}
+    overridden = {number for name, number in ENVIRONMENT.items() if name in os.environ}
+    applied = {}
+    for name, (number, value) in wanted.items():
+        if number in overridden:
+            continue
+        if mallopt(number, value) == 1:
+            applied[name] = value
+        else:
+            log.warning("mallopt(%s, %d) was refused; freed memory goes back to the kernel",
+                        name, value)
+    return applied
