@@ -8,6 +8,7 @@ are not, so every result file records the machine it ran on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -596,18 +597,31 @@ class TorchServeProcess:
         return [c.pid for c in children if "model_service_worker" in " ".join(c.cmdline())]
 
     def stop(self) -> None:
+        """Stops the whole group and waits until it is gone: the Java frontend and the
+        Python workers outlive the launcher by a few seconds, and whatever is timed next
+        would share the cores with their exit."""
         import signal  # noqa: PLC0415
 
         if self.process is None or self.process.poll() is not None:
             return
+        group = self.process.pid
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(group, signal.SIGTERM)
             self.process.wait(30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            os.killpg(group, signal.SIGKILL)
             self.process.wait(10)
         except ProcessLookupError:
-            pass
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(group, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
 
     def __enter__(self) -> TorchServeProcess:
         return self.start()
