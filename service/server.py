@@ -138,7 +138,11 @@ class SaliencyServer:
     async def start(self) -> int:
         """Loads models, binds the ports and marks readiness; returns the gRPC port."""
         set_thread_counts(self.config.intra_op_threads)
-        keep_freed_memory()
+        kept = keep_freed_memory()
+        if kept:  # why RSS stays at its high-water mark
+            log.info("freed memory is kept for reuse: %s",
+                     ", ".join(f"{name}={value}" for name, value in kept.items()),
+                     extra={"event": "allocator"})
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
