@@ -71,6 +71,11 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> list[f
     return times
 
 
+# Calls cheaper than this are timed right after an untimed run of themselves (steady state;
+# see ``time_interleaved``): few-millisecond calls, not ResNet-50's.
+STEADY_BELOW_SECONDS = 0.05
+
+
 def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
                      min_seconds: float = 0.0, max_repeats: int = 0,
                      steady_below: float = 0.0) -> dict[str, list[float]]:

@@ -29,7 +29,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from benchmarks.common import model_names, random_model, sized_repository, time_interleaved
+from benchmarks.common import (
+    STEADY_BELOW_SECONDS,
+    model_names,
+    random_model,
+    sized_repository,
+    time_interleaved,
+)
 from handlers import registry
 from handlers.base import CostCounter, ExplainJob, RequestState
 from handlers.multiscale import (
@@ -53,9 +59,6 @@ SIZE = 224
 # Cheap rows (the demo network) repeat their rounds for at least this long: ten p50
 # samples of a few-millisecond call on a shared 2-core machine moved the gRPC ratio by 0.2.
 MIN_ROW_SECONDS = 5.0
-# Calls cheaper than this are timed right after an untimed run of themselves (steady state;
-# see ``time_interleaved``): the demo rows, not ResNet-50's.
-STEADY_BELOW_SECONDS = 0.05
 TARGETS = {"fast_path_vs_inference_max": 1.25, "fastcam_vs_our_gradcam_min": 1.8,
            "fastcam_vs_peer_gradcam_min": 5.0}
 

@@ -38,6 +38,7 @@ from benchmarks.common import (
     ARCHITECTURES,
     CACHE,
     ROOT,
+    STEADY_BELOW_SECONDS,
     ServerProcess,
     TorchServeProcess,
     base_parser,
@@ -414,7 +415,7 @@ def compute_floor(package: Path, config: dict[str, Any], steps: int = STOCK_STEP
                   ) -> dict[str, Any]:
     """The most IG-``steps`` explanations/s this machine can give: each step is one forward
     and one input-gradient backward pass, done at the dense float32 rate of the cores the
-    server uses (``max_inflight`` × ``intra_op_threads``). Measured before any server runs."""
+    server uses (``max_inflight`` × ``intra_op_threads``). Measured while the server idles."""
     cores = config["max_inflight"] * config["intra_op_threads"]
     gflop = gradient_gflop(package)
     rate = dense_gflops(cores)
@@ -566,7 +567,7 @@ def predict_overhead(package: Path, address: str, repeats: int, threads: int
                 "onnxruntime": lambda: session.run(["logits"], {"input": inputs}),
                 "ours": lambda: ours.Predict(request, timeout=30),
                 "bare": lambda: bare.Predict(request, timeout=30),
-            }, repeats, warmup=5, steady_below=0.05)
+            }, repeats, warmup=5, steady_below=STEADY_BELOW_SECONDS)
     finally:
         floor.terminate()
         floor.wait(10)
@@ -720,14 +721,14 @@ def main(argv: list[str] | None = None) -> int:
         size = json.loads((package / "manifest.json").read_text())["input"]["shape"][-1]
         images = png_images(requests, int(size), seed=5)
         try:
-            floor = compute_floor(package, config)
             with ServerProcess(repository, config) as server:
                 if model == "demo":
-                    # First, while the host is quiet: right after seconds of torch work the
-                    # same calls ran 0.1-0.2 ms slower for a while (bare server included).
+                    # First, before any torch work in this process: right after seconds of
+                    # it the same calls ran 0.1-0.2 ms slower for a while (bare server too).
                     results["predict_overhead"] = predict_overhead(
                         package, server.address, repeats * 10, config["intra_op_threads"]
                     )
+                floor = compute_floor(package, config)
                 entry = versus_torchserve(
                     model, package, server.address, images, args.concurrency, steps_grid
                 )
