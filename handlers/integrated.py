@@ -18,7 +18,7 @@ from handlers.base import ENGINE_TORCH, ExplainJob, chunks, run_onnx_batched
 from handlers.baselines import make_baseline
 from handlers.gradients import GradientHandler, gradient_rows, sum_rows_by_image
 from handlers.registry import register
-from handlers.torch_program import FAST, prepared_module
+from handlers.torch_program import FAST, TRUNK, prepared_module, trunk_after_stem
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import InvalidInput
 
@@ -70,7 +70,13 @@ def target_logits(job: ExplainJob, inputs: np.ndarray) -> np.ndarray:
 def integrated_gradients(
     job: ExplainJob, baseline: np.ndarray, steps: int, rule: str
 ) -> np.ndarray:
-    """The IG attribution (N×C×H×W float32); rows are step-major like Captum's expansion."""
+    """The IG attribution (N×C×H×W float32); rows are step-major like Captum's expansion.
+
+    When the program starts with a convolution of the input alone, the path is walked in
+    that convolution's output space: stem(x' + α(x − x')) = stem(x') + α·stem₀(x − x') costs
+    two stem passes per image instead of one per step, and the weighted gradient sum goes
+    back through the stem once per image (about 6 % of a ResNet-50 step).
+    """
     nodes, weights = quadrature(rule, steps)
     inputs = torch.from_numpy(np.ascontiguousarray(job.inputs, dtype=np.float32))
     reference = torch.from_numpy(np.ascontiguousarray(baseline, dtype=np.float32))
@@ -78,21 +84,39 @@ def integrated_gradients(
     targets = torch.from_numpy(job.targets.astype(np.int64))
     batch = inputs.shape[0]
     alphas = torch.tensor(nodes, dtype=torch.float32)
-    total = torch.zeros(inputs.shape, dtype=torch.float64)
     step_weights = torch.tensor(weights, dtype=torch.float64)
+    trunk = trunk_after_stem(job.model)
+    if trunk is not None and trunk.stem is not None:
+        with torch.no_grad():
+            start, direction = trunk.stem(reference), trunk.stem(difference, with_bias=False)
+        variant = TRUNK
+    else:
+        start, direction, variant = reference, difference, FAST
+    total = torch.zeros(start.shape, dtype=torch.float64)
 
     def make_rows(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.arange(part.start, part.stop)
         step, image = rows // batch, rows % batch
-        scaled = reference[image] + alphas[step].view(-1, 1, 1, 1) * difference[image]
+        scaled = torch.empty((len(rows), *start.shape[1:]), dtype=torch.float32,
+                             memory_format=torch.channels_last)
+        for n in range(batch):  # the rows of image n: every batch-th, from ``first``
+            first = (n - part.start) % batch
+            if first >= len(rows):
+                continue
+            torch.addcmul(start[n : n + 1], alphas[step[first::batch]].view(-1, 1, 1, 1),
+                          direction[n : n + 1], out=scaled[first::batch])
         return scaled, targets[image]
 
     def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
         rows = torch.arange(part.start, part.stop)
         total.add_(sum_rows_by_image(grad, rows % batch, batch, step_weights[rows // batch]))
 
-    gradient_rows(job, batch * steps, make_rows, consume)
-    return (total * difference.double()).float().numpy()
+    gradient_rows(job, batch * steps, make_rows, consume, variant)
+    if variant == TRUNK:
+        mean_gradient = trunk.stem.input_gradient(total.float(), inputs.shape).double()
+    else:
+        mean_gradient = total
+    return (mean_gradient * difference.double()).float().numpy()
 
 
 @register

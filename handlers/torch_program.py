@@ -10,6 +10,10 @@ graph is rewritten once per model and cached beside the handle (thread-safe):
   passes only positive gradients of positive inputs (Springenberg et al., arXiv 1412.6806).
 - ``cut:<scale output>``: ``fast`` with that scale output turned into a fresh leaf that requires
   grad, so the layers before it run without autograd and a backward stops there (Grad-CAM).
+- ``trunk``: ``fast`` without its first layer, when that layer is a convolution of the input
+  alone (:class:`LinearStem`); it takes the convolution's output. The stem is affine, so
+  methods that sum gradients over points on a line (Integrated Gradients) run it twice per
+  image instead of once per point, and its input-gradient pass once per image.
 
 Folding only rewrites the float arithmetic (w·γ/σ instead of BN after conv), so results agree
 with the original program to float32 rounding; ``tests/test_torch_program.py`` checks it.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +34,7 @@ from service.repository import ModelHandle
 FAST = "fast"
 GUIDED = "guided"
 CUT_PREFIX = "cut:"
+TRUNK = "trunk"
 
 _RELU_TARGETS = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
 _BATCH_NORM_TARGETS = (
@@ -62,13 +68,50 @@ def as_leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().requires_grad_(True)
 
 
-class PreparedModule(torch.nn.Module):
-    """Wraps a rewritten graph: inputs go in channels-last, outputs come back as a tuple."""
+@dataclass(frozen=True)
+class LinearStem:
+    """A program's first layer when it is a 2-D convolution of the input alone.
 
-    def __init__(self, graph_module: fx.GraphModule, channels_last: bool) -> None:
+    Being affine, it maps x' + α(x − x') to stem(x') + α·(stem(x) − stem(x')), and the input
+    gradient of a weighted sum of points is the transposed convolution of the weighted sum of
+    their output gradients: both exact up to float32 rounding.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    def __call__(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        bias = self.bias if with_bias else None
+        return torch.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation,
+                            self.groups)
+
+    def input_gradient(self, grad: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+        """∂(Σ grad ⊙ stem(x)) / ∂x for an input of ``input_shape`` (no autograd graph)."""
+        shape_source = torch.empty(input_shape, dtype=grad.dtype).contiguous(
+            memory_format=torch.channels_last)
+        (result, _, _) = torch.ops.aten.convolution_backward.default(
+            grad.contiguous(memory_format=torch.channels_last), shape_source, self.weight,
+            None, list(self.stride), list(self.padding), list(self.dilation), False, [0, 0],
+            self.groups, [True, False, False])
+        return result
+
+
+class PreparedModule(torch.nn.Module):
+    """Wraps a rewritten graph: inputs go in channels-last, outputs come back as a tuple.
+
+    ``stem`` is set on the ``trunk`` variant: the first layer it leaves out."""
+
+    def __init__(self, graph_module: fx.GraphModule, channels_last: bool,
+                 stem: LinearStem | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.channels_last = channels_last
+        self.stem = stem
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.channels_last and x.dim() == 4:
@@ -83,6 +126,19 @@ _LOCK = threading.Lock()
 
 def prepared_module(model: ModelHandle, variant: str = FAST) -> PreparedModule:
     """The cached prepared copy of ``model``'s program (built on first use, once)."""
+    module = _cached_variant(model, variant)
+    if module is None:
+        raise ValueError(f"the program has no {variant!r} variant")
+    return module
+
+
+def trunk_after_stem(model: ModelHandle) -> PreparedModule | None:
+    """The cached ``trunk`` variant of ``model``'s program, or None when its input does not
+    go through a convolution alone first."""
+    return _cached_variant(model, TRUNK)
+
+
+def _cached_variant(model: ModelHandle, variant: str) -> PreparedModule | None:
     program = model.program
     if program is None:
         model.torch_module()  # raises FailedPrecondition with the actionable message
@@ -91,9 +147,12 @@ def prepared_module(model: ModelHandle, variant: str = FAST) -> PreparedModule:
         if entry is None or entry["program"] is not program:
             entry = {"program": program, "variants": {}}
             _CACHE[model] = entry
-        variants: dict[str, PreparedModule] = entry["variants"]
+        variants: dict[str, PreparedModule | None] = entry["variants"]
         if variant not in variants:
-            variants[variant] = build_variant(program, variant)
+            try:
+                variants[variant] = build_variant(program, variant)
+            except NoStemError:
+                variants[variant] = None
         return variants[variant]
 
 
@@ -103,17 +162,24 @@ def build_variant(program: Any, variant: str) -> PreparedModule:
     for parameter in graph_module.parameters():
         parameter.requires_grad_(False)
     fold_batch_norms(graph_module)
+    stem = None
     if variant == GUIDED:
         replace_relus(graph_module)
     elif variant.startswith(CUT_PREFIX):
         cut_at_output(graph_module, variant[len(CUT_PREFIX) :])
+    elif variant == TRUNK:
+        graph_module, stem = split_at_stem(graph_module)
     elif variant != FAST:
         raise ValueError(f"unknown program variant {variant!r}")
     to_channels_last(graph_module)
     graph_module.graph.eliminate_dead_code()
     graph_module.graph.lint()
     graph_module.recompile()
-    return PreparedModule(graph_module, channels_last=True)
+    if stem is not None:  # the weight in the layout the trunk's weights now have
+        stem = LinearStem(stem.weight.contiguous(memory_format=torch.channels_last),
+                          *[getattr(stem, f) for f in ("bias", "stride", "padding", "dilation",
+                                                       "groups")])
+    return PreparedModule(graph_module, channels_last=True, stem=stem)
 
 
 def _attr(graph_module: fx.GraphModule, node: Any) -> torch.Tensor | None:
@@ -193,6 +259,43 @@ def fold_batch_norms(graph_module: fx.GraphModule) -> int:
         graph.erase_node(conv)
         folded += 1
     return folded
+
+
+class NoStemError(ValueError):
+    """The program's input feeds something other than one convolution."""
+
+
+def split_at_stem(graph_module: fx.GraphModule) -> tuple[fx.GraphModule, LinearStem]:
+    """A new graph module that takes the output of the first convolution instead of the
+    input, and that convolution; raises :class:`NoStemError` when the input has other uses
+    (a skip connection, a normalization before the convolution)."""
+    graph = graph_module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise NoStemError("the program takes more than one input")
+    (source,) = placeholders
+    # torch.export's shape guard module reads the input; it does not feed the result.
+    users = [u for u in source.users if not (u.op == "call_module" and not u.users)]
+    if len(users) != 1:
+        raise NoStemError("the input feeds more than one node")
+    (conv,) = users
+    args = list(conv.args) + [None] * (7 - len(conv.args))
+    weight_node, bias_node, stride, padding, dilation, groups = args[1:7]
+    weight = _attr(graph_module, weight_node)
+    bias = _attr(graph_module, bias_node) if bias_node is not None else None
+    if (conv.op != "call_function" or conv.target != torch.ops.aten.conv2d.default
+            or conv.kwargs or args[0] is not source or weight is None
+            or (bias_node is not None and bias is None)
+            or any(isinstance(a, fx.Node) for a in (stride, padding, dilation, groups))):
+        raise NoStemError("the input's only user is not a convolution with constant weights")
+    stem = LinearStem(weight, bias, tuple(stride or (1, 1)), tuple(padding or (0, 0)),
+                      tuple(dilation or (1, 1)), int(groups or 1))
+    for guard in [u for u in source.users if u is not conv]:
+        graph.erase_node(guard)
+    conv.replace_all_uses_with(source)
+    graph.erase_node(conv)
+    graph._codegen = fx.graph.CodeGen()  # a plain signature: no input spec to check
+    return fx.GraphModule(graph_module, graph), stem
 
 
 def replace_relus(graph_module: fx.GraphModule) -> int:

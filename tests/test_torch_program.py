@@ -111,3 +111,63 @@ def test_a_reloaded_package_gets_fresh_copies(exported: dict[str, Exported]) -> 
     x = torch.from_numpy(inputs(1))
     with torch.no_grad():
         np.testing.assert_allclose(after(x)[0].numpy(), before(x)[0].numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_trunk_after_the_stem_gives_the_same_outputs_and_input_gradient(
+    exported: dict[str, Exported], architecture: str
+) -> None:
+    handle = exported[architecture].handle
+    trunk = tp.trunk_after_stem(handle)
+    assert trunk is not None and trunk.stem is not None
+    assert trunk is tp.trunk_after_stem(handle)  # cached
+    fast = tp.prepared_module(handle, tp.FAST)
+    x = torch.from_numpy(inputs(3))
+    with torch.no_grad():
+        expected, actual = fast(x), trunk(trunk.stem(x))
+    assert len(actual) == len(expected)
+    for e, a in zip(expected, actual, strict=True):
+        assert float((a - e).abs().max() / e.abs().max()) < 1e-6
+    # Affine: the stem of a point on a line is the line through the stems.
+    direction = torch.from_numpy(inputs(3, seed=7)) - x
+    with torch.no_grad():
+        on_line = trunk.stem(x + 0.3 * direction)
+        composed = trunk.stem(x) + 0.3 * trunk.stem(direction, with_bias=False)
+    assert float((on_line - composed).abs().max() / on_line.abs().max()) < 1e-5
+    # The input gradient goes back through the stem outside autograd.
+    source = x.clone().requires_grad_(True)
+    (reference,) = torch.autograd.grad(fast(source)[0][:, 1].sum(), source)
+    stem_out = trunk.stem(x).requires_grad_(True)
+    (at_stem,) = torch.autograd.grad(trunk(stem_out)[0][:, 1].sum(), stem_out)
+    ours = trunk.stem.input_gradient(at_stem, x.shape)
+    assert ours.shape == x.shape
+    assert float((ours - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+class InputUsedTwice(torch.nn.Module):
+    """The input feeds a convolution and a skip connection: no stem to split off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.conv(x) + x).mean(dim=(2, 3))
+
+
+class NormalizedFirst(torch.nn.Module):
+    """The input is shifted before the convolution: no convolution of the input alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x - 0.5).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("module", [InputUsedTwice, NormalizedFirst])
+def test_no_trunk_when_the_input_is_not_a_convolutions_alone(module: type) -> None:
+    program = torch.export.export(module().eval(), (torch.rand(1, 3, 8, 8),))
+    with pytest.raises(tp.NoStemError):
+        tp.build_variant(program, tp.TRUNK)
