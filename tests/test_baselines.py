@@ -36,8 +36,9 @@ def completeness(stub, steps: int) -> float:
         integrated_gradients=pb.IntegratedGradientsParams(steps=steps,
                                                           baseline=pb.BASELINE_ZERO))
     reply = stub.Explain(request, timeout=60)
-    # Prediction forward + steps forward/backward + one forward for f(baseline), per image.
-    assert reply.cost.forward_passes == 2 + 2 * steps + 2
+    # Prediction forward + steps forward/backward per image, and f(zero) once per loaded
+    # model (the same image for both items and every later request).
+    assert reply.cost.forward_passes - (2 + 2 * steps) in (0, 1)
     return reply.diagnostics["completeness_error_relative"]
 
 

@@ -282,8 +282,8 @@ def test_integrated_gradients_matches_captum(model: Exported, rule: str) -> None
         expected = expected * steps / (steps - 1)
     assert relative_error(raw, expected) <= TOLERANCE
     assert relative_error(maps, default_map(expected)) <= TOLERANCE
-    # steps passes per image and one extra forward per image for f(baseline).
-    assert job.cost.forward_passes == 3 * steps + 3
+    # steps passes per image, and f(black) once per loaded model (a later rule reuses it).
+    assert job.cost.forward_passes - 3 * steps in (0, 1)
     assert job.cost.backward_passes == 3 * steps
     with torch.no_grad():
         at_x = model.module(torch.from_numpy(x)).numpy()[np.arange(3), targets]
@@ -314,8 +314,36 @@ def test_integrated_gradients_through_the_stem_equals_the_plain_path(
     plain_raw = handler.explain(plain).raw
     assert relative_error(stem_raw, plain_raw) <= 1e-5
     assert through_stem.cost.forward_passes == plain.cost.forward_passes == 3 * 5 + 3
+    assert through_stem.cost.backward_passes == plain.cost.backward_passes == 3 * 5
     assert through_stem.diagnostics["completeness_error"] == pytest.approx(
         plain.diagnostics["completeness_error"], rel=1e-3, abs=1e-5)
+
+
+def test_constant_baseline_logits_are_computed_once_per_loaded_model(
+    exported: dict[str, Exported],
+) -> None:
+    model = exported["vgg_style"]
+    model.handle.load()  # a fresh session: nothing known about it yet
+    x = inputs()
+    targets = non_predicted_targets(model.handle, x)
+
+    def explain(baseline: str) -> tuple[np.ndarray, object]:
+        raw, _, job = run(pb.METHOD_INTEGRATED_GRADIENTS, model, x, targets, steps=4,
+                          baseline=baseline)
+        return raw, job
+
+    (first, cold), (second, warm) = explain("black"), explain("black")
+    assert cold.cost.forward_passes == 3 * 4 + 1  # one row: the batch's baselines are equal
+    assert cold.cost.forward_by_engine["onnxruntime"] == 1
+    assert warm.cost.forward_passes == 3 * 4
+    assert "onnxruntime" not in warm.cost.forward_by_engine
+    np.testing.assert_array_equal(first, second)
+    assert warm.diagnostics == cold.diagnostics
+    for _ in range(2):  # a random baseline differs per request: always computed
+        assert explain("uniform_noise")[1].cost.forward_passes == 3 * 4 + 3
+    model.handle.load()  # a reloaded model may have new weights
+    assert explain("black")[1].cost.forward_passes == 3 * 4 + 1
+    assert explain("zero")[1].cost.forward_passes == 3 * 4 + 1
 
 
 @pytest.mark.parametrize("baseline", ["blur", "uniform_noise"])
