@@ -148,7 +148,8 @@ class IntegratedGradients(GradientHandler):
     }
     description = (
         "Path integral of gradients from a baseline (black/blur/uniform noise/mean); "
-        "steps forward + steps backward + 1 forward, batched."
+        "steps forward + steps backward + 1 forward (none for a known black/zero baseline), "
+        "batched."
     )
     paper = "https://arxiv.org/abs/1703.01365"
 
