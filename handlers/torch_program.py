@@ -150,7 +150,12 @@ def _cached_variant(model: ModelHandle, variant: str) -> PreparedModule | None:
         variants: dict[str, PreparedModule | None] = entry["variants"]
         if variant not in variants:
             try:
-                variants[variant] = build_variant(program, variant)
+                if variant == TRUNK:  # shares the fast variant's folded weights
+                    if variants.get(FAST) is None:
+                        variants[FAST] = build_variant(program, FAST)
+                    variants[TRUNK] = trunk_of(variants[FAST])
+                else:
+                    variants[variant] = build_variant(program, variant)
             except NoStemError:
                 variants[variant] = None
         return variants[variant]
@@ -158,28 +163,36 @@ def _cached_variant(model: ModelHandle, variant: str) -> PreparedModule | None:
 
 def build_variant(program: Any, variant: str) -> PreparedModule:
     """A new prepared module of ``program`` (an ExportedProgram); does not touch ``program``."""
+    if variant == TRUNK:
+        return trunk_of(build_variant(program, FAST))
     graph_module = program.module()
     for parameter in graph_module.parameters():
         parameter.requires_grad_(False)
     fold_batch_norms(graph_module)
-    stem = None
     if variant == GUIDED:
         replace_relus(graph_module)
     elif variant.startswith(CUT_PREFIX):
         cut_at_output(graph_module, variant[len(CUT_PREFIX) :])
-    elif variant == TRUNK:
-        graph_module, stem = split_at_stem(graph_module)
     elif variant != FAST:
         raise ValueError(f"unknown program variant {variant!r}")
     to_channels_last(graph_module)
+    return PreparedModule(_finished(graph_module), channels_last=True)
+
+
+def trunk_of(fast: PreparedModule) -> PreparedModule:
+    """The ``fast`` module without its stem, on the same (folded, channels-last) weights;
+    raises :class:`NoStemError` when the program has no stem to split off."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(fast.graph_module.graph, {}))
+    trunk, stem = split_at_stem(fx.GraphModule(fast.graph_module, graph))
+    return PreparedModule(_finished(trunk), channels_last=True, stem=stem)
+
+
+def _finished(graph_module: fx.GraphModule) -> fx.GraphModule:
     graph_module.graph.eliminate_dead_code()
     graph_module.graph.lint()
     graph_module.recompile()
-    if stem is not None:  # the weight in the layout the trunk's weights now have
-        stem = LinearStem(stem.weight.contiguous(memory_format=torch.channels_last),
-                          *[getattr(stem, f) for f in ("bias", "stride", "padding", "dilation",
-                                                       "groups")])
-    return PreparedModule(graph_module, channels_last=True, stem=stem)
+    return graph_module
 
 
 def _attr(graph_module: fx.GraphModule, node: Any) -> torch.Tensor | None:

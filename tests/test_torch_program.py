@@ -122,6 +122,12 @@ def test_trunk_after_the_stem_gives_the_same_outputs_and_input_gradient(
     assert trunk is not None and trunk.stem is not None
     assert trunk is tp.trunk_after_stem(handle)  # cached
     fast = tp.prepared_module(handle, tp.FAST)
+    # No second copy of the folded weights: the trunk uses the fast variant's.
+    fast_tensors = {t.data_ptr() for t in fast.graph_module.buffers()}
+    assert trunk.stem.weight.data_ptr() in fast_tensors
+    assert {t.data_ptr() for t in trunk.graph_module.buffers()} <= fast_tensors
+    assert not any(n.op == "call_function" and n.target == torch.ops.aten.conv2d.default
+                   and n.args[0].op == "placeholder" for n in trunk.graph_module.graph.nodes)
     x = torch.from_numpy(inputs(3))
     with torch.no_grad():
         expected, actual = fast(x), trunk(trunk.stem(x))
