@@ -3,8 +3,9 @@
 Like Captum's ``NoiseTunnel`` this is a wrapper around the gradient pass, not a copy of it:
 ``noise_tunnel`` draws ``samples`` noisy copies of every image, runs them through
 ``handlers.gradients.gradient_rows`` in memory-bounded chunks and keeps only running float64
-sums (Σg, Σg², Σ|g|) per image, so memory does not grow with the sample count (each chunk's
-own sum is one float32 matrix product, as precise as Captum's float32 throughout).
+sums (Σg, Σg², Σ|g|; SmoothGrad Σg alone) per image, so memory does not grow with the sample
+count (each chunk's own sum is one float32 matrix product, as precise as Captum's float32
+throughout).
 
 Noise: σ = noise_level × (max(x) − min(x)) per image; row ``i·samples + s`` (image i, sample s,
 Captum's order) gets ε ~ N(0, σ²) drawn from a torch Generator seeded with the request's seed,
@@ -24,6 +25,7 @@ import torch
 from handlers.base import ExplainJob, normalize_per_image, scale_by_max
 from handlers.gradients import GradientHandler, gradient_rows, sum_rows_by_image
 from handlers.registry import register
+from handlers.torch_program import FAST, TRUNK, trunk_after_stem
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import InvalidInput
 
@@ -33,18 +35,21 @@ NoiseSource = Callable[[int, int], torch.Tensor]
 
 @dataclass
 class NoiseStats:
-    """Per-image sums over the noisy samples' gradients (float64, N×C×H×W each)."""
+    """Per-image sums over the noisy samples' gradients (float64, N×C×H×W each); the sums of
+    squares and of absolute values are None when only the mean was asked for."""
 
     samples: int
     total: np.ndarray
-    total_squares: np.ndarray
-    total_abs: np.ndarray
+    total_squares: np.ndarray | None
+    total_abs: np.ndarray | None
 
     def mean(self) -> np.ndarray:
         return self.total / self.samples
 
     def variance(self, unbiased: bool = False) -> np.ndarray:
         """E[g²] − E[g]² (Captum's VarGrad) or, unbiased, the sample variance (ddof = 1)."""
+        if self.total_squares is None:
+            raise ValueError("the noise tunnel ran without gathering squares")
         centered = self.total_squares - self.total * self.total / self.samples
         denominator = self.samples - 1 if unbiased else self.samples
         return np.maximum(centered, 0.0) / max(denominator, 1)
@@ -73,9 +78,15 @@ def seeded_noise(seed: int, shape: tuple[int, ...], sigmas: np.ndarray) -> Noise
 
 
 def noise_tunnel(
-    job: ExplainJob, samples: int, noise_level: float, noise: NoiseSource | None = None
+    job: ExplainJob, samples: int, noise_level: float, noise: NoiseSource | None = None,
+    spread: bool = True,
 ) -> NoiseStats:
-    """Sums of ∂ logit[target] / ∂ x over ``samples`` noisy copies of every image."""
+    """Sums of ∂ logit[target] / ∂ x over ``samples`` noisy copies of every image.
+
+    ``spread=False`` gathers Σg only. Σg is linear in the gradients, so when the program
+    starts with a convolution of the input alone the backward passes stop at its output and
+    their sum goes back through it once per image (``handlers.torch_program.LinearStem``).
+    """
     inputs = torch.from_numpy(np.ascontiguousarray(job.inputs, dtype=np.float32))
     targets = torch.from_numpy(job.targets.astype(np.int64))
     batch = inputs.shape[0]
@@ -84,7 +95,11 @@ def noise_tunnel(
             job.seed, tuple(inputs.shape[1:]), noise_sigmas(job.inputs, noise_level)
         )
     shape = tuple(inputs.shape)
-    stats = NoiseStats(samples, np.zeros(shape), np.zeros(shape), np.zeros(shape))
+    trunk = None if spread else trunk_after_stem(job.model)
+    stem = trunk.stem if trunk is not None else None
+    stats = NoiseStats(samples, np.zeros(shape), np.zeros(shape) if spread else None,
+                       np.zeros(shape) if spread else None)
+    stem_total: torch.Tensor | None = None
 
     def make_rows(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         rows = range(part.start, part.stop)
@@ -92,17 +107,29 @@ def noise_tunnel(
         noisy = torch.stack(
             [inputs[image] + noise(row, image) for row, image in zip(rows, images, strict=True)]
         )
+        if stem is not None:
+            with torch.no_grad():
+                noisy = stem(noisy)
         return noisy, targets[images]
 
     def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
+        nonlocal stem_total
         images = torch.arange(part.start, part.stop) // samples
+        if stem is not None:
+            summed = sum_rows_by_image(grad, images, batch).double()
+            stem_total = summed if stem_total is None else stem_total.add_(summed)
+            return
         # Float32 sums within a chunk, float64 across chunks; the tensors share memory with
         # the numpy sums.
-        for total, values in ((stats.total, grad), (stats.total_squares, grad * grad),
-                              (stats.total_abs, grad.abs())):
+        sums = [(stats.total, grad)]
+        if spread:
+            sums += [(stats.total_squares, grad * grad), (stats.total_abs, grad.abs())]
+        for total, values in sums:
             torch.from_numpy(total).add_(sum_rows_by_image(values, images, batch))
 
-    gradient_rows(job, batch * samples, make_rows, consume)
+    gradient_rows(job, batch * samples, make_rows, consume, TRUNK if stem is not None else FAST)
+    if stem is not None and stem_total is not None:
+        stats.total[...] = stem.input_gradient(stem_total.float(), inputs.shape).numpy()
     return stats
 
 
@@ -144,7 +171,8 @@ class SmoothGrad(NoiseHandler):
     paper = "https://arxiv.org/abs/1706.03825"
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
-        stats = noise_tunnel(job, job.params["samples"], job.params["noise_level"])
+        stats = noise_tunnel(job, job.params["samples"], job.params["noise_level"],
+                             spread=False)
         return stats.mean().astype(np.float32)
 
 
@@ -179,6 +207,8 @@ def guided_absolutegrad(stats: NoiseStats, quantile: float) -> np.ndarray:
     channel (linear interpolation); Vₛ = 1 where V > Q, else V. ``quantile`` 0 gives Vₛ = 1
     (plain AbsoluteGrad), as in the authors' code.
     """
+    if stats.total_abs is None:
+        raise ValueError("the noise tunnel ran without gathering absolute values")
     if quantile <= 0:
         return stats.total_abs.astype(np.float32)
     variance = stats.variance(unbiased=True)
