@@ -177,3 +177,46 @@ def test_no_trunk_when_the_input_is_not_a_convolutions_alone(module: type) -> No
     program = torch.export.export(module().eval(), (torch.rand(1, 3, 8, 8),))
     with pytest.raises(tp.NoStemError):
         tp.build_variant(program, tp.TRUNK)
+
+
+class InPlaceCases(torch.nn.Module):
+    """A ReLU of a convolution read by nothing else; a residual add and its ReLU; a
+    convolution output that is also returned (so must stay as it is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.c = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = torch.relu(self.a(x))
+        block = torch.relu(self.b(first) + first)
+        kept = self.c(block)
+        return torch.relu(kept).mean(dim=(2, 3)), kept
+
+
+def test_in_place_ops_only_where_nothing_else_reads_and_gradients_are_unchanged() -> None:
+    torch.manual_seed(0)
+    module = InPlaceCases().eval()
+    program = torch.export.export(module, (torch.rand(2, 3, 8, 8),))
+    fast = tp.build_variant(program, tp.FAST)
+    targets = [str(n.target) for n in fast.graph_module.graph.nodes if n.op == "call_function"]
+    assert targets.count("aten.relu_.default") == 2  # after conv a, after the residual add
+    assert targets.count("aten.add_.Tensor") == 1
+    assert targets.count("aten.relu.default") == 1  # of the returned convolution output
+    x = torch.rand(2, 3, 8, 8)
+    ours_input, reference_input = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours, kept = fast(ours_input)
+    expected, expected_kept = module(reference_input)
+    torch.testing.assert_close(kept, expected_kept)
+    (ours_grad,) = torch.autograd.grad(ours[:, 1].sum(), ours_input)
+    (expected_grad,) = torch.autograd.grad(expected[:, 1].sum(), reference_input)
+    torch.testing.assert_close(ours_grad, expected_grad)
+    # The trunk takes a leaf that requires grad: its first ReLU is out of place again.
+    trunk = tp.build_variant(program, tp.TRUNK)
+    first = next(n for n in trunk.graph_module.graph.nodes if n.op == "call_function")
+    assert str(first.target) == "aten.relu.default"
+    stem_out = trunk.stem(x).requires_grad_(True)
+    (at_stem,) = torch.autograd.grad(trunk(stem_out)[0][:, 1].sum(), stem_out)
+    torch.testing.assert_close(trunk.stem.input_gradient(at_stem, x.shape), expected_grad)
