@@ -17,7 +17,7 @@ import torch
 
 from handlers.base import ENGINE_TORCH, ExplainJob, Handler, chunks
 from handlers.registry import register
-from handlers.torch_program import FAST, GUIDED, prepared_module
+from handlers.torch_program import FAST, GUIDED, TRUNK, LinearStem, prepared_module
 from saliency.v1 import explainer_pb2 as pb
 
 # Builds the network inputs (M×C×H×W) and their target classes (M) for rows ``part``.
@@ -47,6 +47,34 @@ def gradient_rows(
         job.cost.forward(count, ENGINE_TORCH)
         job.cost.backward(count)
         consume(part, grad.detach(), selected.detach())
+
+
+def summed_input_gradients(
+    job: ExplainJob, make_rows: RowMaker, images: torch.Tensor, batch: int,
+    input_shape: torch.Size, weights: torch.Tensor | None = None,
+    stem: LinearStem | None = None,
+) -> torch.Tensor:
+    """Σ over the rows r of image n of weights[r] · ∂ logit[target] / ∂ input (float64,
+    N×C×H×W), where ``images[r]`` is row r's image.
+
+    With ``stem`` (``handlers.torch_program.linear_stem``), ``make_rows`` gives the rows in
+    the stem's output space and they run through the trunk: the sum is linear in the
+    gradients, so it goes back through the stem once per image instead of once per row.
+    """
+    total: torch.Tensor | None = None
+
+    def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
+        nonlocal total
+        row_weights = None if weights is None else weights[part]
+        summed = sum_rows_by_image(grad, images[part], batch, row_weights).double()
+        total = summed if total is None else total.add_(summed)
+
+    gradient_rows(job, len(images), make_rows, consume, FAST if stem is None else TRUNK)
+    if total is None:
+        return torch.zeros(input_shape, dtype=torch.float64)
+    if stem is not None:
+        return stem.input_gradient(total.float(), input_shape).double()
+    return total
 
 
 def sum_rows_by_image(

@@ -17,9 +17,9 @@ import torch
 
 from handlers.base import ENGINE_TORCH, ExplainJob, chunks
 from handlers.baselines import baseline_logits, make_baseline
-from handlers.gradients import GradientHandler, gradient_rows, sum_rows_by_image
+from handlers.gradients import GradientHandler, summed_input_gradients
 from handlers.registry import register
-from handlers.torch_program import FAST, TRUNK, prepared_module, trunk_after_stem
+from handlers.torch_program import FAST, linear_stem, prepared_module
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import InvalidInput
 
@@ -93,15 +93,12 @@ def integrated_gradients(
     targets = torch.from_numpy(job.targets.astype(np.int64))
     batch = inputs.shape[0]
     alphas = torch.tensor(nodes, dtype=torch.float32)
-    step_weights = torch.tensor(weights, dtype=torch.float64)
-    trunk = trunk_after_stem(job.model)
-    if trunk is not None and trunk.stem is not None:
+    stem = linear_stem(job.model)
+    if stem is not None:
         with torch.no_grad():
-            start, direction = trunk.stem(reference), trunk.stem(difference, with_bias=False)
-        variant = TRUNK
+            start, direction = stem(reference), stem(difference, with_bias=False)
     else:
-        start, direction, variant = reference, difference, FAST
-    total = torch.zeros(start.shape, dtype=torch.float64)
+        start, direction = reference, difference
 
     def make_rows(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.arange(part.start, part.stop)
@@ -116,15 +113,10 @@ def integrated_gradients(
                           direction[n : n + 1], out=scaled[first::batch])
         return scaled, targets[image]
 
-    def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
-        rows = torch.arange(part.start, part.stop)
-        total.add_(sum_rows_by_image(grad, rows % batch, batch, step_weights[rows // batch]))
-
-    gradient_rows(job, batch * steps, make_rows, consume, variant)
-    if variant == TRUNK:
-        mean_gradient = trunk.stem.input_gradient(total.float(), inputs.shape).double()
-    else:
-        mean_gradient = total
+    rows = torch.arange(batch * steps)
+    step_weights = torch.tensor(weights, dtype=torch.float64)
+    mean_gradient = summed_input_gradients(job, make_rows, rows % batch, batch, inputs.shape,
+                                           step_weights[rows // batch], stem)
     return (mean_gradient * difference.double()).float().numpy()
 
 

@@ -23,9 +23,14 @@ import numpy as np
 import torch
 
 from handlers.base import ExplainJob, normalize_per_image, scale_by_max
-from handlers.gradients import GradientHandler, gradient_rows, sum_rows_by_image
+from handlers.gradients import (
+    GradientHandler,
+    gradient_rows,
+    sum_rows_by_image,
+    summed_input_gradients,
+)
 from handlers.registry import register
-from handlers.torch_program import FAST, TRUNK, trunk_after_stem
+from handlers.torch_program import linear_stem
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import InvalidInput
 
@@ -95,11 +100,7 @@ def noise_tunnel(
             job.seed, tuple(inputs.shape[1:]), noise_sigmas(job.inputs, noise_level)
         )
     shape = tuple(inputs.shape)
-    trunk = None if spread else trunk_after_stem(job.model)
-    stem = trunk.stem if trunk is not None else None
-    stats = NoiseStats(samples, np.zeros(shape), np.zeros(shape) if spread else None,
-                       np.zeros(shape) if spread else None)
-    stem_total: torch.Tensor | None = None
+    stem = None if spread else linear_stem(job.model)
 
     def make_rows(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         rows = range(part.start, part.stop)
@@ -112,24 +113,21 @@ def noise_tunnel(
                 noisy = stem(noisy)
         return noisy, targets[images]
 
+    if not spread:
+        total = summed_input_gradients(job, make_rows, torch.arange(batch * samples) // samples,
+                                       batch, inputs.shape, stem=stem)
+        return NoiseStats(samples, total.numpy().copy(), None, None)
+    stats = NoiseStats(samples, np.zeros(shape), np.zeros(shape), np.zeros(shape))
+
     def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
-        nonlocal stem_total
         images = torch.arange(part.start, part.stop) // samples
-        if stem is not None:
-            summed = sum_rows_by_image(grad, images, batch).double()
-            stem_total = summed if stem_total is None else stem_total.add_(summed)
-            return
         # Float32 sums within a chunk, float64 across chunks; the tensors share memory with
         # the numpy sums.
-        sums = [(stats.total, grad)]
-        if spread:
-            sums += [(stats.total_squares, grad * grad), (stats.total_abs, grad.abs())]
-        for total, values in sums:
+        for total, values in ((stats.total, grad), (stats.total_squares, grad * grad),
+                              (stats.total_abs, grad.abs())):
             torch.from_numpy(total).add_(sum_rows_by_image(values, images, batch))
 
-    gradient_rows(job, batch * samples, make_rows, consume, TRUNK if stem is not None else FAST)
-    if stem is not None and stem_total is not None:
-        stats.total[...] = stem.input_gradient(stem_total.float(), inputs.shape).numpy()
+    gradient_rows(job, batch * samples, make_rows, consume)
     return stats
 
 

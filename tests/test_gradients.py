@@ -154,7 +154,7 @@ def test_noise_tunnel_matches_captum_on_identical_noise(model: Exported, nt_type
     )  # several chunks
     # SmoothGrad gathers Σg only, so its backward passes stop at the stem's output.
     mean_only = nt_type == "smoothgrad"
-    assert integrated.trunk_after_stem(model.handle) is not None
+    assert integrated.linear_stem(model.handle) is not None
     stats = noise_tunnel(job, samples, level, noise=lambda row, image: noises[image][row % samples],
                          spread=not mean_only)
     assert (stats.total_squares is None) == mean_only
@@ -311,10 +311,10 @@ def test_integrated_gradients_through_the_stem_equals_the_plain_path(
     per_row = Limits().chunk_memory_bytes // probe.items_per_chunk(backward=True)
     limits = Limits(chunk_memory_bytes=7 * per_row + per_row // 2)
     assert make_job(model.handle, x, targets, params, limits=limits).items_per_chunk(True) == 7
-    assert integrated.trunk_after_stem(model.handle) is not None
+    assert integrated.linear_stem(model.handle) is not None
     through_stem = make_job(model.handle, x, targets, params, limits=limits)
     stem_raw = handler.explain(through_stem).raw
-    monkeypatch.setattr(integrated, "trunk_after_stem", lambda _model: None)
+    monkeypatch.setattr(integrated, "linear_stem", lambda _model: None)
     plain = make_job(model.handle, x, targets, params, limits=limits)
     plain_raw = handler.explain(plain).raw
     assert relative_error(stem_raw, plain_raw) <= 1e-5
