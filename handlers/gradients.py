@@ -50,9 +50,8 @@ def gradient_rows(
 
 
 def summed_input_gradients(
-    job: ExplainJob, make_rows: RowMaker, images: torch.Tensor, batch: int,
-    input_shape: torch.Size, weights: torch.Tensor | None = None,
-    stem: LinearStem | None = None,
+    job: ExplainJob, make_rows: RowMaker, images: torch.Tensor, input_shape: torch.Size,
+    weights: torch.Tensor | None = None, stem: LinearStem | None = None,
 ) -> torch.Tensor:
     """Σ over the rows r of image n of weights[r] · ∂ logit[target] / ∂ input (float64,
     N×C×H×W), where ``images[r]`` is row r's image.
@@ -66,7 +65,7 @@ def summed_input_gradients(
     def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:
         nonlocal total
         row_weights = None if weights is None else weights[part]
-        summed = sum_rows_by_image(grad, images[part], batch, row_weights).double()
+        summed = sum_rows_by_image(grad, images[part], input_shape[0], row_weights).double()
         total = summed if total is None else total.add_(summed)
 
     gradient_rows(job, len(images), make_rows, consume, FAST if stem is None else TRUNK)

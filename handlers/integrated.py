@@ -84,7 +84,7 @@ def integrated_gradients(
     When the program starts with a convolution of the input alone, the path is walked in
     that convolution's output space: stem(x' + α(x − x')) = stem(x') + α·stem₀(x − x') costs
     two stem passes per image instead of one per step, and the weighted gradient sum goes
-    back through the stem once per image (about 6 % of a ResNet-50 step).
+    back through the stem once per image (``python -m benchmarks.rewrites``).
     """
     nodes, weights = quadrature(rule, steps)
     inputs = torch.from_numpy(np.ascontiguousarray(job.inputs, dtype=np.float32))
@@ -115,7 +115,7 @@ def integrated_gradients(
 
     rows = torch.arange(batch * steps)
     step_weights = torch.tensor(weights, dtype=torch.float64)
-    mean_gradient = summed_input_gradients(job, make_rows, rows % batch, batch, inputs.shape,
+    mean_gradient = summed_input_gradients(job, make_rows, rows % batch, inputs.shape,
                                            step_weights[rows // batch], stem)
     return (mean_gradient * difference.double()).float().numpy()
 

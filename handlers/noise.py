@@ -115,8 +115,8 @@ def noise_tunnel(
 
     if not spread:
         total = summed_input_gradients(job, make_rows, torch.arange(batch * samples) // samples,
-                                       batch, inputs.shape, stem=stem)
-        return NoiseStats(samples, total.numpy().copy(), None, None)
+                                       inputs.shape, stem=stem)
+        return NoiseStats(samples, total.numpy(), None, None)
     stats = NoiseStats(samples, np.zeros(shape), np.zeros(shape), np.zeros(shape))
 
     def consume(part: slice, grad: torch.Tensor, _selected: torch.Tensor) -> None:

@@ -43,6 +43,16 @@ def test_latency_suite_times_every_method_and_the_predict_overhead(tmp_path: Pat
 
 
 @pytest.mark.slow
+def test_rewrites_suite_times_each_rewrite_against_itself_switched_off(tmp_path: Path) -> None:
+    result = run_suite("rewrites", tmp_path)
+    rows = {row["what"]: row for row in result["rows"]}
+    assert set(rows) == {"integrated_gradients", "smoothgrad", "trunk pass, 15 rows"}
+    for row in rows.values():
+        assert row["rewrite_ms"] > 0 and row["without_ms"] > 0
+        assert row["time_saved"] == pytest.approx(1 - row["rewrite_ms"] / row["without_ms"])
+
+
+@pytest.mark.slow
 def test_decam_suite_compares_the_same_search_three_ways(tmp_path: Path) -> None:
     result = run_suite("decam", tmp_path)
     assert [c["model"] for c in result["comparisons"]] == ["demo", "small", "linear"]

@@ -1,0 +1,170 @@
+"""What the prepared program's rewrites save, each against itself switched off, in one run.
+
+1. The stem path: Integrated Gradients (15 steps) and SmoothGrad (15 samples) through
+   ``Core.explain`` on one image, with the first convolution taken out of the per-row passes
+   (``handlers.torch_program.linear_stem``) and without (the input-space path).
+2. ReLUs and residual adds in place (``handlers.torch_program.compute_in_place``) against
+   out of place: one forward and input-gradient pass of the trunk over a chunk of rows.
+
+The demo model on 1 thread, the ResNet-50 shape on 2, as ``benchmarks/peers.py`` serves them;
+calls interleaved in a fresh order each round; medians.
+
+    python -m benchmarks.rewrites [--quick] [--models demo,resnet50]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import (
+    base_parser,
+    demo_repository,
+    model_names,
+    resnet50_repository,
+    table,
+    time_interleaved,
+    write_json,
+)
+from benchmarks.peers import SERVER_CONFIGS
+from handlers import integrated, noise
+from handlers import torch_program as tp
+from handlers.base import CostCounter, ExplainJob, RequestState
+from saliency.v1 import explainer_pb2 as pb
+from service.allocator import keep_freed_memory
+from service.config import Config
+from service.core import Core
+from service.images import array_to_tensor
+from service.metrics import Metrics
+from service.repository import Repository
+
+STEPS = 15  # TorchServe's stock Integrated Gradients, and as many SmoothGrad samples
+
+
+@contextlib.contextmanager
+def input_space_path() -> Iterator[None]:
+    """Integrated Gradients and SmoothGrad as if the program had no stem to split off."""
+    saved = integrated.linear_stem, noise.linear_stem
+    integrated.linear_stem = noise.linear_stem = lambda _model: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        integrated.linear_stem, noise.linear_stem = saved
+
+
+def explain_calls(core: Core, name: str, inputs: np.ndarray) -> dict[str, Callable[[], Any]]:
+    requests = {
+        "integrated_gradients": pb.ExplainRequest(
+            model=name, method=pb.METHOD_INTEGRATED_GRADIENTS,
+            input=pb.Input(tensor=array_to_tensor(inputs)),
+            integrated_gradients=pb.IntegratedGradientsParams(steps=STEPS,
+                                                              baseline=pb.BASELINE_ZERO)),
+        "smoothgrad": pb.ExplainRequest(
+            model=name, method=pb.METHOD_SMOOTHGRAD,
+            input=pb.Input(tensor=array_to_tensor(inputs)),
+            smoothgrad=pb.SmoothGradParams(samples=STEPS)),
+    }
+
+    def through_stem(request: pb.ExplainRequest) -> Callable[[], Any]:
+        return lambda: core.explain(request, RequestState(None), CostCounter())
+
+    def input_space(request: pb.ExplainRequest) -> Callable[[], Any]:
+        def call() -> Any:
+            with input_space_path():
+                return core.explain(request, RequestState(None), CostCounter())
+        return call
+
+    calls: dict[str, Callable[[], Any]] = {}
+    for method, request in requests.items():
+        calls[f"{method}: stem path"] = through_stem(request)
+        calls[f"{method}: input-space path"] = input_space(request)
+    return calls
+
+
+def pass_calls(package: Path, rows: int) -> dict[str, Callable[[], Any]]:
+    """One forward and input-gradient pass of the trunk, with and without in-place ops."""
+    program = torch.export.load(str(package / "model.pt2"))
+    in_place = tp.build_variant(program, tp.TRUNK)
+    saved = tp.compute_in_place
+    tp.compute_in_place = lambda _graph_module: 0  # type: ignore[assignment]
+    try:
+        out_of_place = tp.build_variant(program, tp.TRUNK)
+    finally:
+        tp.compute_in_place = saved
+    shape = json.loads((package / "manifest.json").read_text())["input"]["shape"]
+    with torch.no_grad():
+        rows_in = in_place.stem(torch.rand(rows, *shape[1:], generator=torch.Generator()
+                                           .manual_seed(0)))
+
+    def step(module: tp.PreparedModule) -> Callable[[], Any]:
+        def call() -> Any:
+            source = rows_in.detach().requires_grad_(True)
+            return torch.autograd.grad(module(source)[0][:, 0].sum(), source)
+        return call
+
+    return {f"trunk pass, {rows} rows: in place": step(in_place),
+            f"trunk pass, {rows} rows: out of place": step(out_of_place)}
+
+
+def core_rows(core: Core, model: str, inputs: np.ndarray) -> int:
+    """How many rows a gradient chunk holds on this server (the in-place pass's batch)."""
+    handle = core.repository.get(model)
+    job = ExplainJob(model=handle, inputs=inputs, targets=np.zeros(1, np.int64), params={},
+                     base_logits=None, seed=0, limits=core.limits)
+    return min(STEPS, job.items_per_chunk(backward=True))
+
+
+def measure(model: str, repeats: int) -> list[dict[str, Any]]:
+    config = SERVER_CONFIGS[model]
+    threads = config["intra_op_threads"]
+    root = demo_repository() if model == "demo" else resnet50_repository(224)
+    package = root / model / "1"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        repository = Repository(root, intra_op_threads=threads)
+        repository.load_all()
+        core = Core(repository, Config(models=root, intra_op_threads=threads,
+                                       chunk_memory_bytes=config["chunk_memory_bytes"]),
+                    Metrics())
+        shape = repository.get(model).spec().input.shape
+        inputs = np.random.default_rng(0).random((1, *shape[1:]), dtype=np.float32)
+        rows = core_rows(core, model, inputs)
+        calls = {**explain_calls(core, model, inputs), **pass_calls(package, rows)}
+        times = time_interleaved(calls, repeats, warmup=1)
+    finally:
+        torch.set_num_threads(previous)
+    results = []
+    for on, off in zip(list(calls)[::2], list(calls)[1::2], strict=True):
+        on_ms, off_ms = (float(np.median(times[name])) * 1000 for name in (on, off))
+        results.append({"model": model, "threads": threads, "what": on.split(":")[0],
+                        "rewrite_ms": on_ms, "without_ms": off_ms,
+                        "time_saved": 1.0 - on_ms / off_ms})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None, help="demo,resnet50 (quick: demo)")
+    args = parser.parse_args(argv)
+    keep_freed_memory()  # as the server runs
+    models = model_names(parser, args.models or ("demo" if args.quick else "demo,resnet50"))
+    rows = []
+    for model in models:
+        rows += measure(model, 3 if args.quick else (20 if model == "demo" else 4))
+    text = table(rows, ["model", "threads", "what", "rewrite_ms", "without_ms", "time_saved"])
+    text += ("\nrewrite_ms: with the rewrite (stem path, in-place ops); without_ms: the same work "
+             "without it; medians of interleaved rounds\n")
+    print(text)
+    write_json("rewrites", {"rows": rows, "report": text, "quick": args.quick}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
