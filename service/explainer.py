@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from handlers import registry
 from handlers.base import CostCounter, ProgressUpdate, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
@@ -29,6 +30,7 @@ from service.core import Core
 from service.errors import (
     DeadlineExceeded,
     InvalidInput,
+    NotFound,
     ResourceExhausted,
     ServiceError,
     Unavailable,
@@ -433,14 +435,25 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         Predict; the loop is blocked meanwhile, so only work known to be short qualifies:
         a method measured under ``inline_below_ms`` on this model, one tensor item (no
         image decoding, whose cost grows with the upload), and no other request executing
-        or waiting (under load the pool runs requests side by side).
+        or waiting (under load the pool runs requests side by side), and no torch: only
+        Predict and the methods that run on ONNX Runtime alone.
         """
         if not 0.0 < expected_seconds * 1000.0 < self.config.inline_below_ms:
             return False
+        if isinstance(request, pb.ExplainRequest) and not self._onnx_only(request.method):
+            return False  # torch stays on the workers (see SaliencyServer.load_models)
         if self.admission.inflight != 1 or self.admission.waiting:
             return False
         source = request.input
         return source.WhichOneof("kind") == "tensor" and source.tensor.shape[:1] == [1]
+
+    @staticmethod
+    def _onnx_only(method: int) -> bool:
+        """Whether the method runs on ONNX Runtime alone (METHOD_AUTO resolves later)."""
+        try:
+            return not registry.get(method).needs_torch
+        except NotFound:
+            return False
 
     def _release_after(self, outcome: _Outcome, cost: CostCounter, state: RequestState) -> None:
         """Done-callback of a cancelled request's worker: frees its slot, then records it."""
