@@ -2,6 +2,8 @@
 
 It answers ``Predict`` with the logits of one ONNX Runtime call made in a worker thread, as
 our server does, and nothing else: no admission, metrics, logging, validation or top-k.
+A uint8 N×H×W×C tensor of pixels is normalized first, with the service's own function and
+the package manifest's mean and std.
 ``benchmarks/peers.py`` times it beside our server, so the report separates what gRPC in
 Python costs from what our service adds on top.
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,6 +24,8 @@ import onnxruntime as ort
 
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from service.core import preprocess_pixels
+from service.repository import InputSpec, Manifest
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -27,15 +33,20 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 class FloorServicer(pb_grpc.ExplainerServicer):
     """``Predict`` = decode the tensor, one session run in a worker thread, encode logits."""
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, spec: InputSpec) -> None:
         self.session = session
+        self.spec = spec
         self.input_name = session.get_inputs()[0].name
         self.output_name = session.get_outputs()[0].name
         self.executor = ThreadPoolExecutor(max_workers=2)
 
     def _run(self, request: pb.PredictRequest) -> pb.PredictResponse:
         tensor = request.input.tensor
-        inputs = np.frombuffer(tensor.data, np.float32).reshape(list(tensor.shape))
+        if tensor.dtype == pb.DTYPE_UINT8:
+            pixels = np.frombuffer(tensor.data, np.uint8).reshape(list(tensor.shape))
+            inputs = preprocess_pixels(pixels, self.spec)
+        else:
+            inputs = np.frombuffer(tensor.data, np.float32).reshape(list(tensor.shape))
         (logits,) = self.session.run([self.output_name], {self.input_name: inputs})
         return pb.PredictResponse(logits=pb.Tensor(
             shape=list(logits.shape), dtype=pb.DTYPE_FLOAT32,
@@ -52,9 +63,10 @@ async def serve(model: str, port: int, threads: int) -> None:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    spec = Manifest.from_json(json.loads((Path(model).parent / "manifest.json").read_text())).input
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    pb_grpc.add_ExplainerServicer_to_server(FloorServicer(session), server)
+    pb_grpc.add_ExplainerServicer_to_server(FloorServicer(session, spec), server)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise OSError(f"could not bind 127.0.0.1:{port}")
     await server.start()
@@ -64,7 +76,8 @@ async def serve(model: str, port: int, threads: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="an ONNX file")
+    parser.add_argument("--model", required=True,
+                        help="an ONNX file, with its package's manifest.json beside it")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     args = parser.parse_args(argv)

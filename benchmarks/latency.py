@@ -20,7 +20,7 @@ from benchmarks.common import (
     time_calls,
     write_json,
 )
-from benchmarks.peers import predict_overhead
+from benchmarks.peers import predict_overhead, predict_overhead_text
 from service.client import SaliencyClient
 
 # Long methods get fewer repeats so the suite stays bounded.
@@ -55,11 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         overhead = predict_overhead(demo_repository() / "demo" / "1", server.address,
                                     30 if args.quick else 300, threads=1)
     print(table(rows, ["call", "forward", "backward", "p50_ms", "p95_ms", "count"]))
-    print(f"Predict tensor 1×3×128×128: ONNX Runtime in-process p50 "
-          f"{overhead['onnxruntime_p50_ms']:.2f} ms, over gRPC {overhead['grpc_p50_ms']:.2f} ms, "
-          f"added {overhead['added_p50_ms']:.2f} ms (target ≤ 1 ms); a bare grpc.aio server "
-          f"adds {overhead['bare_added_p50_ms']:.2f} ms, the service "
-          f"{overhead['service_added_p50_ms']:.2f} ms more")
+    print(predict_overhead_text(overhead))
     path = write_json("latency", {"machine": machine_info(), "image": "1×128×128 PNG",
                                   "rows": rows, "predict_overhead": overhead}, args.out)
     print(f"wrote {path}")

@@ -40,6 +40,13 @@ def test_latency_suite_times_every_method_and_the_predict_overhead(tmp_path: Pat
     assert overhead["bare_grpc_p50_ms"] > overhead["onnxruntime_p50_ms"]
     assert overhead["service_added_p50_ms"] == pytest.approx(
         overhead["grpc_p50_ms"] - overhead["bare_grpc_p50_ms"])
+    # The same image as uint8 pixels, normalized by each side: a quarter of the bytes.
+    pixels = overhead["pixels"]
+    assert pixels["input_shape"] == [1, 128, 128, 3]
+    assert pixels["request_bytes"] < overhead["request_bytes"] / 3
+    assert pixels["bare_grpc_p50_ms"] > pixels["onnxruntime_p50_ms"] > 0
+    assert pixels["added_p50_ms"] == pytest.approx(
+        pixels["grpc_p50_ms"] - pixels["onnxruntime_p50_ms"])
 
 
 @pytest.mark.slow
