@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                          "backward": cost.backward_passes, **stats})
     with ServerProcess(demo_repository(), {"intra_op_threads": 1}) as server:
         overhead = predict_overhead(demo_repository() / "demo" / "1", server.address,
-                                    30 if args.quick else 300, threads=1)
+                                    30 if args.quick else 150, threads=1)
     print(table(rows, ["call", "forward", "backward", "p50_ms", "p95_ms", "count"]))
     print(predict_overhead_text(overhead))
     path = write_json("latency", {"machine": machine_info(), "image": "1×128×128 PNG",

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     models = model_names(parser, args.models or ("demo" if args.quick else "demo,resnet50"))
     rows = []
     for model in models:
-        rows += measure(model, 3 if args.quick else (20 if model == "demo" else 4))
+        rows += measure(model, 3 if args.quick else (20 if model == "demo" else 3))
     text = table(rows, ["model", "threads", "what", "rewrite_ms", "without_ms", "time_saved"])
     text += ("\nrewrite_ms: with the rewrite (stem path, in-place ops); without_ms: the same work "
              "without it; medians of interleaved rounds\n")
