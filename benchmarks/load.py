@@ -506,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         "--queue-sweep",
         type=lambda t: [int(v) for v in t.split(",") if v],
         default=None,
-        help="max_queue values to repeat the overload runs with (default 0,16; quick: none)",
+        help="max_queue values to repeat the overload runs with (default 16, the server's "
+        "default; quick: none; 0 = no queue)",
     )
     parser.add_argument(
         "--wait-sweep",
@@ -518,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="load", help="results/<name>.json")
     args = parser.parse_args(argv)
     if args.queue_sweep is None:
-        args.queue_sweep = [] if args.quick else [q for q in (0, 16) if q != args.max_queue]
+        args.queue_sweep = [] if args.quick else [q for q in (16,) if q != args.max_queue]
     if args.wait_sweep is None:
         args.wait_sweep = [] if args.quick else [25.0]
     overload_names = (args.overload_scenarios or ("mix" if args.quick else "mix,gradients")).split(
