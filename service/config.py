@@ -42,8 +42,7 @@ HELP = {
     "max_population": "DE-CAM population",
     "max_generations": "DE-CAM generations",
     "chunk_memory_bytes": "activation memory one batched chunk of a method may hold",
-    "intra_op_threads": "threads inside one ONNX Runtime / torch call (0 = the cores this "
-    "process may use, shared among max_inflight requests, at least 1 each)",
+    "intra_op_threads": "threads inside one ONNX Runtime / torch call (0 = library default)",
     "grace_seconds": "on SIGTERM, seconds admitted requests get to finish",
     "reload_interval_seconds": "seconds between repository scans for changed packages "
     "(0 = off; SIGHUP always reloads)",
@@ -55,14 +54,6 @@ HELP = {
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object per line) or text",
 }
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -95,7 +86,7 @@ class Config:
     max_generations: int = 500
     # Bytes of activations one batched chunk of a handler may hold (memory budget).
     chunk_memory_bytes: int = 512 * 1024 * 1024
-    # Threads inside one ONNX Runtime / torch call (0 = usable cores ÷ max_inflight, ≥ 1).
+    # Threads inside one ONNX Runtime / torch call (0 = library default).
     intra_op_threads: int = 0
     # Seconds in-flight requests get to finish on SIGTERM.
     grace_seconds: float = 20.0
@@ -143,15 +134,6 @@ class Config:
         """The gRPC server's bound on calls held at once (health and discovery calls
         get 64 beyond the admitted requests)."""
         return self.max_concurrent_rpcs or self.max_inflight + self.max_queue + 64
-
-    @property
-    def threads_per_request(self) -> int:
-        """``intra_op_threads``, or the usable cores shared among ``max_inflight``
-        requests: more threads than cores make libgomp's teams sleep between ops instead
-        of spinning, and each request then runs slower than on its share alone."""
-        if self.intra_op_threads > 0:
-            return self.intra_op_threads
-        return max(1, usable_cores() // self.max_inflight)
 
     @property
     def tls(self) -> bool:

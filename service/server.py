@@ -62,7 +62,7 @@ class SaliencyServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.repository = Repository(config.models, config.threads_per_request)
+        self.repository = Repository(config.models, config.intra_op_threads)
         self.core = Core(self.repository, config, self.metrics)
         self.executor = ThreadPoolExecutor(
             max_workers=config.max_inflight, thread_name_prefix="explain"
@@ -143,7 +143,7 @@ class SaliencyServer:
 
     async def start(self) -> int:
         """Loads models, binds the ports and marks readiness; returns the gRPC port."""
-        set_thread_counts(self.config.threads_per_request)
+        set_thread_counts(self.config.intra_op_threads)
         kept = keep_freed_memory()
         if kept:  # why RSS stays at its high-water mark
             log.info("freed memory is kept for reuse: %s",

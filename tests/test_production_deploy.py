@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -305,26 +304,3 @@ def test_every_setting_has_a_flag_an_env_var_and_help() -> None:
     assert config.max_queue == 3 and config.max_batch == 5  # flag > env > default
     with pytest.raises(SystemExit, match="tls_cert and tls_key"):
         from_sources(None, environ={"SALIENCY_TLS_CERT": "cert.pem"})
-
-
-def test_default_threads_share_the_usable_cores_among_executing_requests() -> None:
-    """Unset, each request gets the usable cores ÷ max_inflight (at least one), so that the
-    executing requests' threads never outnumber the cores; a set value wins."""
-    cores = len(os.sched_getaffinity(0))
-    for inflight in (1, 2, cores + 1):
-        assert Config(max_inflight=inflight).threads_per_request == max(1, cores // inflight)
-    assert Config(max_inflight=4, intra_op_threads=3).threads_per_request == 3
-
-
-def test_the_server_runs_its_sessions_and_torch_on_that_share(repository: Path) -> None:
-    import torch  # noqa: PLC0415
-
-    previous = torch.get_num_threads()
-    running = RunningServer(make_config(repository, max_inflight=1)).start()
-    try:
-        cores = len(os.sched_getaffinity(0))
-        assert running.server.repository.intra_op_threads == cores
-        assert torch.get_num_threads() == cores
-    finally:
-        running.stop()
-        torch.set_num_threads(previous)
