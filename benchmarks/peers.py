@@ -611,32 +611,26 @@ def predict_overhead(package: Path, address: str, repeats: int, threads: int
     finally:
         floor.terminate()
         floor.wait(10)
-    local, remote, bare_grpc = (percentiles(times[k]) for k in ("onnxruntime", "ours", "bare"))
-    pixel_local, pixel_remote, pixel_bare = (
-        percentiles(times["pixels " + k]) for k in ("onnxruntime", "ours", "bare"))
+    float_form = overhead_row(times, "", shape, request.ByteSize())
+    local, remote = percentiles(times["onnxruntime"]), percentiles(times["ours"])
     return {
-        "input_shape": shape,
-        "onnxruntime_p50_ms": local["p50_ms"],
-        "grpc_p50_ms": remote["p50_ms"],
-        "added_p50_ms": remote["p50_ms"] - local["p50_ms"],
-        "bare_grpc_p50_ms": bare_grpc["p50_ms"],
-        "bare_added_p50_ms": bare_grpc["p50_ms"] - local["p50_ms"],
-        "service_added_p50_ms": remote["p50_ms"] - bare_grpc["p50_ms"],
+        **float_form,
         "onnxruntime_p99_ms": local["p99_ms"],
         "grpc_p99_ms": remote["p99_ms"],
         "target_added_ms": 1.0,
-        "request_bytes": request.ByteSize(),
-        "pixels": {
-            "input_shape": list(pixels.shape),
-            "request_bytes": pixel_request.ByteSize(),
-            "onnxruntime_p50_ms": pixel_local["p50_ms"],
-            "grpc_p50_ms": pixel_remote["p50_ms"],
-            "added_p50_ms": pixel_remote["p50_ms"] - pixel_local["p50_ms"],
-            "bare_grpc_p50_ms": pixel_bare["p50_ms"],
-            "bare_added_p50_ms": pixel_bare["p50_ms"] - pixel_local["p50_ms"],
-            "service_added_p50_ms": pixel_remote["p50_ms"] - pixel_bare["p50_ms"],
-        },
+        "pixels": overhead_row(times, "pixels ", list(pixels.shape), pixel_request.ByteSize()),
     }
+
+
+def overhead_row(times: dict[str, list[float]], prefix: str, shape: list[int],
+                 request_bytes: int) -> dict[str, Any]:
+    """p50s of one input form in-process, through our server and through the bare one."""
+    local, remote, bare = (percentiles(times[prefix + k])["p50_ms"]
+                           for k in ("onnxruntime", "ours", "bare"))
+    return {"input_shape": shape, "request_bytes": request_bytes,
+            "onnxruntime_p50_ms": local, "grpc_p50_ms": remote, "added_p50_ms": remote - local,
+            "bare_grpc_p50_ms": bare, "bare_added_p50_ms": bare - local,
+            "service_added_p50_ms": remote - bare}
 
 
 # ---- the run -------------------------------------------------------------------------------
