@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="load", help="results/<name>.json")
     args = parser.parse_args(argv)
     if args.queue_sweep is None:
-        args.queue_sweep = [] if args.quick else [q for q in (16,) if q != args.max_queue]
+        args.queue_sweep = [] if args.quick or args.max_queue == 16 else [16]
     if args.wait_sweep is None:
         args.wait_sweep = [] if args.quick else [25.0]
     overload_names = (args.overload_scenarios or ("mix" if args.quick else "mix,gradients")).split(

@@ -739,7 +739,7 @@ def predict_overhead_text(predict: dict[str, Any]) -> str:
     for label, row in ((f"float32 tensor {predict['input_shape']}", predict),
                        (f"uint8 pixels {pixels['input_shape']}", pixels)):
         lines.append(
-            f"  {label}, {row.get('request_bytes', 0) / 1000:.0f} KB: in-process "
+            f"  {label}, {row['request_bytes'] / 1000:.0f} KB: in-process "
             f"{row['onnxruntime_p50_ms']:.2f} ms, over gRPC {row['grpc_p50_ms']:.2f} ms, "
             f"{row['added_p50_ms']:.2f} ms added; the bare server adds "
             f"{row['bare_added_p50_ms']:.2f} ms, the service {row['service_added_p50_ms']:.2f}"

@@ -13,9 +13,10 @@ trim threshold keeps the heap's freed top. The passes run in worker threads, tho
 worker thread's arena is built of 64 MiB heaps that glibc unmaps whole once they are free,
 whatever the trim threshold, unless the top pad asks to keep a heap's worth: ResNet-50's
 activations span many such heaps, and a served Integrated Gradients request (15 steps,
-224²) took ~40,000 page faults without the pad and a few hundred with it. (One arena for
-all threads would also do, but then the workers of concurrent requests contend for its
-lock: 1.6% fewer demo explanations per second.)
+224²) took ~40,000 page faults without the pad and a few hundred with it (ad hoc, per-thread
+counts from /proc). One arena for all threads would also do, but then the workers of
+concurrent requests contend for its lock: in one ad hoc A/B the demo served 1.6% fewer
+explanations per second that way.
 
 Only glibc has ``mallopt``; elsewhere nothing changes. Explicit ``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_TOP_PAD_`` environment variables win over these
