@@ -30,9 +30,9 @@ HELP = {
     "max_concurrent_rpcs": "calls of any kind the gRPC server holds at once, refused by gRPC "
     "itself beyond that, bounding the request bytes in memory (0 = max_inflight + "
     "max_queue + 64)",
-    "inline_below_ms": "a one-item tensor request whose method recently ran in under this "
-    "many ms runs on the event loop when nothing else is executing or waiting, sparing the "
-    "~0.1 ms hand-off to a worker thread (0 = always hand off)",
+    "inline_below_ms": "a one-item tensor Predict, or a method on ONNX Runtime alone, that "
+    "recently ran in under this many ms runs on the event loop when nothing else is executing "
+    "or waiting, sparing the ~0.1 ms hand-off to a worker thread (0 = always hand off)",
     "max_batch": "images per request",
     "max_pixels": "pixels (height × width) per image, decoded or tensor",
     "max_message_bytes": "largest gRPC message received or sent",
