@@ -10,7 +10,8 @@
 3. ``Predict`` over gRPC against ONNX Runtime in-process for one 128×128 image, and against
    a bare ``grpc.aio`` server making the same call (``benchmarks/grpc_floor.py``).
 4. The compute floor of Integrated Gradients: the GFLOP of its steps over the dense float32
-   rate this machine reaches, so the ratio at equal steps reads against its ceiling.
+   rate this machine reaches, so the ratio at equal steps reads against its ceiling; and
+   where one of our explanations' time goes (convolutions, other operators, the rest).
 
 Models: the demo model and a ResNet-50-shaped model (random weights) at 224².
 
@@ -470,9 +471,10 @@ def with_floor(entry: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
 def service_overhead(
     model: str, package: Path, address: str, image: bytes, steps: int, repeats: int,
     config: dict[str, Any],
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """p50 of Captum in-process, our core in-process and our server over gRPC, one image;
-    all three with the server's threads and chunk budget."""
+    all three with the server's threads and chunk budget. Also where the time of one of our
+    in-process IG-``steps`` explanations goes (``time_breakdown``)."""
     import torch  # noqa: PLC0415
     from captum.attr import IntegratedGradients, Saliency  # noqa: PLC0415
 
@@ -545,9 +547,102 @@ def service_overhead(
                         "grpc_added_ms": served["p50_ms"] - core_p50["p50_ms"],
                     }
                 )
-        return rows
+        breakdown = time_breakdown(
+            lambda: core.explain(request, RequestState(None), CostCounter()))
+        return rows, {"model": model, "method": label,
+                      "requests_in_parallel": config["max_inflight"], **breakdown}
     finally:
         torch.set_num_threads(threads)
+
+
+# Operators that run the counted floating-point work (convolutions and matrix products,
+# forward and backward) as opposed to elementwise work, pooling and bookkeeping.
+COMPUTE_OPERATORS = ("convolution", "conv2d", "aten::mm", "aten::addmm", "aten::bmm",
+                     "aten::linear", "aten::matmul")
+
+
+def _flop_count_mode() -> Any:
+    """A dispatch mode that sums the FLOPs of the operators torch's flop counter knows.
+    ``FlopCounterMode`` itself cannot be used: its module tracker hooks into autograd, which
+    ``torch.autograd.grad`` (what the gradient handlers call) does not support."""
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+    from torch.utils.flop_counter import flop_registry  # noqa: PLC0415
+
+    class FlopCount(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.flops += formula(*args, **kwargs, out_val=out)
+            return out
+
+    return FlopCount()
+
+
+def time_breakdown(call: Any) -> dict[str, float]:
+    """Where the wall time of ``call`` (one explanation, on this thread) goes: torch's
+    convolutions and matrix products, its other operators, and the rest (ONNX Runtime's
+    prediction pass, decoding, the map, Python). Also the GFLOP the first of them ran and
+    the dense rate on as many threads, for the rate the convolutions reach."""
+    import torch  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    call()  # warm-up
+    with _flop_count_mode() as counter:
+        call()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        started = time.perf_counter()
+        call()
+        total = time.perf_counter() - started
+    compute = other = 0.0
+    for event in profiler.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        if any(name in event.key for name in COMPUTE_OPERATORS):
+            compute += seconds
+        else:
+            other += seconds
+    return {
+        "total_ms": total * 1e3,
+        "compute_ms": compute * 1e3,
+        "other_ops_ms": other * 1e3,
+        "rest_ms": max(total - compute - other, 0.0) * 1e3,
+        "gflop": counter.flops / 1e9,
+        "threads": torch.get_num_threads(),
+        "dense_gflops": dense_gflops(torch.get_num_threads()),
+    }
+
+
+def breakdown_text(breakdown: dict[str, Any], torchserve_per_s: float | None) -> str:
+    """One line: the parts of one explanation, the rate of its convolutions against the
+    dense rate on as many threads, and the gain over TorchServe that the convolutions alone
+    would allow with the server's requests in parallel."""
+    threads = breakdown["threads"]
+    rate = breakdown["gflop"] / max(breakdown["compute_ms"], 1e-9) * 1e3
+    line = (
+        f"{breakdown['model']}: one in-process {breakdown['method']} explanation on {threads} "
+        f"thread{'s' if threads > 1 else ''} took {breakdown['total_ms']:.0f} ms: convolutions "
+        f"and matrix products {breakdown['compute_ms']:.0f} ms ({breakdown['gflop']:.3g} GFLOP "
+        f"at {rate:.0f} GFLOP/s"
+    )
+    line += f", {rate / breakdown['dense_gflops']:.0%} of the dense rate on as many threads"
+    line += (
+        f"), other tensor operators {breakdown['other_ops_ms']:.0f} ms (ReLU and its "
+        f"gradient, residual adds, pooling), the rest {breakdown['rest_ms']:.0f} ms (ONNX "
+        "Runtime's prediction pass, decoding, the map)"
+    )
+    if torchserve_per_s:
+        parallel = breakdown["requests_in_parallel"]
+        alone = parallel * 1e3 / breakdown["compute_ms"] / torchserve_per_s
+        line += (f"; with nothing but these convolutions, {parallel} such request"
+                 f"{'s' if parallel > 1 else ''} at a time would reach ×{alone:.2f} "
+                 "TorchServe's throughput")
+    return line
 
 
 # ---- 3. gRPC overhead of Predict ---------------------------------------------------------------
@@ -724,6 +819,11 @@ def report(results: dict[str, Any]) -> str:
         "What the service adds (batch 1, one image, concurrency 1, the server's threads):",
         table(results["service_overhead"]),
     ]
+    entries = {entry["model"]: entry for entry in results["versus_torchserve"]}
+    for breakdown in results.get("time_breakdown", []):
+        entry = entries.get(breakdown["model"], {})
+        lines.append(breakdown_text(breakdown,
+                                    entry.get("torchserve", {}).get("explanations_per_s")))
     predict = results.get("predict_overhead")
     if predict is None:
         return "\n".join(lines) + "\n"
@@ -773,6 +873,7 @@ def main(argv: list[str] | None = None) -> int:
         "round_seconds": round_seconds,
         "versus_torchserve": [],
         "service_overhead": [],
+        "time_breakdown": [],
         "quick": args.quick,
     }
     overrides = {key: value for key, value in [
@@ -801,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
                     round_seconds,
                 )
                 results["versus_torchserve"].append(with_floor(entry, floor))
-                results["service_overhead"] += service_overhead(
+                rows, breakdown = service_overhead(
                     model,
                     package,
                     server.address,
@@ -810,6 +911,8 @@ def main(argv: list[str] | None = None) -> int:
                     max(3, repeats // (4 if model == "resnet50" else 1)),
                     config,
                 )
+                results["service_overhead"] += rows
+                results["time_breakdown"].append(breakdown)
         except Exception as exc:  # noqa: BLE001 - one model's failure is reported, not fatal
             results.setdefault("errors", {})[model] = f"{type(exc).__name__}: {exc}"
             print(f"{model}: failed: {exc}", file=sys.stderr)

@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.common import gradient_gflop, time_interleaved
-from benchmarks.peers import with_floor
+from benchmarks.peers import time_breakdown, with_floor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,3 +166,40 @@ def test_interleaved_timing_times_cheap_calls_right_after_themselves() -> None:
     for index, name in enumerate(rounds):
         if name == "cheap" and (index == 0 or rounds[index - 1] != "cheap"):
             assert rounds[index + 1] == "cheap"  # the untimed run, then the timed one
+
+
+def test_time_breakdown_counts_every_pass_of_one_explanation(repository: Path) -> None:
+    """The split of one Integrated Gradients explanation on TinyCNN at 32²: the FLOPs are
+    those of its passes, backward ones included (they run under ``torch.autograd.grad``),
+    and the parts add up to the wall time."""
+    from handlers.base import CostCounter, RequestState  # noqa: PLC0415
+    from saliency.v1 import explainer_pb2 as pb  # noqa: PLC0415
+    from service.config import Config  # noqa: PLC0415
+    from service.core import Core  # noqa: PLC0415
+    from service.images import array_to_tensor  # noqa: PLC0415
+    from service.metrics import Metrics  # noqa: PLC0415
+    from service.repository import Repository  # noqa: PLC0415
+
+    models = Repository(repository)
+    models.load_all()
+    core = Core(models, Config(models=repository, max_batch=8), Metrics())
+    image = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    steps = 5
+    request = pb.ExplainRequest(
+        model="tiny", method=pb.METHOD_INTEGRATED_GRADIENTS,
+        input=pb.Input(tensor=array_to_tensor(image)),
+        integrated_gradients=pb.IntegratedGradientsParams(steps=steps,
+                                                          baseline=pb.BASELINE_ZERO))
+    request.target.class_index = 0
+    result = time_breakdown(lambda: core.explain(request, RequestState(None), CostCounter()))
+    stem = 32 * 32 * 8 * 3 * 9  # multiply-adds of the first convolution
+    trunk = 16 * 16 * 16 * 8 * 9 + 8 * 8 * 32 * 16 * 9 + 32 * 4
+    weighted_sum = steps * 8 * 32 * 32  # of the steps' gradients at the stem's output
+    # The linear stem runs forward twice (baseline and direction) and backward once; every
+    # step runs the rest forward and backward; two FLOPs a multiply-add.
+    assert result["gflop"] == pytest.approx(
+        2 * (3 * stem + 2 * steps * trunk + weighted_sum) / 1e9)
+    assert result["compute_ms"] > 0 and result["other_ops_ms"] > 0
+    parts = result["compute_ms"] + result["other_ops_ms"] + result["rest_ms"]
+    assert parts == pytest.approx(result["total_ms"])
+    assert result["threads"] >= 1 and result["dense_gflops"] > 0
