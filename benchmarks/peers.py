@@ -585,33 +585,40 @@ def _flop_count_mode() -> Any:
     return FlopCount()
 
 
-def time_breakdown(call: Any) -> dict[str, float]:
+def time_breakdown(call: Any, repeats: int = 3) -> dict[str, float]:
     """Where the wall time of ``call`` (one explanation, on this thread) goes: torch's
     convolutions and matrix products, its other operators, and the rest (ONNX Runtime's
-    prediction pass, decoding, the map, Python). Also the GFLOP the first of them ran and
-    the dense rate on as many threads, for the rate the convolutions reach."""
+    prediction pass, decoding, the map, Python); of ``repeats`` profiled calls, the one of
+    median wall time, so that one disturbed call does not make the split. Also the GFLOP
+    the first of them ran and the dense rate on as many threads, for the rate the
+    convolutions reach."""
     import torch  # noqa: PLC0415
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     call()  # warm-up
     with _flop_count_mode() as counter:
         call()
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        started = time.perf_counter()
-        call()
-        total = time.perf_counter() - started
-    compute = other = 0.0
-    for event in profiler.key_averages():
-        seconds = event.self_cpu_time_total / 1e6
-        if any(name in event.key for name in COMPUTE_OPERATORS):
-            compute += seconds
-        else:
-            other += seconds
+    splits = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            started = time.perf_counter()
+            call()
+            total = time.perf_counter() - started
+        compute = other = 0.0
+        for event in profiler.key_averages():
+            seconds = event.self_cpu_time_total / 1e6
+            if any(name in event.key for name in COMPUTE_OPERATORS):
+                compute += seconds
+            else:
+                other += seconds
+        splits.append((total, compute, other))
+    total, compute, other = sorted(splits)[len(splits) // 2]
     return {
         "total_ms": total * 1e3,
         "compute_ms": compute * 1e3,
         "other_ops_ms": other * 1e3,
         "rest_ms": max(total - compute - other, 0.0) * 1e3,
+        "profiled_calls": repeats,
         "gflop": counter.flops / 1e9,
         "threads": torch.get_num_threads(),
         "dense_gflops": dense_gflops(torch.get_num_threads()),
@@ -625,7 +632,8 @@ def breakdown_text(breakdown: dict[str, Any], torchserve_per_s: float | None) ->
     threads = breakdown["threads"]
     rate = breakdown["gflop"] / max(breakdown["compute_ms"], 1e-9) * 1e3
     line = (
-        f"{breakdown['model']}: one in-process {breakdown['method']} explanation on {threads} "
+        f"{breakdown['model']}: one in-process {breakdown['method']} explanation (median of "
+        f"{breakdown.get('profiled_calls', 1)} profiled) on {threads} "
         f"thread{'s' if threads > 1 else ''} took {breakdown['total_ms']:.0f} ms: convolutions "
         f"and matrix products {breakdown['compute_ms']:.0f} ms ({breakdown['gflop']:.3g} GFLOP "
         f"at {rate:.0f} GFLOP/s"
