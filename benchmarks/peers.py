@@ -47,6 +47,7 @@ from benchmarks.common import (
     base_parser,
     demo_repository,
     dense_gflops,
+    flop_count_mode,
     free_port,
     gradient_gflop,
     model_names,
@@ -561,30 +562,6 @@ COMPUTE_OPERATORS = ("convolution", "conv2d", "aten::mm", "aten::addmm", "aten::
                      "aten::linear", "aten::matmul")
 
 
-def _flop_count_mode() -> Any:
-    """A dispatch mode that sums the FLOPs of the operators torch's flop counter knows.
-    ``FlopCounterMode`` itself cannot be used: its module tracker hooks into autograd, which
-    ``torch.autograd.grad`` (what the gradient handlers call) does not support."""
-    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
-    from torch.utils.flop_counter import flop_registry  # noqa: PLC0415
-
-    class FlopCount(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.flops = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                               kwargs: Any = None) -> Any:
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            formula = flop_registry.get(func._overloadpacket)
-            if formula is not None:
-                self.flops += formula(*args, **kwargs, out_val=out)
-            return out
-
-    return FlopCount()
-
-
 def time_breakdown(call: Any, repeats: int = 3) -> dict[str, float]:
     """Where the wall time of ``call`` (one explanation, on this thread) goes: torch's
     convolutions and matrix products, its other operators, and the rest (ONNX Runtime's
@@ -596,7 +573,7 @@ def time_breakdown(call: Any, repeats: int = 3) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     call()  # warm-up
-    with _flop_count_mode() as counter:
+    with flop_count_mode() as counter:
         call()
     splits = []
     for _ in range(repeats):
@@ -633,7 +610,7 @@ def breakdown_text(breakdown: dict[str, Any], torchserve_per_s: float | None) ->
     rate = breakdown["gflop"] / max(breakdown["compute_ms"], 1e-9) * 1e3
     line = (
         f"{breakdown['model']}: one in-process {breakdown['method']} explanation (median of "
-        f"{breakdown.get('profiled_calls', 1)} profiled) on {threads} "
+        f"{breakdown['profiled_calls']} profiled) on {threads} "
         f"thread{'s' if threads > 1 else ''} took {breakdown['total_ms']:.0f} ms: convolutions "
         f"and matrix products {breakdown['compute_ms']:.0f} ms ({breakdown['gflop']:.3g} GFLOP "
         f"at {rate:.0f} GFLOP/s"
