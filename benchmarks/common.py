@@ -135,6 +135,20 @@ def dense_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
     return 2.0 * size**3 / best / 1e9
 
 
+def in_process_core(root: Path, **config: Any) -> Any:
+    """Our ``service.core.Core`` in this process over the packages under ``root``, as a
+    server with ``config`` (fields of ``service.config.Config``) holds it: the repository
+    loaded with the same intra-op threads. Its ``repository`` gives the loaded handles."""
+    from service.config import Config  # noqa: PLC0415
+    from service.core import Core  # noqa: PLC0415
+    from service.metrics import Metrics  # noqa: PLC0415
+    from service.repository import Repository  # noqa: PLC0415
+
+    repository = Repository(root, intra_op_threads=config.get("intra_op_threads", 0))
+    repository.load_all()
+    return Core(repository, Config(models=root, **config), Metrics())
+
+
 def flop_count_mode() -> Any:
     """A torch dispatch mode whose ``flops`` sums the FLOPs of the operators torch's FLOP
     counter has formulas for (convolutions and matrix products, backward ones included).

@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.common import (
     STEADY_BELOW_SECONDS,
+    in_process_core,
     model_names,
     random_model,
     sized_repository,
@@ -47,10 +48,8 @@ from handlers.multiscale import (
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.config import Config
-from service.core import Core
 from service.images import array_to_tensor
-from service.metrics import Metrics
-from service.repository import ONNX_FILE, Repository
+from service.repository import ONNX_FILE
 from service.server import SaliencyServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,11 +165,8 @@ def run(architecture: str, batches: list[int], repeats: int,
     model, root = build(architecture)
     package = root / architecture / "1"  # the package is named after the architecture
     label = LABELS[architecture]  # the rows' label
-    repository = Repository(root, intra_op_threads=threads)
-    repository.load_all()
-    handle = repository.get(architecture)
-    core = Core(repository, Config(models=root, max_batch=16, intra_op_threads=threads),
-                Metrics())
+    core = in_process_core(root, max_batch=16, intra_op_threads=threads)
+    handle = core.repository.get(architecture)
     have_gradcam = pb.METHOD_GRADCAM in {h.method for h in registry.handlers()}
     peer_name, peer = peer_gradcam(model)
     server = Server(root, threads)

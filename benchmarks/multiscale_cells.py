@@ -26,16 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.common import in_process_core
 from evaluation import cells
 from handlers import registry
 from handlers.base import CostCounter, ExplainJob, RequestState, scale_by_max
 from handlers.multiscale import autograd_grad_cam, upsample
 from saliency.v1 import explainer_pb2 as pb
-from service.config import Config
 from service.core import Core, preprocess_pixels
 from service.images import array_to_tensor, tensor_to_array
-from service.metrics import Metrics
-from service.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "multiscale_cells.json"
@@ -142,10 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print("models/demo/1 not found: training a stand-in DemoResNet", file=sys.stderr)
         models = Path(temp.name)
         stand_in_package(models)
-    repository = Repository(models)
-    repository.load_all()
-    handle = repository.get("demo")
-    core = Core(repository, Config(models=models, max_batch=16), Metrics())
+    core = in_process_core(models, max_batch=16)
+    handle = core.repository.get("demo")
     size = handle.spec().input.height
     data = cells.generate(count, cells.CellConfig(size=size, seed=TEST_SEED))
     keep = data.masks.reshape(count, -1).any(axis=1)

@@ -50,6 +50,7 @@ from benchmarks.common import (
     flop_count_mode,
     free_port,
     gradient_gflop,
+    in_process_core,
     model_names,
     percentiles,
     png_images,
@@ -480,11 +481,9 @@ def service_overhead(
     from captum.attr import IntegratedGradients, Saliency  # noqa: PLC0415
 
     from handlers.base import CostCounter, RequestState  # noqa: PLC0415
-    from service.config import Config  # noqa: PLC0415
-    from service.core import Core, preprocess_pixels  # noqa: PLC0415
+    from service.core import preprocess_pixels  # noqa: PLC0415
     from service.images import decode_image  # noqa: PLC0415
-    from service.metrics import Metrics  # noqa: PLC0415
-    from service.repository import Manifest, Repository  # noqa: PLC0415
+    from service.repository import Manifest  # noqa: PLC0415
 
     threads = torch.get_num_threads()
     torch.set_num_threads(config["intra_op_threads"])  # as the server runs each request
@@ -494,13 +493,9 @@ def service_overhead(
         x = torch.from_numpy(
             preprocess_pixels(decode_image(image, 0, 1 << 24)[None], manifest.input)
         )
-        repository = Repository(package.parent.parent,
-                                intra_op_threads=config["intra_op_threads"])
-        repository.load_all()
-        core = Core(repository, Config(models=package.parent.parent,
-                                       intra_op_threads=config["intra_op_threads"],
-                                       chunk_memory_bytes=config["chunk_memory_bytes"]),
-                    Metrics())
+        core = in_process_core(package.parent.parent,
+                               intra_op_threads=config["intra_op_threads"],
+                               chunk_memory_bytes=config["chunk_memory_bytes"])
         rows = []
         cases = [
             (
@@ -572,8 +567,7 @@ def time_breakdown(call: Any, repeats: int = 3) -> dict[str, float]:
     import torch  # noqa: PLC0415
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
-    call()  # warm-up
-    with flop_count_mode() as counter:
+    with flop_count_mode() as counter:  # also the warm-up of the profiled calls
         call()
     splits = []
     for _ in range(repeats):

@@ -26,6 +26,7 @@ import torch
 from benchmarks.common import (
     base_parser,
     demo_repository,
+    in_process_core,
     model_names,
     resnet50_repository,
     table,
@@ -38,11 +39,8 @@ from handlers import torch_program as tp
 from handlers.base import CostCounter, ExplainJob, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service.allocator import keep_freed_memory
-from service.config import Config
 from service.core import Core
 from service.images import array_to_tensor
-from service.metrics import Metrics
-from service.repository import Repository
 
 STEPS = 15  # TorchServe's stock Integrated Gradients, and as many SmoothGrad samples
 
@@ -128,12 +126,9 @@ def measure(model: str, repeats: int) -> list[dict[str, Any]]:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        repository = Repository(root, intra_op_threads=threads)
-        repository.load_all()
-        core = Core(repository, Config(models=root, intra_op_threads=threads,
-                                       chunk_memory_bytes=config["chunk_memory_bytes"]),
-                    Metrics())
-        shape = repository.get(model).spec().input.shape
+        core = in_process_core(root, intra_op_threads=threads,
+                               chunk_memory_bytes=config["chunk_memory_bytes"])
+        shape = core.repository.get(model).spec().input.shape
         inputs = np.random.default_rng(0).random((1, *shape[1:]), dtype=np.float32)
         rows = core_rows(core, model, inputs)
         calls = {**explain_calls(core, model, inputs), **pass_calls(package, rows)}

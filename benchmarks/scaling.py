@@ -15,7 +15,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import base_parser, png_images, sized_repository, table, write_json
+from benchmarks.common import (
+    base_parser,
+    in_process_core,
+    png_images,
+    sized_repository,
+    table,
+    write_json,
+)
 from saliency.v1 import explainer_pb2 as pb
 
 SIZES = (64, 128, 224, 320)
@@ -42,16 +49,9 @@ class InProcess:
     """A Core over one repository, timing Explain calls."""
 
     def __init__(self, root: Path, model: str) -> None:
-        from service.config import Config  # noqa: PLC0415
-        from service.core import Core  # noqa: PLC0415
-        from service.metrics import Metrics  # noqa: PLC0415
-        from service.repository import Repository  # noqa: PLC0415
-
         self.model = model
-        self.repository = Repository(root)
-        self.repository.load_all()
-        self.core = Core(self.repository, Config(models=root), Metrics())
-        handle = self.repository.get(model)
+        self.core = in_process_core(root)
+        handle = self.core.repository.get(model)
         self.offered = {h.method for h in self.core.methods_for(handle)}
         self.size = handle.spec().input.height
 
