@@ -61,6 +61,7 @@ from benchmarks.common import (
     torchserve_missing,
     write_json,
 )
+from kernel.program_archive import load_program
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 
@@ -95,7 +96,7 @@ def _architecture(package: Path) -> tuple[str, dict[str, int], dict[str, Any]]:
     name = json.loads((package / "manifest.json").read_text())["name"]
     if name not in ARCHITECTURES:
         raise ValueError(f"no eager architecture known for package {name!r}")
-    program = torch.export.load(str(package / "model.pt2"))
+    program = load_program((package / "model.pt2").read_bytes())
     state = {key.removeprefix("model."): value for key, value in program.state_dict.items()}
     state.update(
         {
@@ -126,7 +127,7 @@ def eager_module(package: Path) -> Any:
     shape = json.loads((package / "manifest.json").read_text())["input"]["shape"]
     x = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = torch.export.load(str(package / "model.pt2")).module()(x)[0]
+        expected = load_program((package / "model.pt2").read_bytes()).module()(x)[0]
         got = module(x)
     if not torch.allclose(got, expected, atol=1e-3, rtol=1e-3):
         raise RuntimeError(

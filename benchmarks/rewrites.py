@@ -37,6 +37,7 @@ from benchmarks.peers import SERVER_CONFIGS
 from handlers import integrated, noise
 from handlers import torch_program as tp
 from handlers.base import CostCounter, ExplainJob, RequestState
+from kernel.program_archive import load_program
 from saliency.v1 import explainer_pb2 as pb
 from service.allocator import keep_freed_memory
 from service.core import Core
@@ -87,7 +88,7 @@ def explain_calls(core: Core, name: str, inputs: np.ndarray) -> dict[str, Callab
 
 def pass_calls(package: Path, rows: int) -> dict[str, Callable[[], Any]]:
     """One forward and input-gradient pass of the trunk, with and without in-place ops."""
-    program = torch.export.load(str(package / "model.pt2"))
+    program = load_program((package / "model.pt2").read_bytes())
     in_place = tp.build_variant(program, tp.TRUNK)
     saved = tp.compute_in_place
     tp.compute_in_place = lambda _graph_module: 0  # type: ignore[assignment]

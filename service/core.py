@@ -276,14 +276,20 @@ class Core:
         return info
 
     def warm_up(self, handle: ModelHandle) -> list[str]:
-        """Runs one small request per engine and program variant so that the first client
-        request does not pay for session start-up or for preparing the torch program.
+        """Runs a prediction and one small request per engine and program variant, so that
+        the first client request does not pay for session start-up or for preparing the
+        torch program, and a package that cannot serve its own manifest is caught.
 
-        Returns the methods that failed (logged by the caller); a failure does not stop the
-        model from serving, so that its requests report the error themselves.
+        Returns what failed; the caller marks the package not ready with it.
         """
         spec = handle.spec().input
         zeros = np.zeros((1, spec.channels, spec.height, spec.width), np.float32)
+        try:
+            self.predict(pb.PredictRequest(model=handle.name, version=handle.version,
+                                           input=pb.Input(tensor=array_to_tensor(zeros))),
+                         CostCounter())
+        except Exception as exc:  # noqa: BLE001 - reported as the package's error
+            return [f"predict: {type(exc).__name__}: {exc}"]
         available = {h.method for h in self.methods_for(handle)}
         failed = []
         for method in WARM_UP_METHODS:

@@ -1,7 +1,9 @@
 """The model repository: ``models/<name>/<version>/{model.onnx, model.pt2, manifest.json}``.
 
-Loading never unpickles: ONNX files go to ONNX Runtime and ``model.pt2`` to
-``torch.export.load``. Every file's sha256 is checked against the manifest. A
+Loading never runs code from a package: ONNX files go to ONNX Runtime, and
+``model.pt2`` is checked record by record before ``torch.export.load`` sees it
+(``kernel.program_archive``). Every file the manifest names must lie inside the
+package folder, and its sha256 is checked on the very bytes that are then loaded. A
 package that fails to load is kept with its error (reported by health and
 ``ListModels``) while the others serve.
 """
@@ -13,12 +15,13 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from kernel.program_archive import UnsafeArchive, load_program
 from service.errors import FailedPrecondition, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -145,6 +148,11 @@ class ModelHandle:
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("model %s/%s failed to load: %s", self.name, self.version, self.error)
 
+    def fail(self, reason: str) -> None:
+        """Marks a loaded package not ready (e.g. its warm-up failed), keeping the reason."""
+        self.error = reason
+        log.error("model %s/%s is not ready: %s", self.name, self.version, reason)
+
     def _load(self, intra_op_threads: int) -> None:
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
@@ -152,13 +160,8 @@ class ModelHandle:
         manifest = Manifest.from_json(json.loads(manifest_path.read_text()))
         if ONNX_FILE not in manifest.files:
             raise ValueError(f"manifest lists no {ONNX_FILE}")
-        for file_name, expected in manifest.files.items():
-            file_path = self.path / file_name
-            if not file_path.is_file():
-                raise FileNotFoundError(f"{file_path} is listed in the manifest but missing")
-            actual = sha256_file(file_path)
-            if actual != expected:
-                raise ValueError(f"{file_name} sha256 {actual[:12]}… != manifest {expected[:12]}…")
+        contents = {name: self._verified_bytes(name, expected)
+                    for name, expected in manifest.files.items()}
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
         if intra_op_threads > 0:
@@ -168,15 +171,38 @@ class ModelHandle:
         # forward+backward at 2 threads took 162 ms after a run, 122 ms with this set.
         options.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(
-            str(self.path / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+            contents[ONNX_FILE], options, providers=["CPUExecutionProvider"]
         )
         self.program = None
         self._module = None
-        if TORCH_FILE in manifest.files:
-            import torch  # noqa: PLC0415 - only packages with a torch program need torch
-
-            self.program = torch.export.load(str(self.path / TORCH_FILE))
+        if TORCH_FILE in contents:
+            try:
+                self.program = load_program(contents[TORCH_FILE])
+            except UnsafeArchive as exc:
+                raise UnsafeArchive(f"{TORCH_FILE} refused: {exc}") from exc
         self.manifest = manifest
+
+    def _verified_bytes(self, file_name: str, expected: str) -> bytes:
+        """The bytes of a file the manifest lists, once its name is shown to stay inside
+        the package folder and its sha256 to match."""
+        folder = self.path.resolve()
+        shown = file_name[:120]
+        relative = PurePosixPath(file_name)
+        if (not file_name or relative.is_absolute() or "\\" in file_name
+                or any(part in ("..", "") for part in relative.parts)):
+            raise ValueError(f"manifest file {shown!r} must be a path inside the package "
+                             "folder (no absolute paths, no '..')")
+        file_path = (folder / relative).resolve()
+        if not file_path.is_relative_to(folder):
+            raise ValueError(f"manifest file {shown!r} leads outside the package folder")
+        if not file_path.is_file():
+            raise FileNotFoundError(f"{shown} is listed in the manifest but missing")
+        data = file_path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise ValueError(f"{shown}: sha256 does not match the manifest's "
+                             f"{expected[:12]}… (the file changed after export)")
+        return data
 
     def spec(self) -> Manifest:
         if self.manifest is None:

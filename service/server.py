@@ -96,9 +96,9 @@ class SaliencyServer:
         self.repository.load_all()
         for handle in self.repository.handles():
             if handle.ready:
-                for failure in self.core.warm_up(handle):
-                    log.warning("warm-up of %s/%d failed: %s", handle.name, handle.version,
-                                failure)
+                failures = self.core.warm_up(handle)
+                if failures:
+                    handle.fail("warm-up failed: " + "; ".join(failures))
         self.metrics.set_models_ready(
             {(h.name, str(h.version)): h.ready for h in self.repository.handles()}
         )

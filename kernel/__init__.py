@@ -1,0 +1,1 @@
+"""The transport-free bottom layer: model handles, requests, results, costs and errors."""

@@ -1,0 +1,210 @@
+"""Hostile and broken model packages against the real server: nothing from a package runs
+code on load (or on reload), manifest paths stay inside the package, and a package that
+cannot serve its own manifest is not ready. The other packages keep serving throughout."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from kernel.program_archive import UnsafeArchive, check_archive
+from saliency.v1 import explainer_pb2 as pb
+from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from service.images import array_to_tensor
+from tests.conftest import TINY_SHAPE, RunningServer, make_config
+
+
+def code_running_pickle(marker: Path) -> bytes:
+    """A protocol-0 pickle that creates ``marker`` when unpickled (``open(marker, 'w')``)."""
+    return f"cbuiltins\nopen\n(V{marker}\nVw\ntR.".encode()
+
+
+def rewrite_archive(path: Path, edit: Callable[[dict[str, bytes]], None]) -> None:
+    """Rewrites the zip at ``path`` with ``edit`` applied to its {member: bytes}."""
+    with zipfile.ZipFile(path) as source:
+        members = {info.filename: source.read(info) for info in source.infolist()}
+    edit(members)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as target:
+        for name, data in members.items():
+            target.writestr(name, data)
+    path.write_bytes(buffer.getvalue())
+
+
+def reseal(package: Path) -> None:
+    """Updates the manifest's sha256 of every listed file, as an attacker would."""
+    manifest = json.loads((package / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        target = package / name
+        if target.is_file():
+            entry["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    (package / "manifest.json").write_text(json.dumps(manifest))
+
+
+def copy_package(repository: Path, root: Path, name: str) -> Path:
+    package = root / name / "1"
+    shutil.copytree(repository / "tiny" / "1", package)
+    manifest = json.loads((package / "manifest.json").read_text())
+    manifest["name"] = name
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    return package
+
+
+def member(members: dict[str, bytes], suffix: str) -> str:
+    return next(name for name in members if name.endswith(suffix))
+
+
+def plant_pickle(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    def edit(members: dict[str, bytes]) -> None:
+        members[member(members, "data/sample_inputs/model.pt")] = code_running_pickle(marker)
+    return edit
+
+
+def pickled_weight(members: dict[str, bytes]) -> None:
+    name = member(members, "model_weights_config.json")
+    config = json.loads(members[name])
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
+    members[name] = json.dumps(config).encode()
+
+
+def compiled_code(members: dict[str, bytes]) -> None:
+    prefix = member(members, "archive_format").removesuffix("archive_format")
+    members[prefix + "data/aotinductor/model/model.so"] = b"\x7fELF"
+
+
+def manifest_files(entries: dict[str, str]) -> Callable[[Path], None]:
+    def edit(package: Path) -> None:
+        manifest = json.loads((package / "manifest.json").read_text())
+        for name, sha in entries.items():
+            manifest["files"][name] = {"sha256": sha}
+        (package / "manifest.json").write_text(json.dumps(manifest))
+    return edit
+
+
+@pytest.fixture(scope="module")
+def hostile(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        tuple[RunningServer, Path]]:
+    """A server over the good tiny package and hostile ones beside it."""
+    root = tmp_path_factory.mktemp("hostile")
+    markers = tmp_path_factory.mktemp("markers")
+    shutil.copytree(repository / "tiny", root / "tiny")
+    planted = copy_package(repository, root, "planted")
+    rewrite_archive(planted / "model.pt2", plant_pickle(markers / "planted"))
+    reseal(planted)
+    for name, edit in (("pickled_weight", pickled_weight), ("compiled", compiled_code)):
+        package = copy_package(repository, root, name)
+        rewrite_archive(package / "model.pt2", edit)
+        reseal(package)
+    host_sha = hashlib.sha256(Path("/etc/hostname").read_bytes()).hexdigest() if Path(
+        "/etc/hostname").is_file() else "0" * 64
+    for name, entries in (("escape", {"../../../../etc/hostname": host_sha}),
+                          ("absolute", {"/etc/hostname": host_sha})):
+        manifest_files(entries)(copy_package(repository, root, name))
+    linked = copy_package(repository, root, "symlink")
+    (linked / "labels.txt").symlink_to("/etc/hostname")
+    manifest_files({"labels.txt": host_sha})(linked)
+    mismatch = copy_package(repository, root, "mismatch")
+    manifest = json.loads((mismatch / "manifest.json").read_text())
+    manifest["input"]["shape"] = [1, 1, *TINY_SHAPE[1:]]
+    manifest["input"]["mean"], manifest["input"]["std"] = [0.5], [0.25]
+    (mismatch / "manifest.json").write_text(json.dumps(manifest))
+    running = RunningServer(make_config(root)).start()
+    yield running, markers
+    running.stop()
+
+
+def statuses(server: RunningServer) -> dict[str, pb.ModelStatus]:
+    with grpc.insecure_channel(server.address) as channel:
+        listed = pb_grpc.ExplainerStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
+    return {model.name: model for model in listed.models}
+
+
+def test_a_planted_pickle_never_runs_on_load_or_reload(hostile: tuple[RunningServer, Path]
+                                                       ) -> None:
+    server, markers = hostile
+    for _ in range(2):
+        status = statuses(server)["planted"]
+        assert not status.ready
+        assert "model.pt2 refused" in status.error and "sample_inputs" in status.error
+        assert not (markers / "planted").exists()
+        server.call(server.server.reload(force=True))
+    assert not (markers / "planted").exists()
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("pickled_weight", "is pickled"),
+    ("compiled", "not part of a plain exported program"),
+])
+def test_archives_with_pickled_payloads_or_code_are_refused(
+        hostile: tuple[RunningServer, Path], name: str, words: str) -> None:
+    status = statuses(hostile[0])[name]
+    assert not status.ready and words in status.error
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("escape", "must be a path inside the package folder"),
+    ("absolute", "must be a path inside the package folder"),
+    ("symlink", "leads outside the package folder"),
+])
+def test_manifest_files_must_stay_inside_the_package(
+        hostile: tuple[RunningServer, Path], name: str, words: str) -> None:
+    status = statuses(hostile[0])[name]
+    assert not status.ready and words in status.error
+    host = Path("/etc/hostname")
+    if host.is_file():  # nothing of the host file's hash leaks into the message
+        assert hashlib.sha256(host.read_bytes()).hexdigest()[:8] not in status.error
+
+
+def test_a_package_whose_warm_up_fails_is_not_ready(hostile: tuple[RunningServer, Path]
+                                                    ) -> None:
+    status = statuses(hostile[0])["mismatch"]
+    assert not status.ready
+    assert status.error.startswith("warm-up failed: predict:")
+
+
+def test_the_good_package_serves_beside_the_hostile_ones(
+        hostile: tuple[RunningServer, Path]) -> None:
+    server, _ = hostile
+    assert statuses(server)["tiny"].ready
+    inputs = np.zeros((1, *TINY_SHAPE), np.float32)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ExplainerStub(channel)
+        reply = stub.Predict(pb.PredictRequest(model="tiny", input=pb.Input(
+            tensor=array_to_tensor(inputs))), timeout=30)
+        assert reply.predictions[0].top
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(pb.PredictRequest(model="planted", input=pb.Input(
+                tensor=array_to_tensor(inputs))), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "refused" in refused.value.details()
+
+
+def test_torch_alone_would_have_run_the_planted_pickle(repository: Path, tmp_path: Path
+                                                       ) -> None:
+    """The planted archive is a real attack: plain ``torch.export.load`` (in a process
+    without the guard) runs it, and the archive check refuses it."""
+    package = copy_package(repository, tmp_path, "planted")
+    marker = tmp_path / "marker"
+    rewrite_archive(package / "model.pt2", plant_pickle(marker))
+    data = (package / "model.pt2").read_bytes()
+    with pytest.raises(UnsafeArchive, match="sample_inputs"):
+        check_archive(data)
+    assert not marker.exists()
+    environment = {k: v for k, v in os.environ.items() if "WEIGHTS_ONLY" not in k}
+    subprocess.run([sys.executable, "-c", "import sys, torch; torch.export.load(sys.argv[1])",
+                    str(package / "model.pt2")], env=environment, capture_output=True,
+                   timeout=120, check=False)
+    assert marker.exists()
