@@ -181,6 +181,7 @@ def gradient_gflop(package: Path, images: int = 2) -> float:
     import torch  # noqa: PLC0415
 
     from handlers.torch_program import FAST, build_variant  # noqa: PLC0415
+    from kernel.program_archive import load_program  # noqa: PLC0415
 
     shape = json.loads((package / "manifest.json").read_text())["input"]["shape"]
     module = build_variant(load_program((package / "model.pt2").read_bytes()), FAST)
