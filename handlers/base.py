@@ -119,15 +119,38 @@ class ExplainJob:
         """A generator fixed by the request's seed, so stochastic methods are reproducible."""
         return np.random.default_rng(self.seed)
 
-    def items_per_chunk(self, backward: bool = False) -> int:
-        """How many network inputs fit one chunk under the memory budget."""
+    def activation_bytes(self, backward: bool = False) -> int:
+        """Activation bytes one network input holds in a pass (twice that with a backward
+        pass), from the manifest or, without it, 48 copies of the input."""
         spec = self.model.spec()
         per_item = int(spec.extra.get("activation_bytes", 0)) or 48 * int(
             np.prod(self.inputs.shape[1:]) * 4
         )
-        if backward:
-            per_item *= 2
-        return max(1, self.limits.chunk_memory_bytes // max(per_item, 1))
+        return 2 * per_item if backward else per_item
+
+    def items_per_chunk(self, backward: bool = False) -> int:
+        """How many network inputs fit one chunk under the memory budget."""
+        return max(1, self.limits.chunk_memory_bytes // max(self.activation_bytes(backward), 1))
+
+    def units_per_chunk(self, rows_each: int = 1, unit_bytes: int = 0,
+                        backward: bool = False, reserved_bytes: int = 0) -> int:
+        """How many units of work fit one chunk (at least one): a unit is ``rows_each``
+        network inputs plus ``unit_bytes`` of the handler's own arrays (masks, perturbed
+        copies, noise); ``reserved_bytes`` the request holds throughout (a DE population)
+        come off the budget first."""
+        per_unit = rows_each * self.activation_bytes(backward) + unit_bytes
+        budget = self.limits.chunk_memory_bytes - reserved_bytes
+        return max(1, budget // max(per_unit, 1))
+
+    def unit_chunks(self, units: int, rows_each: int = 1, unit_bytes: int = 0,
+                    backward: bool = False, reserved_bytes: int = 0) -> Iterator[slice]:
+        """Slices of range(units) sized by ``units_per_chunk``, checking the deadline and
+        cancellation before each, so that a chunk's arrays are only allocated for a request
+        that is still wanted and the first check comes before the first chunk's work."""
+        size = self.units_per_chunk(rows_each, unit_bytes, backward, reserved_bytes)
+        for part in chunks(units, size):
+            self.state.check()
+            yield part
 
 
 @dataclass
@@ -161,8 +184,14 @@ def chunks(total: int, size: int) -> Iterator[slice]:
         yield slice(start, min(total, start + size))
 
 
-def _enum_suffix(message: Message, name: str, value: int) -> str:
+def _enum_suffix(message: Message, name: str, value: int, label: str) -> str:
+    """An enum field's value as its lower-case name without the enum's prefix
+    (``BASELINE_BLUR`` → ``blur``); a number the proto does not define is the client's
+    mistake, so it is refused naming the field (``label``) and the values it takes."""
     enum = message.DESCRIPTOR.fields_by_name[name].enum_type
+    if value not in enum.values_by_number:
+        valid = ", ".join(f"{v.name} ({v.number})" for v in enum.values)
+        raise InvalidInput(f"{label}={value} is not a {enum.name} value; use one of {valid}")
     full = enum.values_by_number[value].name
     prefix = enum.values[0].name.rsplit("_", 1)[0] + "_"
     return full[len(prefix):].lower() if full.startswith(prefix) else full.lower()
@@ -214,7 +243,8 @@ class Handler:
                 value = getattr(message, name)
                 if value:
                     if descriptor.enum_type is not None:
-                        value = _enum_suffix(message, name, value)
+                        value = _enum_suffix(message, name, value,
+                                             f"{self.params_field}.{name}")
                     params[name] = value
         return params
 

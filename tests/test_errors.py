@@ -120,3 +120,44 @@ def test_predict_errors_match_explain_errors(stub) -> None:
         stub.GetModel(pb.GetModelRequest(model="missing"), timeout=30)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert "tiny" in caught.value.details()
+
+
+# ---- enum values the proto does not define -------------------------------------------------
+
+def with_params(method: int, field: str, **values: int) -> pb.ExplainRequest:
+    request = explain(method=method)
+    params = getattr(request, field)
+    params.SetInParent()
+    for name, value in values.items():
+        setattr(params, name, value)
+    return request
+
+
+UNKNOWN_ENUMS = [
+    ("integrated_gradients.baseline", with_params(
+        pb.METHOD_INTEGRATED_GRADIENTS, "integrated_gradients", baseline=99), "BASELINE_BLACK"),
+    ("integrated_gradients.rule", with_params(
+        pb.METHOD_INTEGRATED_GRADIENTS, "integrated_gradients", rule=42),
+     "QUADRATURE_RIEMANN_LEFT"),
+    ("smoe_scale.normalization", with_params(
+        pb.METHOD_SMOE_SCALE, "smoe_scale", normalization=9), "NORMALIZATION_GAMMA_CDF"),
+    ("fastcam.normalization", with_params(
+        pb.METHOD_FASTCAM, "fastcam", normalization=-1), "NORMALIZATION_GAUSSIAN_CDF"),
+    ("occlusion.baseline", with_params(pb.METHOD_OCCLUSION, "occlusion", baseline=6),
+     "BASELINE_ZERO"),
+    ("decam.baseline", with_params(pb.METHOD_DECAM, "decam", baseline=2**31 - 1),
+     "BASELINE_MEAN"),
+]
+
+
+@pytest.mark.parametrize(("request_", "valid"), [c[1:] for c in UNKNOWN_ENUMS],
+                         ids=[c[0] for c in UNKNOWN_ENUMS])
+def test_unknown_enum_value_in_params_names_the_field_and_the_valid_values(
+        stub, request_: pb.ExplainRequest, valid: str, request: pytest.FixtureRequest) -> None:
+    field = request.node.callspec.id
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Explain(request_, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert field in caught.value.details()
+    assert valid in caught.value.details()
+
