@@ -20,7 +20,6 @@ from grpc_reflection.v1alpha import reflection
 
 from handlers import registry
 from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.allocator import keep_freed_memory
 from service.config import Config
 from service.core import Core
@@ -28,6 +27,7 @@ from service.explainer import Admission, ExplainerServicer
 from service.metrics import Metrics
 from service.repository import Repository
 from service.security import BearerTokenInterceptor, load_tokens, server_credentials
+from service.wire import add_service
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
@@ -165,7 +165,8 @@ class SaliencyServer:
             interceptors=interceptors,
             maximum_concurrent_rpcs=self.config.concurrent_rpcs,
         )
-        pb_grpc.add_ExplainerServicer_to_server(self.servicer, self.server)
+        add_service(self.servicer, self.server, pb.DESCRIPTOR.services_by_name["Explainer"],
+                    self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

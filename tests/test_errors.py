@@ -161,3 +161,31 @@ def test_unknown_enum_value_in_params_names_the_field_and_the_valid_values(
     assert field in caught.value.details()
     assert valid in caught.value.details()
 
+
+# ---- request bytes that are not a message ----------------------------------------------------
+
+# Each is refused by protobuf: wire type 7, a truncated varint, a length past the end, an
+# end-group tag with no group open.
+CORRUPT = [b"\x0f", b"\x08\x80", b"\x0a\x05ab", b"\x0c"]
+RPCS = list(pb.DESCRIPTOR.services_by_name["Explainer"].methods)
+
+
+@pytest.mark.parametrize("body", CORRUPT, ids=[b.hex()[:12] for b in CORRUPT])
+@pytest.mark.parametrize("rpc", RPCS, ids=[m.name for m in RPCS])
+def test_undecodable_request_bytes_are_invalid_argument(channel: grpc.Channel, rpc,
+                                                        body: bytes) -> None:
+    request_class = getattr(pb, rpc.input_type.name)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - any protobuf decode error
+        request_class.FromString(body)
+    path = f"/{rpc.containing_service.full_name}/{rpc.name}"
+    with pytest.raises(grpc.RpcError) as caught:
+        if rpc.server_streaming:
+            list(channel.unary_stream(path)(body, timeout=30))
+        else:
+            channel.unary_unary(path)(body, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert f"not a valid {rpc.input_type.full_name}" in caught.value.details()
+    # The service still answers a well-formed call.
+    reply = channel.unary_unary("/saliency.v1.Explainer/ListModels")(b"", timeout=30)
+    assert pb.ListModelsResponse.FromString(reply).models
+
