@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 from google.protobuf.message import Message
 
-from service.errors import Cancelled, DeadlineExceeded, InvalidInput
+from service.errors import Cancelled, DeadlineExceeded, InvalidInput, ServiceError
 from service.repository import ModelHandle
 
 ENGINE_TORCH = "torch"
@@ -45,20 +45,32 @@ class CostCounter:
 
 
 class RequestState:
-    """Deadline and cancellation of one request, checked by handlers between passes."""
+    """Deadline and cancellation of one request, checked by handlers between passes.
+
+    A cancellation carries its reason: the client's (CANCELLED) unless the server stops the
+    request itself, e.g. at the end of its grace period when shutting down (UNAVAILABLE).
+    """
 
     def __init__(self, deadline: float | None = None) -> None:
         # ``deadline`` is on the time.monotonic() clock.
         self.deadline = deadline
         self.cancelled = threading.Event()
+        self._reason: ServiceError | None = None
+
+    def cancel(self, reason: ServiceError | None = None) -> None:
+        """Stops the request at its next check with ``reason`` (default: the client
+        cancelled); the first reason given stands."""
+        if not self.cancelled.is_set():
+            self._reason = reason
+            self.cancelled.set()
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
     def check(self) -> None:
-        """Raises when the client cancelled or the deadline passed."""
+        """Raises the cancellation's reason, or DeadlineExceeded once the deadline passed."""
         if self.cancelled.is_set():
-            raise Cancelled("the request was cancelled by the client")
+            raise self._reason or Cancelled("the request was cancelled by the client")
         if self.expired():
             raise DeadlineExceeded("the request's deadline passed before the method finished")
 
