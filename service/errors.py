@@ -8,11 +8,38 @@ from __future__ import annotations
 
 import grpc
 
+# Longest status message sent, in UTF-8 bytes. gRPC carries the message in a trailer,
+# percent-encoding every byte outside printable ASCII, and clients refuse trailers over 8 to
+# 16 KiB (RESOURCE_EXHAUSTED in place of the real status): a message that echoes a client's
+# value must stay well below that.
+MAX_MESSAGE_BYTES = 1024
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``text`` when its UTF-8 form has at most ``limit`` bytes, else its start and end
+    around a note of how much was left out (at most ``limit`` bytes in all)."""
+    if len(text) * 4 <= limit or len(text.encode()) <= limit:
+        return text
+    budget = max(limit - len(f" …[{len(text)} characters left out]… ".encode()), 0)
+    head_bytes, tail_bytes = budget - budget // 3, budget // 3
+    head = text[:head_bytes].encode()[:head_bytes].decode(errors="ignore")
+    tail = (text[len(text) - tail_bytes:].encode()[-tail_bytes:].decode(errors="ignore")
+            if tail_bytes else "")
+    omitted = len(text) - len(head) - len(tail)
+    return f"{head} …[{omitted} characters left out]… {tail}"
+
 
 class ServiceError(Exception):
-    """Base class: a failure with a message a person can act on."""
+    """Base class: a failure with a message a person can act on.
+
+    The message is shortened to ``MAX_MESSAGE_BYTES``, so that a huge value echoed from a
+    request (a model name, a shape, a layer) cannot turn the status into a trailer the
+    client refuses."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(shorten(str(message)))
 
 
 class InvalidInput(ServiceError):

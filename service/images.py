@@ -23,12 +23,26 @@ _DTYPES: dict[int, np.dtype] = {
 }
 
 
+# More dimensions than any input has (model inputs are 4-D), and below numpy's own limit.
+MAX_TENSOR_DIMS = 32
+
+
+def shape_text(shape: list[int], shown: int = 8) -> str:
+    """A shape for a message: in full when short, else its first dimensions and its rank."""
+    if len(shape) <= shown:
+        return str(list(shape))
+    return f"[{', '.join(str(d) for d in shape[:shown])}, … ({len(shape)} dimensions)]"
+
+
 def tensor_to_array(tensor: pb.Tensor) -> np.ndarray:
     """Decodes a Tensor message, checking dtype, shape and byte length."""
     if tensor.dtype not in _DTYPES:
         names = ", ".join(pb.DType.Name(d) for d in _DTYPES)
         raise InvalidInput(f"tensor dtype {tensor.dtype} is not supported; use one of {names}")
     shape = list(tensor.shape)
+    if len(shape) > MAX_TENSOR_DIMS:
+        raise InvalidInput(f"tensor shape {shape_text(shape)} has {len(shape)} dimensions; "
+                           f"at most {MAX_TENSOR_DIMS} are accepted (model inputs are 4-D)")
     if not shape or any(d <= 0 for d in shape):
         raise InvalidInput(f"tensor shape {shape} must be non-empty with every dimension > 0")
     dtype = _DTYPES[tensor.dtype]

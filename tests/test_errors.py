@@ -189,3 +189,36 @@ def test_undecodable_request_bytes_are_invalid_argument(channel: grpc.Channel, r
     reply = channel.unary_unary("/saliency.v1.Explainer/ListModels")(b"", timeout=30)
     assert pb.ListModelsResponse.FromString(reply).models
 
+
+# ---- very long values echoed into messages ---------------------------------------------------
+
+MESSAGE_LIMIT = 1024  # UTF-8 bytes
+LONG_VALUES = [
+    ("100 KB model name", "Explain", explain(model="m" * 100_000), grpc.StatusCode.NOT_FOUND,
+     "available models"),
+    ("100 KB model name, GetModel", "GetModel", pb.GetModelRequest(model="m" * 100_000),
+     grpc.StatusCode.NOT_FOUND, "available models"),
+    ("non-ASCII model name", "Predict", pb.PredictRequest(model="😀" * 20_000),
+     grpc.StatusCode.NOT_FOUND, "available models"),
+    ("300k-dim shape", "Explain", explain(input=raw_tensor([2] * 300_000, pb.DTYPE_FLOAT32, b"")),
+     grpc.StatusCode.INVALID_ARGUMENT, "300000 dimensions"),
+    ("300k-dim shape of ones", "Explain",
+     explain(input=raw_tensor([1] * 300_000, pb.DTYPE_FLOAT32, b"\0" * 4)),
+     grpc.StatusCode.INVALID_ARGUMENT, "300000 dimensions"),
+    ("1 MB layer name", "Explain", pb.ExplainRequest(
+        model="tiny", method=pb.METHOD_GRADCAM, input=pb.Input(tensor=good_tensor()),
+        gradcam=pb.GradCamParams(layer="L" * 1_000_000)), grpc.StatusCode.INVALID_ARGUMENT,
+     "choose one of"),
+]
+
+
+@pytest.mark.parametrize(("rpc", "request_", "code", "message"), [c[1:] for c in LONG_VALUES],
+                         ids=[c[0] for c in LONG_VALUES])
+def test_long_values_are_shortened_in_status_messages(
+        stub, rpc: str, request_: object, code: grpc.StatusCode, message: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        getattr(stub, rpc)(request_, timeout=30)
+    assert caught.value.code() == code, caught.value.details()[:300]
+    details = caught.value.details()
+    assert len(details.encode()) <= MESSAGE_LIMIT
+    assert message in details
