@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -69,22 +70,77 @@ def array_to_tensor(array: np.ndarray) -> pb.Tensor:
     return array_to_tensor(array.astype(np.float32))
 
 
+# What the server decodes. Others are refused before any decoder runs: each format Pillow
+# reads is more decoder code exposed to client bytes, and the README documents these two.
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+_SIGNATURES = (
+    (re.compile(rb"BM"), "BMP"),
+    (re.compile(rb"GIF8[79]a"), "GIF"),
+    (re.compile(rb"II\*\0|MM\0\*"), "TIFF"),
+    (re.compile(rb"RIFF....WEBP", re.DOTALL), "WebP"),
+    (re.compile(rb"\0\0[\1\2]\0"), "ICO"),
+    (re.compile(rb"P[1-7]\s"), "PPM/PGM/PBM"),
+    (re.compile(rb"\0\0\0\x0cjP  |\xff\x4f\xff\x51"), "JPEG 2000"),
+    (re.compile(rb"....ftyp(heic|heix|avif|mif1)", re.DOTALL), "HEIF/AVIF"),
+)
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+# Modes holding more than 8 bits per sample: Pillow's 16-bit grayscale. (16-bit colour
+# PNGs already arrive as 8-bit RGB(A), their high bytes.)
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def _format_name(data: bytes) -> str | None:
+    """The format of an encoded image that is not PNG or JPEG, when it is a known one."""
+    for signature, name in _SIGNATURES:
+        if signature.match(data):
+            return name
+    return None
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """Any PNG or JPEG mode → uint8 H×W×3 RGB; 16-bit gray keeps its high byte, as
+    Pillow does for 16-bit colour (converting it directly would clip it to white)."""
+    if image.mode in _WIDE_GRAY_MODES:
+        wide = np.asarray(image).astype(np.int64)
+        gray = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
 def decode_image(data: bytes, index: int, max_pixels: int) -> np.ndarray:
-    """Decodes one PNG/JPEG into uint8 H×W×3 RGB."""
+    """Decodes one PNG (any bit depth and colour type) or JPEG into uint8 H×W×3 RGB.
+
+    Anything else is refused with INVALID_ARGUMENT naming the accepted formats."""
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise InvalidInput(
-                f"image {index} is {width}×{height} = {width * height} pixels; "
-                f"the limit max_pixels is {max_pixels}"
-            )
-        rgb = image.convert("RGB")
-    except InvalidInput:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidInput(f"image {index} could not be decoded as PNG or JPEG: {exc}") from exc
-    return np.asarray(rgb, dtype=np.uint8)
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError as exc:
+        if data.startswith((b"\x89PNG", b"\xff\xd8\xff")):
+            kind = "PNG" if data.startswith(b"\x89PNG") else "JPEG"
+            raise InvalidInput(f"image {index} is a {kind} whose header is cut short or "
+                               "corrupt") from exc
+        found = _format_name(data[:16])
+        what = f"in {found} format" if found else "neither PNG nor JPEG"
+        raise InvalidInput(
+            f"image {index} is {what}; the accepted formats are PNG and JPEG") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder meets is in the client's bytes
+        raise InvalidInput(f"image {index} could not be decoded: {_clean(exc)}") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidInput(
+            f"image {index} is {width}×{height} = {width * height} pixels; "
+            f"the limit max_pixels is {max_pixels}"
+        )
+    try:
+        return _to_rgb(image)
+    except Exception as exc:  # noqa: BLE001 - as above: a corrupt or truncated image
+        raise InvalidInput(
+            f"image {index} could not be decoded as {image.format}: {_clean(exc)}") from exc
+
+
+def _clean(exc: BaseException) -> str:
+    """A decoder's error for a message: without object reprs (``<… at 0x…>``)."""
+    text = _OBJECT_REPR.sub("the image", str(exc)).strip()
+    return text or type(exc).__name__
 
 
 def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
