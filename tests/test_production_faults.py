@@ -1,5 +1,6 @@
-"""Faults: a failing program becomes INTERNAL with a request id; broken packages stay out
-of service while the rest serve; packages reload without a restart."""
+"""Faults: a failing program becomes INTERNAL with a request id; broken packages, and
+packages whose warm-up fails, stay out of service while the rest serve; packages reload
+without a restart."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def copy_package(source: Path, target: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def faulty(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """tiny (good), broken (corrupt ONNX), missing (no ONNX file) and mismatch: a package
-    whose manifest promises 16×16 inputs to a network built for 32×32, so its program
-    raises on every call."""
+    whose manifest promises 16×16 inputs to a network built for 32×32, so its warm-up
+    fails."""
     root = tmp_path_factory.mktemp("faulty")
     for name in ("tiny", "broken"):
         shutil.copytree(repository / name, root / name)
@@ -52,28 +53,42 @@ def faulty(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def test_handler_exception_is_internal_with_a_logged_request_id(
-    faulty: RunningServer, caplog: pytest.LogCaptureFixture
+    faulty: RunningServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A fault in the server itself (simulated: the session raises mid-request, which no
+    request can cause) is INTERNAL with a request id, logged with its traceback."""
     caplog.set_level(logging.INFO, logger="service.explainer")
-    inputs = np.zeros((1, 3, 16, 16), np.float32)
+    handle = faulty.server.repository.get("tiny")
+    original = handle.run
+    failing = {"on": False}
+
+    def run(*args: object, **kwargs: object) -> object:
+        if failing["on"]:
+            raise RuntimeError("onnxruntime session failed (simulated)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(handle, "run", run)
+    inputs = np.zeros((1, 3, 32, 32), np.float32)
     with grpc.insecure_channel(faulty.address) as channel:
         stub = pb_grpc.ExplainerStub(channel)
         for call, request in (
             (
                 stub.Predict,
-                pb.PredictRequest(model="mismatch", input=pb.Input(tensor=array_to_tensor(inputs))),
+                pb.PredictRequest(model="tiny", input=pb.Input(tensor=array_to_tensor(inputs))),
             ),
             (
                 stub.Explain,
                 pb.ExplainRequest(
-                    model="mismatch",
+                    model="tiny",
                     method=pb.METHOD_OCCLUSION,
                     input=pb.Input(tensor=array_to_tensor(inputs)),
                 ),
             ),
         ):
+            failing["on"] = True
             with pytest.raises(grpc.RpcError) as error:
                 call(request, timeout=30)
+            failing["on"] = False
             assert error.value.code() == grpc.StatusCode.INTERNAL
             trailing = dict(error.value.trailing_metadata())
             request_id = trailing["x-request-id"]
@@ -82,9 +97,9 @@ def test_handler_exception_is_internal_with_a_logged_request_id(
             failure = [r for r in records if r.levelno == logging.ERROR]
             assert len(failure) == 1 and failure[0].exc_info is not None
             line = json.loads(JsonFormatter().format(failure[0]))
-            assert line["request_id"] == request_id and line["model"] == "mismatch"
+            assert line["request_id"] == request_id and line["model"] == "tiny"
             assert line["code"] == "INTERNAL"
-            assert "Traceback" in line["traceback"] and "onnxruntime" in line["traceback"]
+            assert "Traceback" in line["traceback"] and "simulated" in line["traceback"]
             # The summary line is written as the call ends, just after the status is sent.
             eventually(
                 lambda rid=request_id: any(
@@ -141,7 +156,9 @@ def test_corrupt_and_missing_packages_are_not_ready_while_others_serve(
         assert models["tiny"].ready
         assert not models["broken"].ready and "sha256" in models["broken"].error
         assert not models["missing"].ready and "missing" in models["missing"].error
-        for name in ("broken", "missing"):
+        assert not models["mismatch"].ready
+        assert models["mismatch"].error.startswith("warm-up failed: predict:")
+        for name in ("broken", "missing", "mismatch"):
             request = tiny_request(pb.METHOD_VANILLA_GRADIENT)
             request.model = name
             with pytest.raises(grpc.RpcError) as error:
@@ -150,7 +167,7 @@ def test_corrupt_and_missing_packages_are_not_ready_while_others_serve(
             assert "not ready" in error.value.details()
         assert stub.Explain(tiny_request(pb.METHOD_OCCLUSION), timeout=30).cost.forward_passes
     samples = scrape(faulty.server.metrics_port)
-    for name, ready in (("tiny", 1), ("mismatch", 1), ("broken", 0), ("missing", 0)):
+    for name, ready in (("tiny", 1), ("mismatch", 0), ("broken", 0), ("missing", 0)):
         assert value(samples, "saliency_model_ready", model=name, version="1") == ready
         assert ("saliency_model_ready", frozenset({("model", name), ("version", "1")})) in samples
 
