@@ -97,19 +97,52 @@ def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config)
             )
 
 
+# What a request hears while the server drains: refused on arrival, refused in the queue
+# (it would not finish within the grace period), or stopped when the grace period ends.
+SHUTTING_DOWN = "the server is shutting down; retry on another replica"
+SHUTTING_DOWN_QUEUED = ("the server is shutting down and this request would not finish within "
+                        "its grace period; retry on another replica")
+SHUTTING_DOWN_STOPPED = ("the server is shutting down: its grace period ended before the "
+                         "request finished; retry on another replica")
+
+
+def remaining_seconds(expected: float, elapsed: float) -> float:
+    """Run time still expected of a request estimated at ``expected`` seconds (0 = not
+    measured yet) that has run ``elapsed``: the rest of the estimate, and once it has run
+    past it (the estimate was wrong), as long again as it has run so far."""
+    return expected - elapsed if elapsed < expected else elapsed
+
+
+@dataclass
+class _Waiter:
+    """A request waiting for a worker: its expected seconds and the future that grants it
+    one (or refuses it)."""
+
+    cost: float
+    granted: asyncio.Future[None]
+
+
 @dataclass
 class Admission:
-    """At most ``max_inflight`` requests executing and ``max_queue`` waiting; the rest are
-    refused at once with RESOURCE_EXHAUSTED, so memory stays bounded under overload.
+    """At most ``max_inflight`` requests executing and ``max_queue`` waiting, in arrival
+    order; the rest are refused at once with RESOURCE_EXHAUSTED, so memory stays bounded
+    under overload.
 
-    With ``max_queue_wait_seconds`` > 0 a request is also refused at once when its expected
-    wait for a worker exceeds that bound. A count alone cannot bound queueing delay when
-    costs differ (a vanilla gradient behind two Integrated Gradients waits 15× its own run),
-    so the wait is estimated from the expected cost of the requests ahead of it: the queue
-    is played forward (each waiting request, in arrival order, takes the worker that frees
-    first) and the newcomer gets the next free worker. Costs are the callers' estimates (the
-    moving average of the recent requests' run time per model and method, which rises with
-    contention).
+    With ``max_queue_wait_seconds`` > 0 the wait for a worker is bounded in time too, which
+    a count cannot do when costs differ (a vanilla gradient behind two Integrated Gradients
+    waits 15× its own run). A request is refused at once when
+
+    - its expected wait exceeds the bound: the queue is played forward (each waiting
+      request, in arrival order, takes the worker that frees first) over the executing
+      requests' expected remaining time (``remaining_seconds``), at the callers' cost
+      estimates (the moving average of the recent run time per model and method); or
+    - it is expected to run longer than the bound and would take the last worker that
+      frees within it while requests that fit the bound keep arriving (one did within this
+      request's expected run time): long requests never hold every worker then, so cheap
+      ones are not stuck behind them (with one worker there is nothing to keep).
+
+    Estimates can be wrong, so a request still waiting once the bound has passed is refused
+    then: no request starts after waiting longer than the bound.
     """
 
     max_inflight: int
@@ -123,44 +156,74 @@ class Admission:
     peak_inflight: int = 0
     peak_waiting: int = 0
     admitted: int = 0
-    _slots: asyncio.Semaphore | None = field(default=None, repr=False)
-    # Expected seconds of each waiting request, and (expected seconds, start) of each
-    # executing one, keyed by the request's state.
-    _waiting_cost: dict[int, float] = field(default_factory=dict, repr=False)
-    _running_cost: dict[int, tuple[float, float]] = field(default_factory=dict, repr=False)
-
-    def _semaphore(self) -> asyncio.Semaphore:
-        if self._slots is None:  # created lazily on the server's event loop
-            self._slots = asyncio.Semaphore(self.max_inflight)
-        return self._slots
+    # The waiting requests in arrival order, and (expected seconds, start) of each executing
+    # one, keyed by the request's state.
+    _queue: dict[int, _Waiter] = field(default_factory=dict, repr=False)
+    _running: dict[int, tuple[float, float]] = field(default_factory=dict, repr=False)
+    # When the last request that fits the bound arrived, and when the grace period ends
+    # while draining (time.perf_counter()).
+    _fitting_arrived: float = float("-inf")
+    _drain_ends: float = float("inf")
 
     def _reject(self, reason: str) -> None:
         self.metrics.rejected.labels(reason).inc()
 
+    def _free_in(self, now: float, queued: bool = True) -> list[float]:
+        """Seconds until each worker frees (a heap), after the waiting requests had their
+        turns when ``queued``."""
+        free = [remaining_seconds(cost, now - started) for cost, started in
+                self._running.values()]
+        free += [0.0] * max(self.max_inflight - len(free), 0)
+        heapq.heapify(free)
+        for waiter in self._queue.values() if queued else ():
+            heapq.heapreplace(free, free[0] + waiter.cost)
+        return free
+
     def expected_wait(self) -> float:
         """Seconds a request arriving now would wait for a worker (0 while one is free)."""
-        if self.inflight < self.max_inflight and not self.waiting:
+        if self.inflight < self.max_inflight and not self._queue:
             return 0.0
-        now = time.perf_counter()
-        free_at = [max(cost - (now - started), 0.0) for cost, started in
-                   self._running_cost.values()]
-        free_at += [0.0] * max(self.max_inflight - len(free_at), 0)
-        heapq.heapify(free_at)
-        for cost in self._waiting_cost.values():  # dicts keep arrival order; the queue is FIFO
-            heapq.heappush(free_at, heapq.heappop(free_at) + cost)
-        return free_at[0]
+        return self._free_in(time.perf_counter())[0]
+
+    def _check_wait(self, expected_seconds: float, now: float) -> None:
+        """Raises ResourceExhausted when a request expected to run ``expected_seconds``
+        would break the queue-wait bound, for itself or for the requests after it."""
+        bound = self.max_queue_wait_seconds
+        fits = 0.0 < expected_seconds <= bound
+        if fits:
+            self._fitting_arrived = now
+        free = self._free_in(now)
+        wait = free[0]
+        busy = f"{self.inflight} executing, {self.waiting} waiting"
+        if wait > bound:
+            self._reject("queue_wait")
+            raise ResourceExhausted(
+                f"server busy: a request would wait about {wait * 1000:.0f} ms for a worker "
+                f"(max_queue_wait_ms={bound * 1000:.0f}; {busy}); retry with backoff or on "
+                "another replica"
+            )
+        if fits or self.max_inflight < 2 or now - self._fitting_arrived > expected_seconds:
+            return
+        heapq.heapreplace(free, wait + expected_seconds)
+        if free[0] > bound:
+            self._reject("worker_reserved")
+            raise ResourceExhausted(
+                f"server busy: this request (about {expected_seconds * 1000:.0f} ms) would "
+                f"leave no worker free within max_queue_wait_ms={bound * 1000:.0f} for the "
+                f"shorter requests arriving ({busy}); retry with backoff or on another replica"
+            )
 
     async def acquire(self, state: RequestState, expected_seconds: float = 0.0) -> float:
-        """Waits for a slot; returns the seconds spent waiting.
+        """Waits for a worker; returns the seconds spent waiting.
 
         Raises Unavailable while draining, ResourceExhausted when the queue is full or the
-        expected wait exceeds ``max_queue_wait_seconds``, and DeadlineExceeded when the
-        request's deadline passed while it waited (it is not started then).
-        ``expected_seconds`` is this request's own expected run time (0 = unknown).
+        queue-wait bound would not hold, and DeadlineExceeded when the request's deadline
+        passed while it waited (it is not started then). ``expected_seconds`` is this
+        request's own expected run time (0 = unknown).
         """
         if self.draining:
             self._reject("shutting_down")
-            raise Unavailable("the server is shutting down; retry on another replica")
+            raise Unavailable(SHUTTING_DOWN)
         if self.inflight + self.waiting >= self.max_inflight + self.max_queue:
             self._reject("queue_full")
             raise ResourceExhausted(
@@ -168,57 +231,123 @@ class Admission:
                 f"{self.max_inflight}) and {self.waiting} waiting (max_queue={self.max_queue}); "
                 "retry with backoff"
             )
-        if self.max_queue_wait_seconds > 0:
-            wait = self.expected_wait()
-            if wait > self.max_queue_wait_seconds:
-                self._reject("queue_wait")
-                raise ResourceExhausted(
-                    f"server busy: a request would wait about {wait * 1000:.0f} ms for a "
-                    f"worker (max_queue_wait_ms={self.max_queue_wait_seconds * 1000:.0f}; "
-                    f"{self.inflight} executing, {self.waiting} waiting); retry with backoff "
-                    "or on another replica"
-                )
-        key = id(state)
         started = time.perf_counter()
+        bound = self.max_queue_wait_seconds
+        if bound > 0:
+            self._check_wait(expected_seconds, started)
+        key = id(state)
+        if self.inflight < self.max_inflight and not self._queue:
+            self._start(key, expected_seconds, started)
+            self.metrics.queue_seconds.observe(0.0)
+            return 0.0
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(expected_seconds, loop.create_future())
+        self._queue[key] = waiter
         self.waiting += 1
-        self._waiting_cost[key] = expected_seconds
         self.peak_waiting = max(self.peak_waiting, self.waiting)
         self.metrics.queued.set(self.waiting)
+        timer = loop.call_later(bound, self._time_out, key) if bound > 0 else None
         try:
-            await self._semaphore().acquire()
+            await waiter.granted
         except asyncio.CancelledError:
+            self._dequeue(key)
+            if not waiter.granted.cancelled() and waiter.granted.exception() is None:
+                self.release(state)  # granted just before the cancellation: hand it on
             self._reject("deadline_in_queue" if deadline_passed(state) else "cancelled_in_queue")
             raise
         finally:
-            self.waiting -= 1
-            self._waiting_cost.pop(key, None)
-            self.metrics.queued.set(self.waiting)
+            if timer is not None:
+                timer.cancel()
         waited = time.perf_counter() - started
         if state.expired():
-            self._semaphore().release()
+            self.release(state)
             self._reject("deadline_in_queue")
             raise DeadlineExceeded(
                 f"the request's deadline passed after {waited:.3f} s in the queue; it was not "
                 "started (raise the deadline or retry when the server is less busy)"
             )
-        self.inflight += 1
-        self._running_cost[key] = (expected_seconds, time.perf_counter())
-        self.admitted += 1
-        self.peak_inflight = max(self.peak_inflight, self.inflight)
-        self.metrics.inflight.set(self.inflight)
         self.metrics.queue_seconds.observe(waited)
         return waited
 
-    def release(self, state: RequestState) -> None:
-        self.inflight -= 1
-        self._running_cost.pop(id(state), None)
+    def _start(self, key: int, expected_seconds: float, now: float) -> None:
+        self.inflight += 1
+        self._running[key] = (expected_seconds, now)
+        self.admitted += 1
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
         self.metrics.inflight.set(self.inflight)
-        self._semaphore().release()
 
-    async def idle(self) -> None:
-        """Waits until nothing is executing or waiting (for graceful shutdown)."""
-        while self.inflight or self.waiting:
-            await asyncio.sleep(0.05)
+    def _dequeue(self, key: int) -> _Waiter | None:
+        waiter = self._queue.pop(key, None)
+        if waiter is not None:
+            self.waiting -= 1
+            self.metrics.queued.set(self.waiting)
+        return waiter
+
+    def _refuse(self, key: int, reason: str, error: ServiceError) -> None:
+        """Takes a waiting request out of the queue and answers it with ``error``."""
+        waiter = self._dequeue(key)
+        if waiter is not None and not waiter.granted.done():
+            self._reject(reason)
+            waiter.granted.set_exception(error)
+
+    def _time_out(self, key: int) -> None:
+        bound_ms = self.max_queue_wait_seconds * 1000
+        self._refuse(key, "queue_timeout", ResourceExhausted(
+            f"server busy: no worker freed within max_queue_wait_ms={bound_ms:.0f} "
+            f"({self.inflight} executing, {self.waiting} waiting); retry with backoff or on "
+            "another replica"
+        ))
+
+    def release(self, state: RequestState) -> None:
+        """Frees the request's worker and hands it to the first request waiting."""
+        self.inflight -= 1
+        self._running.pop(id(state), None)
+        self.metrics.inflight.set(self.inflight)
+        if self.draining:
+            self._refuse_unfinished()
+        now = time.perf_counter()
+        while self._queue and self.inflight < self.max_inflight:
+            key = next(iter(self._queue))
+            waiter = self._dequeue(key)
+            if waiter is not None and not waiter.granted.done():  # not cancelled meanwhile
+                self._start(key, waiter.cost, now)
+                waiter.granted.set_result(None)
+
+    def drain(self, ends: float) -> None:
+        """Stops admitting (UNAVAILABLE) and refuses at once the waiting requests that would
+        not finish by ``ends`` (time.perf_counter()), so their clients retry elsewhere; the
+        others keep their turn."""
+        self.draining = True
+        self._drain_ends = ends
+        self._refuse_unfinished()
+
+    def close(self) -> None:
+        """The grace period is over: refuses every request still waiting."""
+        self._drain_ends = float("-inf")
+        self._refuse_unfinished()
+
+    def _refuse_unfinished(self) -> None:
+        """While draining: the queue played forward, refusing each waiting request that would
+        not finish before the grace period ends (it leaves its turn to those behind it)."""
+        now = time.perf_counter()
+        left = self._drain_ends - now
+        free = self._free_in(now, queued=False)
+        for key, waiter in list(self._queue.items()):
+            if free[0] + waiter.cost > left or left <= 0:
+                self._refuse(key, "shutting_down", Unavailable(SHUTTING_DOWN_QUEUED))
+            else:
+                heapq.heapreplace(free, free[0] + waiter.cost)
+
+    async def idle(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` seconds until nothing is executing or waiting; returns
+        whether that came."""
+        ends = time.perf_counter() + timeout
+        while self.inflight or self._queue:
+            left = ends - time.perf_counter()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(left, 0.01))
+        return True
 
 
 def deadline_passed(state: RequestState, slack_seconds: float = 0.05) -> bool:
@@ -263,13 +392,23 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         self.admission = admission
         self.executor = executor
         self._running: set[RequestState] = set()
+        self._stopped: asyncio.Future[None] | None = None  # set when the grace period ends
 
-    def cancel_running(self) -> int:
-        """Tells every executing request to stop at its next check (end of the grace
-        period); returns how many there were."""
+    def _stop_signal(self) -> asyncio.Future[None]:
+        if self._stopped is None:  # created lazily on the server's event loop
+            self._stopped = asyncio.get_running_loop().create_future()
+        return self._stopped
+
+    def stop_running(self) -> int:
+        """The end of the grace period: refuses the requests still waiting, answers the
+        executing ones UNAVAILABLE at once and tells their workers to stop at their next
+        check; returns how many were executing."""
+        self.admission.close()
         running = list(self._running)
         for state in running:
-            state.cancelled.set()
+            state.cancel(Unavailable(SHUTTING_DOWN_STOPPED))
+        if not self._stop_signal().done():
+            self._stop_signal().set_result(None)
         return len(running)
 
     def _model_label(self, name: str) -> str:
@@ -329,14 +468,18 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         ``relabel`` names the method that actually ran (METHOD_AUTO resolves late). When
         the client cancels or the deadline passes mid-run, the worker is told through the
         RequestState and its slot is freed only once it has stopped, so the pool never
-        holds more than ``max_inflight`` requests.
+        holds more than ``max_inflight`` requests; the request is recorded then, with the
+        passes the worker made. When the grace period of a shutdown ends, the request is
+        answered and recorded at once (the process may not outlive the worker), and its
+        slot is freed once the worker has stopped.
         """
         outcome = _Outcome(request_id_of(context), self._model_label(request.model), method)
         context.set_trailing_metadata(((REQUEST_ID_KEY, outcome.request_id),))
         remaining = context.time_remaining()
         state = RequestState(time.monotonic() + remaining if remaining is not None else None)
         cost = CostCounter()
-        admitted = handed_off = settled = False
+        admitted = settled = False
+        worker: asyncio.Future[T] | None = None  # the pool's future while a worker runs it
 
         def timed(state: RequestState, cost: CostCounter) -> T:
             cpu_started = time.process_time()
@@ -346,15 +489,17 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                 outcome.cpu_seconds = time.process_time() - cpu_started
 
         def settle() -> None:
-            """Frees the slot and records the request — before the client hears the
-            status, so a scrape after any reply already counts it."""
+            """Records the request and frees its slot (once no worker holds it) — before the
+            client hears the status, so a scrape after any reply already counts it."""
             nonlocal settled
-            if settled or handed_off:
+            if settled:
                 return
             settled = True
             if admitted:
-                self._running.discard(state)
-                self.admission.release(state)
+                if worker is None or worker.done():
+                    self._release(state)
+                else:
+                    worker.add_done_callback(functools.partial(self._release_worker, state))
             self._finish(outcome, cost)
 
         try:
@@ -367,21 +512,26 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                 self.metrics.inline.labels(outcome.model, method).inc()
                 result = timed(state, cost)
             else:
-                future = asyncio.get_running_loop().run_in_executor(
+                worker = asyncio.get_running_loop().run_in_executor(
                     self.executor, timed, state, cost)
                 try:
-                    result = await asyncio.shield(future)
+                    # Waiting does not cancel the worker's future when the call is cancelled.
+                    await asyncio.wait((worker, self._stop_signal()),
+                                       return_when=asyncio.FIRST_COMPLETED)
                 except asyncio.CancelledError:
-                    state.cancelled.set()
-                    handed_off = True
+                    state.cancel()
+                    settled = True
                     outcome.code = (
                         grpc.StatusCode.DEADLINE_EXCEEDED
                         if deadline_passed(state)
                         else grpc.StatusCode.CANCELLED
                     )
-                    future.add_done_callback(
-                        lambda _: self._release_after(outcome, cost, state))
+                    worker.add_done_callback(
+                        functools.partial(self._release_after, outcome, cost, state))
                     raise
+                if not worker.done():  # the grace period ended first
+                    raise Unavailable(SHUTTING_DOWN_STOPPED)
+                result = worker.result()
             outcome.cost = getattr(result, "cost", None)
             if relabel is not None:
                 outcome.method = relabel(result)
@@ -455,10 +605,21 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         except NotFound:
             return False
 
-    def _release_after(self, outcome: _Outcome, cost: CostCounter, state: RequestState) -> None:
-        """Done-callback of a cancelled request's worker: frees its slot, then records it."""
+    def _release(self, state: RequestState) -> None:
         self._running.discard(state)
         self.admission.release(state)
+
+    def _release_worker(self, state: RequestState, worker: asyncio.Future[Any]) -> None:
+        """Done-callback of the worker of a request answered before it stopped: frees the
+        slot (the worker's outcome is moot: the client has its status)."""
+        if not worker.cancelled():
+            worker.exception()
+        self._release(state)
+
+    def _release_after(self, outcome: _Outcome, cost: CostCounter, state: RequestState,
+                       worker: asyncio.Future[Any]) -> None:
+        """Done-callback of a cancelled request's worker: frees its slot, then records it."""
+        self._release_worker(state, worker)
         self._finish(outcome, cost)
 
     async def Explain(  # noqa: N802 - gRPC method name

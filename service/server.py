@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from service.allocator import keep_freed_memory
 from service.config import Config
 from service.core import Core
 from service.explainer import Admission, ExplainerServicer
+from service.logging_setup import stop_writer
 from service.metrics import Metrics
 from service.repository import Repository
 from service.security import BearerTokenInterceptor, load_tokens, server_credentials
@@ -31,6 +35,10 @@ from service.wire import add_service
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
+# Once the grace period has ended: how long the workers of the requests answered then get to
+# reach their next check, and how long gRPC gets to send the last replies.
+WORKER_STOP_SECONDS = 0.5
+REPLY_SECONDS = 0.2
 
 
 def set_thread_counts(intra_op_threads: int) -> None:
@@ -209,30 +217,45 @@ class SaliencyServer:
         )
         return self.port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Readiness NOT_SERVING, refuse new work (UNAVAILABLE), let admitted requests finish
-        within ``grace`` seconds, then close the ports."""
+    async def stop(self, grace: float | None = None) -> int:
+        """Drains, then closes the ports; returns how many workers are still busy.
+
+        Readiness turns NOT_SERVING and new work is refused (UNAVAILABLE). Waiting requests
+        that would not finish within ``grace`` seconds are refused at once (UNAVAILABLE, so
+        their clients retry elsewhere); the others run. When the grace period ends, what
+        still waits is refused and what still executes is answered UNAVAILABLE, its worker
+        told to stop at its next check; a worker still busy ``WORKER_STOP_SECONDS`` later is
+        left to the caller (its request is answered and recorded).
+        """
         grace = self.config.grace_seconds if grace is None else grace
+        ends = time.perf_counter() + grace
         self._stopping = True
+        self.admission.drain(ends)
         if self._poller is not None:
             self._poller.cancel()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.admission.draining = True
-        try:
-            await asyncio.wait_for(self.admission.idle(), timeout=grace)
-        except TimeoutError:
-            stopped = self.servicer.cancel_running()
+        drained = await self.admission.idle(ends - time.perf_counter())
+        if not drained:
+            stopped = self.servicer.stop_running()
             log.warning(
-                "grace period of %.1f s ended with %d request(s) still running; cancelling them",
+                "grace period of %.1f s ended with %d request(s) still running; answered "
+                "UNAVAILABLE, their workers stop at their next check",
                 grace,
                 stopped,
                 extra={"event": "drain_timeout"},
             )
+        # The metrics endpoint's HTTP loop notices a stop only at its next half-second poll:
+        # meanwhile the workers reach their next check and gRPC sends the last replies.
+        closing = asyncio.get_running_loop().run_in_executor(None, self.metrics.stop)
+        if not drained:
+            await self.admission.idle(WORKER_STOP_SECONDS)
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
-            await self.server.stop(1.0)
-        self.metrics.stop()
+            await self.server.stop(REPLY_SECONDS)
+        await closing
         self.executor.shutdown(wait=False, cancel_futures=True)
+        reloading = self._reload_lock is not None and self._reload_lock.locked()
+        return self.admission.inflight + int(reloading)
 
     async def wait(self) -> None:
         if self.server is not None:
@@ -240,7 +263,8 @@ class SaliencyServer:
 
 
 async def serve(config: Config) -> None:
-    """Runs until SIGTERM/SIGINT, then shuts down gracefully; SIGHUP reloads the models."""
+    """Runs until SIGTERM/SIGINT, then shuts down gracefully and ends the process; SIGHUP
+    reloads the models."""
     server = SaliencyServer(config)
     await server.start()
     stop = asyncio.Event()
@@ -261,5 +285,12 @@ async def serve(config: Config) -> None:
         config.grace_seconds,
         extra={"event": "draining"},
     )
-    await server.stop()
-    log.info("stopped", extra={"event": "stopped"})
+    busy = await server.stop()
+    log.info("stopped; %d worker(s) still in a pass", busy, extra={"event": "stopped"})
+    # Every request has been answered and recorded. Ending here keeps the exit within a
+    # second of the grace period: Python would wait at exit for a worker still in a pass,
+    # then finalize torch's modules, which is slow.
+    await asyncio.sleep(0)  # the request lines queued on the loop
+    stop_writer()
+    sys.stdout.flush()
+    os._exit(0)

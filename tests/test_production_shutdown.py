@@ -1,12 +1,15 @@
 """A real ``saliency serve`` process and real signals: SIGHUP reloads, SIGTERM drains.
 
 On SIGTERM readiness turns NOT_SERVING, new requests get UNAVAILABLE, admitted
-requests (executing and queued) finish, and the process exits 0.
+requests (executing and queued) that fit the grace period finish, the queued ones that
+would not are refused at once, what still runs when it ends is answered UNAVAILABLE,
+and the process exits 0 within a second of it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import shutil
@@ -20,9 +23,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from service.explainer import REQUEST_ID_KEY
 from tests.conftest import RunningServer, make_config
 from tests.production_support import (
     readiness,
@@ -72,6 +77,14 @@ class ServeProcess:
                 self.lines.put(json.loads(line))
             except json.JSONDecodeError:
                 self.lines.put({"message": line.rstrip()})
+
+    def rest_of_log(self) -> list[dict]:
+        """Every line logged so far, once the process has exited and its stderr is read."""
+        while True:
+            try:
+                self.log.append(self.lines.get(timeout=1))
+            except queue.Empty:
+                return self.log
 
     def wait_for_event(self, event: str, timeout: float = 30.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -184,29 +197,134 @@ def test_sighup_reloads_and_sigterm_drains_in_flight_requests(
         server.kill()
 
 
+def test_drain_answers_every_request_within_the_grace_period(models: Path) -> None:
+    """SIGTERM with more work admitted than the grace period allows: the queued requests
+    are refused at once with UNAVAILABLE (clients retry elsewhere), the executing ones are
+    answered UNAVAILABLE when the grace ends, and the process exits within a second of it;
+    every call gets one log line with its status, and the log holds no traceback."""
+    grace = 1.0
+    server = ServeProcess(
+        models,
+        "--max-inflight",
+        "2",
+        "--max-queue",
+        "4",
+        "--grace-seconds",
+        str(grace),
+        "--chunk-memory-bytes",
+        str(8 * 2**20),
+    )
+    answered: dict[str, tuple[str, str, float]] = {}
+    exited: list[float] = []
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            long_request = slow_request(batch=4, stride=2)
+
+            def call(request_id: str) -> grpc.Future:
+                future = stub.Explain.future(
+                    long_request, timeout=120, metadata=((REQUEST_ID_KEY, request_id),))
+
+                def done(finished: grpc.Future) -> None:
+                    error = finished.exception()
+                    answered[request_id] = (
+                        ("OK", "") if error is None else (error.code().name, error.details())
+                    ) + (time.monotonic(),)
+
+                future.add_done_callback(done)
+                return future
+
+            # Measured once, so admission knows the queued requests cannot finish in time.
+            measured = call("measure").result().cost.wall_seconds
+            assert measured > 1.5 * grace, f"the long request took only {measured:.2f} s"
+            admitted = [call(f"admitted-{i}") for i in range(6)]  # 2 executing, 4 queued
+            _until(
+                lambda: (
+                    lambda s: (
+                        value(s, "saliency_inflight_requests") == 2
+                        and value(s, "saliency_queued_requests") == 4
+                    )
+                )(scrape(server.metrics_port))
+            )
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+
+            def watch_exit() -> None:
+                server.process.wait()
+                exited.append(time.monotonic())
+
+            threading.Thread(target=watch_exit, daemon=True).start()
+            _until(lambda: readiness(channel, timeout=5)
+                   == health_pb2.HealthCheckResponse.NOT_SERVING)
+            late = [call(f"late-{i}") for i in range(2)]
+            for future in admitted + late:
+                future.exception(timeout=60)
+        _until(lambda: bool(exited), timeout=60)
+        log = server.rest_of_log()
+        after = {rid: (code, round(at - signalled, 2)) for rid, (code, _, at) in answered.items()}
+        print(f"\ndrain with a {grace} s grace: exit after {exited[0] - signalled:.2f} s "
+              f"(code {server.process.returncode}); answers after SIGTERM: {after}")
+        assert exited[0] - signalled <= grace + 1.0
+        assert server.process.returncode == 0
+        codes = {rid: code for rid, (code, _, _) in answered.items()}
+        assert set(codes.values()) <= {"OK", "UNAVAILABLE"}, codes
+        for rid, (code, details, _) in answered.items():
+            assert code == "OK" or "shutting down" in details, (rid, details)
+        # The queued requests could not start before the grace ended: refused at once.
+        refused_at_once = [rid for rid, (code, _, at) in answered.items()
+                           if rid.startswith("admitted") and code == "UNAVAILABLE"
+                           and at - signalled < grace / 2]
+        assert len(refused_at_once) >= 4, after
+        assert all(codes[f"late-{i}"] == "UNAVAILABLE" for i in range(2))
+        # One request line per call, with the status the client saw; no traceback anywhere.
+        lines = [entry for entry in log if entry.get("event") == "request"]
+        assert sorted(entry["request_id"] for entry in lines) == sorted(answered)
+        assert {entry["request_id"]: entry["code"] for entry in lines} == codes
+        assert not [entry for entry in log if "traceback" in entry
+                    or "Traceback" in entry.get("message", "")
+                    or "CancelledError" in entry.get("message", "")]
+        events = [entry.get("event") for entry in log]
+        assert "drain_timeout" in events and "stopped" in events
+    finally:
+        server.kill()
+
+
 def test_grace_period_bounds_the_drain(
     repository: Path, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A request longer than the grace period does not hold the server: when the grace
-    period ends the request is cancelled at its next check and the server stops."""
+    period ends it is answered UNAVAILABLE (the server is shutting down, not the client
+    cancelling), its worker stops at its next check, and the request is counted."""
+    caplog.set_level(logging.INFO, logger="service.explainer")
     root = slow_repository(tmp_path_factory.getbasetemp(), repository)
     running = RunningServer(make_config(root, max_inflight=1, chunk_memory_bytes=8 * 2**20)).start()
     stopped = False
+    grace = 0.5
     try:
         with grpc.insecure_channel(running.address) as channel:
             stub = pb_grpc.ExplainerStub(channel)
             long_request = stub.Explain.future(slow_request(batch=8, stride=2), timeout=300)
             _until(lambda: running.server.admission.inflight == 1)
             started = time.monotonic()
-            running.stop(grace=0.5)
+            running.stop(grace=grace)
             stopped = True
             elapsed = time.monotonic() - started
             with pytest.raises(grpc.RpcError) as error:
                 long_request.result(timeout=30)
-            assert error.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
-        assert elapsed < 10, f"stopping took {elapsed:.1f} s"
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in error.value.details()
+        assert elapsed < grace + 1.0, f"stopping took {elapsed:.1f} s"
         assert any(getattr(r, "event", None) == "drain_timeout" for r in caplog.records)
         _until(lambda: running.server.admission.inflight == 0, timeout=10)
+        counted = {
+            sample.labels["code"]: sample.value
+            for family in text_string_to_metric_families(
+                running.server.metrics.exposition().decode())
+            for sample in family.samples if sample.name == "saliency_requests_total"
+        }
+        assert counted == {"UNAVAILABLE": 1.0}
+        lines = [r for r in caplog.records if getattr(r, "event", None) == "request"]
+        assert [r.code for r in lines] == ["UNAVAILABLE"]
     finally:
         if not stopped:
             running.stop()
