@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from handlers.base import ExplainJob, run_onnx_batched
+from handlers.base import ExplainJob, RequestState, run_onnx_batched
 from service.repository import InputSpec, ModelHandle
 
 BASELINES = ("black", "blur", "uniform_noise", "mean", "zero")
@@ -27,9 +27,11 @@ _LOCK = threading.Lock()
 
 
 def make_baseline(
-    kind: str, inputs: np.ndarray, spec: InputSpec, rng: np.random.Generator | None = None
+    kind: str, inputs: np.ndarray, spec: InputSpec, rng: np.random.Generator | None = None,
+    state: RequestState | None = None,
 ) -> np.ndarray:
-    """A baseline with the shape of ``inputs`` (N×C×H×W, normalized like the model input)."""
+    """A baseline with the shape of ``inputs`` (N×C×H×W, normalized like the model input);
+    ``state``, when given, is checked between the planes of a blur."""
     mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
     low, high = spec.value_range
@@ -43,15 +45,28 @@ def make_baseline(
             np.float32
         )
     if kind == "blur":
-        sigma = max(inputs.shape[2], inputs.shape[3]) / 16.0
-        return gaussian_filter(inputs, sigma=(0, 0, sigma, sigma), mode="nearest").astype(
-            np.float32
-        )
+        return blurred(inputs, state)
     if kind == "uniform_noise":
         generator = rng if rng is not None else np.random.default_rng(0)
         raw = generator.uniform(low, high, size=inputs.shape).astype(np.float32)
         return ((raw - mean) / std).astype(np.float32)
     raise ValueError(f"unknown baseline {kind!r}; expected one of {list(BASELINES)}")
+
+
+def blurred(inputs: np.ndarray, state: RequestState | None = None) -> np.ndarray:
+    """Each H×W plane smoothed by a Gaussian of σ = max(H, W) / 16, edges extended.
+
+    One plane at a time, checking ``state`` before each: the filter's cost grows with σ as
+    well as with the pixels, so a batch of large images takes far longer than a chunk.
+    """
+    sigma = max(inputs.shape[2], inputs.shape[3]) / 16.0
+    out = np.empty(inputs.shape, np.float32)
+    for item, channel in np.ndindex(*inputs.shape[:2]):
+        if state is not None:
+            state.check()
+        out[item, channel] = gaussian_filter(inputs[item, channel], sigma=sigma,
+                                             mode="nearest")
+    return out
 
 
 def baseline_logits(job: ExplainJob, kind: str, baseline: np.ndarray) -> np.ndarray:

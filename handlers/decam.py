@@ -61,7 +61,7 @@ from handlers.base import (
 from handlers.baselines import BASELINES, make_baseline
 from handlers.perturbation import base_probabilities
 from handlers.registry import register
-from handlers.resize import upsample
+from handlers.resize import upsample, upsample_bytes
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import DeadlineExceeded, InvalidInput
 
@@ -92,6 +92,8 @@ class MaskFitness:
         # keep = b + M·(x − b) and delete = x − M·(x − b): one product per candidate.
         self.difference = (job.inputs - baseline).astype(np.float32)
         self._buffer: np.ndarray | None = None
+        # Bytes the search holds throughout (its population), kept out of the chunks' budget.
+        self.reserved_bytes = 0
 
     @property
     def terms(self) -> int:
@@ -105,10 +107,14 @@ class MaskFitness:
         flat_grids = grids.reshape(batch * population, *grids.shape[2:])
         owner = np.repeat(np.arange(batch), population)  # the image each candidate explains
         probabilities = np.zeros((self.terms, batch * population))
-        per_chunk = max(1, job.items_per_chunk() // max(self.terms, 1))
-        for part in chunks(batch * population, per_chunk):
+        # A unit is one candidate: its upsampled mask and its keep and delete images.
+        height, width = job.inputs.shape[2:]
+        unit_bytes = (self.terms * job.inputs[0].nbytes
+                      + upsample_bytes(grids.shape[2], grids.shape[3], height, width))
+        for part in job.unit_chunks(batch * population, rows_each=self.terms,
+                                    unit_bytes=unit_bytes, reserved_bytes=self.reserved_bytes):
             images = self._masked_images(flat_grids[part], owner[part])
-            (logits,) = run_onnx_batched(job, images, chunk_items=per_chunk * self.terms)
+            (logits,) = run_onnx_batched(job, images, chunk_items=images.shape[0])
             targets = np.tile(job.targets[owner[part]], self.terms)
             probabilities[:, part] = softmax(logits)[np.arange(logits.shape[0]), targets].reshape(
                 self.terms, -1)
@@ -159,28 +165,56 @@ def donor_indices(rng: np.random.Generator, batch: int, population: int) -> np.n
     return np.argsort(keys, axis=2)[:, :, :3]
 
 
+def generation_bytes(population: int, dims: int) -> int:
+    """Bytes ``de_generation`` holds per image while it works on a block of images: the
+    donor keys and their order (P² each) and about eight P×D float64 temporaries."""
+    return 16 * population * population + 64 * population * dims
+
+
+def search_bytes(batch: int, population: int, dims: int) -> int:
+    """Bytes a DE search holds throughout: the population and the trial population
+    (float64) and the crossover choices (bool), N×P×D each."""
+    return 17 * batch * population * dims
+
+
 def de_generation(rng: np.random.Generator, population: np.ndarray, fitness: np.ndarray,
-                  mutation: float, crossover: float, strategy: str) -> np.ndarray:
-    """One DE/x/1/bin trial population for N lock-stepped searches (N×P×D in [0, 1])."""
+                  mutation: float, crossover: float, strategy: str,
+                  block: int | None = None) -> np.ndarray:
+    """One DE/x/1/bin trial population for N lock-stepped searches (N×P×D in [0, 1]).
+
+    The temporaries exist for ``block`` images at a time (all N by default). Each kind of
+    random number is drawn block after block in image order, so the trial population does
+    not depend on ``block``.
+    """
     batch, size, dims = population.shape
-    donors = donor_indices(rng, batch, size)
-    pick = np.arange(batch)[:, None]
-    r0, r1, r2 = (population[pick, donors[:, :, k]] for k in range(3))
-    if strategy == "best1bin":
-        base = population[np.arange(batch), fitness.argmax(axis=1)][:, None]
-    else:
-        base = r0
-    mutant = base + mutation * (r1 - r2)
-    # Bounce-back: a coordinate that leaves [0, 1] lands between its base and the bound it
-    # crossed. Plain clipping piles coordinates onto the bound, where r1 − r2 = 0 freezes them.
-    bounce = rng.random((batch, size, dims))
-    base_full = np.broadcast_to(base, mutant.shape)
-    mutant = np.where(mutant < 0.0, base_full * bounce, mutant)
-    mutant = np.where(mutant > 1.0, base_full + bounce * (1.0 - base_full), mutant)
-    cross = rng.random((batch, size, dims)) < crossover
+    parts = list(chunks(batch, block or batch))
+    donors = np.concatenate([donor_indices(rng, part.stop - part.start, size)
+                             for part in parts])
+    trial = np.empty(population.shape, np.float64)
+    for part in parts:
+        members, count = population[part], part.stop - part.start
+        pick = np.arange(count)[:, None]
+        r0, r1, r2 = (members[pick, donors[part, :, k]] for k in range(3))
+        if strategy == "best1bin":
+            base = members[np.arange(count), fitness[part].argmax(axis=1)][:, None]
+        else:
+            base = r0
+        mutant = base + mutation * (r1 - r2)
+        del r0, r1, r2
+        # Bounce-back: a coordinate that leaves [0, 1] lands between its base and the bound it
+        # crossed. Plain clipping piles coordinates onto the bound, where r1 − r2 = 0 freezes
+        # them.
+        bounce = rng.random((count, size, dims))
+        base_full = np.broadcast_to(base, mutant.shape)
+        mutant = np.where(mutant < 0.0, base_full * bounce, mutant)
+        trial[part] = np.where(mutant > 1.0, base_full + bounce * (1.0 - base_full), mutant)
+    cross = np.empty((batch, size, dims), bool)
+    for part in parts:
+        np.less(rng.random((part.stop - part.start, size, dims)), crossover, out=cross[part])
     forced = rng.integers(0, dims, (batch, size))
-    cross[pick, np.arange(size)[None], forced] = True
-    return np.where(cross, mutant, population)
+    cross[np.arange(batch)[:, None], np.arange(size)[None], forced] = True
+    np.copyto(trial, population, where=~cross)
+    return trial
 
 
 def refine_stages(grid: int, refine: bool) -> list[int]:
@@ -230,6 +264,14 @@ class Decam(Handler):
         if population > job.limits.max_samples:
             raise InvalidInput(f"population={population} exceeds the server limit of "
                                f"{job.limits.max_samples}")
+        dims = grid * grid
+        held = search_bytes(job.batch, population, dims) + generation_bytes(population, dims)
+        if held > job.limits.chunk_memory_bytes:
+            raise InvalidInput(
+                f"population={population} with grid={grid} on {job.batch} image(s) needs "
+                f"{held} bytes for the search, more than the chunk memory budget of "
+                f"{job.limits.chunk_memory_bytes} bytes (--chunk-memory-bytes): use a smaller "
+                "population, grid or batch")
         self.require_positive(params, "generations", limit=job.limits.max_generations)
         self.require_range(params, "mutation", 0.0, 2.0)
         if params["mutation"] <= 0:
@@ -261,7 +303,8 @@ def search_masks(job: ExplainJob, fitness_class: type[MaskFitness] = MaskFitness
     params = job.params
     rng = job.rng()
     height, width = job.inputs.shape[2:]
-    baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input, rng)
+    baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input, rng,
+                             job.state)
     fitness_of = fitness_class(job, baseline, FitnessWeights(
         preservation=float(params["preservation_weight"]),
         deletion=float(params["deletion_weight"]),
@@ -304,6 +347,7 @@ class _Search:
         self.best_fitness = np.full(job.batch, -np.inf)
         self.stale = 0
         self.generation_seconds = 0.0
+        self.block = job.batch  # images per block of a generation's temporaries
 
     def _evaluate(self, candidates: np.ndarray) -> np.ndarray | None:
         """Fitness of N×P candidates, or None when a best-effort request ran out of time."""
@@ -329,13 +373,19 @@ class _Search:
         self.stopped = True
 
     def run(self, population: np.ndarray, generations: int) -> np.ndarray:
-        """Evolves N×P×g×g ``population`` for up to ``generations``; returns the last one."""
+        """Evolves N×P×g×g ``population`` for up to ``generations`` (in place once it is
+        float64, like the trials); returns the last one."""
         job = self.job
         batch, size = population.shape[:2]
         shape = population.shape[2:]
         if self._out_of_time():
             self._truncate()
             return population
+        dims = int(np.prod(shape))
+        held = search_bytes(batch, size, dims)
+        self.fitness_of.reserved_bytes = held
+        self.block = job.units_per_chunk(rows_each=0, unit_bytes=generation_bytes(size, dims),
+                                         reserved_bytes=held)
         job.state.check()
         fitness = self._evaluate(population)
         if fitness is None:
@@ -350,13 +400,17 @@ class _Search:
             job.state.check()
             started = time.perf_counter()
             trial = de_generation(self.rng, vectors, fitness, self.mutation, self.crossover,
-                                  self.strategy)
+                                  self.strategy, self.block)
             trial_fitness = self._evaluate(trial.reshape(batch, size, *shape))
             if trial_fitness is None:
                 self._truncate()
                 break
             better = trial_fitness >= fitness
-            vectors = np.where(better[:, :, None], trial, vectors)
+            if vectors.dtype == trial.dtype:
+                np.copyto(vectors, trial, where=better[:, :, None])
+            else:  # a refined stage starts float32; its trials are float64
+                vectors = np.where(better[:, :, None], trial, vectors)
+            del trial
             fitness = np.where(better, trial_fitness, fitness)
             self.generation_seconds = time.perf_counter() - started
             self.step += 1

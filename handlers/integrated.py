@@ -154,7 +154,8 @@ class IntegratedGradients(GradientHandler):
 
     def _compute(self, job: ExplainJob) -> np.ndarray:
         params = job.params
-        baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input, job.rng())
+        baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input, job.rng(),
+                                 job.state)
         attribution = integrated_gradients(job, baseline, params["steps"], params["rule"])
         if job.base_logits is not None:
             # f(x) came from the ONNX Runtime prediction run: f(x') from the same engine

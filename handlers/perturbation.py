@@ -6,7 +6,6 @@ This module must not import torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -14,7 +13,6 @@ import numpy as np
 from handlers.base import (
     ExplainJob,
     Handler,
-    chunks,
     normalize_per_image,
     run_onnx_batched,
     scale_by_max,
@@ -22,7 +20,7 @@ from handlers.base import (
 )
 from handlers.baselines import BASELINES, make_baseline
 from handlers.registry import register
-from handlers.resize import bilinear_matrix
+from handlers.resize import bilinear_taps
 from saliency.v1 import explainer_pb2 as pb
 from service.errors import InvalidInput
 
@@ -33,6 +31,15 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     if starts[-1] + window < length:
         starts.append(length - window)
     return starts
+
+
+def window_coverage(starts: list[int], window: int, length: int) -> np.ndarray:
+    """How many windows cover each position along one axis; a pixel's count over the grid
+    of windows is the product of its row's and its column's."""
+    counts = np.zeros(length, np.float64)
+    for start in starts:
+        counts[start:start + window] += 1.0
+    return counts
 
 
 def target_probabilities(job: ExplainJob, batch: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -78,18 +85,17 @@ class Occlusion(Handler):
         window, stride = job.params["window"], job.params["stride"]
         batch, _, height, width = job.inputs.shape
         baseline = make_baseline(job.params["baseline"], job.inputs, job.model.spec().input,
-                                 job.rng())
-        positions = [(y, x) for y in window_starts(height, window, stride)
-                     for x in window_starts(width, window, stride)]
+                                 job.rng(), job.state)
+        rows, columns = window_starts(height, window, stride), window_starts(width, window, stride)
+        positions = [(y, x) for y in rows for x in columns]
         base = base_probabilities(job)
         attribution = np.zeros((batch, height, width), np.float32)
-        coverage = np.zeros((height, width), np.float32)
-        for y, x in positions:
-            coverage[y:y + window, x:x + window] += 1.0
-        # Chunk over window positions so the perturbed copies stay within the memory budget.
-        per_chunk = max(1, job.items_per_chunk() // batch)
-        for start in range(0, len(positions), per_chunk):
-            group = positions[start:start + per_chunk]
+        coverage = np.outer(window_coverage(rows, window, height),
+                            window_coverage(columns, window, width)).astype(np.float32)
+        # A unit is one window position on every item, with its perturbed copies.
+        for part in job.unit_chunks(len(positions), rows_each=batch,
+                                    unit_bytes=job.inputs.nbytes):
+            group = positions[part]
             perturbed = np.repeat(job.inputs[None], len(group), axis=0)  # P×N×C×H×W
             for index, (y, x) in enumerate(group):
                 perturbed[index, :, :, y:y + window, x:x + window] = baseline[
@@ -116,35 +122,78 @@ def blend(inputs: np.ndarray, baseline: np.ndarray, keep: np.ndarray) -> np.ndar
     return (baseline + keep * (inputs - baseline)).astype(np.float32, copy=False)
 
 
-@dataclass(frozen=True)
+def rise_mask_bytes(cells: int, height: int, width: int) -> int:
+    """Bytes ``RiseMasks.render`` holds per mask at most: the uniform draws (float64), the
+    kept cells (bool, then float32), the two column taps (cells × W) and the two row taps
+    (H × W, float32), one of which is the mask returned."""
+    return 13 * cells * cells + 8 * cells * width + 8 * height * width
+
+
 class RiseMasks:
-    """The random part of RISE, drawn once per request so chunking never changes it."""
+    """The random part of RISE, addressable mask by mask so that each chunk draws only its own.
 
-    grids: np.ndarray  # float32 M×s×s binary cells
-    shifts: np.ndarray  # int64 M×2 (dy, dx) offsets into the upsampled grid
-    cell: tuple[int, int]  # upsampled cell size (ch, cw)
+    The numbers are those of one draw from the request's generator: every grid (masks ×
+    cells² uniforms, mask after mask), then the y shifts, then the x shifts. Only the shifts
+    are drawn up front (16 bytes a mask); mask m's grid comes from a copy of the generator
+    advanced past the m grids before it, so neither the chunk size nor the order of the
+    chunks changes a mask.
+    """
+
+    def __init__(self, rng: np.random.Generator, masks: int, cells: int,
+                 keep_probability: float, height: int, width: int) -> None:
+        if not hasattr(rng.bit_generator, "advance"):
+            raise TypeError(f"RISE needs a bit generator that can advance, not "
+                            f"{type(rng.bit_generator).__name__}")
+        self._kind = type(rng.bit_generator)
+        self._state = rng.bit_generator.state
+        self.masks, self.cells, self.keep_probability = masks, cells, keep_probability
+        self.height, self.width = height, width
+        self.cell = (int(np.ceil(height / cells)), int(np.ceil(width / cells)))
+        after = self._stream(masks)
+        self.shifts = np.stack([after.integers(0, self.cell[0], masks),
+                                after.integers(0, self.cell[1], masks)], axis=1).astype(np.int64)
+
+    def _stream(self, first: int) -> np.random.Generator:
+        """The request's generator as it stands before mask ``first``'s grid."""
+        bit_generator = self._kind()
+        bit_generator.state = self._state
+        bit_generator.advance(first * self.cells * self.cells)
+        return np.random.Generator(bit_generator)
+
+    def grids(self, part: slice) -> np.ndarray:
+        """The binary ``cells × cells`` grids of masks ``part`` (float32 K×s×s)."""
+        count = part.stop - part.start
+        uniforms = self._stream(part.start).random((count, self.cells, self.cells))
+        return (uniforms < self.keep_probability).astype(np.float32)
+
+    def render(self, part: slice) -> np.ndarray:
+        """Masks ``part`` as float32 K×H×W: each grid upsampled bilinearly to (s+1)·cell and
+        cropped at its shift (Petsiuk et al., Sec. 3.2). Each output pixel blends its two
+        taps along each axis, so a mask costs O(s·W + H·W), not a matrix product."""
+        grids = self.grids(part)
+        shifts = self.shifts[part]
+        columns = _blend_taps(grids, 2, shifts[:, 1], self.cells,
+                              (self.cells + 1) * self.cell[1], self.width)
+        del grids
+        return _blend_taps(columns, 1, shifts[:, 0], self.cells,
+                           (self.cells + 1) * self.cell[0], self.height)
 
 
-def draw_rise_masks(rng: np.random.Generator, masks: int, cells: int,
-                    keep_probability: float, height: int, width: int) -> RiseMasks:
-    """Binary ``cells × cells`` grids kept with ``keep_probability`` and random shifts."""
-    grids = (rng.random((masks, cells, cells)) < keep_probability).astype(np.float32)
-    cell = (int(np.ceil(height / cells)), int(np.ceil(width / cells)))
-    shifts = np.stack([rng.integers(0, cell[0], masks), rng.integers(0, cell[1], masks)], axis=1)
-    return RiseMasks(grids, shifts.astype(np.int64), cell)
-
-
-def render_rise_masks(drawn: RiseMasks, part: slice, height: int, width: int) -> np.ndarray:
-    """Masks ``part`` as float32 K×H×W: each grid upsampled bilinearly to (s+1)·cell and
-    cropped at its shift (Petsiuk et al., Sec. 3.2)."""
-    cells = drawn.grids.shape[1]
-    rows = bilinear_matrix(cells, (cells + 1) * drawn.cell[0])
-    cols = bilinear_matrix(cells, (cells + 1) * drawn.cell[1])
-    shifts = drawn.shifts[part]
-    row_index = shifts[:, 0:1] + np.arange(height)[None]  # K×H
-    col_index = shifts[:, 1:2] + np.arange(width)[None]  # K×W
-    return np.einsum("khs,kst,kwt->khw", rows[row_index], drawn.grids[part], cols[col_index],
-                     optimize=True).astype(np.float32)
+def _blend_taps(maps: np.ndarray, axis: int, shifts: np.ndarray, source: int, upsampled: int,
+                length: int) -> np.ndarray:
+    """Along ``axis`` of K maps: positions shift_k … shift_k + length − 1 of a bilinear
+    upsampling from ``source`` to ``upsampled`` (float32)."""
+    low, high, frac = bilinear_taps(source, upsampled)
+    positions = shifts[:, None] + np.arange(length)[None]  # K×length
+    shape = [len(maps), 1, 1]
+    shape[axis] = length
+    weight = frac[positions].astype(np.float32).reshape(shape)
+    result = np.take_along_axis(maps, low[positions].reshape(shape), axis=axis)
+    upper = np.take_along_axis(maps, high[positions].reshape(shape), axis=axis)
+    upper -= result
+    upper *= weight
+    result += upper
+    return result
 
 
 @register
@@ -176,18 +225,22 @@ class Rise(Handler):
         masks, cells = job.params["masks"], job.params["cells"]
         keep = float(job.params["keep_probability"])
         batch, _, height, width = job.inputs.shape
-        drawn = draw_rise_masks(job.rng(), masks, cells, keep, height, width)
+        drawn = RiseMasks(job.rng(), masks, cells, keep, height, width)
         saliency = np.zeros((batch, height, width), np.float64)
-        per_chunk = max(1, job.items_per_chunk() // batch)
-        for part in chunks(masks, per_chunk):
-            rendered = render_rise_masks(drawn, part, height, width)  # K×H×W
+        # A unit is one mask on every item: its rendering and its perturbed copies.
+        unit_bytes = rise_mask_bytes(cells, height, width) + job.inputs.nbytes
+        for part in job.unit_chunks(masks, rows_each=batch, unit_bytes=unit_bytes):
+            rendered = drawn.render(part)  # K×H×W
             # K×N×C×H×W: every mask on every item; the zero baseline makes blending a product.
             perturbed = job.inputs[None] * rendered[:, None, None]
             flat = perturbed.reshape(-1, *job.inputs.shape[1:])
             probabilities = target_probabilities(
                 job, flat, np.tile(job.targets, rendered.shape[0])
             ).reshape(rendered.shape[0], batch)
-            saliency += np.einsum("kn,khw->nhw", probabilities, rendered)
+            # One mask after another in float64 (each product exact): the sums come out the
+            # same however the masks were chunked.
+            for mask, weights in zip(rendered, probabilities.astype(np.float64), strict=True):
+                saliency += weights[:, None, None] * mask
         return (saliency / (masks * keep)).astype(np.float32)
 
     def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:

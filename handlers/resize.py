@@ -26,14 +26,24 @@ _MATRIX_FROM = 16
 
 
 @functools.lru_cache(maxsize=64)
-def bilinear_matrix(source: int, target: int) -> np.ndarray:
-    """``target × source`` weights of the same interpolation, so that a map ``g`` upsamples
-    as ``A @ g @ B.T`` (RISE also crops rows of A and B to shift its masks). Read-only."""
+def bilinear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two source indices (low, high; int64) and the weight of the high one (float64)
+    of each of ``target`` output positions: output = (1 − w)·low + w·high. Read-only."""
     centres = (np.arange(target, dtype=np.float64) + 0.5) * source / target - 0.5
     centres = np.clip(centres, 0.0, source - 1)
     low = np.floor(centres).astype(np.int64)
     high = np.minimum(low + 1, source - 1)
     frac = centres - low
+    for array in (low, high, frac):
+        array.flags.writeable = False
+    return low, high, frac
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_matrix(source: int, target: int) -> np.ndarray:
+    """``target × source`` weights of the same interpolation, so that a map ``g`` upsamples
+    as ``A @ g @ B.T``. Read-only."""
+    low, high, frac = bilinear_taps(source, target)
     weights = np.zeros((target, source), np.float64)
     rows = np.arange(target)
     np.add.at(weights, (rows, low), 1.0 - frac)
@@ -41,6 +51,12 @@ def bilinear_matrix(source: int, target: int) -> np.ndarray:
     matrix = weights.astype(np.float32)
     matrix.flags.writeable = False
     return matrix
+
+
+def upsample_bytes(source_height: int, source_width: int, height: int, width: int) -> int:
+    """Bytes ``upsample`` holds per map at most: a float32 copy of the map, the product with
+    the row weights and the result."""
+    return 4 * (source_height * source_width + height * source_width + height * width)
 
 
 def upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
