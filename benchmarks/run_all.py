@@ -18,7 +18,8 @@ from typing import Any
 
 from benchmarks.common import RESULTS, ROOT, base_parser, machine_info
 
-NOT_SUITES = {"__init__", "common", "run_all", "grpc_floor"}  # grpc_floor: a server peers starts
+# grpc_floor: a server peers starts; memory: run on its own (python -m benchmarks.memory).
+NOT_SUITES = {"__init__", "common", "run_all", "grpc_floor", "memory"}
 # Fast suites first; the long peer comparison last.
 ORDER = (
     "gradients",

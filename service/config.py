@@ -41,7 +41,8 @@ HELP = {
     "max_masks": "RISE masks",
     "max_population": "DE-CAM population",
     "max_generations": "DE-CAM generations",
-    "chunk_memory_bytes": "activation memory one batched chunk of a method may hold",
+    "chunk_memory_bytes": "memory one batched chunk of a method may hold: activations, and "
+    "masks and perturbed copies",
     "intra_op_threads": "threads inside one ONNX Runtime / torch call (0 = library default)",
     "grace_seconds": "on SIGTERM, seconds admitted requests get to finish",
     "reload_interval_seconds": "seconds between repository scans for changed packages "
@@ -84,7 +85,7 @@ class Config:
     max_masks: int = 10240
     max_population: int = 256
     max_generations: int = 500
-    # Bytes of activations one batched chunk of a handler may hold (memory budget).
+    # Bytes one batched chunk of a handler may hold: activations, masks, perturbed copies.
     chunk_memory_bytes: int = 512 * 1024 * 1024
     # Threads inside one ONNX Runtime / torch call (0 = library default).
     intra_op_threads: int = 0
