@@ -43,9 +43,9 @@ from benchmarks.common import (
     write_json,
 )
 from handlers.base import CostCounter, RequestState
+from kernel.errors import DeadlineExceeded
 from saliency.v1 import explainer_pb2 as pb
 from service.core import Core
-from service.errors import DeadlineExceeded
 
 CHUNK_MEMORY_BYTES = 64 * 1024 * 1024
 MIB = 1024 * 1024

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 from google.protobuf.message import Message
 
-from service.errors import Cancelled, DeadlineExceeded, InvalidInput, ServiceError
+from kernel.errors import Cancelled, DeadlineExceeded, InvalidInput, ServiceError
 from service.repository import ModelHandle
 
 ENGINE_TORCH = "torch"

@@ -23,8 +23,8 @@ from handlers.gradients import GradientHandler
 from handlers.registry import register
 from handlers.resize import upsample
 from handlers.torch_program import CUT_PREFIX, prepared_module
+from kernel.errors import InvalidInput
 from saliency.v1 import explainer_pb2 as pb
-from service.errors import InvalidInput
 
 # pytorch-grad-cam's guard in the Grad-CAM++ α denominator.
 PLUS_PLUS_EPSILON = 1e-6

@@ -62,8 +62,8 @@ from handlers.baselines import BASELINES, make_baseline
 from handlers.perturbation import base_probabilities
 from handlers.registry import register
 from handlers.resize import upsample, upsample_bytes
+from kernel.errors import DeadlineExceeded, InvalidInput
 from saliency.v1 import explainer_pb2 as pb
-from service.errors import DeadlineExceeded, InvalidInput
 
 MAX_GRID = 32
 MIN_POPULATION = 4

@@ -20,8 +20,8 @@ from handlers.baselines import baseline_logits, make_baseline
 from handlers.gradients import GradientHandler, summed_input_gradients
 from handlers.registry import register
 from handlers.torch_program import FAST, linear_stem, prepared_module
+from kernel.errors import InvalidInput
 from saliency.v1 import explainer_pb2 as pb
-from service.errors import InvalidInput
 
 RULES = ("gauss_legendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 IG_BASELINES = ("black", "blur", "uniform_noise", "mean", "zero")

@@ -40,8 +40,8 @@ from handlers.base import (
 )
 from handlers.registry import register
 from handlers.resize import upsample
+from kernel.errors import InvalidInput
 from saliency.v1 import explainer_pb2 as pb
-from service.errors import InvalidInput
 from service.repository import ONNX_FILE, ModelHandle
 
 log = logging.getLogger(__name__)

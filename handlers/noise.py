@@ -31,8 +31,8 @@ from handlers.gradients import (
 )
 from handlers.registry import register
 from handlers.torch_program import linear_stem
+from kernel.errors import InvalidInput
 from saliency.v1 import explainer_pb2 as pb
-from service.errors import InvalidInput
 
 # (row index, image index) → the noise ε (C×H×W) added to that image for that row.
 NoiseSource = Callable[[int, int], torch.Tensor]

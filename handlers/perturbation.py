@@ -21,8 +21,8 @@ from handlers.base import (
 from handlers.baselines import BASELINES, make_baseline
 from handlers.registry import register
 from handlers.resize import bilinear_taps
+from kernel.errors import InvalidInput
 from saliency.v1 import explainer_pb2 as pb
-from service.errors import InvalidInput
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:

@@ -6,8 +6,8 @@ import functools
 import importlib
 
 from handlers.base import Handler
+from kernel.errors import NotFound
 from saliency.v1 import explainer_pb2 as pb
-from service.errors import NotFound
 
 # Modules whose Handler subclasses are registered at start-up.
 _BUILTIN = (

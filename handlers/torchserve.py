@@ -30,13 +30,14 @@ import numpy as np
 from google.protobuf import json_format
 
 from handlers.base import CostCounter, RequestState
+from kernel.errors import InvalidInput, ServiceError
 from saliency.v1 import explainer_pb2 as pb
 from service import config as config_module
 from service.core import Core
-from service.errors import InvalidInput, ServiceError
 from service.images import tensor_to_array
 from service.metrics import Metrics
 from service.repository import MANIFEST, Repository
+from service.status import status_of
 
 DEFAULT_METHOD_ENV = "SALIENCY_TORCHSERVE_METHOD"
 # gRPC status → HTTP status for per-request errors.
@@ -246,7 +247,7 @@ class SaliencyTorchServeHandler:
         try:
             return work(row)
         except (ServiceError, ValueError) as exc:
-            code = exc.code.name if isinstance(exc, ServiceError) else "INVALID_ARGUMENT"
+            code = status_of(exc).name if isinstance(exc, ServiceError) else "INVALID_ARGUMENT"
             if context is not None and hasattr(context, "set_response_status"):
                 context.set_response_status(HTTP_STATUS.get(code, 500), str(exc), idx=index)
             return {"error": str(exc), "code": code}

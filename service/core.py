@@ -24,9 +24,9 @@ from handlers.base import (
     RequestState,
     softmax,
 )
+from kernel.errors import InvalidInput, NotFound
 from saliency.v1 import explainer_pb2 as pb
 from service.config import Config
-from service.errors import InvalidInput, NotFound
 from service.images import (
     array_to_tensor,
     decode_image,

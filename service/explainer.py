@@ -23,11 +23,7 @@ import grpc
 
 from handlers import registry
 from handlers.base import CostCounter, ProgressUpdate, RequestState
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.config import Config
-from service.core import Core
-from service.errors import (
+from kernel.errors import (
     DeadlineExceeded,
     InvalidInput,
     NotFound,
@@ -35,8 +31,13 @@ from service.errors import (
     ServiceError,
     Unavailable,
 )
+from saliency.v1 import explainer_pb2 as pb
+from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from service.config import Config
+from service.core import Core
 from service.images import array_to_tensor
 from service.metrics import Metrics
+from service.status import status_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -115,10 +116,11 @@ def remaining_seconds(expected: float, elapsed: float) -> float:
 
 @dataclass
 class _Waiter:
-    """A request waiting for a worker: its expected seconds and the future that grants it
-    one (or refuses it)."""
+    """A request waiting for a worker: its expected seconds, when it arrived
+    (time.perf_counter()) and the future that grants it one (or refuses it)."""
 
     cost: float
+    arrived: float
     granted: asyncio.Future[None]
 
 
@@ -241,7 +243,7 @@ class Admission:
             self.metrics.queue_seconds.observe(0.0)
             return 0.0
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(expected_seconds, loop.create_future())
+        waiter = _Waiter(expected_seconds, started, loop.create_future())
         self._queue[key] = waiter
         self.waiting += 1
         self.peak_waiting = max(self.peak_waiting, self.waiting)
@@ -251,9 +253,12 @@ class Admission:
             await waiter.granted
         except asyncio.CancelledError:
             self._dequeue(key)
-            if not waiter.granted.cancelled() and waiter.granted.exception() is None:
-                self.release(state)  # granted just before the cancellation: hand it on
-            self._reject("deadline_in_queue" if deadline_passed(state) else "cancelled_in_queue")
+            granted = waiter.granted
+            if granted.cancelled() or granted.exception() is None:  # else refused already
+                if not granted.cancelled():
+                    self.release(state)  # granted just before the cancellation: hand it on
+                self._reject("deadline_in_queue" if deadline_passed(state)
+                             else "cancelled_in_queue")
             raise
         finally:
             if timer is not None:
@@ -291,6 +296,8 @@ class Admission:
             waiter.granted.set_exception(error)
 
     def _time_out(self, key: int) -> None:
+        """Refuses a request that waited the whole bound (its timer, or a worker freeing
+        when the loop had not yet run that timer)."""
         bound_ms = self.max_queue_wait_seconds * 1000
         self._refuse(key, "queue_timeout", ResourceExhausted(
             f"server busy: no worker freed within max_queue_wait_ms={bound_ms:.0f} "
@@ -306,10 +313,14 @@ class Admission:
         if self.draining:
             self._refuse_unfinished()
         now = time.perf_counter()
+        bound = self.max_queue_wait_seconds
         while self._queue and self.inflight < self.max_inflight:
-            key = next(iter(self._queue))
-            waiter = self._dequeue(key)
-            if waiter is not None and not waiter.granted.done():  # not cancelled meanwhile
+            key, waiter = next(iter(self._queue.items()))
+            if 0 < bound < now - waiter.arrived:
+                self._time_out(key)
+                continue
+            self._dequeue(key)
+            if not waiter.granted.done():  # not cancelled meanwhile
                 self._start(key, waiter.cost, now)
                 waiter.granted.set_result(None)
 
@@ -540,9 +551,9 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             settle()
             return result
         except ServiceError as exc:
-            outcome.code = exc.code
+            outcome.code = status_of(exc)
             settle()
-            await context.abort(exc.code, str(exc))
+            await context.abort(status_of(exc), str(exc))
             raise AssertionError("unreachable") from exc  # abort raises
         except asyncio.CancelledError:
             if outcome.code == grpc.StatusCode.OK:
@@ -697,7 +708,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         try:
             return self.core.get_model(request)
         except ServiceError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(status_of(exc), str(exc))
             raise AssertionError("unreachable") from exc
 
 

@@ -13,8 +13,8 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from kernel.errors import InvalidInput
 from saliency.v1 import explainer_pb2 as pb
-from service.errors import InvalidInput
 
 _DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),

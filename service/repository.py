@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from kernel.errors import FailedPrecondition, NotFound, Unavailable
 from kernel.program_archive import UnsafeArchive, load_program
-from service.errors import FailedPrecondition, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 

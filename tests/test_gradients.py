@@ -26,8 +26,8 @@ from handlers import integrated, registry
 from handlers.base import Limits, RequestState
 from handlers.baselines import make_baseline
 from handlers.noise import noise_sigmas, noise_tunnel, seeded_noise
+from kernel.errors import InvalidInput
 from saliency.v1 import explainer_pb2 as pb
-from service.errors import InvalidInput
 from tests.gradient_fixtures import (
     ARCHITECTURES,
     Exported,
@@ -553,7 +553,7 @@ def test_deadline_is_checked_between_chunks(exported: dict[str, Exported], metho
 
 
 def test_a_passed_deadline_stops_a_long_method(exported: dict[str, Exported]) -> None:
-    from service.errors import DeadlineExceeded
+    from kernel.errors import DeadlineExceeded
 
     handler = registry.get(pb.METHOD_SMOOTHGRAD)
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kernel.errors import InvalidInput
 from saliency.v1 import explainer_pb2 as pb
-from service.errors import InvalidInput
 from service.images import decode_image
 from tests.conftest import TINY_SHAPE
 

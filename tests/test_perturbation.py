@@ -149,7 +149,7 @@ def test_occlusion_equals_the_reference(handle: ModelHandle, baseline: str, wind
 
 
 def test_rise_rejects_bad_params(handle: ModelHandle) -> None:
-    from service.errors import InvalidInput  # noqa: PLC0415
+    from kernel.errors import InvalidInput  # noqa: PLC0415
 
     inputs = np.zeros((1, 3, SIZE, SIZE), np.float32)
     for params, named in [({"masks": 0}, "masks"), ({"cells": 0}, "cells"),

@@ -25,9 +25,9 @@ from handlers.base import ExplainJob, Limits, RequestState
 from handlers.baselines import make_baseline
 from handlers.decam import de_generation
 from handlers.perturbation import RiseMasks
+from kernel.errors import DeadlineExceeded
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.errors import DeadlineExceeded
 from service.export import export_package
 from service.images import array_to_tensor
 from service.repository import InputSpec, ModelHandle

@@ -1,17 +1,14 @@
-"""Domain errors that the servicer maps to gRPC status codes.
+"""Domain errors with messages a person can act on; transports map them to statuses.
 
-The core (repository, handlers, explainer) raises these and knows nothing of
-gRPC; one place in ``service.explainer`` turns them into statuses.
+Nothing here knows a transport: ``service.status`` holds the one table from these
+classes to gRPC status codes.
 """
 
 from __future__ import annotations
 
-import grpc
-
-# Longest status message sent, in UTF-8 bytes. gRPC carries the message in a trailer,
-# percent-encoding every byte outside printable ASCII, and clients refuse trailers over 8 to
-# 16 KiB (RESOURCE_EXHAUSTED in place of the real status): a message that echoes a client's
-# value must stay well below that.
+# Longest message, in UTF-8 bytes. gRPC carries it in a trailer, percent-encoding every byte
+# outside printable ASCII, and clients refuse trailers over 8 to 16 KiB (RESOURCE_EXHAUSTED
+# in place of the real status): a message that echoes a client's value stays well below.
 MAX_MESSAGE_BYTES = 1024
 
 
@@ -30,13 +27,7 @@ def shorten(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
 
 
 class ServiceError(Exception):
-    """Base class: a failure with a message a person can act on.
-
-    The message is shortened to ``MAX_MESSAGE_BYTES``, so that a huge value echoed from a
-    request (a model name, a shape, a layer) cannot turn the status into a trailer the
-    client refuses."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    """Base class: a failure the caller can act on."""
 
     def __init__(self, message: str = "") -> None:
         super().__init__(shorten(str(message)))
@@ -45,40 +36,26 @@ class ServiceError(Exception):
 class InvalidInput(ServiceError):
     """The request is malformed or asks for something out of range."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
 
 class NotFound(ServiceError):
     """The named model, version or method does not exist."""
-
-    code = grpc.StatusCode.NOT_FOUND
 
 
 class ResourceExhausted(ServiceError):
     """The server is at capacity or the request exceeds a configured limit."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
 
 class Unavailable(ServiceError):
     """The model exists but is not ready, or the server is shutting down."""
-
-    code = grpc.StatusCode.UNAVAILABLE
 
 
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before the work finished."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
 
 class Cancelled(ServiceError):
     """The client cancelled the request."""
 
-    code = grpc.StatusCode.CANCELLED
-
 
 class FailedPrecondition(ServiceError):
     """The model package lacks what the method needs (e.g. no torch program)."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
