@@ -139,10 +139,10 @@ def in_process_core(root: Path, **config: Any) -> Any:
     """Our ``service.core.Core`` in this process over the packages under ``root``, as a
     server with ``config`` (fields of ``service.config.Config``) holds it: the repository
     loaded with the same intra-op threads. Its ``repository`` gives the loaded handles."""
+    from kernel.repository import Repository  # noqa: PLC0415
     from service.config import Config  # noqa: PLC0415
     from service.core import Core  # noqa: PLC0415
     from service.metrics import Metrics  # noqa: PLC0415
-    from service.repository import Repository  # noqa: PLC0415
 
     repository = Repository(root, intra_op_threads=config.get("intra_op_threads", 0))
     repository.load_all()

@@ -40,8 +40,8 @@ from handlers.base import ExplainJob, Limits, run_onnx_batched, softmax
 from handlers.decam import MaskFitness, search_masks
 from handlers.perturbation import blend
 from handlers.resize import upsample
+from kernel.repository import ModelHandle
 from saliency.v1 import explainer_pb2 as pb
-from service.repository import ModelHandle
 
 
 class OneCandidatePerCall(MaskFitness):

@@ -53,7 +53,7 @@ from handlers import registry
 from handlers.base import ExplainJob, Limits
 from handlers.baselines import make_baseline
 from handlers.noise import noise_sigmas
-from service.repository import ModelHandle, Repository
+from kernel.repository import ModelHandle, Repository
 
 SIZE = 224
 METHODS = (

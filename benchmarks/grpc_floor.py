@@ -22,10 +22,10 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
+from kernel.repository import InputSpec, Manifest
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.core import preprocess_pixels
-from service.repository import InputSpec, Manifest
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 

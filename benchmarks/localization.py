@@ -26,9 +26,9 @@ import numpy as np
 from evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate
 from handlers import registry
 from handlers.base import ExplainJob, Limits
+from kernel.repository import ModelHandle
 from saliency.v1 import explainer_pb2 as pb
 from service.core import preprocess_pixels
-from service.repository import ModelHandle
 
 RESULTS = Path(__file__).parent / "results" / "localization.json"
 QUICK_SIZE = 64
@@ -81,7 +81,7 @@ def quick_model_package(root: Path, size: int = QUICK_SIZE, train_images: int = 
 
 
 def _spec(size: int) -> Any:
-    from service.repository import InputSpec  # noqa: PLC0415
+    from kernel.repository import InputSpec  # noqa: PLC0415
 
     return InputSpec(shape=(1, 3, size, size), mean=QUICK_MEAN, std=QUICK_STD)
 

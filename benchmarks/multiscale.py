@@ -45,11 +45,11 @@ from handlers.multiscale import (
     combined_map,
     smoe_scale,
 )
+from kernel.repository import ONNX_FILE
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.config import Config
 from service.images import array_to_tensor
-from service.repository import ONNX_FILE
 from service.server import SaliencyServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -71,7 +71,7 @@ def stand_in_package(root: Path, size: int = 64, count: int = 3000, epochs: int 
 
 
 def _spec(size: int, mean: list[float], std: list[float]) -> Any:
-    from service.repository import InputSpec  # noqa: PLC0415
+    from kernel.repository import InputSpec  # noqa: PLC0415
 
     return InputSpec(shape=(-1, 3, size, size), mean=tuple(mean), std=tuple(std))
 

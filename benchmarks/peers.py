@@ -332,9 +332,9 @@ def versus_torchserve(
     """One model: TorchServe's stock explain path against ours, in interleaved rounds (both
     servers up, alternating), so background load hits both sides alike. Each side's round
     serves its images once and then in turn until ``round_seconds`` have passed."""
+    from kernel.repository import Manifest  # noqa: PLC0415
     from service.core import preprocess_pixels  # noqa: PLC0415
     from service.images import decode_image  # noqa: PLC0415
-    from service.repository import Manifest  # noqa: PLC0415
 
     manifest = Manifest.from_json(json.loads((package / "manifest.json").read_text()))
     module = eager_module(package)
@@ -482,9 +482,9 @@ def service_overhead(
     from captum.attr import IntegratedGradients, Saliency  # noqa: PLC0415
 
     from handlers.base import CostCounter, RequestState  # noqa: PLC0415
+    from kernel.repository import Manifest  # noqa: PLC0415
     from service.core import preprocess_pixels  # noqa: PLC0415
     from service.images import decode_image  # noqa: PLC0415
-    from service.repository import Manifest  # noqa: PLC0415
 
     threads = torch.get_num_threads()
     torch.set_num_threads(config["intra_op_threads"])  # as the server runs each request
@@ -638,9 +638,9 @@ def predict_overhead(package: Path, address: str, repeats: int, threads: int
     timed round-robin."""
     import onnxruntime as ort  # noqa: PLC0415
 
+    from kernel.repository import Manifest  # noqa: PLC0415
     from service.core import preprocess_pixels  # noqa: PLC0415
     from service.images import array_to_tensor  # noqa: PLC0415
-    from service.repository import Manifest  # noqa: PLC0415
 
     manifest = json.loads((package / "manifest.json").read_text())
     spec = Manifest.from_json(manifest).input

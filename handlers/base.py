@@ -19,7 +19,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from kernel.errors import Cancelled, DeadlineExceeded, InvalidInput, ServiceError
-from service.repository import ModelHandle
+from kernel.repository import ModelHandle
 
 ENGINE_TORCH = "torch"
 ENGINE_ONNX = "onnxruntime"

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from handlers.base import ExplainJob, RequestState, run_onnx_batched
-from service.repository import InputSpec, ModelHandle
+from kernel.repository import InputSpec, ModelHandle
 
 BASELINES = ("black", "blur", "uniform_noise", "mean", "zero")
 # The same image for every request to a model (of one input shape).

@@ -41,8 +41,8 @@ from handlers.base import (
 from handlers.registry import register
 from handlers.resize import upsample
 from kernel.errors import InvalidInput
+from kernel.repository import ONNX_FILE, ModelHandle
 from saliency.v1 import explainer_pb2 as pb
-from service.repository import ONNX_FILE, ModelHandle
 
 log = logging.getLogger(__name__)
 

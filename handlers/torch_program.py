@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from service.repository import ModelHandle
+from kernel.repository import ModelHandle
 
 FAST = "fast"
 GUIDED = "guided"

@@ -31,12 +31,12 @@ from google.protobuf import json_format
 
 from handlers.base import CostCounter, RequestState
 from kernel.errors import InvalidInput, ServiceError
+from kernel.repository import MANIFEST, Repository
 from saliency.v1 import explainer_pb2 as pb
 from service import config as config_module
 from service.core import Core
 from service.images import tensor_to_array
 from service.metrics import Metrics
-from service.repository import MANIFEST, Repository
 from service.status import status_of
 
 DEFAULT_METHOD_ENV = "SALIENCY_TORCHSERVE_METHOD"

@@ -25,6 +25,7 @@ from handlers.base import (
     softmax,
 )
 from kernel.errors import InvalidInput, NotFound
+from kernel.repository import InputSpec, ModelHandle, Repository
 from saliency.v1 import explainer_pb2 as pb
 from service.config import Config
 from service.images import (
@@ -36,7 +37,6 @@ from service.images import (
     to_uint8_rgb,
 )
 from service.metrics import Metrics
-from service.repository import InputSpec, ModelHandle, Repository
 
 # METHOD_AUTO's preference, best maps first (see the README's "Choosing a method").
 AUTO_PREFERENCE = (

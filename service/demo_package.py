@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from service.repository import MANIFEST
+from kernel.repository import MANIFEST
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.repository import FORMAT_VERSION, MANIFEST, ONNX_FILE, TORCH_FILE, sha256_file
+from kernel.repository import FORMAT_VERSION, MANIFEST, ONNX_FILE, TORCH_FILE, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from handlers import registry
+from kernel.repository import Repository
 from saliency.v1 import explainer_pb2 as pb
 from service.allocator import keep_freed_memory
 from service.config import Config
@@ -29,7 +30,6 @@ from service.core import Core
 from service.explainer import Admission, ExplainerServicer
 from service.logging_setup import stop_writer
 from service.metrics import Metrics
-from service.repository import Repository
 from service.security import BearerTokenInterceptor, load_tokens, server_credentials
 from service.wire import add_service
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from handlers.base import ExplainJob, Limits
+from kernel.repository import ModelHandle, Repository
 from service.architectures import DemoResNet, VGGStyle
 from service.export import export_package
-from service.repository import ModelHandle, Repository
 
 SIZE = 32
 CLASSES = 5

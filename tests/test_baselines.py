@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from handlers.baselines import BASELINES, make_baseline
+from kernel.repository import InputSpec
 from saliency.v1 import explainer_pb2 as pb
 from service.images import array_to_tensor
-from service.repository import InputSpec
 from tests.conftest import TINY_SHAPE
 
 SPEC = InputSpec(shape=(-1, *TINY_SHAPE), mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.1))

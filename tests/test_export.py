@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import service.export as export_module
+from kernel.repository import Repository
 from service.export import ExportError, export_package, find_scale_modules
-from service.repository import Repository
 from tests.models import TinyCNN
 
 

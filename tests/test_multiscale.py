@@ -30,13 +30,13 @@ from handlers.multiscale import (
     lovi_rgb,
     smoe_scale,
 )
+from kernel.repository import Repository
 from saliency.v1 import explainer_pb2 as pb
 from service.config import Config
 from service.core import Core
 from service.export import export_package
 from service.images import array_to_tensor, tensor_to_array
 from service.metrics import Metrics
-from service.repository import Repository
 from tests.conftest import TINY_LABELS, TINY_SHAPE, RunningServer, make_config
 from tests.models import TinyCNN
 

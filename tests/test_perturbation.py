@@ -10,8 +10,8 @@ from scipy.ndimage import gaussian_filter, zoom
 from handlers import registry
 from handlers.base import ExplainJob
 from handlers.resize import bilinear_matrix
+from kernel.repository import ModelHandle
 from saliency.v1 import explainer_pb2 as pb
-from service.repository import ModelHandle
 from tests.onnx_models import small_cnn, write_package
 
 SIZE = 20

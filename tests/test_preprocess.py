@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kernel.repository import InputSpec
 from service.core import preprocess_pixels
-from service.repository import InputSpec
 
 
 def per_pixel(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -15,10 +15,10 @@ import pytest
 from handlers import registry
 from handlers.base import CostCounter, RequestState
 from kernel.errors import DeadlineExceeded, ServiceError
+from kernel.repository import Repository
 from saliency.v1 import explainer_pb2 as pb
 from service.core import Core
 from service.metrics import Metrics
-from service.repository import Repository
 from tests.conftest import make_config
 from tests.production_support import tiny_request
 

@@ -26,11 +26,11 @@ from handlers.baselines import make_baseline
 from handlers.decam import de_generation
 from handlers.perturbation import RiseMasks
 from kernel.errors import DeadlineExceeded
+from kernel.repository import InputSpec, ModelHandle
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.export import export_package
 from service.images import array_to_tensor
-from service.repository import InputSpec, ModelHandle
 from tests.conftest import RunningServer, make_config
 from tests.models import TinyCNN
 
