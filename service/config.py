@@ -25,8 +25,11 @@ HELP = {
     "metrics_port": "Prometheus /metrics port (0 picks a free one, -1 turns it off)",
     "max_inflight": "requests executing at once (one worker thread each)",
     "max_queue": "requests waiting for a worker; beyond that RESOURCE_EXHAUSTED at once",
-    "max_queue_wait_ms": "refuse a request at once (RESOURCE_EXHAUSTED) when its expected wait "
-    "for a worker, from the measured cost of the requests ahead of it, exceeds this (0 = off)",
+    "max_queue_wait_ms": "bound on the wait for a worker (0 = off): a request is refused at "
+    "once (RESOURCE_EXHAUSTED) when its expected wait, from the measured cost of the work ahead "
+    "of it, exceeds this, or when it would run longer than this and take the last worker that "
+    "frees within it while shorter requests arrive; one still waiting after this long is "
+    "refused then",
     "max_concurrent_rpcs": "calls of any kind the gRPC server holds at once, refused by gRPC "
     "itself beyond that, bounding the request bytes in memory (0 = max_inflight + "
     "max_queue + 64)",
@@ -44,7 +47,8 @@ HELP = {
     "chunk_memory_bytes": "memory one batched chunk of a method may hold: activations, and "
     "masks and perturbed copies",
     "intra_op_threads": "threads inside one ONNX Runtime / torch call (0 = library default)",
-    "grace_seconds": "on SIGTERM, seconds admitted requests get to finish",
+    "grace_seconds": "on SIGTERM, seconds admitted requests get to finish; queued ones that "
+    "would not are refused at once, and what still runs when it ends is answered UNAVAILABLE",
     "reload_interval_seconds": "seconds between repository scans for changed packages "
     "(0 = off; SIGHUP always reloads)",
     "tls_cert": "server certificate chain (PEM); with tls_key turns TLS on",
@@ -69,7 +73,7 @@ class Config:
     # those; more are refused with RESOURCE_EXHAUSTED.
     max_inflight: int = 2
     max_queue: int = 16
-    # Bound on the expected queueing delay (ms) on top of the count; 0 = count only.
+    # Bound on the queueing delay (ms) on top of the count; 0 = count only.
     max_queue_wait_ms: float = 0.0
     max_concurrent_rpcs: int = 0
     # Cheap one-item tensor requests on an idle server run on the event loop (ms; 0 = off).
@@ -89,7 +93,8 @@ class Config:
     chunk_memory_bytes: int = 512 * 1024 * 1024
     # Threads inside one ONNX Runtime / torch call (0 = library default).
     intra_op_threads: int = 0
-    # Seconds in-flight requests get to finish on SIGTERM.
+    # Seconds in-flight requests get to finish on SIGTERM; the process exits within a second
+    # after.
     grace_seconds: float = 20.0
     # Seconds between scans of the model repository for changed packages (0 = off;
     # SIGHUP always rescans).
