@@ -7,12 +7,19 @@ and talks to loopback only. Scenarios: the fast path (SMOE Scale when offered, e
 gradient methods, DE-CAM, a realistic mix, an overload run at 3× the measured capacity,
 and a memory run (server RSS after 1,000 and after 10,000 mixed requests).
 
+``--scenario mixed-costs`` is a separate run: many closed-loop clients sending the fast call
+and the slowest one equally often, on a fresh server per ``max_queue_wait_ms`` setting (off,
+then each ``--wait-sweep`` value), reporting how long the accepted requests of each kind
+waited for a worker (from the server's request log) beside their latency.
+
     python -m benchmarks.load [--quick] [--server HOST:PORT] [--models DIR --model NAME]
+    python -m benchmarks.load --scenario mixed-costs --clients 40 --max-queue 4
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections import Counter
@@ -484,6 +491,115 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- cheap requests beside expensive ones ----------------------------------------------------
+
+
+def server_queue_waits(log_path: Path, offset: int = 0) -> dict[str, list[float]]:
+    """Seconds each successful request waited for a worker, by method, from the JSON request
+    lines a server wrote to ``log_path`` after byte ``offset``."""
+    waits: dict[str, list[float]] = {}
+    with log_path.open("rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("event") == "request" and entry.get("code") == "OK":
+            waits.setdefault(entry["method"], []).append(entry["queue_ms"] / 1000.0)
+    return waits
+
+
+def mixed_cost_calls(info: pb.ModelInfo, model: str, image: bytes, quick: bool) -> list[Call]:
+    """The fast call and the slowest one of ``scenarios``, equally likely."""
+    mixes = scenarios(info, model, image, quick)
+    slow = mixes.get("decam") or mixes.get("occlusion")
+    if not slow:
+        raise SystemExit(f"{model} offers neither DE-CAM nor occlusion")
+    return [mixes["fast"][0], slow[0]]
+
+
+async def mixed_costs(
+    process: ServerProcess, calls: list[Call], clients: int, seconds: float, timeout: float
+) -> dict[str, Any]:
+    """``clients`` closed-loop clients on ``calls`` for ``seconds`` against a started server,
+    after one warm-up of each call (so admission has measured them) and an unloaded run of
+    the first: per call, the counts, the accepted requests' latency and their queue waits."""
+    await _warm(process.address, calls, timeout)
+    alone = await closed_loop(process.address, Picker(calls[:1], 1), 1, 200, seconds / 4, timeout)
+    offset = process.log_path.stat().st_size
+    loaded = await closed_loop(process.address, Picker(calls, 2), clients, 10**7, seconds,
+                               timeout)
+    await asyncio.sleep(0.5)  # the server writes its log lines in batches
+    waits = server_queue_waits(process.log_path, offset)
+    summary = loaded.summary()
+    return {
+        "clients": clients,
+        "seconds": loaded.elapsed,
+        "unloaded": {calls[0].label: alone.summary()["latency_ok"]},
+        "per_call": {
+            call.label: {
+                **summary["per_label"].get(call.label, {"counts": {}}),
+                "ok_per_second": summary["per_label"].get(call.label, {}).get("count", 0)
+                / max(loaded.elapsed, 1e-9),
+                "queue_wait": percentiles(waits.get(call.label, [])),
+            }
+            for call in calls
+        },
+        "client_cpu_share": summary["client_cpu_share"],
+    }
+
+
+def mixed_costs_report(results: dict[str, Any]) -> str:
+    """One row per admission setting and call: counts, latency and queue wait (ms)."""
+    rows = []
+    for setting, run in results["settings"].items():
+        for label, entry in run["per_call"].items():
+            counts = entry["counts"]
+            wait = entry["queue_wait"]
+            rows.append({
+                "admission": setting,
+                "call": label,
+                "OK": counts.get("OK", 0),
+                "refused": sum(v for k, v in counts.items() if k != "OK"),
+                "ok/s": entry["ok_per_second"],
+                "latency p50": entry.get("p50_ms", 0.0),
+                "latency p99": entry.get("p99_ms", 0.0),
+                "queue p50": wait["p50_ms"],
+                "queue p99": wait["p99_ms"],
+                "queue max": wait["max_ms"],
+            })
+    first = next(iter(results["settings"].values()))
+    label, unloaded = next(iter(first["unloaded"].items()))
+    return (
+        f"model {results['model']}, {first['clients']} closed-loop clients, "
+        + ", ".join(f"{k}={v}" for k, v in results["server_config"].items())
+        + f"; {label} unloaded p99 {unloaded['p99_ms']:.1f} ms\n\n"
+        + table(rows)
+    )
+
+
+def run_mixed_costs(args: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """The mixed-costs scenario on a fresh server per ``max_queue_wait_ms`` setting."""
+    models = args.models or demo_repository()
+    seconds = 4.0 if args.quick else 15.0
+    results: dict[str, Any] = {"model": args.model, "server_config": config, "settings": {}}
+    for wait_ms in [0.0, *args.wait_sweep]:
+        with ServerProcess(models, {**config, "max_queue_wait_ms": wait_ms}) as process:
+
+            async def run(process: ServerProcess = process) -> dict[str, Any]:
+                info = await _get_model(process.address, args.model)
+                image = png_images(1, int(info.input.shape[-1]), seed=3)[0]
+                calls = mixed_cost_calls(info, args.model, image, args.quick)
+                return await mixed_costs(process, calls, args.clients, seconds, args.timeout)
+
+            results["settings"][f"max_queue_wait_ms={wait_ms:g}"] = asyncio.run(run())
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--server", help="an already running server (default: start one)")
@@ -514,14 +630,25 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda t: [float(v) for v in t.split(",") if v],
         default=None,
         help="max_queue_wait_ms values to repeat the overload runs with, at the default "
-        "max_queue=16 (default 25; quick: none)",
+        "max_queue=16 (default 25; quick: none), or, with --scenario mixed-costs, to run it "
+        "with after the run without (default 25)",
     )
-    parser.add_argument("--name", default="load", help="results/<name>.json")
+    parser.add_argument(
+        "--scenario",
+        choices=("suite", "mixed-costs"),
+        default="suite",
+        help="suite: every scenario above; mixed-costs: the fast and the slowest call from "
+        "--clients closed-loop clients, per max_queue_wait_ms setting (off, then --wait-sweep)",
+    )
+    parser.add_argument("--clients", type=int, default=40, help="mixed-costs: clients")
+    parser.add_argument("--name", help="results/<name>.json (default load, or load-<scenario>)")
     args = parser.parse_args(argv)
+    if args.name is None:
+        args.name = "load" if args.scenario == "suite" else f"load-{args.scenario}"
     if args.queue_sweep is None:
         args.queue_sweep = [] if args.quick or args.max_queue == 16 else [16]
     if args.wait_sweep is None:
-        args.wait_sweep = [] if args.quick else [25.0]
+        args.wait_sweep = [] if args.quick and args.scenario == "suite" else [25.0]
     overload_names = (args.overload_scenarios or ("mix" if args.quick else "mix,gradients")).split(
         ","
     )
@@ -532,6 +659,12 @@ def main(argv: list[str] | None = None) -> int:
         "max_queue": args.max_queue,
         "intra_op_threads": args.intra_op_threads,
     }
+    if args.scenario == "mixed-costs":
+        results = run_mixed_costs(args, config)
+        text = mixed_costs_report(results)
+        print(text)
+        print(f"wrote {write_json(args.name, {**results, 'report': text}, args.out)}")
+        return 0
     if address is None:
         models = args.models or demo_repository()
         server = ServerProcess(models, config).start()

@@ -8,6 +8,7 @@ and the process exits 0 within a second of it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -328,6 +329,41 @@ def test_grace_period_bounds_the_drain(
     finally:
         if not stopped:
             running.stop()
+
+
+def test_draining_refuses_at_once_the_queued_requests_that_would_not_finish() -> None:
+    """The queue played forward at the drain: a queued request that would end after the
+    grace period is refused at once and leaves its turn to the ones behind it, which run;
+    when the grace period ends, what still waits is refused."""
+    from handlers.base import RequestState
+    from kernel.errors import Unavailable
+    from service.explainer import Admission
+    from service.metrics import Metrics
+
+    async def scenario() -> None:
+        admission = Admission(max_inflight=1, max_queue=8, metrics=Metrics())
+        running, fits, too_long, behind = (RequestState() for _ in range(4))
+        await admission.acquire(running, expected_seconds=1.0)
+        queued = [asyncio.ensure_future(admission.acquire(state, expected_seconds=cost))
+                  for state, cost in ((fits, 0.1), (too_long, 5.0), (behind, 0.1))]
+        await asyncio.sleep(0.01)
+        admission.drain(time.perf_counter() + 2.0)
+        await asyncio.sleep(0)
+        assert [task.done() for task in queued] == [False, True, False]
+        with pytest.raises(Unavailable, match="would not finish within its grace period"):
+            queued[1].result()
+        with pytest.raises(Unavailable, match="shutting down"):
+            await admission.acquire(RequestState())
+        admission.release(running)
+        await queued[0]  # its turn came
+        admission.close()
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable, match="shutting down"):
+            queued[2].result()
+        admission.release(fits)
+        assert admission.inflight == 0 and admission.waiting == 0
+
+    asyncio.run(scenario())
 
 
 def _until(condition, timeout: float = 60.0) -> None:
