@@ -36,11 +36,12 @@ from benchmarks.common import (
     write_json,
 )
 from handlers import registry
-from handlers.base import ExplainJob, Limits, run_onnx_batched, softmax
+from handlers.base import run_onnx_batched, softmax
 from handlers.decam import MaskFitness, search_masks
 from handlers.perturbation import blend
 from handlers.resize import upsample
 from kernel.repository import ModelHandle
+from kernel.request import Job
 from saliency.v1 import explainer_pb2 as pb
 
 
@@ -82,14 +83,12 @@ def model_224() -> ModelHandle:
 
 
 def make_job(handle: ModelHandle, inputs: np.ndarray, params: dict[str, Any],
-             seed: int) -> ExplainJob:
+             seed: int) -> Job:
     handler = registry.get(pb.METHOD_DECAM)
-    resolved = {**handler.resolve_params(None), **params}
     (logits,) = handle.run(inputs)
-    job = ExplainJob(model=handle, inputs=inputs, targets=logits.argmax(1), params=resolved,
-                     base_logits=logits, seed=seed,
-                     limits=Limits(max_samples=4096, max_generations=10_000))
-    handler.validate(resolved, job)
+    job = Job(model=handle, inputs=inputs, targets=logits.argmax(1),
+              params=handler.params(None, {}, **params), base_logits=logits, seed=seed)
+    handler.check(job)
     return job
 
 
@@ -97,11 +96,11 @@ def timed_search(handle: ModelHandle, inputs: np.ndarray, params: dict[str, Any]
                  fitness_class: type[MaskFitness] = MaskFitness) -> dict[str, Any]:
     job = make_job(handle, inputs, params, seed)
     started = time.perf_counter()
-    maps = search_masks(job, fitness_class)
+    found = search_masks(job, fitness_class)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "forward_passes": job.cost.forward_passes,
-            "fitness": float(job.diagnostics["best_fitness"]),
-            "generations_run": job.diagnostics["generations_run"], "maps": maps}
+            "fitness": float(found.diagnostics["best_fitness"]),
+            "generations_run": found.diagnostics["generations_run"], "maps": found.raw}
 
 
 def scipy_search(handle: ModelHandle, image: np.ndarray, params: dict[str, Any],
@@ -111,21 +110,21 @@ def scipy_search(handle: ModelHandle, image: np.ndarray, params: dict[str, Any],
     from handlers.baselines import make_baseline  # noqa: PLC0415
     from handlers.decam import FitnessWeights  # noqa: PLC0415
 
-    baseline = make_baseline(job.params["baseline"], job.inputs, handle.spec().input,
+    baseline = make_baseline(job.params.baseline, job.inputs, handle.spec().input,
                              job.rng())
     fitness = MaskFitness(job, baseline, FitnessWeights(
-        float(job.params["preservation_weight"]), float(job.params["deletion_weight"]),
-        float(job.params["sparsity"])))
-    grid, size = int(job.params["grid"]), int(job.params["population"])
+        float(job.params.preservation_weight), float(job.params.deletion_weight),
+        float(job.params.sparsity)))
+    grid, size = int(job.params.grid), int(job.params.population)
 
     def negative(x: np.ndarray) -> np.ndarray:  # x: D×S
         return -fitness(x.T.reshape(1, -1, grid, grid))[0]
 
     started = time.perf_counter()
     result = differential_evolution(
-        negative, [(0.0, 1.0)] * grid * grid, strategy=job.params["strategy"],
-        maxiter=int(job.params["generations"]), init=job.rng().random((size, grid * grid)),
-        mutation=float(job.params["mutation"]), recombination=float(job.params["crossover"]),
+        negative, [(0.0, 1.0)] * grid * grid, strategy=job.params.strategy,
+        maxiter=int(job.params.generations), init=job.rng().random((size, grid * grid)),
+        mutation=float(job.params.mutation), recombination=float(job.params.crossover),
         tol=0.0, polish=False, vectorized=True, updating="deferred", rng=seed)
     return {"seconds": time.perf_counter() - started,
             "forward_passes": job.cost.forward_passes, "fitness": float(-result.fun)}
@@ -164,7 +163,7 @@ def side_by_side(handle: ModelHandle, inputs: np.ndarray, params: dict[str, Any]
     (no way of evaluating the same candidates can run fewer passes, each at least that)."""
     images = inputs.shape[0]
     job = make_job(handle, inputs, params, seed)
-    per_generation = images * int(job.params["population"]) * 2  # keep + delete images
+    per_generation = images * int(job.params.population) * 2  # keep + delete images
     chunk = min(job.items_per_chunk(), per_generation)
     per_image_batched = seconds_per_forward(handle, inputs, chunk)
     per_image_pairs = seconds_per_forward(handle, inputs, 2)  # the reference's call size

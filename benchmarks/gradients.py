@@ -24,8 +24,9 @@ Writes ``benchmarks/results/gradients.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,10 @@ from benchmarks.common import (
     write_json,
 )
 from handlers import registry
-from handlers.base import ExplainJob, Limits
 from handlers.baselines import make_baseline
 from handlers.noise import noise_sigmas
 from kernel.repository import ModelHandle, Repository
+from kernel.request import DEFAULT_LIMITS, Job
 
 SIZE = 224
 METHODS = (
@@ -153,7 +154,8 @@ def agreement(method: str, ours: np.ndarray, reference: torch.Tensor) -> float |
 
 
 def measure(
-    name: str, batch: int, quick: bool, repeats: int, samples: int = 0, limits: Limits | None = None
+    name: str, batch: int, quick: bool, repeats: int, samples: int = 0,
+    limits: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     module, handle = build(name)
     rng = np.random.default_rng(batch)
@@ -163,30 +165,30 @@ def measure(
     rows = []
     for method in METHODS:
         handler = registry.get(next(h.method for h in registry.handlers() if h.name == method))
-        params = dict(handler.defaults)
-        if quick or samples:
-            params.update({k: samples or 2 for k in ("samples", "steps") if k in params})
+        counts = {k: samples or 2 for k in ("samples", "steps") if k in handler.defaults}
+        params = handler.params(**counts) if quick or samples else handler.params()
 
-        def job() -> ExplainJob:
-            return ExplainJob(
+        def job() -> Job:
+            return Job(
                 model=handle,
                 inputs=x,
                 targets=targets,
                 params=params,  # noqa: B023
                 base_logits=logits,
                 seed=1,
-                limits=limits or Limits(),
+                limits=limits or DEFAULT_LIMITS,
             )
 
         chunk = job().items_per_chunk(backward=True)
         baseline = make_baseline("black", x, handle.spec().input)
-        sigma = float(noise_sigmas(x, float(params.get("noise_level", 0.15))).mean())
+        values = dataclasses.asdict(params)
+        sigma = float(noise_sigmas(x, float(values.get("noise_level", 0.15))).mean())
         peer, captum = captum_call(
             method,
             module,
             torch.from_numpy(x),
             torch.from_numpy(targets),
-            params,
+            values,
             chunk,
             torch.from_numpy(baseline),
             sigma,
@@ -202,7 +204,7 @@ def measure(
         def theirs(results: dict[str, Any] = results) -> None:
             results["captum"] = captum()  # noqa: B023
 
-        multi_pass = any(k in params for k in ("samples", "steps"))
+        multi_pass = any(k in values for k in ("samples", "steps"))
         if not multi_pass:  # warm-up; multi-pass calls average over many passes already
             ours()
             theirs()
@@ -230,7 +232,7 @@ def measure(
                 "batch": batch,
                 "method": method,
                 "peer": peer,
-                "params": {k: v for k, v in params.items() if k in ("samples", "steps")},
+                "params": {k: v for k, v in values.items() if k in ("samples", "steps")},
                 "ours_ms_per_image": ours_ms,
                 "captum_ms_per_image": captum_ms,
                 "ratio": ours_ms / captum_ms,
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows = []
     for name in models:
         for batch in batches:
-            limits = Limits(chunk_memory_bytes=args.chunk_mib * 1024 * 1024)
+            limits = {"chunk_memory_bytes": args.chunk_mib * 1024 * 1024}
             rows.extend(measure(name, batch, args.quick, repeats, args.samples, limits))
     columns = [
         "model",

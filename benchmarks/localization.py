@@ -25,8 +25,8 @@ import numpy as np
 
 from evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate
 from handlers import registry
-from handlers.base import ExplainJob, Limits
 from kernel.repository import ModelHandle
+from kernel.request import Job
 from saliency.v1 import explainer_pb2 as pb
 from service.core import preprocess_pixels
 
@@ -110,17 +110,17 @@ def run_method(handle: ModelHandle, method: int, params: dict[str, Any], inputs:
     """Maps for all inputs, in batches; returns (maps, forward passes, seconds, mean DE-CAM
     fitness or None)."""
     handler = registry.get(method)
-    resolved = {**handler.resolve_params(None), **params}
+    resolved = handler.params(None, {}, **params)
     maps, passes, fitness, started = [], 0, [], time.perf_counter()
     for start in range(0, inputs.shape[0], batch):
         part = slice(start, start + batch)
-        job = ExplainJob(model=handle, inputs=inputs[part], targets=targets[part],
-                         params=resolved, base_logits=logits[part], seed=seed,
-                         limits=Limits(max_samples=4096, max_generations=1000))
-        maps.append(handler.explain(job).maps)
+        job = Job(model=handle, inputs=inputs[part], targets=targets[part],
+                  params=resolved, base_logits=logits[part], seed=seed)
+        result = handler.explain(job)
+        maps.append(result.maps)
         passes += job.cost.forward_passes
-        if "best_fitness" in job.diagnostics:
-            fitness.append(job.diagnostics["best_fitness"] * job.batch)
+        if "best_fitness" in result.diagnostics:
+            fitness.append(result.diagnostics["best_fitness"] * job.batch)
     mean_fitness = sum(fitness) / inputs.shape[0] if fitness else None
     return np.concatenate(maps), passes, time.perf_counter() - started, mean_fitness
 

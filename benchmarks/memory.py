@@ -42,8 +42,8 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from handlers.base import CostCounter, RequestState
 from kernel.errors import DeadlineExceeded
+from kernel.request import CostCounter, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service.core import Core
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import platform
 import sys
 import threading
@@ -38,14 +39,10 @@ from benchmarks.common import (
     time_interleaved,
 )
 from handlers import registry
-from handlers.base import CostCounter, ExplainJob, RequestState
-from handlers.multiscale import (
-    add_smoe_outputs,
-    autograd_grad_cam,
-    combined_map,
-    smoe_scale,
-)
+from handlers.cam import grad_cam
+from handlers.smoe import EPSILON, combined_map, smoe_scale
 from kernel.repository import ONNX_FILE
+from kernel.request import CostCounter, Job, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.config import Config
@@ -61,6 +58,47 @@ MIN_ROW_SECONDS = 5.0
 TARGETS = {"fast_path_vs_inference_max": 1.25, "fastcam_vs_our_gradcam_min": 1.8,
            "fastcam_vs_peer_gradcam_min": 5.0}
 
+
+
+def add_smoe_outputs(model: Any, scale_names: list[str]) -> Any:
+    """Adds ``smoe_i`` = SMOE Scale of ``scale_i`` (N×h×w) as outputs of an ONNX ModelProto.
+
+    One session run then returns the logits and the per-scale maps, and only the maps (not
+    the C×h×w activations) leave ONNX Runtime; this suite compares it with numpy after the
+    run (the serving path keeps numpy: see the results).
+    """
+    from onnx import TensorProto, helper  # noqa: PLC0415 - export time only
+
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    graph = model.graph
+    eps = helper.make_tensor("smoe_eps", TensorProto.FLOAT, [], [EPSILON])
+    inv_ln2 = helper.make_tensor("smoe_inv_ln2", TensorProto.FLOAT, [], [1.0 / math.log(2.0)])
+    graph.initializer.extend([eps, inv_ln2])
+    if opset >= 18:
+        graph.initializer.append(helper.make_tensor("smoe_axes", TensorProto.INT64, [1], [1]))
+
+    def mean_over_channels(source: str, target: str) -> Any:
+        if opset >= 18:
+            return helper.make_node("ReduceMean", [source, "smoe_axes"], [target], keepdims=0)
+        return helper.make_node("ReduceMean", [source], [target], axes=[1], keepdims=0)
+
+    for index, scale in enumerate(scale_names):
+        p = f"smoe{index}_"
+        graph.node.extend([
+            helper.make_node("Relu", [scale], [p + "relu"]),
+            helper.make_node("Add", [p + "relu", "smoe_eps"], [p + "x"]),
+            mean_over_channels(p + "x", p + "mean"),
+            helper.make_node("Log", [p + "x"], [p + "log_x"]),
+            mean_over_channels(p + "log_x", p + "mean_log"),
+            helper.make_node("Log", [p + "mean"], [p + "log_mean"]),
+            helper.make_node("Sub", [p + "log_mean", p + "mean_log"], [p + "gap"]),
+            helper.make_node("Mul", [p + "mean", p + "gap"], [p + "nats"]),
+            helper.make_node("Mul", [p + "nats", "smoe_inv_ln2"],
+                             [f"smoe_{index}"]),
+        ])
+        graph.output.append(helper.make_tensor_value_info(
+            f"smoe_{index}", TensorProto.FLOAT, ["batch", None, None]))
+    return model
 
 def p50_ms(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
            min_seconds: float = 0.0) -> dict[str, float]:
@@ -190,8 +228,8 @@ def run(architecture: str, batches: list[int], repeats: int,
                 if have_gradcam:
                     return explain(pb.METHOD_GRADCAM)
                 handle.run(inputs)  # the prediction run the service makes first
-                job = ExplainJob(model=handle, inputs=inputs, targets=targets, params={})
-                return autograd_grad_cam(job, handle.spec().cam_output)
+                job = Job(model=handle, inputs=inputs, targets=targets, params={})
+                return grad_cam(job, handle.spec().cam_output)
 
             x = torch.from_numpy(inputs)
             target_list = targets.tolist()

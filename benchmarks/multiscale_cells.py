@@ -29,8 +29,10 @@ import torch
 from benchmarks.common import in_process_core
 from evaluation import cells
 from handlers import registry
-from handlers.base import CostCounter, ExplainJob, RequestState, scale_by_max
-from handlers.multiscale import autograd_grad_cam, upsample
+from handlers.base import scale_by_max
+from handlers.cam import grad_cam
+from handlers.resize import upsample
+from kernel.request import CostCounter, Job, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service.core import Core, preprocess_pixels
 from service.images import array_to_tensor, tensor_to_array
@@ -81,8 +83,8 @@ def grad_cam_maps(core: Core, handle: Any, inputs: np.ndarray, targets: np.ndarr
     """Grad-CAM maps from the service when registered, else the autograd fallback."""
     if pb.METHOD_GRADCAM in {h.method for h in registry.handlers()}:
         return explain(core, pb.METHOD_GRADCAM, inputs, targets), "handlers.cam"
-    job = ExplainJob(model=handle, inputs=inputs, targets=targets, params={})
-    cam = autograd_grad_cam(job, handle.spec().cam_output)
+    job = Job(model=handle, inputs=inputs, targets=targets, params={})
+    cam = grad_cam(job, handle.spec().cam_output)
     return scale_by_max(upsample(cam, *inputs.shape[2:])), "autograd (multiscale)"
 
 

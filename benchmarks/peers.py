@@ -481,8 +481,8 @@ def service_overhead(
     import torch  # noqa: PLC0415
     from captum.attr import IntegratedGradients, Saliency  # noqa: PLC0415
 
-    from handlers.base import CostCounter, RequestState  # noqa: PLC0415
     from kernel.repository import Manifest  # noqa: PLC0415
+    from kernel.request import CostCounter, RequestState  # noqa: PLC0415
     from service.core import preprocess_pixels  # noqa: PLC0415
     from service.images import decode_image  # noqa: PLC0415
 

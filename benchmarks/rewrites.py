@@ -36,8 +36,8 @@ from benchmarks.common import (
 from benchmarks.peers import SERVER_CONFIGS
 from handlers import integrated, noise
 from handlers import torch_program as tp
-from handlers.base import CostCounter, ExplainJob, RequestState
 from kernel.program_archive import load_program
+from kernel.request import CostCounter, Job, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service.allocator import keep_freed_memory
 from service.core import Core
@@ -114,7 +114,7 @@ def pass_calls(package: Path, rows: int) -> dict[str, Callable[[], Any]]:
 def core_rows(core: Core, model: str, inputs: np.ndarray) -> int:
     """How many rows a gradient chunk holds on this server (the in-place pass's batch)."""
     handle = core.repository.get(model)
-    job = ExplainJob(model=handle, inputs=inputs, targets=np.zeros(1, np.int64), params={},
+    job = Job(model=handle, inputs=inputs, targets=np.zeros(1, np.int64), params={},
                      base_logits=None, seed=0, limits=core.limits)
     return min(STEPS, job.items_per_chunk(backward=True))
 

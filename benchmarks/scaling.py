@@ -59,7 +59,7 @@ class InProcess:
         """Median milliseconds, or None when the model does not offer the method."""
         import time  # noqa: PLC0415
 
-        from handlers.base import CostCounter, RequestState  # noqa: PLC0415
+        from kernel.request import CostCounter, RequestState  # noqa: PLC0415
 
         if method not in self.offered:
             return None

@@ -6,25 +6,18 @@ the same thing everywhere: the bottom of the manifest's value range, normalized.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from handlers.base import ExplainJob, RequestState, run_onnx_batched
-from kernel.repository import InputSpec, ModelHandle
+from handlers.base import Job, run_onnx_batched
+from kernel.repository import InputSpec
+from kernel.request import RequestState
 
 BASELINES = ("black", "blur", "uniform_noise", "mean", "zero")
 # The same image for every request to a model (of one input shape).
 CONSTANT_BASELINES = ("black", "zero")
-
-# Per loaded model: (a weak reference to its ONNX Runtime session, {(kind, shape): logits}).
-_LOGITS: weakref.WeakKeyDictionary[ModelHandle, tuple[Any, dict[Any, np.ndarray]]] = (
-    weakref.WeakKeyDictionary())
-_LOCK = threading.Lock()
-
 
 def make_baseline(
     kind: str, inputs: np.ndarray, spec: InputSpec, rng: np.random.Generator | None = None,
@@ -69,24 +62,19 @@ def blurred(inputs: np.ndarray, state: RequestState | None = None) -> np.ndarray
     return out
 
 
-def baseline_logits(job: ExplainJob, kind: str, baseline: np.ndarray) -> np.ndarray:
+def baseline_logits(job: Job, kind: str, baseline: np.ndarray) -> np.ndarray:
     """f(baseline) on ONNX Runtime (N×classes). A constant baseline's logits are computed once
     per loaded session and input shape and then reused, costing no forward pass: Integrated
     Gradients needs them for every request only to report its completeness error."""
     if kind not in CONSTANT_BASELINES:
         return run_onnx_batched(job, baseline)[0]
-    session = job.model.session
+    known: dict[tuple[Any, ...], np.ndarray] = job.model.derived("baseline_logits",
+                                                                   lambda _: {})
     key = (kind, tuple(baseline.shape[1:]))
-    with _LOCK:
-        entry = _LOGITS.get(job.model)
-        if entry is None or entry[0]() is not session:
-            entry = (weakref.ref(session), {})
-            _LOGITS[job.model] = entry
-        row = entry[1].get(key)
+    row = known.get(key)
     if row is None:
         (logits,) = run_onnx_batched(job, baseline[:1])
         row = logits[0].copy()
         row.flags.writeable = False
-        with _LOCK:
-            entry[1][key] = row
+        known[key] = row
     return np.broadcast_to(row, (baseline.shape[0], row.shape[0]))

@@ -13,24 +13,26 @@ min-max normalized per image (pytorch-grad-cam's result; an all-zero CAM stays a
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from handlers.base import ENGINE_TORCH, ExplainJob, chunks, normalize_per_image
+from handlers.base import CAM_PASS, ENGINE_TORCH, Job, chunks, normalize_per_image
 from handlers.gradients import GradientHandler
 from handlers.registry import register
 from handlers.resize import upsample
 from handlers.torch_program import CUT_PREFIX, prepared_module
 from kernel.errors import InvalidInput
+from kernel.params import param
+from kernel.repository import ModelHandle
 from saliency.v1 import explainer_pb2 as pb
 
 # pytorch-grad-cam's guard in the Grad-CAM++ α denominator.
 PLUS_PLUS_EPSILON = 1e-6
 
 
-def resolve_layer(job: ExplainJob, layer: str) -> str:
+def resolve_layer(job: Job, layer: str) -> str:
     """The scale output for ``layer``: '' = the manifest's CAM output, a scale output name,
     or a module name listed in the manifest's scale modules."""
     spec = job.model.spec()
@@ -52,7 +54,7 @@ def resolve_layer(job: ExplainJob, layer: str) -> str:
     )
 
 
-def layer_gradients(job: ExplainJob, output_name: str) -> tuple[np.ndarray, np.ndarray]:
+def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]:
     """Activations A and ∂ logit[target] / ∂ A at ``output_name`` (both N×K×h×w float32).
 
     One forward and one (partial) backward pass per image, chunked by the memory budget.
@@ -92,7 +94,7 @@ def gradcam_plus_plus_weights(activations: np.ndarray, gradients: np.ndarray) ->
     return (np.maximum(gradients, 0) * alpha).sum(axis=(2, 3))
 
 
-def signed_cam(job: ExplainJob, output_name: str, plus_plus: bool = False) -> np.ndarray:
+def signed_cam(job: Job, output_name: str, plus_plus: bool = False) -> np.ndarray:
     """Σ_k w_k A_k at ``output_name`` before the ReLU (N×h×w float32)."""
     activations, gradients = layer_gradients(job, output_name)
     if plus_plus:
@@ -102,9 +104,16 @@ def signed_cam(job: ExplainJob, output_name: str, plus_plus: bool = False) -> np
     return np.einsum("nk,nkhw->nhw", weights, activations).astype(np.float32)
 
 
-def grad_cam(job: ExplainJob, output_name: str) -> np.ndarray:
+def grad_cam(job: Job, output_name: str) -> np.ndarray:
     """The ReLU'd Grad-CAM (N×h×w float32) at scale output ``output_name``, before upsampling."""
     return np.maximum(signed_cam(job, output_name), 0.0)
+
+
+@dataclass(frozen=True)
+class CamParams:
+    """The layer: a scale output or module name; empty = the manifest's CAM layer."""
+
+    layer: str = param("")
 
 
 class CamHandler(GradientHandler):
@@ -112,16 +121,18 @@ class CamHandler(GradientHandler):
 
     plus_plus = False
     needs_scales = True
-    defaults: ClassVar[dict[str, Any]] = {"layer": ""}
+    Params = CamParams
 
-    def validate(self, params: dict[str, Any], job: ExplainJob) -> None:
-        resolve_layer(job, str(params.get("layer", "")))
+    def check(self, job: Job) -> None:
+        resolve_layer(job, job.params.layer)
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
-        output_name = resolve_layer(job, str(job.params.get("layer", "")))
-        return signed_cam(job, output_name, self.plus_plus)
+    def prior_passes(self, model: ModelHandle) -> float:
+        return 1.0 + CAM_PASS
 
-    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+    def _compute(self, job: Job) -> np.ndarray:
+        return signed_cam(job, resolve_layer(job, job.params.layer), self.plus_plus)
+
+    def to_maps(self, raw: np.ndarray, job: Job) -> np.ndarray:
         positive = np.maximum(raw, 0.0)
         return normalize_per_image(upsample(positive, job.inputs.shape[2], job.inputs.shape[3]))
 
@@ -131,8 +142,8 @@ class GradCam(CamHandler):
     """Grad-CAM: channel weights are the spatially averaged gradients of the target logit."""
 
     method = pb.METHOD_GRADCAM
-    name = "gradcam"
-    params_field = "gradcam"
+    auto_rank = 1
+    warm_up = True
     description = "Gradient-weighted class activation map at the CAM layer; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1610.02391"
 
@@ -142,8 +153,6 @@ class GradCamPlusPlus(CamHandler):
     """Grad-CAM++: channel weights from positive gradients with per-pixel α coefficients."""
 
     method = pb.METHOD_GRADCAM_PLUS_PLUS
-    name = "gradcam_plus_plus"
-    params_field = "gradcam_plus_plus"
     plus_plus = True
     description = "Grad-CAM with higher-order pixel weights; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1710.11063"

@@ -45,14 +45,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import numpy as np
 
 from handlers.base import (
-    ExplainJob,
     Handler,
-    ProgressUpdate,
+    Job,
     chunks,
     run_onnx_batched,
     scale_by_max,
@@ -63,6 +61,9 @@ from handlers.perturbation import base_probabilities
 from handlers.registry import register
 from handlers.resize import upsample, upsample_bytes
 from kernel.errors import DeadlineExceeded, InvalidInput
+from kernel.params import param
+from kernel.repository import ModelHandle
+from kernel.request import Attribution, ProgressUpdate
 from saliency.v1 import explainer_pb2 as pb
 
 MAX_GRID = 32
@@ -84,7 +85,7 @@ class FitnessWeights:
 class MaskFitness:
     """Evaluates masks of N images in lock-step: one ONNX Runtime call per generation."""
 
-    def __init__(self, job: ExplainJob, baseline: np.ndarray, weights: FitnessWeights) -> None:
+    def __init__(self, job: Job, baseline: np.ndarray, weights: FitnessWeights) -> None:
         self.job = job
         self.baseline = baseline
         self.weights = weights
@@ -233,89 +234,87 @@ def split_generations(generations: int, stages: int) -> list[int]:
     return [base + (1 if i >= stages - extra else 0) for i in range(stages)]
 
 
+@dataclass(frozen=True)
+class DecamParams:
+    """The search: mask grid, DE population and generations, DE rates, fitness weights."""
+
+    grid: int = param(8, low=2, high=MAX_GRID)
+    population: int = param(32, low=MIN_POPULATION, limit="max_population")
+    generations: int = param(30, low=1, limit="max_generations")
+    mutation: float = param(0.6, low=0.0, high=2.0, low_open=True)
+    crossover: float = param(0.7, low=0.0, high=1.0)
+    sparsity: float = param(0.8, low=0.0, high=100.0)
+    deletion_weight: float = param(1.0, low=0.0, high=100.0)
+    preservation_weight: float = param(1.0, low=0.0, high=100.0)
+    baseline: str = param("blur", choices=BASELINES)
+    strategy: str = param("best1bin", choices=STRATEGIES)
+    refine: bool = param(True)
+    patience: int = param(8, low=0)
+
+
 @register
 class Decam(Handler):
     """DE-CAM (https://arxiv.org/abs/2209.08906): Differential Evolution over coarse masks,
     fitness from ONNX Runtime probabilities only; the best mask is the map."""
 
     method = pb.METHOD_DECAM
-    name = "decam"
-    params_field = "decam"
-    defaults: ClassVar[dict[str, Any]] = {
-        "grid": 8, "population": 32, "generations": 30, "mutation": 0.6, "crossover": 0.7,
-        "sparsity": 0.8, "deletion_weight": 1.0, "preservation_weight": 1.0,
-        "baseline": "blur", "strategy": "best1bin", "refine": True, "patience": 8,
-    }
+    Params = DecamParams
     description = ("Differential Evolution searches coarse masks that keep/remove the target "
                    "class score (output-only, gradient-free).")
     paper = "https://arxiv.org/abs/2209.08906"
 
-    def validate(self, params: dict, job: ExplainJob) -> None:
-        grid = params["grid"]
-        if not 2 <= grid <= MAX_GRID:
-            raise InvalidInput(f"grid must be in [2, {MAX_GRID}], got {grid}")
+    def check(self, job: Job) -> None:
+        params = job.params
         height, width = job.inputs.shape[2:]
-        if grid > min(height, width):
-            raise InvalidInput(f"grid={grid} exceeds the input size {height}×{width}")
-        population = params["population"]
-        if population < MIN_POPULATION:
-            raise InvalidInput(f"population must be >= {MIN_POPULATION} (DE draws three "
-                               f"distinct donors per candidate), got {population}")
-        if population > job.limits.max_samples:
-            raise InvalidInput(f"population={population} exceeds the server limit of "
-                               f"{job.limits.max_samples}")
-        dims = grid * grid
-        held = search_bytes(job.batch, population, dims) + generation_bytes(population, dims)
-        if held > job.limits.chunk_memory_bytes:
+        if params.grid > min(height, width):
+            raise InvalidInput(f"decam.grid={params.grid} exceeds the input size "
+                               f"{height}×{width}")
+        dims = params.grid * params.grid
+        held = (search_bytes(job.batch, params.population, dims)
+                + generation_bytes(params.population, dims))
+        if held > job.chunk_memory_bytes:
             raise InvalidInput(
-                f"population={population} with grid={grid} on {job.batch} image(s) needs "
-                f"{held} bytes for the search, more than the chunk memory budget of "
-                f"{job.limits.chunk_memory_bytes} bytes (--chunk-memory-bytes): use a smaller "
-                "population, grid or batch")
-        self.require_positive(params, "generations", limit=job.limits.max_generations)
-        self.require_range(params, "mutation", 0.0, 2.0)
-        if params["mutation"] <= 0:
-            raise InvalidInput(f"mutation must be in (0, 2], got {params['mutation']}")
-        self.require_range(params, "crossover", 0.0, 1.0)
-        for name in ("sparsity", "deletion_weight", "preservation_weight"):
-            self.require_range(params, name, 0.0, 100.0)
-        if params["deletion_weight"] == 0 and params["preservation_weight"] == 0:
+                f"population={params.population} with grid={params.grid} on {job.batch} "
+                f"image(s) needs {held} bytes for the search, more than the chunk memory "
+                f"budget of {job.chunk_memory_bytes} bytes (--chunk-memory-bytes): use a "
+                "smaller population, grid or batch")
+        if params.deletion_weight == 0 and params.preservation_weight == 0:
             raise InvalidInput("deletion_weight and preservation_weight are both 0: at least "
                                "one fitness term must query the model")
-        self.require_choice(params, "baseline", BASELINES)
-        self.require_choice(params, "strategy", STRATEGIES)
-        if params["patience"] < 0:
-            raise InvalidInput(f"patience must be >= 0 (0 = never stop early), "
-                               f"got {params['patience']}")
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
+    def repeats(self, model: ModelHandle) -> float:
+        defaults = DecamParams()
+        return float(defaults.population * defaults.generations)
+
+    def _compute(self, job: Job) -> Attribution:
         return search_masks(job)
 
-    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+    def to_maps(self, raw: np.ndarray, job: Job) -> np.ndarray:
         return scale_by_max(raw)
 
 
-def search_masks(job: ExplainJob, fitness_class: type[MaskFitness] = MaskFitness) -> np.ndarray:
-    """Runs the (optionally coarse-to-fine) DE search; returns the best masks as N×H×W.
+def search_masks(job: Job, fitness_class: type[MaskFitness] = MaskFitness) -> Attribution:
+    """Runs the (optionally coarse-to-fine) DE search; returns the best masks (N×H×W) with
+    the search's diagnostics.
 
     ``fitness_class`` lets a benchmark swap in another way of evaluating the same candidates.
     """
     params = job.params
     rng = job.rng()
     height, width = job.inputs.shape[2:]
-    baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input, rng,
+    baseline = make_baseline(params.baseline, job.inputs, job.model.spec().input, rng,
                              job.state)
     fitness_of = fitness_class(job, baseline, FitnessWeights(
-        preservation=float(params["preservation_weight"]),
-        deletion=float(params["deletion_weight"]),
-        sparsity=float(params["sparsity"])))
+        preservation=float(params.preservation_weight),
+        deletion=float(params.deletion_weight),
+        sparsity=float(params.sparsity)))
     search = _Search(job, rng, fitness_of)
-    stages = refine_stages(int(params["grid"]), bool(params["refine"]))
+    stages = refine_stages(int(params.grid), bool(params.refine))
     population: np.ndarray | None = None
-    for grid, generations in zip(stages, split_generations(int(params["generations"]),
+    for grid, generations in zip(stages, split_generations(int(params.generations),
                                                             len(stages)), strict=True):
         if population is None:
-            population = rng.random((job.batch, int(params["population"]), grid, grid))
+            population = rng.random((job.batch, int(params.population), grid, grid))
         else:  # seed the finer stage with the coarser stage's population
             coarse = population.reshape(-1, *population.shape[2:])
             population = np.clip(upsample(coarse, grid, grid), 0.0, 1.0).reshape(
@@ -323,26 +322,27 @@ def search_masks(job: ExplainJob, fitness_class: type[MaskFitness] = MaskFitness
         population = search.run(population, generations)
         if search.stopped:
             break
-    job.diagnostics.update(search.diagnostics())
-    return upsample(search.best_grids(), height, width)
+    return Attribution(raw=upsample(search.best_grids(), height, width),
+                       diagnostics=search.diagnostics(), truncated=search.truncated)
 
 
 class _Search:
     """The DE state of one request across refinement stages."""
 
-    def __init__(self, job: ExplainJob, rng: np.random.Generator, fitness_of: MaskFitness
+    def __init__(self, job: Job, rng: np.random.Generator, fitness_of: MaskFitness
                  ) -> None:
         self.job = job
         self.rng = rng
         self.fitness_of = fitness_of
         params = job.params
-        self.mutation = float(params["mutation"])
-        self.crossover = float(params["crossover"])
-        self.strategy = str(params["strategy"])
-        self.patience = int(params["patience"])
-        self.total_steps = int(params["generations"])
+        self.mutation = float(params.mutation)
+        self.crossover = float(params.crossover)
+        self.strategy = str(params.strategy)
+        self.patience = int(params.patience)
+        self.total_steps = int(params.generations)
         self.step = 0
         self.stopped = False  # truncated by the deadline: no further stages
+        self.truncated = False
         self.best: np.ndarray | None = None  # N×g×g
         self.best_fitness = np.full(job.batch, -np.inf)
         self.stale = 0
@@ -369,7 +369,7 @@ class _Search:
         return time.monotonic() + margin >= state.deadline
 
     def _truncate(self) -> None:
-        self.job.truncated = True
+        self.truncated = True
         self.stopped = True
 
     def run(self, population: np.ndarray, generations: int) -> np.ndarray:

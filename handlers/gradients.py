@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from handlers.base import ENGINE_TORCH, ExplainJob, Handler, chunks
+from handlers.base import ENGINE_TORCH, Handler, Job, chunks
 from handlers.registry import register
 from handlers.torch_program import FAST, GUIDED, TRUNK, LinearStem, prepared_module
 from saliency.v1 import explainer_pb2 as pb
@@ -27,7 +27,7 @@ RowConsumer = Callable[[slice, torch.Tensor, torch.Tensor], None]
 
 
 def gradient_rows(
-    job: ExplainJob, rows: int, make_rows: RowMaker, consume: RowConsumer, variant: str = FAST
+    job: Job, rows: int, make_rows: RowMaker, consume: RowConsumer, variant: str = FAST
 ) -> None:
     """Runs ∂ logit[target] / ∂ input over ``rows`` virtual rows in memory-bounded chunks.
 
@@ -50,7 +50,7 @@ def gradient_rows(
 
 
 def summed_input_gradients(
-    job: ExplainJob, make_rows: RowMaker, images: torch.Tensor, input_shape: torch.Size,
+    job: Job, make_rows: RowMaker, images: torch.Tensor, input_shape: torch.Size,
     weights: torch.Tensor | None = None, stem: LinearStem | None = None,
 ) -> torch.Tensor:
     """Σ over the rows r of image n of weights[r] · ∂ logit[target] / ∂ input (float64,
@@ -96,7 +96,7 @@ def sum_rows_by_image(
 
 
 def input_gradients(
-    job: ExplainJob, inputs: np.ndarray, targets: np.ndarray, variant: str = FAST
+    job: Job, inputs: np.ndarray, targets: np.ndarray, variant: str = FAST
 ) -> np.ndarray:
     """∂ logit[target] / ∂ input for every row of ``inputs`` (M×C×H×W), chunked.
 
@@ -129,12 +129,12 @@ class VanillaGradient(GradientHandler):
     """Simonyan et al. (arXiv 1312.6034): ∂ logit / ∂ x."""
 
     method = pb.METHOD_VANILLA_GRADIENT
-    name = "vanilla_gradient"
-    params_field = "vanilla_gradient"
+    auto_rank = 5
+    warm_up = True
     description = "Gradient of the target logit w.r.t. the input; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1312.6034"
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
+    def _compute(self, job: Job) -> np.ndarray:
         return input_gradients(job, job.inputs, job.targets)
 
 
@@ -143,12 +143,10 @@ class InputXGradient(GradientHandler):
     """Shrikumar et al. (arXiv 1605.01713): x ⊙ ∂ logit / ∂ x, as Captum's InputXGradient."""
 
     method = pb.METHOD_INPUT_X_GRADIENT
-    name = "input_x_gradient"
-    params_field = "input_x_gradient"
     description = "Input times its gradient; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1605.01713"
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
+    def _compute(self, job: Job) -> np.ndarray:
         return job.inputs * input_gradients(job, job.inputs, job.targets)
 
 
@@ -158,10 +156,10 @@ class GuidedBackprop(GradientHandler):
     of positive inputs; computed on a rewritten copy of the program, never the user's module."""
 
     method = pb.METHOD_GUIDED_BACKPROP
-    name = "guided_backprop"
-    params_field = "guided_backprop"
+    auto_rank = 3
+    warm_up = True
     description = "Gradient with ReLU backward clamped to positive values; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1412.6806"
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
+    def _compute(self, job: Job) -> np.ndarray:
         return input_gradients(job, job.inputs, job.targets, variant=GUIDED)

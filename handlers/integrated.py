@@ -10,17 +10,20 @@ reported as ``diagnostics["completeness_error"]`` (absolute, in logits), with
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from handlers.base import ENGINE_TORCH, ExplainJob, chunks
+from handlers.base import ENGINE_TORCH, Job, chunks
 from handlers.baselines import baseline_logits, make_baseline
 from handlers.gradients import GradientHandler, summed_input_gradients
 from handlers.registry import register
 from handlers.torch_program import FAST, linear_stem, prepared_module
 from kernel.errors import InvalidInput
+from kernel.params import param
+from kernel.repository import ModelHandle
+from kernel.request import Attribution
 from saliency.v1 import explainer_pb2 as pb
 
 RULES = ("gauss_legendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -62,7 +65,7 @@ def _quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"unknown quadrature rule {rule!r}")
 
 
-def target_logits(job: ExplainJob, inputs: np.ndarray) -> np.ndarray:
+def target_logits(job: Job, inputs: np.ndarray) -> np.ndarray:
     """logit[target] of ``inputs`` by torch forward passes (no gradients), counted."""
     module = prepared_module(job.model, FAST)
     out = np.empty(inputs.shape[0], dtype=np.float64)
@@ -77,7 +80,7 @@ def target_logits(job: ExplainJob, inputs: np.ndarray) -> np.ndarray:
 
 
 def integrated_gradients(
-    job: ExplainJob, baseline: np.ndarray, steps: int, rule: str
+    job: Job, baseline: np.ndarray, steps: int, rule: str
 ) -> np.ndarray:
     """The IG attribution (N×C×H×W float32); rows are step-major like Captum's expansion.
 
@@ -120,6 +123,15 @@ def integrated_gradients(
     return (mean_gradient * difference.double()).float().numpy()
 
 
+@dataclass(frozen=True)
+class IntegratedGradientsParams:
+    """Quadrature points along the path, the baseline it starts from, and the rule."""
+
+    steps: int = param(32, low=1, limit="max_steps")
+    baseline: str = param("black", choices=IG_BASELINES)
+    rule: str = param("gauss_legendre", choices=RULES)
+
+
 @register
 class IntegratedGradients(GradientHandler):
     """Integrated Gradients along the straight path from a baseline to the input.
@@ -131,13 +143,8 @@ class IntegratedGradients(GradientHandler):
     """
 
     method = pb.METHOD_INTEGRATED_GRADIENTS
-    name = "integrated_gradients"
-    params_field = "integrated_gradients"
-    defaults: ClassVar[dict[str, Any]] = {
-        "steps": 32,
-        "baseline": "black",
-        "rule": "gauss_legendre",
-    }
+    Params = IntegratedGradientsParams
+    auto_rank = 2
     description = (
         "Path integral of gradients from a baseline (black/blur/uniform noise/mean); "
         "steps forward + steps backward + 1 forward (none for a known black/zero baseline), "
@@ -145,32 +152,33 @@ class IntegratedGradients(GradientHandler):
     )
     paper = "https://arxiv.org/abs/1703.01365"
 
-    def validate(self, params: dict[str, Any], job: ExplainJob) -> None:
-        self.require_positive(params, "steps", job.limits.max_samples)
-        self.require_choice(params, "rule", RULES)
-        self.require_choice(params, "baseline", IG_BASELINES)
-        if params["rule"] == "riemann_trapezoid" and params["steps"] < 2:
-            raise InvalidInput(f"steps must be >= 2 for the trapezoid rule, got {params['steps']}")
+    def check(self, job: Job) -> None:
+        if job.params.rule == "riemann_trapezoid" and job.params.steps < 2:
+            raise InvalidInput("integrated_gradients.steps must be >= 2 for the trapezoid "
+                               f"rule, got {job.params.steps}")
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
+    def repeats(self, model: ModelHandle) -> float:
+        return float(IntegratedGradientsParams().steps)
+
+    def _compute(self, job: Job) -> Attribution:
         params = job.params
-        baseline = make_baseline(params["baseline"], job.inputs, job.model.spec().input, job.rng(),
+        baseline = make_baseline(params.baseline, job.inputs, job.model.spec().input, job.rng(),
                                  job.state)
-        attribution = integrated_gradients(job, baseline, params["steps"], params["rule"])
+        attribution = integrated_gradients(job, baseline, params.steps, params.rule)
         if job.base_logits is not None:
             # f(x) came from the ONNX Runtime prediction run: f(x') from the same engine
             # (also cheaper than a torch forward pass).
             index = np.arange(job.batch)
             at_input = job.base_logits[index, job.targets].astype(np.float64)
-            logits = baseline_logits(job, params["baseline"], baseline)
+            logits = baseline_logits(job, params.baseline, baseline)
             at_baseline = logits[index, job.targets].astype(np.float64)
         else:
             at_input = target_logits(job, job.inputs)
             at_baseline = target_logits(job, baseline)
         expected = at_input - at_baseline
         gap = np.abs(attribution.reshape(job.batch, -1).sum(axis=1, dtype=np.float64) - expected)
-        job.diagnostics["completeness_error"] = float(gap.max())
-        job.diagnostics["completeness_error_relative"] = float(
-            gap.max() / max(float(np.abs(expected).max()), 1e-12)
-        )
-        return attribution
+        return Attribution(raw=attribution, diagnostics={
+            "completeness_error": float(gap.max()),
+            "completeness_error_relative": float(
+                gap.max() / max(float(np.abs(expected).max()), 1e-12)),
+        })

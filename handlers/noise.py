@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from handlers.base import ExplainJob, normalize_per_image, scale_by_max
+from handlers.base import Job, normalize_per_image, scale_by_max
 from handlers.gradients import (
     GradientHandler,
     gradient_rows,
@@ -32,6 +31,8 @@ from handlers.gradients import (
 from handlers.registry import register
 from handlers.torch_program import linear_stem
 from kernel.errors import InvalidInput
+from kernel.params import param
+from kernel.repository import ModelHandle
 from saliency.v1 import explainer_pb2 as pb
 
 # (row index, image index) → the noise ε (C×H×W) added to that image for that row.
@@ -83,7 +84,7 @@ def seeded_noise(seed: int, shape: tuple[int, ...], sigmas: np.ndarray) -> Noise
 
 
 def noise_tunnel(
-    job: ExplainJob, samples: int, noise_level: float, noise: NoiseSource | None = None,
+    job: Job, samples: int, noise_level: float, noise: NoiseSource | None = None,
     spread: bool = True,
 ) -> NoiseStats:
     """Sums of ∂ logit[target] / ∂ x over ``samples`` noisy copies of every image.
@@ -131,25 +132,36 @@ def noise_tunnel(
     return stats
 
 
+@dataclass(frozen=True)
+class NoiseParams:
+    """Noisy copies per image and their σ as a fraction of the input range."""
+
+    samples: int = param(20, low=1, limit="max_samples")
+    noise_level: float = param(0.15, low=0.0, high=1.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class GuidedAbsoluteGradParams(NoiseParams):
+    """Noise parameters and the variance guide's quantile (0 = plain AbsoluteGrad)."""
+
+    quantile: float = param(0.85, low=0.0, high=1.0)
+
+
 class NoiseHandler(GradientHandler):
-    """Shared validation of the sample count and noise level."""
+    """Shared sample count and noise level of the noise-tunnel methods."""
 
+    Params = NoiseParams
     min_samples = 1
-    defaults: ClassVar[dict[str, Any]] = {"samples": 20, "noise_level": 0.15}
 
-    def validate(self, params: dict[str, Any], job: ExplainJob) -> None:
-        self.require_positive(params, "samples", job.limits.max_samples)
-        if params["samples"] < self.min_samples:
+    def check(self, job: Job) -> None:
+        if job.params.samples < self.min_samples:
             raise InvalidInput(
-                f"samples must be >= {self.min_samples} for {self.name} "
-                f"(it needs a variance), got {params['samples']}"
+                f"{self.params_field}.samples must be >= {self.min_samples} for {self.name} "
+                f"(it needs a variance), got {job.params.samples}"
             )
-        self.require_range(params, "noise_level", 0.0, 1.0)
-        if params["noise_level"] <= 0:
-            raise InvalidInput(
-                f"noise_level must be in (0, 1] (a fraction of the input "
-                f"range), got {params['noise_level']}"
-            )
+
+    def repeats(self, model: ModelHandle) -> float:
+        return float(self.Params().samples)
 
 
 @register
@@ -160,16 +172,14 @@ class SmoothGrad(NoiseHandler):
     """
 
     method = pb.METHOD_SMOOTHGRAD
-    name = "smoothgrad"
-    params_field = "smoothgrad"
     description = (
         "Mean gradient over noisy copies (σ = noise_level × input range); "
         "samples forward + samples backward, batched."
     )
     paper = "https://arxiv.org/abs/1706.03825"
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
-        stats = noise_tunnel(job, job.params["samples"], job.params["noise_level"],
+    def _compute(self, job: Job) -> np.ndarray:
+        stats = noise_tunnel(job, job.params.samples, job.params.noise_level,
                              spread=False)
         return stats.mean().astype(np.float32)
 
@@ -182,19 +192,17 @@ class VarGrad(NoiseHandler):
     """
 
     method = pb.METHOD_VARGRAD
-    name = "vargrad"
-    params_field = "vargrad"
     min_samples = 2
     description = (
         "Variance of the gradient over noisy copies; samples forward + samples backward, batched."
     )
     paper = "https://arxiv.org/abs/1810.03292"
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
-        stats = noise_tunnel(job, job.params["samples"], job.params["noise_level"])
+    def _compute(self, job: Job) -> np.ndarray:
+        stats = noise_tunnel(job, job.params.samples, job.params.noise_level)
         return stats.variance().astype(np.float32)
 
-    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+    def to_maps(self, raw: np.ndarray, job: Job) -> np.ndarray:
         return scale_by_max(raw.sum(axis=1))
 
 
@@ -228,23 +236,18 @@ class GuidedAbsoluteGrad(NoiseHandler):
     """
 
     method = pb.METHOD_GUIDED_ABSOLUTEGRAD
-    name = "guided_absolutegrad"
-    params_field = "guided_absolutegrad"
+    auto_rank = 4
     min_samples = 2
-    defaults: ClassVar[dict[str, Any]] = {"samples": 20, "noise_level": 0.15, "quantile": 0.85}
+    Params = GuidedAbsoluteGradParams
     description = (
         "Σ|noisy gradients| × variance guide (quantile 0 = AbsoluteGrad); "
         "samples forward + samples backward, batched."
     )
     paper = "https://arxiv.org/abs/2404.15564"
 
-    def validate(self, params: dict[str, Any], job: ExplainJob) -> None:
-        super().validate(params, job)
-        self.require_range(params, "quantile", 0.0, 1.0)
+    def _compute(self, job: Job) -> np.ndarray:
+        stats = noise_tunnel(job, job.params.samples, job.params.noise_level)
+        return guided_absolutegrad(stats, float(job.params.quantile))
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
-        stats = noise_tunnel(job, job.params["samples"], job.params["noise_level"])
-        return guided_absolutegrad(stats, float(job.params["quantile"]))
-
-    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+    def to_maps(self, raw: np.ndarray, job: Job) -> np.ndarray:
         return normalize_per_image(np.abs(raw).sum(axis=1))

@@ -6,13 +6,13 @@ This module must not import torch.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
 
 import numpy as np
 
 from handlers.base import (
-    ExplainJob,
     Handler,
+    Job,
     normalize_per_image,
     run_onnx_batched,
     scale_by_max,
@@ -22,6 +22,8 @@ from handlers.baselines import BASELINES, make_baseline
 from handlers.registry import register
 from handlers.resize import bilinear_taps
 from kernel.errors import InvalidInput
+from kernel.params import param
+from kernel.repository import ModelHandle
 from saliency.v1 import explainer_pb2 as pb
 
 
@@ -42,17 +44,31 @@ def window_coverage(starts: list[int], window: int, length: int) -> np.ndarray:
     return counts
 
 
-def target_probabilities(job: ExplainJob, batch: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def target_probabilities(job: Job, batch: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Softmax probability of each row's target class, via batched ONNX Runtime calls."""
     (logits,) = run_onnx_batched(job, batch)
     return softmax(logits)[np.arange(batch.shape[0]), targets]
 
 
-def base_probabilities(job: ExplainJob) -> np.ndarray:
+def base_probabilities(job: Job) -> np.ndarray:
     """Target probabilities of the unperturbed inputs (reusing the prediction's logits)."""
     if job.base_logits is not None:
         return softmax(job.base_logits)[np.arange(job.batch), job.targets]
     return target_probabilities(job, job.inputs, job.targets)
+
+
+@dataclass(frozen=True)
+class OcclusionParams:
+    """The occluding window's side, its stride and what replaces the pixels under it."""
+
+    window: int = param(16, low=1)
+    stride: int = param(8, low=1)
+    baseline: str = param("black", choices=BASELINES)
+
+
+def window_count(height: int, width: int, window: int, stride: int) -> int:
+    """Window positions per image."""
+    return len(window_starts(height, window, stride)) * len(window_starts(width, window, stride))
 
 
 @register
@@ -61,30 +77,34 @@ class Occlusion(Handler):
     attribution is the mean drop in target probability over the windows that cover it."""
 
     method = pb.METHOD_OCCLUSION
-    name = "occlusion"
-    params_field = "occlusion"
-    defaults: ClassVar[dict[str, Any]] = {"window": 16, "stride": 8, "baseline": "black"}
+    Params = OcclusionParams
+    auto_rank = 7
     description = "Drop in target probability when a window is replaced by a baseline."
     paper = "https://arxiv.org/abs/1311.2901"
 
-    def validate(self, params: dict, job: ExplainJob) -> None:
+    def check(self, job: Job) -> None:
         height, width = job.inputs.shape[2:]
-        self.require_positive(params, "window", limit=min(height, width))
-        self.require_positive(params, "stride", limit=min(height, width))
-        self.require_choice(params, "baseline", BASELINES)
-        windows = len(window_starts(height, params["window"], params["stride"])) * len(
-            window_starts(width, params["window"], params["stride"])
-        )
-        if windows > job.limits.max_samples * 16:
+        window, stride = job.params.window, job.params.stride
+        for name, value in (("window", window), ("stride", stride)):
+            if value > min(height, width):
+                raise InvalidInput(f"occlusion.{name}={value} exceeds the input size "
+                                   f"{height}×{width}")
+        windows = window_count(height, width, window, stride)
+        limit = job.limits.get("max_windows")
+        if limit is not None and windows > limit:
             raise InvalidInput(
-                f"window={params['window']} stride={params['stride']} gives {windows} windows "
-                f"per image; the limit is {job.limits.max_samples * 16}: use a larger stride"
-            )
+                f"occlusion window={window} stride={stride} gives {windows} windows per "
+                f"image, over the server limit max_windows={limit:g} (--max-windows): use a "
+                "larger stride or window")
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
-        window, stride = job.params["window"], job.params["stride"]
+    def repeats(self, model: ModelHandle) -> float:
+        spec, defaults = model.spec().input, OcclusionParams()
+        return float(window_count(spec.height, spec.width, defaults.window, defaults.stride))
+
+    def _compute(self, job: Job) -> np.ndarray:
+        window, stride = job.params.window, job.params.stride
         batch, _, height, width = job.inputs.shape
-        baseline = make_baseline(job.params["baseline"], job.inputs, job.model.spec().input,
+        baseline = make_baseline(job.params.baseline, job.inputs, job.model.spec().input,
                                  job.rng(), job.state)
         rows, columns = window_starts(height, window, stride), window_starts(width, window, stride)
         positions = [(y, x) for y in rows for x in columns]
@@ -110,7 +130,7 @@ class Occlusion(Handler):
         return np.divide(attribution, coverage[None], out=np.zeros_like(attribution),
                          where=coverage[None] > 0)
 
-    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+    def to_maps(self, raw: np.ndarray, job: Job) -> np.ndarray:
         """Only evidence for the class counts: negative drops clip to 0, then scale by max."""
         return scale_by_max(np.maximum(raw, 0.0))
 
@@ -196,6 +216,15 @@ def _blend_taps(maps: np.ndarray, axis: int, shifts: np.ndarray, source: int, up
     return result
 
 
+@dataclass(frozen=True)
+class RiseParams:
+    """Random masks, their grid of cells per side and the chance a cell is kept."""
+
+    masks: int = param(1000, low=1, limit="max_masks")
+    cells: int = param(7, low=1)
+    keep_probability: float = param(0.5, low=0.0, high=1.0, low_open=True, high_open=True)
+
+
 @register
 class Rise(Handler):
     """Petsiuk et al., RISE (arXiv 1806.07421): the saliency of a pixel is the expected target
@@ -207,23 +236,22 @@ class Rise(Handler):
     """
 
     method = pb.METHOD_RISE
-    name = "rise"
-    params_field = "rise"
-    defaults: ClassVar[dict[str, Any]] = {"masks": 1000, "cells": 7, "keep_probability": 0.5}
+    Params = RiseParams
     description = "Expected target probability over random upsampled binary masks."
     paper = "https://arxiv.org/abs/1806.07421"
 
-    def validate(self, params: dict, job: ExplainJob) -> None:
+    def check(self, job: Job) -> None:
         height, width = job.inputs.shape[2:]
-        self.require_positive(params, "masks", limit=job.limits.max_samples * 40)
-        self.require_positive(params, "cells", limit=min(height, width))
-        value = params["keep_probability"]
-        if not (np.isfinite(value) and 0.0 < value < 1.0):
-            raise InvalidInput(f"keep_probability must be in (0, 1), got {value}")
+        if job.params.cells > min(height, width):
+            raise InvalidInput(f"rise.cells={job.params.cells} exceeds the input size "
+                               f"{height}×{width}")
 
-    def _compute(self, job: ExplainJob) -> np.ndarray:
-        masks, cells = job.params["masks"], job.params["cells"]
-        keep = float(job.params["keep_probability"])
+    def repeats(self, model: ModelHandle) -> float:
+        return float(RiseParams().masks)
+
+    def _compute(self, job: Job) -> np.ndarray:
+        masks, cells = job.params.masks, job.params.cells
+        keep = float(job.params.keep_probability)
         batch, _, height, width = job.inputs.shape
         drawn = RiseMasks(job.rng(), masks, cells, keep, height, width)
         saliency = np.zeros((batch, height, width), np.float64)
@@ -243,6 +271,6 @@ class Rise(Handler):
                 saliency += weights[:, None, None] * mask
         return (saliency / (masks * keep)).astype(np.float32)
 
-    def to_maps(self, raw: np.ndarray, job: ExplainJob) -> np.ndarray:
+    def to_maps(self, raw: np.ndarray, job: Job) -> np.ndarray:
         """The expectation is positive everywhere; min-max per image shows where it peaks."""
         return normalize_per_image(raw)

@@ -21,8 +21,6 @@ with the original program to float32 rounding; ``tests/test_torch_program.py`` c
 
 from __future__ import annotations
 
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,10 +118,6 @@ class PreparedModule(torch.nn.Module):
         return tuple(outputs) if isinstance(outputs, tuple | list) else (outputs,)
 
 
-_CACHE: weakref.WeakKeyDictionary[ModelHandle, dict[str, Any]] = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
-
-
 def prepared_module(model: ModelHandle, variant: str = FAST) -> PreparedModule:
     """The cached prepared copy of ``model``'s program (built on first use, once)."""
     module = _cached_variant(model, variant)
@@ -148,23 +142,17 @@ def _cached_variant(model: ModelHandle, variant: str) -> PreparedModule | None:
     program = model.program
     if program is None:
         model.torch_module()  # raises FailedPrecondition with the actionable message
-    with _LOCK:
-        entry = _CACHE.get(model)
-        if entry is None or entry["program"] is not program:
-            entry = {"program": program, "variants": {}}
-            _CACHE[model] = entry
-        variants: dict[str, PreparedModule | None] = entry["variants"]
-        if variant not in variants:
-            try:
-                if variant == TRUNK:  # shares the fast variant's folded weights
-                    if variants.get(FAST) is None:
-                        variants[FAST] = build_variant(program, FAST)
-                    variants[TRUNK] = trunk_of(variants[FAST])
-                else:
-                    variants[variant] = build_variant(program, variant)
-            except NoStemError:
-                variants[variant] = None
-        return variants[variant]
+    return model.derived(f"program:{variant}", lambda m: _build_cached(m, variant))
+
+
+def _build_cached(model: ModelHandle, variant: str) -> PreparedModule | None:
+    try:
+        if variant == TRUNK:  # shares the fast variant's folded weights
+            fast = _cached_variant(model, FAST)
+            return trunk_of(fast) if fast is not None else None
+        return build_variant(model.program, variant)
+    except NoStemError:
+        return None
 
 
 def build_variant(program: Any, variant: str) -> PreparedModule:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -128,6 +129,8 @@ class ModelHandle:
         self.error = ""
         self._module: Any = None
         self._module_lock = threading.Lock()
+        self._derived: dict[str, Any] = {}
+        self._derived_lock = threading.RLock()
 
     @property
     def ready(self) -> bool:
@@ -147,6 +150,14 @@ class ModelHandle:
             self.program = None
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("model %s/%s failed to load: %s", self.name, self.version, self.error)
+
+    def derived(self, key: str, build: Callable[[ModelHandle], Any]) -> Any:
+        """What ``build(self)`` makes of this package (prepared programs, head weights,
+        baseline logits), built once per load and shared by every request."""
+        with self._derived_lock:
+            if key not in self._derived:
+                self._derived[key] = build(self)
+            return self._derived[key]
 
     def fail(self, reason: str) -> None:
         """Marks a loaded package not ready (e.g. its warm-up failed), keeping the reason."""
@@ -175,6 +186,7 @@ class ModelHandle:
         )
         self.program = None
         self._module = None
+        self._derived = {}
         if TORCH_FILE in contents:
             try:
                 self.program = load_program(contents[TORCH_FILE])

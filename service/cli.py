@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from handlers.base import method_name
+from saliency.v1 import explainer_pb2 as pb
 from service import config as config_module
 
 
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--server", default="localhost:50051")
     explain.add_argument("--model", default="demo")
     explain.add_argument("--image", required=True)
-    explain.add_argument("--method", default="vanilla_gradient")
+    explain.add_argument("--method", default=method_name(pb.METHOD_VANILLA_GRADIENT))
     explain.add_argument("--target", type=int, help="class index (default: predicted)")
     explain.add_argument("--seed", type=int, default=0)
     explain.add_argument("--timeout", type=float, default=120.0)

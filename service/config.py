@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ HELP = {
     "max_masks": "RISE masks",
     "max_population": "DE-CAM population",
     "max_generations": "DE-CAM generations",
+    "max_windows": "occlusion windows per image (set by window and stride)",
     "chunk_memory_bytes": "memory one batched chunk of a method may hold: activations, and "
     "masks and perturbed copies",
     "intra_op_threads": "threads inside one ONNX Runtime / torch call (0 = library default)",
@@ -89,6 +90,7 @@ class Config:
     max_masks: int = 10240
     max_population: int = 256
     max_generations: int = 500
+    max_windows: int = 4096
     # Bytes one batched chunk of a handler may hold: activations, masks, perturbed copies.
     chunk_memory_bytes: int = 512 * 1024 * 1024
     # Threads inside one ONNX Runtime / torch call (0 = library default).
@@ -112,6 +114,13 @@ class Config:
     # "json" (one object per line) or "text".
     log_format: str = "json"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def limits(self) -> dict[str, float]:
+        """Every per-request limit by name, for the method parameters that declare one
+        (``kernel.params``) and for the chunk memory budget."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if (f.name.startswith("max_") or f.name == "chunk_memory_bytes")
+                and isinstance(getattr(self, f.name), int | float)}
 
     def __post_init__(self) -> None:
         problems = []

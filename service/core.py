@@ -14,18 +14,10 @@ from collections.abc import Callable
 import numpy as np
 
 from handlers import registry
-from handlers.base import (
-    ENGINE_ONNX,
-    CostCounter,
-    ExplainJob,
-    Handler,
-    Limits,
-    ProgressUpdate,
-    RequestState,
-    softmax,
-)
+from handlers.base import ENGINE_ONNX, Handler, softmax
 from kernel.errors import InvalidInput, NotFound
 from kernel.repository import InputSpec, ModelHandle, Repository
+from kernel.request import CostCounter, Job, ProgressUpdate, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service.config import Config
 from service.images import (
@@ -38,24 +30,7 @@ from service.images import (
 )
 from service.metrics import Metrics
 
-# METHOD_AUTO's preference, best maps first (see the README's "Choosing a method").
-AUTO_PREFERENCE = (
-    pb.METHOD_FASTCAM,
-    pb.METHOD_GRADCAM,
-    pb.METHOD_INTEGRATED_GRADIENTS,
-    pb.METHOD_GUIDED_BACKPROP,
-    pb.METHOD_GUIDED_ABSOLUTEGRAD,
-    pb.METHOD_VANILLA_GRADIENT,
-    pb.METHOD_SMOE_SCALE,
-    pb.METHOD_OCCLUSION,
-)
 DEFAULT_TOP_K = 5
-# METHOD_AUTO's cost prior before a method has been measured, in ONNX Runtime forward passes
-# per image: one torch forward + backward ≈ 4.5 of them, Grad-CAM's (backward only down to
-# the CAM layer) ≈ 2 (DESIGN.md: ResNet-50 shape, 29 ms forward, 130 ms input gradient,
-# 59 ms LayerGradCam). The unit is timed on the request's own prediction run.
-_TORCH_GRADIENT_PASS = 4.5
-_CAM_PASS = 2.0
 _DEFAULT_FORWARD_SECONDS = 0.03
 _FLOAT_DTYPES = (np.float32, np.float64, np.float16)
 
@@ -197,35 +172,6 @@ def predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list
     ]
 
 
-def prior_forward_passes(handler: Handler, model: ModelHandle) -> float:
-    """METHOD_AUTO's cost estimate of a method not yet measured, in ONNX Runtime forward
-    passes per image (the prediction run included), from its default sample counts."""
-    if handler.method in (pb.METHOD_SMOE_SCALE, pb.METHOD_LOVI):
-        return 1.0
-    if handler.method == pb.METHOD_FASTCAM and model.spec().head.get("type") == "gap_linear":
-        return 1.0
-    if handler.method in (pb.METHOD_FASTCAM, pb.METHOD_GRADCAM, pb.METHOD_GRADCAM_PLUS_PLUS):
-        return 1.0 + _CAM_PASS
-    defaults = handler.defaults
-    repeats = float(defaults.get("samples") or defaults.get("steps") or defaults.get("masks")
-                    or defaults.get("population", 0) * defaults.get("generations", 0) or 1)
-    if "window" in defaults and "stride" in defaults:
-        spec = model.spec().input
-        window, stride = int(defaults["window"]), max(1, int(defaults["stride"]))
-        repeats = float(np.prod([math.ceil(max(0, side - window) / stride) + 1
-                                 for side in (spec.height, spec.width)]))
-    return 1.0 + repeats * (_TORCH_GRADIENT_PASS if handler.uses_gradients else 1.0)
-
-
-# One cheap request per engine and prepared program variant, run when a package loads.
-WARM_UP_METHODS = (
-    pb.METHOD_SMOE_SCALE,
-    pb.METHOD_VANILLA_GRADIENT,
-    pb.METHOD_GUIDED_BACKPROP,
-    pb.METHOD_GRADCAM,
-)
-
-
 class Core:
     """Runs requests against the repository; every public call is one request."""
 
@@ -233,11 +179,7 @@ class Core:
         self.repository = repository
         self.config = config
         self.metrics = metrics
-        self.limits = Limits(
-            max_samples=config.max_samples,
-            max_generations=config.max_generations,
-            chunk_memory_bytes=config.chunk_memory_bytes,
-        )
+        self.limits = config.limits()
 
     # ---- discovery -----------------------------------------------------------------------
 
@@ -292,7 +234,7 @@ class Core:
             return [f"predict: {type(exc).__name__}: {exc}"]
         available = {h.method for h in self.methods_for(handle)}
         failed = []
-        for method in WARM_UP_METHODS:
+        for method in (h.method for h in registry.handlers() if h.warm_up):
             if method not in available:
                 continue
             request = pb.ExplainRequest(model=handle.name, version=handle.version, method=method,
@@ -332,9 +274,9 @@ class Core:
         handler = registry.get(request.method)
         if not handler.available_for(handle):
             names = ", ".join(h.name for h in self.methods_for(handle))
-            needs = "a torch program (model.pt2)" if handler.needs_torch else "scale outputs"
             raise NotFound(f"method {handler.name} is not offered for model {handle.name!r} "
-                           f"(it needs {needs}); available methods: {names}")
+                           f"({handler.unavailable_reason(handle)}); available methods: "
+                           f"{names}")
         return handler
 
     def _auto(self, request: pb.ExplainRequest, handle: ModelHandle,
@@ -343,8 +285,8 @@ class Core:
         else the cheapest. Expected latency is the measured mean (``Metrics.mean_cost``) or,
         before any measurement, ``prior_forward_passes`` × the prediction run's time."""
         budget_seconds = request.budget.max_latency_ms / 1000.0
-        ranked = [available[m] for m in AUTO_PREFERENCE if m in available]
-        ranked += [h for m, h in available.items() if m not in AUTO_PREFERENCE]
+        ranked = sorted(available.values(), key=lambda h: (
+            h.auto_rank is None, h.auto_rank if h.auto_rank is not None else 0, h.method))
         if not ranked:
             raise NotFound(f"model {handle.name!r} offers no methods")
         if budget_seconds <= 0:
@@ -354,19 +296,18 @@ class Core:
         for handler in ranked:
             mean = self.metrics.mean_cost(handle.name, handler.name)
             seconds = (mean.mean_seconds if mean.requests
-                       else prior_forward_passes(handler, handle) * unit)
+                       else handler.prior_passes(handle) * unit)
             if seconds <= budget_seconds:
                 return handler
             expected.append((seconds, len(expected), handler))
         return min(expected)[2]
 
-    @staticmethod
-    def _params(request: pb.ExplainRequest, handler: Handler) -> dict[str, object]:
+    def _params(self, request: pb.ExplainRequest, handler: Handler) -> object:
         which = request.WhichOneof("params")
         if which is not None and which != handler.params_field:
             raise InvalidInput(f"params {which!r} were given for method {handler.name}; "
                                f"it takes {handler.params_field!r}")
-        return handler.resolve_params(getattr(request, which) if which else None)
+        return handler.params(getattr(request, which) if which else None, self.limits)
 
     @staticmethod
     def _prediction_run(handle: ModelHandle, inputs: np.ndarray, names: list[str],
@@ -409,27 +350,27 @@ class Core:
             names = handler.scale_outputs_for(handle) if handler.wants_scale_outputs else []
             logits, extra = self._prediction_run(handle, inputs, names, cost)
         targets = resolve_targets(request.target, logits)
-        job = ExplainJob(
+        job = Job(
             model=handle, inputs=inputs, targets=targets, params=params, base_logits=logits,
             seed=int(request.seed), state=state, cost=cost, limits=self.limits,
             best_effort=request.budget.best_effort, on_progress=on_progress,
             scale_outputs=extra or None, wants_overlays=request.return_overlay,
             wants_raw=request.return_raw,
         )
-        attribution = handler.explain(job)
+        result = handler.explain(job)
         response = pb.ExplainResponse(
             model=handle.name, version=handle.version,
-            saliency=array_to_tensor(attribution.maps),
+            saliency=array_to_tensor(result.maps),
             predictions=predictions(logits, spec.class_labels, request.top_k),
             targets=targets.tolist(),
-            diagnostics=job.diagnostics,
+            diagnostics=result.diagnostics,
             request_id=uuid.uuid4().hex,
         )
         if request.return_raw:
-            response.raw.CopyFrom(array_to_tensor(attribution.raw.astype(np.float32)))
+            response.raw.CopyFrom(array_to_tensor(result.raw.astype(np.float32)))
         wall = time.perf_counter() - started
-        if request.return_overlay and job.overlays:
-            response.overlays.extend(job.overlays)
+        if request.return_overlay and result.overlays:
+            response.overlays.extend(result.overlays)
         elif request.return_overlay:
             pictures = to_uint8_rgb(inputs, list(spec.input.mean), list(spec.input.std),
                                     spec.input.value_range)
@@ -437,9 +378,9 @@ class Core:
                 label = spec.class_labels[targets[index]] if spec.class_labels else targets[index]
                 caption = (f"{handler.name} · {label} · fwd {cost.forward_passes} "
                            f"bwd {cost.backward_passes} · {wall * 1000:.0f} ms")
-                response.overlays.append(overlay_png(picture, attribution.maps[index], caption))
+                response.overlays.append(overlay_png(picture, result.maps[index], caption))
         response.cost.CopyFrom(pb.Cost(
             method=handler.method, forward_passes=cost.forward_passes,
             backward_passes=cost.backward_passes, wall_seconds=time.perf_counter() - started,
-            cpu_seconds=time.process_time() - cpu_started, truncated=job.truncated))
+            cpu_seconds=time.process_time() - cpu_started, truncated=result.truncated))
         return response

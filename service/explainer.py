@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 
 from handlers import registry
-from handlers.base import CostCounter, ProgressUpdate, RequestState
+from handlers.base import method_name
 from kernel.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -31,6 +31,7 @@ from kernel.errors import (
     ServiceError,
     Unavailable,
 )
+from kernel.request import CostCounter, ProgressUpdate, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.config import Config
@@ -44,25 +45,6 @@ T = TypeVar("T")
 
 REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-# Parameter fields that scale a request's work → the Config limit that bounds them.
-PARAM_LIMITS = {
-    "samples": "max_samples",
-    "steps": "max_steps",
-    "masks": "max_masks",
-    "population": "max_population",
-    "generations": "max_generations",
-}
-
-
-def method_label(method: int) -> str:
-    """``METHOD_VANILLA_GRADIENT`` → ``vanilla_gradient`` (the handler's name); enum values
-    outside the proto become ``unknown`` so metric labels stay bounded."""
-    try:
-        return pb.Method.Name(method).removeprefix("METHOD_").lower()
-    except ValueError:
-        return "unknown"
-
 
 def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config) -> None:
     """Refuses work beyond the configured per-request limits before it takes a slot.
@@ -81,21 +63,14 @@ def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config)
             f"batch of {batch} exceeds the limit max_batch={config.max_batch} "
             "(--max-batch); split the request"
         )
-    which = request.WhichOneof("params") if isinstance(request, pb.ExplainRequest) else None
-    if which is None:
-        return
-    params = getattr(request, which)
-    for name, limit_name in PARAM_LIMITS.items():
-        descriptor = params.DESCRIPTOR.fields_by_name.get(name)
-        if descriptor is None or not params.HasField(name):
-            continue
-        value = int(getattr(params, name))
-        limit = int(getattr(config, limit_name))
-        if value > limit:
-            raise InvalidInput(
-                f"{which}.{name}={value} exceeds the server limit {limit_name}={limit} "
-                f"(--{limit_name.replace('_', '-')})"
-            )
+    if isinstance(request, pb.ExplainRequest) and request.WhichOneof("params"):
+        try:
+            handler = registry.get(request.method)
+        except NotFound:
+            return  # METHOD_AUTO or unknown: the core decides and refuses
+        which = request.WhichOneof("params")
+        if which == handler.params_field:
+            handler.params(getattr(request, which), config.limits())
 
 
 # What a request hears while the server drains: refused on arrival, refused in the queue
@@ -641,7 +616,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         def work(state: RequestState, cost: CostCounter) -> pb.ExplainResponse:
             return self.core.explain(request, state, cost)
 
-        return await self._run(context, request, method_label(request.method), work, _ran_method)
+        return await self._run(context, request, method_name(request.method), work, _ran_method)
 
     async def ExplainStream(  # noqa: N802 - gRPC method name
         self,
@@ -666,7 +641,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             return self.core.explain(request, state, cost, on_progress)
 
         task = asyncio.ensure_future(
-            self._run(context, request, method_label(request.method), work, _ran_method)
+            self._run(context, request, method_name(request.method), work, _ran_method)
         )
         try:
             while not task.done() or not queue.empty():
@@ -713,4 +688,4 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
 
 def _ran_method(response: Any) -> str:
-    return method_label(response.cost.method)
+    return method_name(response.cost.method)

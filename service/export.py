@@ -25,17 +25,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from handlers import registry
 from kernel.repository import FORMAT_VERSION, MANIFEST, ONNX_FILE, TORCH_FILE, sha256_file
 
 log = logging.getLogger(__name__)
-
-ONNX_METHODS = ("occlusion", "rise", "decam")
-SCALE_METHODS = ("smoe_scale", "fastcam", "lovi")
-TORCH_METHODS = (
-    "vanilla_gradient", "input_x_gradient", "smoothgrad", "vargrad", "integrated_gradients",
-    "guided_backprop", "guided_absolutegrad", "gradcam", "gradcam_plus_plus",
-)
-
 
 class ExportError(RuntimeError):
     """The module cannot be packaged, or ONNX Runtime disagrees with PyTorch."""
@@ -216,7 +209,7 @@ def export_package(
             "cam_output": scale_names[scales.index(cam_layer)],
             "class_labels": labels,
             "head": _gap_linear_head(model, str(scales.index(cam_layer)), example, head),
-            "methods": [*TORCH_METHODS, *SCALE_METHODS, *ONNX_METHODS],
+            "methods": [h.name for h in registry.handlers()],
             "activation_bytes": activation_bytes,
             "exporter": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": ort.__version__, "opset": _opset(onnx_path)},

@@ -7,6 +7,7 @@ BatchNorm statistics are made non-trivial so that folding errors would show.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from handlers.base import ExplainJob, Limits
 from kernel.repository import ModelHandle, Repository
+from kernel.request import DEFAULT_LIMITS, Job
 from service.architectures import DemoResNet, VGGStyle
 from service.export import export_package
 
@@ -98,20 +99,20 @@ def make_job(
     handle: ModelHandle,
     x: np.ndarray,
     targets: np.ndarray,
-    params: dict[str, object],
+    params: object,
     seed: int = 0,
-    limits: Limits | None = None,
+    limits: Mapping[str, float] | None = None,
     base_logits: bool = True,
-) -> ExplainJob:
+) -> Job:
     logits = handle.run(x)[0] if base_logits else None
-    return ExplainJob(
+    return Job(
         model=handle,
         inputs=x,
         targets=np.asarray(targets, np.int64),
         params=params,
         base_logits=logits,
         seed=seed,
-        limits=limits or Limits(),
+        limits=limits or DEFAULT_LIMITS,
     )
 
 

@@ -172,8 +172,8 @@ def test_time_breakdown_counts_every_pass_of_one_explanation(repository: Path) -
     """The split of one Integrated Gradients explanation on TinyCNN at 32²: the FLOPs are
     those of its passes, backward ones included (they run under ``torch.autograd.grad``),
     and the parts add up to the wall time."""
-    from handlers.base import CostCounter, RequestState  # noqa: PLC0415
     from kernel.repository import Repository  # noqa: PLC0415
+    from kernel.request import CostCounter, RequestState  # noqa: PLC0415
     from saliency.v1 import explainer_pb2 as pb  # noqa: PLC0415
     from service.config import Config  # noqa: PLC0415
     from service.core import Core  # noqa: PLC0415

@@ -7,6 +7,7 @@ second-best class as target. Tolerance: max |ours − reference| / max |referenc
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,12 @@ from captum.attr import (
 )
 
 from handlers import integrated, registry
-from handlers.base import Limits, RequestState
 from handlers.baselines import make_baseline
 from handlers.noise import noise_sigmas, noise_tunnel, seeded_noise
 from kernel.errors import InvalidInput
+from kernel.request import DEFAULT_LIMITS, RequestState
 from saliency.v1 import explainer_pb2 as pb
+from service.config import Config
 from tests.gradient_fixtures import (
     ARCHITECTURES,
     Exported,
@@ -54,14 +56,14 @@ def model(request: pytest.FixtureRequest, exported: dict[str, Exported]) -> Expo
 
 def run(
     method: int, model: Exported, x: np.ndarray, targets: np.ndarray, **params: object
-) -> tuple[np.ndarray, np.ndarray, object]:
+) -> tuple[np.ndarray, np.ndarray, object, dict[str, float]]:
     handler = registry.get(method)
-    job = make_job(model.handle, x, targets, {**handler.defaults, **params})
+    job = make_job(model.handle, x, targets, handler.params(**params))
     attribution = handler.explain(job)
     assert attribution.maps.dtype == np.float32
     assert attribution.maps.shape == (x.shape[0], x.shape[2], x.shape[3])
     assert attribution.maps.min() >= 0 and attribution.maps.max() <= 1
-    return attribution.raw, attribution.maps, job
+    return attribution.raw, attribution.maps, job, dict(attribution.diagnostics)
 
 
 def tensors(x: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +87,7 @@ def default_map(raw: np.ndarray) -> np.ndarray:
 def test_single_pass_methods_match_captum(model: Exported, method: int, reference) -> None:
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
-    raw, maps, job = run(method, model, x, targets)
+    raw, maps, job, _ = run(method, model, x, targets)
     kwargs = {"abs": False} if method == pb.METHOD_VANILLA_GRADIENT else {}
     expected = reference(model.module).attribute(*tensors(x, targets), **kwargs).detach().numpy()
     assert relative_error(raw, expected) <= TOLERANCE
@@ -96,8 +98,8 @@ def test_single_pass_methods_match_captum(model: Exported, method: int, referenc
 def test_guided_backprop_differs_from_the_plain_gradient(model: Exported) -> None:
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
-    guided, _, _ = run(pb.METHOD_GUIDED_BACKPROP, model, x, targets)
-    plain, _, _ = run(pb.METHOD_VANILLA_GRADIENT, model, x, targets)
+    guided, _, _, _ = run(pb.METHOD_GUIDED_BACKPROP, model, x, targets)
+    plain, _, _, _ = run(pb.METHOD_VANILLA_GRADIENT, model, x, targets)
     assert relative_error(guided, plain) > 1e-2
 
 
@@ -149,8 +151,8 @@ def test_noise_tunnel_matches_captum_on_identical_noise(model: Exported, nt_type
         model.handle,
         x,
         targets,
-        {"samples": samples, "noise_level": level},
-        limits=Limits(chunk_memory_bytes=1 << 20),
+        registry.get(pb.METHOD_SMOOTHGRAD).params(samples=samples, noise_level=level),
+        limits={"chunk_memory_bytes": 1 << 20},
     )  # several chunks
     # SmoothGrad gathers Σg only, so its backward passes stop at the stem's output.
     mean_only = nt_type == "smoothgrad"
@@ -172,7 +174,7 @@ def test_noise_methods_are_reproducible_and_seeded(
     handle = exported["demo_resnet"].handle
     handler = registry.get(method)
     x = inputs(2)
-    params = {**handler.defaults, "samples": 4}
+    params = handler.params(samples=4)
 
     def raw(seed: int, chunk_bytes: int) -> np.ndarray:
         job = make_job(
@@ -181,7 +183,7 @@ def test_noise_methods_are_reproducible_and_seeded(
             np.array([1, 2]),
             params,
             seed=seed,
-            limits=Limits(chunk_memory_bytes=chunk_bytes),
+            limits={"chunk_memory_bytes": chunk_bytes},
         )
         return handler.explain(job).raw
 
@@ -265,7 +267,7 @@ def test_integrated_gradients_matches_captum(model: Exported, rule: str) -> None
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
     steps = 8
-    raw, maps, job = run(
+    raw, maps, job, diagnostics = run(
         pb.METHOD_INTEGRATED_GRADIENTS, model, x, targets, steps=steps, rule=rule, baseline="black"
     )
     baseline = make_baseline("black", x, model.handle.spec().input)
@@ -294,7 +296,7 @@ def test_integrated_gradients_matches_captum(model: Exported, rule: str) -> None
         at_x = model.module(torch.from_numpy(x)).numpy()[np.arange(3), targets]
         at_b = model.module(torch.from_numpy(baseline.copy())).numpy()[np.arange(3), targets]
     gap = np.abs(raw.reshape(3, -1).sum(1).astype(np.float64) - (at_x - at_b))
-    assert job.diagnostics["completeness_error"] == pytest.approx(gap.max(), rel=1e-3, abs=1e-5)
+    assert diagnostics["completeness_error"] == pytest.approx(gap.max(), rel=1e-3, abs=1e-5)
 
 
 def test_integrated_gradients_through_the_stem_equals_the_plain_path(
@@ -306,22 +308,24 @@ def test_integrated_gradients_through_the_stem_equals_the_plain_path(
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
     handler = registry.get(pb.METHOD_INTEGRATED_GRADIENTS)
-    params = {**handler.defaults, "steps": 5, "baseline": "uniform_noise"}
+    params = handler.params(steps=5, baseline="uniform_noise")
     probe = make_job(model.handle, x, targets, params)
-    per_row = Limits().chunk_memory_bytes // probe.items_per_chunk(backward=True)
-    limits = Limits(chunk_memory_bytes=7 * per_row + per_row // 2)
+    per_row = DEFAULT_LIMITS["chunk_memory_bytes"] // probe.items_per_chunk(backward=True)
+    limits = {"chunk_memory_bytes": 7 * per_row + per_row // 2}
     assert make_job(model.handle, x, targets, params, limits=limits).items_per_chunk(True) == 7
     assert integrated.linear_stem(model.handle) is not None
     through_stem = make_job(model.handle, x, targets, params, limits=limits)
-    stem_raw = handler.explain(through_stem).raw
+    stem_result = handler.explain(through_stem)
+    stem_raw = stem_result.raw
     monkeypatch.setattr(integrated, "linear_stem", lambda _model: None)
     plain = make_job(model.handle, x, targets, params, limits=limits)
-    plain_raw = handler.explain(plain).raw
+    plain_result = handler.explain(plain)
+    plain_raw = plain_result.raw
     assert relative_error(stem_raw, plain_raw) <= 1e-5
     assert through_stem.cost.forward_passes == plain.cost.forward_passes == 3 * 5 + 3
     assert through_stem.cost.backward_passes == plain.cost.backward_passes == 3 * 5
-    assert through_stem.diagnostics["completeness_error"] == pytest.approx(
-        plain.diagnostics["completeness_error"], rel=1e-3, abs=1e-5)
+    assert stem_result.diagnostics["completeness_error"] == pytest.approx(
+        plain_result.diagnostics["completeness_error"], rel=1e-3, abs=1e-5)
 
 
 def test_constant_baseline_logits_are_computed_once_per_loaded_model(
@@ -332,18 +336,18 @@ def test_constant_baseline_logits_are_computed_once_per_loaded_model(
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
 
-    def explain(baseline: str) -> tuple[np.ndarray, object]:
-        raw, _, job = run(pb.METHOD_INTEGRATED_GRADIENTS, model, x, targets, steps=4,
-                          baseline=baseline)
-        return raw, job
+    def explain(baseline: str) -> tuple[np.ndarray, object, dict[str, float]]:
+        raw, _, job, diagnostics = run(pb.METHOD_INTEGRATED_GRADIENTS, model, x, targets,
+                                       steps=4, baseline=baseline)
+        return raw, job, diagnostics
 
-    (first, cold), (second, warm) = explain("black"), explain("black")
+    (first, cold, cold_notes), (second, warm, warm_notes) = explain("black"), explain("black")
     assert cold.cost.forward_passes == 3 * 4 + 1  # one row: the batch's baselines are equal
     assert cold.cost.forward_by_engine["onnxruntime"] == 1
     assert warm.cost.forward_passes == 3 * 4
     assert "onnxruntime" not in warm.cost.forward_by_engine
     np.testing.assert_array_equal(first, second)
-    assert warm.diagnostics == cold.diagnostics
+    assert warm_notes == cold_notes
     for _ in range(2):  # a random baseline differs per request: always computed
         assert explain("uniform_noise")[1].cost.forward_passes == 3 * 4 + 3
     model.handle.load()  # a reloaded model may have new weights
@@ -356,7 +360,7 @@ def test_integrated_gradients_baselines(exported: dict[str, Exported], baseline:
     model = exported["vgg_style"]
     x = inputs(2)
     targets = np.array([0, 3])
-    raw, _, job = run(
+    raw, _, job, _ = run(
         pb.METHOD_INTEGRATED_GRADIENTS,
         model,
         x,
@@ -386,7 +390,7 @@ def test_completeness_improves_with_steps(exported: dict[str, Exported]) -> None
     x = inputs(2)
     errors = []
     for steps in (2, 64):
-        _, _, job = run(
+        _, _, _, diagnostics = run(
             pb.METHOD_INTEGRATED_GRADIENTS,
             model,
             x,
@@ -394,7 +398,7 @@ def test_completeness_improves_with_steps(exported: dict[str, Exported]) -> None
             steps=steps,
             rule="gauss_legendre",
         )
-        errors.append(job.diagnostics["completeness_error"])
+        errors.append(diagnostics["completeness_error"])
     assert errors[1] < errors[0]
 
 
@@ -418,7 +422,7 @@ def upsampled(cam: np.ndarray, size: int) -> np.ndarray:
 def test_gradcam_matches_captum_layer_gradcam(model: Exported) -> None:
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
-    raw, maps, job = run(pb.METHOD_GRADCAM, model, x, targets)
+    raw, maps, job, _ = run(pb.METHOD_GRADCAM, model, x, targets)
     expected = (
         LayerGradCam(model.module, model.cam_module)
         .attribute(*tensors(x, targets), relu_attributions=False)
@@ -438,8 +442,8 @@ def test_gradcam_at_a_named_layer(exported: dict[str, Exported]) -> None:
     model = exported["demo_resnet"]
     x = inputs(2)
     targets = np.array([4, 0])
-    by_module, _, _ = run(pb.METHOD_GRADCAM, model, x, targets, layer="layer3")
-    by_output, _, _ = run(pb.METHOD_GRADCAM, model, x, targets, layer="scale_2")
+    by_module, _, _, _ = run(pb.METHOD_GRADCAM, model, x, targets, layer="layer3")
+    by_output, _, _, _ = run(pb.METHOD_GRADCAM, model, x, targets, layer="scale_2")
     expected = (
         LayerGradCam(model.module, model.module.layer3)
         .attribute(*tensors(x, targets), relu_attributions=False)
@@ -462,7 +466,7 @@ def test_cam_maps_match_pytorch_grad_cam(model: Exported, grad_cam_library, meth
     library, classifier_target = grad_cam_library
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
-    _, maps, _ = run(method, model, x, targets)
+    _, maps, _, _ = run(method, model, x, targets)
     # The library needs parameter gradients enabled; it gets its own copy of the module.
     import copy
 
@@ -483,8 +487,8 @@ def test_cam_maps_match_pytorch_grad_cam(model: Exported, grad_cam_library, meth
 def test_gradcam_plus_plus_differs_from_gradcam(model: Exported) -> None:
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
-    plain, _, _ = run(pb.METHOD_GRADCAM, model, x, targets)
-    plus, _, _ = run(pb.METHOD_GRADCAM_PLUS_PLUS, model, x, targets)
+    plain, _, _, _ = run(pb.METHOD_GRADCAM, model, x, targets)
+    plus, _, _, _ = run(pb.METHOD_GRADCAM_PLUS_PLUS, model, x, targets)
     assert relative_error(plus / np.abs(plus).max(), plain / np.abs(plain).max()) > 1e-3
 
 
@@ -494,35 +498,35 @@ GRADIENT_METHODS = [h.method for h in registry.handlers() if h.uses_gradients]
 @pytest.mark.parametrize(
     ("method", "params", "message"),
     [
-        (pb.METHOD_SMOOTHGRAD, {"samples": 0}, "samples must be > 0"),
-        (pb.METHOD_SMOOTHGRAD, {"samples": 10_000}, "exceeds the server limit"),
-        (pb.METHOD_SMOOTHGRAD, {"noise_level": 0.0}, "noise_level must be in (0, 1]"),
-        (pb.METHOD_VARGRAD, {"noise_level": 1.5}, "noise_level must be in"),
+        (pb.METHOD_SMOOTHGRAD, {"samples": 0}, "smoothgrad.samples must be >= 1"),
+        (pb.METHOD_SMOOTHGRAD, {"samples": 10_000}, "exceeds the server limit max_samples"),
+        (pb.METHOD_SMOOTHGRAD, {"noise_level": 0.0}, "noise_level must be > 0"),
+        (pb.METHOD_VARGRAD, {"noise_level": 1.5}, "noise_level must be <= 1"),
         (pb.METHOD_VARGRAD, {"samples": 1}, "samples must be >= 2"),
-        (pb.METHOD_GUIDED_ABSOLUTEGRAD, {"quantile": 1.5}, "quantile must be in"),
-        (pb.METHOD_GUIDED_ABSOLUTEGRAD, {"quantile": float("nan")}, "quantile must be in"),
-        (pb.METHOD_INTEGRATED_GRADIENTS, {"steps": 0}, "steps must be > 0"),
+        (pb.METHOD_GUIDED_ABSOLUTEGRAD, {"quantile": 1.5}, "quantile must be <= 1"),
+        (pb.METHOD_GUIDED_ABSOLUTEGRAD, {"quantile": float("nan")}, "quantile must be a finite"),
+        (pb.METHOD_INTEGRATED_GRADIENTS, {"steps": 0}, "steps must be >= 1"),
         (
             pb.METHOD_INTEGRATED_GRADIENTS,
             {"steps": 1, "rule": "riemann_trapezoid"},
             "steps must be >= 2",
         ),
-        (pb.METHOD_INTEGRATED_GRADIENTS, {"baseline": "zebra"}, "baseline must be one of"),
+        (pb.METHOD_INTEGRATED_GRADIENTS, {"baseline": "zebra"}, "baseline='zebra' is not offered"),
         (pb.METHOD_GRADCAM, {"layer": "nope"}, "layer 'nope' is neither"),
     ],
 )
 def test_invalid_parameters_are_named(
     exported: dict[str, Exported], method: int, params: dict, message: str
 ) -> None:
+    """Refused where the parameters are made (ranges, choices, limits) or, for what depends
+    on the model, by the handler before any pass."""
     handler = registry.get(method)
-    job = make_job(
-        exported["demo_resnet"].handle, inputs(1), np.array([0]), {**handler.defaults, **params}
-    )
-    with pytest.raises(
-        InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
-    ):
+    pattern = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    with pytest.raises(InvalidInput, match=pattern):
+        job = make_job(exported["demo_resnet"].handle, inputs(1), np.array([0]),
+                       handler.params(None, Config().limits(), **params))
         handler.explain(job)
-    assert job.cost.forward_passes == 0
+    assert "job" not in locals() or job.cost.forward_passes == 0
 
 
 class CountingState(RequestState):
@@ -538,16 +542,15 @@ class CountingState(RequestState):
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_deadline_is_checked_between_chunks(exported: dict[str, Exported], method: int) -> None:
     handler = registry.get(method)
-    params = {**handler.defaults}
-    params.update({k: 4 for k in ("samples", "steps") if k in params})
+    params = handler.params(**{k: 4 for k in ("samples", "steps") if k in handler.defaults})
     job = make_job(
         exported["vgg_style"].handle,
         inputs(2),
         np.array([0, 1]),
         params,
-        limits=Limits(chunk_memory_bytes=1),
+        limits={"chunk_memory_bytes": 1},
     )  # one row per chunk
-    job.state = CountingState()
+    job = dataclasses.replace(job, state=CountingState())
     handler.explain(job)
     assert job.state.checks >= job.cost.backward_passes
 
@@ -569,10 +572,10 @@ def test_a_passed_deadline_stops_a_long_method(exported: dict[str, Exported]) ->
         exported["vgg_style"].handle,
         inputs(1),
         np.array([0]),
-        {**handler.defaults},
-        limits=Limits(chunk_memory_bytes=1),
+        handler.params(),
+        limits={"chunk_memory_bytes": 1},
     )
-    job.state = ExpiresAfterTwoChecks()
+    job = dataclasses.replace(job, state=ExpiresAfterTwoChecks())
     with pytest.raises(DeadlineExceeded):
         handler.explain(job)
     assert job.cost.backward_passes < 20
@@ -587,3 +590,4 @@ def test_the_source_module_is_left_alone(exported: dict[str, Exported], tmp_path
     assert any("batch_norm" in n for n in nodes) and any("relu" in n for n in nodes)
     for key, value in program.state_dict.items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+

@@ -99,8 +99,8 @@ def test_equal_seeds_give_equal_maps_over_grpc(stub) -> None:
 @pytest.mark.parametrize(
     ("field", "params", "message"),
     [
-        ("smoothgrad", pb.SmoothGradParams(samples=0), "samples must be > 0"),
-        ("guided_absolutegrad", pb.GuidedAbsoluteGradParams(quantile=2.0), "quantile must be in"),
+        ("smoothgrad", pb.SmoothGradParams(samples=0), "samples must be >= 1"),
+        ("guided_absolutegrad", pb.GuidedAbsoluteGradParams(quantile=2.0), "quantile must be <= 1"),
         ("integrated_gradients", pb.IntegratedGradientsParams(steps=100_000), "server limit"),
         ("gradcam", pb.GradCamParams(layer="fc"), "layer 'fc' is neither"),
     ],

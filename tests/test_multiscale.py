@@ -16,21 +16,21 @@ from PIL import Image
 from scipy import stats
 from torch.nn import functional
 
-from handlers.base import CostCounter, ExplainJob, RequestState
-from handlers.multiscale import (
+from benchmarks.multiscale import add_smoe_outputs
+from handlers.cam import grad_cam
+from handlers.linear_head import LinearHead, linear_head
+from handlers.lovi_picture import lovi_rgb
+from handlers.smoe import (
     PAPER_RESNET50_WEIGHTS,
-    add_smoe_outputs,
-    autograd_grad_cam,
     combine,
     combined_map,
     gamma_cdf_normalize,
     gaussian_cdf_normalize,
     layer_maps,
-    linear_head,
-    lovi_rgb,
     smoe_scale,
 )
 from kernel.repository import Repository
+from kernel.request import CostCounter, Job, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service.config import Config
 from service.core import Core
@@ -271,8 +271,8 @@ def test_linear_head_cam_is_exactly_grad_cam(handle, repository) -> None:
     np.testing.assert_allclose(head.cam(last, targets), source_grad_cam(inputs, targets),
                                rtol=1e-4, atol=1e-6)
     # The torch-program fallback computes the same Grad-CAM with a backward pass.
-    job = ExplainJob(model=handle, inputs=inputs, targets=targets, params={})
-    np.testing.assert_allclose(autograd_grad_cam(job, "scale_2"),
+    job = Job(model=handle, inputs=inputs, targets=targets, params={})
+    np.testing.assert_allclose(grad_cam(job, "scale_2"),
                                source_grad_cam(inputs, targets), rtol=1e-4, atol=1e-6)
     assert job.cost.backward_passes == 3
 
@@ -402,8 +402,8 @@ def test_a_job_without_the_prediction_outputs_runs_the_network_once(core, handle
     from handlers.multiscale import SmoeScale  # noqa: PLC0415
 
     inputs = tiny_inputs(2, seed=13)
-    job = ExplainJob(model=handle, inputs=inputs, targets=np.zeros(2, np.int64),
-                     params=SmoeScale().resolve_params(None))
+    job = Job(model=handle, inputs=inputs, targets=np.zeros(2, np.int64),
+                     params=SmoeScale().params())
     direct = SmoeScale().explain(job)
     assert job.cost.forward_passes == 2 and job.cost.backward_passes == 0
     served = explain(core, pb.METHOD_SMOE_SCALE, inputs)
@@ -440,10 +440,10 @@ def test_a_head_that_does_not_reproduce_the_logits_is_not_trusted(core, handle,
                                                                    monkeypatch) -> None:
     """Weights that disagree with the served logits (a package whose head was misdescribed)
     must not yield a wrong CAM: FastCAM falls back to Grad-CAM on the torch program."""
-    import handlers.multiscale as multiscale  # noqa: PLC0415
+    import handlers.multiscale as multiscale  # noqa: PLC0415 - the handler's own reference
 
     true_head = linear_head(handle)
-    wrong = multiscale.LinearHead(true_head.weight[::-1].copy(), true_head.bias)
+    wrong = LinearHead(true_head.weight[::-1].copy(), true_head.bias)
     monkeypatch.setattr(multiscale, "linear_head", lambda _model: wrong)
     inputs = tiny_inputs(2, seed=17)
     reply = explain(core, pb.METHOD_FASTCAM, inputs)

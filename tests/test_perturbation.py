@@ -8,9 +8,9 @@ import pytest
 from scipy.ndimage import gaussian_filter, zoom
 
 from handlers import registry
-from handlers.base import ExplainJob
 from handlers.resize import bilinear_matrix
 from kernel.repository import ModelHandle
+from kernel.request import Job
 from saliency.v1 import explainer_pb2 as pb
 from tests.onnx_models import small_cnn, write_package
 
@@ -36,10 +36,10 @@ def probability(session: ort.InferenceSession, image: np.ndarray, target: int) -
 
 
 def run_handler(handle: ModelHandle, method: int, params: dict, inputs: np.ndarray,
-                targets: np.ndarray, seed: int = 0) -> tuple[np.ndarray, ExplainJob]:
+                targets: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Job]:
     handler = registry.get(method)
-    job = ExplainJob(model=handle, inputs=inputs, targets=targets, seed=seed,
-                     params={**handler.resolve_params(None), **params})
+    job = Job(model=handle, inputs=inputs, targets=targets, seed=seed,
+                     params=handler.params(**params))
     return handler.explain(job).raw, job
 
 
@@ -87,10 +87,10 @@ def test_rise_is_chunking_invariant_and_seeded(handle: ModelHandle) -> None:
     params = {"masks": 30, "cells": 5}
     whole, _ = run_handler(handle, pb.METHOD_RISE, params, inputs, targets, seed=9)
     handler = registry.get(pb.METHOD_RISE)
-    job = ExplainJob(model=handle, inputs=inputs, targets=targets, seed=9,
-                     params={**handler.resolve_params(None), **params})
     # A budget of a few images per chunk forces many ONNX Runtime calls.
-    job.limits = type(job.limits)(chunk_memory_bytes=48 * 3 * SIZE * SIZE * 4 * 7)
+    job = Job(model=handle, inputs=inputs, targets=targets, seed=9,
+              params=handler.params(**params),
+              limits={"chunk_memory_bytes": 48 * 3 * SIZE * SIZE * 4 * 7})
     assert job.items_per_chunk() == 7
     np.testing.assert_allclose(handler.explain(job).raw, whole, rtol=1e-5, atol=1e-7)
     other, _ = run_handler(handle, pb.METHOD_RISE, params, inputs, targets, seed=10)

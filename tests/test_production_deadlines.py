@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from handlers import registry
-from handlers.base import CostCounter, RequestState
 from kernel.errors import DeadlineExceeded, ServiceError
 from kernel.repository import Repository
+from kernel.request import CostCounter, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service.core import Core
 from service.metrics import Metrics

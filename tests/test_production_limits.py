@@ -25,6 +25,7 @@ LIMITS = {
     "max_masks": 10,
     "max_population": 11,
     "max_generations": 12,
+    "max_windows": 100,
 }
 
 # (method, params oneof field, parameter, limit that bounds it)
@@ -102,6 +103,8 @@ def test_work_limits(
     limited: pb_grpc.ExplainerStub, method: int, field: str, param: str, limit: str
 ) -> None:
     request = tiny_request(method)
+    if field == "decam":  # the default population is above this server's limit
+        request.decam.population = 4
     setattr(getattr(request, field), param, LIMITS[limit] + 1)
     error = refusal(limited.Explain, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -119,10 +122,10 @@ def test_work_limits(
 def test_occlusion_window_count_limit(limited: pb_grpc.ExplainerStub) -> None:
     request = tiny_request(pb.METHOD_OCCLUSION)
     request.occlusion.window = 1
-    request.occlusion.stride = 1  # 1024 windows > 16 × max_samples
+    request.occlusion.stride = 1  # 1024 windows > max_windows
     error = refusal(limited.Explain, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "limit" in error.details() and "stride" in error.details()
+    assert "--max-windows" in error.details() and "stride" in error.details()
 
 
 def _png(width: int, height: int, seed: int = 0) -> bytes:

@@ -223,8 +223,8 @@ def test_expected_wait_bounds_the_queue_by_cost_not_count() -> None:
     """Admission's wait estimate: the executing request's remaining cost plus the waiting
     ones', over the workers. A request behind a long one is refused at once; behind a short
     one it waits and then runs."""
-    from handlers.base import RequestState
     from kernel.errors import ResourceExhausted
+    from kernel.request import RequestState
     from service.explainer import Admission
     from service.metrics import Metrics
 
@@ -258,7 +258,7 @@ def test_expected_wait_plays_the_queue_forward_over_several_workers() -> None:
     """With two workers a newcomer waits for the first one to free, not for the average:
     behind a 4 s and a 0.1 s request it waits 0.1 s; a waiting 1 s request takes that
     worker, so the next newcomer waits 1.1 s (that worker frees again before the 4 s one)."""
-    from handlers.base import RequestState
+    from kernel.request import RequestState
     from service.explainer import Admission
     from service.metrics import Metrics
 
@@ -326,8 +326,8 @@ def test_server_refuses_what_would_wait_too_long(
 def test_a_request_past_its_estimate_is_expected_to_run_as_long_again() -> None:
     """A running request that overran its cost estimate does not count as finishing at
     once: it is expected to need as long again as it has run, so a newcomer is refused."""
-    from handlers.base import RequestState
     from kernel.errors import ResourceExhausted
+    from kernel.request import RequestState
     from service.explainer import Admission
     from service.metrics import Metrics
 
@@ -348,8 +348,8 @@ def test_a_request_past_its_estimate_is_expected_to_run_as_long_again() -> None:
 def test_a_request_still_waiting_when_the_bound_passes_is_refused_then() -> None:
     """Estimates can be wrong (here: a first request, not measured yet, that does not
     finish): a queued request never starts after waiting longer than the bound."""
-    from handlers.base import RequestState
     from kernel.errors import ResourceExhausted
+    from kernel.request import RequestState
     from service.explainer import Admission
     from service.metrics import Metrics
 
@@ -378,8 +378,8 @@ def test_long_requests_leave_a_worker_for_the_ones_that_fit_the_bound() -> None:
     """With the bound set, a request longer than the bound may not take the last worker that
     frees within it while requests that fit the bound are arriving; without such requests
     long ones use every worker."""
-    from handlers.base import RequestState
     from kernel.errors import ResourceExhausted
+    from kernel.request import RequestState
     from service.explainer import Admission
     from service.metrics import Metrics
 

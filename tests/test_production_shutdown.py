@@ -335,8 +335,8 @@ def test_draining_refuses_at_once_the_queued_requests_that_would_not_finish() ->
     """The queue played forward at the drain: a queued request that would end after the
     grace period is refused at once and leaves its turn to the ones behind it, which run;
     when the grace period ends, what still waits is refused."""
-    from handlers.base import RequestState
     from kernel.errors import Unavailable
+    from kernel.request import RequestState
     from service.explainer import Admission
     from service.metrics import Metrics
 

@@ -15,9 +15,9 @@ import pytest
 
 from benchmarks.common import TorchServeProcess, archive_package, torchserve_missing
 from handlers import registry
-from handlers.torchserve import SaliencyTorchServeHandler
 from saliency.v1 import explainer_pb2 as pb
 from service.images import array_to_tensor, tensor_to_array
+from service.torchserve import SaliencyTorchServeHandler
 from tests.conftest import TINY_SHAPE
 
 SEED = 7
@@ -84,7 +84,7 @@ def test_handler_module_defines_exactly_one_class() -> None:
     """TorchServe instantiates the single class a handler module defines."""
     import inspect  # noqa: PLC0415
 
-    import handlers.torchserve as module  # noqa: PLC0415
+    import service.torchserve as module  # noqa: PLC0415
 
     classes = [
         c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__

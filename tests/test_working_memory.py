@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from handlers import registry
-from handlers.base import ExplainJob, Limits, RequestState
 from handlers.baselines import make_baseline
 from handlers.decam import de_generation
 from handlers.perturbation import RiseMasks
 from kernel.errors import DeadlineExceeded
 from kernel.repository import InputSpec, ModelHandle
+from kernel.request import Job, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.export import export_package
@@ -177,11 +177,11 @@ def test_rise_maps_do_not_depend_on_the_chunk_budget(package: Path) -> None:
     handle.load()
     handler = registry.get(pb.METHOD_RISE)
     inputs = np.random.default_rng(4).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
-    params = {**handler.resolve_params(None), "masks": 60, "cells": 9}
+    params = handler.params(masks=60, cells=9)
 
     def raw(chunk_memory_bytes: int) -> np.ndarray:
-        job = ExplainJob(model=handle, inputs=inputs, targets=np.array([1, 2]), seed=8,
-                         params=params, limits=Limits(chunk_memory_bytes=chunk_memory_bytes))
+        job = Job(model=handle, inputs=inputs, targets=np.array([1, 2]), seed=8,
+                         params=params, limits={"chunk_memory_bytes": chunk_memory_bytes})
         return handler.explain(job).raw
 
     whole = raw(1 << 40)

@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from handlers.base import CostCounter, RequestState
+from handlers.base import method_name
 from kernel.errors import InvalidInput, ServiceError
 from kernel.repository import MANIFEST, Repository
+from kernel.request import CostCounter, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service import config as config_module
 from service.core import Core
@@ -86,7 +87,8 @@ class SaliencyTorchServeHandler:
         self.model_name = ""
         self.version = 0
         self.initialized = False
-        self.default_method = os.environ.get(DEFAULT_METHOD_ENV, "vanilla_gradient")
+        self.default_method = os.environ.get(DEFAULT_METHOD_ENV,
+                                             method_name(pb.METHOD_VANILLA_GRADIENT))
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
 
     # ---- TorchServe contract --------------------------------------------------------------

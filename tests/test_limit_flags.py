@@ -1,0 +1,81 @@
+"""Each ``--max-*`` limit governs exactly the parameter it names, on the real server.
+
+The cases come from the registry (every parameter field that declares a limit), so a new
+method's limits are covered without editing this file. For each limit alone: with every
+limit at a low value a request just above it is refused naming that flag; with that one
+limit raised the same request runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+import numpy as np
+import pytest
+
+from handlers import registry
+from kernel.params import flag, limits_of
+from saliency.v1 import explainer_pb2 as pb
+from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from service.images import array_to_tensor
+from tests.conftest import TINY_SHAPE, RunningServer, make_config
+
+LOW = 4
+CASES = [(handler, field, limit) for handler in registry.handlers()
+         for field, limit in limits_of(handler.Params).items()]
+LIMIT_NAMES = sorted({limit for _, _, limit in CASES})
+
+
+def request_over(handler: registry.Handler, field: str) -> pb.ExplainRequest:
+    """A small request with ``field`` one above LOW and every other limited field at its
+    default or LOW, whichever is smaller."""
+    params = getattr(pb.ExplainRequest(), handler.params_field).__class__()
+    defaults = {f.name: f.default for f in dataclasses.fields(handler.Params)}
+    for other in limits_of(handler.Params):
+        setattr(params, other, min(defaults[other], LOW))
+    setattr(params, field, LOW + 1)
+    request = pb.ExplainRequest(
+        model="tiny", method=handler.method,
+        input=pb.Input(tensor=array_to_tensor(np.zeros((1, *TINY_SHAPE), np.float32))))
+    getattr(request, handler.params_field).CopyFrom(params)
+    return request
+
+
+@pytest.fixture(scope="module")
+def low_server(repository: object) -> RunningServer:
+    running = RunningServer(make_config(repository, **dict.fromkeys(LIMIT_NAMES, LOW))).start()
+    yield running
+    running.stop()
+
+
+def test_every_limit_flag_governs_a_parameter() -> None:
+    assert {"max_samples", "max_steps", "max_masks", "max_population",
+            "max_generations"} <= set(LIMIT_NAMES)
+
+
+@pytest.mark.parametrize(("handler", "field", "limit"), CASES,
+                         ids=[f"{h.name}.{f}" for h, f, _ in CASES])
+def test_a_limit_alone_admits_and_refuses(repository: object, low_server: RunningServer,
+                                          handler: registry.Handler, field: str,
+                                          limit: str) -> None:
+    request = request_over(handler, field)
+    with grpc.insecure_channel(low_server.address) as channel, pytest.raises(
+            grpc.RpcError) as refused:
+        pb_grpc.ExplainerStub(channel).Explain(request, timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert flag(limit) in refused.value.details()
+    assert f"{handler.params_field}.{field}" in refused.value.details()
+    raised = dict.fromkeys(LIMIT_NAMES, LOW) | {limit: LOW + 1}
+    server = RunningServer(make_config(repository, **raised)).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            reply = pb_grpc.ExplainerStub(channel).Explain(request, timeout=60)
+        assert reply.saliency.shape[0] == 1
+    finally:
+        server.stop()
+
+
+def test_limits_are_declared_on_dataclass_fields() -> None:
+    for handler in registry.handlers():
+        assert dataclasses.is_dataclass(handler.Params)
