@@ -15,6 +15,7 @@ _BUILTIN = (
     "handlers.noise",
     "handlers.integrated",
     "handlers.cam",
+    "handlers.guided_gradcam",
     "handlers.perturbation",
     "handlers.decam",
     "handlers.multiscale",
