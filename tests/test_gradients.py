@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from captum.attr import (
     GuidedBackprop,
+    GuidedGradCam,
     InputXGradient,
     IntegratedGradients,
     LayerGradCam,
@@ -591,3 +592,17 @@ def test_the_source_module_is_left_alone(exported: dict[str, Exported], tmp_path
     for key, value in program.state_dict.items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
 
+
+def test_guided_gradcam_matches_captum(model: Exported) -> None:
+    x = inputs()
+    targets = non_predicted_targets(model.handle, x)
+    raw, maps, job, _ = run(pb.METHOD_GUIDED_GRADCAM, model, x, targets)
+    expected = (
+        GuidedGradCam(model.module, model.cam_module)
+        .attribute(*tensors(x, targets), interpolate_mode="bilinear")
+        .detach()
+        .numpy()
+    )
+    assert relative_error(raw, expected) <= TOLERANCE
+    assert relative_error(maps, default_map(expected)) <= TOLERANCE
+    assert (job.cost.forward_passes, job.cost.backward_passes) == (6, 6)

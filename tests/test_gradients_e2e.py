@@ -11,8 +11,7 @@ from saliency.v1 import explainer_pb2 as pb
 from service.images import array_to_tensor, tensor_to_array
 from tests.conftest import TINY_SHAPE
 
-FAMILY_MODULES = ("handlers.gradients", "handlers.noise", "handlers.integrated", "handlers.cam")
-FAMILY = [h for h in registry.handlers() if h.__module__ in FAMILY_MODULES]
+FAMILY = [h for h in registry.handlers() if h.uses_gradients]
 SAMPLES = 3
 STEPS = 4
 # Small settings so the whole matrix stays fast; the defaults are tested in-process.
@@ -26,13 +25,16 @@ SMALL_PARAMS = {
 }
 
 
-def torch_passes(name: str) -> tuple[int, int]:
-    """(forward, backward) torch passes per image for the settings above."""
+def torch_passes(name: str) -> tuple[int, int] | None:
+    """(forward, backward) torch passes per image for the settings above, where known."""
     if name in ("smoothgrad", "vargrad", "guided_absolutegrad"):
         return SAMPLES, SAMPLES
     if name == "integrated_gradients":
         return STEPS + 1, STEPS
-    return 1, 1
+    if name in ("vanilla_gradient", "input_x_gradient", "guided_backprop", "gradcam",
+                "gradcam_plus_plus"):
+        return 1, 1
+    return None
 
 
 def request_for(name: str, method: int, batch: int, target: str) -> pb.ExplainRequest:
@@ -52,7 +54,7 @@ def request_for(name: str, method: int, batch: int, target: str) -> pb.ExplainRe
 
 
 def test_the_whole_family_is_registered() -> None:
-    assert {h.name for h in FAMILY} == {
+    assert {h.name for h in FAMILY} >= {
         "vanilla_gradient",
         "input_x_gradient",
         "smoothgrad",
@@ -76,10 +78,13 @@ def test_explain_over_grpc(stub, handler, batch: int, target: str) -> None:
     assert maps.max() > 0
     predicted = [p.top[0].index for p in reply.predictions]
     assert list(reply.targets) == (predicted if target == "predicted" else [3] * batch)
-    forward, backward = torch_passes(handler.name)
     # One ONNX Runtime forward per image for the prediction, then the method's torch passes.
-    assert reply.cost.forward_passes == batch + forward * batch
-    assert reply.cost.backward_passes == backward * batch
+    known = torch_passes(handler.name)
+    if known is None:  # a method this file does not know: at least one pass of each kind
+        assert reply.cost.forward_passes >= 2 * batch and reply.cost.backward_passes >= batch
+    else:
+        assert reply.cost.forward_passes == batch + known[0] * batch
+        assert reply.cost.backward_passes == known[1] * batch
     assert reply.cost.method == handler.method
     raw = tensor_to_array(reply.raw)
     assert raw.shape[0] == batch and np.isfinite(raw).all()
