@@ -24,10 +24,11 @@ from grpc_reflection.v1alpha import reflection
 from handlers import registry
 from kernel.repository import Repository
 from saliency.v1 import explainer_pb2 as pb
+from service.admission import Admission
 from service.allocator import keep_freed_memory
 from service.config import Config
 from service.core import Core
-from service.explainer import Admission, ExplainerServicer
+from service.explainer import ExplainerServicer
 from service.logging_setup import stop_writer
 from service.metrics import Metrics
 from service.security import BearerTokenInterceptor, load_tokens, server_credentials

@@ -225,7 +225,7 @@ def test_expected_wait_bounds_the_queue_by_cost_not_count() -> None:
     one it waits and then runs."""
     from kernel.errors import ResourceExhausted
     from kernel.request import RequestState
-    from service.explainer import Admission
+    from service.admission import Admission
     from service.metrics import Metrics
 
     async def scenario() -> None:
@@ -259,7 +259,7 @@ def test_expected_wait_plays_the_queue_forward_over_several_workers() -> None:
     behind a 4 s and a 0.1 s request it waits 0.1 s; a waiting 1 s request takes that
     worker, so the next newcomer waits 1.1 s (that worker frees again before the 4 s one)."""
     from kernel.request import RequestState
-    from service.explainer import Admission
+    from service.admission import Admission
     from service.metrics import Metrics
 
     metrics = Metrics()
@@ -328,7 +328,7 @@ def test_a_request_past_its_estimate_is_expected_to_run_as_long_again() -> None:
     once: it is expected to need as long again as it has run, so a newcomer is refused."""
     from kernel.errors import ResourceExhausted
     from kernel.request import RequestState
-    from service.explainer import Admission
+    from service.admission import Admission
     from service.metrics import Metrics
 
     async def scenario() -> None:
@@ -350,7 +350,7 @@ def test_a_request_still_waiting_when_the_bound_passes_is_refused_then() -> None
     finish): a queued request never starts after waiting longer than the bound."""
     from kernel.errors import ResourceExhausted
     from kernel.request import RequestState
-    from service.explainer import Admission
+    from service.admission import Admission
     from service.metrics import Metrics
 
     async def scenario() -> None:
@@ -380,7 +380,7 @@ def test_long_requests_leave_a_worker_for_the_ones_that_fit_the_bound() -> None:
     long ones use every worker."""
     from kernel.errors import ResourceExhausted
     from kernel.request import RequestState
-    from service.explainer import Admission
+    from service.admission import Admission
     from service.metrics import Metrics
 
     async def scenario() -> None:

@@ -337,7 +337,7 @@ def test_draining_refuses_at_once_the_queued_requests_that_would_not_finish() ->
     when the grace period ends, what still waits is refused."""
     from kernel.errors import Unavailable
     from kernel.request import RequestState
-    from service.explainer import Admission
+    from service.admission import Admission
     from service.metrics import Metrics
 
     async def scenario() -> None:
