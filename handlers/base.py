@@ -1,9 +1,9 @@
-"""The Handler contract: validation, batching, deadline checks and cost counting.
+"""The Handler contract: what a method declares, and the steps every method shares.
 
-A method overrides ``_compute`` (and, where its maps need it, ``to_maps``);
-everything else — parameter defaults and checks, chunking by a memory budget,
-deadline/cancellation between passes, counting forward/backward passes per
-image — lives here so that a new method is one small file.
+A method is one subclass: its enum value, its parameters dataclass (``kernel.params``), its
+needs and its cost, and ``_compute``. The base checks, runs and normalizes; chunking by the
+memory budget and the deadline checks between chunks live on the ``Job``
+(``kernel.request``), so a new method is one small file.
 """
 
 from __future__ import annotations
