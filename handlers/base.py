@@ -177,8 +177,7 @@ def run_onnx_batched(
     between chunks and counting one forward pass per image."""
     size = chunk_items or job.items_per_chunk()
     results: list[list[np.ndarray]] = []
-    for part in chunks(batch.shape[0], size):
-        job.state.check()
+    for part in job.checked_chunks(batch.shape[0], size):
         results.append(job.model.run(batch[part], outputs))
         job.cost.forward(part.stop - part.start, ENGINE_ONNX)
     return [np.concatenate([r[i] for r in results]) for i in range(len(results[0]))]

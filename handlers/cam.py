@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from handlers.base import CAM_PASS, ENGINE_TORCH, Job, chunks, normalize_per_image
+from handlers.base import CAM_PASS, ENGINE_TORCH, Job, normalize_per_image
 from handlers.gradients import GradientHandler
 from handlers.registry import register
 from handlers.resize import upsample
@@ -64,8 +64,7 @@ def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]
     activations: list[np.ndarray] = []
     gradients: list[np.ndarray] = []
     targets = torch.from_numpy(job.targets.astype(np.int64)).view(-1, 1)
-    for part in chunks(job.batch, job.items_per_chunk(backward=True)):
-        job.state.check()
+    for part in job.checked_chunks(job.batch, job.items_per_chunk(backward=True)):
         outputs = module(torch.from_numpy(np.ascontiguousarray(job.inputs[part])))
         activation = outputs[index]
         selected = outputs[0].gather(1, targets[part]).sum()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from handlers.base import ENGINE_TORCH, Handler, Job, chunks
+from handlers.base import ENGINE_TORCH, Handler, Job
 from handlers.registry import register
 from handlers.torch_program import FAST, GUIDED, TRUNK, LinearStem, prepared_module
 from saliency.v1 import explainer_pb2 as pb
@@ -36,8 +36,7 @@ def gradient_rows(
     """
     module = prepared_module(job.model, variant)
     size = job.items_per_chunk(backward=True)
-    for part in chunks(rows, size):
-        job.state.check()
+    for part in job.checked_chunks(rows, size):
         batch, targets = make_rows(part)
         batch = batch.detach().requires_grad_(True)
         logits = module(batch)[0]

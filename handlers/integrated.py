@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from handlers.base import ENGINE_TORCH, Job, chunks
+from handlers.base import ENGINE_TORCH, Job
 from handlers.baselines import baseline_logits, make_baseline
 from handlers.gradients import GradientHandler, summed_input_gradients
 from handlers.registry import register
@@ -70,8 +70,7 @@ def target_logits(job: Job, inputs: np.ndarray) -> np.ndarray:
     module = prepared_module(job.model, FAST)
     out = np.empty(inputs.shape[0], dtype=np.float64)
     targets = torch.from_numpy(job.targets.astype(np.int64)).view(-1, 1)
-    for part in chunks(inputs.shape[0], job.items_per_chunk()):
-        job.state.check()
+    for part in job.checked_chunks(inputs.shape[0], job.items_per_chunk()):
         with torch.no_grad():
             logits = module(torch.from_numpy(np.ascontiguousarray(inputs[part])))[0]
         out[part] = logits.gather(1, targets[part]).view(-1).double().numpy()

@@ -147,11 +147,15 @@ class Job:
 
     def unit_chunks(self, units: int, rows_each: int = 1, unit_bytes: int = 0,
                     backward: bool = False, reserved_bytes: int = 0) -> Iterator[slice]:
-        """Slices of range(units) sized by ``units_per_chunk``, checking the deadline and
-        cancellation before each, so that a chunk's arrays are only allocated for a request
-        that is still wanted and the first check comes before the first chunk's work."""
-        size = self.units_per_chunk(rows_each, unit_bytes, backward, reserved_bytes)
-        for part in chunks(units, size):
+        """Slices of range(units) sized by ``units_per_chunk``, through ``checked_chunks``."""
+        return self.checked_chunks(
+            units, self.units_per_chunk(rows_each, unit_bytes, backward, reserved_bytes))
+
+    def checked_chunks(self, total: int, size: int) -> Iterator[slice]:
+        """The chunk loop: slices of range(total) in steps of ``size``, checking the deadline
+        and cancellation before each, so that a chunk's arrays are only allocated for a
+        request that is still wanted and the first check comes before the first chunk."""
+        for part in chunks(total, size):
             self.state.check()
             yield part
 
