@@ -93,13 +93,11 @@ class Handler:
 
     def params(self, message: Message | None = None, limits: Mapping[str, float] = DEFAULT_LIMITS,
                **overrides: Any) -> Any:
-        """The method's parameters from its proto message (None = defaults) and keyword
-        overrides, checked against the field declarations and the server ``limits``."""
-        values = from_message(self.Params, message, limits, self.params_field)
-        if not overrides:
-            return values
-        merged = dataclasses.replace(values, **overrides)
-        return from_message(self.Params, None, limits, self.params_field, base=merged)
+        """The method's parameters: the dataclass defaults, replaced by keyword
+        ``overrides`` (code), then by the fields the client set in ``message``; all checked
+        once against the field declarations and the server ``limits``."""
+        base = dataclasses.replace(self.Params(), **overrides) if overrides else None
+        return from_message(self.Params, message, limits, self.params_field, base=base)
 
     def available_for(self, model: ModelHandle) -> bool:
         """Whether this package has what the method needs."""

@@ -1,6 +1,7 @@
-"""The gRPC servicer: limits, admission, deadlines, cancellation, error mapping, metrics, logs.
+"""The gRPC servicer: request limits, deadlines, cancellation, error mapping, metrics, logs.
 
-It converts nothing but messages and statuses; the work is ``service.core.Core``,
+Admission is ``service.admission``; the statuses come from ``service.status``. The work is
+``service.core.Core``,
 run in a bounded thread pool off the event loop (except cheap one-item requests on an idle
 server, which run on it: see ``ExplainerServicer._runs_inline``).
 """
