@@ -210,7 +210,7 @@ def cell_inputs(handle: ModelHandle, images: int, seed: int) -> np.ndarray:
     spec = handle.spec().input
     try:
         from evaluation.cells import TEST_CONFIG, CellConfig, generate  # noqa: PLC0415
-        from service.core import preprocess_pixels  # noqa: PLC0415
+        from service.inputs import preprocess_pixels  # noqa: PLC0415
 
         cells = generate(images, CellConfig(size=spec.height, seed=TEST_CONFIG.seed))
         return preprocess_pixels(cells.images, spec)

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from kernel.repository import InputSpec, Manifest
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.core import preprocess_pixels
+from service.inputs import preprocess_pixels
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 

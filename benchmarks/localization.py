@@ -28,7 +28,7 @@ from handlers import registry
 from kernel.repository import ModelHandle
 from kernel.request import Job
 from saliency.v1 import explainer_pb2 as pb
-from service.core import preprocess_pixels
+from service.inputs import preprocess_pixels
 
 RESULTS = Path(__file__).parent / "results" / "localization.json"
 QUICK_SIZE = 64

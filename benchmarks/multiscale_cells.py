@@ -34,8 +34,9 @@ from handlers.cam import grad_cam
 from handlers.resize import upsample
 from kernel.request import CostCounter, Job, RequestState
 from saliency.v1 import explainer_pb2 as pb
-from service.core import Core, preprocess_pixels
+from service.core import Core
 from service.images import array_to_tensor, tensor_to_array
+from service.inputs import preprocess_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "multiscale_cells.json"

@@ -333,8 +333,8 @@ def versus_torchserve(
     servers up, alternating), so background load hits both sides alike. Each side's round
     serves its images once and then in turn until ``round_seconds`` have passed."""
     from kernel.repository import Manifest  # noqa: PLC0415
-    from service.core import preprocess_pixels  # noqa: PLC0415
     from service.images import decode_image  # noqa: PLC0415
+    from service.inputs import preprocess_pixels  # noqa: PLC0415
 
     manifest = Manifest.from_json(json.loads((package / "manifest.json").read_text()))
     module = eager_module(package)
@@ -483,8 +483,8 @@ def service_overhead(
 
     from kernel.repository import Manifest  # noqa: PLC0415
     from kernel.request import CostCounter, RequestState  # noqa: PLC0415
-    from service.core import preprocess_pixels  # noqa: PLC0415
     from service.images import decode_image  # noqa: PLC0415
+    from service.inputs import preprocess_pixels  # noqa: PLC0415
 
     threads = torch.get_num_threads()
     torch.set_num_threads(config["intra_op_threads"])  # as the server runs each request
@@ -639,8 +639,8 @@ def predict_overhead(package: Path, address: str, repeats: int, threads: int
     import onnxruntime as ort  # noqa: PLC0415
 
     from kernel.repository import Manifest  # noqa: PLC0415
-    from service.core import preprocess_pixels  # noqa: PLC0415
     from service.images import array_to_tensor  # noqa: PLC0415
+    from service.inputs import preprocess_pixels  # noqa: PLC0415
 
     manifest = json.loads((package / "manifest.json").read_text())
     spec = Manifest.from_json(manifest).input

@@ -24,8 +24,8 @@ from benchmarks.common import base_parser, demo_repository, png_images, table, w
 from handlers.integrated import quadrature
 from handlers.torch_program import FAST, prepared_module
 from kernel.repository import Repository
-from service.core import preprocess_pixels
 from service.images import decode_image
+from service.inputs import preprocess_pixels
 
 IMAGES, SEED = 8, 5  # benchmarks/peers.py's pictures
 REFERENCE_STEPS = 256

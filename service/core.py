@@ -6,7 +6,6 @@ can be driven in-process (benchmarks, TorchServe) exactly as the server drives i
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import Callable
@@ -14,162 +13,19 @@ from collections.abc import Callable
 import numpy as np
 
 from handlers import registry
-from handlers.base import ENGINE_ONNX, Handler, softmax
+from handlers.base import ENGINE_ONNX, Handler
 from kernel.errors import InvalidInput, NotFound
-from kernel.repository import InputSpec, ModelHandle, Repository
+from kernel.repository import ModelHandle, Repository
 from kernel.request import CostCounter, Job, ProgressUpdate, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service.config import Config
-from service.images import (
-    array_to_tensor,
-    decode_image,
-    overlay_png,
-    resize_uint8,
-    tensor_to_array,
-    to_uint8_rgb,
-)
+from service.images import array_to_tensor
+from service.inputs import decode_input, resolve_targets
 from service.metrics import Metrics
+from service.overlays import captioned_overlays
+from service.predictions import predictions
 
-DEFAULT_TOP_K = 5
 _DEFAULT_FORWARD_SECONDS = 0.03
-_FLOAT_DTYPES = (np.float32, np.float64, np.float16)
-
-
-def preprocess_pixels(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """uint8 N×H×W×C pixels → normalized float32 N×C×H×W model input.
-
-    A uint8 has 256 values, so each channel's affine map is a 256-entry table computed with
-    the same float32 operations a per-pixel pass would do (bit-identical results), and each
-    output plane is one table lookup: 0.15 ms instead of 1.07 ms for a 224² RGB image.
-    """
-    low, high = spec.value_range
-    levels = (np.arange(256, dtype=np.float32) / np.float32(255.0) * np.float32(high - low)
-              + np.float32(low))
-    mean = np.asarray(spec.mean, np.float32)[:, None]
-    std = np.asarray(spec.std, np.float32)[:, None]
-    tables = (levels[None, :] - mean) / std  # channels × 256
-    batch, height, width, channels = pixels.shape
-    inputs = np.empty((batch, channels, height, width), np.float32)
-    for channel in range(channels):
-        np.take(tables[channel], pixels[..., channel], out=inputs[:, channel], mode="clip")
-    return inputs
-
-
-def decode_input(message: pb.Input, spec: InputSpec, config: Config,
-                 writable: bool = True) -> np.ndarray:
-    """A request's input → float32 N×C×H×W as the model takes it, or INVALID_ARGUMENT.
-
-    ``writable=False`` may return a read-only view of a float32 tensor's bytes, sparing a
-    copy where nothing writes to the input (a prediction)."""
-    channels, height, width = spec.channels, spec.height, spec.width
-    kind = message.WhichOneof("kind")
-    if kind is None:
-        raise InvalidInput("input is empty: set input.tensor or input.images")
-    if kind == "images":
-        images = list(message.images.images)
-        if not images:
-            raise InvalidInput("input.images holds no images")
-        _check_batch(len(images), config)
-        decoded = [decode_image(data, i, config.max_pixels) for i, data in enumerate(images)]
-        pixels = np.stack([resize_uint8(image, height, width) for image in decoded])
-        if channels == 1:
-            pixels = pixels.mean(axis=3, keepdims=True).astype(np.uint8)
-        return preprocess_pixels(pixels, spec)
-    array = tensor_to_array(message.tensor)
-    if array.ndim != 4:
-        raise InvalidInput(
-            f"tensor shape {list(array.shape)} must be 4-D: N×{channels}×{height}×{width} "
-            f"(float, normalized) or N×{height}×{width}×{channels} (uint8 pixels)"
-        )
-    _check_batch(array.shape[0], config)
-    if array.shape[2] * array.shape[3] > config.max_pixels and array.dtype != np.uint8:
-        raise InvalidInput(f"tensor of {array.shape[2]}×{array.shape[3]} pixels exceeds "
-                           f"the limit max_pixels={config.max_pixels}")
-    if array.dtype == np.uint8:
-        if tuple(array.shape[1:]) != (height, width, channels):
-            raise InvalidInput(
-                f"uint8 tensor shape {list(array.shape)} must be N×{height}×{width}×{channels} "
-                "(raw pixels, channels last)"
-            )
-        return preprocess_pixels(array, spec)
-    if tuple(array.shape[1:]) != (channels, height, width):
-        raise InvalidInput(
-            f"tensor shape {list(array.shape)} does not match the model input "
-            f"N×{channels}×{height}×{width}"
-        )
-    if not np.isfinite(array).all():
-        raise InvalidInput("tensor holds NaN or Inf values")
-    if not writable and array.dtype == np.float32:
-        return array
-    return np.array(array, dtype=np.float32, order="C")  # a writable copy
-
-
-def _check_batch(batch: int, config: Config) -> None:
-    if batch > config.max_batch:
-        raise InvalidInput(f"batch of {batch} exceeds the limit max_batch={config.max_batch}")
-
-
-def resolve_targets(target: pb.Target, logits: np.ndarray) -> np.ndarray:
-    """One class index per batch item: predicted (default), a fixed index, or per item."""
-    batch, classes = logits.shape
-    kind = target.WhichOneof("kind")
-    if kind is None or kind == "predicted":
-        return logits.argmax(axis=1).astype(np.int64)
-    if kind == "class_index":
-        indices = np.full(batch, target.class_index, np.int64)
-    else:
-        indices = np.asarray(list(target.per_item.indices), np.int64)
-        if indices.shape[0] != batch:
-            raise InvalidInput(
-                f"target.per_item has {indices.shape[0]} indices for a batch of {batch}"
-            )
-    if indices.size and (indices.min() < 0 or indices.max() >= classes):
-        raise InvalidInput(f"target class {indices.tolist()} out of range [0, {classes - 1}]")
-    return indices
-
-
-# Up to this many classes plain Python ranks a row faster than numpy, whose per-call cost
-# dominates small rows (10 classes right after an ONNX Runtime run: 13 against 35 µs;
-# 100 classes run level; 1000 classes: 146 against 31 µs).
-PYTHON_RANKING_CLASSES = 64
-
-Ranked = list[tuple[list[int], list[float], list[float]]]
-
-
-def ranked_python(logits: np.ndarray, k: int) -> Ranked:
-    """(class indices, probabilities, logits) of each row's top ``k`` by logit, stable."""
-    ranked = []
-    for row in logits.tolist():
-        peak = max(row)
-        exps = [math.exp(z - peak) for z in row]
-        total = sum(exps)
-        order = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]
-        ranked.append((order, [exps[i] / total for i in order], [row[i] for i in order]))
-    return ranked
-
-
-def ranked_numpy(logits: np.ndarray, k: int) -> Ranked:
-    """``ranked_python`` for many classes."""
-    probabilities = softmax(logits.astype(np.float64))
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    rows = np.arange(logits.shape[0])[:, None]
-    # Plain Python numbers (tolist) build the messages far faster than numpy scalars.
-    return list(zip(order.tolist(), probabilities[rows, order].tolist(),
-                    logits[rows, order].tolist(), strict=True))
-
-
-def predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list[pb.Prediction]:
-    """Top-k classes with probabilities for every batch item."""
-    k = min(top_k if top_k > 0 else DEFAULT_TOP_K, logits.shape[1])
-    rank = ranked_python if logits.shape[1] <= PYTHON_RANKING_CLASSES else ranked_numpy
-    return [
-        pb.Prediction(top=[
-            pb.ClassScore(index=i, label=labels[i] if i < len(labels) else str(i),
-                          probability=p, logit=z)
-            for i, p, z in zip(indices, chances, values, strict=True)
-        ])
-        for indices, chances, values in rank(logits, k)
-    ]
 
 
 class Core:
@@ -216,34 +72,6 @@ class Core:
         for key, value in spec.extra.get("exporter", {}).items():
             info.metadata[f"exporter.{key}"] = str(value)
         return info
-
-    def warm_up(self, handle: ModelHandle) -> list[str]:
-        """Runs a prediction and one small request per engine and program variant, so that
-        the first client request does not pay for session start-up or for preparing the
-        torch program, and a package that cannot serve its own manifest is caught.
-
-        Returns what failed; the caller marks the package not ready with it.
-        """
-        spec = handle.spec().input
-        zeros = np.zeros((1, spec.channels, spec.height, spec.width), np.float32)
-        try:
-            self.predict(pb.PredictRequest(model=handle.name, version=handle.version,
-                                           input=pb.Input(tensor=array_to_tensor(zeros))),
-                         CostCounter())
-        except Exception as exc:  # noqa: BLE001 - reported as the package's error
-            return [f"predict: {type(exc).__name__}: {exc}"]
-        available = {h.method for h in self.methods_for(handle)}
-        failed = []
-        for method in (h.method for h in registry.handlers() if h.warm_up):
-            if method not in available:
-                continue
-            request = pb.ExplainRequest(model=handle.name, version=handle.version, method=method,
-                                        input=pb.Input(tensor=array_to_tensor(zeros)))
-            try:
-                self.explain(request, RequestState(), CostCounter())
-            except Exception as exc:  # noqa: BLE001 - reported, the model still serves
-                failed.append(f"{registry.get(method).name}: {type(exc).__name__}: {exc}")
-        return failed
 
     # ---- inference -----------------------------------------------------------------------
 
@@ -369,16 +197,10 @@ class Core:
         if request.return_raw:
             response.raw.CopyFrom(array_to_tensor(result.raw.astype(np.float32)))
         wall = time.perf_counter() - started
-        if request.return_overlay and result.overlays:
-            response.overlays.extend(result.overlays)
-        elif request.return_overlay:
-            pictures = to_uint8_rgb(inputs, list(spec.input.mean), list(spec.input.std),
-                                    spec.input.value_range)
-            for index, picture in enumerate(pictures):
-                label = spec.class_labels[targets[index]] if spec.class_labels else targets[index]
-                caption = (f"{handler.name} · {label} · fwd {cost.forward_passes} "
-                           f"bwd {cost.backward_passes} · {wall * 1000:.0f} ms")
-                response.overlays.append(overlay_png(picture, result.maps[index], caption))
+        if request.return_overlay:
+            response.overlays.extend(result.overlays or captioned_overlays(
+                inputs, spec.input, result.maps, targets, spec.class_labels,
+                handler.name, cost, wall))
         response.cost.CopyFrom(pb.Cost(
             method=handler.method, forward_passes=cost.forward_passes,
             backward_passes=cost.backward_passes, wall_seconds=time.perf_counter() - started,

@@ -32,6 +32,7 @@ from service.explainer import ExplainerServicer
 from service.logging_setup import stop_writer
 from service.metrics import Metrics
 from service.security import BearerTokenInterceptor, load_tokens, server_credentials
+from service.warmup import warm_up
 from service.wire import add_service
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class SaliencyServer:
         self.repository.load_all()
         for handle in self.repository.handles():
             if handle.ready:
-                failures = self.core.warm_up(handle)
+                failures = warm_up(self.core, handle)
                 if failures:
                     handle.fail("warm-up failed: " + "; ".join(failures))
         self.metrics.set_models_ready(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kernel.repository import InputSpec
-from service.core import preprocess_pixels
+from service.inputs import preprocess_pixels
 
 
 def per_pixel(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:

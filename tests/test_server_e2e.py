@@ -19,8 +19,8 @@ from PIL import Image
 
 from kernel.repository import Repository
 from saliency.v1 import explainer_pb2 as pb
-from service.core import preprocess_pixels
 from service.images import array_to_tensor, tensor_to_array
+from service.inputs import preprocess_pixels
 from tests.conftest import TINY_LABELS, TINY_SHAPE
 from tests.models import TinyCNN
 

@@ -1,0 +1,55 @@
+"""The top-k predictions of a response, ranked from the model's outputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from handlers.base import softmax
+from saliency.v1 import explainer_pb2 as pb
+
+DEFAULT_TOP_K = 5
+
+# Up to this many classes plain Python ranks a row faster than numpy, whose per-call cost
+# dominates small rows (10 classes right after an ONNX Runtime run: 13 against 35 µs;
+# 100 classes run level; 1000 classes: 146 against 31 µs).
+PYTHON_RANKING_CLASSES = 64
+
+Ranked = list[tuple[list[int], list[float], list[float]]]
+
+
+def ranked_python(logits: np.ndarray, k: int) -> Ranked:
+    """(class indices, probabilities, logits) of each row's top ``k`` by logit, stable."""
+    ranked = []
+    for row in logits.tolist():
+        peak = max(row)
+        exps = [math.exp(z - peak) for z in row]
+        total = sum(exps)
+        order = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]
+        ranked.append((order, [exps[i] / total for i in order], [row[i] for i in order]))
+    return ranked
+
+
+def ranked_numpy(logits: np.ndarray, k: int) -> Ranked:
+    """``ranked_python`` for many classes."""
+    probabilities = softmax(logits.astype(np.float64))
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    rows = np.arange(logits.shape[0])[:, None]
+    # Plain Python numbers (tolist) build the messages far faster than numpy scalars.
+    return list(zip(order.tolist(), probabilities[rows, order].tolist(),
+                    logits[rows, order].tolist(), strict=True))
+
+
+def predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list[pb.Prediction]:
+    """Top-k classes with probabilities for every batch item."""
+    k = min(top_k if top_k > 0 else DEFAULT_TOP_K, logits.shape[1])
+    rank = ranked_python if logits.shape[1] <= PYTHON_RANKING_CLASSES else ranked_numpy
+    return [
+        pb.Prediction(top=[
+            pb.ClassScore(index=i, label=labels[i] if i < len(labels) else str(i),
+                          probability=p, logit=z)
+            for i, p, z in zip(indices, chances, values, strict=True)
+        ])
+        for indices, chances, values in rank(logits, k)
+    ]
