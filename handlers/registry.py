@@ -22,6 +22,8 @@ _BUILTIN = (
 )
 
 _HANDLERS: dict[int, Handler] = {}
+UNSPECIFIED = pb.METHOD_UNSPECIFIED
+AUTO = pb.METHOD_AUTO  # the engine picks a method by measured cost and the request's budget
 
 
 def register(handler_class: type[Handler]) -> type[Handler]:

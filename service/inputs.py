@@ -83,22 +83,3 @@ def decode_input(message: pb.Input, spec: InputSpec, config: Config,
 def _check_batch(batch: int, config: Config) -> None:
     if batch > config.max_batch:
         raise InvalidInput(f"batch of {batch} exceeds the limit max_batch={config.max_batch}")
-
-
-def resolve_targets(target: pb.Target, logits: np.ndarray) -> np.ndarray:
-    """One class index per batch item: predicted (default), a fixed index, or per item."""
-    batch, classes = logits.shape
-    kind = target.WhichOneof("kind")
-    if kind is None or kind == "predicted":
-        return logits.argmax(axis=1).astype(np.int64)
-    if kind == "class_index":
-        indices = np.full(batch, target.class_index, np.int64)
-    else:
-        indices = np.asarray(list(target.per_item.indices), np.int64)
-        if indices.shape[0] != batch:
-            raise InvalidInput(
-                f"target.per_item has {indices.shape[0]} indices for a batch of {batch}"
-            )
-    if indices.size and (indices.min() < 0 or indices.max() >= classes):
-        raise InvalidInput(f"target class {indices.tolist()} out of range [0, {classes - 1}]")
-    return indices

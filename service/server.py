@@ -106,7 +106,7 @@ class SaliencyServer:
         self.repository.load_all()
         for handle in self.repository.handles():
             if handle.ready:
-                failures = warm_up(self.core, handle)
+                failures = warm_up(self.core.engine, handle)
                 if failures:
                     handle.fail("warm-up failed: " + "; ".join(failures))
         self.metrics.set_models_ready(

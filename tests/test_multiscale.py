@@ -331,8 +331,7 @@ def test_auto_prefers_the_fast_path_when_gradients_are_too_slow(core) -> None:
     assert fast.cost.method in (pb.METHOD_FASTCAM, pb.METHOD_SMOE_SCALE)
     assert fast.cost.forward_passes == 2 and fast.cost.backward_passes == 0
     roomy = explain(core, pb.METHOD_AUTO, inputs, budget=pb.Budget(max_latency_ms=5000))
-    first = core._auto(pb.ExplainRequest(), core.repository.get("tiny"),
-                       {h.method: h for h in core.methods_for(core.repository.get("tiny"))})
+    first = core.engine.auto(core.order(pb.ExplainRequest()), core.repository.get("tiny"))
     assert roomy.cost.method == first.method
 
 

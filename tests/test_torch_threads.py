@@ -20,6 +20,7 @@ import pytest
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.config import MAX_INLINE_MS
+from service.engine import ExplainOrder
 from service.images import array_to_tensor
 from tests.conftest import RunningServer, make_config
 from tests.production_support import scrape, value
@@ -27,17 +28,17 @@ from tests.production_support import scrape, value
 
 @pytest.fixture(scope="module")
 def recorded(repository: Path) -> Iterator[tuple[RunningServer, list[tuple[str, int]]]]:
-    """A server (inline bound at its widest) whose ``Core.explain`` records (thread, method)."""
+    """A server (inline bound at its widest) whose ``Engine.explain`` records (thread, method)."""
     running = RunningServer(make_config(repository, max_inflight=1, intra_op_threads=2,
                                         inline_below_ms=MAX_INLINE_MS))
     calls: list[tuple[str, int]] = []
-    explain: Callable[..., Any] = running.server.core.explain
+    explain: Callable[..., Any] = running.server.core.engine.explain
 
-    def recording(request: pb.ExplainRequest, *args: Any, **kwargs: Any) -> Any:
-        calls.append((threading.current_thread().name, request.method))
-        return explain(request, *args, **kwargs)
+    def recording(order: ExplainOrder, *args: Any, **kwargs: Any) -> Any:
+        calls.append((threading.current_thread().name, order.method))
+        return explain(order, *args, **kwargs)
 
-    running.server.core.explain = recording  # type: ignore[method-assign]
+    running.server.core.engine.explain = recording  # type: ignore[method-assign]
     running.start()
     yield running, calls
     running.stop()
