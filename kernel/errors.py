@@ -59,3 +59,7 @@ class Cancelled(ServiceError):
 
 class FailedPrecondition(ServiceError):
     """The model package lacks what the method needs (e.g. no torch program)."""
+
+
+class Internal(ServiceError):
+    """A fault of the server, not of the request; the message names the request's id."""

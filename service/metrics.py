@@ -73,6 +73,12 @@ class Metrics:
             ["model", "method", "code"],
             registry=r,
         )
+        self.transport_requests = Counter(
+            "saliency_transport_requests",
+            "Requests by transport (grpc, http) and gRPC status code.",
+            ["transport", "code"],
+            registry=r,
+        )
         self.request_seconds = Histogram(
             "saliency_request_seconds",
             "Wall time of successful requests' work (Cost.wall_seconds; queueing excluded).",

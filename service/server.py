@@ -26,6 +26,7 @@ from kernel.repository import Repository
 from saliency.v1 import explainer_pb2 as pb
 from service.admission import Admission
 from service.allocator import keep_freed_memory
+from service.calls import Calls
 from service.config import Config
 from service.core import Core
 from service.explainer import ExplainerServicer
@@ -81,7 +82,8 @@ class SaliencyServer:
         self.server: grpc.aio.Server | None = None
         self.admission = Admission(config.max_inflight, config.max_queue, self.metrics,
                                    config.max_queue_wait_ms / 1000.0)
-        self.servicer = ExplainerServicer(self.core, self.metrics, self.admission, self.executor)
+        self.calls = Calls(self.core, self.metrics, self.admission, self.executor)
+        self.servicer = ExplainerServicer(self.calls)
         self.port = 0
         self.metrics_port = 0
         self._fingerprint: tuple[tuple[str, int, int], ...] = ()
@@ -238,7 +240,7 @@ class SaliencyServer:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         drained = await self.admission.idle(ends - time.perf_counter())
         if not drained:
-            stopped = self.servicer.stop_running()
+            stopped = self.calls.stop_running()
             log.warning(
                 "grace period of %.1f s ended with %d request(s) still running; answered "
                 "UNAVAILABLE, their workers stop at their next check",

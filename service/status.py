@@ -8,6 +8,7 @@ from kernel.errors import (
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
+    Internal,
     InvalidInput,
     NotFound,
     ResourceExhausted,
@@ -23,6 +24,7 @@ STATUS: dict[type[ServiceError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Internal: grpc.StatusCode.INTERNAL,
 }
 
 

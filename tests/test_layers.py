@@ -13,8 +13,8 @@ from handlers import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 # The service modules a request passes through (the demo's architectures name their layers).
-REQUEST_PATH = {"explainer.py", "core.py", "server.py", "config.py", "status.py",
-                "metrics.py", "wire.py", "images.py"}
+REQUEST_PATH = {"explainer.py", "calls.py", "engine.py", "request_log.py", "core.py",
+                "server.py", "config.py", "status.py", "metrics.py", "wire.py", "images.py"}
 
 
 def imported_modules(path: Path) -> set[str]:

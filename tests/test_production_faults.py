@@ -57,7 +57,7 @@ def test_handler_exception_is_internal_with_a_logged_request_id(
 ) -> None:
     """A fault in the server itself (simulated: the session raises mid-request, which no
     request can cause) is INTERNAL with a request id, logged with its traceback."""
-    caplog.set_level(logging.INFO, logger="service.explainer")
+    caplog.set_level(logging.INFO, logger="service.request_log")
     handle = faulty.server.repository.get("tiny")
     original = handle.run
     failing = {"on": False}
@@ -123,7 +123,7 @@ def test_handler_exception_is_internal_with_a_logged_request_id(
 def test_request_logs_are_json_without_payloads(
     faulty: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="service.explainer")
+    caplog.set_level(logging.INFO, logger="service.request_log")
     request = tiny_request(pb.METHOD_VANILLA_GRADIENT, batch=2)
     with grpc.insecure_channel(faulty.address) as channel:
         call = pb_grpc.ExplainerStub(channel).Explain.with_call(

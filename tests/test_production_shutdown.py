@@ -296,7 +296,7 @@ def test_grace_period_bounds_the_drain(
     """A request longer than the grace period does not hold the server: when the grace
     period ends it is answered UNAVAILABLE (the server is shutting down, not the client
     cancelling), its worker stops at its next check, and the request is counted."""
-    caplog.set_level(logging.INFO, logger="service.explainer")
+    caplog.set_level(logging.INFO, logger="service.request_log")
     root = slow_repository(tmp_path_factory.getbasetemp(), repository)
     running = RunningServer(make_config(root, max_inflight=1, chunk_memory_bytes=8 * 2**20)).start()
     stopped = False
