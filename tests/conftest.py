@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,54 +11,13 @@ import grpc
 import pytest
 
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from service.background import RunningServer
 from service.config import Config
 from service.export import export_package
-from service.server import SaliencyServer
 from tests.models import TinyCNN
 
 TINY_SHAPE = (3, 32, 32)
 TINY_LABELS = ("alpha", "beta", "gamma", "delta")
-
-
-class RunningServer:
-    """A SaliencyServer on its own event loop in a background thread."""
-
-    def __init__(self, config: Config) -> None:
-        self.server = SaliencyServer(config)
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self.thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self.server.start())
-        except BaseException as exc:  # noqa: BLE001 - surfaced in start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-
-    def start(self) -> RunningServer:
-        self.thread.start()
-        self._ready.wait(120)
-        if self._error is not None:
-            raise self._error
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-    def call(self, coroutine: object) -> object:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(120)  # type: ignore[arg-type]
-
-    def stop(self, grace: float = 5.0) -> None:
-        self.call(self.server.stop(grace))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="session")
