@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 from google.protobuf.message import Message
 
+from kernel.outputs import softmax
 from kernel.params import defaults_of, from_message
 from kernel.repository import ModelHandle
 from kernel.request import DEFAULT_LIMITS, Attribution, Job, Result, chunks
@@ -179,9 +180,3 @@ def run_onnx_batched(
         results.append(job.model.run(batch[part], outputs))
         job.cost.forward(part.stop - part.start, ENGINE_ONNX)
     return [np.concatenate([r[i] for r in results]) for i in range(len(results[0]))]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)

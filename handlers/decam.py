@@ -11,7 +11,7 @@ Our formulation (the paper fixes the principle, not these details):
 * A candidate is a mask on a coarse ``grid × grid`` lattice (default 8, at most 32), values in
   [0, 1], upsampled bilinearly to the input size (``M``).
 * With ``x`` the input, ``b`` a baseline (blur by default; see ``handlers.baselines``) and
-  ``p(·)`` the softmax probability of the target class, the fitness to maximize is::
+  ``p(·)`` the probability of the target class (``kernel.outputs``), the fitness to maximize is::
 
       preservation_weight · p(M·x + (1−M)·b) / p(x)
     + deletion_weight     · (p(x) − p((1−M)·x + M·b)) / p(x)
@@ -54,13 +54,13 @@ from handlers.base import (
     chunks,
     run_onnx_batched,
     scale_by_max,
-    softmax,
 )
 from handlers.baselines import BASELINES, make_baseline
 from handlers.perturbation import base_probabilities
 from handlers.registry import register
 from handlers.resize import upsample, upsample_bytes
 from kernel.errors import DeadlineExceeded, InvalidInput
+from kernel.outputs import target_probabilities
 from kernel.params import param
 from kernel.repository import ModelHandle
 from kernel.request import Attribution, ProgressUpdate
@@ -115,10 +115,10 @@ class MaskFitness:
         for part in job.unit_chunks(batch * population, rows_each=self.terms,
                                     unit_bytes=unit_bytes, reserved_bytes=self.reserved_bytes):
             images = self._masked_images(flat_grids[part], owner[part])
-            (logits,) = run_onnx_batched(job, images, chunk_items=images.shape[0])
+            (scores,) = run_onnx_batched(job, images, chunk_items=images.shape[0])
             targets = np.tile(job.targets[owner[part]], self.terms)
-            probabilities[:, part] = softmax(logits)[np.arange(logits.shape[0]), targets].reshape(
-                self.terms, -1)
+            probabilities[:, part] = target_probabilities(
+                scores, job.model.spec().output_kind, targets).reshape(self.terms, -1)
         base = self.base[owner]
         fitness = -self.weights.sparsity * flat_grids.reshape(batch * population, -1).mean(axis=1)
         row = 0

@@ -16,12 +16,12 @@ from handlers.base import (
     normalize_per_image,
     run_onnx_batched,
     scale_by_max,
-    softmax,
 )
 from handlers.baselines import BASELINES, make_baseline
 from handlers.registry import register
 from handlers.resize import bilinear_taps
 from kernel.errors import InvalidInput
+from kernel.outputs import target_probabilities as probabilities_of
 from kernel.params import param
 from kernel.repository import ModelHandle
 from saliency.v1 import explainer_pb2 as pb
@@ -45,15 +45,16 @@ def window_coverage(starts: list[int], window: int, length: int) -> np.ndarray:
 
 
 def target_probabilities(job: Job, batch: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Softmax probability of each row's target class, via batched ONNX Runtime calls."""
-    (logits,) = run_onnx_batched(job, batch)
-    return softmax(logits)[np.arange(batch.shape[0]), targets]
+    """Probability of each row's target class (from the model's scores, whatever their
+    kind: ``kernel.outputs``), via batched ONNX Runtime calls."""
+    (scores,) = run_onnx_batched(job, batch)
+    return probabilities_of(scores, job.model.spec().output_kind, targets)
 
 
 def base_probabilities(job: Job) -> np.ndarray:
-    """Target probabilities of the unperturbed inputs (reusing the prediction's logits)."""
+    """Target probabilities of the unperturbed inputs (reusing the prediction's scores)."""
     if job.base_logits is not None:
-        return softmax(job.base_logits)[np.arange(job.batch), job.targets]
+        return probabilities_of(job.base_logits, job.model.spec().output_kind, job.targets)
     return target_probabilities(job, job.inputs, job.targets)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kernel.errors import FailedPrecondition, NotFound, Unavailable
+from kernel.outputs import LOGITS, check_kind
 from kernel.program_archive import UnsafeArchive, load_program
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,17 @@ _EXTRA_KEYS = ("exporter", "verification", "format", "metadata", "activation_byt
                "scale_shapes")
 
 
+LAYOUTS = ("NCHW", "NHWC")
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model takes: N×C×H×W float32, normalized by mean/std from value_range."""
+    """What the model takes: float32 images normalized by mean/std from value_range.
+
+    ``shape`` is the model's own, in ``layout`` order (NCHW or NHWC); its first entry is
+    the batch size the model requires, or -1 when any batch goes. Inside the service every
+    input is N×C×H×W; ``ModelHandle.run`` puts it in the model's layout and batch size.
+    """
 
     shape: tuple[int, ...]
     mean: tuple[float, ...]
@@ -50,15 +59,20 @@ class InputSpec:
 
     @property
     def channels(self) -> int:
-        return self.shape[1]
+        return self.shape[3] if self.layout == "NHWC" else self.shape[1]
 
     @property
     def height(self) -> int:
-        return self.shape[2]
+        return self.shape[1] if self.layout == "NHWC" else self.shape[2]
 
     @property
     def width(self) -> int:
-        return self.shape[3]
+        return self.shape[2] if self.layout == "NHWC" else self.shape[3]
+
+    @property
+    def batch(self) -> int:
+        """The batch size the model requires (0 when any batch size goes)."""
+        return max(self.shape[0], 0)
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,7 @@ class Manifest:
     version: int
     input: InputSpec
     class_labels: tuple[str, ...]
-    logits_output: str
+    logits_output: str  # the class-score output, whatever ``output_kind`` it holds
     scale_outputs: tuple[str, ...]
     scale_modules: tuple[str, ...]
     cam_layer: str
@@ -78,10 +92,18 @@ class Manifest:
     files: dict[str, str]
     head: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    output_kind: str = LOGITS  # kernel.outputs: logits, probabilities or sigmoid
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         spec = data["input"]
+        layout = str(spec.get("layout", "NCHW"))
+        if layout not in LAYOUTS:
+            raise ValueError(f"manifest input.layout {layout!r} must be one of "
+                             f"{', '.join(LAYOUTS)}")
+        if len(spec["shape"]) != 4:
+            raise ValueError(f"manifest input.shape {spec['shape']} must have 4 entries "
+                             f"({layout})")
         return cls(
             name=str(data["name"]),
             version=int(data["version"]),
@@ -91,7 +113,7 @@ class Manifest:
                 std=tuple(float(v) for v in spec["std"]),
                 value_range=tuple(float(v) for v in spec.get("value_range", (0.0, 1.0))),
                 name=str(spec.get("name", "input")),
-                layout=str(spec.get("layout", "NCHW")),
+                layout=layout,
                 dtype=str(spec.get("dtype", "float32")),
             ),
             class_labels=tuple(str(c) for c in data.get("class_labels", ())),
@@ -104,6 +126,7 @@ class Manifest:
             files={k: str(v["sha256"]) for k, v in data.get("files", {}).items()},
             head=dict(data.get("head", {})),
             extra={k: v for k, v in data.items() if k in _EXTRA_KEYS},
+            output_kind=check_kind(str(data.get("outputs", {}).get("kind", LOGITS))),
         )
 
 
@@ -222,12 +245,30 @@ class ModelHandle:
         return self.manifest
 
     def run(self, inputs: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
-        """One ONNX Runtime call; outputs default to the logits alone."""
+        """ONNX Runtime on float32 N×C×H×W ``inputs``; outputs default to the class scores.
+
+        This is where the service's convention meets the model's: an NHWC model gets its
+        inputs transposed, and a model with a fixed batch size k runs in chunks of k (the
+        last one padded by repeating its final item, the padding's outputs dropped), so
+        every method and prediction works unchanged on any model."""
         if self.session is None:
             raise Unavailable(f"model {self.name} version {self.version} is not loaded")
+        spec = self.spec().input
         names = outputs or [self.spec().logits_output]
-        feed = {self.spec().input.name: np.ascontiguousarray(inputs, dtype=np.float32)}
-        return self.session.run(names, feed)
+        if spec.layout == "NHWC":
+            inputs = inputs.transpose(0, 2, 3, 1)
+        inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        size, total = spec.batch, inputs.shape[0]
+        if not size or total == size:
+            return self.session.run(names, {spec.name: inputs})
+        parts = []
+        for start in range(0, total, size):
+            piece = inputs[start:start + size]
+            kept = piece.shape[0]
+            if kept < size:
+                piece = np.concatenate([piece, np.repeat(piece[-1:], size - kept, axis=0)])
+            parts.append([out[:kept] for out in self.session.run(names, {spec.name: piece})])
+        return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
 
     def torch_module(self) -> Any:
         """The torch program as a callable module, parameter gradients off (shared, stateless)."""

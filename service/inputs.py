@@ -33,7 +33,8 @@ def preprocess_pixels(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 def decode_input(message: pb.Input, spec: InputSpec, config: Config,
                  writable: bool = True) -> np.ndarray:
-    """A request's input → float32 N×C×H×W as the model takes it, or INVALID_ARGUMENT.
+    """A request's input → float32 N×C×H×W, or INVALID_ARGUMENT. Float tensors come in
+    the model's own layout (N×C×H×W or N×H×W×C), uint8 pixels always channels last.
 
     ``writable=False`` may return a read-only view of a float32 tensor's bytes, sparing a
     copy where nothing writes to the input (a prediction)."""
@@ -52,15 +53,19 @@ def decode_input(message: pb.Input, spec: InputSpec, config: Config,
             pixels = pixels.mean(axis=3, keepdims=True).astype(np.uint8)
         return preprocess_pixels(pixels, spec)
     array = tensor_to_array(message.tensor)
+    channels_last = spec.layout == "NHWC"
+    model_shape = (height, width, channels) if channels_last else (channels, height, width)
+    shown = "N×" + "×".join(map(str, model_shape))
     if array.ndim != 4:
         raise InvalidInput(
-            f"tensor shape {list(array.shape)} must be 4-D: N×{channels}×{height}×{width} "
-            f"(float, normalized) or N×{height}×{width}×{channels} (uint8 pixels)"
+            f"tensor shape {list(array.shape)} must be 4-D: {shown} (float, normalized, "
+            f"{spec.layout}) or N×{height}×{width}×{channels} (uint8 pixels)"
         )
     _check_batch(array.shape[0], config)
-    if array.shape[2] * array.shape[3] > config.max_pixels and array.dtype != np.uint8:
-        raise InvalidInput(f"tensor of {array.shape[2]}×{array.shape[3]} pixels exceeds "
-                           f"the limit max_pixels={config.max_pixels}")
+    pixels = array.shape[1] * array.shape[2] if channels_last else array.shape[2] * array.shape[3]
+    if pixels > config.max_pixels and array.dtype != np.uint8:
+        raise InvalidInput(f"tensor of {pixels} pixels per image exceeds the limit "
+                           f"max_pixels={config.max_pixels}")
     if array.dtype == np.uint8:
         if tuple(array.shape[1:]) != (height, width, channels):
             raise InvalidInput(
@@ -68,13 +73,15 @@ def decode_input(message: pb.Input, spec: InputSpec, config: Config,
                 "(raw pixels, channels last)"
             )
         return preprocess_pixels(array, spec)
-    if tuple(array.shape[1:]) != (channels, height, width):
+    if tuple(array.shape[1:]) != model_shape:
         raise InvalidInput(
-            f"tensor shape {list(array.shape)} does not match the model input "
-            f"N×{channels}×{height}×{width}"
+            f"tensor shape {list(array.shape)} does not match the model input {shown} "
+            f"({spec.layout})"
         )
     if not np.isfinite(array).all():
         raise InvalidInput("tensor holds NaN or Inf values")
+    if channels_last:  # the service works in N×C×H×W; ModelHandle.run transposes back
+        return np.ascontiguousarray(array.transpose(0, 3, 1, 2), dtype=np.float32)
     if not writable and array.dtype == np.float32:
         return array
     return np.array(array, dtype=np.float32, order="C")  # a writable copy

@@ -1,4 +1,8 @@
-"""The top-k predictions of a response, ranked from the model's outputs."""
+"""The top-k predictions of a response, ranked from the model's class scores.
+
+Probabilities come from ``kernel.outputs`` by the manifest's output kind (the plain-Python
+ranking is its softmax written out for few logits); ``ClassScore.logit`` is the logit, the
+log-probability or the log-odds accordingly."""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import math
 
 import numpy as np
 
-from handlers.base import softmax
+from kernel.outputs import LOGITS, logits_of, probabilities
 from saliency.v1 import explainer_pb2 as pb
 
 DEFAULT_TOP_K = 5
@@ -31,25 +35,31 @@ def ranked_python(logits: np.ndarray, k: int) -> Ranked:
     return ranked
 
 
-def ranked_numpy(logits: np.ndarray, k: int) -> Ranked:
-    """``ranked_python`` for many classes."""
-    probabilities = softmax(logits.astype(np.float64))
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    rows = np.arange(logits.shape[0])[:, None]
+def ranked_numpy(scores: np.ndarray, k: int, kind: str = LOGITS) -> Ranked:
+    """``ranked_python`` for many classes, and for every output kind."""
+    chances = probabilities(scores.astype(np.float64), kind)
+    values = logits_of(scores, kind)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    rows = np.arange(scores.shape[0])[:, None]
     # Plain Python numbers (tolist) build the messages far faster than numpy scalars.
-    return list(zip(order.tolist(), probabilities[rows, order].tolist(),
-                    logits[rows, order].tolist(), strict=True))
+    return list(zip(order.tolist(), chances[rows, order].tolist(),
+                    values[rows, order].tolist(), strict=True))
 
 
-def predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list[pb.Prediction]:
-    """Top-k classes with probabilities for every batch item."""
-    k = min(top_k if top_k > 0 else DEFAULT_TOP_K, logits.shape[1])
-    rank = ranked_python if logits.shape[1] <= PYTHON_RANKING_CLASSES else ranked_numpy
+def predictions(scores: np.ndarray, labels: tuple[str, ...], top_k: int,
+                kind: str = LOGITS) -> list[pb.Prediction]:
+    """Top-k classes with probabilities for every batch item; ``kind`` is the manifest's
+    output kind of ``scores``."""
+    k = min(top_k if top_k > 0 else DEFAULT_TOP_K, scores.shape[1])
+    if kind == LOGITS and scores.shape[1] <= PYTHON_RANKING_CLASSES:
+        ranked = ranked_python(scores, k)
+    else:
+        ranked = ranked_numpy(scores, k, kind)
     return [
         pb.Prediction(top=[
             pb.ClassScore(index=i, label=labels[i] if i < len(labels) else str(i),
                           probability=p, logit=z)
             for i, p, z in zip(indices, chances, values, strict=True)
         ])
-        for indices, chances, values in rank(logits, k)
+        for indices, chances, values in ranked
     ]
