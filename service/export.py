@@ -9,10 +9,7 @@ refuses to write a package that disagrees.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +23,8 @@ import torch
 from torch import nn
 
 from handlers import registry
-from kernel.repository import FORMAT_VERSION, MANIFEST, ONNX_FILE, TORCH_FILE, sha256_file
+from kernel.repository import FORMAT_VERSION, ONNX_FILE, TORCH_FILE
+from service.packages import staged_package, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +184,7 @@ def export_package(
     except Exception as exc:
         raise ExportError(f"torch.export failed: {exc}") from exc
 
-    with tempfile.TemporaryDirectory(dir=Path(repository).parent if Path(repository).exists()
-                                     else None) as staging:
-        staging_dir = Path(staging)
+    with staged_package(Path(repository), target) as staging_dir:
         onnx_path = staging_dir / ONNX_FILE
         _export_onnx(wrapper, example, onnx_path, output_names)
         torch.export.save(program, str(staging_dir / TORCH_FILE))
@@ -216,16 +212,8 @@ def export_package(
             "metadata": dict(metadata or {}),
             "verification": {"inputs": verify_inputs, "max_abs_diff": max_diff,
                              "tolerance": tolerance},
-            "files": {f: {"sha256": sha256_file(staging_dir / f),
-                          "bytes": (staging_dir / f).stat().st_size}
-                      for f in (ONNX_FILE, TORCH_FILE)},
         }
-        (staging_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(staging_dir, target)
-        target.chmod(0o755)
+        write_manifest(staging_dir, manifest, [ONNX_FILE, TORCH_FILE])
     log.info("exported %s (max |ORT − torch| = %.3g)", target, max_diff)
     return ExportReport(target, max_diff, tuple(scales), tuple(scale_shapes))
 
