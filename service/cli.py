@@ -1,4 +1,4 @@
-"""``saliency serve | export | explain | demo-model`` — the command line."""
+"""``saliency serve | export | import | explain | demo-model`` — the command line."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ def _explain(args: argparse.Namespace) -> int:
     from service.client import SaliencyClient  # noqa: PLC0415
 
     image = Path(args.image).read_bytes()
-    with SaliencyClient(args.server, timeout=args.timeout) as client:
+    with SaliencyClient(args.server, timeout=args.timeout, load_balancing=args.load_balancing,
+                        max_attempts=args.max_attempts) as client:
         try:
             result = client.explain(args.model, args.method, images=[image], seed=args.seed,
                                     target=args.target, return_overlay=True)
@@ -90,6 +91,31 @@ def _explain(args: argparse.Namespace) -> int:
           f"{cost.cpu_seconds * 1000:.1f} ms")
     print(f"map: {args.out} ({result.maps.shape[1]}×{result.maps.shape[2]}, "
           f"mean {float(np.mean(result.maps)):.3f})")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from service.onnx_import import ImportRefused, import_onnx  # noqa: PLC0415
+
+    def floats(text: str | None) -> list[float] | None:
+        return [float(v) for v in text.split(",")] if text else None
+
+    labels = (Path(args.labels).read_text().split() if args.labels and Path(args.labels).is_file()
+              else (args.labels.split(",") if args.labels else []))
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    if shape is not None and len(shape) != 3:
+        raise SystemExit(f"error: --input-shape must be C,H,W, got {args.input_shape!r}")
+    try:
+        report = import_onnx(
+            Path(args.model), name=args.name, version=args.version, repository=Path(args.models),
+            class_labels=labels, mean=floats(args.mean), std=floats(args.std),
+            value_range=tuple(floats(args.value_range) or (0.0, 1.0)),  # type: ignore[arg-type]
+            input_shape=shape, layout=args.layout, output=args.output,  # type: ignore[arg-type]
+            output_name=args.output_name, overwrite=args.force)
+    except ImportRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines()))
     return 0
 
 
@@ -149,6 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace an existing version")
     export.set_defaults(run=_export)
 
+    imported = commands.add_parser(
+        "import", help="package any ONNX image classifier (inspected and checked by running it)")
+    imported.add_argument("model", help="the .onnx file")
+    imported.add_argument("--name", required=True)
+    imported.add_argument("--version", type=int, default=1)
+    imported.add_argument("--labels", help="file with one label per line, or comma-separated")
+    imported.add_argument("--mean", help="per channel (or one value), default 0")
+    imported.add_argument("--std", help="per channel (or one value), default 1")
+    imported.add_argument("--value-range", help="pixel range before mean/std, default 0,1")
+    imported.add_argument("--input-shape", help="C,H,W where the graph leaves them free")
+    imported.add_argument("--layout", default="auto", choices=("auto", "NCHW", "NHWC"))
+    imported.add_argument("--output", default="auto",
+                          choices=("auto", "logits", "probabilities", "sigmoid"),
+                          help="what the class scores are (default: read from the graph)")
+    imported.add_argument("--output-name", help="the class-score output, when several fit")
+    imported.add_argument("--models", default="models", help="model repository root")
+    imported.add_argument("--force", action="store_true", help="replace an existing version")
+    imported.set_defaults(run=_import)
+
     explain = commands.add_parser("explain", help="explain one image and write a PNG overlay")
     explain.add_argument("--server", default="localhost:50051")
     explain.add_argument("--model", default="demo")
@@ -157,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--target", type=int, help="class index (default: predicted)")
     explain.add_argument("--seed", type=int, default=0)
     explain.add_argument("--timeout", type=float, default=120.0)
+    explain.add_argument("--load-balancing", choices=("round_robin", "pick_first"),
+                         default="round_robin",
+                         help="over the addresses the server resolves to, e.g. "
+                         "dns:///saliency-headless:50051 (default round_robin)")
+    explain.add_argument("--max-attempts", type=int, choices=range(1, 6), default=5,
+                         metavar="1-5", help="attempts of a call refused as UNAVAILABLE or "
+                         "RESOURCE_EXHAUSTED, with backoff (1 = no retries; default 5)")
     explain.add_argument("--out", default="saliency.png")
     explain.set_defaults(run=_explain)
 
