@@ -17,21 +17,17 @@ so the demo trains at the deployed size.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from evaluation.cells import CLASS_NAMES, TEST_CONFIG, TRAIN_CONFIG, CellConfig, generate
 from service.architectures import DemoResNet
+from service.training import TRAIN_THREADS, accuracy, check_steps, train_classifier
 
 DEMO_INPUT_SIZE = 128
 DEMO_MEAN: tuple[float, float, float] = (0.25, 0.25, 0.26)
 DEMO_STD: tuple[float, float, float] = (0.226, 0.226, 0.228)
-TRAIN_THREADS = 2
-_MIN_STEPS = 8  # the one-cycle schedule needs a few steps to warm up and anneal
 
 
 def preprocess(images: np.ndarray) -> torch.Tensor:
@@ -44,7 +40,6 @@ def preprocess(images: np.ndarray) -> torch.Tensor:
     return ((pixels - mean) / std).contiguous()
 
 
-@torch.no_grad()
 def evaluate_accuracy(
     model: torch.nn.Module,
     count: int = 2000,
@@ -52,15 +47,12 @@ def evaluate_accuracy(
     batch_size: int = 250,
 ) -> float:
     """Top-1 accuracy of ``model`` on the first ``count`` images of ``config``."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, count, batch_size):
-        batch = generate(min(batch_size, count - start), config, start=start)
-        logits = model(preprocess(batch.images))
-        correct += int((logits.argmax(dim=1).numpy() == batch.labels).sum())
-    model.train(was_training)
-    return correct / max(count, 1)
+
+    def batches(start: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        batch = generate(size, config, start=start)
+        return batch.images, batch.labels
+
+    return accuracy(model, batches, count, preprocess, batch_size)
 
 
 def train_demo_model(
@@ -76,80 +68,24 @@ def train_demo_model(
 ) -> tuple[DemoResNet, float]:
     """Trains the demo classifier on ``TRAIN_CONFIG`` cells drawn at ``size`` pixels.
 
-    AdamW with a one-cycle schedule and random flips (they keep every class's meaning). The
-    same seed gives the same weights: it fixes the initialisation, the batch order and the
-    flips; the images themselves are always ``TRAIN_CONFIG``'s. Uses ``TRAIN_THREADS`` torch
-    threads and leaves the caller's thread count and global RNG state as they were.
+    ``service.training.train_classifier`` with random horizontal and vertical flips (they keep
+    every class's meaning); the images themselves are always ``TRAIN_CONFIG``'s.
 
     Returns:
         The model in eval mode and its top-1 accuracy on ``test_images`` images of
         ``TEST_CONFIG`` at ``DEMO_INPUT_SIZE`` (whatever ``size`` it was trained at).
     """
-    if epochs * (train_images // batch_size) < _MIN_STEPS:
-        raise ValueError(
-            f"{train_images} images × {epochs} epochs in batches of {batch_size} is fewer than "
-            f"the {_MIN_STEPS} optimizer steps the learning-rate schedule needs"
-        )
+    check_steps(train_images, epochs, batch_size)
+    data = generate(train_images, dataclasses.replace(TRAIN_CONFIG, size=size))
+    model = train_classifier(
+        lambda: DemoResNet(num_classes=len(CLASS_NAMES)), data.images, data.labels, preprocess,
+        seed=seed, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        progress=progress, description="training demo model")
     threads = torch.get_num_threads()
     torch.set_num_threads(TRAIN_THREADS)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = _train(seed, train_images, epochs, size, progress, batch_size, learning_rate)
         test_config = dataclasses.replace(TEST_CONFIG, size=DEMO_INPUT_SIZE)
-        accuracy = evaluate_accuracy(model, test_images, test_config)
+        score = evaluate_accuracy(model, test_images, test_config)
     finally:
         torch.set_num_threads(threads)
-    return model, accuracy
-
-
-def _train(
-    seed: int,
-    train_images: int,
-    epochs: int,
-    size: int,
-    progress: bool,
-    batch_size: int,
-    learning_rate: float,
-) -> DemoResNet:
-    """The training loop proper; global RNG seeded and threads set by the caller."""
-    data = generate(train_images, dataclasses.replace(TRAIN_CONFIG, size=size))
-    images = torch.from_numpy(data.images)
-    labels = torch.from_numpy(data.labels)
-    model = DemoResNet(num_classes=len(CLASS_NAMES))
-    # Channels-last convolutions are about 1.5× faster on CPU; the weights go back at the end.
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=5e-4)
-    steps_per_epoch = train_images // batch_size  # drop the ragged batch: BatchNorm needs a few
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=learning_rate, total_steps=epochs * steps_per_epoch, pct_start=0.25
-    )
-    order = torch.Generator().manual_seed(seed)
-    model.train()
-    with tqdm(
-        total=epochs * steps_per_epoch,
-        desc="training demo model",
-        unit="batch",
-        file=sys.stderr,
-        disable=not progress,
-    ) as bar:
-        for epoch in range(epochs):
-            permutation = torch.randperm(train_images, generator=order)
-            for step in range(steps_per_epoch):
-                index = permutation[step * batch_size : (step + 1) * batch_size]
-                inputs = preprocess(images[index].numpy())
-                flips = torch.rand(2, generator=order)
-                if flips[0] < 0.5:
-                    inputs = inputs.flip(3)
-                if flips[1] < 0.5:
-                    inputs = inputs.flip(2)
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-                loss = F.cross_entropy(model(inputs), labels[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                bar.update()
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-    model = model.to(memory_format=torch.contiguous_format)
-    return model.eval()
+    return model, score  # type: ignore[return-value]
