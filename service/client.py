@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from service.connections import MAX_ATTEMPTS, client_options
 from service.images import array_to_tensor, tensor_to_array
 
 
@@ -55,13 +56,23 @@ class Explanation:
 
 
 class SaliencyClient:
-    """Blocking client; one channel, reused."""
+    """Blocking client; one channel, reused.
+
+    ``target`` is any gRPC target: ``host:port``, or ``dns:///name:port`` of a headless
+    Service, whose every address gets a connection and calls in turn (``round_robin``).
+    Calls refused with UNAVAILABLE or RESOURCE_EXHAUSTED are retried after a backoff, on
+    another replica when there is one, up to ``max_attempts`` in all within ``timeout``
+    (1 = no retries); see ``service.connections``. ``options`` adds channel arguments.
+    """
 
     def __init__(self, target: str, timeout: float = 60.0,
                  credentials: grpc.ChannelCredentials | None = None,
-                 metadata: list[tuple[str, str]] | None = None) -> None:
+                 metadata: list[tuple[str, str]] | None = None,
+                 load_balancing: str = "round_robin", max_attempts: int = MAX_ATTEMPTS,
+                 options: list[tuple[str, Any]] | None = None) -> None:
         options = [("grpc.max_receive_message_length", 256 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 256 * 1024 * 1024)]
+                   ("grpc.max_send_message_length", 256 * 1024 * 1024),
+                   *client_options(load_balancing, max_attempts), *(options or [])]
         self.channel = (grpc.secure_channel(target, credentials, options) if credentials
                         else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.ExplainerStub(self.channel)

@@ -52,6 +52,17 @@ HELP = {
     "would not are refused at once, and what still runs when it ends is answered UNAVAILABLE",
     "reload_interval_seconds": "seconds between repository scans for changed packages "
     "(0 = off; SIGHUP always reloads)",
+    "max_connection_age_seconds": "seconds after which a client connection is sent a GOAWAY "
+    "(±10 %), so clients reconnect, re-resolve and spread over replicas added since "
+    "(0 = never)",
+    "max_connection_age_grace_seconds": "seconds calls in flight on an aged connection get to "
+    "finish before it is closed (0 = as long as they take)",
+    "keepalive_time_seconds": "seconds between the server's pings on an idle connection, "
+    "dropping clients that vanished (0 = gRPC's default, 2 hours)",
+    "keepalive_timeout_seconds": "seconds a ping (the server's or a client's) may go "
+    "unanswered before the connection is closed",
+    "keepalive_min_ping_interval_seconds": "shortest interval between a client's keepalive "
+    "pings the server accepts; more often is answered with GOAWAY too_many_pings",
     "tls_cert": "server certificate chain (PEM); with tls_key turns TLS on",
     "tls_key": "server private key (PEM)",
     "tls_client_ca": "CA bundle (PEM) that client certificates must chain to (mutual TLS)",
@@ -101,6 +112,13 @@ class Config:
     # Seconds between scans of the model repository for changed packages (0 = off;
     # SIGHUP always rescans).
     reload_interval_seconds: float = 0.0
+    # Connections: a GOAWAY after this age (0 = never) so clients spread over new replicas, and
+    # how long calls in flight then get (0 = unbounded); keepalive pings sent and accepted.
+    max_connection_age_seconds: float = 0.0
+    max_connection_age_grace_seconds: float = 0.0
+    keepalive_time_seconds: float = 0.0
+    keepalive_timeout_seconds: float = 20.0
+    keepalive_min_ping_interval_seconds: float = 10.0
     # TLS: server certificate and key (PEM); with a client CA, clients must present a
     # certificate it signed (mutual TLS). Empty = plaintext.
     tls_cert: str = ""
@@ -135,6 +153,11 @@ class Config:
         if not 0 <= self.inline_below_ms <= MAX_INLINE_MS:
             problems.append(f"inline_below_ms must be within [0, {MAX_INLINE_MS:g}] (it "
                             f"blocks the event loop that long), got {self.inline_below_ms}")
+        for name in ("max_connection_age_seconds", "max_connection_age_grace_seconds",
+                     "keepalive_time_seconds", "keepalive_timeout_seconds",
+                     "keepalive_min_ping_interval_seconds"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:

@@ -28,6 +28,7 @@ from service.admission import Admission
 from service.allocator import keep_freed_memory
 from service.calls import Calls
 from service.config import Config
+from service.connections import server_options
 from service.core import Core
 from service.explainer import ExplainerServicer
 from service.logging_setup import stop_writer
@@ -166,6 +167,11 @@ class SaliencyServer:
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
+            *server_options(self.config.max_connection_age_seconds,
+                            self.config.max_connection_age_grace_seconds,
+                            self.config.keepalive_time_seconds,
+                            self.config.keepalive_timeout_seconds,
+                            self.config.keepalive_min_ping_interval_seconds),
         ]
         interceptors = []
         tokens = load_tokens(self.config)
@@ -224,7 +230,9 @@ class SaliencyServer:
     async def stop(self, grace: float | None = None) -> int:
         """Drains, then closes the ports; returns how many workers are still busy.
 
-        Readiness turns NOT_SERVING and new work is refused (UNAVAILABLE). Waiting requests
+        Readiness turns NOT_SERVING, every connection is sent a GOAWAY and the port closes,
+        so clients send new calls to other replicas (calls already sent still arrive); a
+        call arriving meanwhile is refused (UNAVAILABLE). Waiting requests
         that would not finish within ``grace`` seconds are refused at once (UNAVAILABLE, so
         their clients retry elsewhere); the others run. When the grace period ends, what
         still waits is refused and what still executes is answered UNAVAILABLE, its worker
@@ -238,6 +246,10 @@ class SaliencyServer:
         if self._poller is not None:
             self._poller.cancel()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # gRPC's own stop sends the GOAWAY at once; its grace outlasts ours, which ends the
+        # calls itself (the second stop below then closes what is left).
+        goaway = (asyncio.ensure_future(self.server.stop(grace + WORKER_STOP_SECONDS + 1.0))
+                  if self.server is not None else None)
         drained = await self.admission.idle(ends - time.perf_counter())
         if not drained:
             stopped = self.calls.stop_running()
@@ -256,6 +268,8 @@ class SaliencyServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(REPLY_SECONDS)
+        if goaway is not None:
+            await goaway
         await closing
         self.executor.shutdown(wait=False, cancel_futures=True)
         reloading = self._reload_lock is not None and self._reload_lock.locked()
