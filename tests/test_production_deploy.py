@@ -132,15 +132,19 @@ def test_healthcheck_probe_reports_live_ready_and_down(repository: Path, tmp_pat
 
 
 def _documents() -> dict[str, dict[str, Any]]:
-    """Every resource the Kustomize base lists, by kind."""
+    """Every resource the Kustomize base lists, by kind (a second one of a kind, such as
+    the headless Service, as ``kind/name``)."""
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert kustomization["kind"] == "Kustomization"
     resources: dict[str, dict[str, Any]] = {}
     for name in kustomization["resources"]:
         for document in yaml.safe_load_all((K8S / name).read_text()):
             if document:
-                assert document["kind"] not in resources
-                resources[document["kind"]] = document
+                key = document["kind"]
+                if key in resources:
+                    key = f"{key}/{document['metadata']['name']}"
+                assert key not in resources
+                resources[key] = document
     listed = set(kustomization["resources"])
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == on_disk, "every manifest is in the base, and only those"
@@ -162,6 +166,8 @@ def test_manifests_validate_against_the_kubernetes_schemas() -> None:
         "PersistentVolumeClaim",
         "Deployment",
         "Service",
+        "Service/saliency-headless",
+        "PodDisruptionBudget",
         "HorizontalPodAutoscaler",
         "PodMonitor",
     }
@@ -172,7 +178,7 @@ def test_manifests_validate_against_the_kubernetes_schemas() -> None:
             validated.append(kind)
         except kubernetes_validate.SchemaNotFoundError:
             assert kind == "PodMonitor", f"{kind} has no schema"  # a CRD: checked below
-    assert len(validated) == 5
+    assert len(validated) == 7
     # The strict schemas do catch mistakes.
     broken = copy.deepcopy(documents["Deployment"])
     container = broken["spec"]["template"]["spec"]["containers"][0]
@@ -275,18 +281,71 @@ def test_security_context_resources_and_models_volume() -> None:
     assert claim == documents["PersistentVolumeClaim"]["metadata"]["name"]
 
 
-def test_autoscaler_targets_the_deployment_and_a_metric_the_server_exports() -> None:
+def _adapter_rules() -> list[dict[str, Any]]:
+    """The prometheus-adapter rules documented in deploy/k8s/README.md (its ``rules:``
+    YAML block)."""
+    text = (K8S / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
+    (rules,) = [yaml.safe_load(b) for b in blocks if b.startswith("rules:")]
+    return rules["rules"]["custom"]
+
+
+def test_autoscaler_scales_on_queue_metrics_the_server_exports() -> None:
+    """Each Pods metric of the HPA is the name a documented adapter rule gives, and that
+    rule reads metrics the server exports (a gauge, or a histogram's series)."""
     documents = _documents()
     hpa = documents["HorizontalPodAutoscaler"]["spec"]
     assert hpa["scaleTargetRef"]["kind"] == "Deployment"
     assert hpa["scaleTargetRef"]["name"] == documents["Deployment"]["metadata"]["name"]
-    kinds = {m["type"]: m for m in hpa["metrics"]}
-    assert kinds["Resource"]["resource"]["name"] == "cpu"
-    metric = kinds["Pods"]["pods"]["metric"]["name"]
+    pods = [m["pods"]["metric"]["name"] for m in hpa["metrics"] if m["type"] == "Pods"]
+    assert set(pods) == {"saliency_queue_wait_seconds", "saliency_queued_requests"}
+    rules = {rule["name"]["as"]: rule for rule in _adapter_rules()}
     exported = Metrics().exposition().decode()
-    assert re.search(rf"^# TYPE {metric} gauge$", exported, re.MULTILINE)
-    assert metric in (K8S / "README.md").read_text()  # the adapter rule is documented
+    families = set(re.findall(r"^# TYPE (\S+) (gauge|histogram)$", exported, re.MULTILINE))
+    series = {name for name, kind in families if kind == "gauge"} | {
+        f"{name}_{suffix}" for name, kind in families if kind == "histogram"
+        for suffix in ("sum", "count", "bucket")}
+    for metric in pods:
+        rule = rules[metric]
+        read = set(re.findall(r"saliency_[a-z_]+", rule["seriesQuery"] + rule["metricsQuery"]))
+        assert read and read <= series, (metric, read - series)
+        assert "<<.LabelMatchers>>" in rule["metricsQuery"]
+        assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
+
+
+def test_several_pods_all_get_traffic_and_stay_up() -> None:
+    """A headless Service beside the ClusterIP one (same pods, the gRPC port, ready pods
+    only); connections aged so ClusterIP clients move too; rollouts and disruptions never
+    take serving capacity below what it was; pods spread over nodes."""
+    documents = _documents()
+    pod = documents["Deployment"]["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    headless = documents["Service/saliency-headless"]["spec"]
+    assert headless["clusterIP"] == "None"
+    assert headless.get("publishNotReadyAddresses", False) is False
+    assert headless["selector"] == documents["Service"]["spec"]["selector"]
+    assert headless["selector"].items() <= labels.items()
+    (port,) = headless["ports"]
+    assert port["targetPort"] == "grpc" and port["port"] == DEFAULTS.port
+    assert documents["Service"]["spec"]["type"] == "ClusterIP"
+    data = documents["ConfigMap"]["data"]
+    assert float(data["SALIENCY_MAX_CONNECTION_AGE_SECONDS"]) > 0
+    # Clients ping every 30 s (service.connections); the server must accept that.
+    assert float(data["SALIENCY_KEEPALIVE_MIN_PING_INTERVAL_SECONDS"]) <= 30
+    strategy = documents["Deployment"]["spec"]["strategy"]
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+    assert strategy["rollingUpdate"]["maxSurge"] >= 1
+    budget = documents["PodDisruptionBudget"]["spec"]
+    assert budget["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["maxUnavailable"] == 1
+    assert budget["maxUnavailable"] < documents["HorizontalPodAutoscaler"]["spec"]["minReplicas"]
+    spread = {c["topologyKey"]: c for c in pod["spec"]["topologySpreadConstraints"]}
+    assert "kubernetes.io/hostname" in spread
+    for constraint in spread.values():
+        assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
+    # Readiness is the Explainer's health, SERVING only once models are loaded and warmed up.
+    assert _container(documents)["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
 
 
 def test_every_setting_has_a_flag_an_env_var_and_help() -> None:
