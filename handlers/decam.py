@@ -25,6 +25,11 @@ Our formulation (the paper fixes the principle, not these details):
   bounce-back into [0, 1] for mutants that leave it, a trial replacing its parent when it is
   at least as fit.
   ``patience`` generations without improvement of any image's best stop the search early.
+* ``max_forward_passes`` caps what one image may cost, the prediction included (Cost counts
+  every image's passes): the plan (``plan_search``) fits as many whole generations as the
+  budget allows, drops coarse refinement stages when it cannot pay for their start
+  populations, and spends the rest on a last generation that evaluates only the first
+  candidates (the others keep their parents), so the search spends the budget exactly.
 * ``refine`` (default on) runs coarse-to-fine stages (4 → 8 → … → grid, doubling), splitting
   the generations between stages; each stage starts from the previous stage's population
   upsampled. With it and ``sparsity`` 0.8 the maps put more of their mass on the object for
@@ -234,6 +239,54 @@ def split_generations(generations: int, stages: int) -> list[int]:
     return [base + (1 if i >= stages - extra else 0) for i in range(stages)]
 
 
+# Forward passes per image outside the search: the prediction (or the base probabilities).
+PREDICTION_PASSES = 1
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Stages, whole generations per stage, and the candidates per image of one last partial
+    generation (``tail``, 0 = none); ``budget_bound`` when the pass budget cut the plan."""
+
+    stages: tuple[int, ...]
+    generations: tuple[int, ...]
+    tail: int = 0
+    budget_bound: bool = False
+
+    @property
+    def steps(self) -> int:
+        return sum(self.generations) + (1 if self.tail else 0)
+
+
+def min_forward_passes(population: int, terms: int) -> int:
+    """The smallest pass budget per image: the prediction and one start population."""
+    return PREDICTION_PASSES + population * terms
+
+
+def plan_search(grid: int, refine: bool, generations: int, population: int, terms: int,
+                budget: int = 0) -> SearchPlan:
+    """What the search runs so that one image costs at most ``budget`` forward passes (0 =
+    ``generations`` whole generations, no budget). Each stage first evaluates its start
+    population; a stage is worth having only with at least one generation after it, so the
+    coarsest stages go first when the budget is short."""
+    stages = refine_stages(grid, refine)
+    if budget <= 0:
+        return SearchPlan(tuple(stages), tuple(split_generations(generations, len(stages))))
+    unit = population * terms  # passes per image of one whole evaluation of the population
+    spend = budget - PREDICTION_PASSES
+    evaluations = spend // unit
+    if evaluations < 1:
+        raise ValueError(f"budget {budget} is below {min_forward_passes(population, terms)}")
+    while len(stages) > 1 and evaluations < 2 * len(stages):
+        stages = stages[1:]
+    whole = min(generations, evaluations - len(stages))
+    tail = 0
+    if whole < generations:
+        tail = (spend - (len(stages) + whole) * unit) // terms
+    return SearchPlan(tuple(stages), tuple(split_generations(whole, len(stages))), tail,
+                      budget_bound=whole < generations)
+
+
 @dataclass(frozen=True)
 class DecamParams:
     """The search: mask grid, DE population and generations, DE rates, fitness weights."""
@@ -250,6 +303,7 @@ class DecamParams:
     strategy: str = param("best1bin", choices=STRATEGIES)
     refine: bool = param(True)
     patience: int = param(8, low=0)
+    max_forward_passes: int = param(0, low=0)
 
 
 @register
@@ -281,6 +335,14 @@ class Decam(Handler):
         if params.deletion_weight == 0 and params.preservation_weight == 0:
             raise InvalidInput("deletion_weight and preservation_weight are both 0: at least "
                                "one fitness term must query the model")
+        budget = int(params.max_forward_passes)
+        terms = int(params.preservation_weight > 0) + int(params.deletion_weight > 0)
+        least = min_forward_passes(int(params.population), terms)
+        if 0 < budget < least:
+            raise InvalidInput(
+                f"decam.max_forward_passes={budget} is below the {least} passes per image "
+                f"that the prediction and one population of {params.population} candidates "
+                f"× {terms} fitness term(s) need: raise it or lower decam.population")
 
     def repeats(self, model: ModelHandle) -> float:
         defaults = DecamParams()
@@ -308,29 +370,35 @@ def search_masks(job: Job, fitness_class: type[MaskFitness] = MaskFitness) -> At
         preservation=float(params.preservation_weight),
         deletion=float(params.deletion_weight),
         sparsity=float(params.sparsity)))
-    search = _Search(job, rng, fitness_of)
-    stages = refine_stages(int(params.grid), bool(params.refine))
+    plan = plan_search(int(params.grid), bool(params.refine), int(params.generations),
+                       int(params.population), fitness_of.terms, int(params.max_forward_passes))
+    search = _Search(job, rng, fitness_of, plan.steps)
     population: np.ndarray | None = None
-    for grid, generations in zip(stages, split_generations(int(params.generations),
-                                                            len(stages)), strict=True):
+    for index, (grid, generations) in enumerate(zip(plan.stages, plan.generations,
+                                                    strict=True)):
+        last = index == len(plan.stages) - 1
         if population is None:
             population = rng.random((job.batch, int(params.population), grid, grid))
         else:  # seed the finer stage with the coarser stage's population
             coarse = population.reshape(-1, *population.shape[2:])
             population = np.clip(upsample(coarse, grid, grid), 0.0, 1.0).reshape(
                 job.batch, -1, grid, grid)
-        population = search.run(population, generations)
+        population = search.run(population, generations, plan.tail if last else 0)
         if search.stopped:
             break
+    diagnostics = search.diagnostics()
+    if plan.budget_bound:
+        diagnostics["budget_bound"] = 1.0
     return Attribution(raw=upsample(search.best_grids(), height, width),
-                       diagnostics=search.diagnostics(), truncated=search.truncated)
+                       diagnostics=diagnostics,
+                       truncated=search.truncated or plan.budget_bound)
 
 
 class _Search:
     """The DE state of one request across refinement stages."""
 
-    def __init__(self, job: Job, rng: np.random.Generator, fitness_of: MaskFitness
-                 ) -> None:
+    def __init__(self, job: Job, rng: np.random.Generator, fitness_of: MaskFitness,
+                 total_steps: int) -> None:
         self.job = job
         self.rng = rng
         self.fitness_of = fitness_of
@@ -339,7 +407,7 @@ class _Search:
         self.crossover = float(params.crossover)
         self.strategy = str(params.strategy)
         self.patience = int(params.patience)
-        self.total_steps = int(params.generations)
+        self.total_steps = total_steps
         self.step = 0
         self.stopped = False  # truncated by the deadline: no further stages
         self.truncated = False
@@ -372,9 +440,10 @@ class _Search:
         self.truncated = True
         self.stopped = True
 
-    def run(self, population: np.ndarray, generations: int) -> np.ndarray:
+    def run(self, population: np.ndarray, generations: int, tail: int = 0) -> np.ndarray:
         """Evolves N×P×g×g ``population`` for up to ``generations`` (in place once it is
-        float64, like the trials); returns the last one."""
+        float64, like the trials), then, unless it converged, one generation in which only
+        the first ``tail`` trials are evaluated; returns the last population."""
         job = self.job
         batch, size = population.shape[:2]
         shape = population.shape[2:]
@@ -393,7 +462,8 @@ class _Search:
             return population
         self._track(population, fitness)
         vectors = population.reshape(batch, size, -1)
-        for _ in range(generations):
+        evaluated = [size] * generations + ([tail] if tail else [])
+        for count in evaluated:
             if self._out_of_time():
                 self._truncate()
                 break
@@ -401,11 +471,14 @@ class _Search:
             started = time.perf_counter()
             trial = de_generation(self.rng, vectors, fitness, self.mutation, self.crossover,
                                   self.strategy, self.block)
-            trial_fitness = self._evaluate(trial.reshape(batch, size, *shape))
+            trial_fitness = self._evaluate(trial.reshape(batch, size, *shape)[:, :count])
             if trial_fitness is None:
                 self._truncate()
                 break
+            if count < size:  # a partial generation: the other members keep their parents
+                trial_fitness = np.concatenate([trial_fitness, fitness[:, count:]], axis=1)
             better = trial_fitness >= fitness
+            better[:, count:] = False
             if vectors.dtype == trial.dtype:
                 np.copyto(vectors, trial, where=better[:, :, None])
             else:  # a refined stage starts float32; its trials are float64
@@ -418,7 +491,7 @@ class _Search:
             self._report()
             self.stale = 0 if improved else self.stale + 1
             if self.patience and self.stale >= self.patience:
-                break  # this stage converged; a finer stage may still improve
+                break  # this stage converged (no tail); a finer stage may still improve
         return vectors.reshape(batch, size, *shape)
 
     def _track(self, population: np.ndarray, fitness: np.ndarray) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from handlers import registry
-from handlers.decam import de_generation, refine_stages, split_generations
+from handlers.decam import de_generation, plan_search, refine_stages, split_generations
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.images import array_to_tensor, tensor_to_array
@@ -248,6 +248,9 @@ def test_same_seed_same_map_other_seed_other_map(plain_stub) -> None:
     ({"strategy": "best2exp"}, "strategy"),
     ({"patience": -1}, "patience"),
     ({"deletion_weight": 0.0, "preservation_weight": 0.0}, "deletion_weight"),
+    ({"max_forward_passes": -1}, "max_forward_passes"),
+    # Below the prediction and one start population: 1 + 6 candidates × 2 terms = 13.
+    ({"population": 6, "max_forward_passes": 12}, "max_forward_passes"),
 ])
 def test_invalid_params_are_invalid_argument_naming_the_parameter(
         plain_stub, params: dict, named: str) -> None:
@@ -303,3 +306,55 @@ def test_refined_search_streams_across_stages(plain_stub) -> None:
     result = updates[-1].result
     # Three stages, each evaluating its seeded population once, then 3 generations each.
     assert result.cost.forward_passes == 2 + 2 * 2 * 6 * (9 + 3)
+
+
+# ---- the pass budget -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budget", [13, 14, 40, 101])
+def test_pass_budget_is_spent_exactly_and_reported(plain_stub, budget: int) -> None:
+    """Population 6, two fitness terms: a whole evaluation is 12 passes per image, a candidate
+    2, so an image costs the budget, or one pass less when the rest after the prediction is
+    odd; never more. The budget cuts the 50 generations asked for."""
+    batch = 2
+    reply = plain_stub.Explain(decam_request(batch=batch, population=6, generations=50,
+                                             patience=0, max_forward_passes=budget), timeout=60)
+    assert reply.cost.forward_passes == batch * (1 + 2 * ((budget - 1) // 2))
+    assert reply.cost.truncated
+    assert reply.diagnostics["budget_bound"] == 1.0
+    assert 0 <= reply.diagnostics["generations_run"] < 50
+
+
+def test_pass_budget_with_one_fitness_term_is_spent_to_the_pass(plain_stub) -> None:
+    updates = list(plain_stub.ExplainStream(decam_request(
+        population=6, generations=50, patience=0, preservation_weight=0.0,
+        max_forward_passes=50), timeout=60))
+    result = updates[-1].result
+    assert result.cost.forward_passes == 2 * 50
+    assert all(u.progress.forward_passes <= 2 * 50 for u in updates[:-1])
+    assert updates[-2].progress.forward_passes == 2 * 50
+
+
+def test_a_budget_that_does_not_bind_changes_nothing(plain_stub) -> None:
+    params = {"population": 6, "generations": 3, "patience": 0}
+    free = plain_stub.Explain(decam_request(**params), timeout=60)
+    roomy = plain_stub.Explain(decam_request(**params, max_forward_passes=10_000), timeout=60)
+    assert roomy.cost.forward_passes == free.cost.forward_passes == 2 + 2 * 2 * 6 * (3 + 2)
+    assert not roomy.cost.truncated and "budget_bound" not in roomy.diagnostics
+    np.testing.assert_array_equal(tensor_to_array(roomy.saliency),
+                                  tensor_to_array(free.saliency))
+
+
+def test_search_plan_under_a_budget() -> None:
+    # No budget: the generations asked for, split between the stages 4 and 8.
+    assert plan_search(8, True, 30, 32, 2).generations == (15, 15)
+    # 330 passes: 5 evaluations of 64 → two stage starts and 3 whole generations, then
+    # (329 − 5·64) // 2 = 4 candidates.
+    plan = plan_search(8, True, 30, 32, 2, budget=330)
+    assert (plan.stages, plan.generations, plan.tail, plan.budget_bound) == (
+        (4, 8), (1, 2), 4, True)
+    # Too short for two stages and a generation after each: only the final grid.
+    plan = plan_search(8, True, 30, 32, 2, budget=1 + 3 * 64)
+    assert (plan.stages, plan.generations, plan.tail) == ((8,), (2,), 0)
+    assert plan_search(8, True, 30, 32, 2, budget=1 + 64).generations == (0,)
+    with pytest.raises(ValueError, match="below 65"):
+        plan_search(8, True, 30, 32, 2, budget=64)
