@@ -7,9 +7,19 @@ PORT ?= 50051
 METRICS_PORT ?= 9090
 MODELS ?= models
 
-.PHONY: setup serve test protos lint demo-model bench mar clean
+.PHONY: setup serve test protos lint demo-model fashion-model fashion-data bench mar clean
 
-setup: $(STAMP)
+setup: $(STAMP) fashion-data
+
+# Fashion-MNIST for the second shipped model and its tests: Debian's package, installed by apt
+# when running as root (CI); elsewhere the tests that need it skip and say how to install it.
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+fashion-data:
+	@test -f $(FASHION_DIR)/t10k-images-idx3-ubyte.gz || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			(apt-get install -y -qq dataset-fashion-mnist || \
+			 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+		else echo "Fashion-MNIST is not installed: run 'sudo apt-get install dataset-fashion-mnist'"; fi; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +34,7 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/saliency serve --ensure-demo --models $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
 
-test: $(STAMP)
+test: $(STAMP) fashion-data
 	$(BIN)/python -m pytest -q tests
 
 protos: $(STAMP)
@@ -38,6 +48,10 @@ lint: $(STAMP)
 # Rebuilds the shipped demo model package deterministically (trains on generated cells).
 demo-model: $(STAMP)
 	$(BIN)/saliency demo-model --models $(MODELS) --force
+
+# Rebuilds the shipped Fashion-MNIST package deterministically (needs dataset-fashion-mnist).
+fashion-model: $(STAMP) fashion-data
+	$(BIN)/saliency demo-model --fashion --models $(MODELS) --force
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all

@@ -202,3 +202,35 @@ class ResNet50Shape(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class FashionResNet(nn.Module):
+    """The demo's residual design for 1×28×28 grayscale images, with three scales.
+
+    Stem (3×3, stride 1) then three stages of one BasicBlock each, widths ``width`` ×1/2/4,
+    the second and third halving the resolution: scales of 28, 14 and 7 pixels; global
+    average pool and ``fc`` (the linear head FastCAM reads without a backward pass).
+    """
+
+    SCALE_MODULES: ClassVar[tuple[str, ...]] = ("layer1", "layer2", "layer3")
+    cam_layer: ClassVar[str] = "layer3"
+
+    def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 1) -> None:
+        super().__init__()
+        conv, bn = _conv_bn(in_channels, width, 3)
+        self.stem = nn.Sequential(conv, bn, nn.ReLU())
+        self.layer1 = nn.Sequential(BasicBlock(width, width))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, stride=2))
+        self.layer3 = nn.Sequential(BasicBlock(2 * width, 4 * width, stride=2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_classes)
+        _init_weights(self)
+
+    @classmethod
+    def scale_modules(cls) -> list[str]:
+        """Submodules whose (post-ReLU) outputs end each spatial scale, finest first."""
+        return list(cls.SCALE_MODULES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))

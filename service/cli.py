@@ -120,8 +120,16 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from service.demo_package import ensure_demo_package  # noqa: PLC0415
+    from evaluation.fashion_mnist import DatasetMissing  # noqa: PLC0415
+    from service.demo_package import ensure_demo_package, ensure_fashion_package  # noqa: PLC0415
 
+    if args.fashion:
+        try:
+            path = ensure_fashion_package(Path(args.models), force=args.force)
+        except DatasetMissing as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        print(f"Fashion-MNIST model package: {path}")
+        return 0
     path = ensure_demo_package(Path(args.models), force=args.force)
     print(f"demo model package: {path}")
     return 0
@@ -215,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-model", help="train and export the demo model package")
     demo.add_argument("--models", default="models")
     demo.add_argument("--force", action="store_true")
+    demo.add_argument("--fashion", action="store_true",
+                      help="the Fashion-MNIST model (models/fashion/1) instead of the demo")
     demo.set_defaults(run=_demo_model)
 
     evaluate = commands.add_parser(
