@@ -390,7 +390,8 @@ def rss_kib(pid: int) -> int:
 class ServerProcess:
     """``saliency serve`` on a free loopback port in a subprocess; a context manager.
 
-    ``flags`` are extra config flags, e.g. ``{"max_inflight": 2, "max_queue": 2}``.
+    ``flags`` are extra config flags, e.g. ``{"max_inflight": 2, "max_queue": 2}``;
+    ``root`` is the source tree it runs from (another commit's worktree for an A/B run).
     """
 
     def __init__(
@@ -399,8 +400,10 @@ class ServerProcess:
         flags: dict[str, Any] | None = None,
         log_path: Path | None = None,
         ready_timeout: float = 180.0,
+        root: Path = ROOT,
     ) -> None:
         self.models = Path(models)
+        self.root = Path(root)
         self.flags = dict(flags or {})
         self.port = free_port()
         self.log_path = log_path or Path(
@@ -438,10 +441,11 @@ class ServerProcess:
         ]
         for key, value in self.flags.items():
             command += ["--" + key.replace("_", "-"), str(value)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ,
+                   PYTHONPATH=str(self.root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with self.log_path.open("wb") as log_file:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+                command, cwd=self.root, env=env, stdout=log_file, stderr=subprocess.STDOUT
             )
         self._wait_ready()
         return self
