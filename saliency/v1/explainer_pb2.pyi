@@ -481,23 +481,27 @@ class MethodInfo(_message.Message):
     def __init__(self, method: _Optional[_Union[Method, str]] = ..., name: _Optional[str] = ..., engine: _Optional[str] = ..., defaults: _Optional[_Mapping[str, str]] = ..., mean_seconds: _Optional[float] = ..., measured_requests: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("shape", "dtype", "layout", "mean", "std", "value_range")
+    __slots__ = ("shape", "dtype", "layout", "mean", "std", "value_range", "name", "batch_size")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
     VALUE_RANGE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
     layout: str
     mean: _containers.RepeatedScalarFieldContainer[float]
     std: _containers.RepeatedScalarFieldContainer[float]
     value_range: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., value_range: _Optional[_Iterable[float]] = ...) -> None: ...
+    name: str
+    batch_size: int
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., value_range: _Optional[_Iterable[float]] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("status", "input", "class_labels", "scale_outputs", "cam_layer", "methods", "metadata")
+    __slots__ = ("status", "input", "class_labels", "scale_outputs", "cam_layer", "methods", "metadata", "output_kind")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -512,6 +516,7 @@ class ModelInfo(_message.Message):
     CAM_LAYER_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_KIND_FIELD_NUMBER: _ClassVar[int]
     status: ModelStatus
     input: InputSpec
     class_labels: _containers.RepeatedScalarFieldContainer[str]
@@ -519,4 +524,5 @@ class ModelInfo(_message.Message):
     cam_layer: str
     methods: _containers.RepeatedCompositeFieldContainer[MethodInfo]
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, status: _Optional[_Union[ModelStatus, _Mapping]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., class_labels: _Optional[_Iterable[str]] = ..., scale_outputs: _Optional[_Iterable[str]] = ..., cam_layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    output_kind: str
+    def __init__(self, status: _Optional[_Union[ModelStatus, _Mapping]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., class_labels: _Optional[_Iterable[str]] = ..., scale_outputs: _Optional[_Iterable[str]] = ..., cam_layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., output_kind: _Optional[str] = ...) -> None: ...
