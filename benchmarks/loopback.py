@@ -178,6 +178,9 @@ class ConnectionProxy:
         try:
             await asyncio.gather(self._pipe(reader, upstream_writer),
                                  self._pipe(upstream_reader, writer))
+        except asyncio.CancelledError:  # the proxy is stopping
+            upstream_writer.close()
+            writer.close()
         finally:
             self.open[backend] -= 1
 
@@ -195,9 +198,18 @@ class ConnectionProxy:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    async def _close(self) -> None:
+        """Stops listening and ends every connection still copied."""
+        if self._server is not None:
+            self._server.close()
+        current = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def stop(self) -> None:
         if self._background is not None:
-            if self._server is not None:
-                self._background.loop.call_soon_threadsafe(self._server.close)
+            self._background.run(self._close())
             self._background.close()
             self._background = None

@@ -18,8 +18,9 @@ from typing import Any
 
 from benchmarks.common import RESULTS, ROOT, base_parser, machine_info
 
-# grpc_floor: a server peers starts; memory: run on its own (python -m benchmarks.memory).
-NOT_SUITES = {"__init__", "common", "run_all", "grpc_floor", "memory"}
+# grpc_floor: a server peers starts; memory: run on its own (python -m benchmarks.memory);
+# loopback: the network stand-ins of replicas.
+NOT_SUITES = {"__init__", "common", "run_all", "grpc_floor", "memory", "loopback"}
 # Fast suites first; the long peer comparison last.
 ORDER = (
     "gradients",
@@ -29,6 +30,7 @@ ORDER = (
     "localization",
     "scaling",
     "load",
+    "replicas",
     "peers",
 )
 
