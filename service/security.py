@@ -1,13 +1,15 @@
 """Transport security and authentication: TLS/mutual TLS credentials and bearer tokens.
 
-Tokens travel in the ``authorization: Bearer <token>`` metadata and are compared
-in constant time. Health checks stay open so that probes need no secret.
+Tokens travel in the ``authorization: Bearer <token>`` metadata (gRPC) or header (HTTP),
+the same ones for both, and are compared in constant time. Health checks stay open so that
+probes need no secret.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,35 @@ def load_tokens(config: Config) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+def bearer_token_valid(authorization: str | bytes, tokens: tuple[bytes, ...]) -> bool:
+    """Whether an ``authorization`` value (metadata or HTTP header) is ``Bearer <token>``
+    with an accepted token."""
+    text = (authorization.decode(errors="replace") if isinstance(authorization, bytes)
+            else str(authorization))
+    scheme, _, token = text.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    candidate = token.strip().encode()
+    # Compare against every token so timing does not reveal which one matched.
+    matches = [hmac.compare_digest(candidate, known) for known in tokens]
+    return any(matches)
+
+
+def http_ssl_options(config: Config) -> dict[str, Any]:
+    """uvicorn's TLS settings from the same PEM files as gRPC's (mutual TLS with a client
+    CA); empty when TLS is off."""
+    if not config.tls:
+        return {}
+    for path, name in ((config.tls_cert, "tls_cert"), (config.tls_key, "tls_key"),
+                       (config.tls_client_ca, "tls_client_ca")):
+        if path:
+            _read(path, name)  # a clear exit for an unreadable file, as for gRPC
+    options: dict[str, Any] = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}
+    if config.tls_client_ca:
+        options |= {"ssl_ca_certs": config.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without a valid bearer token with UNAUTHENTICATED."""
 
@@ -63,16 +94,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def _authorized(self, metadata: tuple[tuple[str, Any], ...] | None) -> bool:
         for key, value in metadata or ():
-            if key.lower() != "authorization":
-                continue
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.partition(" ")
-            if scheme.lower() != "bearer":
-                return False
-            candidate = token.strip().encode()
-            # Compare against every token so timing does not reveal which one matched.
-            matches = [hmac.compare_digest(candidate, known) for known in self._tokens]
-            return any(matches)
+            if key.lower() == "authorization":
+                return bearer_token_valid(value, self._tokens)
         return False
 
     async def intercept_service(

@@ -31,6 +31,9 @@ from service.config import Config
 from service.connections import server_options
 from service.core import Core
 from service.explainer import ExplainerServicer
+from service.explorer_routes import routes as explorer_routes
+from service.http_api import build_app
+from service.http_server import HttpServer
 from service.logging_setup import stop_writer
 from service.metrics import Metrics
 from service.security import BearerTokenInterceptor, load_tokens, server_credentials
@@ -85,8 +88,10 @@ class SaliencyServer:
                                    config.max_queue_wait_ms / 1000.0)
         self.calls = Calls(self.core, self.metrics, self.admission, self.executor)
         self.servicer = ExplainerServicer(self.calls)
+        self.http: HttpServer | None = None
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
         self._fingerprint: tuple[tuple[str, int, int], ...] = ()
         self._reload_lock: asyncio.Lock | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -137,8 +142,12 @@ class SaliencyServer:
             )
             return True
 
+    def ready(self) -> bool:
+        """At least one model is ready and the server is not draining."""
+        return self.repository.any_ready() and not self._stopping
+
     async def _update_readiness(self) -> None:
-        ready = self.repository.any_ready() and not self._stopping
+        ready = self.ready()
         await self.health.set(
             SERVICE_NAME,
             health_pb2.HealthCheckResponse.SERVING
@@ -206,22 +215,30 @@ class SaliencyServer:
         await self.server.start()
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+        if self.config.http_port >= 0:
+            app = build_app(self.calls, self.metrics, tokens, self.ready,
+                            self.config.max_message_bytes, explorer_routes())
+            self.http = HttpServer(app, self.config,
+                                   self.config.grace_seconds + WORKER_STOP_SECONDS + 1.0)
+            self.http_port = await self.http.start()
         await asyncio.get_running_loop().run_in_executor(self.executor, self.load_models)
         await self._update_readiness()
         if self.config.reload_interval_seconds > 0:
             self._poller = asyncio.ensure_future(self._poll(self.config.reload_interval_seconds))
         ready = sum(h.ready for h in self.repository.handles())
         log.info(
-            "serving on %s:%d (metrics on :%d, %s); %d model(s) ready",
+            "serving on %s:%d (metrics on :%d, HTTP on :%d, %s); %d model(s) ready",
             self.config.host,
             self.port,
             self.metrics_port,
+            self.http_port if self.http is not None else -1,
             "TLS" if self.config.tls else "plaintext",
             ready,
             extra={
                 "event": "serving",
                 "port": self.port,
                 "metrics_port": self.metrics_port,
+                "http_port": self.http_port,
                 "models_ready": ready,
             },
         )
@@ -250,6 +267,8 @@ class SaliencyServer:
         # calls itself (the second stop below then closes what is left).
         goaway = (asyncio.ensure_future(self.server.stop(grace + WORKER_STOP_SECONDS + 1.0))
                   if self.server is not None else None)
+        if self.http is not None:
+            self.http.close()  # new HTTP connections are refused; calls in flight go on
         drained = await self.admission.idle(ends - time.perf_counter())
         if not drained:
             stopped = self.calls.stop_running()
@@ -270,6 +289,8 @@ class SaliencyServer:
             await self.server.stop(REPLY_SECONDS)
         if goaway is not None:
             await goaway
+        if self.http is not None:
+            await self.http.stop()
         await closing
         self.executor.shutdown(wait=False, cancel_futures=True)
         reloading = self._reload_lock is not None and self._reload_lock.locked()

@@ -1,0 +1,116 @@
+"""The web explorer's routes: its static files at ``/``, a synthetic cell with its ground
+truth, the evaluation report's cost-vs-quality figures, and the OpenAPI description."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate
+from service.openapi import spec
+
+STATIC = Path(__file__).resolve().parent / "explorer"
+REPORT = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
+CELL_SIZES = (16, 512)
+
+
+def _png(pixels: np.ndarray) -> str:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def cell(index: int, size: int) -> dict[str, Any]:
+    """Cell ``index`` of the test set at ``size`` px: the image, its class and its ground
+    truth (0.9 on the discriminative part, 0.4 on the rest of the object)."""
+    batch = generate(1, CellConfig(size=size, backgrounds=TEST_CONFIG.backgrounds,
+                                   seed=TEST_CONFIG.seed), start=index)
+    truth = np.clip(batch.heatmaps[0] / 0.9 * 255.0, 0, 255).astype(np.uint8)
+    label = int(batch.labels[0])
+    return {"image": _png(batch.images[0]), "ground_truth": _png(truth),
+            "class_index": label, "label": CLASS_NAMES[label], "index": index, "size": size}
+
+
+def _error(status: int, name: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": status, "status": name, "message": message,
+                                   "request_id": ""}}, status_code=status)
+
+
+async def cell_route(request: Request) -> Response:
+    try:
+        index = int(request.query_params.get("index", "0"))
+        size = int(request.query_params.get("size", "128"))
+    except ValueError:
+        return _error(400, "INVALID_ARGUMENT", "index and size must be integers")
+    low, high = CELL_SIZES
+    if index < 0 or not low <= size <= high:
+        return _error(400, "INVALID_ARGUMENT",
+                      f"index must be >= 0 and size within [{low}, {high}], got {index}, {size}")
+    return JSONResponse(await run_in_threadpool(cell, index, size))
+
+
+def evaluation_rows(text: str) -> list[dict[str, Any]]:
+    """Method, engine, p50 ms and RCAP of each row of the report's table (★ = on the
+    cost-vs-quality front)."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    if not lines:
+        return []
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    wanted = {"method": "method", "engine": "engine", "p50 ms": "p50_ms", "RCAP ↑": "rcap"}
+    if not set(wanted) <= set(header):
+        return []
+    rows = []
+    for line in lines[2:]:
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=False))
+        try:
+            row = {"method": cells["method"].replace("★", "").strip(),
+                   "engine": cells["engine"], "p50_ms": float(cells["p50 ms"]),
+                   "rcap": float(cells["RCAP ↑"]), "front": "★" in cells["method"]}
+        except (KeyError, ValueError):
+            continue
+        rows.append(row)
+    return rows
+
+
+async def evaluation_route(request: Request) -> Response:
+    if not REPORT.is_file():
+        return _error(404, "NOT_FOUND", f"no evaluation report at {REPORT}")
+    text = REPORT.read_text()
+    title = next((line[2:] for line in text.splitlines() if line.startswith("# ")), "")
+    return JSONResponse({"title": title, "rows": evaluation_rows(text),
+                         "report": "/explorer/evaluation.md"})
+
+
+async def report_route(request: Request) -> Response:
+    if not REPORT.is_file():
+        return _error(404, "NOT_FOUND", f"no evaluation report at {REPORT}")
+    return PlainTextResponse(REPORT.read_text(), media_type="text/markdown; charset=utf-8")
+
+
+async def index_route(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html")
+
+
+async def openapi_route(request: Request) -> Response:
+    return JSONResponse(spec())
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/", index_route, methods=["GET"]),
+        Route("/openapi.json", openapi_route, methods=["GET"]),
+        Route("/explorer/cell", cell_route, methods=["GET"]),
+        Route("/explorer/evaluation", evaluation_route, methods=["GET"]),
+        Route("/explorer/evaluation.md", report_route, methods=["GET"]),
+        Mount("/explorer", StaticFiles(directory=STATIC), name="explorer"),
+    ]

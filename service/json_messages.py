@@ -1,0 +1,91 @@
+"""The ``saliency.v1`` messages as JSON: the proto's JSON mapping with the proto field names.
+
+Parsing also takes an enum value by its short lower-case name (``"gradcam"`` for
+``METHOD_GRADCAM``, ``"blur"`` for ``BASELINE_BLUR``), the spelling ``GetModel``'s defaults
+and the CLI use; a value that is neither is refused with the list of valid names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, EnumDescriptor
+from google.protobuf.message import Message
+
+from kernel.errors import InvalidInput
+
+M = TypeVar("M", bound=Message)
+
+
+def enum_prefix(enum: EnumDescriptor) -> str:
+    """``METHOD_`` for ``Method`` (the prefix its zero value carries)."""
+    return enum.values[0].name.rsplit("_", 1)[0] + "_"
+
+
+def short_name(enum: EnumDescriptor, name: str) -> str:
+    """``METHOD_GRADCAM`` → ``gradcam``."""
+    return name.removeprefix(enum_prefix(enum)).lower()
+
+
+def enum_value_name(enum: EnumDescriptor, text: str, where: str) -> str:
+    """The full value name for ``text``, a full or short name of one of ``enum``'s values."""
+    if text in enum.values_by_name:
+        return text
+    full = enum_prefix(enum) + text.upper()
+    if full in enum.values_by_name:
+        return full
+    valid = ", ".join(short_name(enum, v.name) for v in enum.values if v.number != 0)
+    raise InvalidInput(f"{where}={text!r} is not a {enum.name} value; valid values: {valid}")
+
+
+def _with_full_enum_names(descriptor: Descriptor, value: Any, where: str) -> Any:
+    """``value`` (a JSON object for ``descriptor``) with short enum names made full."""
+    if not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for key, item in value.items():
+        field = descriptor.fields_by_name.get(key) or next(
+            (f for f in descriptor.fields if f.json_name == key), None)
+        if field is None:
+            continue
+        path = f"{where}.{field.name}" if where else field.name
+        if field.enum_type is not None:
+            def convert(text: Any, enum: EnumDescriptor = field.enum_type,
+                        path: str = path) -> Any:
+                return enum_value_name(enum, text, path) if isinstance(text, str) else text
+
+            out[key] = ([convert(v) for v in item] if field.is_repeated and isinstance(item, list)
+                        else convert(item))
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            if field.is_repeated and isinstance(item, list):
+                out[key] = [_with_full_enum_names(field.message_type, v, path) for v in item]
+            else:
+                out[key] = _with_full_enum_names(field.message_type, item, path)
+    return out
+
+
+def parse(value: Any, message_class: type[M]) -> M:
+    """A message from its JSON form; a malformed one is the client's mistake (INVALID_ARGUMENT
+    naming the field)."""
+    if not isinstance(value, dict):
+        raise InvalidInput(f"the body must be a JSON object ({message_class.DESCRIPTOR.name}), "
+                           f"got {type(value).__name__}")
+    message = message_class()
+    try:
+        json_format.ParseDict(_with_full_enum_names(message.DESCRIPTOR, value, ""), message)
+    except json_format.ParseError as exc:
+        raise InvalidInput(f"invalid {message.DESCRIPTOR.name}: {_first_line(exc)}") from exc
+    return message
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    """A message's JSON form: proto field names, every field present (defaults included),
+    64-bit integers as numbers while they fit a double exactly, bytes as base64."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True,
+                                     unquote_int64_if_possible=True)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0].replace('"', "'")
