@@ -22,9 +22,11 @@ is measured in alternating rounds, so both see the same machine load.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
+import tempfile
 import threading
 import time
 import urllib.request
@@ -301,6 +303,21 @@ def added_replica(replicas: list[Replica], port: int, request: pb.ExplainRequest
     return rows
 
 
+def answered_while_draining(log_path: Path) -> dict[str, int]:
+    """Status codes of the requests a replica answered after its SIGTERM (its JSON log)."""
+    codes: Counter[str] = Counter()
+    draining = False
+    for line in log_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        draining = draining or entry.get("event") == "draining"
+        if draining and entry.get("event") == "request":
+            codes[entry.get("code", "?")] += 1
+    return dict(codes)
+
+
 def sigterm_replica(replicas: list[Replica], port: int, request: pb.ExplainRequest,
                     seconds: float) -> dict[str, Any]:
     """4 threads over 3 replicas (headless); replica 2 gets SIGTERM mid-run and is left in
@@ -331,6 +348,7 @@ def sigterm_replica(replicas: list[Replica], port: int, request: pb.ExplainReque
     return {"threads": 4, **summary(tally, seconds), "lost": tally.sent - tally.ok,
             "in_flight_at_sigterm": across, "answered_after_exit": after,
             "exit_code": stopped["exit_code"],
+            "victim_answered_while_draining": answered_while_draining(victim.log_path),
             "seconds_to_exit": round(stopped["exited"] - signalled, 3)}
 
 
@@ -342,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     hosts = loopback_addresses(3)
     port = free_port_on(hosts)
     models = demo_repository()
-    logs = Path(args.out) / "replicas-logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="saliency-replicas-"))
     replicas = [Replica(models, host, port, logs / f"{host}.log") for host in hosts]
     image = png_images(1, 128)[0]
 
@@ -360,22 +377,30 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with ThreadPoolExecutor(len(replicas)) as starting:
         list(starting.map(lambda r: r.start(), replicas))
-    print(f"3 replicas ready in {time.monotonic() - started:.1f} s on port {port}")
+    report: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        report.append(text)
+
+    say(f"3 replicas ready in {time.monotonic() - started:.1f} s; one worker and one "
+        f"intra-op thread each; connections aged after {AGE_SECONDS:g} s")
     try:
         spread = distribution(replicas, port, cheap, seconds)
-        print("\ndistribution over 3 replicas (gradcam):")
-        print(table([{k: v for k, v in row.items() if k != "served"} for row in spread]))
+        say(f"\ndistribution of gradcam calls over 3 replicas, {seconds:g} s:")
+        say(table([{k: v for k, v in row.items() if k != "served"} for row in spread]))
         scaling = throughput(replicas, {"gradcam": cheap, "integrated_gradients-32": integrated},
                              seconds=2.0 if quick else 5.0, rounds=2 if quick else 3)
-        print("\nthroughput, 1 vs 2 replicas of one thread each (alternating rounds):")
-        print(table(scaling))
+        say("\nthroughput (responses/s), 1 vs 2 replicas of one thread each, alternating "
+            "rounds; cores = the replicas' CPU seconds per second:")
+        say(table(scaling))
         added = added_replica(replicas, port, cheap, seconds)
-        print(f"\na replica added mid-run (connection age {AGE_SECONDS:g} s):")
-        print(table([{k: v for k, v in row.items() if k not in ("served", "share")}
-                     for row in added]))
+        say(f"\na replica added mid-run (connection age {AGE_SECONDS:g} s):")
+        say(table([{k: v for k, v in row.items() if k not in ("served", "share")}
+                   for row in added]))
         failover = sigterm_replica(replicas, port, integrated, seconds)
-        print("\nSIGTERM on one of 3 replicas mid-run (integrated_gradients-32):")
-        print(table([failover]))
+        say("\nSIGTERM on one of 3 replicas mid-run (integrated_gradients-32, headless):")
+        say(table([failover]))
     finally:
         for replica in replicas:
             replica.stop()
@@ -383,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": quick, "age_seconds": AGE_SECONDS, "resolve_ms": RESOLVE_MS,
         "replica_flags": REPLICA_FLAGS, "seconds": seconds, "distribution": spread,
         "throughput": scaling, "added_replica": added, "sigterm": failover,
+        "report": "\n".join(report),
     }, args.out)
     print(f"\nwrote {path}")
     return 0
