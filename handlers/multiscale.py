@@ -27,10 +27,11 @@ from handlers.base import (
 )
 from handlers.cam import grad_cam
 from handlers.linear_head import linear_head
-from handlers.lovi_picture import lovi_rgb, png
+from handlers.lovi_picture import lovi_picture
 from handlers.registry import register
 from handlers.resize import upsample
 from handlers.smoe import NORMALIZATIONS, combine, combined_map, layer_maps, smoe_scale
+from kernel.drawing import png
 from kernel.errors import InvalidInput
 from kernel.params import param
 from kernel.repository import ModelHandle
@@ -121,7 +122,7 @@ class SmoeScale(MultiScaleHandler):
             return self.combined(job)
         layers = self.per_scale(job)
         if self.renders(job):
-            return Attribution(raw=layers, overlays=tuple(png(lovi_rgb(item))
+            return Attribution(raw=layers, overlays=tuple(png(lovi_picture(item))
                                                           for item in layers))
         return layers
 

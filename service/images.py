@@ -1,4 +1,4 @@
-"""Conversions between the wire format and arrays: tensors, encoded images, overlays.
+"""Conversions between the wire format and arrays: tensors, encoded images, display pixels.
 
 Decoding validates everything a client can get wrong (shape, dtype, byte
 length, NaN/Inf, undecodable images) and says what was expected.
@@ -11,7 +11,7 @@ import math
 import re
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from kernel.errors import InvalidInput
 from saliency.v1 import explainer_pb2 as pb
@@ -161,31 +161,3 @@ def to_uint8_rgb(model_input: np.ndarray, mean: list[float], std: list[float],
     if unit.shape[1] == 1:
         unit = np.repeat(unit, 3, axis=1)
     return (unit[:, :3].transpose(0, 2, 3, 1) * 255.0 + 0.5).astype(np.uint8)
-
-
-def _jet(values: np.ndarray) -> np.ndarray:
-    """A dependency-free jet-like colormap: [0,1] → uint8 RGB."""
-    v = np.clip(values, 0.0, 1.0)[..., None]
-    rgb = np.clip(1.5 - np.abs(4.0 * v - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
-    return (rgb * 255.0).astype(np.uint8)
-
-
-def overlay_png(image: np.ndarray, saliency: np.ndarray, caption: str = "",
-                alpha: float = 0.5) -> bytes:
-    """Blends a [0,1] map over a uint8 H×W×3 image, adds a colour bar and caption; PNG bytes."""
-    heat = _jet(saliency)
-    blended = (image.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha)
-    canvas = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
-    if caption:
-        width, height = canvas.size
-        bar_height = 14
-        legend = np.zeros((bar_height * 2, width, 3), np.uint8)
-        legend[:bar_height] = _jet(np.linspace(0.0, 1.0, width))[None]
-        framed = Image.new("RGB", (width, height + 2 * bar_height))
-        framed.paste(canvas, (0, 0))
-        framed.paste(Image.fromarray(legend), (0, height))
-        ImageDraw.Draw(framed).text((2, height + bar_height), caption, fill=(255, 255, 255))
-        canvas = framed
-    out = io.BytesIO()
-    canvas.save(out, format="PNG")
-    return out.getvalue()

@@ -1,24 +1,35 @@
-"""Captioned PNG overlays of saliency maps on the pictures they explain."""
+"""Captioned PNG overlays of saliency maps on the pictures they explain, and panels of
+several side by side."""
 
 from __future__ import annotations
 
-import numpy as np
+import io
 
+import numpy as np
+from PIL import Image
+
+from kernel.drawing import heat_picture, png, row
 from kernel.repository import InputSpec
 from kernel.request import CostCounter
-from service.images import overlay_png, to_uint8_rgb
+from service.images import to_uint8_rgb
 
 
 def captioned_overlays(inputs: np.ndarray, spec: InputSpec, maps: np.ndarray,
                        targets: np.ndarray, labels: tuple[str, ...], method: str,
                        cost: CostCounter, wall_seconds: float) -> list[bytes]:
-    """One PNG per item: the input picture under its map, captioned with the method, the
-    explained class and the request's cost."""
+    """One PNG per item: the input picture under its map, at a legible size, with a ticked
+    colour bar and a caption (method, explained class, the request's cost) that wraps."""
     pictures = to_uint8_rgb(inputs, list(spec.mean), list(spec.std), spec.value_range)
     overlays = []
     for index, picture in enumerate(pictures):
         label = labels[targets[index]] if labels else targets[index]
         caption = (f"{method} · {label} · fwd {cost.forward_passes} "
                    f"bwd {cost.backward_passes} · {wall_seconds * 1000:.0f} ms")
-        overlays.append(overlay_png(picture, maps[index], caption))
+        overlays.append(png(heat_picture(picture, maps[index], caption)))
     return overlays
+
+
+def panel_png(overlays: list[bytes], title: str = "") -> bytes:
+    """Overlays (PNG, as the service returns them) side by side in one PNG, under a title."""
+    pictures = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in overlays]
+    return png(row(pictures, title))

@@ -23,7 +23,7 @@ def test_explain_writes_an_overlay_png(server, tmp_path: Path,
     assert code == 0
     picture = Image.open(io.BytesIO(out.read_bytes()))
     assert picture.format == "PNG"
-    assert picture.size[0] == 32 and picture.size[1] > 32  # the map plus its legend strip
+    assert picture.size[0] == 256 and picture.size[1] > 256  # the map enlarged, bar, caption
     printed = capsys.readouterr().out
     assert "prediction:" in printed
     assert "forward 2 backward 1" in printed

@@ -172,7 +172,7 @@ def test_overlay_png_is_returned(stub) -> None:
                                          return_overlay=True), timeout=30)
     assert len(reply.overlays) == 2
     image = Image.open(io.BytesIO(reply.overlays[0]))
-    assert image.format == "PNG" and image.size[0] == 32
+    assert image.format == "PNG" and image.size[0] == 256  # 32×32 enlarged to be legible
 
 
 def test_stream_ends_with_the_result(stub) -> None:
