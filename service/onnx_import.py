@@ -29,7 +29,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from handlers import registry
 from kernel.outputs import LOGITS, OUTPUT_KINDS, PROBABILITIES, SIGMOID
 from kernel.repository import FORMAT_VERSION, LAYOUTS, ONNX_FILE
 from service.packages import staged_package, write_manifest
@@ -323,8 +322,6 @@ def import_onnx(
                   "value_range": list(value_range)},
         "outputs": {"logits": output_name, "kind": kind},
         "class_labels": labels,
-        "methods": [h.name for h in registry.handlers() if not h.needs_torch
-                    and not h.needs_scales],
         "exporter": {"tool": "saliency import", "source": source.name,
                      "producer": f"{model.producer_name} {model.producer_version}".strip(),
                      "onnx": onnx.__version__, "onnxruntime": ort.__version__,
