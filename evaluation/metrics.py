@@ -30,6 +30,9 @@ import numpy as np
 import onnxruntime as ort
 from scipy.ndimage import gaussian_filter
 
+from kernel.outputs import LOGITS, probabilities
+from kernel.outputs import softmax as softmax  # the metrics module has always offered it
+
 FIVE_BAND_THRESHOLDS = (-0.7, -0.3, 0.3, 0.7)
 SOFT_DELTA = 0.02
 SOFT_STEPS = 11
@@ -180,6 +183,7 @@ class OnnxClassifier:
     value_range: tuple[float, float] = (0.0, 1.0)
     input_name: str = "input"
     logits_output: str = "logits"
+    output_kind: str = LOGITS  # kernel.outputs: what the class-score output holds
     batch_size: int = 32
     forward_passes: int = 0
 
@@ -198,6 +202,7 @@ class OnnxClassifier:
                    value_range=tuple(spec.get("value_range", (0.0, 1.0))),
                    input_name=spec.get("name", "input"),
                    logits_output=manifest.get("outputs", {}).get("logits", "logits"),
+                   output_kind=manifest.get("outputs", {}).get("kind", LOGITS),
                    batch_size=batch_size)
 
     @property
@@ -214,16 +219,11 @@ class OnnxClassifier:
         for begin in range(0, len(images), self.batch_size):
             part = np.asarray(images[begin:begin + self.batch_size], np.float32)
             x = (part.transpose(0, 3, 1, 2) * (high - low) + low - mean) / std
-            (logits,) = self.session.run([self.logits_output],
+            (scores,) = self.session.run([self.logits_output],
                                          {self.input_name: np.ascontiguousarray(x, np.float32)})
             self.forward_passes += len(part)
-            out.append(softmax(logits))
+            out.append(probabilities(scores, self.output_kind))
         return np.concatenate(out)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def _target_probability(model: Probabilities, images: np.ndarray, targets: np.ndarray,
