@@ -58,15 +58,16 @@ class ClientGone(Cancelled):
     """The client closed the connection before the answer."""
 
 
-def error_body(code: grpc.StatusCode, message: str, request_id: str) -> dict[str, Any]:
-    return {"error": {"code": http_status_of(code), "status": code.name, "message": message,
-                      "request_id": request_id}}
+def error_body(code: grpc.StatusCode, message: str, request_id: str,
+               http_status: int | None = None) -> dict[str, Any]:
+    return {"error": {"code": http_status or http_status_of(code), "status": code.name,
+                      "message": message, "request_id": request_id}}
 
 
 def error_response(error: ServiceError, request_id: str) -> JSONResponse:
     code = status_of(error)
     status = 413 if isinstance(error, BodyTooLarge) else http_status_of(code)
-    return JSONResponse(error_body(code, str(error), request_id), status_code=status,
+    return JSONResponse(error_body(code, str(error), request_id, status), status_code=status,
                         headers={REQUEST_ID_HEADER: request_id})
 
 
@@ -387,8 +388,9 @@ async def _not_found(request: Request, exc: Exception) -> Response:
         status, grpc.StatusCode.INVALID_ARGUMENT)
     message = (f"no route {request.method} {request.url.path}; the routes are listed at "
                "/openapi.json")
-    body = error_body(code, message, request_id_from(request.headers.get(REQUEST_ID_HEADER)))
-    return JSONResponse(body, status_code=status)
+    request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+    return JSONResponse(error_body(code, message, request_id, status), status_code=status,
+                        headers={REQUEST_ID_HEADER: request_id})
 
 
 def build_app(calls: Calls, metrics: Metrics, tokens: tuple[str, ...],
