@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from google.protobuf import json_format
 
@@ -38,19 +39,10 @@ from service import config as config_module
 from service.core import Core
 from service.images import tensor_to_array
 from service.metrics import Metrics
-from service.status import status_of
+from service.status import http_status_of, status_of
 
 DEFAULT_METHOD_ENV = "SALIENCY_TORCHSERVE_METHOD"
 # gRPC status → HTTP status for per-request errors.
-HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400,
-    "NOT_FOUND": 404,
-    "FAILED_PRECONDITION": 400,
-    "RESOURCE_EXHAUSTED": 429,
-    "DEADLINE_EXCEEDED": 504,
-    "UNAVAILABLE": 503,
-    "CANCELLED": 499,
-}
 
 
 def _body(row: Any) -> Any:
@@ -249,7 +241,8 @@ class SaliencyTorchServeHandler:
         try:
             return work(row)
         except (ServiceError, ValueError) as exc:
-            code = status_of(exc).name if isinstance(exc, ServiceError) else "INVALID_ARGUMENT"
+            code = (status_of(exc) if isinstance(exc, ServiceError)
+                    else grpc.StatusCode.INVALID_ARGUMENT)
             if context is not None and hasattr(context, "set_response_status"):
-                context.set_response_status(HTTP_STATUS.get(code, 500), str(exc), idx=index)
-            return {"error": str(exc), "code": code}
+                context.set_response_status(http_status_of(code), str(exc), idx=index)
+            return {"error": str(exc), "code": code.name}
