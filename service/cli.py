@@ -1,4 +1,5 @@
-"""``saliency serve | export | import | explain | demo-model`` — the command line."""
+"""``saliency serve | export | import | explain | models | health | demo-model | …`` — the
+command line (the client commands are in ``service.cli_client``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,7 @@ import importlib
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from handlers.base import method_name
-from saliency.v1 import explainer_pb2 as pb
+from service import cli_client
 from service import config as config_module
 
 
@@ -61,36 +59,6 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {report.path}")
     print(f"scale outputs: {', '.join(report.scale_modules)}")
     print(f"ONNX Runtime vs PyTorch max abs diff: {report.max_abs_diff:.3g}")
-    return 0
-
-
-def _explain(args: argparse.Namespace) -> int:
-    import grpc  # noqa: PLC0415
-
-    from saliency.v1 import explainer_pb2 as pb  # noqa: PLC0415
-    from service.client import SaliencyClient  # noqa: PLC0415
-
-    image = Path(args.image).read_bytes()
-    with SaliencyClient(args.server, timeout=args.timeout, load_balancing=args.load_balancing,
-                        max_attempts=args.max_attempts) as client:
-        try:
-            result = client.explain(args.model, args.method, images=[image], seed=args.seed,
-                                    target=args.target, return_overlay=True)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    Path(args.out).write_bytes(result.overlays[0])
-    response = result.response
-    top = response.predictions[0].top
-    print("prediction: " + ", ".join(f"{c.label} {c.probability:.3f}" for c in top[:3]))
-    print(f"explained class: {response.targets[0]}")
-    cost = response.cost
-    method_name = pb.Method.Name(cost.method).removeprefix("METHOD_").lower()
-    print(f"cost: method {method_name} forward {cost.forward_passes} backward "
-          f"{cost.backward_passes} wall {cost.wall_seconds * 1000:.1f} ms cpu "
-          f"{cost.cpu_seconds * 1000:.1f} ms")
-    print(f"map: {args.out} ({result.maps.shape[1]}×{result.maps.shape[2]}, "
-          f"mean {float(np.mean(result.maps)):.3f})")
     return 0
 
 
@@ -202,23 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--force", action="store_true", help="replace an existing version")
     imported.set_defaults(run=_import)
 
-    explain = commands.add_parser("explain", help="explain one image and write a PNG overlay")
-    explain.add_argument("--server", default="localhost:50051")
-    explain.add_argument("--model", default="demo")
-    explain.add_argument("--image", required=True)
-    explain.add_argument("--method", default=method_name(pb.METHOD_VANILLA_GRADIENT))
-    explain.add_argument("--target", type=int, help="class index (default: predicted)")
-    explain.add_argument("--seed", type=int, default=0)
-    explain.add_argument("--timeout", type=float, default=120.0)
-    explain.add_argument("--load-balancing", choices=("round_robin", "pick_first"),
-                         default="round_robin",
-                         help="over the addresses the server resolves to, e.g. "
-                         "dns:///saliency-headless:50051 (default round_robin)")
-    explain.add_argument("--max-attempts", type=int, choices=range(1, 6), default=5,
-                         metavar="1-5", help="attempts of a call refused as UNAVAILABLE or "
-                         "RESOURCE_EXHAUSTED, with backoff (1 = no retries; default 5)")
-    explain.add_argument("--out", default="saliency.png")
-    explain.set_defaults(run=_explain)
+    cli_client.add_commands(commands)  # explain, models, health
 
     demo = commands.add_parser("demo-model", help="train and export the demo model package")
     demo.add_argument("--models", default="models")

@@ -1,7 +1,8 @@
 """A small Python client for the saliency service.
 
     with SaliencyClient("localhost:50051") as client:
-        result = client.explain("demo", images=[png_bytes], method="vanilla_gradient")
+        result = client.explain("demo", "integrated_gradients", images=[png_bytes],
+                                steps=64, baseline="blur")
         result.maps  # float32 N×H×W in [0, 1]
 """
 
@@ -19,14 +20,7 @@ from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.connections import MAX_ATTEMPTS, client_options
 from service.images import array_to_tensor, tensor_to_array
-
-
-def method_enum(method: str | int) -> int:
-    """``"vanilla_gradient"`` / ``"METHOD_VANILLA_GRADIENT"`` / enum value → enum value."""
-    if isinstance(method, int):
-        return method
-    name = method.upper()
-    return pb.Method.Value(name if name.startswith("METHOD_") else "METHOD_" + name)
+from service.method_params import ParamError, method_enum, params_field, params_message
 
 
 def make_input(images: list[bytes] | None = None, tensor: np.ndarray | None = None) -> pb.Input:
@@ -111,7 +105,18 @@ class SaliencyClient:
     def request(self, model: str, method: str | int, images: list[bytes] | None = None,
                 tensor: np.ndarray | None = None, target: int | list[int] | None = None,
                 seed: int = 0, params: Any = None, **fields: Any) -> pb.ExplainRequest:
-        """Builds an ExplainRequest; ``params`` is the method's params message."""
+        """Builds an ExplainRequest. ``fields`` are its other fields (``return_overlay=True``,
+        ``top_k=3``, ``budget=pb.Budget(...)``) and the method's parameters by name
+        (``steps=64, baseline="blur"``: ``service.method_params``); ``params`` is the
+        method's params message instead. A wrong method or parameter raises ParamError
+        (a ValueError) listing the valid ones."""
+        names = pb.ExplainRequest.DESCRIPTOR.fields_by_name
+        given = {key: value for key, value in fields.items() if key not in names}
+        fields = {key: value for key, value in fields.items() if key in names}
+        if given:
+            if params is not None:
+                raise ParamError("give the method's parameters by name or as params=, not both")
+            params = params_message(method, given)
         request = pb.ExplainRequest(model=model, method=method_enum(method),
                                     input=make_input(images, tensor), seed=seed, **fields)
         if isinstance(target, int):
@@ -119,19 +124,18 @@ class SaliencyClient:
         elif target is not None:
             request.target.per_item.indices.extend(target)
         if params is not None:
-            field = _params_field(request.method)
+            field = params_field(request.method)
+            if field is None:
+                raise ParamError(f"{pb.Method.Name(request.method)} takes no parameters")
             getattr(request, field).CopyFrom(params)
         return request
 
     def explain(self, model: str, method: str | int, **kwargs: Any) -> Explanation:
+        """One Explain call; ``kwargs`` as ``request`` takes them (images=, target=, seed=,
+        return_overlay=, the method's parameters by name, …)."""
         request = self.request(model, method, **kwargs)
         response = self.stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
         return Explanation(tensor_to_array(response.saliency), list(response.targets), response)
-
-
-def _params_field(method: int) -> str:
-    """The params oneof field of a method has the method's own name (``METHOD_RISE`` → rise)."""
-    return pb.Method.Name(method).removeprefix("METHOD_").lower()
 
 
 def read_images(paths: list[Path]) -> list[bytes]:
