@@ -5,11 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 50051
 METRICS_PORT ?= 9090
+HTTP_PORT ?= 8080
 MODELS ?= models
 
 .PHONY: setup serve test protos lint demo-model fashion-model fashion-data bench mar clean
 
-setup: $(STAMP) fashion-data
+setup: $(STAMP) fashion-data browser
 
 # Fashion-MNIST for the second shipped model and its tests: Debian's package, installed by apt
 # when running as root (CI); elsewhere the tests that need it skip and say how to install it.
@@ -20,6 +21,16 @@ fashion-data:
 			(apt-get install -y -qq dataset-fashion-mnist || \
 			 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
 		else echo "Fashion-MNIST is not installed: run 'sudo apt-get install dataset-fashion-mnist'"; fi; }
+
+# Chromium and ChromeDriver for the explorer's browser test: Debian's packages, installed by apt
+# when running as root (CI); elsewhere that test skips and says how to install them.
+.PHONY: browser
+browser:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			(apt-get install -y -qq chromium chromium-driver || \
+			 (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)) >/dev/null; \
+		else echo "Chromium is not installed: run 'sudo apt-get install chromium chromium-driver'"; fi; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,9 +43,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/saliency serve --ensure-demo --models $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/saliency serve --ensure-demo --models $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT) \
+		--http-port $(HTTP_PORT)
 
-test: $(STAMP) fashion-data
+test: $(STAMP) fashion-data browser
 	$(BIN)/python -m pytest -q tests
 
 protos: $(STAMP)
