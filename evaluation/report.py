@@ -1,14 +1,17 @@
 """``saliency evaluate``: score every method a served model offers, and what each one costs.
 
-Draws synthetic cell images with ground truth (``evaluation.cells``), asks the running service
-for a map per method over gRPC, scores each map (``evaluation.metrics``: ground truth against
-the cells' heatmaps and masks, faithfulness against the model's ONNX Runtime session) and writes
+Draws synthetic cell images with ground truth (``evaluation.cells``) or takes Fashion-MNIST test
+photographs (``--dataset fashion-mnist``: no ground truth, so faithfulness only), asks the
+running service for a map per method over gRPC, scores each map (``evaluation.metrics`` and
+``evaluation.road``: ground truth against the cells' heatmaps and masks, faithfulness against
+the model's ONNX Runtime session), runs the sanity checks (``evaluation.sanity``) and writes
 
 - ``results.csv``: one row per image × method, with its cost (passes per image, ms per image);
 - ``maps/<run>/<method>.npz``: the maps themselves;
 - ``summary.md``: method × metric means, cost, the cost/quality Pareto front, and the papers'
   directional claims checked with paired bootstrap intervals;
-- ``examples.png`` (maps beside the ground truth) and ``cost_quality.png`` (with the front).
+- ``examples.png`` (maps beside the ground truth) and ``cost_quality.png`` (with the front);
+- ``sanity.csv`` and ``sanity_checks.png``: the randomization and random-logit tests.
 
 A re-run with the same model, configuration and method reuses every row already in
 ``results.csv`` (keyed by run, method and image index) and only computes what is missing.
@@ -31,11 +34,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from evaluation import metrics
+from evaluation import fashion_mnist, metrics, road, sanity
 from evaluation.cells import CLASS_NAMES, HELD_OUT_CONFIG, TEST_CONFIG, CellBatch, CellConfig
 from evaluation.cells import generate as generate_cells
 
 CONFIGS = {"test": TEST_CONFIG, "held_out": HELD_OUT_CONFIG}
+DATASETS = ("cells", "fashion-mnist")
 # Evaluated beside the defaults under "all": AbsoluteGrad is Guided AbsoluteGrad with p = 0,
 # the ablation behind the paper's main claim (https://arxiv.org/abs/2404.15564).
 EXTRA_VARIANTS = {"guided_absolutegrad": ({"quantile": "0"},)}
@@ -48,7 +52,7 @@ GROUND_TRUTH_COLUMNS = (
     "soft_pixel_accuracy_best", "soft_precision_best", "soft_recall_best", "soft_fpr_best",
     "pointing_game", "relevance_mass", "relevance_rank",
 )
-FAITHFULNESS_COLUMNS = ("rcap", "deletion_auc", "insertion_auc")
+FAITHFULNESS_COLUMNS = ("rcap", "deletion_auc", "insertion_auc", "road_morf", "road_lerf")
 KEY_COLUMNS = ("run", "method", "index", "params")
 COLUMNS = (*KEY_COLUMNS, "label", "target", "predicted", "background", "forward_passes",
            "backward_passes", "ms", "truncated", *FAITHFULNESS_COLUMNS, *GROUND_TRUTH_COLUMNS)
@@ -58,6 +62,8 @@ SUMMARY_METRICS = (
     ("rcap", "RCAP ↑", True),
     ("deletion_auc", "deletion ↓", False),
     ("insertion_auc", "insertion ↑", True),
+    ("road_morf", "ROAD MoRF ↓", False),
+    ("road_lerf", "ROAD LeRF ↑", True),
     ("fiveband_precision", "5-band prec ↑", True),
     ("fiveband_recall", "5-band rec ↑", True),
     ("soft_precision_mean", "soft prec μ ↑", True),
@@ -147,6 +153,10 @@ class Options:
     progress: bool = True
     fill: bool = True  # False: only summarize what the cache already holds
     deadline: float = 0.0  # seconds of filling before writing the report (0 = no limit)
+    dataset: str = "cells"
+    road_images: int = 50  # ROAD on the first N images (a sparse solve per removal share)
+    sanity_images: int = 16  # sanity checks on the first N images (0 = off)
+    sanity_methods: str = ""  # default: the --methods selection
 
 
 @dataclass
@@ -163,6 +173,12 @@ class Run:
     map_size: tuple[int, int]
     cells: CellBatch
     errors: dict[str, str] = field(default_factory=dict)
+    class_names: tuple[str, ...] = CLASS_NAMES
+    package: Path = Path()
+
+    @property
+    def sanity_key(self) -> str:
+        return f"{self.key}-sanity{self.options.sanity_images}"
 
 
 # ---- the work ------------------------------------------------------------------------------
@@ -190,22 +206,80 @@ def run(options: Options) -> Path:
             raise SystemExit(f"{package}/model.onnx not found: --models must point at the "
                              "repository the server loads (the metrics run the same ONNX model)")
         classifier = metrics.OnnxClassifier.from_package(package, batch_size=64)
-        if options.target == "label" and len(info.class_labels) != len(CLASS_NAMES):
-            raise SystemExit(f"model {options.model!r} has {len(info.class_labels)} classes, the "
-                             f"cells have {len(CLASS_NAMES)}: use --target predicted")
+        images, class_names = load_images(options)
+        if options.target == "label" and len(info.class_labels) != len(class_names):
+            raise SystemExit(f"model {options.model!r} has {len(info.class_labels)} classes, "
+                             f"{options.dataset} has {len(class_names)}: use --target predicted")
         config = CONFIGS[options.config]
         if options.size:
             config = dataclasses.replace(config, size=options.size)
         manifest = json.loads((package / "manifest.json").read_text())
         weights = manifest.get("files", {}).get("model.onnx", {}).get("sha256", "")[:8]
-        key = (f"{options.config}-{config.size}px-seed{config.seed}-{options.model}"
-               f"-v{version}-{weights}-target_{options.target}")
+        source = (f"{options.config}-{config.size}px-seed{config.seed}"
+                  if options.dataset == "cells" else "fashion_mnist-test")
+        key = (f"{source}-{options.model}-v{version}-{weights}-target_{options.target}")
         state = Run(options, key, config, variants, engines, defaults, version,
                     tuple(int(d) for d in info.input.shape[2:4]),  # type: ignore[arg-type]
-                    generate_cells(options.images, config))
+                    images, class_names=class_names, package=package)
         if options.fill:
             _fill(client, classifier, state)
+            if options.sanity_images > 0 and "(run)" not in state.errors:  # not past --deadline
+                _sanity(state, select_variants(options.sanity_methods or options.methods,
+                                               offered), len(info.class_labels))
     return write_report(state)
+
+
+def load_images(options: Options) -> tuple[CellBatch, tuple[str, ...]]:
+    """The evaluated images: generated cells, or Fashion-MNIST's first test photographs (no
+    ground truth: empty masks, so the ground-truth scores are NaN, as for a blank cell)."""
+    if options.dataset == "cells":
+        config = CONFIGS[options.config]
+        if options.size:
+            config = dataclasses.replace(config, size=options.size)
+        return generate_cells(options.images, config), CLASS_NAMES
+    if options.dataset != "fashion-mnist":
+        raise SystemExit(f"--dataset must be one of {', '.join(DATASETS)}")
+    try:
+        data = fashion_mnist.load("test", options.images)
+    except fashion_mnist.DatasetMissing as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    blank = np.zeros(data.images.shape[:3], np.float32)
+    return (CellBatch(data.images, data.labels, blank, blank.astype(bool)),
+            fashion_mnist.CLASS_NAMES)
+
+
+def _sanity(state: Run, variants: list[Variant], classes: int) -> None:
+    """The sanity checks on the first ``--sanity-images`` images, unless already in
+    ``sanity.csv`` for this run (model weights, images and count are in the key)."""
+    options = state.options
+    path = options.out / "sanity.csv"
+    done = {r["method"] for r in sanity.read_rows(path) if r["run"] == state.sanity_key}
+    if all(v.label in done for v in variants):
+        return
+    count = min(options.sanity_images, len(state.cells.labels))
+    pixels = state.cells.images[:count]
+    labels = state.cells.labels[:count]
+
+    def explain_with(address: str) -> sanity.Explain:
+        from service.client import SaliencyClient  # noqa: PLC0415
+
+        def explain(model: str, variant: Any, images: np.ndarray,
+                    targets: np.ndarray) -> np.ndarray:
+            maps = []
+            with SaliencyClient(address, timeout=options.timeout) as client:
+                for begin in range(0, len(images), options.batch):
+                    part = slice(begin, begin + options.batch)
+                    result = client.explain(model, variant.method, seed=options.seed,
+                                            params=params_message(variant), tensor=images[part],
+                                            target=[int(t) for t in targets[part]])
+                    maps.append(np.asarray(result.maps, np.float32))
+            return np.concatenate(maps)
+
+        return explain
+
+    rows = sanity.run_checks(state.package, options.model, variants, pixels, labels, classes,
+                             explain_with, state.sanity_key, options.seed, options.progress)
+    sanity.write_rows(path, state.sanity_key, rows)
 
 
 def _fill(client: Any, classifier: metrics.OnnxClassifier, state: Run) -> None:
@@ -287,7 +361,7 @@ def _score_batch(client: Any, classifier: metrics.OnnxClassifier, state: Run,
     cost = result.cost
     count = len(indices)
     scores = score_maps(maps, pixels, cells.heatmaps[indices], cells.masks[indices], targets,
-                        classifier)
+                        classifier, road_on=np.asarray(indices) < options.road_images)
     predicted = [int(p.top[0].index) if p.top else -1 for p in result.response.predictions]
     rows = []
     for j, index in enumerate(indices):
@@ -307,8 +381,13 @@ def _score_batch(client: Any, classifier: metrics.OnnxClassifier, state: Run,
 
 
 def score_maps(maps: np.ndarray, pixels: np.ndarray, heatmaps: np.ndarray, masks: np.ndarray,
-               targets: np.ndarray, model: metrics.Probabilities) -> dict[str, np.ndarray]:
-    """Every metric, at the maps' resolution (images, heatmaps and masks are resized to it)."""
+               targets: np.ndarray, model: metrics.Probabilities,
+               road_on: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every metric, at the maps' resolution (images, heatmaps and masks are resized to it).
+
+    ROAD is scored where ``road_on`` (default: every image) and NaN elsewhere: it solves a
+    sparse system per image and removal share.
+    """
     height, width = maps.shape[1:]
     if pixels.shape[1:3] != (height, width):
         from service.images import resize_uint8  # noqa: PLC0415 - the server's own resize
@@ -323,6 +402,13 @@ def score_maps(maps: np.ndarray, pixels: np.ndarray, heatmaps: np.ndarray, masks
         "deletion_auc": metrics.deletion_auc(images, maps, targets, model),
         "insertion_auc": metrics.insertion_auc(images, maps, targets, model),
     }
+    chosen = np.ones(len(maps), bool) if road_on is None else np.asarray(road_on, bool)
+    for name in ("road_morf", "road_lerf"):
+        out[name] = np.full(len(maps), np.nan)
+    if chosen.any():
+        scores = road.road(images[chosen], maps[chosen], np.asarray(targets)[chosen], model)
+        for name in ("road_morf", "road_lerf"):
+            out[name][chosen] = scores[name]
     hard = metrics.five_band(maps, heatmaps)
     soft = metrics.soft_five_band(maps, heatmaps)
     ground = {f"fiveband_{k}": v for k, v in hard.items()}
@@ -495,8 +581,9 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def claims(rows: list[dict[str, str]], labels: set[str]) -> list[str]:
-    """The papers' directional claims, each checked on these images with its numbers."""
+def claims(rows: list[dict[str, str]], labels: set[str], ground_truth: bool = True) -> list[str]:
+    """The papers' directional claims, each checked on these images with its numbers
+    (without ``ground_truth``, only those on faithfulness)."""
     lines: list[str] = []
 
     def compare(first: str, second: str, metric: str, relation: str) -> str | None:
@@ -506,6 +593,10 @@ def claims(rows: list[dict[str, str]], labels: set[str]) -> list[str]:
                          f"({', '.join(missing)} not offered or failed).")
             return None
         mean, low, high, n = paired_difference(rows, first, second, metric)
+        if n == 0:
+            lines.append(f"- {first} {relation} {second} on {metric}: not evaluated "
+                         "(no image scored by both).")
+            return None
         a = float(np.nanmean(_column([r for r in rows if r["method"] == first], metric)))
         b = float(np.nanmean(_column([r for r in rows if r["method"] == second], metric)))
         if relation == ">":
@@ -527,10 +618,13 @@ def claims(rows: list[dict[str, str]], labels: set[str]) -> list[str]:
     compare("guided_absolutegrad", "guided_absolutegrad[quantile=0]", "rcap", ">")
     lines.append("")
     lines.append("FastCAM (Mundhenk et al., arXiv 1911.11293) and DE-CAM against Grad-CAM:")
-    for metric in ("rcap", "relevance_rank"):
+    faithfulness_or_truth = ("rcap", "relevance_rank") if ground_truth else ("rcap",)
+    for metric in faithfulness_or_truth:
         compare("fastcam", "gradcam", metric, "≥")
-    for metric in ("rcap", "relevance_rank"):
+    for metric in faithfulness_or_truth:
         compare("decam", "gradcam", metric, "≈")
+    if not ground_truth:
+        return lines
     lines.append("")
     lines.append("Vanilla gradient has the best five-band precision among pixel-gradient "
                  "methods (Tjoa & Guan, arXiv 2009.02899):")
@@ -563,14 +657,22 @@ def write_report(state: Run) -> Path:
     points = [(s.p50_ms, s.means["rcap"]) for s in summaries]
     front = pareto_front(points)
     config = state.config
+    shown = [(name, heading) for name, heading, _ in SUMMARY_METRICS
+             if any(math.isfinite(s.means[name]) for s in summaries)]
+    ground_truth = options.dataset == "cells"
+    if ground_truth:
+        images_text = (f"Up to {options.images} synthetic cell images (n per method below; "
+                       f"`{options.config}` configuration: {config.size}×{config.size} px, "
+                       f"backgrounds {', '.join(config.backgrounds)}, seed {config.seed})")
+    else:
+        images_text = (f"The first {options.images} Fashion-MNIST test photographs (n per "
+                       "method below; real images with no ground truth, so faithfulness only)")
     lines = [
         f"# Saliency methods on {options.model} v{state.version}: quality and cost",
         "",
-        f"Up to {options.images} synthetic cell images (n per method below; "
-        f"`{options.config}` configuration: "
-        f"{config.size}×{config.size} px, backgrounds {', '.join(config.backgrounds)}, seed "
-        f"{config.seed}); maps scored at {state.map_size[0]}×{state.map_size[1]}; explained "
+        f"{images_text}; maps scored at {state.map_size[0]}×{state.map_size[1]}; explained "
         f"class: {'the true label' if options.target == 'label' else 'the prediction'}. "
+        f"ROAD on the first {options.road_images} images. "
         f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "Cost is per image as the server reports it (forward passes include the prediction; "
@@ -578,13 +680,13 @@ def write_report(state: Run) -> Path:
         f"{options.batch}). Means over images; ground-truth metrics skip blank images.",
         "",
         "| method | engine | n | fwd/img | bwd/img | p50 ms | "
-        + " | ".join(h for _, h, _ in SUMMARY_METRICS) + " |",
-        "|" + "---|" * (6 + len(SUMMARY_METRICS)),
+        + " | ".join(h for _, h in shown) + " |",
+        "|" + "---|" * (6 + len(shown)),
     ]
     for s in summaries:
         cells_text = [f"{s.label}{' ★' if summaries.index(s) in front else ''}", s.engine,
                       str(s.images), _fmt(s.forward, 1), _fmt(s.backward, 1), _fmt(s.p50_ms, 1)]
-        cells_text += [_fmt(s.means[name]) for name, _, _ in SUMMARY_METRICS]
+        cells_text += [_fmt(s.means[name]) for name, _ in shown]
         lines.append("| " + " | ".join(cells_text) + " |")
     lines += ["", "★ = on the cost (p50 ms) vs RCAP Pareto front: "
               + ", ".join(summaries[i].label for i in front) + ".", ""]
@@ -592,8 +694,11 @@ def write_report(state: Run) -> Path:
         lines.append(f"- {label}: {error}" if label == "(run)" else f"- {label} failed: {error}")
     if state.errors:
         lines.append("")
+    sanity_rows = [r for r in sanity.read_rows(options.out / "sanity.csv")
+                   if r["run"] == state.sanity_key]
+    lines += sanity.section(sanity_rows)
     lines += ["## The papers' claims, checked here", ""]
-    lines += claims(rows, {s.label for s in summaries})
+    lines += claims(rows, {s.label for s in summaries}, ground_truth)
     lines += ["", "## Definitions", "",
               "- RCAP (Huang & Liu): mean over the top 30 %, 25 %, …, 5 % of pixels of "
               "hit rate × softmax probability of the explained class on the image keeping only "
@@ -601,16 +706,23 @@ def write_report(state: Run) -> Path:
               "- Deletion / insertion: area under the class probability while 10 %, 20 %, … of "
               "the pixels, most salient first, turn black / replace a Gaussian-blurred "
               f"(σ = {metrics.INSERTION_BLUR_SIGMA:g} px) copy.",
+              "- ROAD (Rong et al., arXiv 2202.00449): mean class probability after removing "
+              f"{', '.join(f'{f:.0%}' for f in road.ROAD_FRACTIONS)} of the pixels, most "
+              "relevant first (MoRF) or least relevant first (LeRF), each removed pixel filled "
+              "by noisy linear imputation from its neighbours (no black holes that show the "
+              "removed shape).",
               "- Five-band (Tjoa & Guan): map / max|map| and ground truth banded at "
               "±0.3, ±0.7; precision and recall with the authors' TP/FP/FN. Soft: thresholds "
               "move 0.02 toward 0 for 11 steps; μ = mean over steps, u = the step with the best "
               "pixel accuracy.",
               "- Pointing game: the maximum lies on the object; mass: share of the map on the "
               "object; rank: share of the top-|object| pixels on the object.",
-              "", "Figures: `examples.png`, `cost_quality.png`.", ""]
+              "", "Figures: `examples.png`, `cost_quality.png`"
+              + (", `sanity_checks.png`." if sanity_rows else "."), ""]
     summary_path = options.out / "summary.md"
     summary_path.write_text("\n".join(lines))
     _figures(state, summaries)
+    sanity.figure(sanity_rows, options.out / "sanity_checks.png")
     return summary_path
 
 
@@ -622,7 +734,8 @@ def _figures(state: Run, summaries: list[MethodSummary]) -> None:
 
     out = state.options.out
     cells = state.cells
-    examples = [i for i in range(len(cells.labels)) if cells.masks[i].any()]
+    examples = [i for i in range(len(cells.labels))
+                if cells.masks[i].any() or state.options.dataset != "cells"]
     examples = examples[:state.options.examples]
     height, width = state.map_size
     rows = 2 + len(summaries)
@@ -630,8 +743,9 @@ def _figures(state: Run, summaries: list[MethodSummary]) -> None:
                                 figsize=(1.4 * max(len(examples), 1) + 1.6, 1.4 * rows),
                                 squeeze=False)
     for column, index in enumerate(examples):
-        axes[0, column].imshow(cells.images[index])
-        axes[0, column].set_title(CLASS_NAMES[int(cells.labels[index])], fontsize=7)
+        image = cells.images[index]
+        axes[0, column].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+        axes[0, column].set_title(state.class_names[int(cells.labels[index])], fontsize=7)
         axes[1, column].imshow(cells.heatmaps[index], cmap="magma", vmin=0, vmax=1)
     for row, summary in enumerate(summaries, start=2):
         cache = MapCache(out / "maps" / state.key / f"{slug(summary.label)}.npz")

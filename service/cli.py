@@ -110,7 +110,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         server=args.server, model=args.model, models=Path(args.models), images=args.images,
         size=args.size, config=args.config, methods=args.methods, out=Path(args.out),
         batch=args.batch, seed=args.seed, timeout=args.timeout, target=args.target,
-        progress=not args.no_progress, fill=not args.report_only, deadline=args.deadline))
+        progress=not args.no_progress, fill=not args.report_only, deadline=args.deadline,
+        dataset=args.dataset, road_images=args.road_images, sanity_images=args.sanity_images,
+        sanity_methods=args.sanity_methods))
     print(f"wrote {summary} (rows in {summary.parent / 'results.csv'})")
     return 0
 
@@ -180,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo_model)
 
     evaluate = commands.add_parser(
-        "evaluate", help="score every method on synthetic cells: ground truth, faithfulness, cost")
+        "evaluate", help="score every method on synthetic cells or Fashion-MNIST: ground "
+        "truth, faithfulness, sanity checks, cost")
     evaluate.add_argument("--server", default="localhost:50051")
     evaluate.add_argument("--model", default="demo")
     evaluate.add_argument("--models", default="models",
@@ -203,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "(a re-run continues)")
     evaluate.add_argument("--report-only", action="store_true",
                           help="write the summary from cached results without computing more")
+    evaluate.add_argument("--dataset", choices=("cells", "fashion-mnist"), default="cells",
+                          help="synthetic cells with ground truth, or Fashion-MNIST test "
+                          "photographs (faithfulness only; Debian's dataset-fashion-mnist)")
+    evaluate.add_argument("--road-images", type=int, default=50,
+                          help="score ROAD on the first N images (a sparse solve per share)")
+    evaluate.add_argument("--sanity-images", type=int, default=16,
+                          help="run the randomization and random-logit sanity checks on the "
+                          "first N images (0 = off)")
+    evaluate.add_argument("--sanity-methods", default="",
+                          help="methods for the sanity checks (default: as --methods)")
     evaluate.set_defaults(run=_evaluate)
 
     bench = commands.add_parser(

@@ -96,7 +96,7 @@ def test_evaluate_end_to_end_and_rerun_reuses_results(cell_server, tmp_path: Pat
     images = 6
     args = ["evaluate", "--server", running.address, "--model", "cells", "--models", str(root),
             "--images", str(images), "--size", "48", "--batch", "4", "--out", str(out),
-            "--no-progress"]
+            "--no-progress", "--sanity-images", "0"]
     assert cli.main([*args, "--methods", "vanilla_gradient,occlusion:window=8,stride=8"]) == 0
 
     rows = read_csv(out / "results.csv")
