@@ -8,7 +8,7 @@ METRICS_PORT ?= 9090
 HTTP_PORT ?= 8080
 MODELS ?= models
 
-.PHONY: setup serve test protos lint demo-model fashion-model fashion-data bench mar clean
+.PHONY: setup torch serve test protos lint demo-model fashion-model fashion-data bench mar clean
 
 setup: $(STAMP) fashion-data browser
 
@@ -35,12 +35,37 @@ browser:
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# The CPU build of torch first, pinned: it lies on this machine's disk.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(MAKE) --no-print-directory torch
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	# Test reference for Grad-CAM++; --no-deps because it requires torchvision (new torch).
 	$(BIN)/python -m pip install --quiet --no-deps grad-cam==1.5.7
 	touch $(STAMP)
+
+# torch, pinned, first (so the project's torch==$(TORCH_VERSION) is already met): the CPU build
+# from PyTorch's CPU index, as PyPI's torch for Linux is a multi-GB CUDA build. A GPU build:
+# make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 (TORCH_INDEX_URL= takes the
+# default index's build). Where the index cannot be reached (offline from pytorch.org, as in
+# CI), the same build is asked for by its local label (torch==$(TORCH_VERSION)+cpu) from pip's
+# other sources (find-links, mirrors), which never resolves to another build; without one,
+# set-up stops and says so.
+TORCH_VERSION := 2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH_BUILD = $(notdir $(TORCH_INDEX_URL))
+torch:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if $(BIN)/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null; then \
+		$(BIN)/python -c "import torch; print('torch', torch.__version__, 'is installed')" 2>/dev/null; \
+	elif [ -z "$(TORCH_INDEX_URL)" ]; then \
+		$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION); \
+	elif $(BIN)/python -c "import urllib.request; urllib.request.urlopen('$(TORCH_INDEX_URL)/torch/', timeout=15)" 2>/dev/null; then \
+		echo "torch==$(TORCH_VERSION) from $(TORCH_INDEX_URL)"; \
+		$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX_URL); \
+	else \
+		echo "$(TORCH_INDEX_URL) cannot be reached: looking for torch==$(TORCH_VERSION)+$(TORCH_BUILD) in pip's other sources"; \
+		$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)+$(TORCH_BUILD)" || { \
+			echo "No torch $(TORCH_VERSION)+$(TORCH_BUILD) wheel found: make $(TORCH_INDEX_URL) reachable, set TORCH_INDEX_URL to a mirror of it, or TORCH_INDEX_URL= for the default index's build (CUDA on Linux, several GB)"; \
+			exit 1; }; \
+	fi
 
 serve: $(STAMP)
 	$(BIN)/saliency serve --ensure-demo --models $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT) \
