@@ -29,6 +29,7 @@ ORDER = (
     "decam",
     "localization",
     "scaling",
+    "http_latency",
     "load",
     "replicas",
     "peers",

@@ -44,9 +44,15 @@ class HttpServer:
         """Binds and starts serving; returns the bound port."""
         host, port = self.config.host, self.config.port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that name it, and
+        # without it a response's head and body wait on the client's delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
-            sock = socket.create_server((host, port), family=family)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
         except OSError as exc:
+            sock.close()
             raise OSError(f"could not bind HTTP {host}:{port}: {exc}") from exc
         self.port = int(sock.getsockname()[1])
         self.task = asyncio.ensure_future(self.server.serve(sockets=[sock]))
