@@ -3,7 +3,8 @@ one to two, and what clients see when a replica is added or stopped with SIGTERM
 
 Each replica is a ``saliency serve`` process on its own loopback address (127.0.0.1, .2,
 .3; one port), serving the demo model with one worker and one intra-op thread, its
-connections aged after ``AGE_SECONDS``. Clients are ``service.client.SaliencyClient`` as
+connections aged after ``AGE_SECONDS``; two more (.4, .5) do not age theirs, the baseline
+for a replica added mid-run. Clients are ``service.client.SaliencyClient`` as
 shipped (round_robin, retry policy), reaching the replicas two ways, as in Kubernetes:
 
 - headless: ``dns://<stand-in>/saliency.test:<port>`` resolves to every replica
@@ -63,9 +64,10 @@ REPLICA_FLAGS = {"max_inflight": 1, "intra_op_threads": 1, "max_queue": 32,
 class Replica(ServerProcess):
     """One ``saliency serve`` on ``host:port`` with a metrics port to count what it served."""
 
-    def __init__(self, models: Path, host: str, port: int, log_path: Path) -> None:
+    def __init__(self, models: Path, host: str, port: int, log_path: Path,
+                 **flags: Any) -> None:
         self.metrics_port = free_port()
-        super().__init__(models, {**REPLICA_FLAGS, "host": host,
+        super().__init__(models, {**REPLICA_FLAGS, **flags, "host": host,
                                   "metrics_port": self.metrics_port}, log_path)
         self.host = host
         self.port = port
@@ -256,50 +258,56 @@ def time_to_traffic(replica: Replica, add: Callable[[], None], timeout: float) -
     return None
 
 
-def added_replica(replicas: list[Replica], port: int, request: pb.ExplainRequest,
-                  seconds: float) -> list[dict[str, Any]]:
-    """Traffic on replicas 1 and 2; replica 3 becomes an endpoint mid-run: how long until it
-    serves a call, headless and cluster_ip."""
-    first, new = replicas[:2], replicas[2]
-    rows = []
-    timeout = 5 * AGE_SECONDS
+def entry(path: str, first: list[Replica], port: int) -> tuple[
+        list[SaliencyClient], int, Callable[[list[Replica]], None], Callable[[], None]]:
+    """The clients of one way in to the ``first`` replicas, their threads each, how the
+    endpoints change, and how it all closes."""
+    if path == "cluster_ip":
+        proxy = ConnectionProxy([(r.host, port) for r in first]).start()
+        clients = cluster_ip_clients(proxy, 4)
+
+        def close_proxy() -> None:
+            close(clients)
+            proxy.stop()
+
+        return (clients, 1, lambda now: proxy.set_backends([(r.host, port) for r in now]),
+                close_proxy)
     dns = DnsResponder([r.host for r in first]).start()
     client = headless_client(dns, port)
-    found: list[float | None] = []
-    try:
-        client.stub.Explain(request, timeout=60)
 
-        def add_to_dns() -> None:
-            time.sleep(seconds / 3)
-            found.append(time_to_traffic(
-                new, lambda: dns.set_addresses([r.host for r in replicas]), timeout))
-
-        before = [r.served() for r in replicas]
-        tally = drive([client], 2, request, seconds + timeout / 2, during=add_to_dns)
-        rows.append({"path": "headless, round_robin",
-                     **summary(tally, seconds + timeout / 2),
-                     "seconds_to_first_call": found[0], **shares(replicas, before)})
-    finally:
+    def close_dns() -> None:
         client.close()
         dns.stop()
-    proxy = ConnectionProxy([(r.host, port) for r in first]).start()
-    clients = cluster_ip_clients(proxy, 4)
-    found.clear()
-    try:
-        def add_to_proxy() -> None:
-            time.sleep(seconds / 3)
-            found.append(time_to_traffic(
-                new, lambda: proxy.set_backends([(r.host, port) for r in replicas]), timeout))
 
-        before = [r.served() for r in replicas]
-        tally = drive(clients, 1, request, seconds + timeout / 2, during=add_to_proxy)
-        rows.append({"path": f"cluster_ip, max_connection_age {AGE_SECONDS:g} s",
-                     **summary(tally, seconds + timeout / 2),
-                     "seconds_to_first_call": found[0],
-                     **shares(replicas, before)})
-    finally:
-        close(clients)
-        proxy.stop()
+    return [client], 2, lambda now: dns.set_addresses([r.host for r in now]), close_dns
+
+
+def added_replica(first: list[Replica], new: Replica, port: int, request: pb.ExplainRequest,
+                  seconds: float, age: str) -> list[dict[str, Any]]:
+    """Traffic on the ``first`` replicas; ``new`` becomes an endpoint a third of the way
+    in: how long until it serves a call, headless and cluster_ip (None: not within five
+    connection ages). ``age`` names the first replicas' connection age."""
+    replicas = [*first, new]
+    timeout = 5 * AGE_SECONDS
+    duration = seconds + timeout / 2
+    rows = []
+    for path in ("headless, round_robin", "cluster_ip"):
+        clients, threads, set_endpoints, finish = entry(path, first, port)
+        found: list[float | None] = []
+
+        def add_later(set_endpoints: Callable[[list[Replica]], None] = set_endpoints,
+                      found: list[float | None] = found) -> None:
+            time.sleep(seconds / 3)
+            found.append(time_to_traffic(new, lambda: set_endpoints(replicas), timeout))
+
+        try:
+            before = [r.served() for r in replicas]
+            tally = drive(clients, threads, request, duration, during=add_later)
+            rows.append({"path": f"{path}, max_connection_age {age}",
+                         **summary(tally, duration), "seconds_to_first_call": found[0],
+                         **shares(replicas, before)})
+        finally:
+            finish()
     return rows
 
 
@@ -318,34 +326,36 @@ def answered_while_draining(log_path: Path) -> dict[str, int]:
     return dict(codes)
 
 
-def sigterm_replica(replicas: list[Replica], port: int, request: pb.ExplainRequest,
-                    seconds: float) -> dict[str, Any]:
-    """4 threads over 3 replicas (headless); replica 2 gets SIGTERM mid-run and is left in
-    DNS (the harder case: the client keeps finding its address). Every request sent is
-    counted, and every response."""
-    victim = replicas[1]
-    dns = DnsResponder([r.host for r in replicas]).start()
-    client = headless_client(dns, port)
+def sigterm_replica(replicas: list[Replica], victim: Replica, port: int,
+                    request: pb.ExplainRequest, seconds: float, path: str) -> dict[str, Any]:
+    """Calls over ``replicas``; ``victim`` gets SIGTERM halfway. Headless: it stays in DNS
+    (the harder case: the client keeps finding its address). cluster_ip: it leaves the
+    proxy's endpoints at the signal (Kubernetes removes it before, during preStop). Every
+    request sent is counted, and every response."""
+    clients, threads, set_endpoints, finish = entry(path, replicas, port)
     stopped: dict[str, float] = {}
     try:
-        client.stub.Explain(request, timeout=60)
+        for client in clients:
+            client.stub.Explain(request, timeout=60)
 
         def terminate() -> None:
             time.sleep(seconds / 2)
             assert victim.process is not None
+            if path == "cluster_ip":
+                set_endpoints([r for r in replicas if r is not victim])
             stopped["signalled"] = time.monotonic()
             victim.process.send_signal(signal.SIGTERM)
             stopped["exit_code"] = victim.process.wait(60)
             stopped["exited"] = time.monotonic()
 
-        tally = drive([client], 4, request, seconds, during=terminate)
+        tally = drive(clients, threads * 2, request, seconds, during=terminate)
     finally:
-        client.close()
-        dns.stop()
+        finish()
     signalled = stopped["signalled"]
     across = sum(1 for start, end, _ in tally.calls if start < signalled < end)
     after = sum(1 for start, _, ok in tally.calls if start > stopped["exited"] and ok)
-    return {"threads": 4, **summary(tally, seconds), "lost": tally.sent - tally.ok,
+    return {"path": path, "replicas": len(replicas), "threads": len(clients) * threads * 2,
+            **summary(tally, seconds), "lost": tally.sent - tally.ok,
             "in_flight_at_sigterm": across, "answered_after_exit": after,
             "exit_code": stopped["exit_code"],
             "victim_answered_while_draining": answered_while_draining(victim.log_path),
@@ -357,11 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quick = args.quick
     seconds = 3.0 if quick else 10.0
-    hosts = loopback_addresses(3)
+    hosts = loopback_addresses(5)
     port = free_port_on(hosts)
     models = demo_repository()
     logs = Path(tempfile.mkdtemp(prefix="saliency-replicas-"))
-    replicas = [Replica(models, host, port, logs / f"{host}.log") for host in hosts]
+    replicas = [Replica(models, host, port, logs / f"{host}.log") for host in hosts[:3]]
+    # Two more without connection ageing: the baseline for a replica added mid-run.
+    ageless = [Replica(models, host, port, logs / f"{host}.log",
+                       max_connection_age_seconds=0) for host in hosts[3:]]
     image = png_images(1, 128)[0]
 
     def explain(method: int, **params: Any) -> pb.ExplainRequest:
@@ -375,15 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     integrated = explain(pb.METHOD_INTEGRATED_GRADIENTS,
                          integrated_gradients=pb.IntegratedGradientsParams(steps=32))
     started = time.monotonic()
-    with ThreadPoolExecutor(len(replicas)) as starting:
-        list(starting.map(lambda r: r.start(), replicas))
+    with ThreadPoolExecutor(len(replicas) + len(ageless)) as starting:
+        list(starting.map(lambda r: r.start(), replicas + ageless))
     report: list[str] = []
 
     def say(text: str) -> None:
         print(text, flush=True)
         report.append(text)
 
-    say(f"3 replicas ready in {time.monotonic() - started:.1f} s; one worker and one "
+    say(f"5 replicas ready in {time.monotonic() - started:.1f} s; one worker and one "
         f"intra-op thread each; connections aged after {AGE_SECONDS:g} s")
     try:
         spread = distribution(replicas, port, cheap, seconds)
@@ -394,15 +407,21 @@ def main(argv: list[str] | None = None) -> int:
         say("\nthroughput (responses/s), 1 vs 2 replicas of one thread each, alternating "
             "rounds; cores = the replicas' CPU seconds per second:")
         say(table(scaling))
-        added = added_replica(replicas, port, cheap, seconds)
-        say(f"\na replica added mid-run (connection age {AGE_SECONDS:g} s):")
+        added = added_replica(replicas[:2], replicas[2], port, cheap, seconds,
+                              f"{AGE_SECONDS:g} s")
+        added += added_replica(ageless, replicas[2], port, cheap, seconds, "off")
+        say("\na replica added mid-run beside two (None: no call within "
+            f"{5 * AGE_SECONDS:g} s):")
         say(table([{k: v for k, v in row.items() if k not in ("served", "share")}
                    for row in added]))
-        failover = sigterm_replica(replicas, port, integrated, seconds)
-        say("\nSIGTERM on one of 3 replicas mid-run (integrated_gradients-32, headless):")
-        say(table([failover]))
+        failover = [sigterm_replica(replicas, replicas[1], port, integrated, seconds,
+                                    "headless, round_robin"),
+                    sigterm_replica([replicas[0], replicas[2]], replicas[2], port, integrated,
+                                    seconds, "cluster_ip")]
+        say("\nSIGTERM on one replica mid-run (integrated_gradients-32):")
+        say(table(failover))
     finally:
-        for replica in replicas:
+        for replica in replicas + ageless:
             replica.stop()
     path = write_json("replicas", {
         "quick": quick, "age_seconds": AGE_SECONDS, "resolve_ms": RESOLVE_MS,
