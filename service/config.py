@@ -206,7 +206,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            help=f"{HELP.get(f.name, '')} (default {f.default!s}; env "
+            # argparse formats help with %: a literal one is doubled.
+            help=f"{HELP.get(f.name, '').replace('%', '%%')} (default {f.default!s}; env "
             f"{ENV_PREFIX}{f.name.upper()})",
         )
 
