@@ -423,35 +423,13 @@ def score_maps(maps: np.ndarray, pixels: np.ndarray, heatmaps: np.ndarray, masks
 
 def params_message(variant: Variant) -> Any:
     """The method's params message with the variant's fields set (None for defaults)."""
-    if not variant.params:
-        return None
-    from saliency.v1 import explainer_pb2 as pb  # noqa: PLC0415
+    from service.method_params import ParamError  # noqa: PLC0415
+    from service.method_params import params_message as message_of  # noqa: PLC0415
 
-    field_descriptor = pb.ExplainRequest.DESCRIPTOR.fields_by_name.get(variant.method)
-    if field_descriptor is None:
-        raise SystemExit(f"method {variant.method!r} takes no parameters")
-    message = getattr(pb, field_descriptor.message_type.name)()
-    for name, text in variant.params:
-        descriptor = message.DESCRIPTOR.fields_by_name.get(name)
-        if descriptor is None:
-            known = ", ".join(message.DESCRIPTOR.fields_by_name)
-            raise SystemExit(f"{variant.method} has no parameter {name!r}; it takes: {known}")
-        if descriptor.enum_type is not None:
-            prefix = descriptor.enum_type.values[0].name.split("_")[0]
-            value: Any = descriptor.enum_type.values_by_name[f"{prefix}_{text.upper()}"].number
-        elif descriptor.type in (descriptor.TYPE_FLOAT, descriptor.TYPE_DOUBLE):
-            value = float(text)
-        elif descriptor.type == descriptor.TYPE_BOOL:
-            value = text.lower() in ("1", "true", "yes")
-        elif descriptor.type == descriptor.TYPE_STRING:
-            value = text
-        else:
-            value = int(text)
-        if descriptor.is_repeated:
-            getattr(message, name).extend([value])
-        else:
-            setattr(message, name, value)
-    return message
+    try:
+        return message_of(variant.method, dict(variant.params))
+    except ParamError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
