@@ -136,6 +136,21 @@ def test_short_enum_names_and_camel_case_fields_are_accepted(http: httpx.Client)
     assert response.json()["cost"]["forward_passes"] == 2 + 4 + 1 - 1  # steps + baseline + 1
 
 
+def test_bytes_in_either_base64_alphabet(http: httpx.Client) -> None:
+    """The JSON mapping's bytes are standard or URL-safe base64; both give the same input."""
+    rng = np.random.default_rng(11)
+    data = rng.normal(size=(1, 3, 32, 32)).astype(np.float32).tobytes()
+    answers = []
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        text = encode(data).decode()
+        tensor = {"shape": [1, 3, 32, 32], "dtype": "DTYPE_FLOAT32", "data": text}
+        response = http.post("/api/v1/predict", json={"model": "tiny", "input": {"tensor": tensor}})
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["logits"]["data"])
+    assert "-" in text or "_" in text  # the URL-safe spelling differs for these bytes
+    assert answers[0] == answers[1]
+
+
 def test_multipart_upload_equals_base64_json(http: httpx.Client) -> None:
     images = [png(1), png(2)]
     uploaded = http.post(
