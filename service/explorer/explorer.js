@@ -90,7 +90,10 @@ function methodOption(method) {
   params.className = "params";
   params.hidden = true;
   const properties = paramProperties(method.name);
-  for (const [name, text] of Object.entries(method.defaults || {})) {
+  const order = Object.keys(properties);  // the proto's field order (a map has none)
+  const defaults = Object.entries(method.defaults || {})
+    .sort(([a], [b]) => order.indexOf(a) - order.indexOf(b));
+  for (const [name, text] of defaults) {
     params.append(Object.assign(document.createElement("span"), { textContent: name }));
     params.append(paramInput(name, text, properties[name] || {}));
   }
