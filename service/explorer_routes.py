@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -17,7 +18,10 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate
+from service.calls import request_id_from
+from service.http_api import error_body
 from service.openapi import spec
+from service.status import http_status_of
 
 STATIC = Path(__file__).resolve().parent / "explorer"
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
@@ -41,9 +45,10 @@ def cell(index: int, size: int) -> dict[str, Any]:
             "class_index": label, "label": CLASS_NAMES[label], "index": index, "size": size}
 
 
-def _error(status: int, name: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": status, "status": name, "message": message,
-                                   "request_id": ""}}, status_code=status)
+def _error(code: grpc.StatusCode, message: str) -> JSONResponse:
+    """The API's JSON error shape and status."""
+    return JSONResponse(error_body(code, message, request_id_from(None)),
+                        status_code=http_status_of(code))
 
 
 async def cell_route(request: Request) -> Response:
@@ -51,10 +56,10 @@ async def cell_route(request: Request) -> Response:
         index = int(request.query_params.get("index", "0"))
         size = int(request.query_params.get("size", "128"))
     except ValueError:
-        return _error(400, "INVALID_ARGUMENT", "index and size must be integers")
+        return _error(grpc.StatusCode.INVALID_ARGUMENT, "index and size must be integers")
     low, high = CELL_SIZES
     if index < 0 or not low <= size <= high:
-        return _error(400, "INVALID_ARGUMENT",
+        return _error(grpc.StatusCode.INVALID_ARGUMENT,
                       f"index must be >= 0 and size within [{low}, {high}], got {index}, {size}")
     return JSONResponse(await run_in_threadpool(cell, index, size))
 
@@ -84,7 +89,7 @@ def evaluation_rows(text: str) -> list[dict[str, Any]]:
 
 async def evaluation_route(request: Request) -> Response:
     if not REPORT.is_file():
-        return _error(404, "NOT_FOUND", f"no evaluation report at {REPORT}")
+        return _error(grpc.StatusCode.NOT_FOUND, f"no evaluation report at {REPORT}")
     text = REPORT.read_text()
     title = next((line[2:] for line in text.splitlines() if line.startswith("# ")), "")
     return JSONResponse({"title": title, "rows": evaluation_rows(text),
@@ -93,7 +98,7 @@ async def evaluation_route(request: Request) -> Response:
 
 async def report_route(request: Request) -> Response:
     if not REPORT.is_file():
-        return _error(404, "NOT_FOUND", f"no evaluation report at {REPORT}")
+        return _error(grpc.StatusCode.NOT_FOUND, f"no evaluation report at {REPORT}")
     return PlainTextResponse(REPORT.read_text(), media_type="text/markdown; charset=utf-8")
 
 

@@ -40,7 +40,7 @@ def enum_value_name(enum: EnumDescriptor, text: str, where: str) -> str:
     raise InvalidInput(f"{where}={text!r} is not a {enum.name} value; valid values: {valid}")
 
 
-Path = tuple[tuple[str, int | None], ...]  # field names (and list indices) from the root
+FieldPath = tuple[tuple[str, int | None], ...]  # field names (and list indices) from the root
 
 
 def _strict_base64(text: str) -> bytes | None:
@@ -51,8 +51,8 @@ def _strict_base64(text: str) -> bytes | None:
         return None
 
 
-def _prepared(descriptor: Descriptor, value: Any, where: str, at: Path,
-              decoded: list[tuple[Path, bytes]]) -> Any:
+def _prepared(descriptor: Descriptor, value: Any, where: str, at: FieldPath,
+              decoded: list[tuple[FieldPath, bytes]]) -> Any:
     """``value`` (a JSON object for ``descriptor``) with short enum names made full, and
     standard-base64 bytes fields decoded into ``decoded`` (left empty for the parser, whose
     decoder takes several times as long on a tensor)."""
@@ -91,7 +91,7 @@ def _prepared(descriptor: Descriptor, value: Any, where: str, at: Path,
     return out
 
 
-def _put(message: Message, path: Path, data: bytes) -> None:
+def _put(message: Message, path: FieldPath, data: bytes) -> None:
     target: Any = message
     for name, index in path[:-1]:
         target = getattr(target, name) if index is None else getattr(target, name)[index]
@@ -109,7 +109,7 @@ def parse(value: Any, message_class: type[M]) -> M:
         raise InvalidInput(f"the body must be a JSON object ({message_class.DESCRIPTOR.name}), "
                            f"got {type(value).__name__}")
     message = message_class()
-    decoded: list[tuple[Path, bytes]] = []
+    decoded: list[tuple[FieldPath, bytes]] = []
     try:
         json_format.ParseDict(_prepared(message.DESCRIPTOR, value, "", (), decoded), message)
     except json_format.ParseError as exc:

@@ -472,3 +472,30 @@ def test_the_drain_answers_http_calls_in_flight_and_refuses_new_ones(repository:
     assert answers[0].json()["cost"]["method"] == "METHOD_DECAM"
     with httpx.Client(timeout=5) as client, pytest.raises(httpx.ConnectError):
         client.get(f"http://127.0.0.1:{port}/healthz")
+
+
+# ---- the explorer's routes ----------------------------------------------------------------
+
+
+def test_explorer_routes(http: httpx.Client) -> None:
+    from evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate  # noqa: PLC0415
+
+    page = http.get("/")
+    assert page.status_code == 200 and "saliency explorer" in page.text
+    assert "drawMap" in http.get("/explorer/explorer.js").text
+    cell = http.get("/explorer/cell", params={"index": 3, "size": 48}).json()
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(cell["image"]))))
+    expected = generate(1, CellConfig(size=48, backgrounds=TEST_CONFIG.backgrounds,
+                                      seed=TEST_CONFIG.seed), start=3)
+    np.testing.assert_array_equal(pixels, expected.images[0])
+    assert cell["label"] == CLASS_NAMES[int(expected.labels[0])] == CLASS_NAMES[cell["class_index"]]
+    truth = np.asarray(Image.open(io.BytesIO(base64.b64decode(cell["ground_truth"]))))
+    assert truth.shape == (48, 48) and set(np.unique(truth)) <= {0, 113, 255}
+    for params in ({"size": 8}, {"index": -1}, {"index": "first"}):
+        response = http.get("/explorer/cell", params=params)
+        assert response.status_code == 400
+        assert response.json()["error"]["status"] == "INVALID_ARGUMENT"
+    report = http.get("/explorer/evaluation").json()
+    assert len(report["rows"]) > 5 and any(row["front"] for row in report["rows"])
+    assert all(row["p50_ms"] > 0 and 0 <= row["rcap"] <= 1 for row in report["rows"])
+    assert "| method |" in http.get(report["report"]).text
