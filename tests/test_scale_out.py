@@ -80,20 +80,23 @@ def test_resource_exhausted_is_retried_on_the_other_replica(
     RESOURCE_EXHAUSTED; a round_robin client's calls that reach it are retried, and B
     answers them. Without retries, those calls fail."""
     busy = two_replicas[0]
-    with grpc.insecure_channel(busy.address) as direct:
+    with SaliencyClient(both(two_replicas), timeout=30) as client, \
+            SaliencyClient(both(two_replicas), timeout=30, max_attempts=1) as no_retries, \
+            grpc.insecure_channel(busy.address) as direct:
+        for _ in range(4):  # both clients connected to both replicas before A is busy
+            client.stub.Explain(cheap(), timeout=30)
+            no_retries.stub.Explain(cheap(), timeout=30)
         hold = pb_grpc.ExplainerStub(direct).Explain.future(slow_request(batch=8, stride=2),
                                                              timeout=120)
         _until(lambda: busy.server.admission.inflight == 1)
-        with SaliencyClient(both(two_replicas), timeout=30) as client:
-            replies = [client.stub.Explain(cheap(), timeout=30) for _ in range(10)]
+        replies = [client.stub.Explain(cheap(), timeout=30) for _ in range(10)]
         refused_with_retries = _rejected(busy, "queue_full")
         failures = []
-        with SaliencyClient(both(two_replicas), timeout=30, max_attempts=1) as client:
-            for _ in range(10):
-                try:
-                    client.stub.Explain(cheap(), timeout=30)
-                except grpc.RpcError as error:
-                    failures.append(error.code())
+        for _ in range(10):
+            try:
+                no_retries.stub.Explain(cheap(), timeout=30)
+            except grpc.RpcError as error:
+                failures.append(error.code())
         assert not hold.done(), "the held request ended early; the test proves nothing"
         hold.cancel()
     assert all(reply.cost.forward_passes >= 1 for reply in replies)
