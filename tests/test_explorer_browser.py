@@ -89,7 +89,7 @@ def test_explorer_explains_an_uploaded_image_with_two_methods(
         By.CSS_SELECTOR, '.method-option[data-method="decam"] [name="population"]'
     ).get_attribute("value") == "32"
     set_param(browser, "decam", "population", "8")
-    set_param(browser, "decam", "generations", "40")
+    set_param(browser, "decam", "generations", "60")
     set_param(browser, "decam", "patience", "0")
     browser.find_element(By.ID, "run").click()
 
@@ -100,6 +100,11 @@ def test_explorer_explains_an_uploaded_image_with_two_methods(
     bar = decam.find_element(By.TAG_NAME, "progress")
     assert 0 < float(bar.get_attribute("value")) < float(bar.get_attribute("max"))
     assert "step" in decam.find_element(By.CSS_SELECTOR, ".progress-text").text
+    # The search's best map so far is drawn before the result arrives.
+    wait.until(lambda d: "running" in card(d, "decam").get_attribute("class")
+               and card(d, "decam").find_element(By.CSS_SELECTOR, "canvas.map").is_displayed())
+    canvas = card(browser, "decam").find_element(By.CSS_SELECTOR, "canvas.map")
+    assert browser.execute_script("return arguments[0].width", canvas) == 128
 
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result.done")) == 2)
     assert browser.find_elements(By.CSS_SELECTOR, ".result.failed") == []
