@@ -34,7 +34,8 @@ from saliency.v1 import explainer_pb2 as pb
 from service import kserve
 from service.calls import CallInfo, Calls, request_id_from
 from service.explainer import drained
-from service.json_messages import parse, to_json
+from service.json_messages import parse, set_plain_params, to_json
+from service.method_params import ParamError, parse_assignments
 from service.metrics import Metrics
 from service.security import bearer_token_valid
 from service.status import http_status_of, status_of
@@ -176,7 +177,8 @@ class HttpApi:
 
     async def message(self, request: Request, message_class: type[T]) -> T:
         """A request message from its JSON body, or from a multipart form: a ``request`` field
-        (JSON), fields named after request fields, and ``image`` files (PNG or JPEG) as the
+        (JSON), fields named after request fields, ``param`` fields (``steps=64``: the method's
+        parameters, as the CLI's ``--param``), and ``image`` files (PNG or JPEG) as the
         input's images."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return parse(await self.json_body(request), message_class)  # type: ignore[type-var]
@@ -184,6 +186,7 @@ class HttpApi:
         descriptor = message_class.DESCRIPTOR  # type: ignore[attr-defined]
         fields: dict[str, Any] = {}
         images: list[bytes] = []
+        plain: list[str] = []  # param=name=value, as the CLI's --param
         try:
             async with request.form(max_part_size=self.max_body_bytes) as form:
                 for name, value in form.multi_items():
@@ -193,11 +196,21 @@ class HttpApi:
                         images.append(await value.read())
                     elif name == "request":
                         fields.update(_request_field(value))
+                    elif name == "param":
+                        plain.append(value)
                     else:
                         fields[name] = _form_value(descriptor, name, value)
         except HTTPException as exc:
             raise InvalidInput(f"malformed multipart form: {exc.detail}") from exc
         message: Any = parse(fields, message_class)  # type: ignore[type-var]
+        if plain:
+            if not isinstance(message, pb.ExplainRequest):
+                raise InvalidInput("param fields are method parameters: Explain takes them")
+            try:
+                values = parse_assignments(plain)
+            except ParamError as exc:
+                raise InvalidInput(str(exc).replace("--param", "param")) from exc
+            set_plain_params(message, values)
         if images:
             if message.input.WhichOneof("kind") == "tensor":
                 raise InvalidInput("the form has both a tensor input and image files; send one")

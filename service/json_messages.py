@@ -8,6 +8,7 @@ and the CLI use; a value that is neither is refused with the list of valid names
 from __future__ import annotations
 
 import binascii
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
@@ -15,6 +16,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor
 from google.protobuf.message import Message
 
 from kernel.errors import InvalidInput
+from service.method_params import ParamError, params_field, params_message
 
 M = TypeVar("M", bound=Message)
 
@@ -129,3 +131,15 @@ def to_json(message: Message) -> dict[str, Any]:
 
 def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0].replace('"', "'")
+
+
+def set_plain_params(request: Any, values: Mapping[str, Any]) -> None:
+    """Sets ``request``'s method parameters from plain values (``{"steps": 64, "baseline":
+    "blur"}`` or text), through the parser the CLI's ``--param`` and the client use."""
+    try:
+        message = params_message(request.method, values)
+    except ParamError as exc:
+        raise InvalidInput(str(exc)) from exc
+    if message is not None:
+        field = params_field(request.method)
+        getattr(request, field).MergeFrom(message)  # type: ignore[arg-type]

@@ -5,7 +5,8 @@ instance is an encoded image (a base64 string, ``{"b64": …}``, TensorFlow Serv
 ``{"image_bytes": {"b64": …}}`` or TorchServe's ``{"data": …}``) or a nested list of numbers
 (one C×H×W float tensor, normalized as the model's manifest says). ``:explain`` also takes
 any ``ExplainRequest`` field beside ``instances`` (``method``, its params, ``target`` — a
-class index or the message — ``seed``, ``return_overlay``, …).
+class index or the message — ``seed``, ``return_overlay``, …), and ``parameters``: the
+method's parameters as plain values (``{"steps": 64, "baseline": "blur"}``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from kernel.errors import InvalidInput
 from saliency.v1 import explainer_pb2 as pb
-from service.json_messages import parse, to_json
+from service.json_messages import parse, set_plain_params, to_json
 
 IMAGE_KEYS = ("b64", "data")
 
@@ -77,13 +78,20 @@ def predict_request(name: str, body: Any) -> pb.PredictRequest:
 
 def explain_request(name: str, body: Any) -> pb.ExplainRequest:
     source = input_of(body)
-    fields = {key: value for key, value in body.items() if key not in ("instances", "model")}
+    fields = {key: value for key, value in body.items()
+              if key not in ("instances", "model", "parameters")}
     target = fields.get("target")
     if isinstance(target, int) and not isinstance(target, bool):
         fields["target"] = {"class_index": target}
     request = parse(fields, pb.ExplainRequest)
     request.model = name
     request.input.CopyFrom(source)
+    parameters = body.get("parameters")
+    if parameters is not None:
+        if not isinstance(parameters, dict):
+            raise InvalidInput('parameters must be an object of the method\'s parameters, e.g. '
+                               '{"steps": 64, "baseline": "blur"}')
+        set_plain_params(request, parameters)
     return request
 
 

@@ -499,3 +499,36 @@ def test_explorer_routes(http: httpx.Client) -> None:
     assert len(report["rows"]) > 5 and any(row["front"] for row in report["rows"])
     assert all(row["p50_ms"] > 0 and 0 <= row["rcap"] <= 1 for row in report["rows"])
     assert "| method |" in http.get(report["report"]).text
+
+
+def test_plain_parameters_in_a_form_and_in_kserve_parameters(http: httpx.Client) -> None:
+    """``param=steps=4`` fields and KServe's ``parameters`` go through the CLI's parser and
+    give the same request as the typed params message."""
+    image = png(6)
+    typed = http.post("/api/v1/explain", json={
+        "model": "tiny", "method": "integrated_gradients", "input": {
+            "images": {"images": [b64(image)]}},
+        "integrated_gradients": {"steps": 4, "baseline": "BASELINE_BLUR"}}).json()
+    form = http.post("/api/v1/explain", files=[("image", ("a.png", image, "image/png"))],
+                     data={"model": "tiny", "method": "integrated_gradients",
+                           "param": ["steps=4", "baseline=blur"]})
+    assert form.status_code == 200, form.text
+    assert form.json()["saliency"] == typed["saliency"]
+    assert form.json()["cost"]["forward_passes"] == typed["cost"]["forward_passes"]
+    kserve = http.post("/v1/models/tiny:explain", json={
+        "instances": [b64(image)], "method": "integrated_gradients",
+        "parameters": {"steps": 4, "baseline": "blur"}})
+    assert kserve.status_code == 200, kserve.text
+    np.testing.assert_allclose(
+        kserve.json()["explanations"][0]["saliency"],
+        tensor_array(json_format.ParseDict(typed["saliency"], pb.Tensor()))[0], atol=1e-6)
+    wrong = http.post("/api/v1/explain", files=[("image", ("a.png", image, "image/png"))],
+                      data={"model": "tiny", "method": "integrated_gradients",
+                            "param": "stepz=4"})
+    assert_error(wrong, 400, "INVALID_ARGUMENT", "it takes: steps")
+    malformed = http.post("/api/v1/explain", files=[("image", ("a.png", image, "image/png"))],
+                          data={"model": "tiny", "method": "gradcam", "param": "steps"})
+    assert_error(malformed, 400, "INVALID_ARGUMENT", "name=value")
+    assert_error(http.post("/v1/models/tiny:explain", json={
+        "instances": [b64(image)], "method": "rise", "parameters": {"masks": "many"}}),
+        400, "INVALID_ARGUMENT", "masks")
