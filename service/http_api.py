@@ -316,7 +316,8 @@ class HttpApi:
         statuses = [s for s in self.calls.list_models().models if s.name == name]
         if not statuses:
             self.calls.get_model(pb.GetModelRequest(model=name))  # raises NOT_FOUND
-        return JSONResponse({"name": name, "ready": any(s.ready for s in statuses)})
+        ready = any(s.ready for s in statuses)  # 503 when not, as KServe's probes expect
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
     async def kserve_predict(self, request: Request, call: CallInfo) -> Response:
         message = kserve.predict_request(request.path_params["name"],

@@ -221,7 +221,8 @@ def test_stream_refused_before_it_starts_answers_with_the_status(http: httpx.Cli
 def test_kserve_v1_models_and_readiness(http: httpx.Client) -> None:
     assert http.get("/v1/models").json() == {"models": ["broken", "tiny"]}
     assert http.get("/v1/models/tiny").json() == {"name": "tiny", "ready": True}
-    assert http.get("/v1/models/broken").json() == {"name": "broken", "ready": False}
+    broken = http.get("/v1/models/broken")
+    assert broken.status_code == 503 and broken.json() == {"name": "broken", "ready": False}
     assert_error(http.get("/v1/models/absent"), 404, "NOT_FOUND", "absent")
 
 
@@ -370,6 +371,23 @@ def test_a_client_that_goes_away_cancels_its_call(web: RunningServer) -> None:
     url = f"http://127.0.0.1:{web.server.http_port}/api/v1/explain"
     with httpx.Client(timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
         client.post(url, json=decam_body(generations=400, population=64))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        now = value(scrape(web.server.metrics_port), name, transport="http", code="CANCELLED")
+        if now > before:
+            break
+        time.sleep(0.1)
+    assert now == before + 1
+
+
+def test_a_stream_whose_client_goes_away_cancels_its_call(web: RunningServer) -> None:
+    name = "saliency_transport_requests_total"
+    before = value(scrape(web.server.metrics_port), name, transport="http", code="CANCELLED")
+    url = f"http://127.0.0.1:{web.server.http_port}/api/v1/explain/stream"
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", url, json=decam_body(generations=400, population=64)) as response:
+        lines = response.iter_lines()
+        assert next(lines) == "event: progress"  # running; then the client leaves
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         now = value(scrape(web.server.metrics_port), name, transport="http", code="CANCELLED")
