@@ -1,10 +1,12 @@
 """DE-CAM quality against the forward passes it spends, on the demo model's test cells.
 
-For each population and pass budget (``decam.max_forward_passes``, per image, the prediction
-included), the maps of the same cell images are scored with ``evaluation.metrics``: RCAP,
-relevance mass, pointing game and relevance rank (target: the true label). The search runs
-without early stop, so every budget is spent; the defaults are measured too. The curve shows
-where quality stops growing, which is what the defaults should spend.
+For each map (``decam.aggregate``: the covariance of mask and fitness over every evaluated
+mask, or the best mask), population and pass budget (``decam.max_forward_passes``, per
+image, the prediction included), the maps of the same cell images are scored with
+``evaluation.metrics``: RCAP, relevance mass, pointing game and relevance rank (target: the
+true label). The search runs without early stop, so every budget is spent; the defaults are
+measured too. The curve shows where quality stops growing, which is what the defaults
+should spend.
 
     python -m benchmarks.decam_budget [--images 40] [--quick]
 """
@@ -18,27 +20,30 @@ from benchmarks.common import base_parser, demo_repository, fmt, in_process_core
 from saliency.v1 import explainer_pb2 as pb
 from service.inputs import preprocess_pixels
 
-BUDGETS = (200, 330, 600, 1000, 1500)
-POPULATIONS = (16, 32)
+# (aggregate, population, budgets)
+CURVES = (("covariance", 16, (100, 200, 330, 600, 1000)), ("covariance", 32, (330, 1000)),
+          ("best", 16, (330, 1000)), ("best", 32, (330, 1000, 1500)))
+QUICK_CURVES = (("covariance", 16, (100, 330)), ("best", 16, (330,)))
 # With a budget, generations only bound the search from above.
 UNBOUNDED_GENERATIONS = 500
 
 
-def curve(core: Any, package: Any, count: int, budgets: tuple[int, ...],
-          populations: tuple[int, ...]) -> list[dict[str, Any]]:
+def curve(core: Any, package: Any, count: int,
+          curves: tuple[tuple[str, int, tuple[int, ...]], ...]) -> list[dict[str, Any]]:
     handle = core.repository.find("demo", 0)
     spec = handle.spec().input
     batch = _cells.cells(count, spec.height)
     inputs = preprocess_pixels(batch.images, spec)
     targets = batch.labels
     scorer = _cells.classifier(package)
-    settings: list[tuple[str, pb.DecamParams]] = [("defaults", pb.DecamParams())]
-    for population in populations:
+    settings: list[tuple[str, pb.DecamParams]] = [
+        ("defaults", pb.DecamParams()),
+        ("defaults, aggregate best", pb.DecamParams(aggregate="best"))]
+    for aggregate, population, budgets in curves:
         for budget in budgets:
-            if budget >= 1 + 2 * population:
-                settings.append((f"population {population}", pb.DecamParams(
-                    population=population, generations=UNBOUNDED_GENERATIONS, patience=0,
-                    max_forward_passes=budget)))
+            settings.append((f"{aggregate}, population {population}", pb.DecamParams(
+                population=population, generations=UNBOUNDED_GENERATIONS, patience=0,
+                max_forward_passes=budget, aggregate=aggregate)))
     rows = []
     for label, params in settings:
         run = _cells.explain(core, "demo", pb.METHOD_DECAM, inputs, targets, ("decam", params))
@@ -55,11 +60,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=40)
     args = parser.parse_args()
     count = 8 if args.quick else args.images
-    budgets = (100, 330, 800) if args.quick else BUDGETS
-    populations = (16,) if args.quick else POPULATIONS
     root = demo_repository()
     core = in_process_core(root, intra_op_threads=1)
-    rows = curve(core, root / "demo" / "1", count, budgets, populations)
+    rows = curve(core, root / "demo" / "1", count, QUICK_CURVES if args.quick else CURVES)
     text = (f"DE-CAM quality against forward passes per image, demo model, {count} test cells "
             "(target: the true label; ground-truth metrics skip blanks), 1 intra-op thread:\n"
             + table([{k: fmt(v) for k, v in row.items()} for row in rows]))

@@ -25,6 +25,14 @@ Our formulation (the paper fixes the principle, not these details):
   bounce-back into [0, 1] for mutants that leave it, a trial replacing its parent when it is
   at least as fit.
   ``patience`` generations without improvement of any image's best stop the search early.
+* The map (``aggregate``): ``covariance`` (default) weights every mask the search evaluated
+  by its fitness minus the mean fitness of all of them and sums, i.e. the covariance of each
+  pixel's mask value with the fitness over the search's samples (RISE's estimator, on the
+  samples DE steers toward the evidence; negative where covering a pixel lowers fitness).
+  ``best`` is the paper's choice, the fittest mask itself. The covariance map uses every
+  pass, not only the winner's, so it needs far fewer passes for the same quality
+  (``benchmarks/decam_budget.py``). Since upsampling is linear, the sums are kept on each
+  stage's grid and upsampled once.
 * ``max_forward_passes`` caps what one image may cost, the prediction included (Cost counts
   every image's passes): the plan (``plan_search``) fits as many whole generations as the
   budget allows, drops coarse refinement stages when it cannot pay for their start
@@ -74,6 +82,7 @@ from saliency.v1 import explainer_pb2 as pb
 MAX_GRID = 32
 MIN_POPULATION = 4
 STRATEGIES = ("best1bin", "rand1bin")
+AGGREGATES = ("covariance", "best")
 # How often (in generations) a progress update carries the current best maps.
 MAPS_EVERY = 5
 # Smallest improvement of a best fitness that resets the patience counter.
@@ -304,6 +313,7 @@ class DecamParams:
     refine: bool = param(True)
     patience: int = param(8, low=0)
     max_forward_passes: int = param(0, low=0)
+    aggregate: str = param("covariance", choices=AGGREGATES)
 
 
 @register
@@ -389,7 +399,7 @@ def search_masks(job: Job, fitness_class: type[MaskFitness] = MaskFitness) -> At
     diagnostics = search.diagnostics()
     if plan.budget_bound:
         diagnostics["budget_bound"] = 1.0
-    return Attribution(raw=upsample(search.best_grids(), height, width),
+    return Attribution(raw=search.map(height, width),
                        diagnostics=diagnostics,
                        truncated=search.truncated or plan.budget_bound)
 
@@ -416,16 +426,48 @@ class _Search:
         self.stale = 0
         self.generation_seconds = 0.0
         self.block = job.batch  # images per block of a generation's temporaries
+        self.aggregate = str(params.aggregate)
+        # Covariance map: per stage grid, Σ fitness·mask and Σ mask; per image Σ fitness, count.
+        self.weighted: dict[tuple[int, ...], np.ndarray] = {}
+        self.masks_sum: dict[tuple[int, ...], np.ndarray] = {}
+        self.fitness_sum = np.zeros(job.batch)
+        self.samples = 0
 
     def _evaluate(self, candidates: np.ndarray) -> np.ndarray | None:
         """Fitness of N×P candidates, or None when a best-effort request ran out of time."""
         job = self.job
         try:
-            return self.fitness_of(candidates)
+            fitness = self.fitness_of(candidates)
         except DeadlineExceeded:
             if job.best_effort and self.best is not None:
                 return None
             raise
+        self._accumulate(candidates, fitness)
+        return fitness
+
+    def _accumulate(self, candidates: np.ndarray, fitness: np.ndarray) -> None:
+        """Adds N×K evaluated candidates to the covariance map's sums."""
+        if self.aggregate != "covariance":
+            return
+        shape = candidates.shape[2:]
+        if shape not in self.weighted:
+            self.weighted[shape] = np.zeros((candidates.shape[0], *shape))
+            self.masks_sum[shape] = np.zeros((candidates.shape[0], *shape))
+        self.weighted[shape] += np.einsum("nk,nkij->nij", fitness, candidates)
+        self.masks_sum[shape] += candidates.sum(axis=1)
+        self.fitness_sum += fitness.sum(axis=1)
+        self.samples += candidates.shape[1]
+
+    def map(self, height: int, width: int) -> np.ndarray:
+        """The raw N×H×W map: the covariance of mask and fitness, or the best mask."""
+        if self.aggregate != "covariance" or not self.samples:
+            return upsample(self.best_grids(), height, width)
+        mean = (self.fitness_sum / self.samples)[:, None, None]
+        out = np.zeros((self.job.batch, height, width), np.float32)
+        for shape, weighted in self.weighted.items():
+            grids = ((weighted - mean * self.masks_sum[shape]) / self.samples).astype(np.float32)
+            out += upsample(grids, height, width)
+        return out
 
     def _out_of_time(self) -> bool:
         """Best effort: stop when the next generation would not finish before the deadline."""
@@ -519,7 +561,7 @@ class _Search:
         maps = None
         if self.step % MAPS_EVERY == 0 or self.step == 1:
             height, width = job.inputs.shape[2:]
-            maps = scale_by_max(upsample(self.best_grids(), height, width))
+            maps = scale_by_max(self.map(height, width))
         job.on_progress(ProgressUpdate(
             step=self.step, total_steps=self.total_steps,
             best_fitness=float(self.best_fitness.mean()),

@@ -13,13 +13,24 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 import numpy as np
 import pytest
 
 from handlers import registry
-from handlers.decam import de_generation, plan_search, refine_stages, split_generations
+from handlers.decam import (
+    MaskFitness,
+    de_generation,
+    plan_search,
+    refine_stages,
+    search_masks,
+    split_generations,
+)
+from handlers.resize import upsample
+from kernel.repository import ModelHandle
+from kernel.request import Job
 from saliency.v1 import explainer_pb2 as pb
 from saliency.v1 import explainer_pb2_grpc as pb_grpc
 from service.images import array_to_tensor, tensor_to_array
@@ -123,6 +134,8 @@ def test_maps_over_grpc_for_a_model_made_without_our_exporter(
 
 @pytest.mark.parametrize("method, field, params", [
     (pb.METHOD_DECAM, "decam", pb.DecamParams(baseline=pb.BASELINE_BLACK, grid=6)),
+    (pb.METHOD_DECAM, "decam", pb.DecamParams(baseline=pb.BASELINE_BLACK, grid=6,
+                                              aggregate="best")),
     (pb.METHOD_RISE, "rise", pb.RiseParams(masks=600, cells=6)),
     (pb.METHOD_OCCLUSION, "occlusion", pb.OcclusionParams(window=4, stride=2)),
 ])
@@ -249,6 +262,7 @@ def test_same_seed_same_map_other_seed_other_map(plain_stub) -> None:
     ({"patience": -1}, "patience"),
     ({"deletion_weight": 0.0, "preservation_weight": 0.0}, "deletion_weight"),
     ({"max_forward_passes": -1}, "max_forward_passes"),
+    ({"aggregate": "mean"}, "aggregate"),
     # Below the prediction and one start population: 1 + 6 candidates × 2 terms = 13.
     ({"population": 6, "max_forward_passes": 12}, "max_forward_passes"),
 ])
@@ -358,3 +372,44 @@ def test_search_plan_under_a_budget() -> None:
     assert plan_search(8, True, 30, 32, 2, budget=1 + 64).generations == (0,)
     with pytest.raises(ValueError, match="below 65"):
         plan_search(8, True, 30, 32, 2, budget=64)
+
+
+# ---- the map ---------------------------------------------------------------------------------
+
+class RecordingFitness(MaskFitness):
+    """Our fitness, keeping every evaluated candidate and its fitness."""
+
+    seen: ClassVar[list[tuple[np.ndarray, np.ndarray]]] = []
+
+    def __call__(self, grids: np.ndarray) -> np.ndarray:
+        fitness = super().__call__(grids)
+        RecordingFitness.seen.append((grids.copy(), fitness.copy()))
+        return fitness
+
+
+@pytest.mark.parametrize("budget", [0, 150])
+def test_covariance_map_is_the_fitness_weighted_sum_of_every_evaluated_mask(
+        tmp_path: Path, budget: int) -> None:
+    """Σ (f − mean f) · upsample(mask) over all candidates (both stages, the partial last
+    generation included), computed here from the recorded candidates, is the raw map."""
+    write_package(small_cnn(classes=3, size=SIZE), tmp_path, "plain")
+    handle = ModelHandle("plain", 1, tmp_path / "plain" / "1")
+    handle.load()
+    x = inputs(2)
+    (logits,) = handle.run(x)
+    params = registry.get(pb.METHOD_DECAM).params(
+        None, population=6, generations=40, patience=0, max_forward_passes=budget)
+    job = Job(model=handle, inputs=x, targets=logits.argmax(1), params=params,
+              base_logits=logits, seed=3)
+    RecordingFitness.seen = []
+    raw = search_masks(job, RecordingFitness).raw
+    candidates = sum(f.shape[1] for _, f in RecordingFitness.seen)
+    mean = sum(f.sum(axis=1) for _, f in RecordingFitness.seen) / candidates
+    expected = np.zeros_like(raw, dtype=np.float64)
+    for grids, fitness in RecordingFitness.seen:
+        masks = upsample(grids.reshape(-1, *grids.shape[2:]).astype(np.float32), SIZE, SIZE)
+        masks = masks.reshape(*grids.shape[:2], SIZE, SIZE)
+        expected += np.einsum("nk,nkij->nij", fitness - mean[:, None], masks) / candidates
+    assert {g.shape[2] for g, _ in RecordingFitness.seen} == {4, 8}
+    np.testing.assert_allclose(raw, expected, rtol=1e-4, atol=1e-6)
+    assert raw.min() < 0 < raw.max()  # covering some pixels lowers the fitness
