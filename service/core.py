@@ -138,9 +138,9 @@ class Core:
         if request.return_raw:
             response.raw.CopyFrom(array_to_tensor(result.raw.astype(np.float32)))
         if request.return_overlay:
-            response.overlays.extend(result.overlays or captioned_overlays(
+            response.overlays.extend(captioned_overlays(
                 done.inputs, spec.input, result.maps, done.targets, spec.class_labels,
-                done.handler.name, cost, time.perf_counter() - done.started))
+                done.handler.name, cost, time.perf_counter() - done.started, result.overlays))
         response.cost.CopyFrom(pb.Cost(
             method=done.handler.method, forward_passes=cost.forward_passes,
             backward_passes=cost.backward_passes, wall_seconds=time.perf_counter() - done.started,

@@ -135,11 +135,14 @@ def test_the_server_returns_legible_overlays(stub) -> None:
         assert ink(below) > one_line_ink("gradcam · alpha · fwd 2 bwd 1 · 1 ms")
 
 
-def test_the_server_returns_lovi_with_its_legend(stub) -> None:
+def test_the_server_returns_lovi_with_its_legend_and_caption(stub) -> None:
+    legend_bottom = lovi_picture(np.zeros((3, 32, 32), np.float32)).shape[0]  # tiny: 3 scales
     for picture in overlays(stub, pb.METHOD_LOVI):
         assert picture.shape[1] == MIN_WIDTH
         bar_row = picture[MIN_WIDTH + MARGIN + BAR_HEIGHT // 2, MARGIN:MIN_WIDTH - MARGIN]
         np.testing.assert_array_equal(bar_row[[0, -1]], depth_colours()[[0, -1]])
+        caption = picture[legend_bottom:]
+        assert ink(caption) > 0.8 * one_line_ink("lovi · alpha · fwd 1 bwd 0 · 1 ms")
 
 
 def test_a_panel_holds_every_overlay_side_by_side(stub) -> None:
