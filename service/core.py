@@ -69,7 +69,9 @@ class Core:
         spec = handle.spec()
         info.input.CopyFrom(pb.InputSpec(
             shape=[-1, *spec.input.shape[1:]], dtype=pb.DTYPE_FLOAT32, layout=spec.input.layout,
-            mean=spec.input.mean, std=spec.input.std, value_range=spec.input.value_range))
+            mean=spec.input.mean, std=spec.input.std, value_range=spec.input.value_range,
+            name=spec.input.name, batch_size=spec.input.batch))
+        info.output_kind = spec.output_kind
         info.class_labels.extend(spec.class_labels)
         info.scale_outputs.extend(spec.scale_outputs)
         info.cam_layer = spec.cam_layer
@@ -93,7 +95,7 @@ class Core:
         return pb.PredictResponse(
             model=scores.handle.name, version=scores.handle.version,
             predictions=predictions(scores.logits, scores.handle.spec().class_labels,
-                                    request.top_k),
+                                    request.top_k, scores.handle.spec().output_kind),
             logits=array_to_tensor(scores.logits.astype(np.float32)),
             cost=pb.Cost(forward_passes=cost.forward_passes, wall_seconds=scores.wall_seconds,
                          cpu_seconds=scores.cpu_seconds),
@@ -130,7 +132,8 @@ class Core:
         response = pb.ExplainResponse(
             model=handle.name, version=handle.version,
             saliency=array_to_tensor(result.maps),
-            predictions=predictions(done.logits, spec.class_labels, request.top_k),
+            predictions=predictions(done.logits, spec.class_labels, request.top_k,
+                                    spec.output_kind),
             targets=done.targets.tolist(),
             diagnostics=result.diagnostics,
             request_id=uuid.uuid4().hex,
