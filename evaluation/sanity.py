@@ -344,11 +344,12 @@ def figure(rows: list[dict[str, str]], path: Path) -> None:
         chosen = sorted((r for r in rows if r["test"] == test), key=lambda r: int(r["step"]))
         ticks = list(dict.fromkeys((int(r["step"]), r["layers"].split("+")[-1] or str(r["step"]))
                                    for r in chosen if r["method"] != "edge detector (control)"))
-        for method in methods:
+        for index, method in enumerate(methods):
             mine = [r for r in chosen if r["method"] == method]
-            style = "k:" if method.startswith("edge") else "-o"
+            control = method.startswith("edge")
             axis.plot([int(r["step"]) for r in mine],
-                      [float(r[column]) if r[column] else math.nan for r in mine], style,
+                      [float(r[column]) if r[column] else math.nan for r in mine],
+                      ":" if control else "-o", color="k" if control else plt.cm.tab20(index % 20),
                       label=method, markersize=3, lw=1.2)
         axis.axhline(PASS_BELOW, color="grey", lw=0.8, ls="--")
         axis.set_xticks([s for s, _ in ticks])
