@@ -31,7 +31,7 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 _TRY_LATER = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
-_DEFAULT_METHOD = "vanilla_gradient"
+_DEFAULT_METHOD = pb.Method.Name(pb.METHOD_VANILLA_GRADIENT).removeprefix("METHOD_").lower()
 
 
 class CommandError(Exception):
