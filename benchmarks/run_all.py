@@ -19,8 +19,10 @@ from typing import Any
 from benchmarks.common import RESULTS, ROOT, base_parser, machine_info
 
 # grpc_floor: a server peers starts; memory: run on its own (python -m benchmarks.memory);
-# loopback: the network stand-ins of replicas.
-NOT_SUITES = {"__init__", "common", "run_all", "grpc_floor", "memory", "loopback"}
+# loopback: the network stand-ins of replicas; openvino_xai and decam_budget take longer than
+# a suite's share of make bench, so they run on their own.
+NOT_SUITES = {"__init__", "common", "run_all", "grpc_floor", "memory", "loopback",
+              "openvino_xai", "decam_budget"}
 # Fast suites first; the long peer comparison last.
 ORDER = (
     "gradients",
