@@ -113,6 +113,11 @@ class Handler:
             return ""
         if self.needs_torch and not model.has_torch:
             return "it needs a torch program (model.pt2)"
+        grid = model.spec().token_grid
+        if grid:
+            height, width = grid["grid"]
+            return (f"it needs spatial scale outputs; this model's features are tokens on a "
+                    f"{height}×{width} patch grid (a vision transformer), not feature maps")
         return "it needs scale outputs"
 
     def scale_outputs_for(self, model: ModelHandle) -> list[str]:

@@ -33,34 +33,53 @@ PLUS_PLUS_EPSILON = 1e-6
 
 
 def resolve_layer(job: Job, layer: str) -> str:
-    """The scale output for ``layer``: '' = the manifest's CAM output, a scale output name,
-    or a module name listed in the manifest's scale modules."""
+    """The output for ``layer``: '' = the manifest's CAM output, a scale or token output
+    name, or a module name listed in the manifest's scale modules (or its CAM layer)."""
     spec = job.model.spec()
     if not layer:
         if not spec.cam_output:
             raise InvalidInput(
                 f"model {spec.name!r} names no CAM layer; set params.layer to "
-                f"one of {list(spec.scale_outputs)}"
+                f"one of {list(spec.extra_outputs)}"
             )
         return spec.cam_output
-    if layer in spec.scale_outputs:
+    if layer in spec.extra_outputs:
         return layer
     if layer in spec.scale_modules:
         return spec.scale_outputs[spec.scale_modules.index(layer)]
+    if layer == spec.cam_layer:
+        return spec.cam_output
     choices = [f"{o} ({m})" for o, m in zip(spec.scale_outputs, spec.scale_modules, strict=False)]
+    if spec.token_grid:
+        choices.append(f"{spec.token_grid['output']} ({spec.cam_layer})")
     raise InvalidInput(
         f"layer {layer!r} is neither a scale output nor a scale module of "
         f"model {spec.name!r}; choose one of {choices}"
     )
 
 
+def as_feature_map(model: ModelHandle, output_name: str, values: np.ndarray) -> np.ndarray:
+    """N×K×h×w for a scale output as it is; for the token output, the patch tokens on their
+    grid (class and register tokens dropped), as pytorch-grad-cam's ``reshape_transform``."""
+    grid = model.spec().token_grid
+    if not grid or output_name != grid.get("output"):
+        return values
+    if int(grid.get("batch_dim", 0)) == 1:
+        values = values.transpose(1, 0, 2)
+    height, width = (int(v) for v in grid["grid"])
+    patches = values[:, int(grid.get("prefix_tokens", 0)):, :]
+    return np.ascontiguousarray(
+        patches.reshape(values.shape[0], height, width, values.shape[2]).transpose(0, 3, 1, 2))
+
+
 def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Activations A and ∂ logit[target] / ∂ A at ``output_name`` (both N×K×h×w float32).
+    """Activations A and ∂ logit[target] / ∂ A at ``output_name`` (both N×K×h×w float32;
+    tokens reshaped to their patch grid).
 
     One forward and one (partial) backward pass per image, chunked by the memory budget.
     """
     module = prepared_module(job.model, CUT_PREFIX + output_name)
-    index = job.model.spec().scale_outputs.index(output_name) + 1
+    index = job.model.spec().extra_outputs.index(output_name) + 1
     activations: list[np.ndarray] = []
     gradients: list[np.ndarray] = []
     targets = torch.from_numpy(job.targets.astype(np.int64)).view(-1, 1)
@@ -69,8 +88,9 @@ def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]
         activation = outputs[index]
         selected = outputs[0].gather(1, targets[part]).sum()
         (grad,) = torch.autograd.grad(selected, activation)
-        activations.append(activation.detach().contiguous().numpy())
-        gradients.append(grad.contiguous().numpy())
+        activations.append(as_feature_map(job.model, output_name,
+                                          activation.detach().contiguous().numpy()))
+        gradients.append(as_feature_map(job.model, output_name, grad.contiguous().numpy()))
         count = part.stop - part.start
         job.cost.forward(count, ENGINE_TORCH)
         job.cost.backward(count)
@@ -119,8 +139,15 @@ class CamHandler(GradientHandler):
     """Shared layer choice and map making of the CAM methods."""
 
     plus_plus = False
-    needs_scales = True
     Params = CamParams
+
+    def available_for(self, model: ModelHandle) -> bool:
+        return super().available_for(model) and bool(model.spec().extra_outputs)
+
+    def unavailable_reason(self, model: ModelHandle) -> str:
+        if super().available_for(model) and not model.spec().extra_outputs:
+            return "it needs a CAM layer (scale or token outputs)"
+        return super().unavailable_reason(model)
 
     def check(self, job: Job) -> None:
         resolve_layer(job, job.params.layer)

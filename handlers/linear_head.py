@@ -67,6 +67,10 @@ def _read_linear_head(model: ModelHandle, linear: str, logits_name: str) -> Line
 
     graph = onnx.load(str(model.path / ONNX_FILE)).graph
     initializers = {t.name: t for t in graph.initializer}
+    for constant in (n for n in graph.node if n.op_type == "Constant"):  # traced weights
+        value = next((a.t for a in constant.attribute if a.name == "value"), None)
+        if value is not None:
+            initializers[constant.output[0]] = value
     for prefix in ("model.", ""):
         weight = initializers.get(f"{prefix}{linear}.weight")
         if weight is not None:

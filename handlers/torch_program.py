@@ -150,13 +150,17 @@ def _build_cached(model: ModelHandle, variant: str) -> PreparedModule | None:
         if variant == TRUNK:  # shares the fast variant's folded weights
             fast = _cached_variant(model, FAST)
             return trunk_of(fast) if fast is not None else None
-        return build_variant(model.program, variant)
+        return build_variant(model.program, variant, model.spec().extra_outputs)
     except NoStemError:
         return None
 
 
-def build_variant(program: Any, variant: str) -> PreparedModule:
-    """A new prepared module of ``program`` (an ExportedProgram); does not touch ``program``."""
+def build_variant(program: Any, variant: str,
+                  outputs: tuple[str, ...] | None = None) -> PreparedModule:
+    """A new prepared module of ``program`` (an ExportedProgram); does not touch ``program``.
+
+    ``outputs`` names the program's outputs after the logits (the manifest's scale and token
+    outputs); without it only ``scale_<k>`` names can be cut."""
     if variant == TRUNK:
         return trunk_of(build_variant(program, FAST))
     graph_module = program.module()
@@ -166,7 +170,7 @@ def build_variant(program: Any, variant: str) -> PreparedModule:
     if variant == GUIDED:
         replace_relus(graph_module)
     elif variant.startswith(CUT_PREFIX):
-        cut_at_output(graph_module, variant[len(CUT_PREFIX) :])
+        cut_at_output(graph_module, variant[len(CUT_PREFIX) :], outputs)
     elif variant != FAST:
         raise ValueError(f"unknown program variant {variant!r}")
     compute_in_place(graph_module)
@@ -353,14 +357,19 @@ def replace_relus(graph_module: fx.GraphModule) -> int:
     return count
 
 
-def cut_at_output(graph_module: fx.GraphModule, output_name: str) -> None:
-    """Makes scale output ``scale_<k>`` a leaf tensor that requires grad."""
-    if not output_name.startswith("scale_") or not output_name[6:].isdigit():
-        raise ValueError(f"not a scale output name: {output_name!r}")
+def cut_at_output(graph_module: fx.GraphModule, output_name: str,
+                  outputs: tuple[str, ...] | None = None) -> None:
+    """Makes output ``output_name`` (a scale or token output) a leaf tensor that requires
+    grad; ``outputs`` lists the outputs after the logits (default: ``scale_<k>`` is k + 1)."""
+    if outputs is not None and output_name in outputs:
+        index = outputs.index(output_name) + 1
+    elif output_name.startswith("scale_") and output_name[6:].isdigit():
+        index = int(output_name[6:]) + 1
+    else:
+        raise ValueError(f"not a scale or token output name: {output_name!r}")
     graph = graph_module.graph
     output = next(n for n in graph.nodes if n.op == "output")
     results = output.args[0]
-    index = int(output_name[6:]) + 1
     if not isinstance(results, tuple | list) or index >= len(results):
         raise ValueError(f"the program has no output {output_name!r}")
     source = results[index]

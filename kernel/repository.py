@@ -34,7 +34,7 @@ TORCH_FILE = "model.pt2"
 FORMAT_VERSION = 1
 # Manifest keys kept verbatim in ``Manifest.extra``.
 _EXTRA_KEYS = ("exporter", "verification", "format", "metadata", "activation_bytes",
-               "scale_shapes")
+               "scale_shapes", "scale_nodes")
 
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -92,6 +92,14 @@ class Manifest:
     files: dict[str, str]
     head: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # A vision transformer's CAM tokens: output, grid [h, w], prefix_tokens, batch_dim.
+    token_grid: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def extra_outputs(self) -> tuple[str, ...]:
+        """The program's and ONNX graph's outputs after the logits, in order."""
+        tokens = self.token_grid.get("output")
+        return (*self.scale_outputs, *([str(tokens)] if tokens else []))
     output_kind: str = LOGITS  # kernel.outputs: logits, probabilities or sigmoid
 
     @classmethod

@@ -77,11 +77,12 @@ def test_export_refuses_a_package_that_disagrees(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     original = export_module._export_onnx
 
-    def other_weights(wrapper: nn.Module, example: torch.Tensor, path: Path,
-                      names: list[str]) -> None:
-        # The fault: the ONNX graph carries different weights than the torch module.
-        impostor = export_module.WithScaleOutputs(TinyCNN(seed=1), wrapper.scale_modules)
-        original(impostor.eval(), example, path, names)
+    def other_weights(graph_module: object, program: object, example: torch.Tensor,
+                      path: Path, names: list[str], axes: dict[str, int]) -> None:
+        # The fault: the ONNX graph carries different weights than the torch program.
+        impostor, graph = export_module.graph_of(TinyCNN(seed=1), example)
+        impostor = export_module.with_outputs(impostor, [p.node for p in graph.scale_ends()])
+        original(impostor, program, example, path, names, axes)
 
     monkeypatch.setattr(export_module, "_export_onnx", other_weights)
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
