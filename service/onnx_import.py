@@ -197,6 +197,9 @@ def _output_kind(graph_kind: str | None, graph_why: str, rows: np.ndarray,
                             "logits or --output sigmoid if that is what they are")
     if kind == SIGMOID and not unit:
         raise ImportRefused(f"output kind sigmoid ({why}) but {numbers}; pass --output logits")
+    if kind == LOGITS and normalized:
+        raise ImportRefused(f"output kind logits ({why}) but {numbers}: a softmax over "
+                            "probabilities would flatten them; pass --output probabilities")
     return kind, f"{why}; {numbers}"
 
 

@@ -352,6 +352,10 @@ REFUSALS = {
         ("--output", "probabilities"), "rows sum to"),
     "shape against the graph": (region_classifier, ("--input-shape", "3,64,64"),
                                 "disagrees with the graph"),
+    "logits that are probabilities": (region_classifier, ("--output", "logits"),
+                                      "pass --output probabilities"),
+    "scores in [0, 1] of no telling op": (lambda: region_classifier(head="HardSigmoid"), (),
+                                          "pass --output sigmoid"),
 }
 
 
@@ -366,3 +370,18 @@ def test_import_refuses_what_it_cannot_serve_and_says_what_to_do(
     assert code == 2
     assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "models" / "refused").exists()
+
+
+@pytest.mark.parametrize("head, flags, kind", [("LogSoftmax", (), "logits"),
+                                               ("HardSigmoid", ("--output", "sigmoid"),
+                                                "sigmoid")])
+def test_import_reads_log_probabilities_as_logits_and_takes_a_confirmed_output_flag(
+        head: str, flags: tuple[str, ...], kind: str, tmp_path: Path) -> None:
+    source = tmp_path / "model.onnx"
+    onnx.save(region_classifier(head=head), str(source))
+    code, out, err = run_cli("import", str(source), "--name", "m",
+                             "--models", str(tmp_path / "models"), *flags)
+    assert code == 0, err
+    assert f"(2 classes, {kind})" in out
+    manifest = json.loads((tmp_path / "models" / "m" / "1" / "manifest.json").read_text())
+    assert manifest["outputs"]["kind"] == kind
