@@ -385,3 +385,20 @@ def test_import_reads_log_probabilities_as_logits_and_takes_a_confirmed_output_f
     assert f"(2 classes, {kind})" in out
     manifest = json.loads((tmp_path / "models" / "m" / "1" / "manifest.json").read_text())
     assert manifest["outputs"]["kind"] == kind
+
+
+def test_import_writes_the_preprocessing_it_is_given(tmp_path: Path) -> None:
+    source = tmp_path / "model.onnx"
+    onnx.save(region_classifier(), str(source))
+    code, _, err = run_cli("import", str(source), "--name", "m", "--version", "3",
+                           "--models", str(tmp_path / "models"), "--labels", "box,rest",
+                           "--value-range", "0,255", "--mean", "127.5", "--std", "1,2,4")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "models" / "m" / "3" / "manifest.json").read_text())
+    assert manifest["input"]["value_range"] == [0.0, 255.0]
+    assert manifest["input"]["mean"] == [127.5] * 3
+    assert manifest["input"]["std"] == [1.0, 2.0, 4.0]
+    assert manifest["class_labels"] == ["box", "rest"]
+    code, _, err = run_cli("import", str(source), "--name", "m", "--version", "3",
+                           "--models", str(tmp_path / "models"))
+    assert code == 2 and "pass --force" in err
