@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from handlers import registry
 from handlers.base import Handler
 from kernel.repository import ModelHandle, Repository
 from kernel.request import CostCounter, ProgressUpdate, RequestState
@@ -82,6 +83,12 @@ class Core:
                 defaults={k: str(v) for k, v in handler.defaults.items()},
                 mean_seconds=mean.mean_seconds, measured_requests=mean.requests,
                 description=handler.description))
+        offered = {h.method for h in self.methods_for(handle)}
+        for handler in registry.handlers():
+            if handler.method not in offered:
+                info.unavailable_methods.append(pb.UnavailableMethod(
+                    method=handler.method, name=handler.name,
+                    reason=handler.unavailable_reason(handle)))
         for key, value in spec.extra.get("exporter", {}).items():
             info.metadata[f"exporter.{key}"] = str(value)
         return info

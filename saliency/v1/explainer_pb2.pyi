@@ -503,7 +503,7 @@ class InputSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., value_range: _Optional[_Iterable[float]] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("status", "input", "class_labels", "scale_outputs", "cam_layer", "methods", "metadata", "output_kind")
+    __slots__ = ("status", "input", "class_labels", "scale_outputs", "cam_layer", "methods", "metadata", "output_kind", "unavailable_methods")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -519,6 +519,7 @@ class ModelInfo(_message.Message):
     METHODS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_KIND_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_METHODS_FIELD_NUMBER: _ClassVar[int]
     status: ModelStatus
     input: InputSpec
     class_labels: _containers.RepeatedScalarFieldContainer[str]
@@ -527,4 +528,15 @@ class ModelInfo(_message.Message):
     methods: _containers.RepeatedCompositeFieldContainer[MethodInfo]
     metadata: _containers.ScalarMap[str, str]
     output_kind: str
-    def __init__(self, status: _Optional[_Union[ModelStatus, _Mapping]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., class_labels: _Optional[_Iterable[str]] = ..., scale_outputs: _Optional[_Iterable[str]] = ..., cam_layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., output_kind: _Optional[str] = ...) -> None: ...
+    unavailable_methods: _containers.RepeatedCompositeFieldContainer[UnavailableMethod]
+    def __init__(self, status: _Optional[_Union[ModelStatus, _Mapping]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., class_labels: _Optional[_Iterable[str]] = ..., scale_outputs: _Optional[_Iterable[str]] = ..., cam_layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., output_kind: _Optional[str] = ..., unavailable_methods: _Optional[_Iterable[_Union[UnavailableMethod, _Mapping]]] = ...) -> None: ...
+
+class UnavailableMethod(_message.Message):
+    __slots__ = ("method", "name", "reason")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    method: Method
+    name: str
+    reason: str
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
