@@ -192,6 +192,9 @@ def test_served_package_is_ready_and_get_model_shows_the_decisions(
     assert info.input.batch_size == fixture.batch
     assert info.output_kind == fixture.kind
     assert {m.name for m in info.methods} == ONNX_ONLY
+    missing = {m.name: m.reason for m in info.unavailable_methods}
+    assert "vanilla_gradient" in missing and "model.pt2" in missing["vanilla_gradient"]
+    assert "scale outputs" in missing["smoe_scale"]
     assert info.metadata["exporter.tool"] == "saliency import"
     axis = "axis 3" if fixture.layout == "NHWC" else "axis 1"
     assert info.metadata["exporter.decided.layout"].startswith(axis)
