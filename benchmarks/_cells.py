@@ -26,10 +26,13 @@ def cells(count: int, size: int) -> CellBatch:
     return generate(count, dataclasses.replace(TEST_CONFIG, size=size))
 
 
-def quality(maps: np.ndarray, batch: CellBatch, targets: np.ndarray,
+def quality(maps: np.ndarray, batch: Any, targets: np.ndarray,
             classifier: metrics.Probabilities) -> dict[str, np.ndarray]:
-    """Per-image scores of N×H×W ``maps`` of ``batch`` (ground-truth ones NaN on blanks)."""
+    """Per-image scores of N×H×W ``maps`` of ``batch`` (ground-truth ones NaN on blanks); a
+    batch without object masks (real photographs) gets RCAP alone."""
     images = batch.images.astype(np.float32) / 255.0
+    if getattr(batch, "masks", None) is None:
+        return {"rcap": metrics.rcap(images, maps, targets, classifier)}
     has_object = batch.masks.reshape(len(batch.masks), -1).any(axis=1)
     scores = {
         "rcap": metrics.rcap(images, maps, targets, classifier),
