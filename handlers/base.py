@@ -62,7 +62,8 @@ class Handler:
     ``method`` (the proto enum value) gives ``name`` and ``params_field``; ``Params`` is the
     parameters dataclass (``kernel.params``: defaults, ranges, choices and the server limit
     of each field); ``auto_rank`` places it in METHOD_AUTO's preference (lower first, None
-    = ranked after the others); ``warm_up`` runs it once when a package loads;
+    = ranked after the others); ``warm_up`` runs it once (with ``warm_up_overrides``)
+    before a package reports ready;
     ``prior_passes`` is its expected cost before it has been measured. A method overrides
     ``_compute`` (and ``check``, ``to_maps`` where it needs to).
     """
@@ -78,7 +79,9 @@ class Handler:
     # Ask the service to return ``scale_outputs_for(model)`` from its prediction run.
     wants_scale_outputs: ClassVar[bool] = False
     auto_rank: ClassVar[int | None] = None
-    warm_up: ClassVar[bool] = False
+    warm_up: ClassVar[bool] = True
+    # Parameters of the warm-up run where the defaults would cost many passes.
+    warm_up_overrides: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
     paper: ClassVar[str] = ""
 

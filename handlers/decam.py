@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -323,6 +324,7 @@ class Decam(Handler):
 
     method = pb.METHOD_DECAM
     Params = DecamParams
+    warm_up_overrides: ClassVar[dict[str, Any]] = {"population": 8, "generations": 1}
     description = ("Differential Evolution searches coarse masks that keep/remove the target "
                    "class score (output-only, gradient-free).")
     paper = "https://arxiv.org/abs/2209.08906"

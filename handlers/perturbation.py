@@ -7,6 +7,7 @@ This module must not import torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -79,6 +80,7 @@ class Occlusion(Handler):
 
     method = pb.METHOD_OCCLUSION
     Params = OcclusionParams
+    warm_up_overrides: ClassVar[dict[str, Any]] = {"stride": 16}
     auto_rank = 7
     description = "Drop in target probability when a window is replaced by a baseline."
     paper = "https://arxiv.org/abs/1311.2901"
@@ -238,6 +240,7 @@ class Rise(Handler):
 
     method = pb.METHOD_RISE
     Params = RiseParams
+    warm_up_overrides: ClassVar[dict[str, Any]] = {"masks": 64}
     description = "Expected target probability over random upsampled binary masks."
     paper = "https://arxiv.org/abs/1806.07421"
 

@@ -31,11 +31,14 @@ class RunningServer:
         self._ready.set()
         self.loop.run_forever()
 
-    def start(self) -> RunningServer:
+    def start(self, timeout: float = 120.0) -> RunningServer:
+        """Starts the server and waits until it has loaded and warmed its models."""
         self.thread.start()
-        self._ready.wait(120)
+        ready = self._ready.wait(timeout)
         if self._error is not None:
             raise self._error
+        if not ready:
+            raise TimeoutError(f"the server was not ready after {timeout:.0f} s")
         return self
 
     @property

@@ -2,36 +2,58 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 
 from handlers import registry
 from kernel.repository import ModelHandle
 from kernel.request import CostCounter, RequestState
+from saliency.v1 import explainer_pb2 as pb
 from service.engine import Engine, ExplainOrder
+
+log = logging.getLogger(__name__)
 
 
 def warm_up(engine: Engine, handle: ModelHandle) -> list[str]:
-    """Runs a prediction and one small request per engine and program variant, so that
-    the first client request does not pay for session start-up or for preparing the
-    torch program, and a package that cannot serve its own manifest is caught.
+    """Runs a prediction and every method the model offers once, on a batch of the
+    expected shape, so that the first client request pays for no session start-up,
+    program preparation or first-shape planning, and a package that cannot serve its own
+    manifest is caught. Methods whose defaults cost many passes run with their handler's
+    ``warm_up_overrides``.
 
     Returns what failed; the caller marks the package not ready with it.
     """
+    started = time.perf_counter()
     spec = handle.spec().input
-    zeros = np.zeros((1, spec.channels, spec.height, spec.width), np.float32)
+    batch = max(getattr(spec, "batch", 0), 1)
+    shape = (batch, spec.channels, spec.height, spec.width)
+    sample = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     try:
-        engine.predict(handle.name, handle.version, lambda _: zeros, CostCounter())
+        engine.predict(handle.name, handle.version, lambda _: sample.copy(), CostCounter())
     except Exception as exc:  # noqa: BLE001 - reported as the package's error
         return [f"predict: {type(exc).__name__}: {exc}"]
     available = {h.method for h in engine.methods_for(handle)}
     failed = []
+    warmed = []
     for handler in registry.handlers():
         if not handler.warm_up or handler.method not in available:
             continue
+        params = None
+        if handler.warm_up_overrides:
+            request = pb.ExplainRequest(**{handler.params_field: handler.warm_up_overrides})
+            params = getattr(request, handler.params_field)
         order = ExplainOrder(model=handle.name, version=handle.version, method=handler.method,
-                             decode=lambda _: zeros.copy())
+                             decode=lambda _: sample.copy(), params=params,
+                             params_field=handler.params_field if params is not None else None)
         try:
             engine.explain(order, RequestState(), CostCounter())
+            warmed.append(handler.name)
         except Exception as exc:  # noqa: BLE001 - reported, the model still serves
             failed.append(f"{handler.name}: {type(exc).__name__}: {exc}")
+    log.info("model %s version %d warmed up in %.2f s (%d methods: %s)", handle.name,
+             handle.version, time.perf_counter() - started, len(warmed), ", ".join(warmed),
+             extra={"event": "warm_up", "model": handle.name,
+                    "warm_up_seconds": round(time.perf_counter() - started, 3)})
     return failed
