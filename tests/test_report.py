@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation import report
+from evaluation import fashion_mnist, report
 from evaluation.cells import CLASS_NAMES
 from saliency.v1 import explainer_pb2 as pb
 from service import cli
 from service.export import export_package
 from tests.conftest import RunningServer, make_config
 from tests.models import TinyCNN
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_select_variants_expands_all_and_reads_parameters() -> None:
@@ -172,3 +175,36 @@ def test_deadline_stops_filling_and_still_reports(cell_server, tmp_path: Path) -
                      str(out), "--no-progress", "--deadline", "1e-9"]) == 0
     assert not (out / "results.csv").exists()  # stopped before the first request
     assert "- (run): --deadline reached at image 0" in (out / "summary.md").read_text()
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "fashion" / "1" / "manifest.json").is_file()
+                    or not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="needs models/fashion/1 and dataset-fashion-mnist")
+def test_evaluate_on_fashion_mnist_reports_faithfulness_and_road(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "fashion", root / "fashion")
+    running = RunningServer(make_config(root)).start()
+    try:
+        out = tmp_path / "report"
+        assert cli.main(["evaluate", "--server", running.address, "--model", "fashion",
+                         "--models", str(root), "--dataset", "fashion-mnist", "--images", "4",
+                         "--road-images", "2", "--methods", "vanilla_gradient,gradcam",
+                         "--sanity-images", "0", "--out", str(out), "--no-progress"]) == 0
+    finally:
+        running.stop()
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 8 and {r["run"].split("-fashion-")[0] for r in rows} == {
+        "fashion_mnist-test"}
+    labels = fashion_mnist.load("test", 4).labels
+    for row in rows:
+        assert int(row["target"]) == labels[int(row["index"])]
+        assert row["relevance_mass"] == "" and row["fiveband_precision"] == ""  # no ground truth
+        assert 0.0 <= float(row["rcap"]) <= 1.0
+        if int(row["index"]) < 2:
+            assert 0.0 <= float(row["road_morf"]) <= 1.0 and 0.0 <= float(row["road_lerf"]) <= 1.0
+        else:
+            assert row["road_morf"] == ""  # beyond --road-images
+    summary = (out / "summary.md").read_text()
+    header = next(line for line in summary.splitlines() if line.startswith("| method"))
+    assert "ROAD MoRF ↓" in header and "ROAD LeRF ↑" in header and "5-band" not in header
+    assert "Fashion-MNIST test photographs" in summary
