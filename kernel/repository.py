@@ -135,6 +135,7 @@ class Manifest:
             head=dict(data.get("head", {})),
             extra={k: v for k, v in data.items() if k in _EXTRA_KEYS},
             output_kind=check_kind(str(data.get("outputs", {}).get("kind", LOGITS))),
+            token_grid=dict(data.get("token_grid") or {}),
         )
 
 

@@ -75,7 +75,11 @@ def trace_program(model: nn.Module, example: torch.Tensor) -> Any:
         with _exportable():
             return torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
     except Exception as exc:
-        raise ExportError(f"torch.export failed: {exc}") from exc
+        hint = ""
+        if "batch" in str(exc) and ("specializ" in str(exc) or "onstraint" in str(exc)):
+            hint = ("\nThe model's forward fixes the batch size (a reshape or expand with a "
+                    "literal batch, or a branch on it): read it from x.shape[0] instead.")
+        raise ExportError(f"torch.export failed: {exc}{hint}") from exc
 
 
 def graph_of(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, ProgramGraph]:

@@ -197,11 +197,11 @@ class ProgramGraph:
         return GraphPoint(node, self.label(node), _static_shape(node))
 
     def find(self, name: str) -> fx.Node:
-        """The node a user names: a graph node name, or a module called exactly once."""
-        by_name = {n.name: n for n in self.nodes if _is_tensor(n)}
-        if name in by_name:
-            return by_name[name]
+        """The node a user names: a module called exactly once, or a graph node name."""
         matches = [(key, nodes) for key, (path, nodes) in self._calls().items() if path == name]
+        by_name = {n.name: n for n in self.nodes if _is_tensor(n)}
+        if not matches and name in by_name:
+            return by_name[name]
         if not matches:
             raise GraphScaleError(f"{name!r} is neither a submodule run in forward nor a node "
                                   "of the exported graph")

@@ -136,3 +136,40 @@ def test_scale_search_on_bottlenecks_with_the_stride_on_the_3x3_conv() -> None:
     assert found == list(ResNet50Shape.scale_modules())
     vgg = find_scale_modules(VGGStyle().eval(), torch.zeros(1, 3, 64, 64))
     assert vgg[:4] == ["stage1", "stage2", "stage3", "stage4"]
+
+
+class SharedActivations(nn.Module):
+    """One ``nn.ReLU`` called twice, then a functional ReLU: three scales, no module each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 16, 3, 2, 1)
+        self.c3 = nn.Conv2d(16, 32, 3, 2, 1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.c2(self.relu(self.c1(x))))
+        return self.fc(torch.nn.functional.relu(self.c3(x)).mean((2, 3)))
+
+
+def test_shared_and_functional_activations_give_distinct_post_activation_scales(
+        tmp_path: Path) -> None:
+    report = export_package(SharedActivations(), name="shared", version=1,
+                            input_shape=(3, 16, 16), mean=[0.5] * 3, std=[0.25] * 3,
+                            class_labels=(), repository=tmp_path)
+    manifest = json.loads((report.path / "manifest.json").read_text())
+    nodes = manifest["scale_nodes"]
+    assert [n["shape"] for n in nodes] == [[8, 16, 16], [16, 8, 8], [32, 4, 4]]
+    assert len({n["node"] for n in nodes}) == 3
+    assert all(n["op"] == "aten.relu.default" for n in nodes)  # after, not before, the ReLU
+    assert manifest["cam_output"] == "scale_2"
+    with pytest.raises(ExportError, match="runs 2 times"):
+        export_package(SharedActivations(), name="named", version=1, input_shape=(3, 16, 16),
+                       mean=[0.5] * 3, std=[0.25] * 3, class_labels=(), repository=tmp_path,
+                       scale_modules=["relu"])
+    with pytest.raises(ExportError, match="same tensor"):
+        export_package(SharedActivations(), name="twice", version=1, input_shape=(3, 16, 16),
+                       mean=[0.5] * 3, std=[0.25] * 3, class_labels=(), repository=tmp_path,
+                       scale_modules=[nodes[1]["node"], nodes[1]["node"]])
