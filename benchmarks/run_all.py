@@ -26,6 +26,7 @@ NOT_SUITES = {"__init__", "common", "run_all", "grpc_floor", "memory", "loopback
 # Fast suites first; the long peer comparison last.
 ORDER = (
     "gradients",
+    "warmup",
     "multiscale",
     "multiscale_cells",
     "decam",
