@@ -21,7 +21,7 @@ from handlers.base import (
 from handlers.baselines import BASELINES, make_baseline
 from handlers.registry import register
 from handlers.resize import bilinear_taps
-from kernel.errors import InvalidInput
+from kernel.errors import InvalidInput, OverLimit
 from kernel.outputs import target_probabilities as probabilities_of
 from kernel.params import param
 from kernel.repository import ModelHandle
@@ -95,7 +95,7 @@ class Occlusion(Handler):
         windows = window_count(height, width, window, stride)
         limit = job.limits.get("max_windows")
         if limit is not None and windows > limit:
-            raise InvalidInput(
+            raise OverLimit(
                 f"occlusion window={window} stride={stride} gives {windows} windows per "
                 f"image, over the server limit max_windows={limit:g} (--max-windows): use a "
                 "larger stride or window")

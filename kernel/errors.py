@@ -37,6 +37,10 @@ class InvalidInput(ServiceError):
     """The request is malformed or asks for something out of range."""
 
 
+class OverLimit(InvalidInput):
+    """The request asks for more work than a server limit (a ``--max-…`` flag) allows."""
+
+
 class NotFound(ServiceError):
     """The named model, version or method does not exist."""
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from kernel.errors import InvalidInput
+from kernel.errors import InvalidInput, OverLimit
 
 P = TypeVar("P")
 
@@ -82,7 +82,7 @@ def _check(where: str, field: dataclasses.Field[Any], value: Any,
         raise InvalidInput(f"{where} must be {bound}, got {value:g}")
     limit = meta.get("limit")
     if limit and limit in limits and value > limits[limit]:
-        raise InvalidInput(f"{where}={value:g} exceeds the server limit {limit}="
+        raise OverLimit(f"{where}={value:g} exceeds the server limit {limit}="
                            f"{limits[limit]:g} ({flag(limit)}); lower it or ask the operator "
                            "to raise the limit")
 

@@ -6,7 +6,7 @@ traffic from it. The server ages connections out (``max_connection_age``: a GOAW
 which the client reconnects, re-resolves its target and may land elsewhere) and accepts the
 clients' keepalive pings; the client balances over every address its target resolves to
 (``round_robin``) and retries, on another replica, the calls refused as UNAVAILABLE or
-RESOURCE_EXHAUSTED. Retrying is safe because every method is a pure function of its request
+RESOURCE_EXHAUSTED (or cancelled by a stopping replica before they ran). Retrying is safe because every method is a pure function of its request
 and seed.
 """
 
@@ -20,7 +20,9 @@ from saliency.v1 import explainer_pb2 as pb
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
 # gRPC caps attempts at 5 (the first call and four retries).
 MAX_ATTEMPTS = 5
-RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+# CANCELLED too: a call that reached a stopping replica's transport but not yet its handler
+# is cancelled by gRPC's shutdown, never run; the client's own cancellation is never retried.
+RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED")
 # A request is kept for retrying up to this size (gRPC's default, 256 KiB, is smaller than a
 # few PNG images; a larger request is sent but not retried): the server's default message
 # limit.

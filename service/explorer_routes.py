@@ -64,15 +64,29 @@ async def cell_route(request: Request) -> Response:
     return JSONResponse(await run_in_threadpool(cell, index, size))
 
 
+def _tables(text: str) -> list[list[str]]:
+    """The markdown tables of ``text``, each as its consecutive ``|`` lines."""
+    tables: list[list[str]] = []
+    previous = False
+    for line in text.splitlines():
+        row = line.startswith("|")
+        if row and not previous:
+            tables.append([])
+        if row:
+            tables[-1].append(line)
+        previous = row
+    return tables
+
+
 def evaluation_rows(text: str) -> list[dict[str, Any]]:
-    """Method, engine, p50 ms and RCAP of each row of the report's table (★ = on the
-    cost-vs-quality front)."""
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    if not lines:
-        return []
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    wanted = {"method": "method", "engine": "engine", "p50 ms": "p50_ms", "RCAP ↑": "rcap"}
-    if not set(wanted) <= set(header):
+    """Method, engine, p50 ms and RCAP of each row of the report's first table that has
+    those columns (★ = on the cost-vs-quality front)."""
+    wanted = {"method", "engine", "p50 ms", "RCAP ↑"}
+    for lines in _tables(text):
+        header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+        if wanted <= set(header):
+            break
+    else:
         return []
     rows = []
     for line in lines[2:]:

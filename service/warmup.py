@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from handlers import registry
+from handlers.base import Handler
+from kernel.errors import OverLimit
+from kernel.params import limits_of
 from kernel.repository import ModelHandle
 from kernel.request import CostCounter, RequestState
 from saliency.v1 import explainer_pb2 as pb
@@ -16,12 +23,27 @@ from service.engine import Engine, ExplainOrder
 log = logging.getLogger(__name__)
 
 
+def warm_up_params(handler: Handler, limits: Mapping[str, float]) -> dict[str, Any]:
+    """The parameters of a method's warm-up run: its defaults with ``warm_up_overrides``,
+    each field that a server limit caps lowered to that limit, so a server started with
+    tight ``--max-…`` flags still warms every method it will serve."""
+    values = {**handler.defaults, **handler.warm_up_overrides}
+    for field, limit in limits_of(handler.Params).items():
+        if limit in limits and field in values and values[field] > limits[limit]:
+            values[field] = type(values[field])(math.floor(limits[limit]))
+    fields = {f.name for f in dataclasses.fields(handler.Params)} if dataclasses.is_dataclass(
+        handler.Params) else set()
+    return {key: value for key, value in values.items()
+            if key in fields and value != handler.defaults.get(key)}
+
+
 def warm_up(engine: Engine, handle: ModelHandle) -> list[str]:
     """Runs a prediction and every method the model offers once, on a batch of the
     expected shape, so that the first client request pays for no session start-up,
     program preparation or first-shape planning, and a package that cannot serve its own
     manifest is caught. Methods whose defaults cost many passes run with their handler's
-    ``warm_up_overrides``.
+    ``warm_up_overrides``, within the server limits; a method that no request could use
+    under those limits is skipped with a warning, not counted as a failure.
 
     Returns what failed; the caller marks the package not ready with it.
     """
@@ -41,8 +63,9 @@ def warm_up(engine: Engine, handle: ModelHandle) -> list[str]:
         if not handler.warm_up or handler.method not in available:
             continue
         params = None
-        if handler.warm_up_overrides:
-            request = pb.ExplainRequest(**{handler.params_field: handler.warm_up_overrides})
+        overrides = warm_up_params(handler, engine.limits)
+        if overrides:
+            request = pb.ExplainRequest(**{handler.params_field: overrides})
             params = getattr(request, handler.params_field)
         order = ExplainOrder(model=handle.name, version=handle.version, method=handler.method,
                              decode=lambda _: sample.copy(), params=params,
@@ -50,6 +73,9 @@ def warm_up(engine: Engine, handle: ModelHandle) -> list[str]:
         try:
             engine.explain(order, RequestState(), CostCounter())
             warmed.append(handler.name)
+        except OverLimit as exc:
+            log.warning("model %s version %d: %s not warmed up: %s", handle.name,
+                        handle.version, handler.name, exc)
         except Exception as exc:  # noqa: BLE001 - reported, the model still serves
             failed.append(f"{handler.name}: {type(exc).__name__}: {exc}")
     log.info("model %s version %d warmed up in %.2f s (%d methods: %s)", handle.name,

@@ -59,7 +59,7 @@ def test_service_config_retries_only_refusals_with_bounded_backoff() -> None:
     assert method["name"] == [{"service": "saliency.v1.Explainer"}]
     policy = method["retryPolicy"]
     assert set(policy["retryableStatusCodes"]) == set(RETRYABLE) == {
-        "UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+        "UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"}
     assert 1 < policy["maxAttempts"] <= 5 and policy["backoffMultiplier"] > 1
     assert float(policy["initialBackoff"].rstrip("s")) < float(policy["maxBackoff"].rstrip("s"))
     assert "retryThrottling" in config
@@ -115,11 +115,11 @@ def test_draining_replica_sends_goaway_and_finishes_its_calls(
     with grpc.insecure_channel(draining.address) as direct, \
             SaliencyClient(both(two_replicas), timeout=30) as client:
         direct.subscribe(states.append, try_to_connect=True)
-        in_flight = pb_grpc.ExplainerStub(direct).Explain.future(
-            slow_request(batch=2, stride=4), timeout=120)
-        _until(lambda: draining.server.admission.inflight == 1)
-        for _ in range(4):
+        for _ in range(4):  # the client connected to both replicas before A drains
             client.stub.Explain(cheap(), timeout=30)
+        in_flight = pb_grpc.ExplainerStub(direct).Explain.future(
+            slow_request(batch=4, stride=4), timeout=120)
+        _until(lambda: draining.server.admission.inflight == 1)
         drain = threading.Thread(target=draining.stop, kwargs={"grace": 60})
         drain.start()
         _until(lambda: states[-1] != grpc.ChannelConnectivity.READY, timeout=5)
@@ -127,7 +127,7 @@ def test_draining_replica_sends_goaway_and_finishes_its_calls(
         admitted = draining.server.admission.admitted
         served = other.server.admission.admitted
         replies = [client.stub.Explain(cheap(), timeout=30) for _ in range(10)]
-        assert in_flight.result(timeout=120).cost.forward_passes == 2 * (1 + 169)
+        assert in_flight.result(timeout=120).cost.forward_passes == 4 * (1 + 169)
         drain.join(60)
     assert len(replies) == 10
     assert draining.server.admission.admitted == admitted  # no new call reached it
