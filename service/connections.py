@@ -6,8 +6,8 @@ traffic from it. The server ages connections out (``max_connection_age``: a GOAW
 which the client reconnects, re-resolves its target and may land elsewhere) and accepts the
 clients' keepalive pings; the client balances over every address its target resolves to
 (``round_robin``) and retries, on another replica, the calls refused as UNAVAILABLE or
-RESOURCE_EXHAUSTED (or cancelled by a stopping replica before they ran). Retrying is safe because every method is a pure function of its request
-and seed.
+RESOURCE_EXHAUSTED (or cancelled by a stopping replica before they ran). Retrying is safe
+because every method is a pure function of its request and seed.
 """
 
 from __future__ import annotations
