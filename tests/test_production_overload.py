@@ -403,8 +403,10 @@ def test_long_requests_leave_a_worker_for_the_ones_that_fit_the_bound() -> None:
 
 
 # Python's GIL switch interval: how long the event loop may wait for a worker thread to
-# yield the interpreter before it resumes a request granted a worker.
+# yield the interpreter. A request granted a worker waits for it twice: once to hear of the
+# freed worker (the release comes from a worker thread), once to resume.
 SCHEDULING_SLICE_MS = 5.0
+GIL_WAITS = 2
 
 
 def test_queue_wait_bound_holds_for_cheap_requests_beside_expensive_ones(
@@ -412,7 +414,7 @@ def test_queue_wait_bound_holds_for_cheap_requests_beside_expensive_ones(
 ) -> None:
     """``max_queue_wait_ms`` through a real server process under 40 closed-loop clients
     sending a cheap method and DE-CAM (about 70× its cost) equally often: no accepted
-    request waited for a worker longer than the bound and one scheduling slice, and the
+    request waited for a worker longer than the bound and two scheduling slices, and the
     cheap requests kept a worker instead of queueing behind DE-CAM."""
     bound_ms = 25.0
     image = png_images(1, TINY_SHAPE[-1], seed=1)[0]
@@ -442,7 +444,7 @@ def test_queue_wait_bound_holds_for_cheap_requests_beside_expensive_ones(
     for entry in (cheap, costly):
         assert entry["counts"].get("OK", 0) > 0
         assert set(entry["counts"]) <= {"OK", "RESOURCE_EXHAUSTED"}
-        assert entry["queue_wait"]["max_ms"] <= bound_ms + SCHEDULING_SLICE_MS
+        assert entry["queue_wait"]["max_ms"] <= bound_ms + GIL_WAITS * SCHEDULING_SLICE_MS
     assert cheap["counts"].get("RESOURCE_EXHAUSTED", 0) > 0  # the load was an overload
     # DE-CAM never held both workers while cheap requests arrived: they were served.
     assert cheap["counts"]["OK"] >= 10 * costly["counts"]["OK"]
