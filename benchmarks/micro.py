@@ -11,7 +11,6 @@ A shortcut keeps its place only if its effect exceeds that floor.
 from __future__ import annotations
 
 import statistics
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,12 +18,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-import handlers.resize as resize
 import service.predictions as predictions
 from benchmarks.common import (
     base_parser,
     demo_repository,
-    png_images,
     table,
     time_interleaved,
     write_json,
@@ -59,35 +56,17 @@ def shortcuts(server: RunningServer, stub: pb_grpc.ExplainerStub
     """Each shortcut's user-visible call with it on and with it off."""
     rng = np.random.default_rng(0)
     tensor = array_to_tensor(rng.normal(size=(1, 3, 128, 128)).astype(np.float32))
-    png = png_images(1, 128)[0]
     predict_tensor = pb.PredictRequest(model="demo", input=pb.Input(tensor=tensor))
-    fastcam = [pb.ExplainRequest(model="demo", method=pb.METHOD_FASTCAM,
-                                 input=pb.Input(images=pb.EncodedImages(images=[png] * batch)))
-               for batch in (1, 8)]
-    decam = pb.ExplainRequest(model="demo", method=pb.METHOD_DECAM,
-                              input=pb.Input(images=pb.EncodedImages(images=[png])))
-    decam.decam.generations = 4
     calls = server.server.calls
 
     def predict() -> Any:
         return stub.Predict(predict_tensor, timeout=30)
-
-    def explain(request: pb.ExplainRequest) -> Callable[[], Any]:
-        return lambda: stub.Explain(request, timeout=60)
 
     return {
         "inline Predict (1 tensor item)": (
             predict, switched(predict, calls, "_runs_inline", lambda *_: False)),
         "Python top-k ranking (Predict)": (
             predict, switched(predict, predictions, "PYTHON_RANKING_CLASSES", 0)),
-        "resize by cv2 below 16 maps (FastCAM, 1 image)": (
-            explain(fastcam[0]),
-            switched(explain(fastcam[0]), resize, "_MATRIX_FROM", 0)),
-        "resize by matrices from 16 maps (FastCAM, 8 images)": (
-            explain(fastcam[1]),
-            switched(explain(fastcam[1]), resize, "_MATRIX_FROM", sys.maxsize)),
-        "resize by matrices from 16 maps (DE-CAM, 4 generations)": (
-            explain(decam), switched(explain(decam), resize, "_MATRIX_FROM", sys.maxsize)),
     }
 
 
