@@ -91,8 +91,9 @@ def test_dockerfile_shape() -> None:
     healthcheck = " ".join(arg for op, arg in final if op == "HEALTHCHECK")
     assert "service.healthcheck" in healthcheck
     exposed = {int(p) for op, arg in final if op == "EXPOSE" for p in arg.split()}
-    assert exposed == {DEFAULTS.port, DEFAULTS.metrics_port}
     env = " ".join(arg for op, arg in final if op == "ENV")
+    http_port = int(re.search(r"SALIENCY_HTTP_PORT=(\d+)", env).group(1))
+    assert exposed == {DEFAULTS.port, DEFAULTS.metrics_port, http_port}
     assert f"SALIENCY_PORT={DEFAULTS.port}" in env
     assert f"SALIENCY_METRICS_PORT={DEFAULTS.metrics_port}" in env
     assert "SALIENCY_HOST=0.0.0.0" in env and "SALIENCY_MODELS=/models" in env
@@ -107,7 +108,35 @@ def test_dockerfile_shape() -> None:
                 if not source.startswith("models/"):
                     assert (ROOT / source).exists(), f"COPY {source}: missing"
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
-    assert "!models/demo/**" in ignore and "!service/**" in ignore
+    assert "!models/demo/**" in ignore
+    # Every package of the project that the server's code imports is in the image.
+    copied = {arg.split()[0] for op, arg in steps if op == "COPY" and not arg.startswith("--")}
+    for package in _served_packages():
+        assert package in copied, f"the image lacks the package {package}/ (COPY it)"
+        assert f"!{package}/**" in ignore, f"the build context leaves out {package}/"
+
+
+def _served_packages() -> set[str]:
+    """The project's top-level packages that ``saliency serve`` reaches by importing from
+    ``saliency`` and ``service`` onwards (benchmarks and tests are not part of it)."""
+    import ast  # noqa: PLC0415
+
+    local = {path.parent.name for path in ROOT.glob("*/__init__.py")}
+    found, todo = set(), ["saliency", "service"]
+    while todo:
+        package = todo.pop()
+        if package in found:
+            continue
+        found.add(package)
+        for source in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(source.read_text())):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in local and top not in ("benchmarks", "tests"):
+                        todo.append(top)
+    return found
 
 
 def test_healthcheck_probe_reports_live_ready_and_down(repository: Path, tmp_path: Path) -> None:
@@ -217,8 +246,9 @@ def test_probes_ports_and_service_match_the_server() -> None:
     container = _container(documents)
     data = documents["ConfigMap"]["data"]
     grpc_port, metrics_port = int(data["SALIENCY_PORT"]), int(data["SALIENCY_METRICS_PORT"])
+    http_port = int(data["SALIENCY_HTTP_PORT"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert ports == {"grpc": grpc_port, "metrics": metrics_port, "http": http_port}
     for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == grpc_port
         assert container[probe]["grpc"].get("service", "") == ""
@@ -237,6 +267,7 @@ def test_probes_ports_and_service_match_the_server() -> None:
     service_ports = {p["name"]: p for p in service["ports"]}
     assert service_ports["grpc"]["port"] == grpc_port
     assert service_ports["metrics"]["port"] == metrics_port
+    assert service_ports["http"]["port"] == http_port
     for name, port in service_ports.items():
         assert port["targetPort"] in ports, f"service port {name} targets an unnamed port"
 
