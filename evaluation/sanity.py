@@ -197,13 +197,13 @@ def run_checks(package: Path, model: str, methods: list[Any], pixels: np.ndarray
 
     ``explain_with(address)`` gives the function that asks the server at ``address``.
     """
-    from service.local_server import LocalServer  # noqa: PLC0415 - the server only here
+    from service.background import local_server  # noqa: PLC0415 - the server only here
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="saliency-sanity-") as folder:
         root = Path(folder)
         variants, layers = build_repository(package, model, root, seed, progress)
-        with LocalServer(root, max_batch=max(16, len(pixels))) as server:
+        with local_server(root, max_batch=max(16, len(pixels))) as server:
             explain = explain_with(server.address)
             others = random_targets(targets, classes)
             for method in methods:

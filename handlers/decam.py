@@ -41,8 +41,7 @@ Our formulation (the paper fixes the principle, not these details):
 * ``refine`` (default on) runs coarse-to-fine stages (4 → 8 → … → grid, doubling), splitting
   the generations between stages; each stage starts from the previous stage's population
   upsampled. With it and ``sparsity`` 0.8 the maps put more of their mass on the object for
-  about the same forward passes (``benchmarks/localization.py --variant-images 16``: 0.290
-  against 0.259 for one 8×8 stage and 0.242 for one stage with sparsity 0.3).
+  about the same forward passes (``benchmarks/localization.py --variant-images 16``).
 
 Why our own DE loop rather than ``scipy.optimize.differential_evolution(vectorized=True)``:
 scipy runs one search per call, so a batch of N images would cost N times the ONNX Runtime

@@ -81,8 +81,7 @@ def sum_rows_by_image(
     """Σ over rows r with images[r] = n of weights[r] · values[r], for n < batch (float32).
 
     One matrix product over the rows, read in the values' own memory layout (channels-last
-    gradients are not copied): on 15 rows of 3×224×224 it takes 0.27 ms against 19 ms for
-    ``index_add_`` of a float64 copy, with the same sums to 1.5e-7 relative.
+    gradients are not copied), rather than ``index_add_`` of a float64 copy.
     """
     rows = values.shape[0]
     matrix = torch.zeros(batch, rows, dtype=values.dtype)

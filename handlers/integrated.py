@@ -33,7 +33,7 @@ IG_BASELINES = ("black", "blur", "uniform_noise", "mean", "zero")
 @functools.lru_cache(maxsize=256)
 def quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Nodes α in [0, 1] and weights w (summing to 1) of ``rule`` with ``steps`` points,
-    read-only and cached (Gauss–Legendre's eigenvalue solve took 0.2 ms a request).
+    read-only and cached (Gauss–Legendre's nodes come from an eigenvalue solve).
 
     Riemann left/right/middle match Captum (weights 1/steps). The trapezoid rule here is the
     textbook one (nodes linspace(0, 1, steps), spacing 1/(steps − 1), halved end weights);

@@ -2,8 +2,7 @@
 
 Half-pixel centres with clamped edges, i.e. torch's ``interpolate(mode="bilinear",
 align_corners=False)`` and Grad-CAM's usual upsampling. OpenCV does the work, one SIMD pass
-per map (``benchmarks.micro`` compared a batched matrix-product path for many maps: it did
-not move DE-CAM's or FastCAM's latency beyond the noise, so it went).
+per map.
 """
 
 from __future__ import annotations

@@ -2,21 +2,17 @@
 
 By default glibc hands every allocation above a moving threshold (128 KiB at first) to
 ``mmap`` and gives freed memory at the top of a heap back to the kernel, so each pass of a
-gradient method maps its activations afresh and the kernel zeroes every page on first
-touch. An Integrated Gradients request on the demo model (15 steps, 128²) took ~4,000 page
-faults and 55–65 ms that way; with freed memory kept for reuse, none and 51–53 ms. The cost
-is that the process keeps its high-water mark of freed memory (bounded by
-``chunk_memory_bytes`` per executing request) instead of returning it.
+gradient method maps its activations afresh and the kernel zeroes every page on first touch.
+Keeping freed memory for reuse avoids those page faults. The cost is that the process keeps
+its high-water mark of freed memory (bounded by ``chunk_memory_bytes`` per executing
+request) instead of returning it.
 
 Three settings do it. Raising the mmap threshold keeps activations on the heap; raising the
 trim threshold keeps the heap's freed top. The passes run in worker threads, though, and a
 worker thread's arena is built of 64 MiB heaps that glibc unmaps whole once they are free,
-whatever the trim threshold, unless the top pad asks to keep a heap's worth: ResNet-50's
-activations span many such heaps, and a served Integrated Gradients request (15 steps,
-224²) took ~40,000 page faults without the pad and a few hundred with it (ad hoc, per-thread
-counts from /proc). One arena for all threads would also do, but then the workers of
-concurrent requests contend for its lock: in one ad hoc A/B the demo served 1.6% fewer
-explanations per second that way.
+whatever the trim threshold, unless the top pad asks to keep a heap's worth (ResNet-50's
+activations span many such heaps). One arena for all threads would also do, but then the
+workers of concurrent requests contend for its lock.
 
 Only glibc has ``mallopt``; elsewhere nothing changes. Explicit ``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_TOP_PAD_`` environment variables win over these

@@ -1,10 +1,13 @@
-"""A server on its own event loop in a background thread, for tests and in-process
-benchmarks that call it over a real loopback port."""
+"""The real server on its own event loop in a background thread, over a loopback port: for
+tests, in-process benchmarks and tools that serve a repository of their own making
+(``saliency evaluate`` serves the randomized copies of a package this way)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
+from typing import Any
 
 from service.config import Config
 from service.server import SaliencyServer
@@ -49,6 +52,21 @@ class RunningServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(120)  # type: ignore[arg-type]
 
     def stop(self, grace: float = 5.0) -> None:
-        self.call(self.server.stop(grace))
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        if self._error is None and self.thread.is_alive():
+            self.call(self.server.stop(grace))
+            self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
+
+    def __enter__(self) -> RunningServer:
+        return self.start(timeout=600.0) if not self.thread.is_alive() else self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop(grace=1.0)
+
+
+def local_server(models: Path, **config: Any) -> RunningServer:
+    """``with local_server(models) as running: SaliencyClient(running.address)``: the
+    repository ``models`` on a free loopback port, metrics on a free port, quiet logs."""
+    values: dict[str, Any] = {"models": Path(models), "host": "127.0.0.1", "port": 0,
+                              "metrics_port": 0, "log_level": "WARNING", **config}
+    return RunningServer(Config(**values))

@@ -16,8 +16,7 @@ from saliency.v1 import explainer_pb2 as pb
 DEFAULT_TOP_K = 5
 
 # Up to this many classes plain Python ranks a row faster than numpy, whose per-call cost
-# dominates small rows (10 classes right after an ONNX Runtime run: 13 against 35 µs;
-# 100 classes run level; 1000 classes: 146 against 31 µs).
+# dominates small rows (``benchmarks.micro`` measures it on Predict).
 PYTHON_RANKING_CLASSES = 64
 
 Ranked = list[tuple[list[int], list[float], list[float]]]

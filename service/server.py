@@ -102,13 +102,12 @@ class SaliencyServer:
     def load_models(self) -> None:
         """(Re)loads every package; in-flight requests keep the handles they hold.
 
-        Runs on an explain worker, like every request that runs torch: each thread that
-        runs a parallel torch op gets its own OpenMP team, and once the process has more
-        OpenMP threads than cores, libgomp makes every team's threads sleep between ops
-        instead of spinning. A warm-up on another thread made each ResNet-50 Integrated
-        Gradients request wake its threads ~2,000 times and take ~8% longer (ad hoc,
-        per-thread /proc counters). A reload therefore waits for a free worker and holds it
-        while it loads and warms up: admitted requests queue behind it meanwhile."""
+        Runs on an explain worker, like every request that runs torch: each thread that runs a
+        parallel torch op gets its own OpenMP team, and once the process has more OpenMP
+        threads than cores, libgomp makes every team's threads sleep between ops instead of
+        spinning, so a warm-up on another thread would slow every request. A reload
+        therefore waits for a free worker and holds it while it loads and warms up: admitted
+        requests queue behind it meanwhile."""
         registry.load_builtin()
         self._fingerprint = repository_fingerprint(self.config.models)
         self.repository.load_all()

@@ -16,9 +16,9 @@ import torch
 from evaluation import fashion_mnist, sanity
 from kernel.program_archive import load_program
 from kernel.repository import ModelHandle
+from service.background import local_server
 from service.client import SaliencyClient
 from service.export import export_package
-from service.local_server import LocalServer
 from service.randomized_package import RandomizeError, layers, randomize_package
 from tests.models import TinyCNN
 
@@ -149,7 +149,7 @@ def test_known_answers_on_the_trained_model(tmp_path: Path) -> None:
     shutil.copytree(FASHION, tmp_path / "fashion" / "1")
     randomize_package(FASHION, tmp_path, "fashion-random", layers(FASHION), seed=0)
     data = fashion_mnist.load("test", 12)
-    with LocalServer(tmp_path) as server:
+    with local_server(tmp_path) as server:
         explain = _explain_with(server.address)
         trained = explain("fashion", "vanilla_gradient", data.images, data.labels)
         random = explain("fashion-random", "vanilla_gradient", data.images, data.labels)
