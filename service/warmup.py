@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -13,7 +12,7 @@ import numpy as np
 
 from handlers import registry
 from handlers.base import Handler
-from kernel.errors import OverLimit
+from kernel.errors import InvalidInput, OverLimit
 from kernel.params import limits_of
 from kernel.repository import ModelHandle
 from kernel.request import CostCounter, RequestState
@@ -23,18 +22,19 @@ from service.engine import Engine, ExplainOrder
 log = logging.getLogger(__name__)
 
 
-def warm_up_params(handler: Handler, limits: Mapping[str, float]) -> dict[str, Any]:
-    """The parameters of a method's warm-up run: its defaults with ``warm_up_overrides``,
-    each field that a server limit caps lowered to that limit, so a server started with
-    tight ``--max-…`` flags still warms every method it will serve."""
-    values = {**handler.defaults, **handler.warm_up_overrides}
+def warm_up_params(handler: Handler, limits: Mapping[str, float]
+                   ) -> tuple[dict[str, Any], bool]:
+    """The fields to set for a method's warm-up run (its ``warm_up_overrides``, each field
+    that a server limit caps lowered to that limit, so a server started with tight
+    ``--max-…`` flags still warms every method it will serve), and whether any was lowered."""
+    defaults = handler.defaults
+    values = {**defaults, **handler.warm_up_overrides}
+    lowered = False
     for field, limit in limits_of(handler.Params).items():
-        if limit in limits and field in values and values[field] > limits[limit]:
+        if limit in limits and values[field] > limits[limit]:
             values[field] = type(values[field])(math.floor(limits[limit]))
-    fields = {f.name for f in dataclasses.fields(handler.Params)} if dataclasses.is_dataclass(
-        handler.Params) else set()
-    return {key: value for key, value in values.items()
-            if key in fields and value != handler.defaults.get(key)}
+            lowered = True
+    return {key: value for key, value in values.items() if value != defaults[key]}, lowered
 
 
 def warm_up(engine: Engine, handle: ModelHandle) -> list[str]:
@@ -63,7 +63,7 @@ def warm_up(engine: Engine, handle: ModelHandle) -> list[str]:
         if not handler.warm_up or handler.method not in available:
             continue
         params = None
-        overrides = warm_up_params(handler, engine.limits)
+        overrides, lowered = warm_up_params(handler, engine.limits)
         if overrides:
             request = pb.ExplainRequest(**{handler.params_field: overrides})
             params = getattr(request, handler.params_field)
@@ -73,7 +73,12 @@ def warm_up(engine: Engine, handle: ModelHandle) -> list[str]:
         try:
             engine.explain(order, RequestState(), CostCounter())
             warmed.append(handler.name)
-        except OverLimit as exc:
+        except InvalidInput as exc:
+            if not isinstance(exc, OverLimit) and not lowered:
+                failed.append(f"{handler.name}: {type(exc).__name__}: {exc}")
+                continue
+            # A limit below what the method needs (or its own range): no request could use
+            # it either, and the refusal tells the client which flag to raise.
             log.warning("model %s version %d: %s not warmed up: %s", handle.name,
                         handle.version, handler.name, exc)
         except Exception as exc:  # noqa: BLE001 - reported, the model still serves

@@ -79,3 +79,27 @@ def test_a_limit_alone_admits_and_refuses(repository: object, low_server: Runnin
 def test_limits_are_declared_on_dataclass_fields() -> None:
     for handler in registry.handlers():
         assert dataclasses.is_dataclass(handler.Params)
+
+
+def test_limits_below_a_methods_minimum_leave_the_model_ready(repository: object) -> None:
+    """Every limit at 1 (below VarGrad's 2 samples and DE-CAM's 4 candidates): the warm-up
+    skips what no request could use, the model is ready and serves the rest, and a request
+    for a skipped method is refused naming the flag to raise."""
+    running = RunningServer(make_config(repository, **dict.fromkeys(LIMIT_NAMES, 1))).start()
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            model = stub.GetModel(pb.GetModelRequest(model="tiny"), timeout=30)
+            assert model.status.ready, model.status.error
+            tensor = array_to_tensor(np.zeros((1, *TINY_SHAPE), np.float32))
+            ok = stub.Explain(pb.ExplainRequest(model="tiny", method=pb.METHOD_GRADCAM,
+                                                input=pb.Input(tensor=tensor)), timeout=60)
+            assert ok.saliency.shape
+            request = pb.ExplainRequest(model="tiny", method=pb.METHOD_VARGRAD,
+                                        input=pb.Input(tensor=tensor))
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Explain(request, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "--max-samples" in refused.value.details()
+    finally:
+        running.stop()
