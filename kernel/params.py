@@ -83,8 +83,8 @@ def _check(where: str, field: dataclasses.Field[Any], value: Any,
     limit = meta.get("limit")
     if limit and limit in limits and value > limits[limit]:
         raise OverLimit(f"{where}={value:g} exceeds the server limit {limit}="
-                           f"{limits[limit]:g} ({flag(limit)}); lower it or ask the operator "
-                           "to raise the limit")
+                        f"{limits[limit]:g} ({flag(limit)}); lower it or ask the operator "
+                        "to raise the limit")
 
 
 def from_message(cls: type[P], message: Any | None, limits: Mapping[str, float],

@@ -58,7 +58,7 @@ class RunningServer:
         self.thread.join(30)
 
     def __enter__(self) -> RunningServer:
-        return self.start(timeout=600.0) if not self.thread.is_alive() else self
+        return self.start(timeout=600.0)
 
     def __exit__(self, *_: object) -> None:
         self.stop(grace=1.0)

@@ -23,13 +23,14 @@ import grpc
 
 from handlers import registry
 from handlers.base import method_name
-from kernel.errors import Internal, InvalidInput, NotFound, ServiceError, Unavailable
+from kernel.errors import Internal, NotFound, ServiceError, Unavailable
 from kernel.request import CostCounter, ProgressUpdate, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service.admission import SHUTTING_DOWN_STOPPED, Admission, deadline_passed
 from service.config import Config
 from service.core import Core
 from service.images import array_to_tensor
+from service.inputs import check_batch
 from service.metrics import Metrics
 from service.request_log import Outcome, RequestLog
 from service.status import status_of
@@ -65,11 +66,7 @@ def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config)
         batch = len(source.images.images)
     elif kind == "tensor" and source.tensor.shape:
         batch = int(source.tensor.shape[0])
-    if batch > config.max_batch:
-        raise InvalidInput(
-            f"batch of {batch} exceeds the limit max_batch={config.max_batch} "
-            "(--max-batch); split the request"
-        )
+    check_batch(batch, config)
     if isinstance(request, pb.ExplainRequest) and request.WhichOneof("params"):
         try:
             handler = registry.get(request.method)

@@ -13,7 +13,7 @@ import re
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from kernel.errors import InvalidInput
+from kernel.errors import InvalidInput, OverLimit
 from saliency.v1 import explainer_pb2 as pb
 
 _DTYPES: dict[int, np.dtype] = {
@@ -126,9 +126,9 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> np.ndarray:
         raise InvalidInput(f"image {index} could not be decoded: {_clean(exc)}") from exc
     width, height = image.size
     if width * height > max_pixels:
-        raise InvalidInput(
+        raise OverLimit(
             f"image {index} is {width}×{height} = {width * height} pixels; "
-            f"the limit max_pixels is {max_pixels}"
+            f"the limit max_pixels is {max_pixels} (--max-pixels)"
         )
     try:
         return _to_rgb(image)

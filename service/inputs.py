@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernel.errors import InvalidInput
+from kernel.errors import InvalidInput, OverLimit
 from kernel.repository import InputSpec
 from saliency.v1 import explainer_pb2 as pb
 from service.config import Config
@@ -46,7 +46,7 @@ def decode_input(message: pb.Input, spec: InputSpec, config: Config,
         images = list(message.images.images)
         if not images:
             raise InvalidInput("input.images holds no images")
-        _check_batch(len(images), config)
+        check_batch(len(images), config)
         decoded = [decode_image(data, i, config.max_pixels) for i, data in enumerate(images)]
         pixels = np.stack([resize_uint8(image, height, width) for image in decoded])
         if channels == 1:
@@ -61,11 +61,11 @@ def decode_input(message: pb.Input, spec: InputSpec, config: Config,
             f"tensor shape {list(array.shape)} must be 4-D: {shown} (float, normalized, "
             f"{spec.layout}) or N×{height}×{width}×{channels} (uint8 pixels)"
         )
-    _check_batch(array.shape[0], config)
+    check_batch(array.shape[0], config)
     pixels = array.shape[1] * array.shape[2] if channels_last else array.shape[2] * array.shape[3]
     if pixels > config.max_pixels and array.dtype != np.uint8:
-        raise InvalidInput(f"tensor of {pixels} pixels per image exceeds the limit "
-                           f"max_pixels={config.max_pixels}")
+        raise OverLimit(f"tensor of {pixels} pixels per image exceeds the limit "
+                        f"max_pixels={config.max_pixels} (--max-pixels)")
     if array.dtype == np.uint8:
         if tuple(array.shape[1:]) != (height, width, channels):
             raise InvalidInput(
@@ -87,6 +87,8 @@ def decode_input(message: pb.Input, spec: InputSpec, config: Config,
     return np.array(array, dtype=np.float32, order="C")  # a writable copy
 
 
-def _check_batch(batch: int, config: Config) -> None:
+def check_batch(batch: int, config: Config) -> None:
+    """Refuses a request of more items than ``--max-batch`` allows."""
     if batch > config.max_batch:
-        raise InvalidInput(f"batch of {batch} exceeds the limit max_batch={config.max_batch}")
+        raise OverLimit(f"batch of {batch} exceeds the limit max_batch={config.max_batch} "
+                        "(--max-batch); split the request")

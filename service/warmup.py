@@ -32,7 +32,8 @@ def warm_up_params(handler: Handler, limits: Mapping[str, float]
     lowered = False
     for field, limit in limits_of(handler.Params).items():
         if limit in limits and values[field] > limits[limit]:
-            values[field] = type(values[field])(math.floor(limits[limit]))
+            cap = limits[limit]
+            values[field] = math.floor(cap) if isinstance(values[field], int) else cap
             lowered = True
     return {key: value for key, value in values.items() if value != defaults[key]}, lowered
 
