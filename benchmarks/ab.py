@@ -39,7 +39,9 @@ REQUESTS: tuple[tuple[str, int, dict[str, Any], int], ...] = (
     ("Predict", 0, {}, 1),
     ("vanilla gradient", pb.METHOD_VANILLA_GRADIENT, {}, 1),
     ("Integrated Gradients (15 steps)", pb.METHOD_INTEGRATED_GRADIENTS, {"steps": 15}, 1),
+    ("SmoothGrad (20 samples)", pb.METHOD_SMOOTHGRAD, {}, 1),
     ("Grad-CAM", pb.METHOD_GRADCAM, {}, 1),
+    ("RISE (256 masks)", pb.METHOD_RISE, {"masks": 256}, 1),
     ("FastCAM", pb.METHOD_FASTCAM, {}, 1),
     ("FastCAM, batch 8", pb.METHOD_FASTCAM, {}, 8),
 )

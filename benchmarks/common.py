@@ -391,7 +391,8 @@ class ServerProcess:
     """``saliency serve`` on a free loopback port in a subprocess; a context manager.
 
     ``flags`` are extra config flags, e.g. ``{"max_inflight": 2, "max_queue": 2}``;
-    ``root`` is the source tree it runs from (another commit's worktree for an A/B run).
+    ``root`` is the source tree it runs from (another commit's worktree for an A/B run);
+    ``env`` adds environment variables.
     """
 
     def __init__(
@@ -401,10 +402,12 @@ class ServerProcess:
         log_path: Path | None = None,
         ready_timeout: float = 180.0,
         root: Path = ROOT,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.models = Path(models)
         self.root = Path(root)
         self.flags = dict(flags or {})
+        self.env = dict(env or {})
         self.port = free_port()
         self.log_path = log_path or Path(
             tempfile.mkstemp(prefix="saliency-serve-", suffix=".log")[1]
@@ -441,7 +444,7 @@ class ServerProcess:
         ]
         for key, value in self.flags.items():
             command += ["--" + key.replace("_", "-"), str(value)]
-        env = dict(os.environ,
+        env = dict(os.environ, **self.env,
                    PYTHONPATH=str(self.root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with self.log_path.open("wb") as log_file:
             self.process = subprocess.Popen(

@@ -1,12 +1,14 @@
 """Warm at readiness: first request after ready vs steady state, per method, over gRPC; and
 export time and package size, for the architecture matrix of the tests.
 
-Each architecture is exported once (timed; package = model.onnx + model.pt2). Then, in one
-run, a server that warms every offered method before reporting ready and a server that only
-runs a prediction first ("cold"), each on the same packages: per method, the first call's
-latency and the p50 of the next ones (one image, the tests' small parameters).
+Each architecture is exported once (timed; package = model.onnx + model.pt2). Then a server
+that warms every offered method before reporting ready and a server that only runs a
+prediction first ("cold"), each on the same packages: per method, the first call's latency
+and the p50 and p95 of the next ones, one image, with each method's default parameters and
+then with the tests' small ones (other sample counts and so other batch shapes than the
+warm-up ran). ``--separate`` gives each architecture a server of its own (a pod's case).
 
-    python -m benchmarks.warmup [--quick] [--repeats 5] [--only resnet,vit_encoder]
+    python -m benchmarks.warmup [--quick] [--repeats 9] [--only resnet,vit_encoder] [--separate]
 """
 
 from __future__ import annotations
@@ -55,6 +57,19 @@ def export_all(root: Path, architectures: list[Architecture]) -> list[dict[str, 
     return rows
 
 
+def repository_of(root: Path, group: list[Architecture]) -> Path:
+    """``root`` itself for all architectures, else a folder linking just ``group``'s."""
+    names = {a.name for a in group}
+    if names == {path.name for path in root.iterdir() if not path.name.startswith("_")}:
+        return root
+    folder = root / ("_" + "+".join(sorted(names)))
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        if not (folder / name).exists():
+            (folder / name).symlink_to(root / name, target_is_directory=True)
+    return folder
+
+
 def _predict_only(engine: Engine, handle: ModelHandle) -> list[str]:
     spec = handle.spec().input
     zeros = np.zeros((1, spec.channels, spec.height, spec.width), np.float32)
@@ -81,33 +96,44 @@ def serving(root: Path, warm: bool) -> Iterator[tuple[pb_grpc.ExplainerStub, flo
         running.stop()
 
 
+PARAMS = ("default", "small")
+
+
 def first_and_steady(stub: pb_grpc.ExplainerStub, architecture: Architecture,
                      repeats: int) -> list[dict[str, Any]]:
+    """Every offered method with its defaults, then every one with the small parameters:
+    each row is that method's first call with those parameters and its next ``repeats``."""
     info = stub.GetModel(pb.GetModelRequest(model=architecture.name), timeout=60)
     x = np.random.default_rng(1).normal(size=(1, *architecture.input_shape)).astype(np.float32)
     rows = []
-    for method in info.methods:
-        request = pb.ExplainRequest(model=architecture.name, method=method.method, seed=1,
-                                    input=pb.Input(tensor=array_to_tensor(x)))
-        if method.name in FAST_PARAMS:
-            getattr(request, method.name).CopyFrom(FAST_PARAMS[method.name])
-        seconds = []
-        for _ in range(repeats + 1):
-            started = time.perf_counter()
-            stub.Explain(request, timeout=600)
-            seconds.append(time.perf_counter() - started)
-        steady = percentiles(seconds[1:])["p50_ms"]
-        rows.append({"architecture": architecture.name, "method": method.name,
-                     "first_ms": round(seconds[0] * 1e3, 1),
-                     "steady_p50_ms": round(steady, 1),
-                     "first_over_steady": round(seconds[0] * 1e3 / steady, 2)})
+    for params in PARAMS:
+        for method in info.methods:
+            if params == "small" and method.name not in FAST_PARAMS:
+                continue
+            request = pb.ExplainRequest(model=architecture.name, method=method.method,
+                                        seed=1, input=pb.Input(tensor=array_to_tensor(x)))
+            if params == "small":
+                getattr(request, method.name).CopyFrom(FAST_PARAMS[method.name])
+            seconds = []
+            for _ in range(repeats + 1):
+                started = time.perf_counter()
+                stub.Explain(request, timeout=600)
+                seconds.append(time.perf_counter() - started)
+            steady = percentiles(seconds[1:])
+            rows.append({"architecture": architecture.name, "method": method.name,
+                         "params": params, "first_ms": round(seconds[0] * 1e3, 1),
+                         "steady_p50_ms": round(steady["p50_ms"], 1),
+                         "steady_p95_ms": round(steady["p95_ms"], 1),
+                         "first_over_steady": round(seconds[0] * 1e3 / steady["p50_ms"], 2)})
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__ or "")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--only", default="", help="comma-separated architecture names")
+    parser.add_argument("--separate", action="store_true",
+                        help="one server per architecture instead of one for all")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     chosen = [a for a in MATRIX if not args.only or a.name in args.only.split(",")]
@@ -115,23 +141,32 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [a for a in chosen if a.name in ("resnet", "mobilenetv3", "vit_encoder")]
     repeats = 3 if args.quick else args.repeats
     payload: dict[str, Any] = {"machine": machine_info(), "repeats": repeats}
+    payload["servers"] = "one per architecture" if args.separate else "one for all"
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         payload["export"] = export_all(root, chosen)
         print(table(payload["export"]))
+        groups = [[a] for a in chosen] if args.separate else [chosen]
         for warm in (True, False):
             label = "warm" if warm else "cold"
-            with serving(root, warm) as (stub, ready_seconds):
-                rows = [row for a in chosen for row in first_and_steady(stub, a, repeats)]
-            payload[label] = {"ready_seconds": round(ready_seconds, 2), "calls": rows}
-            print(f"\n{label} server: ready after {ready_seconds:.1f} s "
-                  f"({len(chosen)} models)")
+            rows, ready = [], []
+            for group in groups:
+                with serving(repository_of(root, group), warm) as (stub, ready_seconds):
+                    rows += [row for a in group for row in first_and_steady(stub, a, repeats)]
+                ready.append(round(ready_seconds, 2))
+            payload[label] = {"ready_seconds": ready, "calls": rows}
+            print(f"\n{label}: ready after {', '.join(f'{r:.1f}' for r in ready)} s "
+                  f"({payload['servers']}, {len(chosen)} models)")
             print(table(rows))
     for label in ("warm", "cold"):
-        ratios = [r["first_over_steady"] for r in payload[label]["calls"]]
-        payload[label]["worst_first_over_steady"] = max(ratios)
-        print(f"{label}: worst first/steady {max(ratios):.2f}, median "
-              f"{float(np.median(ratios)):.2f}")
+        for params in PARAMS:
+            ratios = [r["first_over_steady"] for r in payload[label]["calls"]
+                      if r["params"] == params]
+            payload[label][f"worst_first_over_steady_{params}"] = max(ratios)
+            payload[label][f"median_first_over_steady_{params}"] = float(np.median(ratios))
+            print(f"{label}, {params} parameters: worst first/steady {max(ratios):.2f}, "
+                  f"median {float(np.median(ratios)):.2f}, over 2x: "
+                  f"{sum(r > 2 for r in ratios)} of {len(ratios)}")
     print("results:", write_json("warmup", payload, args.out))
     return 0
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -153,6 +154,50 @@ def _build_cached(model: ModelHandle, variant: str) -> PreparedModule | None:
         return build_variant(model.program, variant, model.spec().extra_outputs)
     except NoStemError:
         return None
+
+
+def warm_up_variants(model: ModelHandle, inputs: np.ndarray, backward_rows: list[int],
+                     forward_rows: list[int], max_batch: int) -> list[str]:
+    """Runs every variant built so far the way the methods run it, once per chunk length
+    (and the ``trunk``'s stem, which runs on whole requests, once per image count up to
+    ``max_batch``), so that no request meets a batch shape for the first time: oneDNN
+    builds its kernels per shape. ``inputs`` is one image (1×C×H×W); returns the variants."""
+    image = torch.from_numpy(np.ascontiguousarray(inputs[:1], dtype=np.float32))
+
+    def rows_of(count: int) -> torch.Tensor:
+        return image.expand(count, *image.shape[1:]).clone()
+
+    variants = []
+    for key, module in model.derived_items("program:"):
+        if module is None:
+            continue
+        variant = key[len("program:"):]
+        variants.append(variant)
+        for rows in backward_rows:
+            x = rows_of(rows)
+            if variant == TRUNK:
+                with torch.no_grad():
+                    stemmed = module.stem(x)
+                leaf = stemmed.requires_grad_(True)
+                torch.autograd.grad(module(leaf)[0][:, 0].sum(), leaf)
+            elif variant.startswith(CUT_PREFIX):
+                outputs = module(x)
+                leaves = [out for out in outputs[1:] if out.requires_grad and out.is_leaf]
+                torch.autograd.grad(outputs[0][:, 0].sum(), leaves)
+            else:
+                leaf = x.requires_grad_(True)
+                torch.autograd.grad(module(leaf)[0][:, 0].sum(), leaf)
+        if variant == FAST:
+            for rows in forward_rows:
+                with torch.no_grad():
+                    module(rows_of(rows))
+        if variant == TRUNK:
+            for count in range(1, max(max_batch, 1) + 1):
+                x = rows_of(count)
+                with torch.no_grad():
+                    module.stem(x, with_bias=False)
+                    module.stem.input_gradient(module.stem(x), x.shape)
+    return variants
 
 
 def build_variant(program: Any, variant: str,

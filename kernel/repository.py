@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from kernel.chunking import MAX_CHUNK_ROWS, chunks
 from kernel.errors import FailedPrecondition, NotFound, Unavailable
 from kernel.outputs import LOGITS, check_kind
 from kernel.program_archive import UnsafeArchive, load_program
@@ -191,6 +192,12 @@ class ModelHandle:
                 self._derived[key] = build(self)
             return self._derived[key]
 
+    def derived_items(self, prefix: str) -> list[tuple[str, Any]]:
+        """What ``derived`` has built so far under keys starting with ``prefix``."""
+        with self._derived_lock:
+            return [(key, value) for key, value in self._derived.items()
+                    if key.startswith(prefix)]
+
     def fail(self, reason: str) -> None:
         """Marks a loaded package not ready (e.g. its warm-up failed), keeping the reason."""
         self.error = reason
@@ -256,9 +263,10 @@ class ModelHandle:
         """ONNX Runtime on float32 N×C×H×W ``inputs``; outputs default to the class scores.
 
         This is where the service's convention meets the model's: an NHWC model gets its
-        inputs transposed, and a model with a fixed batch size k runs in chunks of k (the
-        last one padded by repeating its final item, the padding's outputs dropped), so
-        every method and prediction works unchanged on any model."""
+        inputs transposed; a free batch runs in the power-of-two chunks of
+        ``kernel.chunking`` (the shapes the warm-up ran), and a fixed batch size k in
+        chunks of k (the last one padded by repeating its final item, the padding's
+        outputs dropped), so every method and prediction works unchanged on any model."""
         if self.session is None:
             raise Unavailable(f"model {self.name} version {self.version} is not loaded")
         spec = self.spec().input
@@ -267,13 +275,15 @@ class ModelHandle:
             inputs = inputs.transpose(0, 2, 3, 1)
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
         size, total = spec.batch, inputs.shape[0]
-        if not size or total == size:
+        pieces = (list(chunks(total, MAX_CHUNK_ROWS)) if not size
+                  else [slice(start, start + size) for start in range(0, total, size)])
+        if len(pieces) <= 1 and (not size or total == size):
             return self.session.run(names, {spec.name: inputs})
         parts = []
-        for start in range(0, total, size):
-            piece = inputs[start:start + size]
+        for part in pieces:
+            piece = inputs[part]
             kept = piece.shape[0]
-            if kept < size:
+            if size and kept < size:
                 piece = np.concatenate([piece, np.repeat(piece[-1:], size - kept, axis=0)])
             parts.append([out[:kept] for out in self.session.run(names, {spec.name: piece})])
         return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from kernel.chunking import MAX_CHUNK_ROWS, chunks
 from kernel.errors import Cancelled, DeadlineExceeded, ServiceError
 from kernel.repository import ModelHandle
 
@@ -132,8 +133,10 @@ class Job:
         return int(self.limits.get("chunk_memory_bytes", DEFAULT_LIMITS["chunk_memory_bytes"]))
 
     def items_per_chunk(self, backward: bool = False) -> int:
-        """How many network inputs fit one chunk under the memory budget."""
-        return max(1, self.chunk_memory_bytes // max(self.activation_bytes(backward), 1))
+        """How many network inputs fit one chunk under the memory budget (at most
+        ``MAX_CHUNK_ROWS``)."""
+        fitting = self.chunk_memory_bytes // max(self.activation_bytes(backward), 1)
+        return max(1, min(fitting, MAX_CHUNK_ROWS))
 
     def units_per_chunk(self, rows_each: int = 1, unit_bytes: int = 0,
                         backward: bool = False, reserved_bytes: int = 0) -> int:
@@ -143,7 +146,7 @@ class Job:
         come off the budget first."""
         per_unit = rows_each * self.activation_bytes(backward) + unit_bytes
         budget = self.chunk_memory_bytes - reserved_bytes
-        return max(1, budget // max(per_unit, 1))
+        return max(1, min(budget // max(per_unit, 1), MAX_CHUNK_ROWS // max(rows_each, 1)))
 
     def unit_chunks(self, units: int, rows_each: int = 1, unit_bytes: int = 0,
                     backward: bool = False, reserved_bytes: int = 0) -> Iterator[slice]:
@@ -180,9 +183,3 @@ class Result:
     diagnostics: Mapping[str, float] = field(default_factory=dict)
     truncated: bool = False
     overlays: tuple[bytes, ...] = ()
-
-
-def chunks(total: int, size: int) -> Iterator[slice]:
-    """Slices covering range(total) in steps of ``size``."""
-    for start in range(0, total, max(1, size)):
-        yield slice(start, min(total, start + size))

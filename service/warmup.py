@@ -12,10 +12,12 @@ import numpy as np
 
 from handlers import registry
 from handlers.base import Handler
+from handlers.torch_program import warm_up_variants
+from kernel.chunking import chunk_shapes
 from kernel.errors import InvalidInput, OverLimit
 from kernel.params import limits_of
 from kernel.repository import ModelHandle
-from kernel.request import CostCounter, RequestState
+from kernel.request import CostCounter, Job, RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service.engine import Engine, ExplainOrder
 
@@ -84,8 +86,31 @@ def warm_up(engine: Engine, handle: ModelHandle) -> list[str]:
                         handle.version, handler.name, exc)
         except Exception as exc:  # noqa: BLE001 - reported, the model still serves
             failed.append(f"{handler.name}: {type(exc).__name__}: {exc}")
+    if not failed:
+        try:
+            warm_up_chunk_shapes(handle, sample, engine.limits)
+        except Exception as exc:  # noqa: BLE001 - reported as the package's error
+            failed.append(f"chunk shapes: {type(exc).__name__}: {exc}")
     log.info("model %s version %d warmed up in %.2f s (%d methods: %s)", handle.name,
              handle.version, time.perf_counter() - started, len(warmed), ", ".join(warmed),
              extra={"event": "warm_up", "model": handle.name,
                     "warm_up_seconds": round(time.perf_counter() - started, 3)})
     return failed
+
+
+def warm_up_chunk_shapes(handle: ModelHandle, sample: np.ndarray,
+                         limits: Mapping[str, float]) -> None:
+    """Runs ONNX Runtime and every torch program variant the methods built at each chunk
+    length a request can produce (``kernel.chunking``), after the methods ran once each."""
+    job = Job(model=handle, inputs=sample[:1], targets=np.zeros(1, np.int64), limits=limits)
+    forward_rows = chunk_shapes(job.items_per_chunk())
+    spec = handle.spec()
+    extra = list(spec.extra_outputs)
+    for rows in forward_rows:
+        batch = np.repeat(sample[:1], rows, axis=0)
+        handle.run(batch)
+        if extra:
+            handle.run(batch, [spec.logits_output, *extra])
+    if handle.has_torch:
+        warm_up_variants(handle, sample, chunk_shapes(job.items_per_chunk(backward=True)),
+                         forward_rows, int(limits.get("max_batch", 1)))

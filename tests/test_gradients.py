@@ -28,7 +28,7 @@ from handlers import integrated, registry
 from handlers.baselines import make_baseline
 from handlers.noise import noise_sigmas, noise_tunnel, seeded_noise
 from kernel.errors import InvalidInput
-from kernel.request import DEFAULT_LIMITS, RequestState
+from kernel.request import RequestState
 from saliency.v1 import explainer_pb2 as pb
 from service.config import Config
 from tests.gradient_fixtures import (
@@ -304,14 +304,13 @@ def test_integrated_gradients_through_the_stem_equals_the_plain_path(
     model: Exported, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The path walked in the first convolution's output space gives the input-space answer,
-    also when chunks of 7 rows split the steps of a 3-image batch unevenly (the last holds
-    one row, of the last image)."""
+    also when chunks of 4 rows (the budget holds 7) split the steps of a 3-image batch
+    unevenly (15 rows: 4, 4, 4, 2, 1)."""
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
     handler = registry.get(pb.METHOD_INTEGRATED_GRADIENTS)
     params = handler.params(steps=5, baseline="uniform_noise")
-    probe = make_job(model.handle, x, targets, params)
-    per_row = DEFAULT_LIMITS["chunk_memory_bytes"] // probe.items_per_chunk(backward=True)
+    per_row = make_job(model.handle, x, targets, params).activation_bytes(backward=True)
     limits = {"chunk_memory_bytes": 7 * per_row + per_row // 2}
     assert make_job(model.handle, x, targets, params, limits=limits).items_per_chunk(True) == 7
     assert integrated.linear_stem(model.handle) is not None
