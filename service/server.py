@@ -34,6 +34,7 @@ from service.explainer import ExplainerServicer
 from service.explorer_routes import routes as explorer_routes
 from service.http_api import build_app
 from service.http_server import HttpServer
+from service.kernel_cache import reserve_kernel_cache
 from service.logging_setup import stop_writer
 from service.metrics import Metrics
 from service.security import BearerTokenInterceptor, load_tokens, server_credentials
@@ -166,12 +167,15 @@ class SaliencyServer:
 
     async def start(self) -> int:
         """Loads models, binds the ports and marks readiness; returns the gRPC port."""
+        capacity = reserve_kernel_cache()
         set_thread_counts(self.config.intra_op_threads)
         kept = keep_freed_memory()
         if kept:  # why RSS stays at its high-water mark
             log.info("freed memory is kept for reuse: %s",
                      ", ".join(f"{name}={value}" for name, value in kept.items()),
                      extra={"event": "allocator"})
+        log.info("oneDNN keeps up to %d compiled kernels", capacity,
+                 extra={"event": "kernel_cache", "capacity": capacity})
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),

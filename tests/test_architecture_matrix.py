@@ -37,8 +37,11 @@ from tests.conftest import make_config
 from tests.gradient_fixtures import relative_error
 from tests.peer_grad_cam import import_pytorch_grad_cam
 from tests.test_gradients_e2e import SMALL_PARAMS, torch_passes
+from tests.test_warm_shapes import kernels_built
 
 TOLERANCE = 1e-4
+# The compiled kernels oneDNN keeps unless told otherwise (service.kernel_cache).
+ONEDNN_DEFAULT_CAPACITY = 1024
 BATCH = 2
 STEPS = 4
 MULTISCALE = {"smoe_scale", "fastcam", "lovi"}
@@ -218,3 +221,23 @@ def test_scales_are_distinct_tensors_at_decreasing_resolutions(served, name: str
         assert grid["grid"] == [8, 8] and grid["prefix_tokens"] == architecture.prefix_tokens
     else:
         assert len(nodes) >= 3 and spec["cam_output"] == spec["outputs"]["scales"][-1]
+
+
+def test_a_repository_keeps_every_models_kernels(served, tmp_path: Path) -> None:
+    """The whole matrix needs more compiled oneDNN kernels than oneDNN keeps by default, yet
+    the first gradient requests to every model after readiness (the earliest-loaded, whose
+    kernels a small cache would have evicted, included) build none that the warm-up did not."""
+    root, _ = served
+    requests = [
+        pb.ExplainRequest(model=architecture.name, method=method,
+                          input=pb.Input(tensor=array_to_tensor(inputs(architecture)[:1])))
+        for architecture in MATRIX
+        for method in (pb.METHOD_VANILLA_GRADIENT, pb.METHOD_SMOOTHGRAD,
+                       pb.METHOD_INTEGRATED_GRADIENTS)
+    ]
+    at_readiness = kernels_built(root, tmp_path / "ready.log", [])
+    after_requests = kernels_built(root, tmp_path / "served.log", requests)
+    assert at_readiness > ONEDNN_DEFAULT_CAPACITY
+    assert after_requests == at_readiness, (
+        f"{after_requests - at_readiness} oneDNN kernels were built again for "
+        f"{len(requests)} requests after readiness")

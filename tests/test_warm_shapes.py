@@ -81,8 +81,12 @@ def _requests() -> list[pb.ExplainRequest]:
     return requests
 
 
-def _kernels_built(models: Path, log: Path, requests: list[pb.ExplainRequest]) -> int:
-    with ServerProcess(models, log_path=log, env={"ONEDNN_VERBOSE": "profile_create"}
+def kernels_built(models: Path, log: Path, requests: list[pb.ExplainRequest],
+                  env: dict[str, str] | None = None) -> int:
+    """oneDNN kernels a ``saliency serve`` process on ``models`` built from its start until
+    it answered ``requests`` and stopped (its log is read once the process has exited)."""
+    with ServerProcess(models, log_path=log, ready_timeout=600,
+                       env={"ONEDNN_VERBOSE": "profile_create", **(env or {})}
                        ) as server, grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.ExplainerStub(channel)
         for request in requests:
@@ -97,9 +101,9 @@ def test_requests_after_readiness_build_no_new_kernels(tmp_path: Path) -> None:
     export_package(build(RESNET), name="resnet", version=1, input_shape=RESNET.input_shape,
                    mean=[0.5] * 3, std=[0.25] * 3, class_labels=(), repository=models,
                    head=RESNET.head)
-    at_readiness = _kernels_built(models, tmp_path / "ready.log", [])
+    at_readiness = kernels_built(models, tmp_path / "ready.log", [])
     requests = _requests()
-    after_requests = _kernels_built(models, tmp_path / "served.log", requests)
+    after_requests = kernels_built(models, tmp_path / "served.log", requests)
     assert at_readiness > 50  # the log is on: the warm-up built the model's kernels
     assert after_requests == at_readiness, (
         f"{after_requests - at_readiness} oneDNN kernels were built for "

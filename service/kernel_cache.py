@@ -1,0 +1,29 @@
+"""How many compiled oneDNN kernels the process keeps: enough for every model it serves.
+
+Torch runs convolutions through oneDNN, which compiles a kernel per layer and batch shape and
+keeps the compiled kernels in one least-recently-used cache for the whole process. Its
+default (1024 kernels) holds one small model's, not a repository's: the warm-up of the later
+models evicts the kernels of the earlier ones, whose first requests after readiness then
+compile them again. Raising the capacity keeps what every warm-up built; a cached kernel
+costs little memory, and the set of kernels is bounded because passes run in a few chunk
+lengths (``kernel.chunking``).
+
+oneDNN reads ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` once, when it first builds a kernel, so
+this must run before any convolution; an explicit setting in the environment wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+CAPACITY = 16384
+
+
+def reserve_kernel_cache() -> int:
+    """Sets the capacity unless the environment does; returns the capacity asked for."""
+    value = os.environ.setdefault(VARIABLE, str(CAPACITY))
+    try:
+        return int(value)
+    except ValueError:
+        return 0
