@@ -34,7 +34,6 @@ from service.config import Config
 from service.engine import Engine
 from service.export import export_package
 from service.images import array_to_tensor
-from service.kernel_cache import reserve_kernel_cache
 from tests.architecture_matrix import MATRIX, Architecture, build
 from tests.test_architecture_matrix import FAST_PARAMS
 
@@ -153,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="one server per architecture instead of one for all")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    reserve_kernel_cache()  # as the server does at start; here the exports run torch first
     chosen = [a for a in MATRIX if not args.only or a.name in args.only.split(",")]
     if args.quick:
         chosen = [a for a in chosen if a.name in ("resnet", "mobilenetv3", "vit_encoder")]

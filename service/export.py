@@ -30,6 +30,7 @@ from torch import fx, nn
 from handlers import registry
 from kernel.repository import FORMAT_VERSION, MANIFEST, ONNX_FILE, TORCH_FILE, sha256_file
 from service.graph_scales import GraphPoint, GraphScaleError, ProgramGraph, TokenGrid, distinct
+from service.kernel_cache import reserve_kernel_cache
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,7 @@ def export_package(
             or two scales are the same tensor.
     """
     started = time.perf_counter()
+    reserve_kernel_cache()  # before its first convolution, for a server in this process
     model = model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

@@ -9,7 +9,8 @@ costs little memory, and the set of kernels is bounded because passes run in a f
 lengths (``kernel.chunking``).
 
 oneDNN reads ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` once, when it first builds a kernel, so
-this must run before any convolution; an explicit setting in the environment wins.
+this must run before any convolution: the server calls it at start and the exporter before
+it traces (a process may export, then serve); an explicit setting in the environment wins.
 """
 
 from __future__ import annotations
