@@ -200,7 +200,8 @@ def test_grpc_bounds_calls_held_in_memory(
     try:
         with grpc.insecure_channel(running.address) as channel:
             stub = pb_grpc.ExplainerStub(channel)
-            futures = [stub.Explain.future(slow_request(stride=8), timeout=120) for _ in range(10)]
+            # Long enough (169 windows) that all ten arrive while the first executes.
+            futures = [stub.Explain.future(slow_request(stride=4), timeout=120) for _ in range(10)]
             outcomes: Counter[str] = Counter()
             for future in futures:
                 try:
