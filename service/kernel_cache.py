@@ -21,10 +21,7 @@ VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 CAPACITY = 16384
 
 
-def reserve_kernel_cache() -> int:
-    """Sets the capacity unless the environment does; returns the capacity asked for."""
-    value = os.environ.setdefault(VARIABLE, str(CAPACITY))
-    try:
-        return int(value)
-    except ValueError:
-        return 0
+def reserve_kernel_cache() -> str:
+    """Sets the capacity unless the environment does; returns the setting as oneDNN will
+    read it (the environment's text, even one oneDNN would not accept)."""
+    return os.environ.setdefault(VARIABLE, str(CAPACITY))

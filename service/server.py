@@ -34,7 +34,7 @@ from service.explainer import ExplainerServicer
 from service.explorer_routes import routes as explorer_routes
 from service.http_api import build_app
 from service.http_server import HttpServer
-from service.kernel_cache import reserve_kernel_cache
+from service.kernel_cache import VARIABLE, reserve_kernel_cache
 from service.logging_setup import stop_writer
 from service.metrics import Metrics
 from service.security import BearerTokenInterceptor, load_tokens, server_credentials
@@ -174,7 +174,7 @@ class SaliencyServer:
             log.info("freed memory is kept for reuse: %s",
                      ", ".join(f"{name}={value}" for name, value in kept.items()),
                      extra={"event": "allocator"})
-        log.info("oneDNN keeps up to %d compiled kernels", capacity,
+        log.info("oneDNN is asked to keep up to %s compiled kernels (%s)", capacity, VARIABLE,
                  extra={"event": "kernel_cache", "capacity": capacity})
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
