@@ -75,9 +75,9 @@ test: $(STAMP) fashion-data browser
 	$(BIN)/python -m pytest -q tests
 
 protos: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I protos \
+	$(BIN)/python -m grpc_tools.protoc -I . \
 		--python_out=. --grpc_python_out=. --pyi_out=. \
-		protos/saliency/v1/explainer.proto
+		saliency_service/proto/explainer.proto
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

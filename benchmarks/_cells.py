@@ -1,5 +1,5 @@
 """Quality on the synthetic cells for side-by-side suites: the cells, our service's maps for
-them (in this process, through ``service.core.Core``), and the cell metrics of
+them (in this process, through ``saliency_service.protocol.codec.Core``), and the cell metrics of
 ``evaluation.metrics`` (RCAP, relevance mass, pointing game, relevance rank), so every
 system's maps are scored by the same code.
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from evaluation import metrics
-from evaluation.cells import TEST_CONFIG, CellBatch, generate
+from saliency_service.evaluation import metrics
+from saliency_service.evaluation.cells import TEST_CONFIG, CellBatch, generate
 
 QUALITY = ("rcap", "relevance_mass", "pointing_game", "relevance_rank")
 
@@ -72,9 +72,9 @@ def explain(core: Any, model: str, method: int, inputs: np.ndarray, targets: np.
     """Our maps of float32 N×C×H×W ``inputs`` (already preprocessed), ``batch`` images a
     request, through the in-process core: maps, forward passes and wall seconds per image
     (the core's own Cost), and whether any reply was truncated."""
-    from kernel.request import CostCounter, RequestState  # noqa: PLC0415
-    from saliency.v1 import explainer_pb2 as pb  # noqa: PLC0415
-    from service.images import array_to_tensor, tensor_to_array  # noqa: PLC0415
+    from saliency_service.core.request import CostCounter, RequestState  # noqa: PLC0415
+    from saliency_service.proto import explainer_pb2 as pb  # noqa: PLC0415
+    from saliency_service.protocol.images import array_to_tensor, tensor_to_array  # noqa: PLC0415
 
     maps, passes, seconds, truncated = [], 0, 0.0, False
     diagnostics: list[dict[str, float]] = []

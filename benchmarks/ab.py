@@ -30,9 +30,9 @@ from benchmarks.common import (
     time_interleaved,
     write_json,
 )
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.images import array_to_tensor
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor
 
 # (row, method, params field and values, batch): the headline requests of the suites.
 REQUESTS: tuple[tuple[str, int, dict[str, Any], int], ...] = (

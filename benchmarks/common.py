@@ -136,13 +136,13 @@ def dense_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
 
 
 def in_process_core(root: Path, **config: Any) -> Any:
-    """Our ``service.core.Core`` in this process over the packages under ``root``, as a
-    server with ``config`` (fields of ``service.config.Config``) holds it: the repository
+    """Our ``protocol.codec.Core`` in this process over the packages under ``root``, as a
+    server with ``config`` (fields of ``serving.config.Config``) holds it: the repository
     loaded with the same intra-op threads. Its ``repository`` gives the loaded handles."""
-    from kernel.repository import Repository  # noqa: PLC0415
-    from service.config import Config  # noqa: PLC0415
-    from service.core import Core  # noqa: PLC0415
-    from service.metrics import Metrics  # noqa: PLC0415
+    from saliency_service.core.repository import Repository  # noqa: PLC0415
+    from saliency_service.protocol.codec import Core  # noqa: PLC0415
+    from saliency_service.serving.config import Config  # noqa: PLC0415
+    from saliency_service.serving.metrics import Metrics  # noqa: PLC0415
 
     repository = Repository(root, intra_op_threads=config.get("intra_op_threads", 0))
     repository.load_all()
@@ -180,8 +180,8 @@ def gradient_gflop(package: Path, images: int = 2) -> float:
     ``flop_count_mode`` counts them (convolutions and matrix products)."""
     import torch  # noqa: PLC0415
 
-    from handlers.torch_program import FAST, build_variant  # noqa: PLC0415
-    from kernel.program_archive import load_program  # noqa: PLC0415
+    from saliency_service.core.program_archive import load_program  # noqa: PLC0415
+    from saliency_service.methods._utils.torch_program import FAST, build_variant  # noqa: PLC0415
 
     shape = json.loads((package / "manifest.json").read_text())["input"]["shape"]
     module = build_variant(load_program((package / "model.pt2").read_bytes()), FAST)
@@ -297,7 +297,7 @@ def png_images(count: int, size: int, seed: int = 0) -> list[bytes]:
 
 
 # The architectures the suites measure, by their ``--models`` name: the demo network and the
-# ResNet-50 shape (random weights: only cost matters), as (class in service.architectures,
+# ResNet-50 shape (random weights: only cost matters), as (class in zoo.architectures,
 # classes).
 ARCHITECTURES: dict[str, tuple[str, int]] = {
     "demo": ("DemoResNet", 10),
@@ -310,7 +310,7 @@ def random_model(architecture: str) -> Any:
     mode; an unknown name is an error, never silently another architecture."""
     import torch  # noqa: PLC0415
 
-    from service import architectures  # noqa: PLC0415
+    from saliency_service.zoo import architectures  # noqa: PLC0415
 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose from "
@@ -336,7 +336,7 @@ def cached_package(architecture: str, size: int, root: Path, name: str,
     ResNet-50 shape gets ImageNet normalization. Its scale modules are named explicitly."""
     if (root / name / "1" / "manifest.json").is_file():
         return root
-    from service.export import export_package  # noqa: PLC0415
+    from saliency_service.packaging.export import export_package  # noqa: PLC0415
 
     model = random_model(architecture)
     if architecture == "resnet50":
@@ -431,7 +431,7 @@ class ServerProcess:
         command = [
             sys.executable,
             "-m",
-            "service.cli",
+            "saliency_service.cli",
             "serve",
             "--models",
             str(self.models),

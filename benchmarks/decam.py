@@ -35,14 +35,14 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from handlers import registry
-from handlers.base import run_onnx_batched, softmax
-from handlers.decam import MaskFitness, search_masks
-from handlers.perturbation import blend
-from handlers.resize import upsample
-from kernel.repository import ModelHandle
-from kernel.request import Job
-from saliency.v1 import explainer_pb2 as pb
+from saliency_service.core.repository import ModelHandle
+from saliency_service.core.request import Job
+from saliency_service.methods import registry
+from saliency_service.methods._utils.resize import upsample
+from saliency_service.methods.base import run_onnx_batched, softmax
+from saliency_service.methods.decam import MaskFitness, search_masks
+from saliency_service.methods.perturbation import blend
+from saliency_service.proto import explainer_pb2 as pb
 
 
 class OneCandidatePerCall(MaskFitness):
@@ -107,8 +107,8 @@ def scipy_search(handle: ModelHandle, image: np.ndarray, params: dict[str, Any],
                  seed: int) -> dict[str, Any]:
     """One image through scipy's vectorized DE with our fitness (it minimizes −fitness)."""
     job = make_job(handle, image, params, seed)
-    from handlers.baselines import make_baseline  # noqa: PLC0415
-    from handlers.decam import FitnessWeights  # noqa: PLC0415
+    from saliency_service.methods._utils.baselines import make_baseline  # noqa: PLC0415
+    from saliency_service.methods.decam import FitnessWeights  # noqa: PLC0415
 
     baseline = make_baseline(job.params.baseline, job.inputs, handle.spec().input,
                              job.rng())
@@ -209,8 +209,8 @@ def cell_inputs(handle: ModelHandle, images: int, seed: int) -> np.ndarray:
     """Test cells when the dataset module is there, else Gaussian noise."""
     spec = handle.spec().input
     try:
-        from evaluation.cells import TEST_CONFIG, CellConfig, generate  # noqa: PLC0415
-        from service.inputs import preprocess_pixels  # noqa: PLC0415
+        from saliency_service.evaluation.cells import TEST_CONFIG, CellConfig, generate  # noqa: PLC0415
+        from saliency_service.protocol.inputs import preprocess_pixels  # noqa: PLC0415
 
         cells = generate(images, CellConfig(size=spec.height, seed=TEST_CONFIG.seed))
         return preprocess_pixels(cells.images, spec)

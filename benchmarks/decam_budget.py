@@ -17,8 +17,8 @@ from typing import Any
 
 from benchmarks import _cells
 from benchmarks.common import base_parser, demo_repository, fmt, in_process_core, table, write_json
-from saliency.v1 import explainer_pb2 as pb
-from service.inputs import preprocess_pixels
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.inputs import preprocess_pixels
 
 # (aggregate, population, budgets)
 CURVES = (("covariance", 16, (100, 200, 330, 600, 1000)), ("covariance", 32, (330, 1000)),

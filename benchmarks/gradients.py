@@ -50,11 +50,11 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from handlers import registry
-from handlers.baselines import make_baseline
-from handlers.noise import noise_sigmas
-from kernel.repository import ModelHandle, Repository
-from kernel.request import DEFAULT_LIMITS, Job
+from saliency_service.core.repository import ModelHandle, Repository
+from saliency_service.core.request import DEFAULT_LIMITS, Job
+from saliency_service.methods import registry
+from saliency_service.methods._utils.baselines import make_baseline
+from saliency_service.methods.noise import noise_sigmas
 
 SIZE = 224
 METHODS = (

@@ -22,10 +22,10 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from kernel.repository import InputSpec, Manifest
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.inputs import preprocess_pixels
+from saliency_service.core.repository import InputSpec, Manifest
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.inputs import preprocess_pixels
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 

@@ -36,8 +36,8 @@ from benchmarks.common import (
     time_interleaved,
     write_json,
 )
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 
 SIZE = 128
 BOUNDARY = "benchmark-boundary"

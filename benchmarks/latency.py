@@ -21,7 +21,7 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.peers import predict_overhead, predict_overhead_text
-from service.client import SaliencyClient
+from saliency_service.client.client import SaliencyClient
 
 # Long methods get fewer repeats so the suite stays bounded.
 SLOW = {"decam": 3, "rise": 5, "occlusion": 5, "integrated_gradients": 8, "smoothgrad": 8,

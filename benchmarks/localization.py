@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate
-from handlers import registry
-from kernel.repository import ModelHandle
-from kernel.request import Job
-from saliency.v1 import explainer_pb2 as pb
-from service.inputs import preprocess_pixels
+from saliency_service.core.repository import ModelHandle
+from saliency_service.core.request import Job
+from saliency_service.evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate
+from saliency_service.methods import registry
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.inputs import preprocess_pixels
 
 RESULTS = Path(__file__).parent / "results" / "localization.json"
 QUICK_SIZE = 64
@@ -42,8 +42,8 @@ def quick_model_package(root: Path, size: int = QUICK_SIZE, train_images: int = 
     """Trains a small DemoResNet on generated cells and exports it (once; cached)."""
     import torch  # noqa: PLC0415 - only when there is no demo model to use
 
-    from service.architectures import DemoResNet  # noqa: PLC0415
-    from service.export import export_package  # noqa: PLC0415
+    from saliency_service.packaging.export import export_package  # noqa: PLC0415
+    from saliency_service.zoo.architectures import DemoResNet  # noqa: PLC0415
 
     target = root / "cells_quick" / "1"
     if (target / "manifest.json").is_file():
@@ -81,7 +81,7 @@ def quick_model_package(root: Path, size: int = QUICK_SIZE, train_images: int = 
 
 
 def _spec(size: int) -> Any:
-    from kernel.repository import InputSpec  # noqa: PLC0415
+    from saliency_service.core.repository import InputSpec  # noqa: PLC0415
 
     return InputSpec(shape=(1, 3, size, size), mean=QUICK_MEAN, std=QUICK_STD)
 
@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--variant-images", type=int, default=0,
                         help="images for the DE-CAM grid/refinement variants (0 = skip them; "
-                        "handlers/decam.py quotes a run with 16)")
+                        "saliency_service/methods/decam.py quotes a run with 16)")
     parser.add_argument("--quick", action="store_true", help="a few images, smaller budgets")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -42,10 +42,10 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from kernel.errors import DeadlineExceeded
-from kernel.request import CostCounter, RequestState
-from saliency.v1 import explainer_pb2 as pb
-from service.core import Core
+from saliency_service.core.errors import DeadlineExceeded
+from saliency_service.core.request import CostCounter, RequestState
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.codec import Core
 
 CHUNK_MEMORY_BYTES = 64 * 1024 * 1024
 MIB = 1024 * 1024

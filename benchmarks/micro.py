@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-import service.predictions as predictions
+import saliency_service.protocol.predictions as predictions
 from benchmarks.common import (
     base_parser,
     demo_repository,
@@ -26,11 +26,11 @@ from benchmarks.common import (
     time_interleaved,
     write_json,
 )
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.background import RunningServer
-from service.config import Config
-from service.images import array_to_tensor
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor
+from saliency_service.serving.background import RunningServer
+from saliency_service.serving.config import Config
 
 
 @contextmanager

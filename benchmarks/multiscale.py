@@ -38,16 +38,16 @@ from benchmarks.common import (
     sized_repository,
     time_interleaved,
 )
-from handlers import registry
-from handlers.cam import grad_cam
-from handlers.smoe import EPSILON, combined_map, smoe_scale
-from kernel.repository import ONNX_FILE
-from kernel.request import CostCounter, Job, RequestState
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.config import Config
-from service.images import array_to_tensor
-from service.server import SaliencyServer
+from saliency_service.core.repository import ONNX_FILE
+from saliency_service.core.request import CostCounter, Job, RequestState
+from saliency_service.methods import registry
+from saliency_service.methods._utils.smoe import EPSILON, combined_map, smoe_scale
+from saliency_service.methods.cam import grad_cam
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor
+from saliency_service.serving.config import Config
+from saliency_service.serving.server import SaliencyServer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "multiscale.json"
@@ -266,7 +266,7 @@ def run(architecture: str, batches: list[int], repeats: int,
             row["peer_vs_fastcam"] = row["peer_gradcam_ms"] / row["fastcam_ms"]
             # FastCAM needs the ONNX Runtime run at least: the most it can beat the peer by.
             row["peer_vs_ort_run"] = row["peer_gradcam_ms"] / row["ort_inference_ms"]
-            row["our_gradcam"] = "handlers.cam" if have_gradcam else "autograd (multiscale)"
+            row["our_gradcam"] = "methods.cam" if have_gradcam else "autograd (multiscale)"
             row["peer"] = peer_name
             row["smoe_graph"] = smoe_numpy_vs_baked(package, inputs, count, threads)
             row["best_of_smoe_vs_inference"] = row["smoe_min_ms"] / row["predict_min_ms"]

@@ -27,16 +27,16 @@ import numpy as np
 import torch
 
 from benchmarks.common import in_process_core
-from evaluation import cells
-from handlers import registry
-from handlers.base import scale_by_max
-from handlers.cam import grad_cam
-from handlers.resize import upsample
-from kernel.request import CostCounter, Job, RequestState
-from saliency.v1 import explainer_pb2 as pb
-from service.core import Core
-from service.images import array_to_tensor, tensor_to_array
-from service.inputs import preprocess_pixels
+from saliency_service.core.request import CostCounter, Job, RequestState
+from saliency_service.evaluation import cells
+from saliency_service.methods import registry
+from saliency_service.methods._utils.resize import upsample
+from saliency_service.methods.base import scale_by_max
+from saliency_service.methods.cam import grad_cam
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.codec import Core
+from saliency_service.protocol.images import array_to_tensor, tensor_to_array
+from saliency_service.protocol.inputs import preprocess_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "multiscale_cells.json"
@@ -45,8 +45,8 @@ TEST_SEED = 1
 
 def stand_in_package(root: Path, size: int = 64, count: int = 3000, epochs: int = 6) -> Path:
     """Trains a small DemoResNet on the cells and exports it to ``root/demo/1``."""
-    from service.architectures import DemoResNet  # noqa: PLC0415
-    from service.export import export_package  # noqa: PLC0415
+    from saliency_service.packaging.export import export_package  # noqa: PLC0415
+    from saliency_service.zoo.architectures import DemoResNet  # noqa: PLC0415
 
     torch.manual_seed(0)
     data = cells.generate(count, cells.CellConfig(size=size, seed=0))
@@ -74,7 +74,7 @@ def stand_in_package(root: Path, size: int = 64, count: int = 3000, epochs: int 
 
 
 def _spec(size: int, mean: list[float], std: list[float]) -> Any:
-    from kernel.repository import InputSpec  # noqa: PLC0415
+    from saliency_service.core.repository import InputSpec  # noqa: PLC0415
 
     return InputSpec(shape=(-1, 3, size, size), mean=tuple(mean), std=tuple(std))
 
@@ -83,7 +83,7 @@ def grad_cam_maps(core: Core, handle: Any, inputs: np.ndarray, targets: np.ndarr
                   ) -> tuple[np.ndarray, str]:
     """Grad-CAM maps from the service when registered, else the autograd fallback."""
     if pb.METHOD_GRADCAM in {h.method for h in registry.handlers()}:
-        return explain(core, pb.METHOD_GRADCAM, inputs, targets), "handlers.cam"
+        return explain(core, pb.METHOD_GRADCAM, inputs, targets), "saliency_service.methods.cam"
     job = Job(model=handle, inputs=inputs, targets=targets, params={})
     cam = grad_cam(job, handle.spec().cam_output)
     return scale_by_max(upsample(cam, *inputs.shape[2:])), "autograd (multiscale)"
@@ -117,7 +117,7 @@ def ground_truth_scores(maps: np.ndarray, heatmaps: np.ndarray, masks: np.ndarra
 def faithfulness(package: Path, pixels: np.ndarray, maps: np.ndarray,
                  targets: np.ndarray) -> dict[str, float]:
     try:
-        from evaluation import metrics  # noqa: PLC0415
+        from saliency_service.evaluation import metrics  # noqa: PLC0415
     except ImportError:
         return {}
     classifier = metrics.OnnxClassifier.from_package(package)

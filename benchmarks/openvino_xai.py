@@ -50,8 +50,8 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from saliency.v1 import explainer_pb2 as pb
-from service.inputs import preprocess_pixels
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.inputs import preprocess_pixels
 
 PEER_VENV = ROOT / ".venv-openvino"
 PEER_REQUIREMENTS = ("openvino-xai==1.1.0", "openvino==2024.4.0")
@@ -109,7 +109,7 @@ def model_setup(name: str, images: int) -> dict[str, Any]:
     """The package, its inputs (test cells at the model's size, or Fashion-MNIST test
     photographs for the fashion model, preprocessed as our server does) and whether quality
     means anything for it (not for random weights)."""
-    from kernel.repository import Manifest  # noqa: PLC0415
+    from saliency_service.core.repository import Manifest  # noqa: PLC0415
 
     root = {"demo": demo_repository(), "fashion": ROOT / "models"}.get(name) or \
         resnet50_repository(224)
@@ -117,7 +117,7 @@ def model_setup(name: str, images: int) -> dict[str, Any]:
     manifest = json.loads((package / "manifest.json").read_text())
     spec = Manifest.from_json(manifest).input
     if name == "fashion":
-        from evaluation import fashion_mnist  # noqa: PLC0415
+        from saliency_service.evaluation import fashion_mnist  # noqa: PLC0415
 
         batch: Any = fashion_mnist.load("test", images)
     else:

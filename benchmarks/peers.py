@@ -61,9 +61,9 @@ from benchmarks.common import (
     torchserve_missing,
     write_json,
 )
-from kernel.program_archive import load_program
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from saliency_service.core.program_archive import load_program
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 
 STOCK_STEPS = 15  # TorchServe's VisionHandler.get_insights: n_steps=15
 # Each side's round lasts at least this long. Four demo requests took ~0.1 s of ours right
@@ -112,11 +112,11 @@ def _architecture(package: Path) -> tuple[str, dict[str, int], dict[str, Any]]:
 
 
 def eager_module(package: Path) -> Any:
-    """The package's model as the eager ``service.architectures`` module, checked against the
+    """The package's model as the eager ``zoo.architectures`` module, checked against the
     package's torch program, so Captum and TorchServe run exactly the served weights."""
     import torch  # noqa: PLC0415
 
-    from service import architectures  # noqa: PLC0415
+    from saliency_service.zoo import architectures  # noqa: PLC0415
 
     class_name, arguments, state = _architecture(package)
     module = getattr(architectures, class_name)(**arguments)
@@ -154,7 +154,7 @@ def torchserve_mar(package: Path, store: Path) -> str:
         torch.save(eager_module(package).state_dict(), staging_dir / "weights.pth")
         call = ", ".join(f"{k}={v}" for k, v in arguments.items())
         (staging_dir / "model.py").write_text(
-            f"from service.architectures import {class_name}\n\n\n"
+            f"from saliency_service.zoo.architectures import {class_name}\n\n\n"
             f"class Model({class_name}):\n    def __init__(self):\n"
             f"        super().__init__({call})\n"
         )
@@ -298,7 +298,7 @@ class _Side:
 
 
 def _ours_summary(side: _Side, steps: int, rule: str) -> dict[str, Any]:
-    from service.images import tensor_to_array  # noqa: PLC0415
+    from saliency_service.protocol.images import tensor_to_array  # noqa: PLC0415
 
     sizes = []
     for reply in side.replies:
@@ -332,9 +332,9 @@ def versus_torchserve(
     """One model: TorchServe's stock explain path against ours, in interleaved rounds (both
     servers up, alternating), so background load hits both sides alike. Each side's round
     serves its images once and then in turn until ``round_seconds`` have passed."""
-    from kernel.repository import Manifest  # noqa: PLC0415
-    from service.images import decode_image  # noqa: PLC0415
-    from service.inputs import preprocess_pixels  # noqa: PLC0415
+    from saliency_service.core.repository import Manifest  # noqa: PLC0415
+    from saliency_service.protocol.images import decode_image  # noqa: PLC0415
+    from saliency_service.protocol.inputs import preprocess_pixels  # noqa: PLC0415
 
     manifest = Manifest.from_json(json.loads((package / "manifest.json").read_text()))
     module = eager_module(package)
@@ -481,10 +481,10 @@ def service_overhead(
     import torch  # noqa: PLC0415
     from captum.attr import IntegratedGradients, Saliency  # noqa: PLC0415
 
-    from kernel.repository import Manifest  # noqa: PLC0415
-    from kernel.request import CostCounter, RequestState  # noqa: PLC0415
-    from service.images import decode_image  # noqa: PLC0415
-    from service.inputs import preprocess_pixels  # noqa: PLC0415
+    from saliency_service.core.repository import Manifest  # noqa: PLC0415
+    from saliency_service.core.request import CostCounter, RequestState  # noqa: PLC0415
+    from saliency_service.protocol.images import decode_image  # noqa: PLC0415
+    from saliency_service.protocol.inputs import preprocess_pixels  # noqa: PLC0415
 
     threads = torch.get_num_threads()
     torch.set_num_threads(config["intra_op_threads"])  # as the server runs each request
@@ -638,9 +638,9 @@ def predict_overhead(package: Path, address: str, repeats: int, threads: int
     timed round-robin."""
     import onnxruntime as ort  # noqa: PLC0415
 
-    from kernel.repository import Manifest  # noqa: PLC0415
-    from service.images import array_to_tensor  # noqa: PLC0415
-    from service.inputs import preprocess_pixels  # noqa: PLC0415
+    from saliency_service.core.repository import Manifest  # noqa: PLC0415
+    from saliency_service.protocol.images import array_to_tensor  # noqa: PLC0415
+    from saliency_service.protocol.inputs import preprocess_pixels  # noqa: PLC0415
 
     manifest = json.loads((package / "manifest.json").read_text())
     spec = Manifest.from_json(manifest).input

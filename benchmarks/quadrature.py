@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from benchmarks.common import base_parser, demo_repository, png_images, table, write_json
-from handlers.integrated import quadrature
-from handlers.torch_program import FAST, prepared_module
-from kernel.repository import Repository
-from service.images import decode_image
-from service.inputs import preprocess_pixels
+from saliency_service.core.repository import Repository
+from saliency_service.methods._utils.torch_program import FAST, prepared_module
+from saliency_service.methods.integrated import quadrature
+from saliency_service.protocol.images import decode_image
+from saliency_service.protocol.inputs import preprocess_pixels
 
 IMAGES, SEED = 8, 5  # benchmarks/peers.py's pictures
 REFERENCE_STEPS = 256

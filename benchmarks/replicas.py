@@ -4,7 +4,7 @@ one to two, and what clients see when a replica is added or stopped with SIGTERM
 Each replica is a ``saliency serve`` process on its own loopback address (127.0.0.1, .2,
 .3; one port), serving the demo model with one worker and one intra-op thread, its
 connections aged after ``AGE_SECONDS``; two more (.4, .5) do not age theirs, the baseline
-for a replica added mid-run. Clients are ``service.client.SaliencyClient`` as
+for a replica added mid-run. Clients are ``saliency_service.client.client.SaliencyClient`` as
 shipped (round_robin, retry policy), reaching the replicas two ways, as in Kubernetes:
 
 - headless: ``dns://<stand-in>/saliency.test:<port>`` resolves to every replica
@@ -50,8 +50,8 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.loopback import ConnectionProxy, DnsResponder, free_port_on, loopback_addresses
-from saliency.v1 import explainer_pb2 as pb
-from service.client import SaliencyClient
+from saliency_service.client.client import SaliencyClient
+from saliency_service.proto import explainer_pb2 as pb
 
 AGE_SECONDS = 2.0
 RESOLVE_MS = 500

@@ -2,8 +2,8 @@
 
 1. The stem path: Integrated Gradients (15 steps) and SmoothGrad (15 samples) through
    ``Core.explain`` on one image, with the first convolution taken out of the per-row passes
-   (``handlers.torch_program.linear_stem``) and without (the input-space path).
-2. ReLUs and residual adds in place (``handlers.torch_program.compute_in_place``) against
+   (``methods._utils.torch_program.linear_stem``) and without (the input-space path).
+2. ReLUs and residual adds in place (``methods._utils.torch_program.compute_in_place``) against
    out of place: one forward and input-gradient pass of the trunk over a chunk of rows.
 
 The demo model on 1 thread, the ResNet-50 shape on 2, as ``benchmarks/peers.py`` serves them;
@@ -34,14 +34,14 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.peers import SERVER_CONFIGS
-from handlers import integrated, noise
-from handlers import torch_program as tp
-from kernel.program_archive import load_program
-from kernel.request import CostCounter, Job, RequestState
-from saliency.v1 import explainer_pb2 as pb
-from service.allocator import keep_freed_memory
-from service.core import Core
-from service.images import array_to_tensor
+from saliency_service.core.program_archive import load_program
+from saliency_service.core.request import CostCounter, Job, RequestState
+from saliency_service.methods import integrated, noise
+from saliency_service.methods._utils import torch_program as tp
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.codec import Core
+from saliency_service.protocol.images import array_to_tensor
+from saliency_service.serving.allocator import keep_freed_memory
 
 STEPS = 15  # TorchServe's stock Integrated Gradients, and as many SmoothGrad samples
 

@@ -1,6 +1,6 @@
 """How each method family's latency grows with image size and with samples/steps.
 
-One image, batch 1, through ``service.core.Core`` in-process (the compute, without the
+One image, batch 1, through ``protocol.codec.Core`` in-process (the compute, without the
 transport), median of a few runs after a warm-up. Families: fast path (SMOE Scale, one ONNX
 Runtime forward), one-pass gradients (vanilla gradient, Grad-CAM), many-pass gradients
 (SmoothGrad, Integrated Gradients) and forward-only search (DE-CAM). Prints tables and writes
@@ -23,7 +23,7 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from saliency.v1 import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2 as pb
 
 SIZES = (64, 128, 224, 320)
 COUNTS = (4, 8, 16, 32)
@@ -59,7 +59,7 @@ class InProcess:
         """Median milliseconds, or None when the model does not offer the method."""
         import time  # noqa: PLC0415
 
-        from kernel.request import CostCounter, RequestState  # noqa: PLC0415
+        from saliency_service.core.request import CostCounter, RequestState  # noqa: PLC0415
 
         if method not in self.offered:
             return None

@@ -24,16 +24,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-import service.server as server_module
+import saliency_service.serving.server as server_module
 from benchmarks.common import base_parser, machine_info, percentiles, table, write_json
-from kernel.repository import ModelHandle
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.background import RunningServer
-from service.config import Config
-from service.engine import Engine
-from service.export import export_package
-from service.images import array_to_tensor
+from saliency_service.core.repository import ModelHandle
+from saliency_service.packaging.export import export_package
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor
+from saliency_service.serving.background import RunningServer
+from saliency_service.serving.config import Config
+from saliency_service.serving.engine import Engine
 from tests.architecture_matrix import MATRIX, Architecture, build
 from tests.test_architecture_matrix import FAST_PARAMS
 

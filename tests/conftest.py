@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.background import RunningServer
-from service.config import Config
-from service.export import export_package
+from saliency_service.packaging.export import export_package
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.serving.background import RunningServer
+from saliency_service.serving.config import Config
 from tests.models import TinyCNN
 
 TINY_SHAPE = (3, 32, 32)

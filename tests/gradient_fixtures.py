@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernel.repository import ModelHandle, Repository
-from kernel.request import DEFAULT_LIMITS, Job
-from service.architectures import DemoResNet, VGGStyle
-from service.export import export_package
+from saliency_service.core.repository import ModelHandle, Repository
+from saliency_service.core.request import DEFAULT_LIMITS, Job
+from saliency_service.packaging.export import export_package
+from saliency_service.zoo.architectures import DemoResNet, VGGStyle
 
 SIZE = 32
 CLASSES = 5

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from kernel.repository import MANIFEST, ONNX_FILE, sha256_file
+from saliency_service.core.repository import MANIFEST, ONNX_FILE, sha256_file
 
 OPSET = 17
 IR_VERSION = 8

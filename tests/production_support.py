@@ -14,10 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
-from saliency.v1 import explainer_pb2 as pb
-from service.export import export_package
-from service.images import array_to_tensor
-from service.server import SERVICE_NAME
+from saliency_service.packaging.export import export_package
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.images import array_to_tensor
+from saliency_service.serving.server import SERVICE_NAME
 
 SLOW_SHAPE = (3, 64, 64)
 _lock = threading.Lock()

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import json, resource, sys, threading
 import numpy as np
-from service.allocator import keep_freed_memory
+from saliency_service.serving.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else {}
 faults = []
 def one_pass():

@@ -27,11 +27,11 @@ from captum.attr import (
     Saliency,
 )
 
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.background import RunningServer
-from service.export import export_package
-from service.images import array_to_tensor, tensor_to_array
+from saliency_service.packaging.export import export_package
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor, tensor_to_array
+from saliency_service.serving.background import RunningServer
 from tests.architecture_matrix import MATRIX, Architecture, build
 from tests.conftest import make_config
 from tests.gradient_fixtures import relative_error
@@ -40,7 +40,7 @@ from tests.test_gradients_e2e import SMALL_PARAMS, torch_passes
 from tests.test_warm_shapes import kernels_built
 
 TOLERANCE = 1e-4
-# The compiled kernels oneDNN keeps unless told otherwise (service.kernel_cache).
+# The compiled kernels oneDNN keeps unless told otherwise (saliency_service.serving.onednn_cache).
 ONEDNN_DEFAULT_CAPACITY = 1024
 BATCH = 2
 STEPS = 4

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from handlers.baselines import BASELINES, make_baseline
-from kernel.repository import InputSpec
-from saliency.v1 import explainer_pb2 as pb
-from service.images import array_to_tensor
+from saliency_service.core.repository import InputSpec
+from saliency_service.methods._utils.baselines import BASELINES, make_baseline
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.images import array_to_tensor
 from tests.conftest import TINY_SHAPE
 
 SPEC = InputSpec(shape=(-1, *TINY_SHAPE), mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.1))

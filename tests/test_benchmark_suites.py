@@ -172,13 +172,13 @@ def test_time_breakdown_counts_every_pass_of_one_explanation(repository: Path) -
     """The split of one Integrated Gradients explanation on TinyCNN at 32²: the FLOPs are
     those of its passes, backward ones included (they run under ``torch.autograd.grad``),
     and the parts add up to the wall time."""
-    from kernel.repository import Repository  # noqa: PLC0415
-    from kernel.request import CostCounter, RequestState  # noqa: PLC0415
-    from saliency.v1 import explainer_pb2 as pb  # noqa: PLC0415
-    from service.config import Config  # noqa: PLC0415
-    from service.core import Core  # noqa: PLC0415
-    from service.images import array_to_tensor  # noqa: PLC0415
-    from service.metrics import Metrics  # noqa: PLC0415
+    from saliency_service.core.repository import Repository  # noqa: PLC0415
+    from saliency_service.core.request import CostCounter, RequestState  # noqa: PLC0415
+    from saliency_service.proto import explainer_pb2 as pb  # noqa: PLC0415
+    from saliency_service.protocol.codec import Core  # noqa: PLC0415
+    from saliency_service.protocol.images import array_to_tensor  # noqa: PLC0415
+    from saliency_service.serving.config import Config  # noqa: PLC0415
+    from saliency_service.serving.metrics import Metrics  # noqa: PLC0415
 
     models = Repository(repository)
     models.load_all()

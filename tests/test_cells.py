@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from evaluation import cells
-from evaluation.cells import (
+from saliency_service.evaluation import cells
+from saliency_service.evaluation.cells import (
     BACKGROUNDS,
     CLASS_NAMES,
     HELD_OUT_CONFIG,

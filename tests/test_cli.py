@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kernel.drawing import MIN_WIDTH
-from service.cli import main
-from service.cli_client import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
+from saliency_service.cli import main
+from saliency_service.client.commands import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
+from saliency_service.render.drawing import MIN_WIDTH
 
 UNREACHABLE = ["--server", "127.0.0.1:1", "--timeout", "3", "--max-attempts", "1"]
 

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from saliency.v1 import explainer_pb2 as pb
-from service.client import SaliencyClient
-from service.method_params import ParamError, params_message
+from saliency_service.client.client import SaliencyClient
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.method_params import ParamError, params_message
 
 PIXELS = np.random.default_rng(2).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
 

@@ -19,8 +19,11 @@ import grpc
 import numpy as np
 import pytest
 
-from handlers import registry
-from handlers.decam import (
+from saliency_service.core.repository import ModelHandle
+from saliency_service.core.request import Job
+from saliency_service.methods import registry
+from saliency_service.methods._utils.resize import upsample
+from saliency_service.methods.decam import (
     MaskFitness,
     de_generation,
     plan_search,
@@ -28,12 +31,9 @@ from handlers.decam import (
     search_masks,
     split_generations,
 )
-from handlers.resize import upsample
-from kernel.repository import ModelHandle
-from kernel.request import Job
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.images import array_to_tensor, tensor_to_array
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from tests.conftest import RunningServer, make_config
 from tests.onnx_models import region_model, small_cnn, write_package
 
@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
 REGION_SIZE = 24
 REGION_BOX = (4, 12, 10, 18)
-ONNX_ONLY_MODULES = ("handlers/decam.py", "handlers/perturbation.py")
+ONNX_ONLY_MODULES = ("saliency_service/methods/decam.py",
+                     "saliency_service/methods/perturbation.py")
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +74,11 @@ def decam_request(batch: int = 2, model: str = "plain", **params: object) -> pb.
 # ---- no torch, any ONNX model ----------------------------------------------------------------
 
 def test_onnx_only_handler_modules_import_without_torch() -> None:
-    # handlers.registry's load_builtin() would import every builtin module (some need torch),
+    # methods.registry's load_builtin() would import every builtin module (some need torch),
     # so the two modules are imported directly; their @register runs on import.
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import handlers.decam, handlers.perturbation\n"
-            "from handlers.registry import _HANDLERS\n"
+            "import saliency_service.methods.decam, saliency_service.methods.perturbation\n"
+            "from saliency_service.methods.registry import _HANDLERS\n"
             "assert {40, 41, 42} <= set(_HANDLERS), _HANDLERS\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)

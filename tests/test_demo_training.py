@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluation.cells import CLASS_NAMES, TEST_CONFIG, TRAIN_CONFIG, generate
-from service.architectures import DemoResNet, ResNet50Shape, VGGStyle
-from service.demo import (
+from saliency_service.evaluation.cells import CLASS_NAMES, TEST_CONFIG, TRAIN_CONFIG, generate
+from saliency_service.zoo.architectures import DemoResNet, ResNet50Shape, VGGStyle
+from saliency_service.zoo.demo import (
     DEMO_INPUT_SIZE,
     DEMO_MEAN,
     DEMO_STD,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saliency.v1 import explainer_pb2 as pb
-from service.images import array_to_tensor
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.images import array_to_tensor
 from tests.conftest import TINY_SHAPE
 
 

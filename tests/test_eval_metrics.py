@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from evaluation import metrics
-from evaluation.cells import CellConfig, generate
+from saliency_service.evaluation import metrics
+from saliency_service.evaluation.cells import CellConfig, generate
 
 SIZE = 48
 

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.common import demo_repository
-from evaluation.cells import TEST_CONFIG, generate
-from service.explorer_routes import REPORT, evaluation_rows
+from saliency_service.evaluation.cells import TEST_CONFIG, generate
+from saliency_service.protocol.explorer import REPORT, evaluation_rows
 from tests.conftest import RunningServer, make_config
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

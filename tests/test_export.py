@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import service.export as export_module
-from kernel.repository import Repository
-from service.export import ExportError, export_package, find_scale_modules
+import saliency_service.packaging.export as export_module
+from saliency_service.core.repository import Repository
+from saliency_service.packaging.export import ExportError, export_package, find_scale_modules
 from tests.models import TinyCNN
 
 
@@ -112,7 +112,7 @@ def test_tampered_or_missing_files_mark_only_that_package_broken(tmp_path: Path)
 
 
 def test_export_cli_packages_a_module_by_name(tmp_path: Path) -> None:
-    from service.cli import main
+    from saliency_service.cli import main
 
     state = tmp_path / "weights.pt"
     torch.save(TinyCNN(seed=3).state_dict(), state)
@@ -128,7 +128,7 @@ def test_export_cli_packages_a_module_by_name(tmp_path: Path) -> None:
 
 
 def test_scale_search_on_bottlenecks_with_the_stride_on_the_3x3_conv() -> None:
-    from service.architectures import ResNet50Shape, VGGStyle
+    from saliency_service.zoo.architectures import ResNet50Shape, VGGStyle
 
     model = ResNet50Shape(num_classes=10).eval()
     found = find_scale_modules(model, torch.zeros(1, 3, 64, 64))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation import fashion_mnist
-from evaluation.metrics import OnnxClassifier
-from service.architectures import FashionResNet
-from service.fashion import preprocess, train_fashion_model
+from saliency_service.evaluation import fashion_mnist
+from saliency_service.evaluation.metrics import OnnxClassifier
+from saliency_service.zoo.architectures import FashionResNet
+from saliency_service.zoo.fashion import preprocess, train_fashion_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "models" / "fashion" / "1"

@@ -24,13 +24,13 @@ from captum.attr import (
     Saliency,
 )
 
-from handlers import integrated, registry
-from handlers.baselines import make_baseline
-from handlers.noise import noise_sigmas, noise_tunnel, seeded_noise
-from kernel.errors import InvalidInput
-from kernel.request import RequestState
-from saliency.v1 import explainer_pb2 as pb
-from service.config import Config
+from saliency_service.core.errors import InvalidInput
+from saliency_service.core.request import RequestState
+from saliency_service.methods import integrated, registry
+from saliency_service.methods._utils.baselines import make_baseline
+from saliency_service.methods.noise import noise_sigmas, noise_tunnel, seeded_noise
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.serving.config import Config
 from tests.gradient_fixtures import (
     ARCHITECTURES,
     Exported,
@@ -238,7 +238,7 @@ def gag_reference(
 
 @pytest.mark.parametrize("quantile", [0.85, 0.0])
 def test_guided_absolutegrad_matches_the_formula(model: Exported, quantile: float) -> None:
-    from handlers.noise import GuidedAbsoluteGrad, guided_absolutegrad
+    from saliency_service.methods.noise import GuidedAbsoluteGrad, guided_absolutegrad
 
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
@@ -432,7 +432,7 @@ def test_gradcam_matches_captum_layer_gradcam(model: Exported) -> None:
     assert relative_error(raw, expected) <= TOLERANCE
     assert relative_error(maps, upsampled(np.maximum(expected, 0), x.shape[2])) <= TOLERANCE
     assert (job.cost.forward_passes, job.cost.backward_passes) == (3, 3)
-    from handlers.cam import grad_cam
+    from saliency_service.methods.cam import grad_cam
 
     cam = grad_cam(make_job(model.handle, x, targets, {}), model.handle.spec().cam_output)
     assert relative_error(cam, np.maximum(expected, 0)) <= TOLERANCE
@@ -556,7 +556,7 @@ def test_deadline_is_checked_between_chunks(exported: dict[str, Exported], metho
 
 
 def test_a_passed_deadline_stops_a_long_method(exported: dict[str, Exported]) -> None:
-    from kernel.errors import DeadlineExceeded
+    from saliency_service.core.errors import DeadlineExceeded
 
     handler = registry.get(pb.METHOD_SMOOTHGRAD)
 

@@ -6,9 +6,9 @@ import grpc
 import numpy as np
 import pytest
 
-from handlers import registry
-from saliency.v1 import explainer_pb2 as pb
-from service.images import array_to_tensor, tensor_to_array
+from saliency_service.methods import registry
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from tests.conftest import TINY_SHAPE
 
 FAMILY = [h for h in registry.handlers() if h.uses_gradients]

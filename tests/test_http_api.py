@@ -21,11 +21,11 @@ import pytest
 from google.protobuf import json_format
 from PIL import Image
 
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.json_messages import to_json
-from service.kserve import tensor_array
-from service.openapi import spec
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.json_messages import to_json
+from saliency_service.protocol.kserve import tensor_array
+from saliency_service.protocol.openapi import spec
 from tests.conftest import TINY_LABELS, RunningServer, make_config
 from tests.production_support import scrape, tiny_request, value
 from tests.test_production_security import pki  # noqa: F401 - the certificates fixture
@@ -496,7 +496,7 @@ def test_the_drain_answers_http_calls_in_flight_and_refuses_new_ones(repository:
 
 
 def test_explorer_routes(http: httpx.Client) -> None:
-    from evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate  # noqa: PLC0415
+    from saliency_service.evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate  # noqa: PLC0415
 
     page = http.get("/")
     assert page.status_code == 200 and "saliency explorer" in page.text

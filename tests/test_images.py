@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kernel.errors import InvalidInput
-from saliency.v1 import explainer_pb2 as pb
-from service.images import decode_image
+from saliency_service.core.errors import InvalidInput
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.images import decode_image
 from tests.conftest import TINY_SHAPE
 
 HEIGHT, WIDTH = TINY_SHAPE[1:]

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.config import MAX_INLINE_MS, Config
-from service.images import array_to_tensor
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor
+from saliency_service.serving.config import MAX_INLINE_MS, Config
 from tests.conftest import RunningServer, make_config
 from tests.production_support import scrape, slow_repository, slow_request, value
 

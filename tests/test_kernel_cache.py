@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from service.kernel_cache import CAPACITY, VARIABLE, reserve_kernel_cache
+from saliency_service.serving.onednn_cache import CAPACITY, VARIABLE, reserve_kernel_cache
 
 
 def test_the_capacity_is_raised_when_the_environment_is_silent(

@@ -9,12 +9,33 @@ from pathlib import Path
 
 import pytest
 
-from handlers import registry
+from saliency_service.methods import registry
 
 ROOT = Path(__file__).resolve().parents[1]
-# The service modules a request passes through (the demo's architectures name their layers).
-REQUEST_PATH = {"explainer.py", "calls.py", "engine.py", "request_log.py", "core.py",
-                "server.py", "config.py", "status.py", "metrics.py", "wire.py", "images.py"}
+PACKAGE = ROOT / "saliency_service"
+# The modules a request passes through (the demo's architectures name their layers).
+REQUEST_PATH = {"grpc_servicer.py", "calls.py", "engine.py", "request_log.py", "codec.py",
+                "server.py", "config.py", "status.py", "metrics.py", "grpc_wire.py",
+                "images.py"}
+# Each layer and what it must not import (prefixes of module names).
+SERVER = ("saliency_service.serving", "saliency_service.protocol")
+UPPER = (*SERVER, "saliency_service.client", "saliency_service.packaging",
+         "saliency_service.zoo", "saliency_service.evaluation", "saliency_service.cli")
+FORBIDDEN = {
+    "core": ("grpc", "saliency_service.proto", "saliency_service.methods",
+             "saliency_service.render", *UPPER),
+    "render": ("grpc", "saliency_service.proto", "saliency_service.methods", *UPPER),
+    "methods": ("grpc", *UPPER),
+    "client": ("torch", "onnxruntime", "onnx", "cv2", "starlette", "uvicorn", "scipy",
+               "saliency_service.serving", "saliency_service.methods",
+               "saliency_service.packaging", "saliency_service.zoo",
+               "saliency_service.evaluation", "saliency_service.protocol.codec",
+               "saliency_service.protocol.calls", "saliency_service.protocol.rest"),
+    "zoo": ("grpc", "saliency_service.proto", *UPPER[:-3], "saliency_service.cli"),
+    # Evaluation calls a server (in-process or remote) like any client.
+    "evaluation": ("saliency_service.protocol.calls", "saliency_service.protocol.rest",
+                   "saliency_service.cli"),
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -29,23 +50,38 @@ def imported_modules(path: Path) -> set[str]:
 
 def offenders(folder: str, forbidden: tuple[str, ...]) -> list[str]:
     found = []
-    for path in sorted((ROOT / folder).glob("*.py")):
+    for path in sorted((PACKAGE / folder).rglob("*.py")):
         for module in imported_modules(path):
-            if module.split(".")[0] in forbidden or module.startswith(forbidden):
+            if any(module == f or module.startswith(f + ".") for f in forbidden):
                 found.append(f"{path.relative_to(ROOT)} imports {module}")
     return found
 
 
-def test_the_kernel_imports_no_transport_stubs_service_or_methods() -> None:
-    assert offenders("kernel", ("grpc", "saliency", "service", "handlers")) == []
-
-
-def test_methods_import_nothing_from_the_service() -> None:
-    assert offenders("handlers", ("service", "grpc")) == []
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_each_layer_imports_only_what_lies_below_it(layer: str) -> None:
+    assert offenders(layer, FORBIDDEN[layer]) == []
 
 
 def test_the_scan_sees_imports() -> None:
-    assert "kernel.errors" in imported_modules(ROOT / "service" / "status.py")
+    assert offenders("protocol", ("saliency_service.core",)) != []
+    assert "saliency_service.core.errors" in imported_modules(
+        PACKAGE / "protocol" / "status.py")
+
+
+def test_only_saliency_service_is_a_top_level_package() -> None:
+    """Generic top-level names collide with other distributions' packages."""
+    import tomllib  # noqa: PLC0415
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert config["tool"]["setuptools"]["packages"]["find"]["include"] == ["saliency_service*"]
+    assert sorted(p.parent.name for p in ROOT.glob("*/__init__.py")) == [
+        "benchmarks", "saliency_service", "tests"]
+
+
+def test_every_folder_says_what_it_holds() -> None:
+    for init in PACKAGE.rglob("__init__.py"):
+        tree = ast.parse(init.read_text())
+        assert ast.get_docstring(tree), f"{init.relative_to(ROOT)} has no docstring"
 
 
 def code_strings(path: Path) -> set[str]:
@@ -62,6 +98,7 @@ def test_no_method_or_parameter_name_is_written_in_the_service(handler: registry
     """Method names and parameter fields live in their handler; the service reaches them
     through the registry (the proto stubs aside)."""
     parameters = {f.name for f in dataclasses.fields(handler.Params)}
-    for path in sorted((ROOT / "service").glob("*.py")):
+    for path in sorted(p for folder in ("serving", "protocol") for p in
+                       (PACKAGE / folder).glob("*.py")):
         names = {handler.name} | (parameters if path.name in REQUEST_PATH else set())
         assert not names & code_strings(path), f"{path.name}: {names & code_strings(path)}"

@@ -14,11 +14,11 @@ import grpc
 import numpy as np
 import pytest
 
-from handlers import registry
-from kernel.params import flag, limits_of
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.images import array_to_tensor
+from saliency_service.core.params import flag, limits_of
+from saliency_service.methods import registry
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor
 from tests.conftest import TINY_SHAPE, RunningServer, make_config
 
 LOW = 4

@@ -12,8 +12,8 @@ import pytest
 
 from benchmarks.common import ServerProcess, percentiles
 from benchmarks.load import Call, Picker, closed_loop, open_loop, report, scenarios
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from tests.conftest import TINY_SHAPE, RunningServer, make_config
 
 

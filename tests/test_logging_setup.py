@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service import logging_setup
+from saliency_service.serving import logging_setup
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ from scipy import stats
 from torch.nn import functional
 
 from benchmarks.multiscale import add_smoe_outputs
-from handlers.cam import grad_cam
-from handlers.linear_head import LinearHead, linear_head
-from handlers.lovi_picture import lovi_rgb
-from handlers.smoe import (
+from saliency_service.core.repository import Repository
+from saliency_service.core.request import CostCounter, Job, RequestState
+from saliency_service.methods._utils.linear_head import LinearHead, linear_head
+from saliency_service.methods._utils.smoe import (
     PAPER_RESNET50_WEIGHTS,
     combine,
     combined_map,
@@ -29,14 +29,14 @@ from handlers.smoe import (
     layer_maps,
     smoe_scale,
 )
-from kernel.repository import Repository
-from kernel.request import CostCounter, Job, RequestState
-from saliency.v1 import explainer_pb2 as pb
-from service.config import Config
-from service.core import Core
-from service.export import export_package
-from service.images import array_to_tensor, tensor_to_array
-from service.metrics import Metrics
+from saliency_service.methods.cam import grad_cam
+from saliency_service.packaging.export import export_package
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.codec import Core
+from saliency_service.protocol.images import array_to_tensor, tensor_to_array
+from saliency_service.render.lovi_picture import lovi_rgb
+from saliency_service.serving.config import Config
+from saliency_service.serving.metrics import Metrics
 from tests.conftest import TINY_LABELS, TINY_SHAPE, RunningServer, make_config
 from tests.models import TinyCNN
 
@@ -380,7 +380,7 @@ def test_auto_over_grpc_before_anything_is_measured(repository) -> None:
     running = RunningServer(make_config(repository)).start()
     try:
         with grpc.insecure_channel(running.address) as channel:
-            from saliency.v1 import explainer_pb2_grpc as pb_grpc  # noqa: PLC0415
+            from saliency_service.proto import explainer_pb2_grpc as pb_grpc  # noqa: PLC0415
 
             stub = pb_grpc.ExplainerStub(channel)
             request = pb.ExplainRequest(
@@ -398,7 +398,7 @@ def test_auto_over_grpc_before_anything_is_measured(repository) -> None:
 
 def test_a_job_without_the_prediction_outputs_runs_the_network_once(core, handle) -> None:
     """Called directly (no prediction run before it), SMOE fetches the scales itself."""
-    from handlers.multiscale import SmoeScale  # noqa: PLC0415
+    from saliency_service.methods.multiscale import SmoeScale  # noqa: PLC0415
 
     inputs = tiny_inputs(2, seed=13)
     job = Job(model=handle, inputs=inputs, targets=np.zeros(2, np.int64),
@@ -439,7 +439,7 @@ def test_a_head_that_does_not_reproduce_the_logits_is_not_trusted(core, handle,
                                                                    monkeypatch) -> None:
     """Weights that disagree with the served logits (a package whose head was misdescribed)
     must not yield a wrong CAM: FastCAM falls back to Grad-CAM on the torch program."""
-    import handlers.multiscale as multiscale  # noqa: PLC0415 - the handler's own reference
+    import saliency_service.methods.multiscale as multiscale  # noqa: PLC0415 - the handler's own reference
 
     true_head = linear_head(handle)
     wrong = LinearHead(true_head.weight[::-1].copy(), true_head.bias)

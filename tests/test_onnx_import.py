@@ -26,12 +26,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from kernel.repository import sha256_file
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service import cli
-from service.background import RunningServer
-from service.images import array_to_tensor, tensor_to_array
+from saliency_service import cli
+from saliency_service.core.repository import sha256_file
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor, tensor_to_array
+from saliency_service.serving.background import RunningServer
 from tests.conftest import make_config
 from tests.fixtures.onnx_classifiers import BOXES, FOLDER, SIZE, region_classifier
 

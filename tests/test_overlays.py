@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from handlers.lovi_picture import depth_colours, lovi_picture
-from kernel.drawing import (
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.render.drawing import (
     BACKGROUND,
     BAR_HEIGHT,
     HEAT_TICKS,
@@ -24,8 +24,8 @@ from kernel.drawing import (
     jet,
     text_band,
 )
-from saliency.v1 import explainer_pb2 as pb
-from service.overlays import panel_png
+from saliency_service.render.lovi_picture import depth_colours, lovi_picture
+from saliency_service.render.overlays import panel_png
 from tests.test_server_e2e import explain_request
 
 LONG_CAPTION = ("integrated_gradients · three_tails · fwd 66 bwd 32 · 1234 ms · "

@@ -19,10 +19,10 @@ import grpc
 import numpy as np
 import pytest
 
-from kernel.program_archive import UnsafeArchive, check_archive
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.images import array_to_tensor
+from saliency_service.core.program_archive import UnsafeArchive, check_archive
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor
 from tests.conftest import TINY_SHAPE, RunningServer, make_config
 
 

@@ -7,11 +7,11 @@ import onnxruntime as ort
 import pytest
 from scipy.ndimage import gaussian_filter, zoom
 
-from handlers import registry
-from handlers.resize import upsample
-from kernel.repository import ModelHandle
-from kernel.request import Job
-from saliency.v1 import explainer_pb2 as pb
+from saliency_service.core.repository import ModelHandle
+from saliency_service.core.request import Job
+from saliency_service.methods import registry
+from saliency_service.methods._utils.resize import upsample
+from saliency_service.proto import explainer_pb2 as pb
 from tests.onnx_models import small_cnn, write_package
 
 SIZE = 20
@@ -150,7 +150,7 @@ def test_occlusion_equals_the_reference(handle: ModelHandle, baseline: str, wind
 
 
 def test_rise_rejects_bad_params(handle: ModelHandle) -> None:
-    from kernel.errors import InvalidInput  # noqa: PLC0415
+    from saliency_service.core.errors import InvalidInput  # noqa: PLC0415
 
     inputs = np.zeros((1, 3, SIZE, SIZE), np.float32)
     for params, named in [({"masks": 0}, "masks"), ({"cells": 0}, "cells"),

@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.predictions import PYTHON_RANKING_CLASSES, predictions, ranked_numpy, ranked_python
+from saliency_service.protocol.predictions import (
+    PYTHON_RANKING_CLASSES,
+    predictions,
+    ranked_numpy,
+    ranked_python,
+)
 
 
 def reference(logits: np.ndarray, k: int) -> list[tuple[list[int], np.ndarray]]:

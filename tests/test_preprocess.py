@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernel.repository import InputSpec
-from service.inputs import preprocess_pixels
+from saliency_service.core.repository import InputSpec
+from saliency_service.protocol.inputs import preprocess_pixels
 
 
 def per_pixel(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:

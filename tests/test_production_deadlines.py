@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from handlers import registry
-from kernel.errors import DeadlineExceeded, ServiceError
-from kernel.repository import Repository
-from kernel.request import CostCounter, RequestState
-from saliency.v1 import explainer_pb2 as pb
-from service.core import Core
-from service.metrics import Metrics
+from saliency_service.core.errors import DeadlineExceeded, ServiceError
+from saliency_service.core.repository import Repository
+from saliency_service.core.request import CostCounter, RequestState
+from saliency_service.methods import registry
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.codec import Core
+from saliency_service.serving.metrics import Metrics
 from tests.conftest import make_config
 from tests.production_support import tiny_request
 

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2
 
-from service.config import ENV_PREFIX, Config
-from service.metrics import Metrics
-from service.server import SERVICE_NAME
+from saliency_service.serving.config import ENV_PREFIX, Config
+from saliency_service.serving.metrics import Metrics
+from saliency_service.serving.server import SERVICE_NAME
 from tests.conftest import RunningServer, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_dockerfile_shape() -> None:
     users = [arg for op, arg in final if op == "USER"]
     assert users and not users[-1].startswith(("root", "0"))
     healthcheck = " ".join(arg for op, arg in final if op == "HEALTHCHECK")
-    assert "service.healthcheck" in healthcheck
+    assert "saliency_service.serving.healthcheck" in healthcheck
     exposed = {int(p) for op, arg in final if op == "EXPOSE" for p in arg.split()}
     env = " ".join(arg for op, arg in final if op == "ENV")
     http_port = int(re.search(r"SALIENCY_HTTP_PORT=(\d+)", env).group(1))
@@ -118,11 +118,11 @@ def test_dockerfile_shape() -> None:
 
 def _served_packages() -> set[str]:
     """The project's top-level packages that ``saliency serve`` reaches by importing from
-    ``saliency`` and ``service`` onwards (benchmarks and tests are not part of it)."""
+    ``saliency_service`` onwards (benchmarks and tests are not part of it)."""
     import ast  # noqa: PLC0415
 
     local = {path.parent.name for path in ROOT.glob("*/__init__.py")}
-    found, todo = set(), ["saliency", "service"]
+    found, todo = set(), ["saliency_service"]
     while todo:
         package = todo.pop()
         if package in found:
@@ -140,7 +140,7 @@ def _served_packages() -> set[str]:
 
 
 def test_healthcheck_probe_reports_live_ready_and_down(repository: Path, tmp_path: Path) -> None:
-    from service.healthcheck import main  # noqa: PLC0415
+    from saliency_service.serving.healthcheck import main  # noqa: PLC0415
 
     running = RunningServer(make_config(repository)).start()
     try:
@@ -235,7 +235,7 @@ def test_config_map_sets_only_real_settings_and_matches_defaults() -> None:
     assert data["SALIENCY_METRICS_PORT"] == str(DEFAULTS.metrics_port)
     assert data["SALIENCY_HOST"] == "0.0.0.0"
     # The values parse as the server would parse them.
-    from service.config import from_sources  # noqa: PLC0415
+    from saliency_service.serving.config import from_sources  # noqa: PLC0415
 
     config = from_sources(None, environ=dict(data))
     assert config.max_inflight >= 1 and config.grace_seconds > 0
@@ -362,7 +362,7 @@ def test_several_pods_all_get_traffic_and_stay_up() -> None:
     assert documents["Service"]["spec"]["type"] == "ClusterIP"
     data = documents["ConfigMap"]["data"]
     assert float(data["SALIENCY_MAX_CONNECTION_AGE_SECONDS"]) > 0
-    # Clients ping every 30 s (service.connections); the server must accept that.
+    # Clients ping every 30 s (saliency_service.client.connections); the server must accept that.
     assert float(data["SALIENCY_KEEPALIVE_MIN_PING_INTERVAL_SECONDS"]) <= 30
     strategy = documents["Deployment"]["spec"]["strategy"]
     assert strategy["rollingUpdate"]["maxUnavailable"] == 0
@@ -380,8 +380,8 @@ def test_several_pods_all_get_traffic_and_stay_up() -> None:
 
 
 def test_every_setting_has_a_flag_an_env_var_and_help() -> None:
-    from service.config import HELP, from_sources  # noqa: PLC0415
-    from service.config import add_arguments as add  # noqa: PLC0415
+    from saliency_service.serving.config import HELP, from_sources  # noqa: PLC0415
+    from saliency_service.serving.config import add_arguments as add  # noqa: PLC0415
 
     fields = [f.name for f in dataclasses.fields(Config) if f.name != "extra"]
     assert set(HELP) == set(fields)

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.images import array_to_tensor
-from service.logging_setup import FIELDS, JsonFormatter
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor
+from saliency_service.serving.logging_setup import FIELDS, JsonFormatter
 from tests.conftest import RunningServer, make_config
 from tests.production_support import readiness, scrape, tiny_request, value
 
@@ -57,7 +57,7 @@ def test_handler_exception_is_internal_with_a_logged_request_id(
 ) -> None:
     """A fault in the server itself (simulated: the session raises mid-request, which no
     request can cause) is INTERNAL with a request id, logged with its traceback."""
-    caplog.set_level(logging.INFO, logger="service.request_log")
+    caplog.set_level(logging.INFO, logger="saliency_service.protocol.request_log")
     handle = faulty.server.repository.get("tiny")
     original = handle.run
     failing = {"on": False}
@@ -123,7 +123,7 @@ def test_handler_exception_is_internal_with_a_logged_request_id(
 def test_request_logs_are_json_without_payloads(
     faulty: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="service.request_log")
+    caplog.set_level(logging.INFO, logger="saliency_service.protocol.request_log")
     request = tiny_request(pb.METHOD_VANILLA_GRADIENT, batch=2)
     with grpc.insecure_channel(faulty.address) as channel:
         call = pb_grpc.ExplainerStub(channel).Explain.with_call(

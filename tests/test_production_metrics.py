@@ -8,9 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.metrics import LATENCY_BUCKETS
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.serving.metrics import LATENCY_BUCKETS
 from tests.conftest import RunningServer, make_config
 from tests.production_support import scrape, tiny_request, value
 

@@ -13,8 +13,8 @@ import pytest
 
 from benchmarks.common import ServerProcess, png_images
 from benchmarks.load import Call, mixed_costs
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from tests.conftest import TINY_SHAPE, RunningServer, make_config
 from tests.production_support import rss_bytes, scrape, slow_repository, slow_request, value
 
@@ -224,10 +224,10 @@ def test_expected_wait_bounds_the_queue_by_cost_not_count() -> None:
     """Admission's wait estimate: the executing request's remaining cost plus the waiting
     ones', over the workers. A request behind a long one is refused at once; behind a short
     one it waits and then runs."""
-    from kernel.errors import ResourceExhausted
-    from kernel.request import RequestState
-    from service.admission import Admission
-    from service.metrics import Metrics
+    from saliency_service.core.errors import ResourceExhausted
+    from saliency_service.core.request import RequestState
+    from saliency_service.serving.admission import Admission
+    from saliency_service.serving.metrics import Metrics
 
     async def scenario() -> None:
         admission = Admission(max_inflight=1, max_queue=8, metrics=Metrics(),
@@ -259,9 +259,9 @@ def test_expected_wait_plays_the_queue_forward_over_several_workers() -> None:
     """With two workers a newcomer waits for the first one to free, not for the average:
     behind a 4 s and a 0.1 s request it waits 0.1 s; a waiting 1 s request takes that
     worker, so the next newcomer waits 1.1 s (that worker frees again before the 4 s one)."""
-    from kernel.request import RequestState
-    from service.admission import Admission
-    from service.metrics import Metrics
+    from saliency_service.core.request import RequestState
+    from saliency_service.serving.admission import Admission
+    from saliency_service.serving.metrics import Metrics
 
     metrics = Metrics()
 
@@ -327,10 +327,10 @@ def test_server_refuses_what_would_wait_too_long(
 def test_a_request_past_its_estimate_is_expected_to_run_as_long_again() -> None:
     """A running request that overran its cost estimate does not count as finishing at
     once: it is expected to need as long again as it has run, so a newcomer is refused."""
-    from kernel.errors import ResourceExhausted
-    from kernel.request import RequestState
-    from service.admission import Admission
-    from service.metrics import Metrics
+    from saliency_service.core.errors import ResourceExhausted
+    from saliency_service.core.request import RequestState
+    from saliency_service.serving.admission import Admission
+    from saliency_service.serving.metrics import Metrics
 
     async def scenario() -> None:
         admission = Admission(max_inflight=1, max_queue=8, metrics=Metrics(),
@@ -349,10 +349,10 @@ def test_a_request_past_its_estimate_is_expected_to_run_as_long_again() -> None:
 def test_a_request_still_waiting_when_the_bound_passes_is_refused_then() -> None:
     """Estimates can be wrong (here: a first request, not measured yet, that does not
     finish): a queued request never starts after waiting longer than the bound."""
-    from kernel.errors import ResourceExhausted
-    from kernel.request import RequestState
-    from service.admission import Admission
-    from service.metrics import Metrics
+    from saliency_service.core.errors import ResourceExhausted
+    from saliency_service.core.request import RequestState
+    from saliency_service.serving.admission import Admission
+    from saliency_service.serving.metrics import Metrics
 
     async def scenario() -> None:
         metrics = Metrics()
@@ -379,10 +379,10 @@ def test_long_requests_leave_a_worker_for_the_ones_that_fit_the_bound() -> None:
     """With the bound set, a request longer than the bound may not take the last worker that
     frees within it while requests that fit the bound are arriving; without such requests
     long ones use every worker."""
-    from kernel.errors import ResourceExhausted
-    from kernel.request import RequestState
-    from service.admission import Admission
-    from service.metrics import Metrics
+    from saliency_service.core.errors import ResourceExhausted
+    from saliency_service.core.request import RequestState
+    from saliency_service.serving.admission import Admission
+    from saliency_service.serving.metrics import Metrics
 
     async def scenario() -> None:
         admission = Admission(max_inflight=2, max_queue=8, metrics=Metrics(),
@@ -454,7 +454,7 @@ def test_queue_wait_bound_holds_for_cheap_requests_beside_expensive_ones(
 def test_recent_cost_follows_the_load_while_the_mean_keeps_history() -> None:
     """Admission prices requests by the moving average of recent run times, so a slowdown
     under contention raises the wait estimate within a few requests."""
-    from service.metrics import RECENT_WEIGHT, Metrics
+    from saliency_service.serving.metrics import RECENT_WEIGHT, Metrics
 
     metrics = Metrics()
     for _ in range(50):

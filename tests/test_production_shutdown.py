@@ -27,9 +27,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.explainer import REQUEST_ID_KEY
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.grpc_servicer import REQUEST_ID_KEY
 from tests.conftest import RunningServer, make_config
 from tests.production_support import (
     readiness,
@@ -43,7 +43,7 @@ from tests.production_support import (
 
 def saliency_command() -> list[str]:
     script = Path(sys.executable).parent / "saliency"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "saliency_service.cli"]
 
 
 class ServeProcess:
@@ -300,7 +300,7 @@ def test_grace_period_bounds_the_drain(
     """A request longer than the grace period does not hold the server: when the grace
     period ends it is answered UNAVAILABLE (the server is shutting down, not the client
     cancelling), its worker stops at its next check, and the request is counted."""
-    caplog.set_level(logging.INFO, logger="service.request_log")
+    caplog.set_level(logging.INFO, logger="saliency_service.protocol.request_log")
     root = slow_repository(tmp_path_factory.getbasetemp(), repository)
     running = RunningServer(make_config(root, max_inflight=1, chunk_memory_bytes=8 * 2**20)).start()
     stopped = False
@@ -339,10 +339,10 @@ def test_draining_refuses_at_once_the_queued_requests_that_would_not_finish() ->
     """The queue played forward at the drain: a queued request that would end after the
     grace period is refused at once and leaves its turn to the ones behind it, which run;
     when the grace period ends, what still waits is refused."""
-    from kernel.errors import Unavailable
-    from kernel.request import RequestState
-    from service.admission import Admission
-    from service.metrics import Metrics
+    from saliency_service.core.errors import Unavailable
+    from saliency_service.core.request import RequestState
+    from saliency_service.serving.admission import Admission
+    from saliency_service.serving.metrics import Metrics
 
     async def scenario() -> None:
         admission = Admission(max_inflight=1, max_queue=8, metrics=Metrics())

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation import fashion_mnist, report
-from evaluation.cells import CLASS_NAMES
-from saliency.v1 import explainer_pb2 as pb
-from service import cli
-from service.export import export_package
+from saliency_service import cli
+from saliency_service.evaluation import fashion_mnist, report
+from saliency_service.evaluation.cells import CLASS_NAMES
+from saliency_service.packaging.export import export_package
+from saliency_service.proto import explainer_pb2 as pb
 from tests.conftest import RunningServer, make_config
 from tests.models import TinyCNN
 

@@ -1,4 +1,4 @@
-"""handlers.resize.upsample against torch's bilinear interpolation (align_corners=False)."""
+"""methods._utils.resize.upsample against torch's bilinear interpolation (align_corners=False)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional
 
-from handlers.resize import upsample
+from saliency_service.methods._utils.resize import upsample
 
 
 def torch_bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:

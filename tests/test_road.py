@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation import road
-from evaluation.metrics import softmax
+from saliency_service.evaluation import road
+from saliency_service.evaluation.metrics import softmax
 from tests.models import TinyCNN
 from tests.peer_grad_cam import import_pytorch_grad_cam
 

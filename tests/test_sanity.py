@@ -13,13 +13,13 @@ import pytest
 import scipy.stats
 import torch
 
-from evaluation import fashion_mnist, sanity
-from kernel.program_archive import load_program
-from kernel.repository import ModelHandle
-from service.background import local_server
-from service.client import SaliencyClient
-from service.export import export_package
-from service.randomized_package import RandomizeError, layers, randomize_package
+from saliency_service.client.client import SaliencyClient
+from saliency_service.core.program_archive import load_program
+from saliency_service.core.repository import ModelHandle
+from saliency_service.evaluation import fashion_mnist, sanity
+from saliency_service.packaging.export import export_package
+from saliency_service.packaging.randomized import RandomizeError, layers, randomize_package
+from saliency_service.serving.background import local_server
 from tests.models import TinyCNN
 
 ROOT = Path(__file__).resolve().parent.parent

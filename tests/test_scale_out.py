@@ -16,10 +16,15 @@ import grpc
 import pytest
 
 from benchmarks.loopback import DnsResponder, free_port_on, loopback_addresses
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.client import SaliencyClient
-from service.connections import RETRYABLE, client_options, server_options, service_config
+from saliency_service.client.client import SaliencyClient
+from saliency_service.client.connections import (
+    RETRYABLE,
+    client_options,
+    server_options,
+    service_config,
+)
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, make_config
 from tests.production_support import slow_repository, slow_request, tiny_request
 from tests.test_production_shutdown import ServeProcess

@@ -17,10 +17,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from PIL import Image
 
-from kernel.repository import Repository
-from saliency.v1 import explainer_pb2 as pb
-from service.images import array_to_tensor, tensor_to_array
-from service.inputs import preprocess_pixels
+from saliency_service.core.repository import Repository
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.images import array_to_tensor, tensor_to_array
+from saliency_service.protocol.inputs import preprocess_pixels
 from tests.conftest import TINY_LABELS, TINY_SHAPE
 from tests.models import TinyCNN
 

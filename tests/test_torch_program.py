@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from handlers import torch_program as tp
+from saliency_service.methods._utils import torch_program as tp
 from tests.gradient_fixtures import ARCHITECTURES, Exported, inputs, shared_exports
 
 

@@ -17,11 +17,11 @@ import grpc
 import numpy as np
 import pytest
 
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.config import MAX_INLINE_MS
-from service.engine import ExplainOrder
-from service.images import array_to_tensor
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor
+from saliency_service.serving.config import MAX_INLINE_MS
+from saliency_service.serving.engine import ExplainOrder
 from tests.conftest import RunningServer, make_config
 from tests.production_support import scrape, value
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from benchmarks.common import TorchServeProcess, archive_package, torchserve_missing
-from handlers import registry
-from saliency.v1 import explainer_pb2 as pb
-from service.images import array_to_tensor, tensor_to_array
-from service.torchserve import SaliencyTorchServeHandler
+from saliency_service.methods import registry
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.images import array_to_tensor, tensor_to_array
+from saliency_service.protocol.torchserve import SaliencyTorchServeHandler
 from tests.conftest import TINY_SHAPE
 
 SEED = 7
@@ -84,7 +84,7 @@ def test_handler_module_defines_exactly_one_class() -> None:
     """TorchServe instantiates the single class a handler module defines."""
     import inspect  # noqa: PLC0415
 
-    import service.torchserve as module  # noqa: PLC0415
+    import saliency_service.protocol.torchserve as module  # noqa: PLC0415
 
     classes = [
         c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__

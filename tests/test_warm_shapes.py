@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from benchmarks.common import ServerProcess
-from kernel.chunking import MAX_CHUNK_ROWS, chunk_shapes, chunks
-from kernel.repository import ModelHandle
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.export import export_package
-from service.images import array_to_tensor
+from saliency_service.core.chunking import MAX_CHUNK_ROWS, chunk_shapes, chunks
+from saliency_service.core.repository import ModelHandle
+from saliency_service.packaging.export import export_package
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor
 from tests.architecture_matrix import MATRIX, build
 
 RESNET = next(a for a in MATRIX if a.name == "resnet")

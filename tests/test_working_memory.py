@@ -20,17 +20,17 @@ import grpc
 import numpy as np
 import pytest
 
-from handlers import registry
-from handlers.baselines import make_baseline
-from handlers.decam import de_generation
-from handlers.perturbation import RiseMasks
-from kernel.errors import DeadlineExceeded
-from kernel.repository import InputSpec, ModelHandle
-from kernel.request import Job, RequestState
-from saliency.v1 import explainer_pb2 as pb
-from saliency.v1 import explainer_pb2_grpc as pb_grpc
-from service.export import export_package
-from service.images import array_to_tensor
+from saliency_service.core.errors import DeadlineExceeded
+from saliency_service.core.repository import InputSpec, ModelHandle
+from saliency_service.core.request import Job, RequestState
+from saliency_service.methods import registry
+from saliency_service.methods._utils.baselines import make_baseline
+from saliency_service.methods.decam import de_generation
+from saliency_service.methods.perturbation import RiseMasks
+from saliency_service.packaging.export import export_package
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor
 from tests.conftest import RunningServer, make_config
 from tests.models import TinyCNN
 

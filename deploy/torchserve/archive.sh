@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Archives a model package (models/<name>/<version>/) as a TorchServe .mar whose handler is
-# service/torchserve.py:  deploy/torchserve/archive.sh models/demo/1 [export-dir]
+# saliency_service/protocol/torchserve.py:  deploy/torchserve/archive.sh models/demo/1 [export-dir]
 set -euo pipefail
 package=${1:?usage: archive.sh <package dir> [export dir]}
 export_dir=${2:-deploy/torchserve/model-store}
@@ -11,7 +11,7 @@ extra="$package/manifest.json"
 [ -f "$package/model.pt2" ] && extra="$extra,$package/model.pt2"
 mkdir -p "$export_dir"
 "$archiver" --model-name "$name" --version "$version" \
-  --handler "$here/service/torchserve.py" \
+  --handler "$here/saliency_service/protocol/torchserve.py" \
   --serialized-file "$package/model.onnx" --extra-files "$extra" \
   --export-path "$export_dir" --force
 echo "wrote $export_dir/$name.mar"

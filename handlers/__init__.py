@@ -1,1 +1,0 @@
-"""Explanation methods, one module per family; ``handlers.registry`` maps method → handler."""

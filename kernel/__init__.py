@@ -1,1 +1,0 @@
-"""The transport-free bottom layer: model handles, requests, results, costs and errors."""

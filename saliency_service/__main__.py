@@ -1,0 +1,7 @@
+"""``python -m saliency_service …`` is the ``saliency`` command."""
+
+import sys
+
+from saliency_service.cli import main
+
+sys.exit(main())

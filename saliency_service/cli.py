@@ -1,0 +1,236 @@
+"""``saliency serve | export | import | explain | models | health | demo-model | …`` — the
+command line (the client commands are in ``saliency_service.client.commands``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from pathlib import Path
+
+from saliency_service.client import commands as cli_client
+from saliency_service.serving import config as config_module
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from saliency_service.serving.logging_setup import configure  # noqa: PLC0415
+    from saliency_service.serving.server import serve  # noqa: PLC0415 - keep `saliency explain` light
+
+    config = config_module.from_sources(args)
+    configure(config.log_level, config.log_format)
+    if args.ensure_demo:
+        from saliency_service.packaging.shipped import ensure_demo_package  # noqa: PLC0415
+
+        ensure_demo_package(config.models)
+    asyncio.run(serve(config))
+    return 0
+
+
+def _load_factory(spec: str) -> object:
+    """``package.module:callable`` → the object it returns (or names)."""
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise SystemExit(f"--module must look like package.module:factory, got {spec!r}")
+    sys.path.insert(0, str(Path.cwd()))
+    factory = getattr(importlib.import_module(module_name), attribute)
+    return factory() if callable(factory) else factory
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    from saliency_service.packaging.export import export_package  # noqa: PLC0415
+
+    model = _load_factory(args.module)
+    if args.state_dict:
+        # weights_only: tensors only, never arbitrary pickled objects.
+        state = torch.load(args.state_dict, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)  # type: ignore[attr-defined]
+    shape = tuple(int(v) for v in args.input_shape.split(","))
+    labels = (Path(args.labels).read_text().split() if args.labels and Path(args.labels).is_file()
+              else (args.labels.split(",") if args.labels else []))
+    report = export_package(
+        model, name=args.name, version=args.version, input_shape=shape,  # type: ignore[arg-type]
+        mean=[float(v) for v in args.mean.split(",")], std=[float(v) for v in args.std.split(",")],
+        class_labels=labels, repository=Path(args.models), cam_layer=args.cam_layer,
+        head=args.head, overwrite=args.force,
+    )
+    print(f"wrote {report.path}")
+    print(f"scale outputs: {', '.join(report.scale_modules)}")
+    print(f"ONNX Runtime vs PyTorch max abs diff: {report.max_abs_diff:.3g}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from saliency_service.packaging.onnx_import import ImportRefused, import_onnx  # noqa: PLC0415
+
+    def floats(text: str | None) -> list[float] | None:
+        return [float(v) for v in text.split(",")] if text else None
+
+    labels = (Path(args.labels).read_text().split() if args.labels and Path(args.labels).is_file()
+              else (args.labels.split(",") if args.labels else []))
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    if shape is not None and len(shape) != 3:
+        raise SystemExit(f"error: --input-shape must be C,H,W, got {args.input_shape!r}")
+    try:
+        report = import_onnx(
+            Path(args.model), name=args.name, version=args.version, repository=Path(args.models),
+            class_labels=labels, mean=floats(args.mean), std=floats(args.std),
+            value_range=tuple(floats(args.value_range) or (0.0, 1.0)),  # type: ignore[arg-type]
+            input_shape=shape, layout=args.layout, output=args.output,  # type: ignore[arg-type]
+            output_name=args.output_name, overwrite=args.force)
+    except ImportRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines()))
+    return 0
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from saliency_service.evaluation.fashion_mnist import DatasetMissing  # noqa: PLC0415
+    from saliency_service.packaging.shipped import ensure_demo_package, ensure_fashion_package  # noqa: PLC0415
+
+    if args.fashion:
+        try:
+            path = ensure_fashion_package(Path(args.models), force=args.force)
+        except DatasetMissing as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        print(f"Fashion-MNIST model package: {path}")
+        return 0
+    path = ensure_demo_package(Path(args.models), force=args.force)
+    print(f"demo model package: {path}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from saliency_service.evaluation.report import Options, run  # noqa: PLC0415 - matplotlib, onnxruntime
+
+    summary = run(Options(
+        server=args.server, model=args.model, models=Path(args.models), images=args.images,
+        size=args.size, config=args.config, methods=args.methods, out=Path(args.out),
+        batch=args.batch, seed=args.seed, timeout=args.timeout, target=args.target,
+        progress=not args.no_progress, fill=not args.report_only, deadline=args.deadline,
+        dataset=args.dataset, road_images=args.road_images, sanity_images=args.sanity_images,
+        sanity_methods=args.sanity_methods))
+    print(f"wrote {summary} (rows in {summary.parent / 'results.csv'})")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """``saliency bench load --quick`` → ``python -m benchmarks.load --quick``."""
+    suite = "run_all" if args.suite == "all" else args.suite
+    try:
+        module = importlib.import_module(f"benchmarks.{suite}")
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"no benchmark suite {args.suite!r} ({exc}); run from the "
+                         "repository root, where benchmarks/ is") from exc
+    return int(module.main(args.suite_args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saliency", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    config_module.add_arguments(serve)
+    serve.add_argument("--ensure-demo", action="store_true",
+                       help="build the demo model package first if it is missing")
+    serve.set_defaults(run=_serve)
+
+    export = commands.add_parser("export", help="package a PyTorch module (ONNX + torch.export)")
+    export.add_argument("--module", required=True, help="package.module:factory returning a Module")
+    export.add_argument("--state-dict", help="weights to load (tensors only)")
+    export.add_argument("--name", required=True)
+    export.add_argument("--version", type=int, default=1)
+    export.add_argument("--input-shape", required=True, help="C,H,W e.g. 3,224,224")
+    export.add_argument("--mean", default="0.485,0.456,0.406")
+    export.add_argument("--std", default="0.229,0.224,0.225")
+    export.add_argument("--labels", help="file with one label per line, or comma-separated")
+    export.add_argument("--cam-layer", help="module for Grad-CAM (default: last scale)")
+    export.add_argument("--head", help="final nn.Linear after global average pooling, if any")
+    export.add_argument("--models", default="models", help="model repository root")
+    export.add_argument("--force", action="store_true", help="replace an existing version")
+    export.set_defaults(run=_export)
+
+    imported = commands.add_parser(
+        "import", help="package any ONNX image classifier (inspected and checked by running it)")
+    imported.add_argument("model", help="the .onnx file")
+    imported.add_argument("--name", required=True)
+    imported.add_argument("--version", type=int, default=1)
+    imported.add_argument("--labels", help="file with one label per line, or comma-separated")
+    imported.add_argument("--mean", help="per channel (or one value), default 0")
+    imported.add_argument("--std", help="per channel (or one value), default 1")
+    imported.add_argument("--value-range", help="pixel range before mean/std, default 0,1")
+    imported.add_argument("--input-shape", help="C,H,W where the graph leaves them free")
+    imported.add_argument("--layout", default="auto", choices=("auto", "NCHW", "NHWC"))
+    imported.add_argument("--output", default="auto",
+                          choices=("auto", "logits", "probabilities", "sigmoid"),
+                          help="what the class scores are (default: read from the graph)")
+    imported.add_argument("--output-name", help="the class-score output, when several fit")
+    imported.add_argument("--models", default="models", help="model repository root")
+    imported.add_argument("--force", action="store_true", help="replace an existing version")
+    imported.set_defaults(run=_import)
+
+    cli_client.add_commands(commands)  # explain, models, health
+
+    demo = commands.add_parser("demo-model", help="train and export the demo model package")
+    demo.add_argument("--models", default="models")
+    demo.add_argument("--force", action="store_true")
+    demo.add_argument("--fashion", action="store_true",
+                      help="the Fashion-MNIST model (models/fashion/1) instead of the demo")
+    demo.set_defaults(run=_demo_model)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score every method on synthetic cells or Fashion-MNIST: ground "
+        "truth, faithfulness, sanity checks, cost")
+    evaluate.add_argument("--server", default="localhost:50051")
+    evaluate.add_argument("--model", default="demo")
+    evaluate.add_argument("--models", default="models",
+                          help="the repository the server loads (metrics run its model.onnx)")
+    evaluate.add_argument("--images", type=int, default=200)
+    evaluate.add_argument("--size", type=int, help="image side (default: the configuration's)")
+    evaluate.add_argument("--config", choices=("test", "held_out"), default="test")
+    evaluate.add_argument("--methods", default="all",
+                          help="all, or names; parameters as guided_absolutegrad:quantile=0; "
+                          "-name drops a method")
+    evaluate.add_argument("--out", default="report")
+    evaluate.add_argument("--batch", type=int, default=8, help="images per request")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--timeout", type=float, default=600.0)
+    evaluate.add_argument("--target", choices=("label", "predicted"), default="label",
+                          help="explain the true class (default) or the predicted one")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument("--deadline", type=float, default=0.0,
+                          help="stop computing after this many seconds and report what is done "
+                          "(a re-run continues)")
+    evaluate.add_argument("--report-only", action="store_true",
+                          help="write the summary from cached results without computing more")
+    evaluate.add_argument("--dataset", choices=("cells", "fashion-mnist"), default="cells",
+                          help="synthetic cells with ground truth, or Fashion-MNIST test "
+                          "photographs (faithfulness only; Debian's dataset-fashion-mnist)")
+    evaluate.add_argument("--road-images", type=int, default=50,
+                          help="score ROAD on the first N images (a sparse solve per share)")
+    evaluate.add_argument("--sanity-images", type=int, default=16,
+                          help="run the randomization and random-logit sanity checks on the "
+                          "first N images (0 = off)")
+    evaluate.add_argument("--sanity-methods", default="",
+                          help="methods for the sanity checks (default: as --methods)")
+    evaluate.set_defaults(run=_evaluate)
+
+    bench = commands.add_parser(
+        "bench", help="run a benchmark suite: load, peers, scaling, … or all (make bench)")
+    bench.add_argument("suite", help="a benchmarks/<suite>.py name, or all")
+    bench.add_argument("suite_args", nargs=argparse.REMAINDER,
+                       help="passed on, e.g. --quick or --server HOST:PORT")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

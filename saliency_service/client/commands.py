@@ -1,0 +1,278 @@
+"""The client commands of ``saliency``: ``explain``, ``models`` and ``health``.
+
+Ordinary mistakes (an unknown method or parameter, a missing image file) and the server's
+refusals are one line on stderr, never a traceback, and the exit code tells a script what
+happened:
+
+    0  done (health: ready; models: every model ready)
+    1  the server answered with an error (or: not ready, some model failed to load)
+    2  a usage mistake caught before or instead of a call: unknown method or parameter,
+       unreadable file, bad flag (argparse's own code)
+    3  the server could not be reached or was too busy: UNAVAILABLE, DEADLINE_EXCEEDED,
+       RESOURCE_EXHAUSTED (retrying later may help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.method_params import (
+    ParamError,
+    method_enum,
+    params_message,
+    parse_assignments,
+)
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+_TRY_LATER = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
+_DEFAULT_METHOD = pb.Method.Name(pb.METHOD_VANILLA_GRADIENT).removeprefix("METHOD_").lower()
+
+
+class CommandError(Exception):
+    """A one-line error for stderr and the exit code that goes with it."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser, timeout: float) -> None:
+    """How a client command reaches the server."""
+    parser.add_argument("--server", default="localhost:50051")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per call")
+    parser.add_argument("--load-balancing", choices=("round_robin", "pick_first"),
+                        default="round_robin",
+                        help="over the addresses the server resolves to, e.g. "
+                        "dns:///saliency-headless:50051 (default round_robin)")
+    parser.add_argument("--max-attempts", type=int, choices=range(1, 6), default=5,
+                        metavar="1-5", help="attempts of a call refused as UNAVAILABLE or "
+                        "RESOURCE_EXHAUSTED, with backoff (1 = no retries; default 5)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the answer as JSON (the proto's JSON mapping)")
+
+
+def add_commands(commands: Any) -> None:
+    """Adds ``explain``, ``models`` and ``health`` to the ``saliency`` subcommands."""
+    explain = commands.add_parser(
+        "explain", help="explain one image; write its overlay, or a panel of several methods",
+        description="Explain one image with one or several methods and write the overlay "
+        "(several methods: one side-by-side panel). " + _EXIT_CODES)
+    add_connection_arguments(explain, timeout=120.0)
+    explain.add_argument("--model", default="demo")
+    explain.add_argument("--image", required=True, help="a PNG or JPEG file")
+    explain.add_argument("--method", default=_DEFAULT_METHOD,
+                         help="a method, or several separated by commas (gradcam,fastcam)")
+    explain.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                         help="a method parameter (repeatable), e.g. steps=64 baseline=blur; "
+                         "`saliency models NAME` lists each method's")
+    explain.add_argument("--target", type=int, help="class index (default: predicted)")
+    explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--out", default="saliency.png")
+    explain.set_defaults(run=_guarded(_explain))
+
+    models = commands.add_parser(
+        "models", help="list the models with readiness and load errors, or one model's methods",
+        description="Without NAME: every package, ready or with its load error. With NAME: its "
+        "input, classes and methods with their parameter defaults. " + _EXIT_CODES)
+    add_connection_arguments(models, timeout=10.0)
+    models.add_argument("name", nargs="?", help="a model to describe")
+    models.set_defaults(run=_guarded(_models))
+
+    health = commands.add_parser(
+        "health", help="is the server live and ready (models loaded)?",
+        description="Checks the gRPC health service: live (\"\") and ready "
+        "(saliency.v1.Explainer). " + _EXIT_CODES)
+    add_connection_arguments(health, timeout=5.0)
+    health.set_defaults(run=_guarded(_health))
+
+
+_EXIT_CODES = ("Exit codes: 0 done, 1 the server refused (or not ready), 2 usage mistake, "
+               "3 unreachable or busy (retry later).")
+
+
+def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Runs a command, turning its errors and the server's refusals into one stderr line."""
+
+    def run(args: argparse.Namespace) -> int:
+        import grpc  # noqa: PLC0415 - keep `saliency --help` light
+
+        try:
+            return command(args)
+        except CommandError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.code
+        except ParamError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except grpc.RpcError as exc:
+            code = exc.code()
+            print(f"error: {code.name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return EXIT_UNREACHABLE if code.name in _TRY_LATER else EXIT_REFUSED
+
+    return run
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    from saliency_service.client.client import SaliencyClient  # noqa: PLC0415 - grpc only when calling
+
+    return SaliencyClient(args.server, timeout=args.timeout,
+                          load_balancing=args.load_balancing, max_attempts=args.max_attempts)
+
+
+def _read_image(path: str) -> bytes:
+    file = Path(path)
+    if not file.exists():
+        raise CommandError(f"image file {path!r} not found")
+    if not file.is_file():
+        raise CommandError(f"{path!r} is not a file; give a PNG or JPEG file")
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {path!r}: {exc.strerror}") from exc
+
+
+def _method_list(text: str) -> list[str]:
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if not names:
+        raise CommandError("--method is empty; give a method such as gradcam")
+    for name in names:
+        method_enum(name)  # an unknown name is a ParamError listing the valid ones
+    return names
+
+
+def _method_params(info: pb.ModelInfo, methods: list[str],
+                   assignments: dict[str, str]) -> dict[str, Any]:
+    """Each method's params message from ``--param`` values, checked against the defaults
+    ``GetModel`` reports: a name no chosen method takes is refused with what they take."""
+    offered = {m.name: m for m in info.methods}
+    missing = [m for m in methods if m not in offered]
+    if missing:
+        raise CommandError(f"model {info.status.name!r} does not offer {missing[0]}; it "
+                           f"offers: {', '.join(offered)}")
+    taken = {name for m in methods for name in offered[m].defaults}
+    unknown = [name for name in assignments if name not in taken]
+    if unknown:
+        takes = "; ".join(
+            f"{m} takes " + (", ".join(f"{k} (default {v or '“”'})"
+                                       for k, v in sorted(offered[m].defaults.items()))
+                             or "none") for m in methods)
+        raise CommandError(f"no parameter {unknown[0]!r} for {', '.join(methods)}: {takes}")
+    return {m: params_message(m, {k: v for k, v in assignments.items()
+                                  if k in offered[m].defaults}) for m in methods}
+
+
+def _summary(response: pb.ExplainResponse) -> dict[str, Any]:
+    """The response in the proto's JSON mapping, without the map's bytes and the PNGs."""
+    from google.protobuf.json_format import MessageToDict  # noqa: PLC0415
+
+    light = pb.ExplainResponse()
+    light.CopyFrom(response)
+    light.saliency.ClearField("data")
+    light.ClearField("overlays")
+    light.ClearField("raw")
+    return MessageToDict(light, preserving_proto_field_name=True)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from saliency_service.render.overlays import panel_png  # noqa: PLC0415
+
+    methods = _method_list(args.method)
+    assignments = parse_assignments(args.param)
+    image = _read_image(args.image)
+    with _connect(args) as client:
+        params: dict[str, Any] = {m: None for m in methods}
+        if assignments:
+            params = _method_params(client.get_model(args.model), methods, assignments)
+        results = [client.explain(args.model, m, images=[image], seed=args.seed,
+                                  target=args.target, return_overlay=True, params=params[m])
+                   for m in methods]
+    top = results[0].response.predictions[0].top
+    if len(results) == 1:
+        Path(args.out).write_bytes(results[0].overlays[0])
+    else:
+        best = f"{top[0].label} {top[0].probability:.3f}" if top else ""
+        Path(args.out).write_bytes(panel_png([r.overlays[0] for r in results],
+                                             f"{args.model} · {best} · {args.image}"))
+    if args.json:
+        print(json.dumps({"out": args.out, "explanations": [
+            {**_summary(r.response), "map_mean": float(np.mean(r.maps))} for r in results]},
+            indent=2))
+        return EXIT_OK
+    print("prediction: " + ", ".join(f"{c.label} {c.probability:.3f}" for c in top[:3]))
+    for result in results:
+        cost = result.cost
+        name = pb.Method.Name(cost.method).removeprefix("METHOD_").lower()
+        print(f"explained class: {result.targets[0]}" if len(results) == 1 else
+              f"{name}: explained class {result.targets[0]}")
+        print(f"cost: method {name} forward {cost.forward_passes} backward "
+              f"{cost.backward_passes} wall {cost.wall_seconds * 1000:.1f} ms cpu "
+              f"{cost.cpu_seconds * 1000:.1f} ms")
+    maps = results[0].maps
+    what = "map" if len(results) == 1 else f"panel of {len(results)}"
+    print(f"{what}: {args.out} ({maps.shape[1]}×{maps.shape[2]}, "
+          f"mean {float(np.mean(maps)):.3f})")
+    return EXIT_OK
+
+
+def _models(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict  # noqa: PLC0415
+
+    with _connect(args) as client:
+        if args.name:
+            info = client.get_model(args.name)
+            if args.json:
+                print(json.dumps(MessageToDict(info, preserving_proto_field_name=True),
+                                 indent=2))
+            else:
+                _print_model(info)
+            return EXIT_OK if info.status.ready else EXIT_REFUSED
+        listing = client.list_models()
+    if args.json:
+        print(json.dumps(MessageToDict(listing, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True), indent=2))
+    else:
+        for status in listing.models:
+            state = "ready" if status.ready else f"NOT READY: {status.error}"
+            print(f"{status.name} {status.version}: {state}")
+        if not listing.models:
+            print("no models")
+    return EXIT_OK if all(s.ready for s in listing.models) else EXIT_REFUSED
+
+
+def _print_model(info: pb.ModelInfo) -> None:
+    status = info.status
+    print(f"{status.name} {status.version}: "
+          + ("ready" if status.ready else f"NOT READY: {status.error}"))
+    if info.input.shape:
+        print(f"input: {list(info.input.shape)} {info.input.layout}, mean "
+              f"{[round(v, 4) for v in info.input.mean]} std "
+              f"{[round(v, 4) for v in info.input.std]}")
+    if info.class_labels:
+        print(f"classes: {', '.join(info.class_labels)}")
+    for method in info.methods:
+        defaults = ", ".join(f"{k}={v}" for k, v in sorted(method.defaults.items()))
+        print(f"  {method.name} ({method.engine}){': ' + defaults if defaults else ''}")
+
+
+def _health(args: argparse.Namespace) -> int:
+    from saliency_service.client.connections import SERVICE_NAME  # noqa: PLC0415
+
+    with _connect(args) as client:
+        live = client.health("")
+        ready = client.health(SERVICE_NAME)
+    if args.json:
+        print(json.dumps({"live": live, "ready": ready}))
+    else:
+        print(f"live: {live}, ready: {ready}")
+    return EXIT_OK if ready == "SERVING" else EXIT_REFUSED

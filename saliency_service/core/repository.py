@@ -1,0 +1,371 @@
+"""The model repository: ``models/<name>/<version>/{model.onnx, model.pt2, manifest.json}``.
+
+Loading never runs code from a package: ONNX files go to ONNX Runtime, and
+``model.pt2`` is checked record by record before ``torch.export.load`` sees it
+(``saliency_service.core.program_archive``). Every file the manifest names must lie inside the
+package folder, and its sha256 is checked on the very bytes that are then loaded. A
+package that fails to load is kept with its error (reported by health and
+``ListModels``) while the others serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from saliency_service.core.chunking import MAX_CHUNK_ROWS, chunks
+from saliency_service.core.errors import FailedPrecondition, NotFound, Unavailable
+from saliency_service.core.outputs import LOGITS, check_kind
+from saliency_service.core.program_archive import UnsafeArchive, load_program
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ONNX_FILE = "model.onnx"
+TORCH_FILE = "model.pt2"
+FORMAT_VERSION = 1
+# Manifest keys kept verbatim in ``Manifest.extra``.
+_EXTRA_KEYS = ("exporter", "verification", "format", "metadata", "activation_bytes",
+               "scale_shapes", "scale_nodes")
+
+
+LAYOUTS = ("NCHW", "NHWC")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model takes: float32 images normalized by mean/std from value_range.
+
+    ``shape`` is the model's own, in ``layout`` order (NCHW or NHWC); its first entry is
+    the batch size the model requires, or -1 when any batch goes. Inside the service every
+    input is N×C×H×W; ``ModelHandle.run`` puts it in the model's layout and batch size.
+    """
+
+    shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    value_range: tuple[float, float] = (0.0, 1.0)
+    name: str = "input"
+    layout: str = "NCHW"
+    dtype: str = "float32"
+
+    @property
+    def channels(self) -> int:
+        return self.shape[3] if self.layout == "NHWC" else self.shape[1]
+
+    @property
+    def height(self) -> int:
+        return self.shape[1] if self.layout == "NHWC" else self.shape[2]
+
+    @property
+    def width(self) -> int:
+        return self.shape[2] if self.layout == "NHWC" else self.shape[3]
+
+    @property
+    def batch(self) -> int:
+        """The batch size the model requires (0 when any batch size goes)."""
+        return max(self.shape[0], 0)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``manifest.json`` of one package."""
+
+    name: str
+    version: int
+    input: InputSpec
+    class_labels: tuple[str, ...]
+    logits_output: str  # the class-score output, whatever ``output_kind`` it holds
+    scale_outputs: tuple[str, ...]
+    scale_modules: tuple[str, ...]
+    cam_layer: str
+    cam_output: str
+    methods: tuple[str, ...]
+    files: dict[str, str]
+    head: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    # A vision transformer's CAM tokens: output, grid [h, w], prefix_tokens, batch_dim.
+    token_grid: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def extra_outputs(self) -> tuple[str, ...]:
+        """The program's and ONNX graph's outputs after the logits, in order."""
+        tokens = self.token_grid.get("output")
+        return (*self.scale_outputs, *([str(tokens)] if tokens else []))
+    output_kind: str = LOGITS  # saliency_service.core.outputs: logits, probabilities or sigmoid
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        spec = data["input"]
+        layout = str(spec.get("layout", "NCHW"))
+        if layout not in LAYOUTS:
+            raise ValueError(f"manifest input.layout {layout!r} must be one of "
+                             f"{', '.join(LAYOUTS)}")
+        if len(spec["shape"]) != 4:
+            raise ValueError(f"manifest input.shape {spec['shape']} must have 4 entries "
+                             f"({layout})")
+        return cls(
+            name=str(data["name"]),
+            version=int(data["version"]),
+            input=InputSpec(
+                shape=tuple(int(d) for d in spec["shape"]),
+                mean=tuple(float(v) for v in spec["mean"]),
+                std=tuple(float(v) for v in spec["std"]),
+                value_range=tuple(float(v) for v in spec.get("value_range", (0.0, 1.0))),
+                name=str(spec.get("name", "input")),
+                layout=layout,
+                dtype=str(spec.get("dtype", "float32")),
+            ),
+            class_labels=tuple(str(c) for c in data.get("class_labels", ())),
+            logits_output=str(data.get("outputs", {}).get("logits", "logits")),
+            scale_outputs=tuple(data.get("outputs", {}).get("scales", ())),
+            scale_modules=tuple(data.get("scale_modules", ())),
+            cam_layer=str(data.get("cam_layer", "")),
+            cam_output=str(data.get("cam_output", "")),
+            methods=tuple(data.get("methods", ())),
+            files={k: str(v["sha256"]) for k, v in data.get("files", {}).items()},
+            head=dict(data.get("head", {})),
+            extra={k: v for k, v in data.items() if k in _EXTRA_KEYS},
+            output_kind=check_kind(str(data.get("outputs", {}).get("kind", LOGITS))),
+            token_grid=dict(data.get("token_grid") or {}),
+        )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ModelHandle:
+    """One loaded package: an ONNX Runtime session, the optional torch program, the manifest."""
+
+    def __init__(self, name: str, version: int, path: Path) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.manifest: Manifest | None = None
+        self.session: ort.InferenceSession | None = None
+        self.program: Any = None
+        self.error = ""
+        self._module: Any = None
+        self._module_lock = threading.Lock()
+        self._derived: dict[str, Any] = {}
+        self._derived_lock = threading.RLock()
+
+    @property
+    def ready(self) -> bool:
+        return self.session is not None and self.manifest is not None and not self.error
+
+    @property
+    def has_torch(self) -> bool:
+        return self.program is not None
+
+    def load(self, intra_op_threads: int = 0) -> None:
+        """Loads and verifies the package; on failure records the error instead of raising."""
+        try:
+            self._load(intra_op_threads)
+            self.error = ""
+        except Exception as exc:  # noqa: BLE001 - any failure marks this package broken only
+            self.session = None
+            self.program = None
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("model %s/%s failed to load: %s", self.name, self.version, self.error)
+
+    def derived(self, key: str, build: Callable[[ModelHandle], Any]) -> Any:
+        """What ``build(self)`` makes of this package (prepared programs, head weights,
+        baseline logits), built once per load and shared by every request."""
+        with self._derived_lock:
+            if key not in self._derived:
+                self._derived[key] = build(self)
+            return self._derived[key]
+
+    def derived_items(self, prefix: str) -> list[tuple[str, Any]]:
+        """What ``derived`` has built so far under keys starting with ``prefix``."""
+        with self._derived_lock:
+            return [(key, value) for key, value in self._derived.items()
+                    if key.startswith(prefix)]
+
+    def fail(self, reason: str) -> None:
+        """Marks a loaded package not ready (e.g. its warm-up failed), keeping the reason."""
+        self.error = reason
+        log.error("model %s/%s is not ready: %s", self.name, self.version, reason)
+
+    def _load(self, intra_op_threads: int) -> None:
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path} is missing")
+        manifest = Manifest.from_json(json.loads(manifest_path.read_text()))
+        if ONNX_FILE not in manifest.files:
+            raise ValueError(f"manifest lists no {ONNX_FILE}")
+        contents = {name: self._verified_bytes(name, expected)
+                    for name, expected in manifest.files.items()}
+        options = ort.SessionOptions()
+        options.inter_op_num_threads = 1
+        if intra_op_threads > 0:
+            options.intra_op_num_threads = intra_op_threads
+        # ONNX Runtime's pool threads spin during a run (fast) and, by default, for a while
+        # after it, which starves the torch passes a gradient method runs next.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        self.session = ort.InferenceSession(
+            contents[ONNX_FILE], options, providers=["CPUExecutionProvider"]
+        )
+        self.program = None
+        self._module = None
+        self._derived = {}
+        if TORCH_FILE in contents:
+            try:
+                self.program = load_program(contents[TORCH_FILE])
+            except UnsafeArchive as exc:
+                raise UnsafeArchive(f"{TORCH_FILE} refused: {exc}") from exc
+        self.manifest = manifest
+
+    def _verified_bytes(self, file_name: str, expected: str) -> bytes:
+        """The bytes of a file the manifest lists, once its name is shown to stay inside
+        the package folder and its sha256 to match."""
+        folder = self.path.resolve()
+        shown = file_name[:120]
+        relative = PurePosixPath(file_name)
+        if (not file_name or relative.is_absolute() or "\\" in file_name
+                or any(part in ("..", "") for part in relative.parts)):
+            raise ValueError(f"manifest file {shown!r} must be a path inside the package "
+                             "folder (no absolute paths, no '..')")
+        file_path = (folder / relative).resolve()
+        if not file_path.is_relative_to(folder):
+            raise ValueError(f"manifest file {shown!r} leads outside the package folder")
+        if not file_path.is_file():
+            raise FileNotFoundError(f"{shown} is listed in the manifest but missing")
+        data = file_path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise ValueError(f"{shown}: sha256 does not match the manifest's "
+                             f"{expected[:12]}… (the file changed after export)")
+        return data
+
+    def spec(self) -> Manifest:
+        if self.manifest is None:
+            raise Unavailable(f"model {self.name} version {self.version} is not loaded")
+        return self.manifest
+
+    def run(self, inputs: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+        """ONNX Runtime on float32 N×C×H×W ``inputs``; outputs default to the class scores.
+
+        This is where the service's convention meets the model's: an NHWC model gets its
+        inputs transposed; a free batch runs in the power-of-two chunks of
+        ``saliency_service.core.chunking`` (the shapes the warm-up ran), and a fixed batch size k in
+        chunks of k (the last one padded by repeating its final item, the padding's
+        outputs dropped), so every method and prediction works unchanged on any model."""
+        if self.session is None:
+            raise Unavailable(f"model {self.name} version {self.version} is not loaded")
+        spec = self.spec().input
+        names = outputs or [self.spec().logits_output]
+        if spec.layout == "NHWC":
+            inputs = inputs.transpose(0, 2, 3, 1)
+        inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        size, total = spec.batch, inputs.shape[0]
+        pieces = (list(chunks(total, MAX_CHUNK_ROWS)) if not size
+                  else [slice(start, start + size) for start in range(0, total, size)])
+        if len(pieces) <= 1 and (not size or total == size):
+            return self.session.run(names, {spec.name: inputs})
+        parts = []
+        for part in pieces:
+            piece = inputs[part]
+            kept = piece.shape[0]
+            if size and kept < size:
+                piece = np.concatenate([piece, np.repeat(piece[-1:], size - kept, axis=0)])
+            parts.append([out[:kept] for out in self.session.run(names, {spec.name: piece})])
+        return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
+
+    def torch_module(self) -> Any:
+        """The torch program as a callable module, parameter gradients off (shared, stateless)."""
+        if self.program is None:
+            raise FailedPrecondition(
+                f"model {self.name} has no {TORCH_FILE}; gradient methods need it "
+                "(re-export the model with `saliency export`)"
+            )
+        with self._module_lock:
+            if self._module is None:
+                module = self.program.module()
+                for parameter in module.parameters():
+                    parameter.requires_grad_(False)
+                self._module = module
+            return self._module
+
+
+class Repository:
+    """All packages under one root, loaded once and reloadable."""
+
+    def __init__(self, root: Path, intra_op_threads: int = 0) -> None:
+        self.root = Path(root)
+        self.intra_op_threads = intra_op_threads
+        self._models: dict[str, dict[int, ModelHandle]] = {}
+        self._lock = threading.Lock()
+
+    def load_all(self) -> None:
+        """Scans ``root/<name>/<version>/`` and loads every package found."""
+        found: dict[str, dict[int, ModelHandle]] = {}
+        if self.root.is_dir():
+            for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+                for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+                    if not version_dir.name.isdigit():
+                        continue
+                    handle = ModelHandle(model_dir.name, int(version_dir.name), version_dir)
+                    handle.load(self.intra_op_threads)
+                    found.setdefault(model_dir.name, {})[handle.version] = handle
+        else:
+            log.warning("model repository %s does not exist", self.root)
+        with self._lock:
+            self._models = found
+        for handle in self.handles():
+            state = "ready" if handle.ready else f"NOT READY ({handle.error})"
+            log.info("model %s version %d: %s", handle.name, handle.version, state)
+
+    def handles(self) -> list[ModelHandle]:
+        with self._lock:
+            return [h for versions in self._models.values() for h in versions.values()]
+
+    def all_ready(self) -> bool:
+        handles = self.handles()
+        return bool(handles) and all(h.ready for h in handles)
+
+    def any_ready(self) -> bool:
+        return any(h.ready for h in self.handles())
+
+    def find(self, name: str, version: int = 0) -> ModelHandle:
+        """The package by name and version (0 = newest); NOT_FOUND names what exists."""
+        with self._lock:
+            versions = self._models.get(name)
+            names = sorted(self._models)
+        if not name:
+            raise NotFound(f"no model named in the request; available models: {names}")
+        if versions is None:
+            raise NotFound(f"model {name!r} not found; available models: {names}")
+        if version == 0:
+            ready = [v for v, h in versions.items() if h.ready]
+            version = max(ready) if ready else max(versions)
+        if version not in versions:
+            raise NotFound(
+                f"model {name!r} has no version {version}; available versions: {sorted(versions)}"
+            )
+        return versions[version]
+
+    def get(self, name: str, version: int = 0) -> ModelHandle:
+        """Like ``find`` but the package must be ready (else UNAVAILABLE with the reason)."""
+        handle = self.find(name, version)
+        if not handle.ready:
+            raise Unavailable(
+                f"model {name!r} version {handle.version} is not ready: {handle.error}"
+            )
+        return handle

@@ -1,0 +1,2 @@
+"""Quantified explainability: synthetic cells with ground truth, metrics, sanity checks, ROAD and
+the evaluation report."""

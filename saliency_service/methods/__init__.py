@@ -1,0 +1,2 @@
+"""Explanation methods, one file each (helpers in ``_utils``); ``registry`` maps a method name
+to its handler."""

@@ -1,0 +1,2 @@
+"""Helpers the methods share: baselines, map resizing, SMOE maths, linear heads, prepared torch
+programs."""

@@ -1,0 +1,1 @@
+"""Pictures for people: overlays, colour bars, panels and LOVI pictures."""

@@ -1,0 +1,234 @@
+"""Server configuration from command-line flags and ``SALIENCY_*`` environment variables.
+
+Precedence: flag > environment variable > default. Every field is one flag
+(``--max-inflight``) and one variable (``SALIENCY_MAX_INFLIGHT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SALIENCY_"
+# A request run on the event loop holds up every other call for its duration.
+MAX_INLINE_MS = 20.0
+
+# One line per setting, shown by ``saliency serve --help`` (and in the README).
+HELP = {
+    "models": "model repository root: <models>/<name>/<version>/",
+    "host": "address to bind (0.0.0.0 in containers)",
+    "port": "gRPC port (0 picks a free one)",
+    "metrics_port": "Prometheus /metrics port (0 picks a free one, -1 turns it off)",
+    "http_port": "HTTP/JSON API, KServe V1 routes and the web explorer at / (0 picks a free "
+    "one, -1 turns it off); same limits, tokens and TLS as gRPC",
+    "max_inflight": "requests executing at once (one worker thread each)",
+    "max_queue": "requests waiting for a worker; beyond that RESOURCE_EXHAUSTED at once",
+    "max_queue_wait_ms": "bound on the wait for a worker (0 = off): a request is refused at "
+    "once (RESOURCE_EXHAUSTED) when its expected wait, from the measured cost of the work ahead "
+    "of it, exceeds this, or when it would run longer than this and take the last worker that "
+    "frees within it while shorter requests arrive; one still waiting after this long is "
+    "refused then",
+    "max_concurrent_rpcs": "calls of any kind the gRPC server holds at once, refused by gRPC "
+    "itself beyond that, bounding the request bytes in memory (0 = max_inflight + "
+    "max_queue + 64)",
+    "inline_below_ms": "a one-item tensor Predict, or a method on ONNX Runtime alone, that "
+    "recently ran in under this many ms runs on the event loop when nothing else is executing "
+    "or waiting, sparing the ~0.1 ms hand-off to a worker thread (0 = always hand off)",
+    "max_batch": "images per request",
+    "max_pixels": "pixels (height × width) per image, decoded or tensor",
+    "max_message_bytes": "largest gRPC message received or sent",
+    "max_samples": "noise samples per image (SmoothGrad, VarGrad, Guided AbsoluteGrad)",
+    "max_steps": "Integrated Gradients steps",
+    "max_masks": "RISE masks",
+    "max_population": "DE-CAM population",
+    "max_generations": "DE-CAM generations",
+    "max_windows": "occlusion windows per image (set by window and stride)",
+    "chunk_memory_bytes": "memory one batched chunk of a method may hold: activations, and "
+    "masks and perturbed copies",
+    "intra_op_threads": "threads inside one ONNX Runtime / torch call (0 = library default)",
+    "grace_seconds": "on SIGTERM, seconds admitted requests get to finish; queued ones that "
+    "would not are refused at once, and what still runs when it ends is answered UNAVAILABLE",
+    "reload_interval_seconds": "seconds between repository scans for changed packages "
+    "(0 = off; SIGHUP always reloads)",
+    "max_connection_age_seconds": "seconds after which a client connection is sent a GOAWAY "
+    "(±10 %), so clients reconnect, re-resolve and spread over replicas added since "
+    "(0 = never)",
+    "max_connection_age_grace_seconds": "seconds calls in flight on an aged connection get to "
+    "finish before it is closed (0 = as long as they take)",
+    "keepalive_time_seconds": "seconds between the server's pings on an idle connection, "
+    "dropping clients that vanished (0 = gRPC's default, 2 hours)",
+    "keepalive_timeout_seconds": "seconds a ping (the server's or a client's) may go "
+    "unanswered before the connection is closed",
+    "keepalive_min_ping_interval_seconds": "shortest interval between a client's keepalive "
+    "pings the server accepts; more often is answered with GOAWAY too_many_pings",
+    "tls_cert": "server certificate chain (PEM); with tls_key turns TLS on",
+    "tls_key": "server private key (PEM)",
+    "tls_client_ca": "CA bundle (PEM) that client certificates must chain to (mutual TLS)",
+    "auth_token": "bearer token required in 'authorization' metadata (health stays open)",
+    "auth_token_file": "file with one accepted bearer token per line (e.g. a mounted secret)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "json (one object per line) or text",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs to start; immutable once built."""
+
+    models: Path = Path("models")
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9090
+    # The HTTP/JSON API and explorer beside gRPC (-1 = off).
+    http_port: int = -1
+    # Requests executing at once (each holds one worker thread), and waiting beyond
+    # those; more are refused with RESOURCE_EXHAUSTED.
+    max_inflight: int = 2
+    max_queue: int = 16
+    # Bound on the queueing delay (ms) on top of the count; 0 = count only.
+    max_queue_wait_ms: float = 0.0
+    max_concurrent_rpcs: int = 0
+    # Cheap one-item tensor requests on an idle server run on the event loop (ms; 0 = off).
+    inline_below_ms: float = 2.0
+    # Per-request limits.
+    max_batch: int = 16
+    max_pixels: int = 1024 * 1024
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Per-request work: SmoothGrad/VarGrad/AbsoluteGrad samples, Integrated Gradients
+    # steps, RISE masks, DE-CAM population and generations.
+    max_samples: int = 256
+    max_steps: int = 256
+    max_masks: int = 10240
+    max_population: int = 256
+    max_generations: int = 500
+    max_windows: int = 4096
+    # Bytes one batched chunk of a handler may hold: activations, masks, perturbed copies.
+    chunk_memory_bytes: int = 512 * 1024 * 1024
+    # Threads inside one ONNX Runtime / torch call (0 = library default).
+    intra_op_threads: int = 0
+    # Seconds in-flight requests get to finish on SIGTERM; the process exits within a second
+    # after.
+    grace_seconds: float = 20.0
+    # Seconds between scans of the model repository for changed packages (0 = off;
+    # SIGHUP always rescans).
+    reload_interval_seconds: float = 0.0
+    # Connections: a GOAWAY after this age (0 = never) so clients spread over new replicas, and
+    # how long calls in flight then get (0 = unbounded); keepalive pings sent and accepted.
+    max_connection_age_seconds: float = 0.0
+    max_connection_age_grace_seconds: float = 0.0
+    keepalive_time_seconds: float = 0.0
+    keepalive_timeout_seconds: float = 20.0
+    keepalive_min_ping_interval_seconds: float = 10.0
+    # TLS: server certificate and key (PEM); with a client CA, clients must present a
+    # certificate it signed (mutual TLS). Empty = plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Bearer tokens required in the ``authorization`` metadata (health stays open):
+    # one token, and/or a file with one token per line (e.g. a mounted secret).
+    auth_token: str = ""
+    auth_token_file: str = ""
+    log_level: str = "INFO"
+    # "json" (one object per line) or "text".
+    log_format: str = "json"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def limits(self) -> dict[str, float]:
+        """Every per-request limit by name, for the method parameters that declare one
+        (``saliency_service.core.params``) and for the chunk memory budget."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if (f.name.startswith("max_") or f.name == "chunk_memory_bytes")
+                and isinstance(getattr(self, f.name), int | float)}
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_inflight < 1:
+            problems.append(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.max_concurrent_rpcs < 0:
+            problems.append(f"max_concurrent_rpcs must be >= 0, got {self.max_concurrent_rpcs}")
+        if self.max_queue < 0:
+            problems.append(f"max_queue must be >= 0, got {self.max_queue}")
+        if not self.max_queue_wait_ms >= 0:
+            problems.append(f"max_queue_wait_ms must be >= 0, got {self.max_queue_wait_ms}")
+        if not 0 <= self.inline_below_ms <= MAX_INLINE_MS:
+            problems.append(f"inline_below_ms must be within [0, {MAX_INLINE_MS:g}] (it "
+                            f"blocks the event loop that long), got {self.inline_below_ms}")
+        for name in ("max_connection_age_seconds", "max_connection_age_grace_seconds",
+                     "keepalive_time_seconds", "keepalive_timeout_seconds",
+                     "keepalive_min_ping_interval_seconds"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.log_format not in ("json", "text"):
+            problems.append(f"log_format must be 'json' or 'text', got {self.log_format!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def concurrent_rpcs(self) -> int:
+        """The gRPC server's bound on calls held at once (health and discovery calls
+        get 64 beyond the admitted requests)."""
+        return self.max_concurrent_rpcs or self.max_inflight + self.max_queue + 64
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+def _fields() -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(Config) if f.name != "extra"]
+
+
+def _convert(kind: Any, text: str) -> Any:
+    kind_name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    if kind_name in ("int", int):
+        return int(text)
+    if kind_name in ("float", float):
+        return float(text)
+    if kind_name in ("Path", Path):
+        return Path(text)
+    if kind_name in ("bool", bool):
+        return text.lower() in ("1", "true", "yes", "on")
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one ``--flag`` per config field; unset flags fall back to env/defaults."""
+    for f in _fields():
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            # argparse formats help with %: a literal one is doubled.
+            help=f"{HELP.get(f.name, '').replace('%', '%%')} (default {f.default!s}; env "
+            f"{ENV_PREFIX}{f.name.upper()})",
+        )
+
+
+def from_sources(
+    args: argparse.Namespace | None = None, environ: dict[str, str] | None = None, **overrides: Any
+) -> Config:
+    """Builds a Config from flags, then environment, then defaults (first set wins)."""
+    environ = dict(os.environ) if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in _fields():
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            try:
+                values[f.name] = _convert(f.type, str(raw))
+            except ValueError as exc:
+                raise SystemExit(f"invalid value {raw!r} for {f.name}: {exc}") from exc
+    values.update(overrides)
+    try:
+        return Config(**values)
+    except ValueError as exc:
+        raise SystemExit(f"invalid configuration: {exc}") from exc

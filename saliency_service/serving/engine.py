@@ -1,0 +1,204 @@
+"""The transport-free engine: choose a method, decode the input, predict, run the handler.
+
+It takes an order (what a client asked for, in plain Python) and returns what was computed;
+``protocol.codec`` converts protocol messages into orders and results back into messages, so
+the engine can be driven in-process exactly as the server drives it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from saliency_service.core.errors import InvalidInput, NotFound
+from saliency_service.core.repository import InputSpec, ModelHandle, Repository
+from saliency_service.core.request import CostCounter, Job, ProgressUpdate, RequestState, Result
+from saliency_service.methods import registry
+from saliency_service.methods.base import ENGINE_ONNX, Handler
+
+_DEFAULT_FORWARD_SECONDS = 0.03
+
+Decoder = Callable[[InputSpec], np.ndarray]  # the request's input as a model takes it
+MeanSeconds = Callable[[str, str], tuple[float, int]]  # (model, method) → (mean, requests)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which class to explain per item: the predicted one, one index, or one per item."""
+
+    kind: str = "predicted"  # "predicted" | "class_index" | "per_item"
+    indices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExplainOrder:
+    """One explanation request. ``params`` is the client's parameters message (or None),
+    read field by field by the handler's declaration; ``params_field`` names its kind."""
+
+    model: str
+    method: int
+    decode: Decoder
+    version: int = 0
+    params: object | None = None
+    params_field: str | None = None
+    target: Target = Target()
+    seed: int = 0
+    max_latency_ms: float = 0.0
+    best_effort: bool = False
+    wants_overlays: bool = False
+    wants_raw: bool = False
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What an explanation computed, and with which model, method and inputs."""
+
+    handle: ModelHandle
+    handler: Handler
+    inputs: np.ndarray
+    logits: np.ndarray
+    targets: np.ndarray
+    result: Result
+    started: float = field(default_factory=time.perf_counter)
+    cpu_started: float = field(default_factory=time.process_time)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A prediction: the model's outputs for each item."""
+
+    handle: ModelHandle
+    logits: np.ndarray
+    wall_seconds: float
+    cpu_seconds: float
+
+
+def resolve_targets(target: Target, logits: np.ndarray) -> np.ndarray:
+    """One class index per batch item, checked against the model's classes."""
+    batch, classes = logits.shape
+    if target.kind == "predicted":
+        return logits.argmax(axis=1).astype(np.int64)
+    if target.kind == "class_index":
+        indices = np.full(batch, target.indices[0], np.int64)
+    else:
+        indices = np.asarray(target.indices, np.int64)
+        if indices.shape[0] != batch:
+            raise InvalidInput(
+                f"target.per_item has {indices.shape[0]} indices for a batch of {batch}"
+            )
+    if indices.size and (indices.min() < 0 or indices.max() >= classes):
+        raise InvalidInput(f"target class {indices.tolist()} out of range [0, {classes - 1}]")
+    return indices
+
+
+class Engine:
+    """Runs orders against the repository; every public call is one request."""
+
+    def __init__(self, repository: Repository, limits: Mapping[str, float],
+                 mean_seconds: MeanSeconds) -> None:
+        self.repository = repository
+        self.limits = limits
+        self.mean_seconds = mean_seconds
+
+    def methods_for(self, model: ModelHandle) -> list[Handler]:
+        return [h for h in registry.handlers() if h.available_for(model)]
+
+    def predict(self, model: str, version: int, decode: Decoder, cost: CostCounter) -> Scores:
+        handle = self.repository.get(model, version)
+        inputs = decode(handle.spec().input)
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        (logits,) = handle.run(inputs)
+        cost.forward(inputs.shape[0], ENGINE_ONNX)
+        return Scores(handle, logits, time.perf_counter() - started,
+                      time.process_time() - cpu_started)
+
+    def choose_handler(self, order: ExplainOrder, handle: ModelHandle) -> Handler:
+        """The handler for a named method, offered for this model."""
+        if order.method == registry.UNSPECIFIED:
+            raise InvalidInput("method is unset: choose one, e.g. METHOD_VANILLA_GRADIENT, "
+                               "or METHOD_AUTO")
+        handler = registry.get(order.method)
+        if not handler.available_for(handle):
+            names = ", ".join(h.name for h in self.methods_for(handle))
+            raise NotFound(f"method {handler.name} is not offered for model {handle.name!r} "
+                           f"({handler.unavailable_reason(handle)}); available methods: "
+                           f"{names}")
+        return handler
+
+    def auto(self, order: ExplainOrder, handle: ModelHandle,
+             forward_seconds: float | None = None) -> Handler:
+        """METHOD_AUTO: the most preferred method whose expected latency fits the budget,
+        else the cheapest. Expected latency is the measured mean or, before any
+        measurement, the handler's prior passes × the prediction run's time."""
+        ranked = sorted(self.methods_for(handle), key=lambda h: (
+            h.auto_rank is None, h.auto_rank if h.auto_rank is not None else 0, h.method))
+        if not ranked:
+            raise NotFound(f"model {handle.name!r} offers no methods")
+        budget_seconds = order.max_latency_ms / 1000.0
+        if budget_seconds <= 0:
+            return ranked[0]
+        unit = forward_seconds if forward_seconds else _DEFAULT_FORWARD_SECONDS
+        expected = []
+        for handler in ranked:
+            mean, requests = self.mean_seconds(handle.name, handler.name)
+            seconds = mean if requests else handler.prior_passes(handle) * unit
+            if seconds <= budget_seconds:
+                return handler
+            expected.append((seconds, len(expected), handler))
+        return min(expected)[2]
+
+    def params(self, order: ExplainOrder, handler: Handler) -> object:
+        """The handler's parameters from the order's message, checked against the limits."""
+        if order.params_field is not None and order.params_field != handler.params_field:
+            raise InvalidInput(f"params {order.params_field!r} were given for method "
+                               f"{handler.name}; it takes {handler.params_field!r}")
+        return handler.params(order.params if order.params_field else None, self.limits)
+
+    @staticmethod
+    def _prediction_run(handle: ModelHandle, inputs: np.ndarray, names: list[str],
+                        cost: CostCounter) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The one ONNX Runtime pass for the prediction, plus any outputs handlers read."""
+        logits, *extra = handle.run(inputs, [handle.spec().logits_output, *names])
+        cost.forward(inputs.shape[0], ENGINE_ONNX)
+        return logits, dict(zip(names, extra, strict=True))
+
+    def explain(self, order: ExplainOrder, state: RequestState, cost: CostCounter,
+                on_progress: Callable[[ProgressUpdate], None] | None = None) -> Explanation:
+        """Runs one explanation to completion (or raises a ServiceError)."""
+        started, cpu_started = time.perf_counter(), time.process_time()
+        handle = self.repository.get(order.model, order.version)
+        spec = handle.spec()
+        if order.method == registry.AUTO and order.max_latency_ms > 0:
+            # AUTO times the prediction run to price methods not yet measured; that run also
+            # fetches the outputs forward-only methods read, so any choice costs one pass.
+            inputs = order.decode(spec.input)
+            state.check()
+            names = list(dict.fromkeys(
+                n for h in self.methods_for(handle) if h.wants_scale_outputs
+                for n in h.scale_outputs_for(handle)))
+            run_started = time.perf_counter()
+            logits, extra = self._prediction_run(handle, inputs, names, cost)
+            handler = self.auto(order, handle, time.perf_counter() - run_started)
+            params = self.params(order, handler)
+        else:
+            handler = (self.auto(order, handle) if order.method == registry.AUTO
+                       else self.choose_handler(order, handle))
+            params = self.params(order, handler)
+            inputs = order.decode(spec.input)
+            state.check()
+            names = handler.scale_outputs_for(handle) if handler.wants_scale_outputs else []
+            logits, extra = self._prediction_run(handle, inputs, names, cost)
+        targets = resolve_targets(order.target, logits)
+        job = Job(
+            model=handle, inputs=inputs, targets=targets, params=params, base_logits=logits,
+            seed=order.seed, state=state, cost=cost, limits=self.limits,
+            best_effort=order.best_effort, on_progress=on_progress,
+            scale_outputs=extra or None, wants_overlays=order.wants_overlays,
+            wants_raw=order.wants_raw,
+        )
+        return Explanation(handle, handler, inputs, logits, targets, handler.explain(job),
+                           started, cpu_started)

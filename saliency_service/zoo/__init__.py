@@ -1,0 +1,1 @@
+"""The shipped models' architectures and their training."""
