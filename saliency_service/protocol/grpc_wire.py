@@ -44,7 +44,7 @@ def lenient_deserializer(message_class: type[Message]) -> Callable[[bytes], Any]
             detail = str(exc).rsplit(": ", 1)[-1] or type(exc).__name__
             return Undecodable(
                 f"the request body is not a valid {name} message ({detail}); send a "
-                "message serialized from protos/saliency/v1/explainer.proto"
+                "message serialized from saliency_service/proto/explainer.proto"
             )
 
     return deserialize
