@@ -140,27 +140,48 @@ def test_draining_replica_sends_goaway_and_finishes_its_calls(
     assert grpc.ChannelConnectivity.READY in states
 
 
-def test_connection_age_reconnects_and_spreads_over_new_replicas(slow_models: Path) -> None:
+def test_connection_age_reconnects_and_spreads_over_new_replicas(
+    slow_models: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """With max_connection_age the server sends a GOAWAY (±10 %) after that age; the client
     reconnects and re-resolves its dns:/// target (here answered by a local stand-in for a
     headless Service), so a replica added meanwhile gets traffic. A call in flight across
-    the age still finishes (no grace bound)."""
+    the age still finishes (no grace bound).
+
+    The long call's model waits on the test before it runs, so the call outlives an age
+    whatever the machine's speed: the test lets it go only once the added replica has had a
+    call and more than an age has passed since the model was entered."""
     addresses = loopback_addresses(2)
     port = free_port_on(addresses)
     age = 0.5
     first, added = (replica(slow_models, host=address, port=port,
                             max_connection_age_seconds=age) for address in addresses)
+    entered: list[float] = []
+    release = threading.Event()
+    slow = first.server.repository.get("slow")
+    run = slow.run
+
+    def held_run(*args: object, **kwargs: object) -> object:
+        if not entered:
+            entered.append(time.monotonic())
+        release.wait(60)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(slow, "run", held_run)
     dns = DnsResponder(addresses[:1]).start()
     try:
         with SaliencyClient(dns.target("saliency.test", port), timeout=30, options=[
                 ("grpc.dns_min_time_between_resolutions_ms", 100)]) as client:
             client.stub.Explain(cheap(), timeout=30)
-            across = client.stub.Explain.future(slow_request(batch=2, stride=4), timeout=60)
+            across = client.stub.Explain.future(slow_request(batch=1, stride=16), timeout=60)
             dns.set_addresses(addresses)
             started = time.monotonic()
             while added.server.admission.admitted == 0 and time.monotonic() - started < 10:
                 client.stub.Explain(cheap(), timeout=30)
             waited = time.monotonic() - started
+            _until(lambda: bool(entered) and time.monotonic() - entered[0] > age * 1.2)
+            assert not across.done(), "the long call ended before it was let go"
+            release.set()
             reply = across.result(timeout=60)
             for _ in range(10):
                 client.stub.Explain(cheap(), timeout=30)
@@ -170,6 +191,7 @@ def test_connection_age_reconnects_and_spreads_over_new_replicas(slow_models: Pa
         assert dns.queries >= 2  # resolved again after a GOAWAY
         assert first.server.admission.admitted >= 2
     finally:
+        release.set()
         dns.stop()
         for running in (first, added):
             running.stop(grace=1)
