@@ -103,15 +103,20 @@ class SaliencyClient:
                                   timeout=self.timeout, metadata=self.metadata)
 
     def predict(self, model: str, images: list[bytes] | None = None,
-                tensor: np.ndarray | None = None, top_k: int = 5) -> pb.PredictResponse:
-        request = pb.PredictRequest(model=model, input=make_input(images, tensor), top_k=top_k)
+                tensor: np.ndarray | None = None, top_k: int = 5,
+                resize: str = "") -> pb.PredictResponse:
+        """Runs the model alone; ``resize`` fits images to its input: "stretch",
+        "center_crop" or "letterbox" ("" = the model's default)."""
+        request = pb.PredictRequest(model=model, input=make_input(images, tensor), top_k=top_k,
+                                    resize=resize)
         return self.stub.Predict(request, timeout=self.timeout, metadata=self.metadata)
 
     def request(self, model: str, method: str | int, images: list[bytes] | None = None,
                 tensor: np.ndarray | None = None, target: int | list[int] | None = None,
                 seed: int = 0, params: Any = None, **fields: Any) -> pb.ExplainRequest:
         """Builds an ExplainRequest. ``fields`` are its other fields (``return_overlay=True``,
-        ``top_k=3``, ``budget=pb.Budget(...)``) and the method's parameters by name
+        ``top_k=3``, ``resize="center_crop"``, ``budget=pb.Budget(...)``) and the method's
+        parameters by name
         (``steps=64, baseline="blur"``: ``protocol.method_params``); ``params`` is the
         method's params message instead. A wrong method or parameter raises ParamError
         (a ValueError) listing the valid ones."""
@@ -137,7 +142,7 @@ class SaliencyClient:
 
     def explain(self, model: str, method: str | int, **kwargs: Any) -> Explanation:
         """One Explain call; ``kwargs`` as ``request`` takes them (images=, target=, seed=,
-        return_overlay=, the method's parameters by name, …)."""
+        return_overlay=, resize=, the method's parameters by name, …)."""
         request = self.request(model, method, **kwargs)
         response = self.stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
         return Explanation(tensor_to_array(response.saliency), list(response.targets), response)

@@ -36,6 +36,7 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 _TRY_LATER = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
+RESIZE_CHOICES = ("stretch", "center_crop", "letterbox")
 _DEFAULT_METHOD = pb.Method.Name(pb.METHOD_VANILLA_GRADIENT).removeprefix("METHOD_").lower()
 
 
@@ -78,6 +79,10 @@ def add_commands(commands: Any) -> None:
                          "`saliency models NAME` lists each method's")
     explain.add_argument("--target", type=int, help="class index (default: predicted)")
     explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--resize", choices=RESIZE_CHOICES, default="",
+                         help="fit the image to the model's input: stretch, center_crop or "
+                         "letterbox (default: the model's, `saliency models NAME`); under "
+                         "center_crop and letterbox the map has the image's own size")
     explain.add_argument("--out", default="saliency.png")
     explain.set_defaults(run=_guarded(_explain))
 
@@ -195,7 +200,8 @@ def _explain(args: argparse.Namespace) -> int:
         if assignments:
             params = _method_params(client.get_model(args.model), methods, assignments)
         results = [client.explain(args.model, m, images=[image], seed=args.seed,
-                                  target=args.target, return_overlay=True, params=params[m])
+                                  target=args.target, return_overlay=True, params=params[m],
+                                  resize=args.resize)
                    for m in methods]
     top = results[0].response.predictions[0].top
     if len(results) == 1:
@@ -257,7 +263,8 @@ def _print_model(info: pb.ModelInfo) -> None:
     if info.input.shape:
         print(f"input: {list(info.input.shape)} {info.input.layout}, mean "
               f"{[round(v, 4) for v in info.input.mean]} std "
-              f"{[round(v, 4) for v in info.input.std]}")
+              f"{[round(v, 4) for v in info.input.std]}, images resized by "
+              f"{info.input.resize or 'stretch'}")
     if info.class_labels:
         print(f"classes: {', '.join(info.class_labels)}")
     for method in info.methods:

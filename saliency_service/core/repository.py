@@ -39,6 +39,8 @@ _EXTRA_KEYS = ("exporter", "verification", "format", "metadata", "activation_byt
 
 
 LAYOUTS = ("NCHW", "NHWC")
+# How encoded images are fitted to the input size (``protocol.inputs``); the first is the default.
+RESIZE_MODES = ("stretch", "center_crop", "letterbox")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class InputSpec:
     name: str = "input"
     layout: str = "NCHW"
     dtype: str = "float32"
+    resize: str = RESIZE_MODES[0]  # for encoded images a request does not say how to fit
 
     @property
     def channels(self) -> int:
@@ -110,6 +113,10 @@ class Manifest:
         if layout not in LAYOUTS:
             raise ValueError(f"manifest input.layout {layout!r} must be one of "
                              f"{', '.join(LAYOUTS)}")
+        resize = str(spec.get("resize", RESIZE_MODES[0]))
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"manifest input.resize {resize!r} must be one of "
+                             f"{', '.join(RESIZE_MODES)}")
         if len(spec["shape"]) != 4:
             raise ValueError(f"manifest input.shape {spec['shape']} must have 4 entries "
                              f"({layout})")
@@ -124,6 +131,7 @@ class Manifest:
                 name=str(spec.get("name", "input")),
                 layout=layout,
                 dtype=str(spec.get("dtype", "float32")),
+                resize=resize,
             ),
             class_labels=tuple(str(c) for c in data.get("class_labels", ())),
             logits_output=str(data.get("outputs", {}).get("logits", "logits")),

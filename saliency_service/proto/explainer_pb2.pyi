@@ -259,7 +259,7 @@ class RiseParams(_message.Message):
     def __init__(self, masks: _Optional[int] = ..., cells: _Optional[int] = ..., keep_probability: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "version", "input", "method", "target", "vanilla_gradient", "input_x_gradient", "smoothgrad", "vargrad", "integrated_gradients", "guided_backprop", "guided_absolutegrad", "gradcam", "gradcam_plus_plus", "guided_gradcam", "smoe_scale", "fastcam", "lovi", "decam", "occlusion", "rise", "seed", "budget", "return_raw", "return_overlay", "top_k")
+    __slots__ = ("model", "version", "input", "method", "target", "vanilla_gradient", "input_x_gradient", "smoothgrad", "vargrad", "integrated_gradients", "guided_backprop", "guided_absolutegrad", "gradcam", "gradcam_plus_plus", "guided_gradcam", "smoe_scale", "fastcam", "lovi", "decam", "occlusion", "rise", "seed", "budget", "return_raw", "return_overlay", "top_k", "resize")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +286,7 @@ class ExplainRequest(_message.Message):
     RETURN_RAW_FIELD_NUMBER: _ClassVar[int]
     RETURN_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     input: Input
@@ -312,7 +313,8 @@ class ExplainRequest(_message.Message):
     return_raw: bool
     return_overlay: bool
     top_k: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., vanilla_gradient: _Optional[_Union[VanillaGradientParams, _Mapping]] = ..., input_x_gradient: _Optional[_Union[InputXGradientParams, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., vargrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., guided_backprop: _Optional[_Union[GuidedBackpropParams, _Mapping]] = ..., guided_absolutegrad: _Optional[_Union[GuidedAbsoluteGradParams, _Mapping]] = ..., gradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., gradcam_plus_plus: _Optional[_Union[GradCamParams, _Mapping]] = ..., guided_gradcam: _Optional[_Union[GuidedGradCamParams, _Mapping]] = ..., smoe_scale: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., fastcam: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., lovi: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., decam: _Optional[_Union[DecamParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., rise: _Optional[_Union[RiseParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., return_raw: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
+    resize: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., vanilla_gradient: _Optional[_Union[VanillaGradientParams, _Mapping]] = ..., input_x_gradient: _Optional[_Union[InputXGradientParams, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., vargrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., guided_backprop: _Optional[_Union[GuidedBackpropParams, _Mapping]] = ..., guided_absolutegrad: _Optional[_Union[GuidedAbsoluteGradParams, _Mapping]] = ..., gradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., gradcam_plus_plus: _Optional[_Union[GradCamParams, _Mapping]] = ..., guided_gradcam: _Optional[_Union[GuidedGradCamParams, _Mapping]] = ..., smoe_scale: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., fastcam: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., lovi: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., decam: _Optional[_Union[DecamParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., rise: _Optional[_Union[RiseParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., return_raw: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., top_k: _Optional[int] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "probability", "logit")
@@ -402,16 +404,18 @@ class ExplainUpdate(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ExplainResponse, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "version", "input", "top_k")
+    __slots__ = ("model", "version", "input", "top_k", "resize")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     input: Input
     top_k: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    resize: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "version", "predictions", "logits", "cost")
@@ -483,7 +487,7 @@ class MethodInfo(_message.Message):
     def __init__(self, method: _Optional[_Union[Method, str]] = ..., name: _Optional[str] = ..., engine: _Optional[str] = ..., defaults: _Optional[_Mapping[str, str]] = ..., mean_seconds: _Optional[float] = ..., measured_requests: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("shape", "dtype", "layout", "mean", "std", "value_range", "name", "batch_size")
+    __slots__ = ("shape", "dtype", "layout", "mean", "std", "value_range", "name", "batch_size", "resize")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -492,6 +496,7 @@ class InputSpec(_message.Message):
     VALUE_RANGE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
     layout: str
@@ -500,7 +505,8 @@ class InputSpec(_message.Message):
     value_range: _containers.RepeatedScalarFieldContainer[float]
     name: str
     batch_size: int
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., value_range: _Optional[_Iterable[float]] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    resize: str
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., value_range: _Optional[_Iterable[float]] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("status", "input", "class_labels", "scale_outputs", "cam_layer", "methods", "metadata", "output_kind", "unavailable_methods")

@@ -18,7 +18,7 @@ from saliency_service.methods import registry
 from saliency_service.methods.base import Handler, method_name
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.images import array_to_tensor
-from saliency_service.protocol.inputs import decode_input
+from saliency_service.protocol.inputs import ImageGeometry, decode_input
 from saliency_service.protocol.predictions import predictions
 from saliency_service.render.overlays import captioned_overlays
 from saliency_service.serving.config import Config
@@ -71,7 +71,7 @@ class Core:
         info.input.CopyFrom(pb.InputSpec(
             shape=[-1, *spec.input.shape[1:]], dtype=pb.DTYPE_FLOAT32, layout=spec.input.layout,
             mean=spec.input.mean, std=spec.input.std, value_range=spec.input.value_range,
-            name=spec.input.name, batch_size=spec.input.batch))
+            name=spec.input.name, batch_size=spec.input.batch, resize=spec.input.resize))
         info.output_kind = spec.output_kind
         info.class_labels.extend(spec.class_labels)
         info.scale_outputs.extend(spec.scale_outputs)
@@ -106,7 +106,8 @@ class Core:
     def predict(self, request: pb.PredictRequest, cost: CostCounter) -> pb.PredictResponse:
         scores = self.engine.predict(
             request.model, request.version,
-            lambda spec: decode_input(request.input, spec, self.config, writable=False), cost)
+            lambda spec: decode_input(request.input, spec, self.config, writable=False,
+                                      resize=request.resize), cost)
         return pb.PredictResponse(
             model=scores.handle.name, version=scores.handle.version,
             predictions=predictions(scores.logits, scores.handle.spec().class_labels,
@@ -116,12 +117,15 @@ class Core:
                          cpu_seconds=scores.cpu_seconds),
         )
 
-    def order(self, request: pb.ExplainRequest) -> ExplainOrder:
-        """The engine's order for an Explain request."""
+    def order(self, request: pb.ExplainRequest,
+              geometry: ImageGeometry | None = None) -> ExplainOrder:
+        """The engine's order for an Explain request; ``geometry`` records where its images
+        went in the model's input."""
         which = request.WhichOneof("params")
         return ExplainOrder(
             model=request.model, version=request.version, method=request.method,
-            decode=lambda spec: decode_input(request.input, spec, self.config),
+            decode=lambda spec: decode_input(request.input, spec, self.config,
+                                             resize=request.resize, geometry=geometry),
             params=getattr(request, which) if which else None, params_field=which,
             target=target_of(request.target), seed=int(request.seed),
             max_latency_ms=request.budget.max_latency_ms,
@@ -137,16 +141,19 @@ class Core:
         on_progress: Callable[[ProgressUpdate], None] | None = None,
     ) -> pb.ExplainResponse:
         """Runs one Explain request to completion (or raises a ServiceError)."""
-        done = self.engine.explain(self.order(request), state, cost, on_progress)
-        return self.response(done, request, cost)
+        geometry = ImageGeometry(keep_pixels=request.return_overlay)
+        done = self.engine.explain(self.order(request, geometry), state, cost, on_progress)
+        return self.response(done, request, cost, geometry)
 
     @staticmethod
-    def response(done: Explanation, request: pb.ExplainRequest,
-                 cost: CostCounter) -> pb.ExplainResponse:
+    def response(done: Explanation, request: pb.ExplainRequest, cost: CostCounter,
+                 geometry: ImageGeometry | None = None) -> pb.ExplainResponse:
         handle, result, spec = done.handle, done.result, done.handle.spec()
+        geometry = geometry or ImageGeometry()  # maps in the images' geometry, when it says
+        maps = geometry.maps(result.maps)
         response = pb.ExplainResponse(
             model=handle.name, version=handle.version,
-            saliency=array_to_tensor(result.maps),
+            saliency=array_to_tensor(maps),
             predictions=predictions(done.logits, spec.class_labels, request.top_k,
                                     spec.output_kind),
             targets=done.targets.tolist(),
@@ -156,8 +163,9 @@ class Core:
         if request.return_raw:
             response.raw.CopyFrom(array_to_tensor(result.raw.astype(np.float32)))
         if request.return_overlay:
+            pictures = geometry.pictures(spec.input) if geometry.follows_images else done.inputs
             response.overlays.extend(captioned_overlays(
-                done.inputs, spec.input, result.maps, done.targets, spec.class_labels,
+                pictures, spec.input, maps, done.targets, spec.class_labels,
                 done.handler.name, cost, time.perf_counter() - done.started, result.overlays))
         response.cost.CopyFrom(pb.Cost(
             method=done.handler.method, forward_passes=cost.forward_passes,

@@ -161,3 +161,14 @@ def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
     image_module = pillow()
     return np.asarray(image_module.fromarray(image).resize((width, height),
                                                           image_module.BILINEAR))
+
+
+def resize_float(plane: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a float H×W plane (a map) to float32 ``height``×``width``; the
+    weights are convex, so a map in [0, 1] stays in it."""
+    plane = np.ascontiguousarray(plane, dtype=np.float32)
+    if plane.shape == (height, width):
+        return plane
+    image_module = pillow()
+    return np.asarray(image_module.fromarray(plane).resize(
+        (width, height), image_module.BILINEAR), dtype=np.float32)
