@@ -332,6 +332,55 @@ def test_framing_mistakes(http: httpx.Client) -> None:
     assert_error(http.get("/api/v1/explain"), 405, "UNIMPLEMENTED", "no route GET")
 
 
+HOSTILE_JSON = [
+    ("integer of 5,000 digits", "/api/v1/predict",
+     '{"model": "tiny", "top_k": ' + "9" * 5000 + "}", "4300 digits"),
+    ("nesting 5,000 deep", "/api/v1/explain", '{"model": "tiny", "seed": ' + "[" * 5000
+     + "]" * 5000 + "}", "levels deep"),
+    ("nesting 100 deep", "/v1/models/tiny:predict", '{"instances": ' + "[" * 100 + "]" * 100
+     + "}", "levels deep"),
+    ("KServe top_k 2**40", "/v1/models/tiny:predict",
+     json.dumps({"instances": [b64(png())], "top_k": 2**40}), "top_k=1099511627776"),
+    ("KServe top_k -2**40", "/v1/models/tiny:predict",
+     json.dumps({"instances": [b64(png())], "top_k": -(2**40)}), "int32 field takes"),
+    ("method number with parameters", "/v1/models/tiny:explain",
+     json.dumps({"instances": [b64(png())], "method": 12345, "parameters": {"steps": 4}}),
+     "method=12345 is not a Method value"),
+    ("steps 1e20", "/v1/models/tiny:explain", json.dumps({
+        "instances": [b64(png())], "method": "integrated_gradients",
+        "parameters": {"steps": 1e20}}), "integrated_gradients.steps=1e+20 is out of range"),
+    ("weights a number", "/v1/models/tiny:explain", json.dumps({
+        "instances": [b64(png())], "method": "fastcam", "parameters": {"weights": 5}}),
+     "fastcam.weights=5 is one value: it takes a list"),
+    ("weights null", "/v1/models/tiny:explain", json.dumps({
+        "instances": [b64(png())], "method": "fastcam", "parameters": {"weights": None}}),
+     "fastcam.weights=None is not a value"),
+    ("seed 10**30", "/api/v1/explain", json.dumps({"model": "tiny", "seed": 10**30}),
+     "seed=1000000000000000000000000000000 is out of range: a uint64"),
+]
+
+
+@pytest.mark.parametrize(("path", "text", "words"), [h[1:] for h in HOSTILE_JSON],
+                         ids=[h[0] for h in HOSTILE_JSON])
+def test_hostile_json_is_a_400_naming_the_field(http: httpx.Client, path: str, text: str,
+                                                words: str) -> None:
+    response = http.post(path, content=text.encode(),
+                         headers={"content-type": "application/json"})
+    assert_error(response, 400, "INVALID_ARGUMENT", words)
+
+
+def test_hostile_form_fields_and_query_parameters_are_400s(http: httpx.Client) -> None:
+    deep = "[" * 5000 + "]" * 5000
+    for data in ({"model": "tiny", "request": deep}, {"model": "tiny", "seed": "1",
+                                                      "input": deep}):
+        response = http.post("/api/v1/explain", data=data,
+                             files=[("image", ("a.png", png(), "image/png"))])
+        assert_error(response, 400, "INVALID_ARGUMENT", "levels deep")
+    response = http.get("/api/v1/models/tiny", params={"version": "9" * 23})
+    assert_error(response, 400, "INVALID_ARGUMENT", "version=")
+    assert "an int64 field takes" in response.json()["error"]["message"]
+
+
 def test_deadline_from_the_timeout_header(http: httpx.Client) -> None:
     response = http.post("/api/v1/explain", json=decam_body(generations=400, population=64),
                          headers={"x-timeout-ms": "150"})
@@ -498,7 +547,7 @@ def test_the_drain_answers_http_calls_in_flight_and_refuses_new_ones(repository:
 def test_explorer_routes(http: httpx.Client) -> None:
     from saliency_service.evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate  # noqa: PLC0415
 
-    page = http.get("/")
+    page = http.get("/explorer/")
     assert page.status_code == 200 and "saliency explorer" in page.text
     assert "drawMap" in http.get("/explorer/explorer.js").text
     cell = http.get("/explorer/cell", params={"index": 3, "size": 48}).json()

@@ -3,22 +3,116 @@
 Parsing also takes an enum value by its short lower-case name (``"gradcam"`` for
 ``METHOD_GRADCAM``, ``"blur"`` for ``BASELINE_BLUR``), the spelling ``GetModel``'s defaults
 and the CLI use; a value that is neither is refused with the list of valid names.
+
+Everything a client sends is checked here before protobuf sees it, so a mistake is an
+``InvalidInput`` naming the field and what it takes: JSON nested too deeply or holding an
+integer too long to convert (``loads_json``), integers outside their field's type
+(``checked_int``), and plain parameters that are null, objects or lists where one value goes.
 """
 
 from __future__ import annotations
 
 import binascii
+import json
+import math
+import re
+import sys
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, EnumDescriptor
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from saliency_service.core.errors import InvalidInput
+from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.method_params import ParamError, params_field, params_message
 
 M = TypeVar("M", bound=Message)
+# No request nests deeper than ~8 levels (a KServe tensor instance: 6).
+MAX_JSON_DEPTH = 32
+_INTEGER_TEXT = re.compile(r"\s*[-+]?\d+\s*")
+_INT_RANGES = {
+    FieldDescriptor.CPPTYPE_INT32: ("int32", -(2**31), 2**31 - 1),
+    FieldDescriptor.CPPTYPE_ENUM: ("enum (int32)", -(2**31), 2**31 - 1),
+    FieldDescriptor.CPPTYPE_UINT32: ("uint32", 0, 2**32 - 1),
+    FieldDescriptor.CPPTYPE_INT64: ("int64", -(2**63), 2**63 - 1),
+    FieldDescriptor.CPPTYPE_UINT64: ("uint64", 0, 2**64 - 1),
+}
+_FLOAT_TYPES = (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages that quote a value."""
+    if isinstance(value, list | dict) and len(value) > limit:
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else "…"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def loads_json(data: bytes | str, where: str = "the body") -> Any:
+    """JSON text as Python values; anything the decoder refuses is the client's mistake
+    (InvalidInput), including nesting beyond ``MAX_JSON_DEPTH`` and integers longer than
+    Python converts (``sys.get_int_max_str_digits()``)."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        value = None
+        too_deep = True
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{where} is not JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{where} is not JSON: not UTF-8 text ({exc.reason})") from None
+    except ValueError:  # an integer literal beyond the conversion limit
+        raise InvalidInput(
+            f"{where} holds an integer of more than {sys.get_int_max_str_digits()} digits; no "
+            "field takes one that large") from None
+    else:
+        too_deep = _depth_exceeds(value, MAX_JSON_DEPTH)
+    if too_deep:
+        raise InvalidInput(f"{where} nests arrays and objects more than {MAX_JSON_DEPTH} "
+                           "levels deep; no request needs more than 8")
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests arrays and objects deeper than ``limit`` (iteratively:
+    a deep value must not hit the recursion limit here either)."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+def checked_int(field: FieldDescriptor, value: Any, where: str) -> Any:
+    """``value`` for integer ``field`` unchanged, or InvalidInput naming ``where`` and the
+    field type's range when it is an integer (a JSON number or integer text) outside it.
+    Other values are left to the caller's parser, which names what it takes."""
+    kind = _INT_RANGES.get(field.cpp_type)
+    if kind is None or isinstance(value, bool):
+        return value
+    number: int | None = None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, float) and math.isinf(value):
+        number = 2**64 if value > 0 else -(2**64)
+    elif isinstance(value, str) and _INTEGER_TEXT.fullmatch(value):
+        digits = value.strip().lstrip("+-")
+        number = int(value) if len(digits) <= 30 else (-1 if "-" in value else 1) * 10**30
+    if number is None:
+        return value
+    name, low, high = kind
+    if not low <= number <= high:
+        raise InvalidInput(f"{where}={shown(value)} is out of range: {_article(name)} {name} "
+                           f"field takes {low} to {high}")
+    return value
 
 
 def enum_prefix(enum: EnumDescriptor) -> str:
@@ -68,6 +162,8 @@ def _prepared(descriptor: Descriptor, value: Any, where: str, at: FieldPath,
             continue
         path = f"{where}.{field.name}" if where else field.name
         items = item if field.is_repeated and isinstance(item, list) else None
+        for index, each in enumerate(items if items is not None else [item]):
+            checked_int(field, each, path if items is None else f"{path}[{index}]")
         if field.enum_type is not None:
             def convert(text: Any, enum: EnumDescriptor = field.enum_type,
                         path: str = path) -> Any:
@@ -135,11 +231,58 @@ def _first_line(exc: Exception) -> str:
 
 def set_plain_params(request: Any, values: Mapping[str, Any]) -> None:
     """Sets ``request``'s method parameters from plain values (``{"steps": 64, "baseline":
-    "blur"}`` or text), through the parser the CLI's ``--param`` and the client use."""
+    "blur"}`` or text), through the parser the CLI's ``--param`` and the client use.
+
+    Values as JSON gives them are checked first: a known method, no nulls or objects, a list
+    for a repeated parameter and only for one (text stays text: ``"1,2"`` as ``--param``
+    takes it), and integers within the parameter's type.
+    """
+    method = request.method
+    if method not in pb.Method.values():
+        valid = ", ".join(short_name(pb.Method.DESCRIPTOR, v.name)
+                          for v in pb.Method.DESCRIPTOR.values if v.number != 0)
+        raise InvalidInput(f"method={shown(method)} is not a Method value; valid values: "
+                           f"{valid}")
+    field = params_field(method)
+    fields = (pb.ExplainRequest.DESCRIPTOR.fields_by_name[field].message_type.fields_by_name
+              if field is not None else {})
+    plain: dict[str, Any] = {}
+    for key, value in values.items():
+        descriptor = fields.get(key)
+        if descriptor is None:
+            plain[key] = value  # refused by params_message with the names it takes
+            continue
+        plain[key] = _plain_value(descriptor, value, f"{field}.{key}")
     try:
-        message = params_message(request.method, values)
+        message = params_message(method, plain)
     except ParamError as exc:
         raise InvalidInput(str(exc)) from exc
     if message is not None:
         field = params_field(request.method)
         getattr(request, field).MergeFrom(message)  # type: ignore[arg-type]
+
+
+def _plain_value(field: FieldDescriptor, value: Any, where: str) -> Any:
+    """A plain parameter value checked against its field: InvalidInput for what the field
+    cannot hold."""
+    takes = ("a list of numbers or texts, e.g. [1, 2]" if field.is_repeated else
+             "one number or text")
+    if value is None or isinstance(value, dict):
+        raise InvalidInput(f"{where}={shown(value)} is not a value: it takes {takes}")
+    if isinstance(value, list) != field.is_repeated and not isinstance(value, str):
+        given = "one value" if field.is_repeated else "a list"
+        raise InvalidInput(f"{where}={shown(value)} is {given}: it takes {takes}")
+    items = value if isinstance(value, list) else [value]
+    for index, item in enumerate(items):
+        at = f"{where}[{index}]" if isinstance(value, list) else where
+        if item is None or isinstance(item, dict | list):
+            raise InvalidInput(f"{at}={shown(item)} is not a value: it takes {takes}")
+        checked_int(field, item, at)
+        if (field.cpp_type in _FLOAT_TYPES and isinstance(item, int)
+                and not isinstance(item, bool) and abs(item) > 1e38):
+            raise InvalidInput(f"{at}={shown(item)} is out of range for a float parameter")
+    return value
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in ("a", "e", "i", "o") or word.startswith("int") else "a"

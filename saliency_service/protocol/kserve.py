@@ -19,7 +19,13 @@ import numpy as np
 
 from saliency_service.core.errors import InvalidInput
 from saliency_service.proto import explainer_pb2 as pb
-from saliency_service.protocol.json_messages import parse, set_plain_params, to_json
+from saliency_service.protocol.json_messages import (
+    checked_int,
+    parse,
+    set_plain_params,
+    shown,
+    to_json,
+)
 
 IMAGE_KEYS = ("b64", "data")
 
@@ -72,7 +78,8 @@ def input_of(body: Any) -> pb.Input:
 def predict_request(name: str, body: Any) -> pb.PredictRequest:
     top_k = body.get("top_k", 0) if isinstance(body, dict) else 0
     if not isinstance(top_k, int) or isinstance(top_k, bool):
-        raise InvalidInput(f"top_k must be an integer, got {top_k!r}")
+        raise InvalidInput(f"top_k must be an integer, got {shown(top_k)}")
+    checked_int(pb.PredictRequest.DESCRIPTOR.fields_by_name["top_k"], top_k, "top_k")
     return pb.PredictRequest(model=name, input=input_of(body), top_k=top_k)
 
 

@@ -3,7 +3,7 @@
 Routes (``/openapi.json`` describes them): the native API under ``/api/v1`` in the proto's
 JSON mapping (``explain``, ``explain/stream`` as server-sent events, ``predict``, ``models``,
 ``models/{model}``), KServe V1 under ``/v1/models``, health at ``/healthz`` and ``/readyz``,
-and the explorer at ``/``. A call's framing is HTTP's: ``x-request-id`` in and out,
+and the explorer at ``/explorer/``. A call's framing is HTTP's: ``x-request-id`` in and out,
 ``x-timeout-ms`` as its deadline, ``Authorization: Bearer`` with the gRPC server's tokens; a
 failure is its gRPC status mapped to HTTP (``saliency_service.protocol.status``) with a JSON body
 ``{"error": {"code", "status", "message", "request_id"}}``.
@@ -34,7 +34,13 @@ from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol import kserve
 from saliency_service.protocol.calls import CallInfo, Calls, request_id_from
 from saliency_service.protocol.grpc_servicer import drained
-from saliency_service.protocol.json_messages import parse, set_plain_params, to_json
+from saliency_service.protocol.json_messages import (
+    loads_json,
+    parse,
+    set_plain_params,
+    shown,
+    to_json,
+)
 from saliency_service.protocol.method_params import ParamError, parse_assignments
 from saliency_service.protocol.status import http_status_of, status_of
 from saliency_service.serving.metrics import Metrics
@@ -44,9 +50,12 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 TIMEOUT_HEADER = "x-timeout-ms"
-# Served without a token, like gRPC health: probes, the description and the explorer's files.
-OPEN_PATHS = ("/", "/healthz", "/readyz", "/openapi.json", "/favicon.ico")
-OPEN_PREFIXES = ("/explorer/",)
+# Served without a token, like gRPC health: probes, the description and the explorer's page
+# and files (its data routes, /explorer/cell and the like, need the token).
+OPEN_PATHS = ("/", "/healthz", "/readyz", "/openapi.json", "/favicon.ico", "/explorer",
+              "/explorer/", "/explorer/index.html", "/explorer/explorer.js",
+              "/explorer/explorer.css")
+OPEN_PREFIXES: tuple[str, ...] = ()
 UNAUTHENTICATED_MESSAGE = ("missing or invalid bearer token: send the header "
                            "'Authorization: Bearer <token>'")
 
@@ -117,20 +126,14 @@ def _form_value(descriptor: Any, name: str, text: str) -> Any:
     if field is None:
         return text  # refused by parse with the list of fields
     if field.message_type is not None or field.is_repeated:
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"form field {name!r} must be JSON: {exc}") from exc
+        return loads_json(text, f"form field {name!r}")
     if field.type == field.TYPE_BOOL:
         return text.strip().lower() in ("1", "true", "yes", "on")
     return text
 
 
 def _request_field(text: str) -> dict[str, Any]:
-    try:
-        given = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"form field 'request' must be JSON: {exc}") from exc
+    given = loads_json(text, "form field 'request'")
     if not isinstance(given, dict):
         raise InvalidInput("form field 'request' must be a JSON object")
     return given
@@ -170,10 +173,7 @@ class HttpApi:
         body = await self.body(request)
         if not body:
             return {}
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"the body is not JSON: {exc}") from exc
+        return loads_json(body)
 
     async def message(self, request: Request, message_class: type[T]) -> T:
         """A request message from its JSON body, or from a multipart form: a ``request`` field
@@ -300,10 +300,12 @@ class HttpApi:
 
     async def get_model(self, request: Request, call: CallInfo) -> Response:
         version = request.query_params.get("version", "0")
-        if not version.isdigit():
-            raise InvalidInput(f"version={version!r} must be a non-negative integer (0 = latest)")
-        return _json(self.calls.get_model(pb.GetModelRequest(
-            model=request.path_params["model"], version=int(version))))
+        if not (version.isascii() and version.isdigit()):
+            raise InvalidInput(f"version={shown(version)} must be a non-negative integer "
+                               "(0 = latest)")
+        return _json(self.calls.get_model(parse(
+            {"model": request.path_params["model"], "version": version},
+            pb.GetModelRequest)))
 
     # ---- KServe V1 -----------------------------------------------------------------------
 
