@@ -6,11 +6,66 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import math
 import sys
 from pathlib import Path
 
 from saliency_service.client import commands as cli_client
 from saliency_service.serving import config as config_module
+
+
+class UsageError(ValueError):
+    """A flag's value that cannot be used; the message names the flag."""
+
+
+def read_labels(value: str | None) -> tuple[list[str], str]:
+    """``--labels``: a file with one label per line (stripped, blank lines skipped; a label
+    may hold spaces), or a comma-separated list; and where they were read from."""
+    if not value:
+        return [], ""
+    path = Path(value)
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--labels: cannot read {path}: {exc}") from exc
+        return [line.strip() for line in lines if line.strip()], str(path)
+    if "," not in value and (path.suffix or "/" in value):
+        raise UsageError(f"--labels: no such file {value!r} (or give the labels "
+                         "comma-separated)")
+    return [label.strip() for label in value.split(",")], "--labels"
+
+
+def parse_numbers(value: str | None, flag: str, count: int | None = None) -> list[float] | None:
+    """Comma-separated finite numbers (``count`` of them when given), or None when unset."""
+    if not value:
+        return None
+    try:
+        numbers = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated numbers, got {value!r}") from None
+    if not all(math.isfinite(v) for v in numbers):
+        raise UsageError(f"{flag} must be finite numbers, got {value!r}")
+    if count is not None and len(numbers) != count:
+        raise UsageError(f"{flag} needs {count} numbers, got {value!r}")
+    return numbers
+
+
+def parse_shape(value: str) -> tuple[int, int, int]:
+    """``--input-shape C,H,W``: three positive integers."""
+    try:
+        shape = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape must be C,H,W integers, got {value!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise UsageError(f"--input-shape must be three positive integers C,H,W, got {value!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _usage_error(command: str, exc: Exception) -> int:
+    """One line on stderr, exit status 2 (as argparse does)."""
+    print(f"saliency {command}: error: {exc}", file=sys.stderr)
+    return 2
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -23,7 +78,13 @@ def _serve(args: argparse.Namespace) -> int:
         from saliency_service.packaging.shipped import ensure_demo_package  # noqa: PLC0415
 
         ensure_demo_package(config.models)
-    asyncio.run(serve(config))
+    from saliency_service.serving.server import PortUnavailable  # noqa: PLC0415
+
+    try:
+        asyncio.run(serve(config))
+    except PortUnavailable as exc:
+        print(f"saliency serve: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -40,22 +101,32 @@ def _load_factory(spec: str) -> object:
 def _export(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
-    from saliency_service.packaging.export import export_package  # noqa: PLC0415
+    from saliency_service.packaging.export import ExportError, export_package  # noqa: PLC0415
 
+    try:
+        shape = parse_shape(args.input_shape)
+        labels, source = read_labels(args.labels)
+        mean = parse_numbers(args.mean, "--mean")
+        std = parse_numbers(args.std, "--std")
+    except UsageError as exc:
+        return _usage_error("export", exc)
     model = _load_factory(args.module)
     if args.state_dict:
         # weights_only: tensors only, never arbitrary pickled objects.
         state = torch.load(args.state_dict, map_location="cpu", weights_only=True)
         model.load_state_dict(state)  # type: ignore[attr-defined]
-    shape = tuple(int(v) for v in args.input_shape.split(","))
-    labels = (Path(args.labels).read_text().split() if args.labels and Path(args.labels).is_file()
-              else (args.labels.split(",") if args.labels else []))
-    report = export_package(
-        model, name=args.name, version=args.version, input_shape=shape,  # type: ignore[arg-type]
-        mean=[float(v) for v in args.mean.split(",")], std=[float(v) for v in args.std.split(",")],
-        class_labels=labels, repository=Path(args.models), cam_layer=args.cam_layer,
-        head=args.head, overwrite=args.force,
-    )
+    try:
+        report = export_package(
+            model, name=args.name, version=args.version, input_shape=shape,
+            mean=mean, std=std, class_labels=labels,  # type: ignore[arg-type]
+            repository=Path(args.models), cam_layer=args.cam_layer, head=args.head,
+            overwrite=args.force,
+        )
+    except ExportError as exc:
+        read = f" ({len(labels)} labels read from {source})" if "class labels" in str(exc) \
+            else ""
+        print(f"saliency export: error: {exc}{read}", file=sys.stderr)
+        return 2
     print(f"wrote {report.path}")
     print(f"scale outputs: {', '.join(report.scale_modules)}")
     print(f"ONNX Runtime vs PyTorch max abs diff: {report.max_abs_diff:.3g}")
@@ -65,24 +136,22 @@ def _export(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from saliency_service.packaging.onnx_import import ImportRefused, import_onnx  # noqa: PLC0415
 
-    def floats(text: str | None) -> list[float] | None:
-        return [float(v) for v in text.split(",")] if text else None
-
-    labels = (Path(args.labels).read_text().split() if args.labels and Path(args.labels).is_file()
-              else (args.labels.split(",") if args.labels else []))
-    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
-    if shape is not None and len(shape) != 3:
-        raise SystemExit(f"error: --input-shape must be C,H,W, got {args.input_shape!r}")
     try:
+        labels, source = read_labels(args.labels)
+        shape = parse_shape(args.input_shape) if args.input_shape else None
+        mean = parse_numbers(args.mean, "--mean")
+        std = parse_numbers(args.std, "--std")
+        value_range = parse_numbers(args.value_range, "--value-range", count=2) or [0.0, 1.0]
+        if not math.isfinite(args.timeout) or args.timeout < 0:
+            raise UsageError(f"--timeout must be >= 0 seconds, got {args.timeout}")
         report = import_onnx(
             Path(args.model), name=args.name, version=args.version, repository=Path(args.models),
-            class_labels=labels, mean=floats(args.mean), std=floats(args.std),
-            value_range=tuple(floats(args.value_range) or (0.0, 1.0)),  # type: ignore[arg-type]
-            input_shape=shape, layout=args.layout, output=args.output,  # type: ignore[arg-type]
-            output_name=args.output_name, overwrite=args.force)
-    except ImportRefused as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            class_labels=labels, labels_source=source, mean=mean, std=std,
+            value_range=(value_range[0], value_range[1]), input_shape=shape,
+            layout=args.layout, output=args.output, output_name=args.output_name,
+            overwrite=args.force, timeout=args.timeout)
+    except (UsageError, ImportRefused) as exc:
+        return _usage_error("import", exc)
     print("\n".join(report.lines()))
     return 0
 
@@ -146,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--input-shape", required=True, help="C,H,W e.g. 3,224,224")
     export.add_argument("--mean", default="0.485,0.456,0.406")
     export.add_argument("--std", default="0.229,0.224,0.225")
-    export.add_argument("--labels", help="file with one label per line, or comma-separated")
+    export.add_argument("--labels", help="file with one label per line (blank lines skipped), "
+                        "or comma-separated")
     export.add_argument("--cam-layer", help="module for Grad-CAM (default: last scale)")
     export.add_argument("--head", help="final nn.Linear after global average pooling, if any")
     export.add_argument("--models", default="models", help="model repository root")
@@ -158,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("model", help="the .onnx file")
     imported.add_argument("--name", required=True)
     imported.add_argument("--version", type=int, default=1)
-    imported.add_argument("--labels", help="file with one label per line, or comma-separated")
+    imported.add_argument("--labels", help="file with one label per line (blank lines "
+                          "skipped), or comma-separated")
     imported.add_argument("--mean", help="per channel (or one value), default 0")
     imported.add_argument("--std", help="per channel (or one value), default 1")
     imported.add_argument("--value-range", help="pixel range before mean/std, default 0,1")
@@ -170,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--output-name", help="the class-score output, when several fit")
     imported.add_argument("--models", default="models", help="model repository root")
     imported.add_argument("--force", action="store_true", help="replace an existing version")
+    imported.add_argument("--timeout", type=float, default=120.0,
+                          help="seconds the model's test runs may take in all (0 = no bound)")
     imported.set_defaults(run=_import)
 
     cli_client.add_commands(commands)  # explain, models, health
@@ -227,9 +300,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Modules each extra brings, to name the extra when one is missing.
+_EXTRAS = {"torch": "torch", "onnxscript": "torch", "PIL": "draw"}
+_SERVER_MODULES = ("onnx", "onnxruntime", "scipy", "cv2", "starlette", "uvicorn", "httptools",
+                   "multipart", "prometheus_client", "grpc_reflection", "matplotlib", "tqdm")
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The extra that brings the module ``exc`` names, or None when it is not one of ours."""
+    top = (exc.name or "").split(".")[0]
+    if top in _EXTRAS:
+        return _EXTRAS[top]
+    return "server" if top in _SERVER_MODULES else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except ModuleNotFoundError as exc:
+        extra = missing_extra(exc)
+        if extra is None:
+            raise
+        print(f"saliency {args.command} needs {exc.name}, which this install lacks: "
+              f"pip install 'saliency-service[{extra}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,24 +4,67 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from saliency_service.core.chunking import chunk_shapes
-from saliency_service.core.errors import InvalidInput, OverLimit
+from saliency_service.core.errors import InvalidInput, OverLimit, Unavailable
 from saliency_service.core.params import limits_of
 from saliency_service.core.repository import ModelHandle
 from saliency_service.core.request import CostCounter, Job, RequestState
 from saliency_service.methods import registry
-from saliency_service.methods._utils.torch_program import warm_up_variants
 from saliency_service.methods.base import Handler
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.serving.engine import Engine, ExplainOrder
 
 log = logging.getLogger(__name__)
+
+
+class WarmUpBound:
+    """Ends a warm-up that outlasts its time, or that the server no longer wants (it is
+    shutting down): ONNX Runtime's run stops through ``RunOptions.terminate``, a method at
+    its next check, and every later run of the warm-up at once."""
+
+    def __init__(self, handle: ModelHandle, seconds: float) -> None:
+        self.handle = handle
+        self.seconds = seconds
+        self.options = ort.RunOptions()
+        self.options.log_severity_level = 4  # the refusal is reported once, by the server
+        self.state = RequestState()
+        self.reason = ""
+        self._lock = threading.Lock()
+        self._finished = False
+        self._timer = (threading.Timer(seconds, self.stop, (
+            f"warm-up did not finish within {seconds:g} s (--warmup-timeout-seconds): a model "
+            "run that takes longer cannot be served",)) if 0 < seconds < math.inf else None)
+
+    def __enter__(self) -> WarmUpBound:
+        self.handle.run_options = self.options
+        if self._timer is not None:
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.handle.run_options = None
+
+    def stop(self, reason: str) -> None:
+        """Stops the warm-up with ``reason`` (the first one given stands)."""
+        with self._lock:
+            if self._finished or self.reason:
+                return
+            self.reason = reason
+            self.options.terminate = True
+            self.state.cancel(Unavailable(reason))
 
 
 def warm_up_params(handler: Handler, limits: Mapping[str, float]
@@ -40,7 +83,8 @@ def warm_up_params(handler: Handler, limits: Mapping[str, float]
     return {key: value for key, value in values.items() if value != defaults[key]}, lowered
 
 
-def warm_up(engine: Engine, handle: ModelHandle) -> list[str]:
+def warm_up(engine: Engine, handle: ModelHandle, bound: WarmUpBound | None = None
+            ) -> list[str]:
     """Runs a prediction and every method the model offers once, on a batch of the
     expected shape, so that the first client request pays for no session start-up,
     program preparation or first-shape planning, and a package that cannot serve its own
@@ -48,17 +92,29 @@ def warm_up(engine: Engine, handle: ModelHandle) -> list[str]:
     ``warm_up_overrides``, within the server limits; a method that no request could use
     under those limits is skipped with a warning, not counted as a failure.
 
+    ``bound`` (see ``WarmUpBound``) ends it early: its reason is then the one failure.
     Returns what failed; the caller marks the package not ready with it.
     """
+    with bound or WarmUpBound(handle, 0.0) as active:
+        failed = _warm_up(engine, handle, active.state)
+    return [active.reason] if active.reason else failed
+
+
+def _warm_up(engine: Engine, handle: ModelHandle, state: RequestState) -> list[str]:
     started = time.perf_counter()
     spec = handle.spec().input
     batch = max(getattr(spec, "batch", 0), 1)
     shape = (batch, spec.channels, spec.height, spec.width)
     sample = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     try:
-        engine.predict(handle.name, handle.version, lambda _: sample.copy(), CostCounter())
+        scores = engine.predict(handle.name, handle.version, lambda _: sample.copy(),
+                                CostCounter())
     except Exception as exc:  # noqa: BLE001 - reported as the package's error
         return [f"predict: {type(exc).__name__}: {exc}"]
+    labels = handle.spec().class_labels
+    if scores.logits.ndim != 2 or (labels and len(labels) != scores.logits.shape[1]):
+        return [f"predict: the model gives scores of shape {list(scores.logits.shape)} for "
+                f"{len(labels)} class labels in the manifest (want N×classes, one label each)"]
     available = {h.method for h in engine.methods_for(handle)}
     failed = []
     warmed = []
@@ -74,7 +130,8 @@ def warm_up(engine: Engine, handle: ModelHandle) -> list[str]:
                              decode=lambda _: sample.copy(), params=params,
                              params_field=handler.params_field if params is not None else None)
         try:
-            engine.explain(order, RequestState(), CostCounter())
+            state.check()
+            engine.explain(order, state, CostCounter())
             warmed.append(handler.name)
         except InvalidInput as exc:
             if not isinstance(exc, OverLimit) and not lowered:
@@ -112,5 +169,9 @@ def warm_up_chunk_shapes(handle: ModelHandle, sample: np.ndarray,
         if extra:
             handle.run(batch, [spec.logits_output, *extra])
     if handle.has_torch:
+        from saliency_service.methods._utils.torch_program import (  # noqa: PLC0415
+            warm_up_variants,
+        )
+
         warm_up_variants(handle, sample, chunk_shapes(job.items_per_chunk(backward=True)),
                          forward_rows, int(limits.get("max_batch", 1)))
