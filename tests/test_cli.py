@@ -83,7 +83,8 @@ def test_params_are_passed_and_json_is_printed(
     assert answer["out"] == str(out)
     (only,) = answer["explanations"]
     # 8 steps, f(baseline) and the prediction's own forward.
-    assert only["cost"]["forward_passes"] == "10" and only["cost"]["backward_passes"] == "8"
+    assert only["cost"]["forward_passes"] == 10 and only["cost"]["backward_passes"] == 8
+    assert only["cost"]["truncated"] is False and only["version"] == 1  # plain, zeros kept
     assert only["model"] == "tiny" and 0.0 <= only["map_mean"] <= 1.0
     assert "overlays" not in only and "data" not in only["saliency"]
 

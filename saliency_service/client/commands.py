@@ -60,7 +60,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser, timeout: float) ->
                         metavar="1-5", help="attempts of a call refused as UNAVAILABLE or "
                         "RESOURCE_EXHAUSTED, with backoff (1 = no retries; default 5)")
     parser.add_argument("--json", action="store_true",
-                        help="print the answer as JSON (the proto's JSON mapping)")
+                        help="print the answer as JSON (the proto's JSON mapping with its field "
+                        "names, every field present, 64-bit integers as numbers)")
 
 
 def add_commands(commands: Any) -> None:
@@ -179,14 +180,18 @@ def _method_params(info: pb.ModelInfo, methods: list[str],
 
 def _summary(response: pb.ExplainResponse) -> dict[str, Any]:
     """The response in the proto's JSON mapping, without the map's bytes and the PNGs."""
-    from google.protobuf.json_format import MessageToDict  # noqa: PLC0415
+    from saliency_service.protocol.json_messages import to_json  # noqa: PLC0415
 
     light = pb.ExplainResponse()
     light.CopyFrom(response)
     light.saliency.ClearField("data")
     light.ClearField("overlays")
     light.ClearField("raw")
-    return MessageToDict(light, preserving_proto_field_name=True)
+    summary = to_json(light)
+    summary["saliency"].pop("data", None)
+    for bulky in ("overlays", "raw"):
+        summary.pop(bulky, None)
+    return summary
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -232,21 +237,19 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict  # noqa: PLC0415
+    from saliency_service.protocol.json_messages import to_json  # noqa: PLC0415
 
     with _connect(args) as client:
         if args.name:
             info = client.get_model(args.name)
             if args.json:
-                print(json.dumps(MessageToDict(info, preserving_proto_field_name=True),
-                                 indent=2))
+                print(json.dumps(to_json(info), indent=2))
             else:
                 _print_model(info)
             return EXIT_OK if info.status.ready else EXIT_REFUSED
         listing = client.list_models()
     if args.json:
-        print(json.dumps(MessageToDict(listing, preserving_proto_field_name=True,
-                                       always_print_fields_with_no_presence=True), indent=2))
+        print(json.dumps(to_json(listing), indent=2))
     else:
         for status in listing.models:
             state = "ready" if status.ready else f"NOT READY: {status.error}"
