@@ -23,8 +23,8 @@ HELP = {
     "host": "address to bind (0.0.0.0 in containers)",
     "port": "gRPC port (0 picks a free one)",
     "metrics_port": "Prometheus /metrics port (0 picks a free one, -1 turns it off)",
-    "http_port": "HTTP/JSON API, KServe V1 routes and the web explorer at / (0 picks a free "
-    "one, -1 turns it off); same limits, tokens and TLS as gRPC",
+    "http_port": "HTTP/JSON API, KServe V1 routes and the web explorer at /explorer/ (0 picks "
+    "a free one, -1 turns it off); same limits, tokens and TLS as gRPC",
     "max_inflight": "requests executing at once (one worker thread each)",
     "max_queue": "requests waiting for a worker; beyond that RESOURCE_EXHAUSTED at once",
     "max_queue_wait_ms": "bound on the wait for a worker (0 = off): a request is refused at "

@@ -224,7 +224,7 @@ class SaliencyServer:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         if self.config.http_port >= 0:
             app = build_app(self.calls, self.metrics, tokens, self.ready,
-                            self.config.max_message_bytes, explorer_routes())
+                            self.config.max_message_bytes, explorer_routes(self.calls))
             self.http = HttpServer(app, self.config,
                                    self.config.grace_seconds + WORKER_STOP_SECONDS + 1.0)
             self.http_port = await self.http.start()
