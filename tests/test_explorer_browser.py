@@ -1,11 +1,13 @@
 """The web explorer in a real headless browser (Debian's Chromium and ChromeDriver, driven by
 Selenium) against a real server on loopback: upload an image, run two methods, watch a DE-CAM
 run's live progress, change the explained class, open the cost-vs-quality chart, and save a
-screenshot (to ``$SALIENCY_EXPLORER_SCREENSHOT`` as well when set)."""
+screenshot (to ``$SALIENCY_EXPLORER_SCREENSHOT`` as well when set); a package whose class
+labels are script shows them as text and runs none of it; the token stays in the tab."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -38,10 +40,34 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+# Class labels that run script wherever they are parsed as HTML.
+XSS_LABELS = ('<img src=x onerror="window.__xss=1;document.title=\'xss\'">',
+              '<svg onload="window.__xss=2"></svg>',
+              '</td><script>window.__xss=3</script>',
+              '<iframe srcdoc="<script>parent.__xss=4</script>"></iframe>')
+
+
+def xss_repository(root: Path) -> Path:
+    """The demo package (``demo``) and a copy of it (``xss``) whose class labels are
+    script. The manifest's sha256 entries cover the model files, not the manifest, so the
+    copy loads as a hostile package would."""
+    source = demo_repository() / "demo" / "1"
+    shutil.copytree(source, root / "demo" / "1")
+    shutil.copytree(source, root / "xss" / "1")
+    manifest_path = root / "xss" / "1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["name"] = "xss"
+    labels = manifest["class_labels"]
+    manifest["class_labels"] = [f"{XSS_LABELS[i % len(XSS_LABELS)]} #{i}"
+                                for i in range(len(labels))]
+    manifest_path.write_text(json.dumps(manifest))
+    return root
+
 
 @pytest.fixture(scope="module")
-def explorer_url() -> Iterator[str]:
-    running = RunningServer(make_config(demo_repository(), http_port=0, max_batch=8)).start()
+def explorer_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    models = xss_repository(tmp_path_factory.mktemp("models"))
+    running = RunningServer(make_config(models, http_port=0, max_batch=8)).start()
     yield f"http://127.0.0.1:{running.server.http_port}/"
     running.stop()
 
@@ -144,3 +170,53 @@ def test_explorer_explains_an_uploaded_image_with_two_methods(
     (tmp_path / "explorer.png").write_bytes(screenshot)
     if os.environ.get("SALIENCY_EXPLORER_SCREENSHOT"):
         Path(os.environ["SALIENCY_EXPLORER_SCREENSHOT"]).write_bytes(screenshot)
+
+
+def test_class_labels_are_text_not_script(explorer_url: str, browser: WebDriver) -> None:
+    """A package whose labels are HTML with script: the prediction, the class list and the
+    result show the labels literally, and nothing runs (the page's policy forbids inline
+    script, and no label is ever parsed as HTML)."""
+    wait = WebDriverWait(browser, 120, poll_frequency=0.05)
+    browser.get(explorer_url)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".method-option"))
+    title = browser.title
+    Select(browser.find_element(By.ID, "model")).select_by_value("xss")
+    wait.until(lambda d: any(XSS_LABELS[0] in option.text for option in
+                             d.find_elements(By.CSS_SELECTOR, "#target option")))
+    browser.find_element(By.ID, "cell-button").click()
+    wait.until(lambda d: d.find_element(By.ID, "input-view").is_displayed())
+    Select(browser.find_element(By.ID, "target")).select_by_value("0")
+    browser.find_element(By.ID, "m-gradcam").click()
+    browser.find_element(By.ID, "run").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.result.done[data-method="gradcam"]'))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#prediction tr")) == 5)
+
+    shown = browser.find_element(By.ID, "prediction").text
+    assert sum(shown.count(label) for label in XSS_LABELS) == 5, shown
+    explained = card(browser, "gradcam").find_element(By.CSS_SELECTOR, ".explained").text
+    assert explained == f"explained class: 0 {XSS_LABELS[0]} #0"
+    options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#target option")]
+    assert all(any(label in text for text in options) for label in XSS_LABELS)
+    # Nothing was parsed into elements, nothing ran.
+    assert browser.find_elements(By.CSS_SELECTOR, "main img[src='x'], main iframe, main svg "
+                                 "[onload], #prediction script, #prediction svg") == []
+    assert browser.execute_script("return window.__xss") is None
+    assert browser.title == title
+
+
+def test_the_token_stays_in_the_tab(explorer_url: str, browser: WebDriver) -> None:
+    """A pasted token is kept in sessionStorage (this tab), never in localStorage."""
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    browser.get(explorer_url)
+    browser.execute_script("localStorage.setItem('saliency-token', 'stale')")
+    browser.get(explorer_url)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".method-option"))
+    assert browser.execute_script("return localStorage.getItem('saliency-token')") is None
+    browser.find_element(By.CSS_SELECTOR, "#auth summary").click()
+    token = browser.find_element(By.ID, "token")
+    token.send_keys("s3cret")
+    browser.find_element(By.ID, "seed").click()  # the change event
+    wait.until(lambda d: d.execute_script("return sessionStorage.getItem('saliency-token')")
+               == "s3cret")
+    assert browser.execute_script("return localStorage.length") == 0
+    assert "sessionStorage" in browser.find_element(By.ID, "token-note").text

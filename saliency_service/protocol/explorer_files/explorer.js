@@ -2,7 +2,23 @@
 // GetModel gives the methods and their defaults; /openapi.json gives each parameter's type.
 "use strict";
 
+// Every string from the server (labels, names, messages) goes into the page as text:
+// elements are built with el()/svgEl() and textContent, never from HTML strings.
 const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "saliency-token";  // in sessionStorage: this tab only, gone when it closes
+
+function el(tag, props = {}, ...children) {
+  const element = Object.assign(document.createElement(tag), props);
+  element.append(...children);
+  return element;
+}
+
+function svgEl(tag, attributes = {}, text = "") {
+  const element = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+  if (text) element.textContent = text;
+  return element;
+}
 const state = { schemas: {}, info: null, image: null, results: new Map() };
 
 function headers() {
@@ -84,7 +100,8 @@ function methodOption(method) {
   const label = document.createElement("label");
   label.htmlFor = box.id;
   const measured = method.mean_seconds > 0 ? `, ~${(method.mean_seconds * 1000).toFixed(0)} ms` : "";
-  label.innerHTML = `${method.name} <span class="engine">${method.engine}${measured}</span>`;
+  label.append(method.name, " ", el("span", { className: "engine",
+                                             textContent: `${method.engine}${measured}` }));
   label.title = method.description || "";
   const params = document.createElement("div");
   params.className = "params";
@@ -218,11 +235,12 @@ async function run() {
 
 function showPrediction(response) {
   const top = (response.predictions[0] || { top: [] }).top;
-  const rows = top.map((score) =>
-    `<tr><td>${score.index}</td><td>${score.label}</td><td>${score.probability.toFixed(3)}</td></tr>`);
-  const cost = response.cost;
-  $("prediction").innerHTML = `<strong>Prediction</strong> <span class="note">(${
-    (cost.wall_seconds * 1000).toFixed(1)} ms)</span><table>${rows.join("")}</table>`;
+  const rows = top.map((score) => el("tr", {},
+    el("td", { textContent: String(score.index) }), el("td", { textContent: score.label }),
+    el("td", { textContent: score.probability.toFixed(3) })));
+  const ms = (response.cost.wall_seconds * 1000).toFixed(1);
+  $("prediction").replaceChildren(el("strong", { textContent: "Prediction" }), " ",
+    el("span", { className: "note", textContent: `(${ms} ms)` }), el("table", {}, ...rows));
 }
 
 function card(method) {
@@ -230,10 +248,10 @@ function card(method) {
   element.className = "result running";
   element.dataset.method = method;
   element.dataset.updates = "0";
-  element.innerHTML = `<h3>${method}</h3><progress max="1" value="0"></progress>
-    <p class="progress-text note"></p><canvas class="map" hidden></canvas>
-    <img class="overlay" alt="${method} overlay" hidden>
-    <p class="explained"></p><p class="cost"></p>`;
+  element.append(el("h3", { textContent: method }), el("progress", { max: 1, value: 0 }),
+    el("p", { className: "progress-text note" }), el("canvas", { className: "map", hidden: true }),
+    el("img", { className: "overlay", alt: `${method} overlay`, hidden: true }),
+    el("p", { className: "explained" }), el("p", { className: "cost" }));
   $("results").append(element);
   return element;
 }
@@ -364,7 +382,7 @@ async function showChart() {
     return;
   }
   $("chart-title").textContent = report.title || "Cost vs quality";
-  $("chart-plot").innerHTML = scatter(report.rows);
+  $("chart-plot").replaceChildren(scatter(report.rows));
   chart.scrollIntoView();
 }
 
@@ -376,33 +394,37 @@ function scatter(rows) {
   const [y0, y1] = [0, Math.ceil(Math.max(...ys) * 10) / 10];
   const px = (x) => pad + ((x - x0) / Math.max(1e-9, x1 - x0)) * (width - 2 * pad);
   const py = (y) => height - pad - ((y - y0) / Math.max(1e-9, y1 - y0)) * (height - 2 * pad);
-  const parts = [`<svg viewBox="0 0 ${width} ${height}" width="${width}" height="${height}"
-    role="img" aria-label="cost versus RCAP">`];
+  const plot = svgEl("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img",
+                              "aria-label": "cost versus RCAP" });
   for (let d = x0; d <= x1; d += 1) {
-    parts.push(`<line x1="${px(d)}" x2="${px(d)}" y1="${pad}" y2="${height - pad}" stroke="#e3e6eb"/>`,
-               `<text x="${px(d)}" y="${height - pad + 16}" text-anchor="middle">${10 ** d} ms</text>`);
+    plot.append(svgEl("line", { x1: px(d), x2: px(d), y1: pad, y2: height - pad,
+                                stroke: "#e3e6eb" }),
+                svgEl("text", { x: px(d), y: height - pad + 16, "text-anchor": "middle" },
+                      `${10 ** d} ms`));
   }
   for (let y = y0; y <= y1 + 1e-9; y += 0.1) {
-    parts.push(`<text x="${pad - 6}" y="${py(y) + 4}" text-anchor="end">${y.toFixed(1)}</text>`);
+    plot.append(svgEl("text", { x: pad - 6, y: py(y) + 4, "text-anchor": "end" }, y.toFixed(1)));
   }
-  parts.push(`<text x="${width / 2}" y="${height - 8}" text-anchor="middle">p50 ms per image (log)</text>`,
-             `<text x="12" y="${height / 2}" transform="rotate(-90 12 ${height / 2})"
-               text-anchor="middle">RCAP ↑</text>`);
+  plot.append(svgEl("text", { x: width / 2, y: height - 8, "text-anchor": "middle" },
+                    "p50 ms per image (log)"),
+              svgEl("text", { x: 12, y: height / 2, transform: `rotate(-90 12 ${height / 2})`,
+                              "text-anchor": "middle" }, "RCAP ↑"));
   rows.forEach((row, i) => {
-    const fill = row.front ? "#d9480f" : "#3d6fe0";
-    parts.push(`<circle cx="${px(xs[i])}" cy="${py(ys[i])}" r="4" fill="${fill}"/>`,
-               `<text x="${px(xs[i]) + 6}" y="${py(ys[i]) - 4}">${row.method}${row.front ? " ★" : ""}</text>`);
+    plot.append(svgEl("circle", { cx: px(xs[i]), cy: py(ys[i]), r: 4,
+                                  fill: row.front ? "#d9480f" : "#3d6fe0" }),
+                svgEl("text", { x: px(xs[i]) + 6, y: py(ys[i]) - 4 },
+                      `${row.method}${row.front ? " ★" : ""}`));
   });
-  parts.push("</svg>");
-  return parts.join("");
+  return plot;
 }
 
 // ---- wiring ------------------------------------------------------------------------------
 
 function wire() {
-  $("token").value = localStorage.getItem("saliency-token") || "";
+  localStorage.removeItem(TOKEN_KEY);  // where earlier versions kept it, beyond the tab
+  $("token").value = sessionStorage.getItem(TOKEN_KEY) || "";
   $("token").addEventListener("change", () => {
-    localStorage.setItem("saliency-token", $("token").value);
+    sessionStorage.setItem(TOKEN_KEY, $("token").value);
     loadModels().catch((error) => setStatus(error.message, true));
   });
   $("model").addEventListener("change", () => loadModel($("model").value)
