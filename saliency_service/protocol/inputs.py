@@ -211,6 +211,9 @@ def decode_input(message: pb.Input, spec: InputSpec, config: Config,
         )
     if not np.isfinite(array).all():
         raise InvalidInput("tensor holds NaN or Inf values")
+    if array.dtype == np.float64 and np.abs(array).max() > np.finfo(np.float32).max:
+        raise InvalidInput("input values beyond float32 range (|x| > 3.4e38): the model "
+                           "computes in float32; scale the tensor or send float32")
     if channels_last:  # the service works in N×C×H×W; ModelHandle.run transposes back
         return np.ascontiguousarray(array.transpose(0, 3, 1, 2), dtype=np.float32)
     if not writable and array.dtype == np.float32:
