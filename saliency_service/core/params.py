@@ -17,15 +17,21 @@ from saliency_service.core.errors import InvalidInput, OverLimit
 
 P = TypeVar("P")
 
+# Most values a repeated parameter takes unless its field declares fewer (``max_items``):
+# a handler's exact count (e.g. one weight per scale output) is checked once the model is
+# known, so this only has to be small enough that converting the values costs nothing.
+MAX_ITEMS = 64
+
 
 def param(default: Any, *, low: float | None = None, high: float | None = None,
           low_open: bool = False, high_open: bool = False, limit: str = "",
-          choices: tuple[str, ...] = ()) -> Any:
+          choices: tuple[str, ...] = (), max_items: int = MAX_ITEMS) -> Any:
     """A parameter field: ``default`` when unset; ``low``/``high`` bound it (``*_open``
     excludes the bound); ``limit`` names the server limit that caps it; ``choices`` are the
-    allowed names of an enum field (its proto values without their prefix, lower case)."""
+    allowed names of an enum field (its proto values without their prefix, lower case);
+    ``max_items`` bounds a repeated field's length."""
     metadata = {"low": low, "high": high, "low_open": low_open, "high_open": high_open,
-                "limit": limit, "choices": choices}
+                "limit": limit, "choices": choices, "max_items": max_items}
     if isinstance(default, list | tuple):
         return dataclasses.field(default=tuple(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -49,11 +55,23 @@ def enum_name(message: Any, name: str, value: int, label: str) -> str:
     return known.name.removeprefix(prefix).lower()
 
 
-def _given(message: Any, descriptor: Any, label: str) -> tuple[bool, Any]:
-    """(whether the client set the field, its value) for one proto field."""
+def check_count(label: str, count: int, bound: int, why: str = "") -> None:
+    """Refuses a repeated field of more than ``bound`` values, from its length alone (the
+    values are not read, so a huge field costs nothing before it is refused)."""
+    if count > bound:
+        raise InvalidInput(f"{label} has {count} values; at most {bound} are accepted"
+                           f"{f': {why}' if why else ''}")
+
+
+def _given(message: Any, descriptor: Any, label: str,
+           max_items: int = MAX_ITEMS) -> tuple[bool, Any]:
+    """(whether the client set the field, its value) for one proto field; a repeated field
+    is bounded by ``max_items`` before its values are converted."""
     name = descriptor.name
     if descriptor.is_repeated:
-        values = tuple(getattr(message, name))
+        field = getattr(message, name)
+        check_count(label, len(field), max_items)
+        values = tuple(field)
         return bool(values), values
     if descriptor.has_presence:
         return message.HasField(name), getattr(message, name)
@@ -102,7 +120,8 @@ def from_message(cls: type[P], message: Any | None, limits: Mapping[str, float],
         if isinstance(value, list):
             value = tuple(value)
         if descriptor is not None:
-            given, proto_value = _given(message, descriptor, f"{where}.{field.name}")
+            given, proto_value = _given(message, descriptor, f"{where}.{field.name}",
+                                        field.metadata.get("max_items", MAX_ITEMS))
             if given:
                 value = proto_value
         _check(f"{where}.{field.name}", field, value, limits)

@@ -22,12 +22,13 @@ from typing import Any, TypeVar
 import grpc
 
 from saliency_service.core.errors import Internal, NotFound, ServiceError, Unavailable
+from saliency_service.core.params import check_count
 from saliency_service.core.request import CostCounter, ProgressUpdate, RequestState
 from saliency_service.methods import registry
 from saliency_service.methods.base import method_name
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.codec import Core
-from saliency_service.protocol.images import array_to_tensor
+from saliency_service.protocol.images import MAX_TENSOR_DIMS, array_to_tensor
 from saliency_service.protocol.inputs import check_batch
 from saliency_service.protocol.request_log import Outcome, RequestLog
 from saliency_service.protocol.status import status_of
@@ -57,7 +58,10 @@ class CallInfo:
 def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config) -> None:
     """Refuses work beyond the configured per-request limits before it takes a slot.
 
-    Raises InvalidInput naming the limit (and its flag) that the request exceeds.
+    Repeated fields are bounded by their length alone, before any value is read: this runs
+    on the event loop, where converting millions of values would hold up every call.
+    Raises InvalidInput naming the field or the limit (and its flag) that the request
+    exceeds.
     """
     source = request.input
     kind = source.WhichOneof("kind")
@@ -65,9 +69,17 @@ def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config)
     if kind == "images":
         batch = len(source.images.images)
     elif kind == "tensor" and source.tensor.shape:
+        check_count("input.tensor.shape", len(source.tensor.shape), MAX_TENSOR_DIMS,
+                    "a model input has 4 dimensions")
         batch = int(source.tensor.shape[0])
     check_batch(batch, config)
-    if isinstance(request, pb.ExplainRequest) and request.WhichOneof("params"):
+    if not isinstance(request, pb.ExplainRequest):
+        return
+    if request.target.WhichOneof("kind") == "per_item":
+        indices = len(request.target.per_item.indices)
+        check_count("target.per_item.indices", indices, max(batch, 1),
+                    f"one class index per item of the batch of {max(batch, 1)}")
+    if request.WhichOneof("params"):
         try:
             handler = registry.get(request.method)
         except NotFound:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from saliency_service.core.params import check_count
 from saliency_service.core.repository import ModelHandle, Repository
 from saliency_service.core.request import CostCounter, ProgressUpdate, RequestState
 from saliency_service.methods import registry
@@ -26,12 +27,18 @@ from saliency_service.serving.engine import Engine, ExplainOrder, Explanation, T
 from saliency_service.serving.metrics import Metrics
 
 
-def target_of(message: pb.Target) -> Target:
+def target_of(message: pb.Target, max_batch: int) -> Target:
+    """The engine's target; per-item indices are bounded by ``max_batch`` (one per item)
+    before they are read."""
     kind = message.WhichOneof("kind")
     if kind == "class_index":
         return Target("class_index", (int(message.class_index),))
     if kind == "per_item":
-        return Target("per_item", tuple(int(i) for i in message.per_item.indices))
+        indices = message.per_item.indices
+        check_count("target.per_item.indices", len(indices), max_batch,
+                    "one class index per batch item, and a batch holds at most "
+                    f"max_batch={max_batch} items (--max-batch)")
+        return Target("per_item", tuple(int(i) for i in indices))
     return Target()
 
 
@@ -127,7 +134,7 @@ class Core:
             decode=lambda spec: decode_input(request.input, spec, self.config,
                                              resize=request.resize, geometry=geometry),
             params=getattr(request, which) if which else None, params_field=which,
-            target=target_of(request.target), seed=int(request.seed),
+            target=target_of(request.target, self.config.max_batch), seed=int(request.seed),
             max_latency_ms=request.budget.max_latency_ms,
             best_effort=request.budget.best_effort,
             wants_overlays=request.return_overlay, wants_raw=request.return_raw,
