@@ -13,6 +13,7 @@ min-max normalized per image (pytorch-grad-cam's result; an all-zero CAM stays a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,7 +98,7 @@ def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(activations), np.concatenate(gradients)
 
 
-def gradcam_weights(gradients: np.ndarray) -> np.ndarray:
+def gradcam_weights(_activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
     """Grad-CAM: the spatial mean of the gradient per channel (N×K)."""
     return gradients.mean(axis=(2, 3))
 
@@ -113,14 +114,15 @@ def gradcam_plus_plus_weights(activations: np.ndarray, gradients: np.ndarray) ->
     return (np.maximum(gradients, 0) * alpha).sum(axis=(2, 3))
 
 
-def signed_cam(job: Job, output_name: str, plus_plus: bool = False) -> np.ndarray:
-    """Σ_k w_k A_k at ``output_name`` before the ReLU (N×h×w float32)."""
+def signed_cam(job: Job, output_name: str,
+               weights: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+               ) -> np.ndarray:
+    """Σ_k w_k A_k at ``output_name`` before the ReLU (N×h×w float32); ``weights`` maps
+    activations and gradients (N×K×h×w) to the channel weights w (N×K), Grad-CAM's by
+    default."""
     activations, gradients = layer_gradients(job, output_name)
-    if plus_plus:
-        weights = gradcam_plus_plus_weights(activations, gradients)
-    else:
-        weights = gradcam_weights(gradients)
-    return np.einsum("nk,nkhw->nhw", weights, activations).astype(np.float32)
+    channel_weights = (weights or gradcam_weights)(activations, gradients)
+    return np.einsum("nk,nkhw->nhw", channel_weights, activations).astype(np.float32)
 
 
 def grad_cam(job: Job, output_name: str) -> np.ndarray:
@@ -136,10 +138,14 @@ class CamParams:
 
 
 class CamHandler(GradientHandler):
-    """Shared layer choice and map making of the CAM methods."""
+    """The CAM pipeline (layer choice, activations and gradients, map making); a variant
+    overrides ``weights`` alone, as pytorch-grad-cam's ``get_cam_weights``."""
 
-    plus_plus = False
     Params = CamParams
+
+    def weights(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        """Channel weights (N×K) from activations and gradients (N×K×h×w): Grad-CAM's."""
+        return gradcam_weights(activations, gradients)
 
     def available_for(self, model: ModelHandle) -> bool:
         return super().available_for(model) and bool(model.spec().extra_outputs)
@@ -156,7 +162,7 @@ class CamHandler(GradientHandler):
         return 1.0 + CAM_PASS
 
     def _compute(self, job: Job) -> np.ndarray:
-        return signed_cam(job, resolve_layer(job, job.params.layer), self.plus_plus)
+        return signed_cam(job, resolve_layer(job, job.params.layer), self.weights)
 
     def to_maps(self, raw: np.ndarray, job: Job) -> np.ndarray:
         positive = np.maximum(raw, 0.0)
@@ -179,6 +185,8 @@ class GradCamPlusPlus(CamHandler):
     """Grad-CAM++: channel weights from positive gradients with per-pixel α coefficients."""
 
     method = pb.METHOD_GRADCAM_PLUS_PLUS
-    plus_plus = True
     description = "Grad-CAM with higher-order pixel weights; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1710.11063"
+
+    def weights(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        return gradcam_plus_plus_weights(activations, gradients)

@@ -16,6 +16,7 @@ _BUILTIN = (
     "saliency_service.methods.integrated",
     "saliency_service.methods.cam",
     "saliency_service.methods.guided_gradcam",
+    "saliency_service.methods.xgradcam",
     "saliency_service.methods.perturbation",
     "saliency_service.methods.decam",
     "saliency_service.methods.multiscale",

@@ -29,6 +29,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_GRADCAM: _ClassVar[Method]
     METHOD_GRADCAM_PLUS_PLUS: _ClassVar[Method]
     METHOD_GUIDED_GRADCAM: _ClassVar[Method]
+    METHOD_XGRADCAM: _ClassVar[Method]
     METHOD_SMOE_SCALE: _ClassVar[Method]
     METHOD_FASTCAM: _ClassVar[Method]
     METHOD_LOVI: _ClassVar[Method]
@@ -76,6 +77,7 @@ METHOD_GUIDED_ABSOLUTEGRAD: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
 METHOD_GUIDED_GRADCAM: Method
+METHOD_XGRADCAM: Method
 METHOD_SMOE_SCALE: Method
 METHOD_FASTCAM: Method
 METHOD_LOVI: Method
@@ -259,7 +261,7 @@ class RiseParams(_message.Message):
     def __init__(self, masks: _Optional[int] = ..., cells: _Optional[int] = ..., keep_probability: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "version", "input", "method", "target", "vanilla_gradient", "input_x_gradient", "smoothgrad", "vargrad", "integrated_gradients", "guided_backprop", "guided_absolutegrad", "gradcam", "gradcam_plus_plus", "guided_gradcam", "smoe_scale", "fastcam", "lovi", "decam", "occlusion", "rise", "seed", "budget", "return_raw", "return_overlay", "top_k", "resize")
+    __slots__ = ("model", "version", "input", "method", "target", "vanilla_gradient", "input_x_gradient", "smoothgrad", "vargrad", "integrated_gradients", "guided_backprop", "guided_absolutegrad", "gradcam", "gradcam_plus_plus", "guided_gradcam", "xgradcam", "smoe_scale", "fastcam", "lovi", "decam", "occlusion", "rise", "seed", "budget", "return_raw", "return_overlay", "top_k", "resize")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +277,7 @@ class ExplainRequest(_message.Message):
     GRADCAM_FIELD_NUMBER: _ClassVar[int]
     GRADCAM_PLUS_PLUS_FIELD_NUMBER: _ClassVar[int]
     GUIDED_GRADCAM_FIELD_NUMBER: _ClassVar[int]
+    XGRADCAM_FIELD_NUMBER: _ClassVar[int]
     SMOE_SCALE_FIELD_NUMBER: _ClassVar[int]
     FASTCAM_FIELD_NUMBER: _ClassVar[int]
     LOVI_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +305,7 @@ class ExplainRequest(_message.Message):
     gradcam: GradCamParams
     gradcam_plus_plus: GradCamParams
     guided_gradcam: GuidedGradCamParams
+    xgradcam: GradCamParams
     smoe_scale: MultiScaleParams
     fastcam: MultiScaleParams
     lovi: MultiScaleParams
@@ -314,7 +318,7 @@ class ExplainRequest(_message.Message):
     return_overlay: bool
     top_k: int
     resize: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., vanilla_gradient: _Optional[_Union[VanillaGradientParams, _Mapping]] = ..., input_x_gradient: _Optional[_Union[InputXGradientParams, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., vargrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., guided_backprop: _Optional[_Union[GuidedBackpropParams, _Mapping]] = ..., guided_absolutegrad: _Optional[_Union[GuidedAbsoluteGradParams, _Mapping]] = ..., gradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., gradcam_plus_plus: _Optional[_Union[GradCamParams, _Mapping]] = ..., guided_gradcam: _Optional[_Union[GuidedGradCamParams, _Mapping]] = ..., smoe_scale: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., fastcam: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., lovi: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., decam: _Optional[_Union[DecamParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., rise: _Optional[_Union[RiseParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., return_raw: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., top_k: _Optional[int] = ..., resize: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., vanilla_gradient: _Optional[_Union[VanillaGradientParams, _Mapping]] = ..., input_x_gradient: _Optional[_Union[InputXGradientParams, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., vargrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., guided_backprop: _Optional[_Union[GuidedBackpropParams, _Mapping]] = ..., guided_absolutegrad: _Optional[_Union[GuidedAbsoluteGradParams, _Mapping]] = ..., gradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., gradcam_plus_plus: _Optional[_Union[GradCamParams, _Mapping]] = ..., guided_gradcam: _Optional[_Union[GuidedGradCamParams, _Mapping]] = ..., xgradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., smoe_scale: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., fastcam: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., lovi: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., decam: _Optional[_Union[DecamParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., rise: _Optional[_Union[RiseParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., return_raw: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., top_k: _Optional[int] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "probability", "logit")
