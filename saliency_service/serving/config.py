@@ -25,6 +25,14 @@ HELP = {
     "metrics_port": "Prometheus /metrics port (0 picks a free one, -1 turns it off)",
     "http_port": "HTTP/JSON API, KServe V1 routes and the web explorer at /explorer/ (0 picks "
     "a free one, -1 turns it off); same limits, tokens and TLS as gRPC",
+    "http_header_timeout_seconds": "seconds an HTTP connection gets to send a complete request "
+    "head, from its opening or its previous response; slower ones are closed, so idle or "
+    "half-open sockets cannot hold the port",
+    "http_max_connections": "HTTP connections open at once; a new one beyond it is answered "
+    "503 and closed",
+    "http_max_connections_per_client": "HTTP connections open at once from one client "
+    "address (behind a proxy: the proxy's); a new one beyond it is answered 503 and closed, so "
+    "one client cannot take them all",
     "max_inflight": "requests executing at once (one worker thread each)",
     "max_queue": "requests waiting for a worker; beyond that RESOURCE_EXHAUSTED at once",
     "max_queue_wait_ms": "bound on the wait for a worker (0 = off): a request is refused at "
@@ -85,6 +93,11 @@ class Config:
     metrics_port: int = 9090
     # The HTTP/JSON API and explorer beside gRPC (-1 = off).
     http_port: int = -1
+    # HTTP connections: the time to send a request head, and how many may be open at once,
+    # in all and from one client address.
+    http_header_timeout_seconds: float = 10.0
+    http_max_connections: int = 1000
+    http_max_connections_per_client: int = 100
     # Requests executing at once (each holds one worker thread), and waiting beyond
     # those; more are refused with RESOURCE_EXHAUSTED.
     max_inflight: int = 2
@@ -152,6 +165,13 @@ class Config:
             problems.append(f"max_concurrent_rpcs must be >= 0, got {self.max_concurrent_rpcs}")
         if self.max_queue < 0:
             problems.append(f"max_queue must be >= 0, got {self.max_queue}")
+        if not self.http_header_timeout_seconds > 0:
+            problems.append("http_header_timeout_seconds must be > 0, got "
+                            f"{self.http_header_timeout_seconds}")
+        if not 1 <= self.http_max_connections_per_client <= self.http_max_connections:
+            problems.append("http_max_connections_per_client must be within [1, "
+                            f"http_max_connections={self.http_max_connections}], got "
+                            f"{self.http_max_connections_per_client}")
         if not self.max_queue_wait_ms >= 0:
             problems.append(f"max_queue_wait_ms must be >= 0, got {self.max_queue_wait_ms}")
         if not 0 <= self.inline_below_ms <= MAX_INLINE_MS:
