@@ -27,6 +27,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+# Where ``--quick`` smoke runs write unless given ``--out``: never over the committed results.
+QUICK_RESULTS = Path(tempfile.gettempdir()) / "saliency-bench-quick"
 CACHE = Path(
     os.environ.get("SALIENCY_BENCH_CACHE", Path(tempfile.gettempdir()) / "saliency-bench-cache")
 )
@@ -265,10 +267,27 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+class _BenchParser(argparse.ArgumentParser):
+    """Fills ``--out`` after parsing: ``benchmarks/results`` for a full run, and a folder
+    outside the repository for ``--quick``, whose figures must not replace the committed
+    ones."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        if getattr(parsed, "out", None) is None:
+            parsed.out = QUICK_RESULTS if getattr(parsed, "quick", False) else RESULTS
+        return parsed, rest
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser = _BenchParser(description=description)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a fast smoke run (results in {QUICK_RESULTS} unless --out)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results folder (default {RESULTS.relative_to(ROOT)}; with "
+                        f"--quick {QUICK_RESULTS})")
     return parser
 
 

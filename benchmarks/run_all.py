@@ -5,6 +5,9 @@ failure or memory spike does not take the others down; the summary quotes each s
 printed report and where its JSON is.
 
     python -m benchmarks.run_all [--quick] [--only load,peers] [--skip scaling]
+
+Results go to ``benchmarks/results``; a ``--quick`` smoke run's go to
+``common.QUICK_RESULTS`` (outside the repository) unless ``--out`` says where.
 """
 
 from __future__ import annotations
