@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from saliency_service.methods._utils.onnx_to_fx import (
+    GraphProgram,
     UnsupportedGraph,
     to_graph_module,
     unsupported_operators,
@@ -319,6 +320,24 @@ def test_resnet_rewrites_keep_outputs(resnet: nn.Module, resnet_exports: dict) -
     assert max(relative(o, e) for o, e in zip(got, expected, strict=True)) <= TOLERANCE
 
 
+@pytest.mark.parametrize("variant", ["fast", "guided", "cut:scale_0", "trunk"])
+def test_build_variant_takes_the_translation(variant: str, resnet: nn.Module,
+                                             resnet_exports: dict) -> None:
+    """``GraphProgram`` stands where ``build_variant`` expects a torch.export program."""
+    program = GraphProgram(to_graph_module(onnx.load(str(resnet_exports["legacy_batch_norm"]))))
+    prepared = torch_program.build_variant(program, variant, ("scale_0", "scale_1"))
+    x = torch.from_numpy(inputs([2, *RESNET_SHAPE], seed=8))
+    with torch.no_grad():
+        expected = resnet(x)
+        got = prepared(prepared.stem(x)) if variant == "trunk" else prepared(x)
+    assert max(relative(o, e) for o, e in zip(got, expected, strict=True)) <= TOLERANCE
+    if variant == "fast":  # BatchNorm folded away, the original untouched
+        targets = {n.target for n in prepared.graph_module.graph.nodes}
+        assert torch.ops.aten.batch_norm.default not in targets
+        assert torch.ops.aten.batch_norm.default in {
+            n.target for n in program.graph_module.graph.nodes}
+
+
 MOBILE_SHAPE = (3, 32, 32)
 
 
@@ -565,7 +584,8 @@ CASES: dict[str, tuple] = {
                         [("scales", _f32(1, 1, 2, 3))], 9),
     "pad_reflect": ([_node("Pad", ["x", "pads"], mode="reflect")],
                     [("pads", _i64(0, 0, 2, 1, 0, 0, 1, 3))]),
-    "pad_edge": ([_node("Pad", ["x", "pads"], mode="edge")], [("pads", _i64(0, 0, 2, 1, 0, 0, 1, 3))]),
+    "pad_edge": ([_node("Pad", ["x", "pads"], mode="edge")],
+                 [("pads", _i64(0, 0, 2, 1, 0, 0, 1, 3))]),
     "pad_constant_crop": ([_node("Pad", ["x", "pads", "v"])],
                           [("pads", _i64(0, 1, -1, 2, 0, 0, 1, -2)), ("v", _f32(0.5).reshape(()))]),
     "pad_axes_opset18": ([_node("Pad", ["x", "pads", "", "axes"])],
@@ -582,12 +602,14 @@ CASES: dict[str, tuple] = {
                            [("i", _i64(2)), ("one", _i64(1)), ("start", _i64(1)),
                             ("axes", _i64(2))]),
     "split_input": ([_node("Split", ["x", "split"], ["a", "b"], axis=2),
-                     _node("Slice", ["b", "s", "e", "ax"], ["b2"]), _node("Add", ["a", "b2"], ["y"])],
+                     _node("Slice", ["b", "s", "e", "ax"], ["b2"]),
+                     _node("Add", ["a", "b2"], ["y"])],
                     [("split", _i64(3, 5)), ("s", _i64(0)), ("e", _i64(3)), ("ax", _i64(2))]),
     "split_num_outputs": ([_node("Split", ["x"], ["a", "b", "y"], axis=3, num_outputs=3)], [],
                           18),
     "split_equal_opset11": ([_node("Split", ["x"], ["a", "y"], axis=2)], [], 11),
-    "gather_indices_2d": ([_node("Gather", ["x", "i"], axis=2)], [("i", _i64(0, -1, 3, 2).reshape(2, 2))]),
+    "gather_indices_2d": ([_node("Gather", ["x", "i"], axis=2)],
+                          [("i", _i64(0, -1, 3, 2).reshape(2, 2))]),
     "gather_scalar_negative_axis": ([_node("Gather", ["x", "i"], axis=-1)], [("i", np.array(-2))]),
     "gather_elements": ([_node("GatherElements", ["x", "i"], axis=1)],
                         [("i", _R.integers(-3, 3, (1, 2, 8, 8)).astype(np.int64))], 17, _S),
@@ -607,12 +629,14 @@ CASES: dict[str, tuple] = {
                                  _node("Range", ["lo", "hi", "dt"], ["r"]),
                                  _node("Add", ["zeros", "r"], ["zr"]),
                                  _node("Mul", ["x", "zr"])],
-                                [("lo", np.array(1.0, np.float32)), ("hi", np.array(4.8, np.float32)),
+                                [("lo", np.array(1.0, np.float32)),
+                                 ("hi", np.array(4.8, np.float32)),
                                  ("dt", np.array(0.5, np.float32))]),
     "where_compare_logic": ([_node("Greater", ["x", "z"], ["g"]), _node("Less", ["x", "h"], ["l"]),
                              _node("And", ["g", "l"], ["both"]), _node("Not", ["both"], ["n"]),
                              _node("Equal", ["n", "t"], ["e"]),
-                             _node("Neg", ["x"], ["neg"]), _node("Where", ["e", "x", "neg"], ["y"])],
+                             _node("Neg", ["x"], ["neg"]),
+                             _node("Where", ["e", "x", "neg"], ["y"])],
                             [("z", _f32(0)), ("h", _f32(0.5)), ("t", np.array([True]))]),
     "argmax_argmin": ([_node("ArgMax", ["x"], ["y"], axis=1, keepdims=0),
                        _node("ArgMin", ["x"], ["z"], axis=-1)], [], 17, _S, False, ("y", "z")),
@@ -636,7 +660,8 @@ CASES: dict[str, tuple] = {
                                        [("ax", np.zeros(0, np.int64))], 18),
     "activations": ([_node("LeakyRelu", ["x"], ["a"], alpha=0.2), _node("Elu", ["a"], ["b"]),
                      _node("Selu", ["b"], ["c"]), _node("Softplus", ["c"], ["d"]),
-                     _node("HardSigmoid", ["d"], ["e"], alpha=0.3), _node("HardSwish", ["x"], ["f"]),
+                     _node("HardSigmoid", ["d"], ["e"], alpha=0.3),
+                     _node("HardSwish", ["x"], ["f"]),
                      _node("Mul", ["e", "f"], ["g"]), _node("Tanh", ["g"], ["h"]),
                      _node("Sigmoid", ["h"], ["i"]), _node("Erf", ["x"], ["j"]),
                      _node("Celu", ["j"], ["k"], alpha=0.5), _node("Softsign", ["k"], ["l"]),
@@ -646,7 +671,8 @@ CASES: dict[str, tuple] = {
     "prelu": ([_node("PRelu", ["x", "s"])], [("s", _f32(0.1, -0.2, 0.3).reshape(3, 1, 1))]),
     "clip_inputs_and_attrs": ([_node("Clip", ["x", "lo", ""], ["a"]),
                                _node("Clip", ["a", "", "hi"], ["y"])],
-                              [("lo", np.array(-0.3, np.float32)), ("hi", np.array(0.4, np.float32))]),
+                              [("lo", np.array(-0.3, np.float32)),
+                               ("hi", np.array(0.4, np.float32))]),
     "clip_opset6": ([_node("Clip", min=-0.2, max=0.6)], [], 6, _S, False),
     "math": ([_node("Abs", ["x"], ["a"]), _node("Add", ["a", "one"], ["b"]),
               _node("Log", ["b"], ["c"]), _node("Sqrt", ["b"], ["d"]), _node("Exp", ["c"], ["e"]),
@@ -672,11 +698,12 @@ CASES: dict[str, tuple] = {
                              [("shape", _i64(0, -1, 4))], 17, _S, False),
     "cumsum_exclusive_reverse": ([_node("CumSum", ["x", "ax"], exclusive=1, reverse=1)],
                                  [("ax", np.array(2, np.int64))]),
-    "shape_size_outputs": ([_node("Shape", ["x"], ["y"], start=1, end=-1), _node("Size", ["x"], ["z"])],
+    "shape_size_outputs": ([_node("Shape", ["x"], ["y"], start=1, end=-1),
+                            _node("Size", ["x"], ["z"])],
                            [], 17, _S, False, ("y", "z")),
     "dropout_identity": ([_node("Dropout", ["x", "r"], ["a"]), _node("Identity", ["a"])],
                          [("r", np.array(0.5, np.float32))]),
-    "constants": ([_node("Constant", [], ["c"], value_floats=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]),
+    "constants": ([_node("Constant", [], ["c"], value_floats=[float(i) for i in range(1, 9)]),
                    _node("Constant", [], ["d"], value=numpy_helper.from_array(
                        np.arange(8, dtype=np.float64), "d")),
                    _node("Cast", ["d"], ["df"], to=TensorProto.FLOAT),
@@ -714,8 +741,8 @@ def test_unsupported_operators_are_all_named() -> None:
     ]
     model = make_model(nodes, _S)
     assert unsupported_operators(model) == ["Loop", "NonMaxSuppression", "com.microsoft.FusedConv"]
-    with pytest.raises(UnsupportedGraph, match="operators not supported for gradients: Loop, "
-                       "NonMaxSuppression, com.microsoft.FusedConv"):
+    with pytest.raises(UnsupportedGraph, match=r"operators not supported for gradients: Loop, "
+                       r"NonMaxSuppression, com\.microsoft\.FusedConv"):
         to_graph_module(model)
     assert unsupported_operators(make_model([_node("Relu")], _S)) == []
 
@@ -775,6 +802,20 @@ def test_names_from_the_file_never_reach_the_generated_code() -> None:
     assert "import" not in module.code and "system" not in module.code
     x = torch.randn(2, 3)
     assert torch.equal(module(x)[0], torch.relu(x))
+
+
+def test_a_graph_that_cannot_run_is_refused() -> None:
+    model = make_model([_node("Reshape", ["x", "shape"])], _S, [("shape", _i64(0, 7, -1, 5))])
+    with pytest.raises(UnsupportedGraph, match="does not run"):
+        to_graph_module(model)
+
+
+def test_fixed_batch_in_the_graph_keeps_static_meta() -> None:
+    """A Reshape that writes the batch as 1 runs at batch 1 only, in ORT and here."""
+    model = make_model([_node("Reshape", ["x", "shape"])], _S, [("shape", _i64(1, 3, 64))])
+    module, _ = assert_matches_ort(model, _S, batches=(1,))
+    (placeholder,) = [n for n in module.graph.nodes if n.op == "placeholder"]
+    assert list(placeholder.meta["val"].shape) == [1, *_S]
 
 
 def test_graph_must_take_one_input() -> None:

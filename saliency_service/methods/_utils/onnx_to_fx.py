@@ -18,11 +18,12 @@ holds a fake tensor with a symbolic batch size when the input's other dimensions
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ import torch
 from onnx import AttributeProto, TensorProto, numpy_helper
 from torch import fx
 
-__all__ = ["MAX_BYTES", "UnsupportedGraph", "to_graph_module", "unsupported_operators"]
+__all__ = ["MAX_BYTES", "GraphProgram", "UnsupportedGraph", "to_graph_module",
+           "unsupported_operators"]
 
 A = torch.ops.aten
 Value = torch.Tensor | fx.Node
@@ -507,7 +509,6 @@ class _Op:
     dtypes: list[torch.dtype | None]
     attrs: dict[str, Any]
     used: list[bool]
-    out_shapes: list[tuple[int | None, ...] | None] = field(default_factory=list)
 
     def input(self, i: int) -> Value | None:
         return self.inputs[i] if i < len(self.inputs) else None
@@ -563,22 +564,22 @@ def _need(value: Value | None, what: str) -> Value:
 
 # --------------------------------------------------------------------------- translations
 
-Translation = Callable[[_Builder, _Op], list[Any]]
+_Translate = Callable[[_Builder, _Op], list[Any]]
 
 
-def _unary(target: Any, *extra: Any) -> Translation:
+def _unary(target: Any, *extra: Any) -> _Translate:
     def translate(b: _Builder, op: _Op) -> list[Any]:
         return [b.call(target, _need(op.input(0), "input"), *extra)]
     return translate
 
 
-def _binary(target: Any) -> Translation:
+def _binary(target: Any) -> _Translate:
     def translate(b: _Builder, op: _Op) -> list[Any]:
         return [b.call(target, _need(op.input(0), "A"), _need(op.input(1), "B"))]
     return translate
 
 
-def _variadic(target: Any, mean: bool = False) -> Translation:
+def _variadic(target: Any, mean: bool = False) -> _Translate:
     def translate(b: _Builder, op: _Op) -> list[Any]:
         values = [v for v in op.inputs if v is not None]
         out = _need(values[0] if values else None, "input")
@@ -682,7 +683,7 @@ def _clip(b: _Builder, op: _Op) -> list[Any]:
     return [b.call(A.clamp.default, x, low, high)]
 
 
-def _softmax(log: bool) -> Translation:
+def _softmax(log: bool) -> _Translate:
     def translate(b: _Builder, op: _Op) -> list[Any]:
         x = _need(op.input(0), "input")
         axis = op.attr("axis", -1 if op.opset >= 13 else 1)
@@ -886,7 +887,7 @@ def _avg_pool(b: _Builder, op: _Op) -> list[Any]:
     return [b.call(A.div.Tensor, summed, pool(ones, [0] * nd, True))]
 
 
-def _global_pool_op(kind: str) -> Translation:
+def _global_pool_op(kind: str) -> _Translate:
     def translate(b: _Builder, op: _Op) -> list[Any]:
         x = _need(op.input(0), "X")
         rank = op.rank(0)
@@ -1231,7 +1232,7 @@ def _where(b: _Builder, op: _Op) -> list[Any]:
     return [b.call(A.where.self, *(_need(op.input(i), "Where input") for i in range(3)))]
 
 
-def _arg(target: Any) -> Translation:
+def _arg(target: Any) -> _Translate:
     def translate(b: _Builder, op: _Op) -> list[Any]:
         if op.attr("select_last_index", 0):
             raise _Problem(f"{op.op_type} select_last_index=1")
@@ -1404,7 +1405,7 @@ def _resize_aten(b: _Builder, op: _Op, x: Value, scales: list[float] | None,
 
 # --------------------------------------------------------------------------- op table
 
-_OPS: dict[str, Translation] = {
+_OPS: dict[str, _Translate] = {
     "Relu": _unary(A.relu.default),
     "Sigmoid": _unary(A.sigmoid.default),
     "Tanh": _unary(A.tanh.default),
@@ -1633,8 +1634,7 @@ class _Translation:
                  inputs=[self.values[n] if n else None for n in names],
                  shapes=[f[0] for f in facts], dtypes=[f[1] for f in facts],
                  attrs={a.name: _attribute(a) for a in node.attribute},
-                 used=[bool(o) and o in used for o in node.output],
-                 out_shapes=[self._facts(o)[0] for o in node.output])
+                 used=[bool(o) and o in used for o in node.output])
         try:
             results = _OPS[node.op_type](self.builder, op)
         except _Problem as exc:
@@ -1671,17 +1671,49 @@ class _Translation:
 
 def to_graph_module(model: onnx.ModelProto) -> fx.GraphModule:
     """The ONNX graph as a GraphModule of aten ops: ``forward(x)`` takes the graph's one
-    input (float32, any batch size) and returns a tuple of its outputs in order."""
+    input (float32, any batch size) and returns a tuple of its outputs in order.
+
+    Raises :class:`UnsupportedGraph` naming every operator, attribute or tensor it cannot
+    translate, and when the translated graph fails on an example input of the declared
+    shape (checked when all of the input's dimensions but the batch are fixed)."""
     unsupported = unsupported_operators(model)
     if unsupported:
         raise UnsupportedGraph(
             f"operators not supported for gradients: {', '.join(unsupported)}")
-    module, source = _Translation(model).run()
-    _annotate(module, source)
+    try:
+        module, source = _Translation(model).run()
+        _annotate(module, source)
+    except UnsupportedGraph:
+        raise
+    except Exception as exc:  # a malformed graph never escapes as another error
+        raise UnsupportedGraph(f"cannot translate the graph: {type(exc).__name__}: {exc}"
+                               ) from exc
     return module
 
 
+@dataclass(frozen=True)
+class GraphProgram:
+    """Stands in for a ``torch.export.ExportedProgram`` where only ``module()`` is used
+    (``torch_program.build_variant``): each call returns a fresh copy to rewrite."""
+
+    graph_module: fx.GraphModule
+
+    def module(self) -> fx.GraphModule:
+        return copy.deepcopy(self.graph_module)
+
+
 # --------------------------------------------------------------------------- node.meta["val"]
+
+
+def _summary(value: Any) -> Any:
+    """What ``node.meta["val"]`` needs of a result: shapes and dtypes, not the data."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    if isinstance(value, list | tuple):
+        return [_summary(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
 
 
 class _Recorder(fx.Interpreter):
@@ -1691,7 +1723,7 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        self.seen[n] = result
+        self.seen[n] = _summary(result)
         return result
 
 
@@ -1703,21 +1735,33 @@ def _record(module: fx.GraphModule, shape: list[int]) -> dict[fx.Node, Any]:
     return recorder.seen
 
 
+def _example_runs(module: fx.GraphModule, rest: list[int],
+                  fixed: int | None) -> tuple[list[dict[fx.Node, Any]], bool]:
+    """Results at batch 2 and 3 (free batch), else at the one batch the graph runs with;
+    raises :class:`UnsupportedGraph` when it runs with none."""
+    try:
+        if fixed is None:
+            return [_record(module, [batch, *rest]) for batch in (2, 3)], True
+    except Exception:  # the graph may fix its batch at 1, in a Reshape for instance
+        pass
+    try:
+        return [_record(module, [fixed or 1, *rest])], False
+    except Exception as exc:
+        raise UnsupportedGraph(f"the translated graph does not run on an input of shape "
+                               f"{[fixed or 1, *rest]}: {type(exc).__name__}: {exc}") from exc
+
+
 def _annotate(module: fx.GraphModule, source: onnx.ValueInfoProto) -> None:
     """Sets ``node.meta["val"]``: fake tensors whose batch size is a symbol when it is free.
 
     Found by running the graph at two batch sizes, so only when all the input's other
     dimensions are fixed; a dimension that grows with the batch is ``k * batch``."""
     dims = source.type.tensor_type.shape.dim
-    if any(not d.HasField("dim_value") for d in dims[1:]) or not dims:
+    if not dims or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims[1:]):
         return
     rest = [int(d.dim_value) for d in dims[1:]]
     fixed = int(dims[0].dim_value) if dims[0].HasField("dim_value") else None
-    batches = (fixed,) if fixed else (2, 3)
-    try:
-        runs = [_record(module, [batch, *rest]) for batch in batches]
-    except Exception:
-        return  # the graph fixes its batch elsewhere: leave meta empty, it runs as ORT would
+    runs, free = _example_runs(module, rest, fixed or None)
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import (
         DimDynamic,
@@ -1727,7 +1771,7 @@ def _annotate(module: fx.GraphModule, source: onnx.ValueInfoProto) -> None:
 
     mode = FakeTensorMode(shape_env=ShapeEnv())
     symbol = None
-    if fixed is None:
+    if free:
         context = StatelessSymbolicContext(
             dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
         symbol = mode.from_tensor(torch.empty(2, 1), symbolic_context=context).shape[0]
@@ -1750,15 +1794,15 @@ def _size_of(values: list[int], symbol: Any) -> Any:
 
 def _fake(values: list[Any], mode: Any, symbol: Any) -> Any:
     first = values[0]
-    if isinstance(first, torch.Tensor):
-        shape = [_size_of([v.shape[i] for v in values], symbol) for i in range(first.dim())]
+    if isinstance(first, tuple):
+        shape = [_size_of([v[0][i] for v in values], symbol) for i in range(len(first[0]))]
         if any(d is None for d in shape):
             return None
         with mode:
-            return torch.empty(shape, dtype=first.dtype)
-    if isinstance(first, list | tuple) and first:
+            return torch.empty(shape, dtype=first[1])
+    if isinstance(first, list) and first:
         parts = [_fake([v[i] for v in values], mode, symbol) for i in range(len(first))]
-        return None if any(p is None for p in parts) else type(first)(parts)
-    if isinstance(first, int) and not isinstance(first, bool):
+        return None if any(p is None for p in parts) else parts
+    if isinstance(first, int):
         return _size_of(values, symbol)
     return None
