@@ -1537,17 +1537,40 @@ def _opset(model: onnx.ModelProto) -> int:
     return int(versions[0]) if versions else 21
 
 
+_SMALL_INITIALIZER = 4096  # elements: shape arithmetic's constants, kept for inference
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph without the file's value_info, output shapes or large weights (declared as
+    inputs instead): what shape inference needs, without copying the weights."""
+    skeleton = onnx.ModelProto(ir_version=max(model.ir_version, 4))
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph, source = skeleton.graph, model.graph
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    for output in graph.output:
+        output.type.tensor_type.ClearField("shape")
+    declared = {i.name for i in source.input}
+    for tensor in source.initializer:
+        if math.prod(tensor.dims) <= _SMALL_INITIALIZER and \
+                tensor.data_location != TensorProto.EXTERNAL:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(
+                tensor.name, tensor.data_type, list(tensor.dims)))
+    return skeleton
+
+
 def _static_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Types found by ONNX's shape inference, ignoring the file's own value_info."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    del copy.graph.value_info[:]
-    for output in copy.graph.output:
-        output.type.tensor_type.ClearField("shape")
+    skeleton = _skeleton(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False,
+                                                     data_prop=True)
     except Exception:
-        inferred = copy
+        inferred = skeleton
     graph = inferred.graph
     return {v.name: v.type for v in (*graph.value_info, *graph.input, *graph.output)}
 
