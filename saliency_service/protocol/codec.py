@@ -150,11 +150,14 @@ class Core:
         """Runs one Explain request to completion (or raises a ServiceError)."""
         geometry = ImageGeometry(keep_pixels=request.return_overlay)
         done = self.engine.explain(self.order(request, geometry), state, cost, on_progress)
-        return self.response(done, request, cost, geometry)
+        return self.response(done, request, cost, geometry, state.check)
 
     @staticmethod
     def response(done: Explanation, request: pb.ExplainRequest, cost: CostCounter,
-                 geometry: ImageGeometry | None = None) -> pb.ExplainResponse:
+                 geometry: ImageGeometry | None = None,
+                 check: Callable[[], None] | None = None) -> pb.ExplainResponse:
+        """The reply to ``request``; ``check`` (the request's deadline and cancellation)
+        runs between overlays."""
         handle, result, spec = done.handle, done.result, done.handle.spec()
         geometry = geometry or ImageGeometry()  # maps in the images' geometry, when it says
         maps = geometry.maps(result.maps)
@@ -173,7 +176,8 @@ class Core:
             pictures = geometry.pictures(spec.input) if geometry.follows_images else done.inputs
             response.overlays.extend(captioned_overlays(
                 pictures, spec.input, maps, done.targets, spec.class_labels,
-                done.handler.name, cost, time.perf_counter() - done.started, result.overlays))
+                done.handler.name, cost, time.perf_counter() - done.started, result.overlays,
+                check))
         response.cost.CopyFrom(pb.Cost(
             method=done.handler.method, forward_passes=cost.forward_passes,
             backward_passes=cost.backward_passes, wall_seconds=time.perf_counter() - done.started,

@@ -26,6 +26,11 @@ TICK_LENGTH = 4
 BACKGROUND = (24, 24, 24)
 INK = (235, 235, 235)
 HEAT_TICKS = ((0.0, "0"), (0.25, "0.25"), (0.5, "0.5"), (0.75, "0.75"), (1.0, "1"))
+# A text band's bounds: layout costs grow with the text, which may come from a package or a
+# client, so longer text is cut (with an ellipsis) before it is measured.
+MAX_TEXT_CHARS = 1000
+MAX_TEXT_LINES = 24
+ELLIPSIS = "…"
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -98,11 +103,30 @@ def _break_characters(text: str, width: int, typeface: Font) -> list[str]:
     return lines
 
 
+def clipped(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, ending in an ellipsis when cut."""
+    return text if len(text) <= limit else text[:max(limit - 1, 0)] + ELLIPSIS
+
+
+def _last_line(line: str, width: int, typeface: Font) -> str:
+    """``line`` ending in an ellipsis, shortened until it fits ``width``."""
+    while line and text_width(line + ELLIPSIS, typeface) > width:
+        line = line[:-1]
+    return line + ELLIPSIS
+
+
 def text_band(text: str, width: int) -> np.ndarray:
-    """``text`` wrapped to ``width`` (less the margins), on a band as tall as its lines."""
+    """``text`` wrapped to ``width`` (less the margins), on a band as tall as its lines:
+    at most ``MAX_TEXT_CHARS`` characters on ``MAX_TEXT_LINES`` lines, the rest cut."""
     typeface = font()
-    lines = [line for paragraph in text.split("\n")
-             for line in wrap(paragraph, width - 2 * MARGIN, typeface)]
+    text = clipped(text, MAX_TEXT_CHARS)
+    lines: list[str] = []
+    for paragraph in text.split("\n")[:MAX_TEXT_LINES + 1]:
+        lines.extend(wrap(paragraph, width - 2 * MARGIN, typeface))
+        if len(lines) > MAX_TEXT_LINES:
+            lines = [*lines[:MAX_TEXT_LINES - 1],
+                     _last_line(lines[MAX_TEXT_LINES - 1], width - 2 * MARGIN, typeface)]
+            break
     step = line_height(typeface)
     band = Image.new("RGB", (width, 2 * MARGIN + step * len(lines) - 2), BACKGROUND)
     draw = ImageDraw.Draw(band)

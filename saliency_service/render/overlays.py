@@ -4,28 +4,41 @@ several side by side."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
 from saliency_service.core.repository import InputSpec
 from saliency_service.core.request import CostCounter
-from saliency_service.render.drawing import column, heat_picture, png, row, text_band
+from saliency_service.render.drawing import clipped, column, heat_picture, png, row, text_band
+
+# Longest class label a caption shows; a longer one ends in an ellipsis.
+MAX_LABEL_CHARS = 80
+
+
+def caption_label(label: object) -> str:
+    """A class label as a caption shows it: at most ``MAX_LABEL_CHARS`` characters."""
+    return clipped(str(label), MAX_LABEL_CHARS)
 
 
 def captioned_overlays(inputs: np.ndarray, spec: InputSpec, maps: np.ndarray,
                        targets: np.ndarray, labels: tuple[str, ...], method: str,
                        cost: CostCounter, wall_seconds: float,
-                       rendered: tuple[bytes, ...] = ()) -> list[bytes]:
+                       rendered: tuple[bytes, ...] = (),
+                       check: Callable[[], None] | None = None) -> list[bytes]:
     """One PNG per item: the input picture under its map, at a legible size, with a ticked
     colour bar and a caption (method, explained class, the request's cost) that wraps.
 
     ``rendered`` are a method's own pictures (LOVI's), one per item: they get the caption
-    band below instead."""
+    band below instead. ``check`` runs before each item (the request's deadline and
+    cancellation)."""
     pictures = to_uint8_rgb(inputs, list(spec.mean), list(spec.std), spec.value_range)
     overlays = []
     for index, picture in enumerate(pictures):
-        label = labels[targets[index]] if labels else targets[index]
+        if check is not None:
+            check()
+        label = caption_label(labels[targets[index]] if labels else targets[index])
         caption = (f"{method} · {label} · fwd {cost.forward_passes} "
                    f"bwd {cost.backward_passes} · {wall_seconds * 1000:.0f} ms")
         if rendered:
