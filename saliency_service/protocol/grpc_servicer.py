@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import grpc
 
@@ -55,14 +56,14 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     async def ExplainStream(  # noqa: N802 - gRPC method name
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ExplainUpdate]:
-        queue: asyncio.Queue[pb.ExplainUpdate] = asyncio.Queue()
+        pending: LatestUpdates[pb.ExplainUpdate] = LatestUpdates()
 
         def on_progress(progress: pb.Progress) -> None:
-            queue.put_nowait(pb.ExplainUpdate(progress=progress))
+            pending.put(pb.ExplainUpdate(progress=progress))
 
         task = asyncio.ensure_future(answered(
             context, self.calls.explain(request, call_info(context), on_progress)))
-        async for update in drained(queue, task):
+        async for update in drained(pending, task):
             yield update
         yield pb.ExplainUpdate(result=await task)
 
@@ -85,13 +86,48 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         return await answered(context, get())
 
 
-async def drained(queue: asyncio.Queue[T], task: asyncio.Future[object],
+class LatestUpdates(Generic[T]):
+    """The updates of one stream not yet sent, at most ``max_pending`` of them: when the
+    reader falls behind, the oldest are dropped. Progress is superseded by the next, so a
+    reader that never reads holds a bounded buffer; the final result does not pass here."""
+
+    def __init__(self, max_pending: int = 1) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.max_pending = max_pending
+        self.dropped = 0  # updates superseded before the reader took them
+        self._items: deque[T] = deque()
+        self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put(self, item: T) -> None:
+        """Adds ``item``, dropping the oldest pending one when full (on the event loop)."""
+        if len(self._items) >= self.max_pending:
+            self._items.popleft()
+            self.dropped += 1
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> T:
+        """The oldest pending item, waiting for one."""
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+
+async def drained(pending: LatestUpdates[T] | asyncio.Queue[T], task: asyncio.Future[object],
                   ) -> AsyncIterator[T]:
-    """The items put on ``queue`` while ``task`` runs (and any left when it ends); cancels
+    """The items put in ``pending`` while ``task`` runs (and any left when it ends); cancels
     the task if the consumer goes away."""
     try:
-        while not task.done() or not queue.empty():
-            getter = asyncio.ensure_future(queue.get())
+        while not task.done() or not pending.empty():
+            getter = asyncio.ensure_future(pending.get())
             await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 yield getter.result()
@@ -102,4 +138,5 @@ async def drained(queue: asyncio.Queue[T], task: asyncio.Future[object],
             task.cancel()
 
 
-__all__ = ["REQUEST_ID_KEY", "ExplainerServicer", "answered", "call_info", "drained"]
+__all__ = ["REQUEST_ID_KEY", "ExplainerServicer", "LatestUpdates", "answered", "call_info",
+           "drained"]
