@@ -762,6 +762,23 @@ def test_unsupported_attributes_are_all_named() -> None:
     assert "mode='mirror'" in message
 
 
+@pytest.mark.parametrize("nodes", [
+    [helper.make_node("Conv", ["x", "w"], ["y"], strides=[1.5, 1.5])],
+    [helper.make_node("Transpose", ["x"], ["y"], perm=["a", "b"])],
+    [helper.make_node("Conv", ["x"], ["y"])],
+    [helper.make_node("Relu", ["nowhere"], ["y"])],
+    [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1])],
+    [helper.make_node("Gemm", ["x", "w"], ["y"])],
+    [helper.make_node("Constant", [], ["y"], value_string="text")],
+    [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.STRING)],
+], ids=["float_strides", "string_perm", "missing_weight", "undefined_input", "short_pads",
+        "gemm_on_4d", "string_constant", "cast_to_string"])
+def test_malformed_graphs_raise_unsupported_graph(nodes: list[onnx.NodeProto]) -> None:
+    model = make_model(nodes, _S, [("w", _W)])
+    with pytest.raises(UnsupportedGraph):
+        to_graph_module(model)
+
+
 def test_refuses_absurd_constants() -> None:
     huge = _node("ConstantOfShape", ["shape"], ["big"])
     model = make_model([huge, _node("Add", ["x", "big"])], _S,

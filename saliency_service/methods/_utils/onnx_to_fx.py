@@ -140,6 +140,41 @@ def _attribute(attr: AttributeProto) -> Any:
     return None  # sparse tensors, type protos: only ever rejected by the op that reads them
 
 
+# The type each attribute the translations read must have ("value" differs between ops).
+_ATTRIBUTE_KINDS: dict[str, str] = {
+    **dict.fromkeys(("axis", "group", "keepdims", "transA", "transB", "ceil_mode",
+                     "count_include_pad", "allowzero", "blocksize", "num_outputs",
+                     "select_last_index", "reverse", "exclusive", "noop_with_empty_axes",
+                     "exclude_outside", "antialias", "training_mode", "fmod", "size",
+                     "num_groups", "start", "end", "to", "p", "value_int"), "int"),
+    **dict.fromkeys(("alpha", "beta", "gamma", "epsilon", "momentum", "bias", "min", "max",
+                     "cubic_coeff_a", "value_float"), "float"),
+    **dict.fromkeys(("auto_pad", "mode", "approximate", "coordinate_transformation_mode",
+                     "nearest_mode", "keep_aspect_ratio_policy", "equation"), "str"),
+    **dict.fromkeys(("kernel_shape", "strides", "dilations", "pads", "perm", "axes", "split",
+                     "output_shape", "output_padding", "starts", "ends", "value_ints"), "ints"),
+    **dict.fromkeys(("scales", "value_floats"), "floats"),
+}
+
+
+_FITS: dict[str | None, Callable[[Any], bool]] = {
+    None: lambda v: True,
+    "int": lambda v: isinstance(v, int),
+    "float": lambda v: isinstance(v, int | float),
+    "str": lambda v: isinstance(v, str),
+    "ints": lambda v: isinstance(v, list) and all(isinstance(i, int) for i in v),
+    "floats": lambda v: isinstance(v, list) and all(isinstance(i, int | float) for i in v),
+}
+
+
+def _checked(name: str, value: Any) -> Any:
+    """``value`` if it has the type ``name`` must have (ints read as floats where needed)."""
+    kind = _ATTRIBUTE_KINDS.get(name)
+    if not _FITS[kind](value):
+        raise _Problem(f"attribute {name} of the wrong type")
+    return float(value) if kind == "float" else value
+
+
 # --------------------------------------------------------------------------- runtime helpers
 # Called from the generated graph on shapes only known at run time (and when folding).
 
@@ -1656,9 +1691,10 @@ class _Translation:
         op = _Op(op_type=node.op_type, opset=self.opset,
                  inputs=[self.values[n] if n else None for n in names],
                  shapes=[f[0] for f in facts], dtypes=[f[1] for f in facts],
-                 attrs={a.name: _attribute(a) for a in node.attribute},
+                 attrs={},
                  used=[bool(o) and o in used for o in node.output])
         try:
+            op.attrs = {a.name: _checked(a.name, _attribute(a)) for a in node.attribute}
             results = _OPS[node.op_type](self.builder, op)
         except _Problem as exc:
             self.problems.append(f"{label}: {exc}")
