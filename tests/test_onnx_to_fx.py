@@ -331,7 +331,9 @@ def test_build_variant_takes_the_translation(variant: str, resnet: nn.Module,
         expected = resnet(x)
         got = prepared(prepared.stem(x)) if variant == "trunk" else prepared(x)
     assert max(relative(o, e) for o, e in zip(got, expected, strict=True)) <= TOLERANCE
-    if variant == "fast":  # BatchNorm folded away, the original untouched
+    if variant == "fast":  # in-place ReLUs and adds keep the gradients right
+        assert relative(input_gradient(prepared, x), input_gradient(resnet, x)) <= TOLERANCE
+        # BatchNorm folded away, the original untouched
         targets = {n.target for n in prepared.graph_module.graph.nodes}
         assert torch.ops.aten.batch_norm.default not in targets
         assert torch.ops.aten.batch_norm.default in {

@@ -14,6 +14,8 @@ Nodes whose inputs are all constants are computed once here and stored as buffer
 arithmetic on the input's runtime shape (``Shape → Gather → Concat → Reshape``) stays in the
 graph as small int64 computations, so the batch dimension stays free. ``node.meta["val"]``
 holds a fake tensor with a symbolic batch size when the input's other dimensions are fixed.
+
+Use: ``torch_program.build_variant(GraphProgram(to_graph_module(onnx.load(path))), variant)``.
 """
 
 from __future__ import annotations
