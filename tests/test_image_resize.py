@@ -148,6 +148,16 @@ def test_mixed_sizes_are_refused_when_maps_follow_the_images() -> None:
     assert inputs.shape == (2, 3, 32, 32)  # a prediction returns no maps: any sizes go
 
 
+def test_maps_that_would_not_fit_a_message_are_refused_before_any_work() -> None:
+    picture = images_input(wide_picture(), wide_picture())
+    small = Config(max_message_bytes=2 * 32 * 64 * 4)
+    decode_input(picture, SPEC, small, resize="center_crop", geometry=ImageGeometry())
+    with pytest.raises(InvalidInput, match=r"about 28672 bytes with the overlays, over the "
+                       r"largest message, max_message_bytes=16384 \(--max-message-bytes\)"):
+        decode_input(picture, SPEC, small, resize="center_crop",
+                     geometry=ImageGeometry(keep_pixels=True))
+
+
 # ---- over a real server ------------------------------------------------------------------
 
 

@@ -128,12 +128,13 @@ def _channels(pixels: np.ndarray, channels: int) -> np.ndarray:
 
 
 def fit_images(decoded: list[np.ndarray], spec: InputSpec, mode: str,
-               geometry: ImageGeometry | None = None) -> np.ndarray:
+               geometry: ImageGeometry | None = None, max_bytes: int = 0) -> np.ndarray:
     """Decoded uint8 H×W×3 images → normalized float32 N×C×H×W at the model's size, each
     fitted per ``mode``; letterbox bands are 0, the manifest's mean once normalized.
 
     With ``geometry``, records each image's placement (and its pixels when asked) for maps
-    returned in the images' geometry; their images must then share one size."""
+    returned in the images' geometry; their images must then share one size, and those maps
+    (4 bytes a pixel, and up to 3 more for overlays) fit ``max_bytes`` (0 = unbounded)."""
     size = (spec.height, spec.width)
     if mode == STRETCH:
         pixels = np.stack([resize_uint8(image, *size) for image in decoded])
@@ -148,6 +149,15 @@ def fit_images(decoded: list[np.ndarray], spec: InputSpec, mode: str,
                 f"under resize={mode} the maps are returned in the images' own size, so a "
                 f"request's images must share one size ({shown}); send them in separate "
                 "requests, or use resize=stretch")
+        height, width = decoded[0].shape[:2]
+        needed = len(decoded) * height * width * (7 if geometry.keep_pixels else 4)
+        if max_bytes and needed > max_bytes:
+            raise OverLimit(
+                f"under resize={mode} the maps of {len(decoded)} image(s) of {width}×{height} "
+                f"are returned in that size: about {needed} bytes"
+                f"{' with the overlays' if geometry.keep_pixels else ''}, over the largest "
+                f"message, max_message_bytes={max_bytes} (--max-message-bytes); send fewer "
+                "or smaller images, or use resize=stretch for maps in the model's size")
         geometry.placements = placements
         geometry.pixels = decoded if geometry.keep_pixels else []
     inputs = np.zeros((len(decoded), spec.channels, *size), np.float32)
@@ -182,7 +192,7 @@ def decode_input(message: pb.Input, spec: InputSpec, config: Config,
             raise InvalidInput("input.images holds no images")
         check_batch(len(images), config)
         decoded = [decode_image(data, i, config.max_pixels) for i, data in enumerate(images)]
-        return fit_images(decoded, spec, mode, geometry)
+        return fit_images(decoded, spec, mode, geometry, config.max_message_bytes)
     array = tensor_to_array(message.tensor)
     channels_last = spec.layout == "NHWC"
     model_shape = (height, width, channels) if channels_last else (channels, height, width)
