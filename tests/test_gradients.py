@@ -28,6 +28,7 @@ from saliency_service.core.errors import InvalidInput
 from saliency_service.core.request import RequestState
 from saliency_service.methods import integrated, registry
 from saliency_service.methods._utils.baselines import make_baseline
+from saliency_service.methods._utils.torch_program import GUIDED
 from saliency_service.methods.noise import noise_sigmas, noise_tunnel, seeded_noise
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.serving.config import Config
@@ -111,13 +112,15 @@ def captum_noise_tunnel(
     samples: int,
     sigmas: np.ndarray,
     nt_type: str,
+    inner: type = Saliency,
 ) -> tuple[np.ndarray, list]:
-    """Captum's NoiseTunnel per image (its stdev is one float per call), and the noise it drew.
+    """Captum's NoiseTunnel around ``inner`` per image (its stdev is one float per call),
+    and the noise it drew.
 
     Captum draws ``torch.normal(0, σ repeated to samples×C×H×W)`` from the global generator;
     re-seeding and drawing the same way reproduces that noise for our side.
     """
-    tunnel = NoiseTunnel(Saliency(model.module))
+    tunnel = NoiseTunnel(inner(model.module))
     results, noises = [], []
     for index in range(x.shape[0]):
         image = torch.from_numpy(x[index : index + 1].copy())
@@ -129,7 +132,7 @@ def captum_noise_tunnel(
                 nt_samples=samples,
                 stdevs=float(sigmas[index]),
                 target=int(targets[index]),
-                abs=False,
+                **({"abs": False} if inner is Saliency else {}),
             )
             .detach()
             .numpy()
@@ -164,6 +167,24 @@ def test_noise_tunnel_matches_captum_on_identical_noise(model: Exported, nt_type
     ours = stats.mean() if mean_only else stats.variance()
     assert relative_error(ours, expected) <= TOLERANCE
     assert job.cost.forward_passes == 3 * samples and job.cost.backward_passes == 3 * samples
+
+
+@pytest.mark.parametrize("nt_type", ["smoothgrad", "vargrad"])
+def test_noise_tunnel_wraps_guided_backprop_as_captum_does(model: Exported, nt_type: str) -> None:
+    """The tunnel takes any gradient variant: around Guided Backprop it is Captum's
+    ``NoiseTunnel(GuidedBackprop)``."""
+    x = inputs()
+    targets = non_predicted_targets(model.handle, x)
+    samples, level = 6, 0.15  # as the plain tunnel's test above
+    sigmas = noise_sigmas(x, level)
+    expected, noises = captum_noise_tunnel(model, x, targets, samples, sigmas, nt_type,
+                                           inner=GuidedBackprop)
+    job = make_job(model.handle, x, targets,
+                   registry.get(pb.METHOD_SMOOTHGRAD).params(samples=samples, noise_level=level))
+    stats = noise_tunnel(job, samples, level, noise=lambda row, image: noises[image][row % samples],
+                         spread=nt_type == "vargrad", variant=GUIDED)
+    ours = stats.mean() if nt_type == "smoothgrad" else stats.variance()
+    assert relative_error(ours, expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize(

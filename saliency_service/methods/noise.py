@@ -24,7 +24,7 @@ import torch
 from saliency_service.core.errors import InvalidInput
 from saliency_service.core.params import param
 from saliency_service.core.repository import ModelHandle
-from saliency_service.methods._utils.torch_program import linear_stem
+from saliency_service.methods._utils.torch_program import FAST, linear_stem
 from saliency_service.methods.base import Job, normalize_per_image, scale_by_max
 from saliency_service.methods.gradients import (
     GradientHandler,
@@ -85,9 +85,11 @@ def seeded_noise(seed: int, shape: tuple[int, ...], sigmas: np.ndarray) -> Noise
 
 def noise_tunnel(
     job: Job, samples: int, noise_level: float, noise: NoiseSource | None = None,
-    spread: bool = True,
+    spread: bool = True, variant: str = FAST,
 ) -> NoiseStats:
-    """Sums of ∂ logit[target] / ∂ x over ``samples`` noisy copies of every image.
+    """Sums of ∂ logit[target] / ∂ x over ``samples`` noisy copies of every image, through
+    any gradient variant of the program (``FAST``: plain gradients; ``GUIDED``: Guided
+    Backprop's).
 
     ``spread=False`` gathers Σg only. Σg is linear in the gradients, so when the program
     starts with a convolution of the input alone the backward passes stop at its output and
@@ -101,7 +103,7 @@ def noise_tunnel(
             job.seed, tuple(inputs.shape[1:]), noise_sigmas(job.inputs, noise_level)
         )
     shape = tuple(inputs.shape)
-    stem = None if spread else linear_stem(job.model)
+    stem = None if spread or variant != FAST else linear_stem(job.model)
 
     def make_rows(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         rows = range(part.start, part.stop)
@@ -114,7 +116,7 @@ def noise_tunnel(
                 noisy = stem(noisy)
         return noisy, targets[images]
 
-    if not spread:
+    if not spread and variant == FAST:
         total = summed_input_gradients(job, make_rows, torch.arange(batch * samples) // samples,
                                        inputs.shape, stem=stem)
         return NoiseStats(samples, total.numpy(), None, None)
@@ -128,7 +130,7 @@ def noise_tunnel(
                               (stats.total_abs, grad.abs())):
             torch.from_numpy(total).add_(sum_rows_by_image(values, images, batch))
 
-    gradient_rows(job, batch * samples, make_rows, consume)
+    gradient_rows(job, batch * samples, make_rows, consume, variant)
     return stats
 
 
