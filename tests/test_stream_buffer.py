@@ -15,7 +15,7 @@ import pytest
 
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
-from saliency_service.protocol.grpc_servicer import LatestUpdates, drained
+from saliency_service.protocol.grpc_servicer import LatestUpdates, drained, superseded
 from saliency_service.protocol.images import array_to_tensor
 from saliency_service.serving.background import RunningServer
 from tests.conftest import make_config
@@ -38,25 +38,47 @@ def demo_inputs(batch: int) -> pb.Input:
     inputs = np.random.default_rng(0).normal(size=(batch, 3, SIDE, SIDE)).astype(np.float32)
     return pb.Input(tensor=array_to_tensor(inputs))
 
-def test_pending_updates_keep_only_the_latest() -> None:
+def progress(step: int, with_map: bool) -> pb.ExplainUpdate:
+    update = pb.ExplainUpdate(progress=pb.Progress(step=step, total_steps=100))
+    if with_map:
+        update.progress.saliency.CopyFrom(array_to_tensor(np.ones((2, 8, 8), np.float32)))
+    return update
+
+
+def test_pending_updates_are_bounded_and_hold_one_map() -> None:
+    """A reader that never reads: at most ``max_pending`` updates wait, the newest ones,
+    and only the newest map among them."""
     async def scenario() -> None:
-        pending: LatestUpdates[int] = LatestUpdates()
+        pending: LatestUpdates[pb.ExplainUpdate] = LatestUpdates(supersede=superseded)
         for step in range(1, 101):
-            pending.put(step)
-            assert len(pending) <= 1
-        assert pending.dropped == 99
-        assert await pending.get() == 100 and pending.empty()
-        wider: LatestUpdates[int] = LatestUpdates(max_pending=3)
-        for step in range(10):
-            wider.put(step)
-        assert [await wider.get() for _ in range(3)] == [7, 8, 9]
+            pending.put(progress(step, with_map=step % 5 == 0))
+            assert len(pending) <= pending.max_pending
+            assert sum(u.progress.HasField("saliency") for u in pending._items) <= 1
+        assert pending.dropped == 100 - pending.max_pending
+        kept = [await pending.get() for _ in range(pending.max_pending)]
+        assert [u.progress.step for u in kept] == list(range(101 - pending.max_pending, 101))
+        assert [u.progress.step for u in kept if u.progress.HasField("saliency")] == [100]
+        assert pending.empty()
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_that_keeps_up_sees_every_update_and_map() -> None:
+    async def scenario() -> None:
+        pending: LatestUpdates[pb.ExplainUpdate] = LatestUpdates(supersede=superseded)
+        for step in range(1, 5):  # maps on 1 and 4, with plain updates between
+            pending.put(progress(step, with_map=step in (1, 4)))
+        taken = [await pending.get() for _ in range(4)]
+        assert [u.progress.HasField("saliency") for u in taken] == [False, False, False, True]
+        pending.put(progress(5, with_map=True))
+        assert (await pending.get()).progress.HasField("saliency")
 
     asyncio.run(scenario())
 
 
 def test_drained_ends_with_what_is_pending_when_the_task_ends() -> None:
     async def scenario() -> list[int]:
-        pending: LatestUpdates[int] = LatestUpdates()
+        pending: LatestUpdates[int] = LatestUpdates(max_pending=1)
         task = asyncio.get_running_loop().create_future()
         pending.put(1)
         pending.put(2)
@@ -68,10 +90,11 @@ def test_drained_ends_with_what_is_pending_when_the_task_ends() -> None:
 
 def test_a_reader_that_falls_behind_gets_the_latest_progress_and_the_result(
         demo_server: RunningServer) -> None:
-    """The client reads nothing until the search has ended: progress with maps (256 KiB
-    each) fills the connection's window, the updates behind it are superseded, and the
-    result still arrives, after fewer updates than generations."""
-    generations = 40
+    """The client reads nothing until the search has ended: the first progress map
+    (256 KiB) fills the connection's window, the updates behind it are superseded (older
+    maps dropped, the oldest updates beyond the bound too), and the result still arrives,
+    after fewer updates than generations."""
+    generations = 50
     request = pb.ExplainRequest(model="demo", method=pb.METHOD_DECAM, input=demo_inputs(4))
     request.decam.population = 4
     request.decam.generations = generations
@@ -91,7 +114,10 @@ def test_a_reader_that_falls_behind_gets_the_latest_progress_and_the_result(
         updates = list(call)
     kinds = [update.WhichOneof("update") for update in updates]
     assert kinds[-1] == "result" and set(kinds[:-1]) == {"progress"}
-    steps = [update.progress.step for update in updates[:-1]]
+    progress = [update.progress for update in updates[:-1]]
+    steps = [p.step for p in progress]
     assert steps == sorted(set(steps)) and len(steps) < generations
-    assert steps[-1] == generations  # the newest progress is the one kept
+    assert steps[-1] == generations  # the newest progress is kept, with its map
+    with_maps = [p.step for p in progress if p.HasField("saliency")]
+    assert with_maps[-1] == generations and len(with_maps) <= 3
     assert updates[-1].result.diagnostics["generations_run"] == generations

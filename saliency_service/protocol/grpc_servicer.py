@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
 import grpc
@@ -56,7 +56,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     async def ExplainStream(  # noqa: N802 - gRPC method name
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ExplainUpdate]:
-        pending: LatestUpdates[pb.ExplainUpdate] = LatestUpdates()
+        pending: LatestUpdates[pb.ExplainUpdate] = LatestUpdates(supersede=superseded)
 
         def on_progress(progress: pb.Progress) -> None:
             pending.put(pb.ExplainUpdate(progress=progress))
@@ -86,15 +86,27 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         return await answered(context, get())
 
 
-class LatestUpdates(Generic[T]):
-    """The updates of one stream not yet sent, at most ``max_pending`` of them: when the
-    reader falls behind, the oldest are dropped. Progress is superseded by the next, so a
-    reader that never reads holds a bounded buffer; the final result does not pass here."""
+def superseded(older: pb.ExplainUpdate, newer: pb.ExplainUpdate) -> pb.ExplainUpdate:
+    """A pending progress update once a newer one is pending: without its map when the
+    newer one has a map, so a stream holds at most one map that its reader has not taken."""
+    if newer.progress.HasField("saliency"):
+        older.progress.ClearField("saliency")
+    return older
 
-    def __init__(self, max_pending: int = 1) -> None:
+
+class LatestUpdates(Generic[T]):
+    """The updates of one stream not yet sent. When the reader falls behind, each pending
+    update is passed to ``supersede`` with the newest (progress then drops a map a newer
+    one replaces) and beyond ``max_pending`` the oldest are dropped, so a reader that never
+    reads holds one map and a few scalars; a reader that keeps up sees every update. The
+    result does not pass here."""
+
+    def __init__(self, max_pending: int = 32,
+                 supersede: Callable[[T, T], T] | None = None) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.max_pending = max_pending
+        self.supersede = supersede
         self.dropped = 0  # updates superseded before the reader took them
         self._items: deque[T] = deque()
         self._ready = asyncio.Event()
@@ -106,7 +118,10 @@ class LatestUpdates(Generic[T]):
         return not self._items
 
     def put(self, item: T) -> None:
-        """Adds ``item``, dropping the oldest pending one when full (on the event loop)."""
+        """Adds ``item``: the pending ones superseded by it, the oldest dropped when full
+        (on the event loop)."""
+        if self.supersede is not None:
+            self._items = deque(self.supersede(older, item) for older in self._items)
         if len(self._items) >= self.max_pending:
             self._items.popleft()
             self.dropped += 1
@@ -139,4 +154,4 @@ async def drained(pending: LatestUpdates[T] | asyncio.Queue[T], task: asyncio.Fu
 
 
 __all__ = ["REQUEST_ID_KEY", "ExplainerServicer", "LatestUpdates", "answered", "call_info",
-           "drained"]
+           "drained", "superseded"]
