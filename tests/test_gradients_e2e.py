@@ -32,7 +32,7 @@ def torch_passes(name: str) -> tuple[int, int] | None:
     if name == "integrated_gradients":
         return STEPS + 1, STEPS
     if name in ("vanilla_gradient", "input_x_gradient", "guided_backprop", "gradcam",
-                "gradcam_plus_plus"):
+                "gradcam_plus_plus", "xgradcam"):
         return 1, 1
     return None
 
@@ -64,6 +64,7 @@ def test_the_whole_family_is_registered() -> None:
         "guided_absolutegrad",
         "gradcam",
         "gradcam_plus_plus",
+        "xgradcam",
     }
 
 
