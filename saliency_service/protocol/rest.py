@@ -49,6 +49,7 @@ from saliency_service.serving.security import bearer_token_valid
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
+RECORDED = "saliency.recorded"  # scope key: the request reached Calls, which records it
 TIMEOUT_HEADER = "x-timeout-ms"
 # Served without a token, like gRPC health: probes, the description and the explorer's page
 # and files (its data routes, /explorer/cell and the like, need the token).
@@ -93,15 +94,21 @@ def call_info(request: Request) -> CallInfo:
         except ValueError:
             milliseconds = math.nan
         if not (math.isfinite(milliseconds) and milliseconds > 0):
-            raise InvalidInput(f"{TIMEOUT_HEADER}={timeout!r} must be a positive number of "
-                               "milliseconds")
+            raise InvalidInput(f"{TIMEOUT_HEADER}={shown(timeout)} must be a positive number "
+                               "of milliseconds")
         deadline = time.monotonic() + milliseconds / 1000.0
     return CallInfo("http", request_id, deadline)
 
 
+def _entered(request: Request) -> None:
+    """Marks the request as handed to ``Calls``, which records it from then on."""
+    request.scope[RECORDED] = True
+
+
 async def watched(request: Request, awaitable: Awaitable[T]) -> T:
-    """The result of ``awaitable``, cancelled (so the call records CANCELLED and its worker
-    stops) if the client disconnects first."""
+    """The result of ``awaitable`` (a call of ``Calls``), cancelled (so the call records
+    CANCELLED and its worker stops) if the client disconnects first."""
+    _entered(request)
     task = asyncio.ensure_future(awaitable)
 
     async def disconnect() -> None:
@@ -115,6 +122,8 @@ async def watched(request: Request, awaitable: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+    if not task.done():  # the client left first: the call is recording its cancellation
+        await asyncio.wait((task,))
     if task.cancelled():
         raise ClientGone("the client closed the connection")
     return task.result()
@@ -245,15 +254,32 @@ class HttpApi:
             try:
                 call = call_info(request)
             except ServiceError as exc:
-                return error_response(exc, request_id_from(None))
+                call = CallInfo("http", request_id_from(request.headers.get(REQUEST_ID_HEADER)))
+                self._refused(request, call, exc)
+                return error_response(exc, call.request_id)
             try:
                 response = await handler(request, call)
             except ServiceError as exc:
+                if not request.scope.get(RECORDED):
+                    self._refused(request, call, exc)
                 return error_response(exc, call.request_id)
+            except Exception as exc:  # noqa: BLE001 - a bug: answered and logged once, here
+                return _internal_response(call.request_id, exc)
             response.headers[REQUEST_ID_HEADER] = call.request_id
             return response
 
         return endpoint
+
+    def _refused(self, request: Request, call: CallInfo, error: ServiceError) -> None:
+        """Records a request refused before it reached ``Calls`` (which records the others):
+        counted in the metrics, and one log line without a traceback — a client's mistake."""
+        code = status_of(error)
+        self.calls.metrics.transport_requests.labels(call.transport, code.name).inc()
+        reason = str(error)
+        log.info("request %s %s refused %s: %s", request.method, request.url.path[:200],
+                 code.name, reason if len(reason) <= 300 else reason[:299] + "…",
+                 extra={"event": "request", "request_id": call.request_id,
+                        "transport": call.transport, "code": code.name})
 
     async def explain(self, request: Request, call: CallInfo) -> Response:
         message = await self.message(request, pb.ExplainRequest)
@@ -264,6 +290,7 @@ class HttpApi:
         ``result`` (the ``ExplainResponse``) or ``error``. A request refused before it starts
         is answered with its HTTP status instead."""
         message = await self.message(request, pb.ExplainRequest)
+        _entered(request)
         queue: asyncio.Queue[pb.Progress] = asyncio.Queue()
         task = asyncio.ensure_future(self.calls.explain(message, call, queue.put_nowait))
         first = asyncio.ensure_future(queue.get())
@@ -386,8 +413,13 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 async def _internal(request: Request, exc: Exception) -> Response:
-    """A server bug: INTERNAL in the API's JSON error shape (the traceback goes to the log)."""
-    request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+    """A server bug outside the routes: INTERNAL in the API's JSON error shape (the traceback
+    goes to the log)."""
+    return _internal_response(request_id_from(request.headers.get(REQUEST_ID_HEADER)), exc)
+
+
+def _internal_response(request_id: str, exc: Exception) -> Response:
+    """A server bug: INTERNAL in the API's JSON error shape, its traceback logged once."""
     log.error("HTTP request %s failed: %s", request_id, type(exc).__name__, exc_info=exc,
               extra={"event": "internal_error", "request_id": request_id,
                      "transport": "http", "code": "INTERNAL"})
@@ -415,6 +447,8 @@ def build_app(calls: Calls, metrics: Metrics, tokens: tuple[str, ...],
     """The ASGI application; ``extra_routes`` (the explorer, the description) are served
     beside the API."""
     api = HttpApi(calls, ready, max_body_bytes)
+    # The form parser warns of each malformed form, which the API answers and logs itself.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     app = Starlette(routes=[*api.routes(), *(extra_routes or [])],
                     exception_handlers={HTTPException: _not_found, Exception: _internal})
     return BearerAuth(app, tokens, metrics) if tokens else app
