@@ -1,7 +1,8 @@
 """The model repository: ``models/<name>/<version>/{model.onnx, model.pt2, manifest.json}``.
 
-Loading never runs code from a package: ONNX files go to ONNX Runtime, and
-``model.pt2`` is checked record by record before ``torch.export.load`` sees it
+Loading never runs code from a package: ONNX files go to ONNX Runtime, their external data
+only from files the manifest lists (``saliency_service.core.onnx_external``), and
+``model.pt2`` is checked record by record and field by field before torch sees it
 (``saliency_service.core.program_archive``). Every file the manifest names must lie inside the
 package folder, and its sha256 is checked on the very bytes that are then loaded. A
 package that fails to load is kept with its error (reported by health and
@@ -20,10 +21,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from saliency_service.core.chunking import MAX_CHUNK_ROWS, chunks
 from saliency_service.core.errors import FailedPrecondition, NotFound, Unavailable
+from saliency_service.core.onnx_external import ExternalDataRefused, check_files
+from saliency_service.core.onnx_external import session as onnx_session
 from saliency_service.core.outputs import LOGITS, check_kind
 from saliency_service.core.program_archive import UnsafeArchive, load_program
 
@@ -227,9 +231,7 @@ class ModelHandle:
         # ONNX Runtime's pool threads spin during a run (fast) and, by default, for a while
         # after it, which starves the torch passes a gradient method runs next.
         options.add_session_config_entry("session.force_spinning_stop", "1")
-        self.session = ort.InferenceSession(
-            contents[ONNX_FILE], options, providers=["CPUExecutionProvider"]
-        )
+        self.session = _onnx_session(contents, options)
         self.program = None
         self._module = None
         self._derived = {}
@@ -310,6 +312,21 @@ class ModelHandle:
                     parameter.requires_grad_(False)
                 self._module = module
             return self._module
+
+
+def _onnx_session(contents: dict[str, bytes], options: ort.SessionOptions
+                  ) -> ort.InferenceSession:
+    """The session on the package's ``model.onnx``, its external data (if any) read from
+    the verified bytes of files the manifest lists, never from disk."""
+    try:
+        model = onnx.load_model_from_string(contents[ONNX_FILE])
+    except Exception as exc:  # noqa: BLE001 - a file protobuf cannot parse
+        raise ValueError(f"{ONNX_FILE} is not an ONNX model ({type(exc).__name__})") from exc
+    try:
+        files = check_files(model, contents)
+    except ExternalDataRefused as exc:
+        raise ExternalDataRefused(f"{ONNX_FILE} refused: {exc}") from exc
+    return onnx_session(contents[ONNX_FILE], files, options)
 
 
 class Repository:

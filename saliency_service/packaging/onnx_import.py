@@ -14,8 +14,9 @@ running the model:
   inputs (rows that sum to 1, values in [0, 1]); ``--output`` overrides, and is checked too.
 
 Anything it cannot serve is refused with what to do about it (``ImportRefused``). The
-package holds ``model.onnx`` and ``manifest.json`` only, so it offers the methods that need
-nothing but ONNX Runtime.
+package holds ``model.onnx``, the files its external data is kept in (``model.onnx.data``
+as ``torch.onnx.export`` writes it; each must lie in the model's folder) and
+``manifest.json``, so it offers the methods that need nothing but ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from saliency_service.core.onnx_external import ExternalDataRefused, check_files, external_data
+from saliency_service.core.onnx_external import session as onnx_session
 from saliency_service.core.outputs import LOGITS, OUTPUT_KINDS, PROBABILITIES, SIGMOID
-from saliency_service.core.repository import FORMAT_VERSION, LAYOUTS, ONNX_FILE
+from saliency_service.core.repository import (
+    FORMAT_VERSION,
+    LAYOUTS,
+    MANIFEST,
+    ONNX_FILE,
+    TORCH_FILE,
+)
 from saliency_service.packaging.package_files import staged_package, write_manifest
 
 AUTO = "auto"
@@ -203,9 +212,34 @@ def _output_kind(graph_kind: str | None, graph_why: str, rows: np.ndarray,
     return kind, f"{why}; {numbers}"
 
 
-def _session(data: bytes) -> ort.InferenceSession:
+def _external_files(source: Path, model: onnx.ModelProto) -> dict[str, bytes]:
+    """The files the model keeps tensor data in, by the name it gives them; each must be a
+    regular file in the model's own folder (symlinks resolved) and not a package file."""
+    folder = source.parent.resolve()
+    files: dict[str, bytes] = {}
     try:
-        return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        needed = external_data(model)
+    except ExternalDataRefused as exc:
+        raise ImportRefused(f"{source.name}: {exc}; keep the data beside the model") from None
+    for location in needed:
+        path = (folder / location).resolve()
+        if not path.is_relative_to(folder):
+            raise ImportRefused(f"{source.name}: external data {location[:120]!r} lies outside "
+                                "the model's folder; keep the data beside the model")
+        if location in (ONNX_FILE, MANIFEST, TORCH_FILE) or not path.is_file():
+            raise ImportRefused(f"{source.name}: external data {location[:120]!r} is not a "
+                                "data file beside the model")
+        files[location] = path.read_bytes()
+    try:
+        check_files(model, files)
+    except ExternalDataRefused as exc:
+        raise ImportRefused(f"{source.name}: {exc}") from None
+    return files
+
+
+def _session(data: bytes, files: dict[str, bytes]) -> ort.InferenceSession:
+    try:
+        return onnx_session(data, files)
     except Exception as exc:  # noqa: BLE001 - any load failure is a refusal to import
         raise ImportRefused(f"ONNX Runtime cannot load the model: {exc}") from exc
 
@@ -281,7 +315,10 @@ def import_onnx(
     data = source.read_bytes()
     try:
         model = onnx.load_model_from_string(data)
-        onnx.checker.check_model(model)
+        external = _external_files(source, model)
+        onnx.checker.check_model(str(source) if external else model)
+    except ImportRefused:
+        raise
     except Exception as exc:  # noqa: BLE001 - a file that is not a valid ONNX model
         raise ImportRefused(f"{source} is not a valid self-contained ONNX model: {exc}") from exc
     image = _image_input(model)
@@ -292,7 +329,7 @@ def import_onnx(
                  "size": f"C,H,W {','.join(map(str, shape))} {shape_why}",
                  "batch": (f"fixed at {batch}: run in chunks of {batch}" if batch
                            else "free")}
-    session = _session(data)
+    session = _session(data, external)
     rng = np.random.default_rng(seed)
     first = _random_inputs(batch or 2, shape, chosen_layout, rng)
     output_name, scores = _class_output(session, image.name, first, output_name)
@@ -333,7 +370,10 @@ def import_onnx(
     }
     with staged_package(Path(repository), target) as staging:
         (staging / ONNX_FILE).write_bytes(data)
-        write_manifest(staging, manifest, [ONNX_FILE])
+        for location, contents in external.items():
+            (staging / location).parent.mkdir(parents=True, exist_ok=True)
+            (staging / location).write_bytes(contents)
+        write_manifest(staging, manifest, [ONNX_FILE, *external])
     return ImportReport(target, image.name, chosen_layout, model_shape, output_name, kind,
                         classes, decisions)
 
