@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,10 +29,20 @@ from saliency_service.core.chunking import MAX_CHUNK_ROWS, chunks
 from saliency_service.core.errors import FailedPrecondition, NotFound, Unavailable
 from saliency_service.core.onnx_external import ExternalDataRefused, check_files
 from saliency_service.core.onnx_external import session as onnx_session
-from saliency_service.core.outputs import LOGITS, check_kind
+from saliency_service.core.outputs import LOGITS, OUTPUT_KINDS
 from saliency_service.core.program_archive import UnsafeArchive, load_program
 
 log = logging.getLogger(__name__)
+
+
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported (the ``torch`` extra); without it, packages serve
+    their ONNX methods only."""
+    try:
+        import torch  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
 
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -43,6 +54,15 @@ _EXTRA_KEYS = ("exporter", "verification", "format", "metadata", "activation_byt
 
 
 LAYOUTS = ("NCHW", "NHWC")
+DTYPES = ("float32",)
+IMAGE_CHANNELS = (1, 3)
+# What a manifest may declare: an image of at most 4096×4096 pixels, a fixed batch of at
+# most 1024 and at most 2**28 values (1 GiB of float32) in one batch the model runs.
+MAX_INPUT_PIXELS = 1 << 24
+MAX_FIXED_BATCH = 1024
+MAX_BATCH_VALUES = 1 << 28
+MAX_LABELS = 100_000
+MAX_TEXT_CHARS = 512
 # How encoded images are fitted to the input size (``protocol.inputs``); the first is the default.
 RESIZE_MODES = ("stretch", "center_crop", "letterbox")
 
@@ -111,46 +131,189 @@ class Manifest:
     output_kind: str = LOGITS  # saliency_service.core.outputs: logits, probabilities or sigmoid
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        spec = data["input"]
-        layout = str(spec.get("layout", "NCHW"))
-        if layout not in LAYOUTS:
-            raise ValueError(f"manifest input.layout {layout!r} must be one of "
-                             f"{', '.join(LAYOUTS)}")
-        resize = str(spec.get("resize", RESIZE_MODES[0]))
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"manifest input.resize {resize!r} must be one of "
-                             f"{', '.join(RESIZE_MODES)}")
-        if len(spec["shape"]) != 4:
-            raise ValueError(f"manifest input.shape {spec['shape']} must have 4 entries "
-                             f"({layout})")
+    def from_json(cls, data: Any) -> Manifest:
+        """The manifest, every field checked: InvalidManifest names the first field a server
+        could not serve (the package is then not ready; the others still load)."""
+        if not isinstance(data, dict):
+            raise InvalidManifest(f"the manifest must be a JSON object, got {_kind(data)}")
+        spec = _field(data, "input", dict, required=True)
+        layout = _choice(spec, "input.layout", LAYOUTS)
+        resize = _choice(spec, "input.resize", RESIZE_MODES)
+        shape = _shape(spec, layout)
+        channels = shape[3] if layout == "NHWC" else shape[1]
+        mean = _per_channel(spec, "input.mean", channels)
+        std = _per_channel(spec, "input.std", channels)
+        if min(std) <= 0:
+            raise InvalidManifest(f"manifest input.std {list(std)} must be > 0 (inputs are "
+                                  "divided by it)")
+        value_range = _numbers(spec, "input.value_range", (0.0, 1.0))
+        if len(value_range) != 2 or not value_range[0] < value_range[1]:
+            raise InvalidManifest(f"manifest input.value_range {list(value_range)} must be "
+                                  "[low, high] with low < high")
+        outputs = _field(data, "outputs", dict) or {}
+        files = _field(data, "files", dict) or {}
+        labels = _texts(data, "class_labels")
+        if len(labels) > MAX_LABELS:
+            raise InvalidManifest(f"manifest class_labels has {len(labels)} entries; at most "
+                                  f"{MAX_LABELS}")
         return cls(
-            name=str(data["name"]),
-            version=int(data["version"]),
+            name=_text(data, "name", required=True),
+            version=_whole(data, "version"),
             input=InputSpec(
-                shape=tuple(int(d) for d in spec["shape"]),
-                mean=tuple(float(v) for v in spec["mean"]),
-                std=tuple(float(v) for v in spec["std"]),
-                value_range=tuple(float(v) for v in spec.get("value_range", (0.0, 1.0))),
-                name=str(spec.get("name", "input")),
+                shape=shape,
+                mean=mean,
+                std=std,
+                value_range=(value_range[0], value_range[1]),
+                name=_text(spec, "name", "input", where="input.name"),
                 layout=layout,
-                dtype=str(spec.get("dtype", "float32")),
+                dtype=_choice(spec, "input.dtype", DTYPES),
                 resize=resize,
             ),
-            class_labels=tuple(str(c) for c in data.get("class_labels", ())),
-            logits_output=str(data.get("outputs", {}).get("logits", "logits")),
-            scale_outputs=tuple(data.get("outputs", {}).get("scales", ())),
-            scale_modules=tuple(data.get("scale_modules", ())),
-            cam_layer=str(data.get("cam_layer", "")),
-            cam_output=str(data.get("cam_output", "")),
-            methods=tuple(data.get("methods", ())),
-            files={k: str(v["sha256"]) for k, v in data.get("files", {}).items()},
-            head=dict(data.get("head", {})),
+            class_labels=labels,
+            logits_output=_text(outputs, "logits", "logits", where="outputs.logits"),
+            scale_outputs=_texts(outputs, "scales", where="outputs.scales"),
+            scale_modules=_texts(data, "scale_modules"),
+            cam_layer=_text(data, "cam_layer"),
+            cam_output=_text(data, "cam_output"),
+            methods=_texts(data, "methods"),
+            files=_files(files),
+            head=_field(data, "head", dict) or {},
             extra={k: v for k, v in data.items() if k in _EXTRA_KEYS},
-            output_kind=check_kind(str(data.get("outputs", {}).get("kind", LOGITS))),
-            token_grid=dict(data.get("token_grid") or {}),
+            output_kind=_choice(outputs, "outputs.kind", OUTPUT_KINDS),
+            token_grid=_field(data, "token_grid", dict) or {},
         )
 
+
+class InvalidManifest(ValueError):
+    """A manifest field the server cannot serve; the message names the field and the rule."""
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def _field(data: dict[str, Any], key: str, kind: type, required: bool = False,
+           where: str = "") -> Any:
+    """``data[key]`` when it is a ``kind`` (None when absent or null and not required)."""
+    name = where or key
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise InvalidManifest(f"manifest lacks {name}")
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
+        raise InvalidManifest(f"manifest {name} must be {expected.get(kind, kind.__name__)}, "
+                              f"got {_kind(value)}")
+    return value
+
+
+def _text(data: dict[str, Any], key: str, default: str = "", required: bool = False,
+          where: str = "") -> str:
+    value = _field(data, key, str, required, where)
+    if value is None:
+        return default
+    if len(value) > MAX_TEXT_CHARS:
+        raise InvalidManifest(f"manifest {where or key} has {len(value)} characters; at most "
+                              f"{MAX_TEXT_CHARS}")
+    return value
+
+
+def _texts(data: dict[str, Any], key: str, where: str = "") -> tuple[str, ...]:
+    name = where or key
+    values = _field(data, key, list, where=name) or []
+    for index, value in enumerate(values):
+        if not isinstance(value, str):
+            raise InvalidManifest(f"manifest {name}[{index}] must be a string, got "
+                                  f"{_kind(value)}")
+        if len(value) > MAX_TEXT_CHARS:
+            raise InvalidManifest(f"manifest {name}[{index}] has {len(value)} characters; at "
+                                  f"most {MAX_TEXT_CHARS}")
+    return tuple(values)
+
+
+def _whole(data: dict[str, Any], key: str) -> int:
+    value = _field(data, key, int, required=True)
+    if value < 0:
+        raise InvalidManifest(f"manifest {key} {value} must be >= 0")
+    return int(value)
+
+
+def _choice(data: dict[str, Any], where: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first when absent)."""
+    value = _field(data, where.rpartition(".")[2], str, where=where)
+    if value is None:
+        return choices[0]
+    if value not in choices:
+        raise InvalidManifest(f"manifest {where} {value[:40]!r} must be one of "
+                              f"{', '.join(choices)}")
+    return value
+
+
+def _numbers(data: dict[str, Any], where: str,
+             default: tuple[float, ...] | None = None) -> tuple[float, ...]:
+    """A list of finite numbers."""
+    values = _field(data, where.rpartition(".")[2], list, required=default is None,
+                    where=where)
+    if values is None:
+        return default or ()
+    numbers = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            raise InvalidManifest(f"manifest {where} {values[:8]} must hold finite numbers")
+        numbers.append(float(value))
+    return tuple(numbers)
+
+
+def _per_channel(data: dict[str, Any], where: str, channels: int) -> tuple[float, ...]:
+    """One finite number per channel; a single value stands for every channel."""
+    values = _numbers(data, where)
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise InvalidManifest(f"manifest {where} has {len(values)} values for {channels} "
+                              "channels (give one per channel, or one for all)")
+    return values
+
+
+def _shape(spec: dict[str, Any], layout: str) -> tuple[int, ...]:
+    """The model's input shape: four positive integers, the batch one -1 when free, the
+    image of at most ``MAX_INPUT_PIXELS`` and 1 or 3 channels."""
+    dims = _field(spec, "shape", list, required=True, where="input.shape")
+    shown = str(dims[:8])[:120]
+    if len(dims) != 4 or any(isinstance(d, bool) or not isinstance(d, int) for d in dims):
+        raise InvalidManifest(f"manifest input.shape {shown} must be 4 integers ({layout}, "
+                              "the batch -1 when free)")
+    batch, *image = dims
+    if batch != -1 and not 1 <= batch <= MAX_FIXED_BATCH:
+        raise InvalidManifest(f"manifest input.shape {shown}: the batch size must be -1 "
+                              f"(free) or within [1, {MAX_FIXED_BATCH}]")
+    channels, height, width = (image[2], image[0], image[1]) if layout == "NHWC" else image
+    if height < 1 or width < 1 or height * width > MAX_INPUT_PIXELS:
+        raise InvalidManifest(f"manifest input.shape {shown}: height and width must be "
+                              f"positive, with at most {MAX_INPUT_PIXELS} pixels (4096×4096)")
+    if channels not in IMAGE_CHANNELS:
+        raise InvalidManifest(f"manifest input.shape {shown}: {channels} channels; images "
+                              "have 1 (grey) or 3 (RGB)")
+    if max(batch, 1) * channels * height * width > MAX_BATCH_VALUES:
+        raise InvalidManifest(f"manifest input.shape {shown}: one batch would hold more than "
+                              f"{MAX_BATCH_VALUES} values; use a smaller fixed batch size")
+    return tuple(dims)
+
+
+def _files(files: dict[str, Any]) -> dict[str, str]:
+    """File name → the sha256 (64 hex digits) it must have."""
+    hashes = {}
+    for name, entry in files.items():
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if not (isinstance(digest, str) and len(digest) == 64
+                and all(c in "0123456789abcdef" for c in digest)):
+            raise InvalidManifest(f"manifest files[{name[:120]!r}].sha256 must be 64 "
+                                  "lowercase hex digits")
+        hashes[name] = digest
+    return hashes
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, streamed."""
@@ -176,6 +339,9 @@ class ModelHandle:
         self._module_lock = threading.Lock()
         self._derived: dict[str, Any] = {}
         self._derived_lock = threading.RLock()
+        # Passed to every ONNX Runtime run: the warm-up's, whose ``terminate`` stops a run that
+        # outlasts its bound, while the package is not yet served.
+        self.run_options: ort.RunOptions | None = None
 
     @property
     def ready(self) -> bool:
@@ -235,7 +401,7 @@ class ModelHandle:
         self.program = None
         self._module = None
         self._derived = {}
-        if TORCH_FILE in contents:
+        if TORCH_FILE in contents and torch_installed():
             try:
                 self.program = load_program(contents[TORCH_FILE])
             except UnsafeArchive as exc:
@@ -288,14 +454,15 @@ class ModelHandle:
         pieces = (list(chunks(total, MAX_CHUNK_ROWS)) if not size
                   else [slice(start, start + size) for start in range(0, total, size)])
         if len(pieces) <= 1 and (not size or total == size):
-            return self.session.run(names, {spec.name: inputs})
+            return self.session.run(names, {spec.name: inputs}, self.run_options)
         parts = []
         for part in pieces:
             piece = inputs[part]
             kept = piece.shape[0]
             if size and kept < size:
                 piece = np.concatenate([piece, np.repeat(piece[-1:], size - kept, axis=0)])
-            parts.append([out[:kept] for out in self.session.run(names, {spec.name: piece})])
+            parts.append([out[:kept] for out in
+                          self.session.run(names, {spec.name: piece}, self.run_options)])
         return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
 
     def torch_module(self) -> Any:
@@ -336,23 +503,41 @@ class Repository:
         self.root = Path(root)
         self.intra_op_threads = intra_op_threads
         self._models: dict[str, dict[int, ModelHandle]] = {}
+        # Packages of a scan in progress: named to clients (UNAVAILABLE until installed),
+        # found by the thread that prepares them.
+        self._pending: dict[str, dict[int, ModelHandle]] = {}
+        self._scanned = False
+        self._preparing = threading.local()
         self._lock = threading.Lock()
 
-    def load_all(self) -> None:
-        """Scans ``root/<name>/<version>/`` and loads every package found."""
+    def load_all(self, prepare: Callable[[ModelHandle], None] | None = None) -> None:
+        """Scans ``root/<name>/<version>/`` and loads every package found.
+
+        ``prepare`` (the server's warm-up) runs on each package that loaded, on this thread,
+        before the new set replaces the old one, which serves meanwhile: a package only in
+        the new set is UNAVAILABLE until then, not NOT_FOUND."""
         found: dict[str, dict[int, ModelHandle]] = {}
         if self.root.is_dir():
             for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
                 for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-                    if not version_dir.name.isdigit():
-                        continue
-                    handle = ModelHandle(model_dir.name, int(version_dir.name), version_dir)
-                    handle.load(self.intra_op_threads)
-                    found.setdefault(model_dir.name, {})[handle.version] = handle
+                    if version_dir.name.isdigit():
+                        handle = ModelHandle(model_dir.name, int(version_dir.name), version_dir)
+                        found.setdefault(model_dir.name, {})[handle.version] = handle
         else:
             log.warning("model repository %s does not exist", self.root)
         with self._lock:
-            self._models = found
+            self._pending, self._scanned = found, True
+        self._preparing.models = found
+        try:
+            for versions in found.values():
+                for handle in versions.values():
+                    handle.load(self.intra_op_threads)
+                    if handle.ready and prepare is not None:
+                        prepare(handle)
+        finally:
+            self._preparing.models = None
+            with self._lock:
+                self._models, self._pending = found, {}
         for handle in self.handles():
             state = "ready" if handle.ready else f"NOT READY ({handle.error})"
             log.info("model %s version %d: %s", handle.name, handle.version, state)
@@ -369,12 +554,21 @@ class Repository:
         return any(h.ready for h in self.handles())
 
     def find(self, name: str, version: int = 0) -> ModelHandle:
-        """The package by name and version (0 = newest); NOT_FOUND names what exists."""
+        """The package by name and version (0 = newest); NOT_FOUND names what exists,
+        UNAVAILABLE what a scan in progress has found but not yet installed."""
+        preparing = getattr(self._preparing, "models", None)
         with self._lock:
-            versions = self._models.get(name)
-            names = sorted(self._models)
+            versions = (preparing or self._models).get(name)
+            pending = {} if preparing else self._pending.get(name, {})
+            names = sorted({*(preparing or self._models), *self._pending})
+            scanned = self._scanned
+        if not scanned:
+            raise Unavailable("models are loading: the repository has not been scanned yet; "
+                              "retry shortly")
         if not name:
             raise NotFound(f"no model named in the request; available models: {names}")
+        if pending and (versions is None or (version in pending and version not in versions)):
+            raise Unavailable(f"model {name!r} is loading and warming up; retry shortly")
         if versions is None:
             raise NotFound(f"model {name!r} not found; available models: {names}")
         if version == 0:

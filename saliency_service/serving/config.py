@@ -60,6 +60,12 @@ HELP = {
     "intra_op_threads": "threads inside one ONNX Runtime / torch call (0 = library default)",
     "grace_seconds": "on SIGTERM, seconds admitted requests get to finish; queued ones that "
     "would not are refused at once, and what still runs when it ends is answered UNAVAILABLE",
+    "drain_notice_seconds": "on SIGTERM, at most this many seconds (within the grace period) "
+    "the port stays open answering new calls UNAVAILABLE, until calls pause for 0.1 s; then "
+    "every connection gets a GOAWAY and the port closes",
+    "warmup_timeout_seconds": "bound on one package's warm-up at start-up and reload; a "
+    "package whose warm-up (e.g. a model run that never ends) outlasts it is not ready, with "
+    "the reason (0 = no bound)",
     "reload_interval_seconds": "seconds between repository scans for changed packages "
     "(0 = off; SIGHUP always reloads)",
     "max_connection_age_seconds": "seconds after which a client connection is sent a GOAWAY "
@@ -126,6 +132,11 @@ class Config:
     # Seconds in-flight requests get to finish on SIGTERM; the process exits within a second
     # after.
     grace_seconds: float = 20.0
+    # Seconds, within the grace period, the port stays open after SIGTERM (new calls answered
+    # UNAVAILABLE) until calls pause, before the GOAWAY.
+    drain_notice_seconds: float = 1.0
+    # Bound on one package's warm-up (0 = none); a package that outlasts it is not ready.
+    warmup_timeout_seconds: float = 120.0
     # Seconds between scans of the model repository for changed packages (0 = off;
     # SIGHUP always rescans).
     reload_interval_seconds: float = 0.0
@@ -177,7 +188,8 @@ class Config:
         if not 0 <= self.inline_below_ms <= MAX_INLINE_MS:
             problems.append(f"inline_below_ms must be within [0, {MAX_INLINE_MS:g}] (it "
                             f"blocks the event loop that long), got {self.inline_below_ms}")
-        for name in ("max_connection_age_seconds", "max_connection_age_grace_seconds",
+        for name in ("drain_notice_seconds", "warmup_timeout_seconds",
+                     "max_connection_age_seconds", "max_connection_age_grace_seconds",
                      "keepalive_time_seconds", "keepalive_timeout_seconds",
                      "keepalive_min_ping_interval_seconds"):
             if not getattr(self, name) >= 0:

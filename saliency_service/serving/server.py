@@ -1,8 +1,10 @@
 """Server start-up: the Explainer service, health, reflection, metrics, reloads and shutdown.
 
-Health: "" is live as soon as the port is bound; ``saliency.v1.Explainer`` is
-SERVING while at least one model is ready, and NOT_SERVING while draining.
-Models are reloaded without a restart when the repository changes (polled every
+Health: "" is live as soon as the port is bound; ``saliency.v1.Explainer`` (and HTTP
+``/readyz``, flipped at the same moment) is SERVING once the repository has been loaded and
+warmed up with at least one model ready, and NOT_SERVING while draining. Until the
+repository has been scanned, calls for a model are answered UNAVAILABLE ("models are
+loading"). Models are reloaded without a restart when the repository changes (polled every
 ``reload_interval_seconds``) or on SIGHUP.
 """
 
@@ -12,8 +14,10 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from saliency_service.client.connections import server_options
-from saliency_service.core.repository import Repository
+from saliency_service.core.repository import ModelHandle, Repository
 from saliency_service.methods import registry
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.calls import Calls
@@ -43,7 +47,7 @@ from saliency_service.serving.security import (
     load_tokens,
     server_credentials,
 )
-from saliency_service.serving.warmup import warm_up
+from saliency_service.serving.warmup import WarmUpBound, warm_up
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
@@ -51,6 +55,55 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
 # reach their next check, and how long gRPC gets to send the last replies.
 WORKER_STOP_SECONDS = 0.5
 REPLY_SECONDS = 0.2
+# While draining, the port stays open (new calls answered UNAVAILABLE) until calls have
+# paused this long, or ``drain_notice_seconds`` have passed: gRPC cancels a call that reaches
+# it after its GOAWAY was sent, so the GOAWAY goes out when no call is on its way.
+QUIET_SECONDS = 0.1
+# A port that cannot be bound, by its flag.
+PORT_FLAGS = {"gRPC": "--port", "metrics": "--metrics-port", "HTTP": "--http-port"}
+
+
+class PortUnavailable(OSError):
+    """A port the server was told to listen on is taken or cannot be bound."""
+
+    def __init__(self, kind: str, host: str, port: int, reason: object) -> None:
+        super().__init__(f"cannot listen on {host}:{port} for {kind} ({PORT_FLAGS[kind]}): "
+                         f"{reason}; is another server running there? choose another port "
+                         f"with {PORT_FLAGS[kind]} (0 picks a free one)")
+
+
+def check_port_free(kind: str, host: str, port: int) -> None:
+    """Raises PortUnavailable when ``host:port`` is taken, before gRPC tries it (gRPC
+    reports a failed bind on stderr in its own format, then only raises)."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # gRPC reports the address itself
+    for family, kind_of_socket, protocol, _, address in addresses:
+        with socket.socket(family, kind_of_socket, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise PortUnavailable(kind, host, port, exc.strerror or exc) from exc
+
+
+class CallArrivals(grpc.aio.ServerInterceptor):
+    """Notes when the last call arrived, so a drain can send its GOAWAY between calls."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        self.last = time.monotonic()
+        return await continuation(handler_call_details)
 
 
 def set_thread_counts(intra_op_threads: int) -> None:
@@ -101,6 +154,10 @@ class SaliencyServer:
         self._reload_lock: asyncio.Lock | None = None
         self._poller: asyncio.Task[None] | None = None
         self._stopping = False
+        # One readiness for gRPC health and HTTP /readyz, set when a load has finished.
+        self._ready = False
+        self._warming: WarmUpBound | None = None
+        self.arrivals = CallArrivals()
 
     # ---- models --------------------------------------------------------------------------
 
@@ -115,15 +172,27 @@ class SaliencyServer:
         requests queue behind it meanwhile."""
         registry.load_builtin()
         self._fingerprint = repository_fingerprint(self.config.models)
-        self.repository.load_all()
-        for handle in self.repository.handles():
-            if handle.ready:
-                failures = warm_up(self.core.engine, handle)
-                if failures:
-                    handle.fail("warm-up failed: " + "; ".join(failures))
+        self.repository.load_all(self.prepare)
         self.metrics.set_models_ready(
             {(h.name, str(h.version)): h.ready for h in self.repository.handles()}
         )
+
+    def prepare(self, handle: ModelHandle) -> None:
+        """Warms a loaded package up within ``warmup_timeout_seconds``; what fails or
+        outlasts it marks that package alone not ready."""
+        if self._stopping:
+            handle.fail("not warmed up: the server is shutting down")
+        else:
+            bound = WarmUpBound(handle, self.config.warmup_timeout_seconds)
+            self._warming = bound
+            try:
+                failures = warm_up(self.core.engine, handle, bound)
+            except Exception as exc:  # noqa: BLE001 - this package alone is not ready
+                failures = [f"{type(exc).__name__}: {exc}"]
+            finally:
+                self._warming = None
+            if failures:
+                handle.fail("warm-up failed: " + "; ".join(failures))
 
     async def reload(self, force: bool = False) -> bool:
         """Reloads the repository if it changed (or ``force``); returns whether it did."""
@@ -147,10 +216,12 @@ class SaliencyServer:
             return True
 
     def ready(self) -> bool:
-        """At least one model is ready and the server is not draining."""
-        return self.repository.any_ready() and not self._stopping
+        """The repository is loaded and warmed up with at least one model ready, and the
+        server is not draining: HTTP /readyz and gRPC health say the same."""
+        return self._ready and not self._stopping
 
     async def _update_readiness(self) -> None:
+        self._ready = self.repository.any_ready()
         ready = self.ready()
         await self.health.set(
             SERVICE_NAME,
@@ -170,7 +241,17 @@ class SaliencyServer:
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> int:
-        """Loads models, binds the ports and marks readiness; returns the gRPC port."""
+        """Binds the ports, loads and warms the models and marks readiness; returns the gRPC
+        port."""
+        await self.listen()
+        await self.load()
+        return self.port
+
+    async def listen(self) -> None:
+        """Binds every port; calls for models are answered UNAVAILABLE until ``load``.
+
+        Raises PortUnavailable (one line naming the port and its flag) when a port is taken:
+        gRPC's SO_REUSEPORT is off, so a second server cannot share a port unnoticed."""
         capacity = reserve_kernel_cache()
         set_thread_counts(self.config.intra_op_threads)
         kept = keep_freed_memory()
@@ -181,6 +262,7 @@ class SaliencyServer:
         log.info("oneDNN is asked to keep up to %s compiled kernels (%s)", capacity, VARIABLE,
                  extra={"event": "kernel_cache", "capacity": capacity})
         options = [
+            ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
             *server_options(self.config.max_connection_age_seconds,
@@ -189,7 +271,7 @@ class SaliencyServer:
                             self.config.keepalive_timeout_seconds,
                             self.config.keepalive_min_ping_interval_seconds),
         ]
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.arrivals]
         tokens = load_tokens(self.config)
         if tokens:
             interceptors.append(BearerTokenInterceptor(tokens, self.metrics))
@@ -207,6 +289,7 @@ class SaliencyServer:
         )
         address = f"{self.config.host}:{self.config.port}"
         credentials = server_credentials(self.config)
+        check_port_free("gRPC", self.config.host, self.config.port)
         try:
             self.port = (
                 self.server.add_secure_port(address, credentials)
@@ -214,22 +297,48 @@ class SaliencyServer:
                 else self.server.add_insecure_port(address)
             )
         except RuntimeError as exc:
-            raise OSError(f"could not bind {address}: {exc}") from exc
+            raise PortUnavailable("gRPC", self.config.host, self.config.port,
+                                  "the address is in use or cannot be bound") from exc
         if self.port == 0:
-            raise OSError(f"could not bind {address}")
+            raise PortUnavailable("gRPC", self.config.host, self.config.port,
+                                  "the address is in use or cannot be bound")
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         if self.config.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+            try:
+                self.metrics_port = self.metrics.serve(self.config.metrics_port,
+                                                       self.config.host)
+            except OSError as exc:
+                await self.server.stop(None)
+                raise PortUnavailable("metrics", self.config.host, self.config.metrics_port,
+                                      exc.strerror or exc) from exc
         if self.config.http_port >= 0:
             app = build_app(self.calls, self.metrics, tokens, self.ready,
                             self.config.max_message_bytes, explorer_routes(self.calls))
             self.http = HttpServer(app, self.config,
                                    self.config.grace_seconds + WORKER_STOP_SECONDS + 1.0)
-            self.http_port = await self.http.start()
-        await asyncio.get_running_loop().run_in_executor(self.executor, self.load_models)
-        await self._update_readiness()
+            try:
+                self.http_port = await self.http.start()
+            except OSError as exc:
+                await self.server.stop(None)
+                self.metrics.stop()
+                reason = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+                raise PortUnavailable("HTTP", self.config.host, self.config.http_port,
+                                      getattr(reason, "strerror", None) or reason) from exc
+        log.info("listening on %s:%d (metrics on :%d, HTTP on :%d); loading the models",
+                 self.config.host, self.port, self.metrics_port,
+                 self.http_port if self.http is not None else -1,
+                 extra={"event": "listening", "port": self.port,
+                        "metrics_port": self.metrics_port, "http_port": self.http_port})
+
+    async def load(self) -> None:
+        """Loads and warms up the repository, then turns ready (SERVING, /readyz 200)."""
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.load_models)
+            await self._update_readiness()
         if self.config.reload_interval_seconds > 0:
             self._poller = asyncio.ensure_future(self._poll(self.config.reload_interval_seconds))
         ready = sum(h.ready for h in self.repository.handles())
@@ -249,7 +358,6 @@ class SaliencyServer:
                 "models_ready": ready,
             },
         )
-        return self.port
 
     async def stop(self, grace: float | None = None) -> int:
         """Drains, then closes the ports; returns how many workers are still busy.
@@ -267,9 +375,13 @@ class SaliencyServer:
         ends = time.perf_counter() + grace
         self._stopping = True
         self.admission.drain(ends)
+        warming = self._warming
+        if warming is not None:
+            warming.stop("not warmed up: the server is shutting down")
         if self._poller is not None:
             self._poller.cancel()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._calls_pause(min(self.config.drain_notice_seconds, grace))
         # gRPC's own stop sends the GOAWAY at once; its grace outlasts ours, which ends the
         # calls itself (the second stop below then closes what is left).
         goaway = (asyncio.ensure_future(self.server.stop(grace + WORKER_STOP_SECONDS + 1.0))
@@ -303,6 +415,17 @@ class SaliencyServer:
         reloading = self._reload_lock is not None and self._reload_lock.locked()
         return self.admission.inflight + int(reloading)
 
+    async def _calls_pause(self, longest: float) -> None:
+        """Waits until no call has arrived for ``QUIET_SECONDS``, or ``longest`` seconds:
+        calls arriving meanwhile are answered UNAVAILABLE by the draining admission."""
+        ends = time.monotonic() + longest
+        while True:
+            now = time.monotonic()
+            quiet_at = self.arrivals.last + QUIET_SECONDS
+            if now >= quiet_at or now >= ends:
+                return
+            await asyncio.sleep(min(quiet_at, ends) - now)
+
     async def wait(self) -> None:
         if self.server is not None:
             await self.server.wait_for_termination()
@@ -312,19 +435,31 @@ async def serve(config: Config) -> None:
     """Runs until SIGTERM/SIGINT, then shuts down gracefully and ends the process; SIGHUP
     reloads the models."""
     server = SaliencyServer(config)
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[bool]] = set()
 
+    def reloaded(task: asyncio.Task[bool]) -> None:
+        reloads.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("repository reload failed: %s: %s", type(task.exception()).__name__,
+                      task.exception(), extra={"event": "reload_failed"})
+
     def on_hangup() -> None:
         task = asyncio.ensure_future(server.reload(force=True))
         reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        task.add_done_callback(reloaded)
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    await server.listen()
+    # A SIGTERM during the warm-up stops it and drains like any other.
+    loading = asyncio.ensure_future(server.load())
+    signalled = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((loading, signalled), return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and loading.exception() is not None:
+        raise loading.exception()  # type: ignore[misc]
     await stop.wait()
     log.info(
         "signal received: draining for up to %.1f s",
