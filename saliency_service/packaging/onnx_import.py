@@ -21,7 +21,10 @@ as ``torch.onnx.export`` writes it; each must lie in the model's folder) and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,9 @@ from saliency_service.core.repository import (
     FORMAT_VERSION,
     LAYOUTS,
     MANIFEST,
+    MAX_BATCH_VALUES,
+    MAX_FIXED_BATCH,
+    MAX_INPUT_PIXELS,
     ONNX_FILE,
     TORCH_FILE,
 )
@@ -54,6 +60,49 @@ _GRAPH_KINDS = {"Softmax": PROBABILITIES, "Sigmoid": SIGMOID, "LogSoftmax": LOGI
 
 class ImportRefused(ValueError):
     """The ONNX file cannot be served as it is; the message says what to change."""
+
+
+@contextmanager
+def _bounded_runs(seconds: float) -> Iterator[ort.RunOptions]:
+    """Run options whose ``terminate`` is set ``seconds`` from now (0 = never), so a model
+    run that never ends (e.g. a Loop of 2**63 - 1 trips) stops and is refused."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # the refusal says it once
+    timer = threading.Timer(seconds, setattr, (options, "terminate", True))
+    timer.daemon = True
+    if seconds > 0:
+        timer.start()
+    try:
+        yield options
+    finally:
+        timer.cancel()
+
+
+def _check_input_size(shape: tuple[int, int, int], batch: int | None) -> None:
+    """The input must fit what a package may declare (``core.repository``'s bounds)."""
+    channels, height, width = shape
+    if height * width > MAX_INPUT_PIXELS:
+        raise ImportRefused(f"the input {height}×{width} has more than {MAX_INPUT_PIXELS} "
+                            "pixels (4096×4096); pass a smaller --input-shape")
+    if batch and batch > MAX_FIXED_BATCH:
+        raise ImportRefused(f"the graph fixes the batch size at {batch}; at most "
+                            f"{MAX_FIXED_BATCH} can be served")
+    if (batch or 1) * channels * height * width > MAX_BATCH_VALUES:
+        raise ImportRefused(f"one batch of {batch or 1} {channels}×{height}×{width} inputs holds "
+                            f"more than {MAX_BATCH_VALUES} values")
+
+
+def _check_normalization(mean: Sequence[float] | None, std: Sequence[float] | None,
+                         value_range: tuple[float, float]) -> None:
+    """Finite numbers, std > 0 and a value range whose low end is below its high end."""
+    for flag, values in (("--mean", mean), ("--std", std), ("--value-range", value_range)):
+        if values is not None and not all(math.isfinite(float(v)) for v in values):
+            raise ImportRefused(f"{flag} {list(values)} must be finite numbers")
+    if std is not None and min(std, default=1.0) <= 0:
+        raise ImportRefused(f"--std {list(std)} must be > 0 (pixels are divided by it)")
+    if len(value_range) != 2 or not value_range[0] < value_range[1]:
+        raise ImportRefused(f"--value-range {list(value_range)} must be LOW,HIGH with "
+                            "LOW < HIGH")
 
 
 @dataclass(frozen=True)
@@ -251,13 +300,22 @@ def _random_inputs(batch: int, shape: tuple[int, int, int], layout: str,
     return rng.normal(size=(batch, *dims)).astype(np.float32)
 
 
+def _timed_out(seconds: float) -> ImportRefused:
+    return ImportRefused(f"the model did not finish its test run within {seconds:g} s "
+                         "(--timeout): a model run that never ends cannot be served; raise "
+                         "--timeout if it is just slow")
+
+
 def _class_output(session: ort.InferenceSession, input_name: str, inputs: np.ndarray,
-                  wanted: str | None) -> tuple[str, np.ndarray]:
+                  wanted: str | None, options: ort.RunOptions | None = None,
+                  timeout: float = 0.0) -> tuple[str, np.ndarray]:
     """The output that is N×classes on these inputs (``wanted`` names it when several are)."""
     names = [o.name for o in session.get_outputs()]
     try:
-        values = session.run(names, {input_name: inputs})
+        values = session.run(names, {input_name: inputs}, options)
     except Exception as exc:  # noqa: BLE001 - a model that fails on its own input shape
+        if options is not None and options.terminate:
+            raise _timed_out(timeout) from None
         raise ImportRefused(
             f"the model fails on a {_shown(inputs.shape)} input: {exc}; check --input-shape "
             "and --layout") from exc
@@ -290,6 +348,7 @@ def import_onnx(
     repository: Path,
     version: int = 1,
     class_labels: Sequence[str] = (),
+    labels_source: str = "",
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     value_range: tuple[float, float] = (0.0, 1.0),
@@ -299,13 +358,20 @@ def import_onnx(
     output_name: str | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    timeout: float = 120.0,
 ) -> ImportReport:
     """Inspects ``source``, runs it on random inputs and writes ``repository/name/version``.
 
     ``mean``/``std`` (one value, or one per channel; default 0 and 1) normalize pixels taken
-    in ``value_range``, as the model was trained. Raises ImportRefused for what cannot be
-    served, with the flag or change that fixes it.
+    in ``value_range``, as the model was trained. The test runs on random inputs take at
+    most ``timeout`` seconds in all (0 = no bound). Raises ImportRefused for what cannot be
+    served, with the flag or change that fixes it; ``labels_source`` (e.g. the labels file)
+    is named when the labels do not match the classes.
     """
+    _check_normalization(mean, std, value_range)
+    if input_shape is not None and (len(input_shape) != 3 or min(input_shape) < 1):
+        raise ImportRefused(f"--input-shape {list(input_shape)} must be three positive "
+                            "integers C,H,W")
     source = Path(source)
     if not source.is_file():
         raise ImportRefused(f"{source} is not a file")
@@ -325,6 +391,7 @@ def import_onnx(
     chosen_layout, layout_why = _layout(image.dims, layout)
     shape, shape_why = _image_shape(image.dims, chosen_layout, input_shape)
     batch = image.dims[0]
+    _check_input_size(shape, batch)
     decisions = {"input": f"{image.name}: the only 4-D float input", "layout": layout_why,
                  "size": f"C,H,W {','.join(map(str, shape))} {shape_why}",
                  "batch": (f"fixed at {batch}: run in chunks of {batch}" if batch
@@ -332,12 +399,19 @@ def import_onnx(
     session = _session(data, external)
     rng = np.random.default_rng(seed)
     first = _random_inputs(batch or 2, shape, chosen_layout, rng)
-    output_name, scores = _class_output(session, image.name, first, output_name)
-    rows = [scores]
-    for _ in range(CHECK_INPUTS - 1):
-        (more,) = session.run([output_name], {image.name: _random_inputs(
-            batch or 1, shape, chosen_layout, rng)})
-        rows.append(more)
+    with _bounded_runs(timeout) as options:
+        output_name, scores = _class_output(session, image.name, first, output_name, options,
+                                            timeout)
+        rows = [scores]
+        for _ in range(CHECK_INPUTS - 1):
+            try:
+                (more,) = session.run([output_name], {image.name: _random_inputs(
+                    batch or 1, shape, chosen_layout, rng)}, options)
+            except Exception as exc:  # noqa: BLE001 - only a stopped run is expected here
+                if options.terminate:
+                    raise _timed_out(timeout) from None
+                raise ImportRefused(f"the model fails on a random input: {exc}") from exc
+            rows.append(more)
     classes = int(scores.shape[1])
     graph_kind, graph_why = _graph_kind(model, output_name)
     kind, kind_why = _output_kind(graph_kind, graph_why, np.concatenate(rows), output)
@@ -345,7 +419,9 @@ def import_onnx(
     decisions["kind"] = kind_why
     labels = list(class_labels) or [str(i) for i in range(classes)]
     if len(labels) != classes:
-        raise ImportRefused(f"{len(labels)} class labels for {classes} classes")
+        read = f" read from {labels_source}" if labels_source else ""
+        raise ImportRefused(f"{len(labels)} class labels{read} for the model's {classes} "
+                            "classes (one label per line in a file, or comma-separated)")
     channels = shape[0]
     mean_values = _per_channel(mean, 0.0, channels, "--mean")
     std_values = _per_channel(std, 1.0, channels, "--std")
