@@ -254,3 +254,22 @@ def test_http_takes_resize_as_json_and_as_a_form_field(served: RunningServer) ->
         refused = http.post("/api/v1/explain", json={**body, "resize": "squash"})
         assert refused.status_code == 400
         assert "stretch, center_crop, letterbox" in refused.json()["error"]["message"]
+
+
+def test_cli_resize_flag(served: RunningServer, tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    from saliency_service.cli import main  # noqa: PLC0415 - the server-side CLI
+
+    image = tmp_path / "wide.png"
+    image.write_bytes(encoded(wide_picture()))
+    out = tmp_path / "map.png"
+    argv = ["explain", "--server", served.address, "--model", "tiny", "--image", str(image),
+            "--method", "gradcam", "--out", str(out)]
+    assert main([*argv, "--resize", "letterbox"]) == 0
+    assert f"map: {out} (32×64, mean " in capsys.readouterr().out
+    assert main(argv) == 0
+    assert f"map: {out} (32×32, mean " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as usage:
+        main([*argv, "--resize", "squash"])
+    assert usage.value.code == 2
+    assert "invalid choice: 'squash'" in capsys.readouterr().err
