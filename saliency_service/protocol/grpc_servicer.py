@@ -140,6 +140,7 @@ async def drained(pending: LatestUpdates[T] | asyncio.Queue[T], task: asyncio.Fu
                   ) -> AsyncIterator[T]:
     """The items put in ``pending`` while ``task`` runs (and any left when it ends); cancels
     the task if the consumer goes away."""
+    getter: asyncio.Future[T] | None = None
     try:
         while not task.done() or not pending.empty():
             getter = asyncio.ensure_future(pending.get())
@@ -149,6 +150,8 @@ async def drained(pending: LatestUpdates[T] | asyncio.Queue[T], task: asyncio.Fu
             else:
                 getter.cancel()
     finally:
+        if getter is not None and not getter.done():
+            getter.cancel()
         if not task.done():
             task.cancel()
 
