@@ -36,6 +36,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from saliency_service.core.errors import InvalidInput, NotFound, ServiceError
+from saliency_service.core.repository import RESIZE_MODES
 from saliency_service.core.request import RequestState
 from saliency_service.evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate
 from saliency_service.methods import registry
@@ -218,16 +219,16 @@ async def report_route(request: Request) -> Response:
 
 
 async def choices_route(request: Request) -> Response:
-    """Each method's parameters that take one of a few names (``decam.strategy``), with those
-    names, so the page offers them as a list rather than a text field."""
-    out: dict[str, dict[str, list[str]]] = {}
+    """The values offered as lists rather than text fields: each method's parameters that
+    take one of a few names (``decam.strategy``), and the request's ``resize`` modes."""
+    methods: dict[str, dict[str, list[str]]] = {}
     for handler in registry.handlers():
         named = {field.name: list(field.metadata["choices"])
                  for field in dataclasses.fields(handler.Params)
                  if field.metadata.get("choices")}
         if named:
-            out[handler.name] = named
-    return JSONResponse(out)
+            methods[handler.name] = named
+    return JSONResponse({"methods": methods, "resize": list(RESIZE_MODES)})
 
 
 def _guarded(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
