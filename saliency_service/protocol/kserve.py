@@ -4,9 +4,15 @@
 instance is an encoded image (a base64 string, ``{"b64": …}``, TensorFlow Serving's
 ``{"image_bytes": {"b64": …}}`` or TorchServe's ``{"data": …}``) or a nested list of numbers
 (one C×H×W float tensor, normalized as the model's manifest says). ``:explain`` also takes
-any ``ExplainRequest`` field beside ``instances`` (``method``, its params, ``target`` — a
-class index or the message — ``seed``, ``return_overlay``, …), and ``parameters``: the
-method's parameters as plain values (``{"steps": 64, "baseline": "blur"}``).
+any ``ExplainRequest`` field beside ``instances`` (``method``, ``auto`` when not given, its
+params, ``target`` — a class index or the message — ``seed``, ``return_overlay``, …), and
+``parameters``: the method's parameters as plain values (``{"steps": 64, "baseline":
+"blur"}``).
+
+Health as KServe's V1 servers answer it: ``GET /v1/models`` lists the names, and
+``GET /v1/models/{name}`` is ``{"name", "ready": true}`` (503 with ``"ready": false`` while
+the model is not ready, 404 for an unknown name); the server's liveness ``GET /`` is
+``{"status": "alive"}`` for clients that do not ask for HTML (``LIVENESS``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from saliency_service.protocol.json_messages import (
 )
 
 IMAGE_KEYS = ("b64", "data")
+LIVENESS = {"status": "alive"}  # KServe V1's answer to GET /
 
 
 def _image_bytes(instance: Any, index: int) -> bytes | None:
@@ -87,6 +94,8 @@ def explain_request(name: str, body: Any) -> pb.ExplainRequest:
     source = input_of(body)
     fields = {key: value for key, value in body.items()
               if key not in ("instances", "model", "parameters")}
+    if fields.get("method") is None:
+        fields["method"] = "auto"  # KServe's clients name no method: the server picks one
     target = fields.get("target")
     if isinstance(target, int) and not isinstance(target, bool):
         fields["target"] = {"class_index": target}
