@@ -112,6 +112,22 @@ def check_files(model: onnx.ModelProto, files: Mapping[str, bytes]) -> dict[str,
     return used
 
 
+def inline(model: onnx.ModelProto, files: Mapping[str, bytes]) -> onnx.ModelProto:
+    """``model`` with every external tensor's values copied in from ``files`` (the result of
+    ``check_files``), for readers that take one in-memory model."""
+    for tensor in model_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.external_data:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        data = files[check_location(entries["location"])]
+        offset = int(entries.get("offset", "0"))
+        end = offset + int(entries["length"]) if "length" in entries else len(data)
+        tensor.raw_data = data[offset:end]
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return model
+
+
 def session(model_bytes: bytes, files: Mapping[str, bytes],
             options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session on ``model_bytes`` whose external data comes from ``files``

@@ -1,10 +1,10 @@
-"""The model repository: ``models/<name>/<version>/{model.onnx, model.pt2, manifest.json}``.
+"""The model repository: ``models/<name>/<version>/{model.onnx, manifest.json}``.
 
-Loading never runs code from a package: ONNX files go to ONNX Runtime, their external data
-only from files the manifest lists (``saliency_service.core.onnx_external``), and
-``model.pt2`` is checked record by record and field by field before torch sees it
-(``saliency_service.core.program_archive``). Every file the manifest names must lie inside the
-package folder, and its sha256 is checked on the very bytes that are then loaded. A
+Loading never runs code from a package: the ONNX file goes to ONNX Runtime (and, for gradient
+methods, to the project's own translation into torch), its external data only from files
+the manifest lists (``saliency_service.core.onnx_external``). A ``model.pt2`` that older
+exports wrote is never read. Every file the manifest names must lie inside the package
+folder, and its sha256 is checked on the very bytes that are then loaded. A
 package that fails to load is kept with its error (reported by health and
 ``ListModels``) while the others serve.
 """
@@ -26,26 +26,21 @@ import onnx
 import onnxruntime as ort
 
 from saliency_service.core.chunking import MAX_CHUNK_ROWS, chunks
-from saliency_service.core.errors import FailedPrecondition, NotFound, Unavailable
-from saliency_service.core.onnx_external import ExternalDataRefused, check_files
+from saliency_service.core.errors import NotFound, Unavailable
+from saliency_service.core.onnx_external import (
+    ExternalDataRefused,
+    check_files,
+    external_data,
+    inline,
+)
 from saliency_service.core.onnx_external import session as onnx_session
 from saliency_service.core.outputs import LOGITS, OUTPUT_KINDS
-from saliency_service.core.program_archive import UnsafeArchive, load_program
 
 log = logging.getLogger(__name__)
 
-
-def torch_installed() -> bool:
-    """Whether PyTorch can be imported (the ``torch`` extra); without it, packages serve
-    their ONNX methods only."""
-    try:
-        import torch  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
-
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
+# Written by earlier exports for gradient methods; never read (they use the ONNX graph).
 TORCH_FILE = "model.pt2"
 FORMAT_VERSION = 1
 # Manifest keys kept verbatim in ``Manifest.extra``.
@@ -325,7 +320,7 @@ def sha256_file(path: Path) -> str:
 
 
 class ModelHandle:
-    """One loaded package: an ONNX Runtime session, the optional torch program, the manifest."""
+    """One loaded package: an ONNX Runtime session, the manifest, what methods derive."""
 
     def __init__(self, name: str, version: int, path: Path) -> None:
         self.name = name
@@ -333,10 +328,7 @@ class ModelHandle:
         self.path = path
         self.manifest: Manifest | None = None
         self.session: ort.InferenceSession | None = None
-        self.program: Any = None
         self.error = ""
-        self._module: Any = None
-        self._module_lock = threading.Lock()
         self._derived: dict[str, Any] = {}
         self._derived_lock = threading.RLock()
         # Passed to every ONNX Runtime run: the warm-up's, whose ``terminate`` stops a run that
@@ -347,10 +339,6 @@ class ModelHandle:
     def ready(self) -> bool:
         return self.session is not None and self.manifest is not None and not self.error
 
-    @property
-    def has_torch(self) -> bool:
-        return self.program is not None
-
     def load(self, intra_op_threads: int = 0) -> None:
         """Loads and verifies the package; on failure records the error instead of raising."""
         try:
@@ -358,7 +346,6 @@ class ModelHandle:
             self.error = ""
         except Exception as exc:  # noqa: BLE001 - any failure marks this package broken only
             self.session = None
-            self.program = None
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("model %s/%s failed to load: %s", self.name, self.version, self.error)
 
@@ -388,8 +375,6 @@ class ModelHandle:
         manifest = Manifest.from_json(json.loads(manifest_path.read_text()))
         if ONNX_FILE not in manifest.files:
             raise ValueError(f"manifest lists no {ONNX_FILE}")
-        contents = {name: self._verified_bytes(name, expected)
-                    for name, expected in manifest.files.items()}
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
         if intra_op_threads > 0:
@@ -397,15 +382,9 @@ class ModelHandle:
         # ONNX Runtime's pool threads spin during a run (fast) and, by default, for a while
         # after it, which starves the torch passes a gradient method runs next.
         options.add_session_config_entry("session.force_spinning_stop", "1")
-        self.session = _onnx_session(contents, options)
-        self.program = None
-        self._module = None
+        model_bytes, files = self._model_files(manifest)
+        self.session = onnx_session(model_bytes, files, options)
         self._derived = {}
-        if TORCH_FILE in contents and torch_installed():
-            try:
-                self.program = load_program(contents[TORCH_FILE])
-            except UnsafeArchive as exc:
-                raise UnsafeArchive(f"{TORCH_FILE} refused: {exc}") from exc
         self.manifest = manifest
 
     def _verified_bytes(self, file_name: str, expected: str) -> bytes:
@@ -465,35 +444,30 @@ class ModelHandle:
                           self.session.run(names, {spec.name: piece}, self.run_options)])
         return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
 
-    def torch_module(self) -> Any:
-        """The torch program as a callable module, parameter gradients off (shared, stateless)."""
-        if self.program is None:
-            raise FailedPrecondition(
-                f"model {self.name} has no {TORCH_FILE}; gradient methods need it "
-                "(re-export the model with `saliency export`)"
-            )
-        with self._module_lock:
-            if self._module is None:
-                module = self.program.module()
-                for parameter in module.parameters():
-                    parameter.requires_grad_(False)
-                self._module = module
-            return self._module
+    def onnx_model(self) -> onnx.ModelProto:
+        """The package's ONNX model with its external data in memory, read again from its
+        verified files (for the methods that translate the graph; nothing is kept)."""
+        model_bytes, files = self._model_files(self.spec())
+        return inline(_parse_onnx(model_bytes), files)
+
+    def _model_files(self, manifest: Manifest) -> tuple[bytes, dict[str, bytes]]:
+        """``model.onnx`` and the external-data files it reads, each verified against the
+        manifest; a location the manifest does not list is refused."""
+        model_bytes = self._verified_bytes(ONNX_FILE, manifest.files[ONNX_FILE])
+        model = _parse_onnx(model_bytes)
+        try:
+            listed = {location: self._verified_bytes(location, manifest.files[location])
+                      for location in external_data(model) if location in manifest.files}
+            return model_bytes, check_files(model, listed)
+        except ExternalDataRefused as exc:
+            raise ExternalDataRefused(f"{ONNX_FILE} refused: {exc}") from exc
 
 
-def _onnx_session(contents: dict[str, bytes], options: ort.SessionOptions
-                  ) -> ort.InferenceSession:
-    """The session on the package's ``model.onnx``, its external data (if any) read from
-    the verified bytes of files the manifest lists, never from disk."""
+def _parse_onnx(model_bytes: bytes) -> onnx.ModelProto:
     try:
-        model = onnx.load_model_from_string(contents[ONNX_FILE])
+        return onnx.load_model_from_string(model_bytes)
     except Exception as exc:  # noqa: BLE001 - a file protobuf cannot parse
         raise ValueError(f"{ONNX_FILE} is not an ONNX model ({type(exc).__name__})") from exc
-    try:
-        files = check_files(model, contents)
-    except ExternalDataRefused as exc:
-        raise ExternalDataRefused(f"{ONNX_FILE} refused: {exc}") from exc
-    return onnx_session(contents[ONNX_FILE], files, options)
 
 
 class Repository:

@@ -136,7 +136,9 @@ class Job:
         """How many network inputs fit one chunk under the memory budget (at most
         ``MAX_CHUNK_ROWS``)."""
         fitting = self.chunk_memory_bytes // max(self.activation_bytes(backward), 1)
-        return max(1, min(fitting, MAX_CHUNK_ROWS))
+        fixed = self.model.spec().input.batch if backward else 0
+        # A graph with a fixed batch k runs its backward passes k inputs at a time.
+        return max(1, min(fitting, MAX_CHUNK_ROWS, fixed or MAX_CHUNK_ROWS))
 
     def units_per_chunk(self, rows_each: int = 1, unit_bytes: int = 0,
                         backward: bool = False, reserved_bytes: int = 0) -> int:

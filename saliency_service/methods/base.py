@@ -106,7 +106,7 @@ class Handler:
     def available_for(self, model: ModelHandle) -> bool:
         """Whether this package has what the method needs."""
         spec = model.spec()
-        if self.needs_torch and not model.has_torch:
+        if self.needs_torch and gradients_problem(model):
             return False
         return not (self.needs_scales and not spec.scale_outputs)
 
@@ -114,8 +114,8 @@ class Handler:
         """What the package lacks for this method (empty when it is available)."""
         if self.available_for(model):
             return ""
-        if self.needs_torch and not model.has_torch:
-            return "it needs a torch program (model.pt2)"
+        if self.needs_torch and gradients_problem(model):
+            return gradients_problem(model)
         grid = model.spec().token_grid
         if grid:
             height, width = grid["grid"]
@@ -165,6 +165,23 @@ class Handler:
         if raw.ndim == 4:
             raw = np.abs(raw).max(axis=1)
         return scale_by_max(raw)
+
+
+TORCH_EXTRA = "needs PyTorch, which this install lacks: pip install 'saliency-service[torch]'"
+
+
+def gradients_problem(model: ModelHandle) -> str:
+    """Why the package's graph cannot be differentiated ("" when it can): its translation to
+    torch, checked against ONNX Runtime (``methods._utils.gradient_program``)."""
+    try:
+        from saliency_service.methods._utils.gradient_program import (  # noqa: PLC0415
+            gradient_problem,
+        )
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        return TORCH_EXTRA
+    return gradient_problem(model)
 
 
 def method_name(method: int) -> str:

@@ -86,13 +86,14 @@ def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]
     targets = torch.from_numpy(job.targets.astype(np.int64)).view(-1, 1)
     for part in job.checked_chunks(job.batch, job.items_per_chunk(backward=True)):
         outputs = module(torch.from_numpy(np.ascontiguousarray(job.inputs[part])))
-        activation = outputs[index]
-        selected = outputs[0].gather(1, targets[part]).sum()
+        count = part.stop - part.start
+        activation = outputs[index]  # a fixed-batch graph's padding rows come after ``count``
+        selected = outputs[0][:count].gather(1, targets[part]).sum()
         (grad,) = torch.autograd.grad(selected, activation)
         activations.append(as_feature_map(job.model, output_name,
-                                          activation.detach().contiguous().numpy()))
-        gradients.append(as_feature_map(job.model, output_name, grad.contiguous().numpy()))
-        count = part.stop - part.start
+                                          activation[:count].detach().contiguous().numpy()))
+        gradients.append(as_feature_map(job.model, output_name,
+                                        grad[:count].contiguous().numpy()))
         job.cost.forward(count, ENGINE_TORCH)
         job.cost.backward(count)
     return np.concatenate(activations), np.concatenate(gradients)

@@ -45,7 +45,7 @@ def gradient_rows(
     for part in job.checked_chunks(rows, size):
         batch, targets = make_rows(part)
         batch = batch.detach().requires_grad_(True)
-        logits = module(batch)[0]
+        logits = module(batch)[0][: batch.shape[0]]  # a fixed-batch graph's padding dropped
         selected = logits.gather(1, targets.view(-1, 1).to(torch.int64)).view(-1)
         (grad,) = torch.autograd.grad(selected.sum(), batch)
         count = part.stop - part.start

@@ -70,10 +70,11 @@ def target_logits(job: Job, inputs: np.ndarray) -> np.ndarray:
     module = prepared_module(job.model, FAST)
     out = np.empty(inputs.shape[0], dtype=np.float64)
     targets = torch.from_numpy(job.targets.astype(np.int64)).view(-1, 1)
-    for part in job.checked_chunks(inputs.shape[0], job.items_per_chunk()):
+    for part in job.checked_chunks(inputs.shape[0], job.items_per_chunk(backward=True)):
         with torch.no_grad():
             logits = module(torch.from_numpy(np.ascontiguousarray(inputs[part])))[0]
-        out[part] = logits.gather(1, targets[part]).view(-1).double().numpy()
+        rows = part.stop - part.start
+        out[part] = logits[:rows].gather(1, targets[part]).view(-1).double().numpy()
         job.cost.forward(part.stop - part.start, ENGINE_TORCH)
     return out
 

@@ -35,6 +35,7 @@ from saliency_service.methods.base import (
     ENGINE_ONNX,
     Handler,
     Job,
+    gradients_problem,
     run_onnx_batched,
     scale_by_max,
 )
@@ -168,7 +169,7 @@ class FastCam(MultiScaleHandler):
     def available_for(self, model: ModelHandle) -> bool:
         if not super().available_for(model):
             return False
-        return model.spec().head.get("type") == "gap_linear" or model.has_torch
+        return model.spec().head.get("type") == "gap_linear" or not gradients_problem(model)
 
     def prior_passes(self, model: ModelHandle) -> float:
         return 1.0 if model.spec().head.get("type") == "gap_linear" else 1.0 + CAM_PASS

@@ -6,7 +6,7 @@ import functools
 import importlib
 
 from saliency_service.core.errors import NotFound
-from saliency_service.methods.base import Handler
+from saliency_service.methods.base import TORCH_EXTRA, Handler
 from saliency_service.proto import explainer_pb2 as pb
 
 # Modules whose Handler subclasses are registered at start-up.
@@ -25,7 +25,6 @@ _BUILTIN = (
 _HANDLERS: dict[int, Handler] = {}
 # Why a built-in module's methods are missing from this install (module → reason).
 _MISSING: dict[str, str] = {}
-TORCH_EXTRA = "needs PyTorch, which this install lacks: pip install 'saliency-service[torch]'"
 UNSPECIFIED = pb.METHOD_UNSPECIFIED
 AUTO = pb.METHOD_AUTO  # the engine picks a method by measured cost and the request's budget
 

@@ -168,7 +168,7 @@ def warm_up_chunk_shapes(handle: ModelHandle, sample: np.ndarray,
         handle.run(batch)
         if extra:
             handle.run(batch, [spec.logits_output, *extra])
-    if handle.has_torch:
+    if handle.derived_items("program:"):  # a gradient method built a program variant
         from saliency_service.methods._utils.torch_program import (  # noqa: PLC0415
             warm_up_variants,
         )

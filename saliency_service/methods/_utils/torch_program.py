@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch import fx
 
+from saliency_service.core.errors import FailedPrecondition
 from saliency_service.core.repository import ModelHandle
+from saliency_service.methods._utils.gradient_program import gradient_problem, translation
 
 FAST = "fast"
 GUIDED = "guided"
@@ -103,16 +105,27 @@ class LinearStem:
 class PreparedModule(torch.nn.Module):
     """Wraps a rewritten graph: inputs go in channels-last, outputs come back as a tuple.
 
-    ``stem`` is set on the ``trunk`` variant: the first layer it leaves out."""
+    ``stem`` is set on the ``trunk`` variant: the first layer it leaves out. A graph with a
+    fixed batch (``fixed_batch`` k) takes at most k inputs, padded to k by repeating the last;
+    its outputs keep all k rows (callers read the first rows they gave), so a cut output
+    stays the leaf a backward reaches."""
 
     def __init__(self, graph_module: fx.GraphModule, channels_last: bool,
-                 stem: LinearStem | None = None) -> None:
+                 stem: LinearStem | None = None, fixed_batch: int = 0) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.channels_last = channels_last
         self.stem = stem
+        self.fixed_batch = fixed_batch
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fixed_batch:
+            if x.shape[0] > self.fixed_batch:
+                raise ValueError(f"the graph takes at most {self.fixed_batch} inputs at once, "
+                                 f"got {x.shape[0]}")
+            missing = self.fixed_batch - x.shape[0]
+            if missing:
+                x = torch.cat([x, x[-1:].expand(missing, *x.shape[1:])])
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         outputs = self.graph_module(x)
@@ -140,9 +153,10 @@ def linear_stem(model: ModelHandle) -> LinearStem | None:
 
 
 def _cached_variant(model: ModelHandle, variant: str) -> PreparedModule | None:
-    program = model.program
-    if program is None:
-        model.torch_module()  # raises FailedPrecondition with the actionable message
+    problem = gradient_problem(model)
+    if problem:
+        raise FailedPrecondition(f"gradient methods are not available for model "
+                                 f"{model.name}: {problem}")
     return model.derived(f"program:{variant}", lambda m: _build_cached(m, variant))
 
 
@@ -151,9 +165,12 @@ def _build_cached(model: ModelHandle, variant: str) -> PreparedModule | None:
         if variant == TRUNK:  # shares the fast variant's folded weights
             fast = _cached_variant(model, FAST)
             return trunk_of(fast) if fast is not None else None
-        return build_variant(model.program, variant, model.spec().extra_outputs)
+        prepared = build_variant(translation(model).program, variant,
+                                 model.spec().extra_outputs)
     except NoStemError:
         return None
+    prepared.fixed_batch = model.spec().input.batch
+    return prepared
 
 
 def warm_up_variants(model: ModelHandle, inputs: np.ndarray, backward_rows: list[int],
@@ -188,7 +205,7 @@ def warm_up_variants(model: ModelHandle, inputs: np.ndarray, backward_rows: list
                 leaf = x.requires_grad_(True)
                 torch.autograd.grad(module(leaf)[0][:, 0].sum(), leaf)
         if variant == FAST:
-            for rows in forward_rows:
+            for rows in forward_rows if not module.fixed_batch else ():
                 with torch.no_grad():
                     module(rows_of(rows))
         if variant == TRUNK:
@@ -202,7 +219,8 @@ def warm_up_variants(model: ModelHandle, inputs: np.ndarray, backward_rows: list
 
 def build_variant(program: Any, variant: str,
                   outputs: tuple[str, ...] | None = None) -> PreparedModule:
-    """A new prepared module of ``program`` (an ExportedProgram); does not touch ``program``.
+    """A new prepared module of ``program`` (anything whose ``module()`` gives a fresh FX
+    graph module of aten ops: a translated ONNX graph); does not touch ``program``.
 
     ``outputs`` names the program's outputs after the logits (the manifest's scale and token
     outputs); without it only ``scale_<k>`` names can be cut."""
@@ -229,7 +247,8 @@ def trunk_of(fast: PreparedModule) -> PreparedModule:
     graph = fx.Graph()
     graph.output(graph.graph_copy(fast.graph_module.graph, {}))
     trunk, stem = split_at_stem(fx.GraphModule(fast.graph_module, graph))
-    return PreparedModule(_finished(trunk), channels_last=True, stem=stem)
+    return PreparedModule(_finished(trunk), channels_last=True, stem=stem,
+                          fixed_batch=fast.fixed_batch)
 
 
 def _finished(graph_module: fx.GraphModule) -> fx.GraphModule:
