@@ -62,9 +62,9 @@ def parse_shape(value: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _usage_error(command: str, exc: Exception) -> int:
+def _usage_error(exc: Exception) -> int:
     """One line on stderr, exit status 2 (as argparse does)."""
-    print(f"saliency {command}: error: {exc}", file=sys.stderr)
+    print(f"error: {exc}", file=sys.stderr)
     return 2
 
 
@@ -83,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(config))
     except PortUnavailable as exc:
-        print(f"saliency serve: error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -109,7 +109,7 @@ def _export(args: argparse.Namespace) -> int:
         mean = parse_numbers(args.mean, "--mean")
         std = parse_numbers(args.std, "--std")
     except UsageError as exc:
-        return _usage_error("export", exc)
+        return _usage_error(exc)
     model = _load_factory(args.module)
     if args.state_dict:
         # weights_only: tensors only, never arbitrary pickled objects.
@@ -125,7 +125,7 @@ def _export(args: argparse.Namespace) -> int:
     except ExportError as exc:
         read = f" ({len(labels)} labels read from {source})" if "class labels" in str(exc) \
             else ""
-        print(f"saliency export: error: {exc}{read}", file=sys.stderr)
+        print(f"error: {exc}{read}", file=sys.stderr)
         return 2
     print(f"wrote {report.path}")
     print(f"scale outputs: {', '.join(report.scale_modules)}")
@@ -151,7 +151,7 @@ def _import(args: argparse.Namespace) -> int:
             layout=args.layout, output=args.output, output_name=args.output_name,
             overwrite=args.force, timeout=args.timeout)
     except (UsageError, ImportRefused) as exc:
-        return _usage_error("import", exc)
+        return _usage_error(exc)
     print("\n".join(report.lines()))
     return 0
 

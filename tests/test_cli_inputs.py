@@ -78,7 +78,7 @@ def test_import_refuses_values_no_server_could_use_in_one_line(
                       str(tmp_path / "models"), *(item for pair in flags.items() for item in pair))
     assert code == 2
     assert len(lines) == 1, lines
-    assert lines[0].startswith("saliency import: error: ") and flag in lines[0]
+    assert lines[0].startswith("error: ") and flag in lines[0]
     assert words in lines[0]
     assert not (tmp_path / "models" / "m").exists()
 

@@ -150,7 +150,7 @@ def test_sighup_reloads_and_sigterm_drains_in_flight_requests(
                 json.dumps({**json.loads(manifest_path.read_text()), "name": "added"})
             )
             server.process.send_signal(signal.SIGHUP)
-            server.wait_for_event("reload")
+            server.wait_for_event("reload", timeout=120)
             added = tiny_request(pb.METHOD_VANILLA_GRADIENT)
             added.model = "added"
             assert stub.Explain(added, timeout=30).model == "added"
