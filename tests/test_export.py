@@ -12,7 +12,12 @@ from torch import nn
 
 import saliency_service.packaging.export as export_module
 from saliency_service.core.repository import Repository
+from saliency_service.core.request import Job
+from saliency_service.methods import registry
+from saliency_service.methods._utils.torch_program import FAST, prepared_module
+from saliency_service.methods.gradients import input_gradients
 from saliency_service.packaging.export import ExportError, export_package, find_scale_modules
+from saliency_service.proto import explainer_pb2 as pb
 from tests.models import TinyCNN
 
 
@@ -51,14 +56,14 @@ def test_scale_search_handles_residual_downsampling() -> None:
 def test_package_files_manifest_and_agreement(tmp_path: Path) -> None:
     report = export_tiny(tmp_path)
     files = sorted(p.name for p in report.path.iterdir())
-    assert files == ["manifest.json", "model.onnx", "model.pt2"]
+    assert files == ["manifest.json", "model.onnx"]
     manifest = json.loads((report.path / "manifest.json").read_text())
     assert manifest["outputs"] == {"logits": "logits",
                                    "scales": ["scale_0", "scale_1", "scale_2"]}
     assert manifest["cam_layer"] == "layer3" and manifest["cam_output"] == "scale_2"
     assert manifest["head"]["type"] == "gap_linear"
     assert manifest["verification"]["max_abs_diff"] < 1e-4
-    assert set(manifest["files"]) == {"model.onnx", "model.pt2"}
+    assert set(manifest["files"]) == {"model.onnx"}
     assert report.scale_shapes == ((8, 32, 32), (16, 16, 16), (32, 8, 8))
     # The loaded package answers like the source module, from both engines.
     repository = Repository(tmp_path)
@@ -69,8 +74,8 @@ def test_package_files_manifest_and_agreement(tmp_path: Path) -> None:
         expected = TinyCNN()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(handle.run(x)[0], expected, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        program_logits = handle.torch_module()(torch.from_numpy(x))[0].numpy()
-    np.testing.assert_allclose(program_logits, expected, rtol=1e-5, atol=1e-6)
+        program_logits = prepared_module(handle, FAST)(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(program_logits, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_export_refuses_a_package_that_disagrees(tmp_path: Path,
@@ -101,7 +106,7 @@ def test_tampered_or_missing_files_mark_only_that_package_broken(tmp_path: Path)
     export_tiny(tmp_path, name="good")
     export_tiny(tmp_path, name="tampered")
     export_tiny(tmp_path, name="missing")
-    (tmp_path / "tampered" / "1" / "model.pt2").write_bytes(b"not a program")
+    (tmp_path / "tampered" / "1" / "model.onnx").write_bytes(b"not a model")
     (tmp_path / "missing" / "1" / "model.onnx").unlink()
     repository = Repository(tmp_path)
     repository.load_all()
@@ -173,3 +178,43 @@ def test_shared_and_functional_activations_give_distinct_post_activation_scales(
         export_package(SharedActivations(), name="twice", version=1, input_shape=(3, 16, 16),
                        mean=[0.5] * 3, std=[0.25] * 3, class_labels=(), repository=tmp_path,
                        scale_modules=[nodes[1]["node"], nodes[1]["node"]])
+
+
+class LiteralBatch(nn.Module):
+    """A forward that fixes its batch size (a learned token expanded to a literal batch of
+    1 and joined to the features), as some vision transformers write their class token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.ReLU())
+        self.stage = nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1), nn.ReLU())
+        self.token = nn.Parameter(torch.linspace(-1.0, 1.0, 4).view(1, 4))
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.stage(self.stem(x)).mean(dim=(2, 3))
+        return self.fc(torch.cat([self.token.expand(1, -1), pooled], dim=1))
+
+
+def test_a_forward_that_fixes_its_batch_is_exported_at_batch_one_and_served_in_chunks(
+        tmp_path: Path) -> None:
+    model = LiteralBatch().eval()
+    report = export_package(model, name="fixed", version=1, input_shape=(3, 16, 16),
+                            mean=[0.0] * 3, std=[1.0] * 3, class_labels=[], repository=tmp_path)
+    manifest = json.loads((report.path / "manifest.json").read_text())
+    assert manifest["input"]["shape"] == [1, 3, 16, 16]
+    repository = Repository(tmp_path)
+    repository.load_all()
+    handle = repository.get("fixed")
+    x = np.random.default_rng(1).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.cat([model(torch.from_numpy(x[i:i + 1])) for i in range(3)]).numpy()
+    np.testing.assert_allclose(handle.run(x)[0], expected, rtol=1e-4, atol=1e-5)
+    # Gradients in chunks of one, each equal to autograd on the module.
+    job = Job(model=handle, inputs=x, targets=np.array([0, 1, 2]),
+              params=registry.get(pb.METHOD_VANILLA_GRADIENT).params(), base_logits=None)
+    ours = input_gradients(job, x, job.targets)
+    leaf = torch.from_numpy(x.copy()).requires_grad_(True)
+    rows = torch.cat([model(leaf[i:i + 1]) for i in range(3)])
+    rows.gather(1, torch.tensor([[0], [1], [2]])).sum().backward()
+    np.testing.assert_allclose(ours, leaf.grad.numpy(), rtol=1e-4, atol=1e-6)

@@ -1,10 +1,12 @@
-"""PyTorch module → model package (``model.onnx``, ``model.pt2``, ``manifest.json``).
+"""PyTorch module → model package (``model.onnx``, ``manifest.json``).
 
-The exporter runs ``torch.export`` on the module with a dynamic batch, finds the end of each
-spatial scale and any patch-token tensor in the exported graph (``packaging.graph_scales``),
-adds those tensors as extra outputs ``scale_0..scale_k`` and ``tokens_0`` beside ``logits``,
-exports that one graph to ONNX and to ``torch.export``, checks ONNX Runtime against PyTorch
-on random inputs and refuses to write a package that disagrees.
+The exporter runs ``torch.export`` on the module with a dynamic batch (a module whose forward
+fixes its batch size is exported at batch 1, and served in chunks of it), finds the end of
+each spatial scale and any patch-token tensor in the exported graph
+(``packaging.graph_scales``), adds those tensors as extra outputs ``scale_0..scale_k`` and
+``tokens_0`` beside ``logits``, exports that one graph to ONNX, checks ONNX Runtime against
+PyTorch on random inputs and refuses to write a package that disagrees. Gradient methods
+later run on the ONNX graph itself (``methods._utils.gradient_program``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from saliency_service.core.repository import (
     FORMAT_VERSION,
     MANIFEST,
     ONNX_FILE,
-    TORCH_FILE,
     sha256_file,
 )
 from saliency_service.methods import registry
@@ -82,30 +83,30 @@ def _batch_dim() -> Any:
     return torch.export.Dim("batch", min=1, max=4096)
 
 
-def trace_program(model: nn.Module, example: torch.Tensor) -> Any:
-    """``torch.export`` of ``model`` with a free batch dimension."""
+def trace_program(model: nn.Module, example: torch.Tensor, free_batch: bool = True) -> Any:
+    """``torch.export`` of ``model``, with a free batch dimension unless ``free_batch`` is
+    False."""
     try:
         with _exportable():
+            if not free_batch:
+                return torch.export.export(model, (example,))
             return torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
     except Exception as exc:
-        hint = ""
-        if "batch" in str(exc) and ("specializ" in str(exc) or "onstraint" in str(exc)):
-            hint = ("\nThe model's forward fixes the batch size (a reshape or expand with a "
-                    "literal batch, or a branch on it): read it from x.shape[0] instead.")
-        raise ExportError(f"torch.export failed: {exc}{hint}") from exc
+        raise ExportError(f"torch.export failed: {exc}") from exc
 
 
-def graph_of(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, ProgramGraph]:
+def graph_of(model: nn.Module, example: torch.Tensor, free_batch: bool = True
+             ) -> tuple[fx.GraphModule, ProgramGraph]:
     """The exported graph module of ``model`` (eval mode, no parameter gradients) and its
     analysis."""
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    module = trace_program(model, example).module()
+    module = trace_program(model, example, free_batch).module()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     try:
-        return module, ProgramGraph(module)
+        return module, ProgramGraph(module, 0 if free_batch else int(example.shape[0]))
     except GraphScaleError as exc:
         raise ExportError(str(exc)) from exc
 
@@ -239,7 +240,19 @@ def export_package(
     target = Path(repository) / name / str(version)
     if target.exists() and not overwrite:
         raise ExportError(f"{target} exists; pass overwrite=True (--force) to replace it")
-    graph_module, graph = graph_of(model, example)
+    try:
+        graph_module, graph = graph_of(model, example)
+        batch = 0
+    except ExportError as free:
+        # A forward that fixes its batch size (a literal batch in a reshape or expand) still
+        # exports at batch 1; the server then runs requests one image at a time.
+        try:
+            graph_module, graph = graph_of(model, example[:1], free_batch=False)
+        except ExportError:
+            raise free from None
+        log.warning("%s: the batch cannot stay free (%s); exported at batch 1", name,
+                    str(free).splitlines()[0][:200])
+        example, batch = example[:1], 1
     scales, tokens, cam_output = _choose(graph, scale_modules, cam_layer)
     for index, point in enumerate(scales):
         log.info("scale_%d: node %s (%s) %s, shape %s", index, point.node.name,
@@ -258,16 +271,16 @@ def export_package(
     batch_axes = {n: 0 for n in output_names}
     if tokens:
         batch_axes[TOKENS_OUTPUT] = tokens.batch_dim
-    program = trace_program(graph_module, example)
+    program = trace_program(graph_module, example, free_batch=not batch)
 
     with tempfile.TemporaryDirectory(dir=Path(repository).parent if Path(repository).exists()
                                      else None) as staging:
         staging_dir = Path(staging)
         onnx_path = staging_dir / ONNX_FILE
-        _export_onnx(graph_module, program, example, onnx_path, output_names, batch_axes)
-        torch.export.save(program, str(staging_dir / TORCH_FILE))
+        _export_onnx(graph_module, program, example, onnx_path, output_names,
+                     batch_axes if not batch else {})
         max_diff = _verify(graph_module, onnx_path, input_shape, output_names, verify_inputs,
-                           tolerance, generator)
+                           tolerance, generator, batch)
         activation_bytes = _activation_bytes(model, example[:1])
         scale_shapes = [list(p.shape) for p in scales]
         cam_label = tokens.point.label if tokens else scales[int(cam_output[6:])].label
@@ -275,7 +288,7 @@ def export_package(
             "format": FORMAT_VERSION,
             "name": name,
             "version": version,
-            "input": {"name": "input", "shape": [-1, *input_shape], "dtype": "float32",
+            "input": {"name": "input", "shape": [batch or -1, *input_shape], "dtype": "float32",
                       "layout": "NCHW", "mean": list(map(float, mean)),
                       "std": list(map(float, std)), "value_range": list(value_range)},
             "outputs": {"logits": "logits", "scales": scale_names,
@@ -297,7 +310,7 @@ def export_package(
                              "tolerance": tolerance},
             "files": {f: {"sha256": sha256_file(staging_dir / f),
                           "bytes": (staging_dir / f).stat().st_size}
-                      for f in (ONNX_FILE, TORCH_FILE)},
+                      for f in (ONNX_FILE,)},
         }
         (staging_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if target.exists():
@@ -329,7 +342,7 @@ def _export_onnx(graph_module: fx.GraphModule, program: Any, example: torch.Tens
     try:
         with warnings.catch_warnings(), _exportable():
             warnings.simplefilter("ignore", DeprecationWarning)
-            if _reads_sizes(graph_module):
+            if _reads_sizes(graph_module) and batch_axes:
                 torch.onnx.export(program, (example,), str(path), input_names=["input"],
                                   output_names=output_names, opset_version=18, dynamo=True,
                                   external_data=False, verbose=False)
@@ -338,7 +351,8 @@ def _export_onnx(graph_module: fx.GraphModule, program: Any, example: torch.Tens
                     _Traced(graph_module), (example,), str(path), input_names=["input"],
                     output_names=output_names,
                     dynamic_axes={"input": {0: "batch"},
-                                  **{n: {axis: "batch"} for n, axis in batch_axes.items()}},
+                                  **{n: {axis: "batch"} for n, axis in batch_axes.items()}}
+                    if batch_axes else None,
                     opset_version=17, dynamo=False,
                 )
     except Exception as exc:
@@ -353,12 +367,13 @@ def _opset(path: Path) -> int:
 
 def _verify(program: Callable[[torch.Tensor], Sequence[torch.Tensor]], onnx_path: Path,
             input_shape: tuple[int, int, int], output_names: list[str], count: int,
-            tolerance: float, generator: torch.Generator) -> float:
-    """Max |ORT − torch| over ``count`` random inputs (batch sizes 1 and 3); raises if too big."""
+            tolerance: float, generator: torch.Generator, fixed_batch: int = 0) -> float:
+    """Max |ORT − torch| over ``count`` random inputs (batch sizes 1 and 3, or the fixed
+    batch); raises if too big."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for index in range(count):
-        batch = 1 if index % 2 == 0 else 3
+        batch = fixed_batch or (1 if index % 2 == 0 else 3)
         x = torch.randn(batch, *input_shape, generator=generator)
         with torch.no_grad():
             expected = [t.numpy() for t in program(x)]

@@ -86,19 +86,27 @@ def _is_tensor(node: Any) -> bool:
     return isinstance(_val(node), torch.Tensor)
 
 
-def _batch_dims(node: fx.Node) -> list[int]:
-    """Dimensions whose size is symbolic: the exported dynamic batch."""
-    return [i for i, d in enumerate(_val(node).shape) if not isinstance(d, int)]
+def _batch_dims(node: fx.Node, fixed_batch: int = 0) -> list[int]:
+    """Dimensions whose size is symbolic: the exported dynamic batch (or, in a graph exported
+    at a fixed batch, the leading dimension of that size)."""
+    shape = _val(node).shape
+    if fixed_batch:
+        return [0] if len(shape) and shape[0] == fixed_batch else []
+    return [i for i, d in enumerate(shape) if not isinstance(d, int)]
 
 
-def _static_shape(node: fx.Node) -> tuple[int, ...]:
-    return tuple(int(d) for d in _val(node).shape if isinstance(d, int))
+def _static_shape(node: fx.Node, fixed_batch: int = 0) -> tuple[int, ...]:
+    shape = _val(node).shape
+    if fixed_batch:
+        return tuple(int(d) for d in shape[1:])
+    return tuple(int(d) for d in shape if isinstance(d, int))
 
 
 class ProgramGraph:
     """The tensor nodes of one exported module's graph, with dominators and NCHW maps."""
 
-    def __init__(self, graph_module: fx.GraphModule) -> None:
+    def __init__(self, graph_module: fx.GraphModule, fixed_batch: int = 0) -> None:
+        self.fixed_batch = fixed_batch
         self.graph = graph_module.graph
         self.nodes = list(self.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
@@ -194,7 +202,7 @@ class ProgramGraph:
         return node.name
 
     def point(self, node: fx.Node) -> GraphPoint:
-        return GraphPoint(node, self.label(node), _static_shape(node))
+        return GraphPoint(node, self.label(node), _static_shape(node, self.fixed_batch))
 
     def find(self, name: str) -> fx.Node:
         """The node a user names: a module called exactly once, or a graph node name."""
@@ -226,7 +234,7 @@ class ProgramGraph:
         by_resolution: dict[tuple[int, int], fx.Node] = {}
         for node in self.nodes:
             if (node in self._nchw and node in self._dominators and node in self._after_conv
-                    and _batch_dims(node) == [0]
+                    and _batch_dims(node, self.fixed_batch) == [0]
                     and (node.target in ACTIVATIONS or node.target in BLOCK_ENDS)):
                 size = self.resolution(node)
                 if size != (1, 1):
@@ -253,7 +261,7 @@ class ProgramGraph:
             if (self.order[node] >= last_attention or node not in self._dominators
                     or not _is_tensor(node) or _val(node).dim() != 3):
                 continue
-            batch = _batch_dims(node)
+            batch = _batch_dims(node, self.fixed_batch)
             if batch not in ([0], [1]):
                 continue
             tokens = int(_val(node).shape[1 - batch[0]])
@@ -267,7 +275,7 @@ class ProgramGraph:
     def token_point(self, node: fx.Node) -> TokenGrid:
         """The token grid of a 3-D node the user named as the CAM layer."""
         grid = self.patch_grid()
-        batch = _batch_dims(node)
+        batch = _batch_dims(node, self.fixed_batch)
         if grid is None or _val(node).dim() != 3 or batch not in ([0], [1]):
             raise GraphScaleError(f"{node.name} is not an N×L×D token tensor of a patch grid")
         tokens = int(_val(node).shape[1 - batch[0]])
@@ -282,9 +290,9 @@ class ProgramGraph:
         points = []
         for name in names:
             node = self.find(name)
-            if node not in self._nchw or _batch_dims(node) != [0]:
+            if node not in self._nchw or _batch_dims(node, self.fixed_batch) != [0]:
                 raise GraphScaleError(f"scale {name!r} ({node.name}) is not an N×C×H×W map")
-            points.append(GraphPoint(node, name, _static_shape(node)))
+            points.append(GraphPoint(node, name, _static_shape(node, self.fixed_batch)))
         return points
 
 
