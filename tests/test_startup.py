@@ -190,6 +190,7 @@ def test_calls_racing_the_drain_are_unavailable_never_cancelled(repository: Path
     or UNAVAILABLE; none is cancelled by gRPC for arriving after its GOAWAY."""
     running = RunningServer(make_config(repository, grace_seconds=10.0,
                                         drain_notice_seconds=10.0, inline_below_ms=0,
+                                        max_queue=1000,
                                         log_level="WARNING")).start()
     codes: collections.Counter[str] = collections.Counter()
     details: dict[str, str] = {}
