@@ -1,5 +1,6 @@
-"""A client's mistake costs bounded memory and time: repeated fields are refused by their
-length before their values are read, and a stream's unread progress does not pile up."""
+"""A client's mistake costs bounded memory and time: a request of more values than any
+request needs is refused before it is parsed, and repeated fields are refused by their
+length before their values are read."""
 
 from __future__ import annotations
 
@@ -16,11 +17,18 @@ from saliency_service.methods import registry
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.calls import check_limits
 from saliency_service.protocol.codec import target_of
+from saliency_service.protocol.grpc_wire import (
+    MAX_WIRE_FIELDS,
+    MAX_WIRE_VALUES,
+    Undecodable,
+    lenient_deserializer,
+)
 from saliency_service.protocol.images import MAX_TENSOR_DIMS, array_to_tensor
 from saliency_service.serving.config import Config
 from tests.conftest import TINY_SHAPE
 
-HUGE = 1_000_000  # values in a refused repeated field: 4 to 8 MB on the wire
+HUGE = 2_000_000  # values in a refused repeated field: 2 to 8 MB on the wire
+COUNTED = 10_000  # values that pass the count on the wire, for the checks by field
 
 
 def tiny_explain(method: int, batch: int = 2) -> pb.ExplainRequest:
@@ -29,21 +37,27 @@ def tiny_explain(method: int, batch: int = 2) -> pb.ExplainRequest:
                              input=pb.Input(tensor=array_to_tensor(inputs)))
 
 
-def huge_weights() -> pb.ExplainRequest:
+def many_weights(count: int = HUGE) -> pb.ExplainRequest:
     request = tiny_explain(pb.METHOD_FASTCAM)
-    request.fastcam.weights.extend(np.ones(HUGE, np.float32))
+    request.fastcam.weights.extend(np.ones(count, np.float32))
     return request
 
 
-def huge_per_item() -> pb.ExplainRequest:
+def many_per_item(count: int = HUGE) -> pb.ExplainRequest:
     request = tiny_explain(pb.METHOD_SMOE_SCALE)
-    request.target.per_item.indices.extend(np.zeros(HUGE, np.int32))
+    request.target.per_item.indices.extend(np.zeros(count, np.int32))
     return request
 
 
-def huge_shape() -> pb.ExplainRequest:
+def many_shape(count: int = HUGE) -> pb.ExplainRequest:
     request = tiny_explain(pb.METHOD_SMOE_SCALE)
-    request.input.tensor.shape.extend(np.ones(HUGE, np.int64))
+    request.input.tensor.shape.extend(np.ones(count, np.int64))
+    return request
+
+
+def many_images(count: int = HUGE) -> pb.ExplainRequest:
+    request = pb.ExplainRequest(model="tiny", method=pb.METHOD_SMOE_SCALE)
+    request.input.images.images.extend([b""] * count)
     return request
 
 
@@ -54,26 +68,48 @@ def refused(call: Callable[[], object]) -> str:
     return caught.value.details()
 
 
+@pytest.mark.parametrize(("request_of", "field"), [
+    (many_weights, "fastcam.weights"), (many_per_item, "target.per_item.indices"),
+    (many_shape, "input.tensor.shape"), (many_images, "input.images.images")])
+def test_a_million_values_are_refused_before_the_request_is_parsed(
+        stub, request_of: Callable[[int], pb.ExplainRequest], field: str) -> None:
+    """Parsed, a million one-byte values would take 4 to 16 MB each; the count on the wire
+    refuses them first."""
+    details = refused(lambda: stub.Explain(request_of(HUGE), timeout=60))
+    assert f"({field} alone at least" in details
+    assert f"more than {MAX_WIRE_VALUES} packed values" in details or (
+        f"more than {MAX_WIRE_FIELDS} fields" in details)
+
+
+@pytest.mark.parametrize("request_of", [many_weights, many_per_item, many_shape, many_images])
+def test_the_wire_count_refuses_without_parsing(
+        request_of: Callable[[int], pb.ExplainRequest]) -> None:
+    data = request_of(HUGE).SerializeToString()
+    refusal = lenient_deserializer(pb.ExplainRequest)(data)
+    assert isinstance(refusal, Undecodable) and "more than" in refusal.reason
+    ordinary = tiny_explain(pb.METHOD_FASTCAM).SerializeToString()
+    assert isinstance(lenient_deserializer(pb.ExplainRequest)(ordinary), pb.ExplainRequest)
+
+
 def test_weights_beyond_any_scale_count_are_refused_naming_field_length_and_bound(stub) -> None:
-    details = refused(lambda: stub.Explain(huge_weights(), timeout=60))
-    assert f"fastcam.weights has {HUGE} values; at most {MAX_ITEMS}" in details
+    details = refused(lambda: stub.Explain(many_weights(COUNTED), timeout=60))
+    assert f"fastcam.weights has {COUNTED} values; at most {MAX_ITEMS}" in details
 
 
 def test_per_item_targets_beyond_the_batch_are_refused(stub) -> None:
-    details = refused(lambda: stub.Explain(huge_per_item(), timeout=60))
-    assert f"target.per_item.indices has {HUGE} values; at most 2" in details
-    assert "batch of 2" in details
+    details = refused(lambda: stub.Explain(many_per_item(COUNTED), timeout=60))
+    assert f"target.per_item has {COUNTED} indices for a batch of 2" in details
 
 
 @pytest.mark.parametrize("rpc", ["Explain", "Predict"])
-def test_a_tensor_shape_of_a_million_dimensions_is_refused(stub, rpc: str) -> None:
-    explain = huge_shape()
+def test_a_tensor_shape_of_thousands_of_dimensions_is_refused(stub, rpc: str) -> None:
+    explain = many_shape(COUNTED)
     if rpc == "Explain":
         details = refused(lambda: stub.Explain(explain, timeout=60))
     else:
         predict = pb.PredictRequest(model="tiny", input=explain.input)
         details = refused(lambda: stub.Predict(predict, timeout=60))
-    assert f"input.tensor.shape has {HUGE + 4} values; at most {MAX_TENSOR_DIMS}" in details
+    assert f"input.tensor.shape has {COUNTED + 4} dimensions; at most {MAX_TENSOR_DIMS}" in details
 
 
 def test_weights_within_the_bound_still_reach_the_model_check(stub) -> None:
@@ -98,7 +134,7 @@ def peak_bytes(call: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("request_of", [huge_weights, huge_per_item, huge_shape])
+@pytest.mark.parametrize("request_of", [many_weights, many_per_item, many_shape])
 def test_refusing_a_huge_repeated_field_converts_none_of_its_values(
         request_of: Callable[[], pb.ExplainRequest]) -> None:
     """The check on the event loop reads lengths only: converting a million values to Python
@@ -111,8 +147,8 @@ def test_refusing_a_huge_repeated_field_converts_none_of_its_values(
 def test_the_worker_side_conversions_are_bounded_too() -> None:
     """The engine converts the parameters and targets again off the event loop (for
     transports that call it directly): bounded by length there as well."""
-    weights = huge_weights()
+    weights = many_weights()
     handler = registry.get(pb.METHOD_FASTCAM)
     assert peak_bytes(lambda: handler.params(weights.fastcam, Config().limits())) < 256 * 1024
-    per_item = huge_per_item()
+    per_item = many_per_item()
     assert peak_bytes(lambda: target_of(per_item.target, 16)) < 256 * 1024

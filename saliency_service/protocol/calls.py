@@ -21,8 +21,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from saliency_service.core.errors import Internal, NotFound, ServiceError, Unavailable
-from saliency_service.core.params import check_count
+from saliency_service.core.errors import (
+    Internal,
+    InvalidInput,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
 from saliency_service.core.request import CostCounter, ProgressUpdate, RequestState
 from saliency_service.methods import registry
 from saliency_service.methods.base import method_name
@@ -69,16 +74,18 @@ def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config)
     if kind == "images":
         batch = len(source.images.images)
     elif kind == "tensor" and source.tensor.shape:
-        check_count("input.tensor.shape", len(source.tensor.shape), MAX_TENSOR_DIMS,
-                    "a model input has 4 dimensions")
+        dimensions = len(source.tensor.shape)
+        if dimensions > MAX_TENSOR_DIMS:
+            raise InvalidInput(f"input.tensor.shape has {dimensions} dimensions; at most "
+                               f"{MAX_TENSOR_DIMS} are accepted (model inputs are 4-D)")
         batch = int(source.tensor.shape[0])
     check_batch(batch, config)
     if not isinstance(request, pb.ExplainRequest):
         return
-    if request.target.WhichOneof("kind") == "per_item":
-        indices = len(request.target.per_item.indices)
-        check_count("target.per_item.indices", indices, max(batch, 1),
-                    f"one class index per item of the batch of {max(batch, 1)}")
+    indices = len(request.target.per_item.indices)
+    if request.target.WhichOneof("kind") == "per_item" and indices > max(batch, 1):
+        raise InvalidInput(f"target.per_item has {indices} indices for a batch of "
+                           f"{max(batch, 1)}: give one class index per batch item")
     if request.WhichOneof("params"):
         try:
             handler = registry.get(request.method)
