@@ -96,7 +96,10 @@ def warm_up(engine: Engine, handle: ModelHandle, bound: WarmUpBound | None = Non
     Returns what failed; the caller marks the package not ready with it.
     """
     with bound or WarmUpBound(handle, 0.0) as active:
-        failed = _warm_up(engine, handle, active.state)
+        try:
+            failed = _warm_up(engine, handle, active.state)
+        except Exception as exc:  # noqa: BLE001 - reported as the package's error
+            failed = [f"{type(exc).__name__}: {exc}"]
     return [active.reason] if active.reason else failed
 
 
