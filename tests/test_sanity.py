@@ -6,21 +6,25 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import scipy.stats
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from saliency_service.client.client import SaliencyClient
-from saliency_service.core.program_archive import load_program
 from saliency_service.core.repository import ModelHandle
 from saliency_service.evaluation import fashion_mnist, sanity
 from saliency_service.packaging.export import export_package
+from saliency_service.packaging.onnx_import import import_onnx
 from saliency_service.packaging.randomized import RandomizeError, layers, randomize_package
 from saliency_service.serving.background import local_server
 from tests.models import TinyCNN
+from tests.onnx_models import small_cnn, write_package
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = ROOT / "models" / "fashion" / "1"
@@ -80,37 +84,124 @@ def test_plan_cascades_from_the_top_and_reuses_the_top_layer() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TinyCNN exported with plain ``torch.onnx.export`` (BatchNorm kept as its own node)
+    and imported: node names carry the blocks (``/layer1/bn/BatchNormalization``)."""
     root = tmp_path_factory.mktemp("tiny-sanity")
-    export_package(TinyCNN(4), name="tiny", version=1, input_shape=(3, 32, 32),
-                   mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
-                   class_labels=("a", "b", "c", "d"), repository=root, head="fc")
-    return root / "tiny" / "1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyCNN(4), (torch.randn(2, 3, 32, 32),), str(root / "tiny.onnx"),
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False, do_constant_folding=False)
+    import_onnx(root / "tiny.onnx", name="tiny", repository=root / "models", output="logits",
+                class_labels=("a", "b", "c", "d"), mean=[0.5], std=[0.25])
+    return root / "models" / "tiny" / "1"
 
 
-def test_a_randomized_copy_is_a_real_package(tiny_package: Path, tmp_path: Path) -> None:
+def _tensors(package: Path) -> dict[str, np.ndarray]:
+    """Every initializer and Constant value of the package's graph, by name."""
+    graph = onnx.load(str(package / "model.onnx")).graph
+    found = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "Constant" and attribute.name == "value":
+                found[node.output[0]] = numpy_helper.to_array(attribute.t)
+    return found
+
+
+def _changed(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> set[str]:
+    assert before.keys() == after.keys()  # the same names: a copy can be randomized again
+    return {name for name in before if not np.array_equal(before[name], after[name])}
+
+
+def test_a_randomized_copy_changes_exactly_its_blocks_weights(tiny_package: Path,
+                                                                tmp_path: Path) -> None:
     assert layers(tiny_package) == ["layer1", "layer2", "layer3", "fc"]
     copy = randomize_package(tiny_package, tmp_path, "tiny-r", ["fc", "layer3"], seed=0)
+    assert sorted(p.name for p in copy.iterdir()) == ["manifest.json", "model.onnx"]
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["name"] == "tiny-r" and manifest["metadata"]["randomized"]["layers"] == [
         "fc", "layer3"]
+    assert list(manifest["files"]) == ["model.onnx"]
     source = json.loads((tiny_package / "manifest.json").read_text())
     assert manifest["files"]["model.onnx"]["sha256"] != source["files"]["model.onnx"]["sha256"]
     handle = ModelHandle("tiny-r", 1, copy)
     handle.load()  # checks every file's sha256 against the manifest
     assert handle.ready, handle.error
-    before = dict(load_program((tiny_package / "model.pt2").read_bytes()).module()
-                  .named_parameters())
-    after = dict(load_program((copy / "model.pt2").read_bytes()).module().named_parameters())
-    assert before.keys() == after.keys()  # the same names: a copy can be randomized again
-    changed = {name.removeprefix("model.").split(".")[0] for name in before
-               if not torch.equal(before[name], after[name])}
-    assert changed == {"fc", "layer3"}
-    # The same seed draws the same noise (a cascade and an independent test agree).
+    before, after = _tensors(tiny_package), _tensors(copy)
+    # The kernels, BatchNorm scale and shift and the head; not BatchNorm's running statistics.
+    assert _changed(before, after) == {"layer3.conv.weight", "layer3.bn.weight",
+                                       "layer3.bn.bias", "fc.weight", "fc.bias"}
+    for name in ("layer3.conv.weight", "fc.weight"):  # the tensor's own mean and spread
+        assert after[name].std() == pytest.approx(before[name].std(), rel=0.5)
+    # The same seed draws the same noise (a cascade and an independent test agree) …
     again = randomize_package(tiny_package, tmp_path, "tiny-r2", ["fc", "layer3"], seed=0)
-    redrawn = dict(load_program((again / "model.pt2").read_bytes()).module().named_parameters())
-    assert all(torch.equal(after[name], redrawn[name]) for name in after)
+    assert not _changed(after, _tensors(again))
+    alone = randomize_package(tiny_package, tmp_path, "tiny-fc", ["fc"], seed=0)
+    assert np.array_equal(_tensors(alone)["fc.weight"], after["fc.weight"])
+    # … another seed other noise.
+    other = randomize_package(tiny_package, tmp_path, "tiny-r3", ["fc"], seed=1)
+    assert _changed(_tensors(alone), _tensors(other)) == {"fc.weight", "fc.bias"}
     with pytest.raises(RandomizeError, match="no layer 'head'"):
         randomize_package(tiny_package, tmp_path, "bad", ["head"])
+
+
+def test_layers_of_graphs_without_scopes_are_their_weighted_nodes(tmp_path: Path) -> None:
+    """``saliency export`` (whose graph holds the head as Constant nodes) and a graph built
+    with ``onnx.helper`` with no node names: one layer per node that reads weights."""
+    export_package(TinyCNN(4), name="tiny", version=1, input_shape=(3, 32, 32),
+                   mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
+                   class_labels=("a", "b", "c", "d"), repository=tmp_path / "in", head="fc")
+    exported = tmp_path / "in" / "tiny" / "1"
+    names = layers(exported)
+    assert len(names) == 4 and names[-1].startswith("Gemm"), names
+    copy = randomize_package(exported, tmp_path / "out", "tiny-head", [names[-1]])
+    graph = onnx.load(str(exported / "model.onnx")).graph
+    head = next(node for node in graph.node if node.op_type == "Gemm")
+    assert _changed(_tensors(exported), _tensors(copy)) == set(head.input[1:])
+    plain = write_package(small_cnn(), tmp_path / "in", "plain")
+    assert layers(plain) == ["Conv_0", "Conv_3", "Gemm_7"]
+    copy = randomize_package(plain, tmp_path / "out", "plain-r", ["Conv_3"])
+    assert _changed(_tensors(plain), _tensors(copy)) == {"w2", "b2"}
+
+
+def test_blocks_are_read_off_node_scopes_and_shared_weights_go_to_the_first(
+        tmp_path: Path) -> None:
+    """tf2onnx-style names under a common prefix, a MatMul's bias added after it, a weight
+    reached through a Transpose and read by two blocks."""
+    rng = np.random.default_rng(0)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.normal(0.5, 0.2, shape).astype(np.float32), name)
+
+    prefix = "StatefulPartitionedCall/model"
+    nodes = [
+        helper.make_node("Conv", ["input", "k", "kb"], ["c"], f"{prefix}/conv/Conv2D",
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "t", "mu", "var"], ["n"],
+                         f"{prefix}/bn/FusedBatchNorm"),
+        helper.make_node("GlobalAveragePool", ["n"], ["g"], f"{prefix}/pool/Mean"),
+        helper.make_node("Flatten", ["g"], ["f"], f"{prefix}/flat/Reshape"),
+        helper.make_node("MatMul", ["f", "w"], ["m"], f"{prefix}/dense/MatMul"),
+        helper.make_node("Add", ["m", "wb"], ["d"], f"{prefix}/dense/BiasAdd"),
+        helper.make_node("Transpose", ["w"], ["wt"], f"{prefix}/tied/Transpose"),
+        helper.make_node("MatMul", ["d", "wt"], ["back"], f"{prefix}/tied/MatMul"),
+        helper.make_node("MatMul", ["back", "w"], ["logits"], f"{prefix}/out/MatMul"),
+    ]
+    initializers = [weight("k", 4, 3, 3, 3), weight("kb", 4), weight("s", 4), weight("t", 4),
+                    weight("mu", 4), weight("var", 4), weight("w", 4, 3), weight("wb", 3)]
+    graph = helper.make_graph(
+        nodes, "scoped",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    package = write_package(model, tmp_path / "in", "scoped")
+    assert layers(package) == ["conv", "bn", "dense"]
+    before = _tensors(package)
+    for block, expected in (("conv", {"k", "kb"}), ("bn", {"s", "t"}), ("dense", {"w", "wb"})):
+        copy = randomize_package(package, tmp_path / "out", f"scoped-{block}", [block])
+        assert _changed(before, _tensors(copy)) == expected, block
 
 
 def _explain_with(address: str) -> sanity.Explain:
@@ -132,6 +223,9 @@ def test_run_checks_serves_every_copy_and_reads_the_control(tiny_package: Path) 
         [("cascading", k) for k in range(1, 5)] + [("independent", k) for k in range(1, 5)]
         + [("random_logit", 0)])
     assert all(r["images"] == 4 and -1 <= r["spearman"] <= 1 for r in mine)
+    # The maps change with the weights: every layer redrawn, they no longer match.
+    everything = next(r for r in mine if r["test"] == "cascading" and r["step"] == 4)
+    assert everything["spearman"] < 0.9 and everything["topk"] < 0.9, everything
     control = [r for r in rows if r["method"].startswith("edge detector")]
     assert control and all(r["spearman"] == pytest.approx(1.0) for r in control)
     as_text = [{k: str(v) for k, v in r.items()} for r in rows]
