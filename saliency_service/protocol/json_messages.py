@@ -24,13 +24,16 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from saliency_service.core.errors import InvalidInput
+from saliency_service.core.errors import InvalidInput, ResourceExhausted
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.method_params import ParamError, params_field, params_message
 
 M = TypeVar("M", bound=Message)
 # No request nests deeper than ~8 levels (a KServe tensor instance: 6).
 MAX_JSON_DEPTH = 32
+# Arrays and objects hold at most this many items in all (a tensor travels as base64, KServe's
+# nested lists of numbers apart): JSON's Python objects take ~40 bytes per item.
+MAX_JSON_ITEMS = 1_000_000
 _INTEGER_TEXT = re.compile(r"\s*[-+]?\d+\s*")
 _INT_RANGES = {
     FieldDescriptor.CPPTYPE_INT32: ("int32", -(2**31), 2**31 - 1),
@@ -42,6 +45,10 @@ _INT_RANGES = {
 _FLOAT_TYPES = (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)
 
 
+class BodyTooLarge(ResourceExhausted):
+    """A request body, or the tensor it holds, over ``--max-message-bytes`` (HTTP 413)."""
+
+
 def shown(value: Any, limit: int = 40) -> str:
     """``repr(value)`` cut to ``limit`` characters, for error messages that quote a value."""
     if isinstance(value, list | dict) and len(value) > limit:
@@ -50,10 +57,17 @@ def shown(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def loads_json(data: bytes | str, where: str = "the body") -> Any:
+def loads_json(data: bytes | bytearray | str, where: str = "the body") -> Any:
     """JSON text as Python values; anything the decoder refuses is the client's mistake
-    (InvalidInput), including nesting beyond ``MAX_JSON_DEPTH`` and integers longer than
-    Python converts (``sys.get_int_max_str_digits()``)."""
+    (InvalidInput), including nesting beyond ``MAX_JSON_DEPTH``, more than
+    ``MAX_JSON_ITEMS`` items (counted from the commas before decoding, which bounds the
+    memory the decoded values take) and integers longer than Python converts
+    (``sys.get_int_max_str_digits()``)."""
+    commas = data.count("," if isinstance(data, str) else b",")
+    if commas >= MAX_JSON_ITEMS:
+        raise InvalidInput(
+            f"{where} holds more than {MAX_JSON_ITEMS} JSON items; send a tensor as base64 "
+            "(input.tensor.data), or KServe instances as one regular nested list of numbers")
     try:
         value = json.loads(data)
     except RecursionError:

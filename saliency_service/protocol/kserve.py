@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
+import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -26,7 +29,9 @@ import numpy as np
 from saliency_service.core.errors import InvalidInput
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.json_messages import (
+    BodyTooLarge,
     checked_int,
+    loads_json,
     parse,
     set_plain_params,
     shown,
@@ -35,6 +40,125 @@ from saliency_service.protocol.json_messages import (
 
 IMAGE_KEYS = ("b64", "data")
 LIVENESS = {"status": "alive"}  # KServe V1's answer to GET /
+# Nested lists of numbers are read without a Python object per number (see parse_body).
+_INSTANCES = re.compile(rb'"instances"\s*:\s*(?=\[)')
+_NUMERIC_RUN = re.compile(rb"[-+0-9.eE,\s\[\]]*")
+_NUMBER_CHARACTERS = b"0123456789.eE+- \t\r\n"
+_PLACEHOLDER = b'"\\u0000instances"'  # JSON text no client sends: stands for the array
+_CHUNK_BYTES = 1 << 20  # numbers parsed per call: the GIL is let go between calls
+MAX_DIMENSIONS = 8
+# numpy warns before it raises on text it cannot read to the end; the count check refuses it.
+warnings.filterwarnings("ignore", message="string or file could not be read to its end",
+                        category=DeprecationWarning)
+
+
+def parse_body(data: bytes | bytearray, max_tensor_bytes: int) -> Any:
+    """A V1 body as JSON values; ``instances`` that are one regular nested list of numbers
+    come as a float32 array, read straight from the text (JSON's decoder would hold ~40
+    bytes of Python objects per number: 60 MB of numbers took 700 MiB), and refused
+    (BodyTooLarge) before they are read when that array would exceed ``max_tensor_bytes``,
+    as gRPC refuses the same tensor."""
+    found = _numeric_instances(data, max_tensor_bytes) if _PLACEHOLDER not in data else None
+    if found is None:
+        return loads_json(data)
+    start, end, array = found
+    rest = loads_json(data[:start] + _PLACEHOLDER + data[end:])
+    if not (isinstance(rest, dict) and rest.get("instances") == "\0instances"):
+        return loads_json(data)  # the array was not the body's own "instances"
+    rest["instances"] = array
+    return rest
+
+
+def _numeric_instances(data: bytes | bytearray,
+                       max_tensor_bytes: int) -> tuple[int, int, np.ndarray] | None:
+    """Where the first ``"instances": [...]`` of ``data`` lies and its numbers as an array,
+    when it is a regular nested list of numbers; None for anything else (left to JSON's
+    decoder, which names the mistake)."""
+    match = _INSTANCES.search(data)
+    if match is None:
+        return None
+    start = run_end = match.end()
+    while True:  # in pieces, so the GIL is let go between them
+        run = _NUMERIC_RUN.match(data, run_end, run_end + _CHUNK_BYTES)
+        run_end = run.end() if run else run_end
+        if not run or run_end < min(run.endpos, len(data)):
+            break
+    end = data.rfind(b"]", start, run_end) + 1
+    if end <= start:
+        return None
+    pieces = _pieces(data, start, end)
+    shape = _regular_shape(b"".join(  # with the comma that ends each piece but the last
+        data[a:min(b + 1, end)].translate(None, _NUMBER_CHARACTERS) for a, b in pieces))
+    if shape is None:
+        return None
+    if math.prod(shape) * 4 > max_tensor_bytes:
+        raise BodyTooLarge(
+            f"instances of shape {list(shape)} make a float32 tensor of "
+            f"{math.prod(shape) * 4} bytes, over the limit max_message_bytes="
+            f"{max_tensor_bytes} (--max-message-bytes)")
+    numbers = _numbers(data, pieces, math.prod(shape))
+    return None if numbers is None else (start, end, numbers.reshape(shape))
+
+
+def _pieces(data: bytes | bytearray, start: int, end: int) -> list[tuple[int, int]]:
+    """``data[start:end]`` cut at commas into pieces of about ``_CHUNK_BYTES`` (a piece ends
+    before the comma that ends it)."""
+    pieces = []
+    while start < end:
+        cut = data.find(b",", min(start + _CHUNK_BYTES, end), end)
+        cut = end if cut < 0 else cut
+        pieces.append((start, cut))
+        start = cut + 1
+    return pieces
+
+
+def _regular_shape(skeleton: bytes) -> tuple[int, ...] | None:
+    """The shape of a nested list from its brackets and commas alone (``[[,,],[,,]]`` is
+    2×3), or None when they do not form a regular array."""
+    dimensions = len(skeleton) - len(skeleton.lstrip(b"["))
+    if not 1 <= dimensions <= MAX_DIMENSIONS:
+        return None
+    lengths = []  # the length of the first list at each depth, in skeleton characters
+    for depth in range(1, dimensions + 1):
+        closing = dimensions - depth + 1
+        found = skeleton.find(b"]" * closing)
+        if found < 0:
+            return None
+        lengths.append(found + closing - depth + 1)
+    shape = [lengths[-1] - 1]
+    for length, inner in zip(lengths[-2::-1], lengths[:0:-1], strict=True):
+        count, remainder = divmod(length - 1, inner + 1)
+        if remainder or count < 1:
+            return None
+        shape.insert(0, count)
+    if shape[-1] < 1:
+        return None
+    expected = b"[" + b"," * (shape[-1] - 1) + b"]"
+    for count in reversed(shape[:-1]):
+        expected = b"[" + b",".join([expected] * count) + b"]"
+    return tuple(shape) if expected == skeleton else None
+
+
+def _numbers(data: bytes | bytearray, pieces: list[tuple[int, int]],
+             total: int) -> np.ndarray | None:
+    """The ``total`` numbers of a nested list's text as float32 (rounded from float64, as
+    a list of Python floats would be), or None unless every slot holds exactly one."""
+    out = np.empty(total, np.float32)
+    filled = 0
+    for start, end in pieces:
+        piece = bytes(data[start:end].translate(None, b"[]"))
+        compact = piece.translate(None, b" \t\r\n")  # numpy reads "1, ,2" as three numbers
+        if not compact or compact[:1] == b"," or compact[-1:] == b"," or b",," in compact:
+            return None
+        try:
+            values = np.fromstring(piece, dtype=np.float64, sep=",")
+        except ValueError:
+            return None
+        if values.size != piece.count(b",") + 1 or filled + values.size > total:
+            return None
+        out[filled:filled + values.size] = values
+        filled += values.size
+    return out if filled == total else None
 
 
 def _image_bytes(instance: Any, index: int) -> bytes | None:
@@ -61,9 +185,11 @@ def _image_bytes(instance: Any, index: int) -> bytes | None:
 
 def input_of(body: Any) -> pb.Input:
     """The model input from a V1 body's ``instances``: all images or all tensors."""
-    if not isinstance(body, dict) or not isinstance(body.get("instances"), list):
+    if not isinstance(body, dict) or not isinstance(body.get("instances"), list | np.ndarray):
         raise InvalidInput('the body must be a JSON object {"instances": [...]} (KServe V1)')
     instances = body["instances"]
+    if isinstance(instances, np.ndarray):
+        return _tensor_input(instances)
     if not instances:
         raise InvalidInput("instances is empty: give at least one image or tensor")
     images = [_image_bytes(instance, i) for i, instance in enumerate(instances)]
@@ -75,11 +201,16 @@ def input_of(body: Any) -> pb.Input:
         array = np.asarray(instances, dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"instances are not a regular nested list of numbers: {exc}") from exc
+    return _tensor_input(array)
+
+
+def _tensor_input(array: np.ndarray) -> pb.Input:
+    """Tensor instances (N×C×H×W float32) as the model input."""
     if array.ndim != 4:
         raise InvalidInput(f"tensor instances must each be C×H×W (instances N×C×H×W), got "
                            f"{array.ndim - 1} dimension(s) per instance")
     return pb.Input(tensor=pb.Tensor(shape=list(array.shape), dtype=pb.DTYPE_FLOAT32,
-                                     data=array.astype("<f4").tobytes()))
+                                     data=np.asarray(array, "<f4").tobytes()))
 
 
 def predict_request(name: str, body: Any) -> pb.PredictRequest:

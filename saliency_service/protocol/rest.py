@@ -29,12 +29,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from saliency_service.core.errors import Cancelled, InvalidInput, ResourceExhausted, ServiceError
+from saliency_service.core.errors import Cancelled, InvalidInput, ServiceError
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol import kserve
 from saliency_service.protocol.calls import CallInfo, Calls, request_id_from
 from saliency_service.protocol.grpc_servicer import drained
 from saliency_service.protocol.json_messages import (
+    BodyTooLarge,
     loads_json,
     parse,
     set_plain_params,
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 RECORDED = "saliency.recorded"  # scope key: the request reached Calls, which records it
 TIMEOUT_HEADER = "x-timeout-ms"
+OFF_LOOP_BYTES = 256 * 1024  # bodies from this size on are parsed on a worker thread
 # Served without a token, like gRPC health: probes, the description and the explorer's page
 # and files (its data routes, /explorer/cell and the like, need the token).
 OPEN_PATHS = ("/", "/healthz", "/readyz", "/openapi.json", "/favicon.ico", "/explorer",
@@ -59,10 +61,6 @@ OPEN_PATHS = ("/", "/healthz", "/readyz", "/openapi.json", "/favicon.ico", "/exp
 OPEN_PREFIXES: tuple[str, ...] = ()
 UNAUTHENTICATED_MESSAGE = ("missing or invalid bearer token: send the header "
                            "'Authorization: Bearer <token>'")
-
-
-class BodyTooLarge(ResourceExhausted):
-    """A request body over ``--max-message-bytes`` (HTTP 413)."""
 
 
 class ClientGone(Cancelled):
@@ -158,31 +156,34 @@ class HttpApi:
 
     # ---- reading a request ---------------------------------------------------------------
 
-    async def body(self, request: Request) -> bytes:
+    async def body(self, request: Request) -> bytearray:
         """The request body, refused beyond ``--max-message-bytes`` as gRPC refuses a
-        message."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise self._too_large(int(declared))
-        chunks: list[bytes] = []
-        size = 0
+        message: at once when its ``content-length`` says so, else once that much has come.
+        One buffer holds it (no copy of the whole at the end)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and (
+                len(declared) > 18 or int(declared) > self.max_body_bytes):
+            raise self._too_large(declared)
+        body = bytearray()
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise self._too_large(size)
-            chunks.append(chunk)
-        request._body = b"".join(chunks)  # the form parser reads it from here
-        return request._body
+            if len(body) + len(chunk) > self.max_body_bytes:
+                raise self._too_large(f"over {len(body) + len(chunk)}")
+            body += chunk
+        request._body = body  # where the form parser reads it
+        return body
 
-    def _too_large(self, size: int) -> BodyTooLarge:
-        return BodyTooLarge(f"request body of {size} bytes exceeds the limit max_message_bytes="
-                            f"{self.max_body_bytes} (--max-message-bytes)")
+    def _too_large(self, size: str) -> BodyTooLarge:
+        size = size if len(size) <= 24 else size[:23] + "…"
+        return BodyTooLarge(f"request body of {size} bytes exceeds the limit "
+                            f"max_message_bytes={self.max_body_bytes} (--max-message-bytes)")
 
-    async def json_body(self, request: Request) -> Any:
-        body = await self.body(request)
-        if not body:
-            return {}
-        return loads_json(body)
+    async def parsed(self, request: Request, reader: Callable[[bytes | bytearray], T]) -> T:
+        """``reader`` applied to the body (``b"{}"`` when empty); a large body is read on a
+        worker thread, so the event loop goes on answering other calls and probes."""
+        body = await self.body(request) or b"{}"
+        if len(body) < OFF_LOOP_BYTES:
+            return reader(body)
+        return await asyncio.to_thread(reader, body)
 
     async def message(self, request: Request, message_class: type[T]) -> T:
         """A request message from its JSON body, or from a multipart form: a ``request`` field
@@ -190,8 +191,9 @@ class HttpApi:
         parameters, as the CLI's ``--param``), and ``image`` files (PNG or JPEG) as the
         input's images."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return parse(await self.json_body(request), message_class)  # type: ignore[type-var]
-        await self.body(request)
+            return await self.parsed(request, lambda body: parse(  # type: ignore[type-var]
+                loads_json(body), message_class))
+        request._body = bytes(await self.body(request))  # the form parser takes bytes
         descriptor = message_class.DESCRIPTOR  # type: ignore[attr-defined]
         fields: dict[str, Any] = {}
         images: list[bytes] = []
@@ -349,14 +351,18 @@ class HttpApi:
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
     async def kserve_predict(self, request: Request, call: CallInfo) -> Response:
-        message = kserve.predict_request(request.path_params["name"],
-                                         await self.json_body(request))
+        name = request.path_params["name"]
+        message = await self.parsed(
+            request, lambda body: kserve.predict_request(
+                name, kserve.parse_body(body, self.max_body_bytes)))
         response = await watched(request, self.calls.predict(message, call))
         return JSONResponse(kserve.predict_response(response))
 
     async def kserve_explain(self, request: Request, call: CallInfo) -> Response:
-        message = kserve.explain_request(request.path_params["name"],
-                                         await self.json_body(request))
+        name = request.path_params["name"]
+        message = await self.parsed(
+            request, lambda body: kserve.explain_request(
+                name, kserve.parse_body(body, self.max_body_bytes)))
         response = await watched(request, self.calls.explain(message, call))
         return JSONResponse(kserve.explain_response(response))
 
