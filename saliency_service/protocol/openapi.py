@@ -79,7 +79,9 @@ def schemas() -> dict[str, Any]:
                       'base64 strings, {"b64": …}, {"image_bytes": {"b64": …}}, {"data": …}, '
                       "or C×H×W nested lists of numbers"}},
         "additionalProperties": True,
-        "description": ":explain also takes ExplainRequest fields beside instances"}
+        "description": ":explain also takes ExplainRequest fields beside instances (method "
+                       "auto when none is named) and parameters, the method's parameters as "
+                       "plain values"}
     return out
 
 

@@ -48,7 +48,8 @@ HELP = {
     "or waiting, sparing the ~0.1 ms hand-off to a worker thread (0 = always hand off)",
     "max_batch": "images per request",
     "max_pixels": "pixels (height × width) per image, decoded or tensor",
-    "max_message_bytes": "largest gRPC message received or sent",
+    "max_message_bytes": "largest gRPC message received or sent, and largest HTTP request body "
+    "(or KServe tensor) the HTTP API takes (413 beyond it)",
     "max_samples": "noise samples per image (SmoothGrad, VarGrad, Guided AbsoluteGrad)",
     "max_steps": "Integrated Gradients steps",
     "max_masks": "RISE masks",
