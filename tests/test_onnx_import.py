@@ -1,11 +1,12 @@
 """``saliency import`` of ONNX classifiers from other frameworks, served over gRPC for real.
 
-Every fixture in ``tests/fixtures/onnx`` (``onnx.helper`` graphs and Keras models converted
-with tf2onnx) is imported with the command line, served by a real server on a loopback
-port, and checked: what import decided, readiness and ``GetModel``, ``Predict`` against
-ONNX Runtime run directly on the file, and occlusion, RISE and DE-CAM maps that put most of
-their mass on the one region the model looks at. The cases import refuses are checked for
-a message that says what to do.
+Every region-scoring fixture in ``tests/fixtures/onnx`` (``onnx.helper`` graphs and Keras
+models converted with tf2onnx) is imported with the command line, served by a real server
+on a loopback port, and checked: what import decided, readiness and ``GetModel``,
+``Predict`` against ONNX Runtime run directly on the file, and occlusion, RISE and DE-CAM
+maps that put most of their mass on the one region the model looks at. The cases import
+refuses are checked for a message that says what to do. Every method on every fixture,
+checked against the source framework, is in ``tests/test_import_all_methods.py``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ from tests.conftest import make_config
 from tests.fixtures.onnx_classifiers import BOXES, FOLDER, SIZE, region_classifier
 
 ONNX_ONLY = {"occlusion", "rise", "decam"}
+# Gradient methods need only the graph's translation; the CAM and multi-scale ones a feature map.
+NEED_FEATURE_MAPS = {"gradcam", "gradcam_plus_plus", "guided_gradcam", "xgradcam", "smoe_scale",
+                     "fastcam", "lovi"}
+GRADIENTS_WITHOUT_CAM = {"vanilla_gradient", "input_x_gradient", "smoothgrad", "vargrad",
+                         "integrated_gradients", "guided_backprop", "guided_absolutegrad"}
 
 
 @dataclass(frozen=True)
@@ -191,10 +197,16 @@ def test_served_package_is_ready_and_get_model_shows_the_decisions(
     assert info.input.name == fixture.input_name
     assert info.input.batch_size == fixture.batch
     assert info.output_kind == fixture.kind
-    assert {m.name for m in info.methods} == ONNX_ONLY
+    offered = {m.name for m in info.methods}
     missing = {m.name: m.reason for m in info.unavailable_methods}
-    assert "vanilla_gradient" in missing and "model.pt2" in missing["vanilla_gradient"]
-    assert "scale outputs" in missing["smoe_scale"]
+    assert offered == ONNX_ONLY | GRADIENTS_WITHOUT_CAM
+    assert set(missing) == NEED_FEATURE_MAPS
+    # None of these graphs has an activated feature map after a convolution: each method
+    # that needs one says which the graph lacks.
+    lacks = ("no activation, concatenation or residual sum" if fixture.name.startswith("keras")
+             else "the graph has no convolution")
+    assert all(lacks in reason for reason in missing.values()), missing
+    assert "scale outputs" in missing["smoe_scale"] and "CAM layer" in missing["gradcam"]
     assert info.metadata["exporter.tool"] == "saliency import"
     axis = "axis 3" if fixture.layout == "NHWC" else "axis 1"
     assert info.metadata["exporter.decided.layout"].startswith(axis)
@@ -286,14 +298,18 @@ def test_a_manifest_with_an_unknown_layout_or_output_kind_is_not_served(
     assert "'softmax' must be one of logits, probabilities, sigmoid" in models["bad_kind"].error
 
 
-def test_imported_packages_refuse_gradient_methods_saying_why(
+def test_imported_packages_refuse_cam_methods_saying_what_the_graph_lacks(
         stub: pb_grpc.ExplainerStub) -> None:
+    image = pb.Input(images=pb.EncodedImages(images=[png(region_pixels(1)[0])]))
     with pytest.raises(grpc.RpcError) as caught:
-        stub.Explain(pb.ExplainRequest(
-            model="keras_nhwc_softmax", method=pb.METHOD_VANILLA_GRADIENT,
-            input=pb.Input(images=pb.EncodedImages(images=[png(region_pixels(1)[0])]))), timeout=30)
+        stub.Explain(pb.ExplainRequest(model="keras_nhwc_softmax", method=pb.METHOD_GRADCAM,
+                                       input=image), timeout=30)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "model.pt2" in caught.value.details()
+    assert "no activation, concatenation or residual sum" in caught.value.details()
+    reply = stub.Explain(pb.ExplainRequest(model="keras_nhwc_softmax",
+                                           method=pb.METHOD_VANILLA_GRADIENT, input=image,
+                                           target=pb.Target(class_index=0)), timeout=30)
+    assert mass_inside(tensor_to_array(reply.saliency), BOXES[0])[0] > 0.99
 
 
 def test_nhwc_model_takes_float_tensors_in_its_own_layout(

@@ -121,7 +121,7 @@ class Handler:
             height, width = grid["grid"]
             return (f"it needs spatial scale outputs; this model's features are tokens on a "
                     f"{height}×{width} patch grid (a vision transformer), not feature maps")
-        return "it needs scale outputs"
+        return "it needs scale outputs" + scales_missing(model)
 
     def scale_outputs_for(self, model: ModelHandle) -> list[str]:
         """ONNX outputs (beside the logits) to fetch in the prediction run."""
@@ -165,6 +165,12 @@ class Handler:
         if raw.ndim == 4:
             raw = np.abs(raw).max(axis=1)
         return scale_by_max(raw)
+
+
+def scales_missing(model: ModelHandle) -> str:
+    """"; " + why ``saliency import`` found no scale outputs in the graph ("" if unknown)."""
+    why = model.spec().extra.get("exporter", {}).get("scales_missing", "")
+    return f"; {why}" if isinstance(why, str) and why else ""
 
 
 TORCH_EXTRA = "needs PyTorch, which this install lacks: pip install 'saliency-service[torch]'"

@@ -24,7 +24,13 @@ from saliency_service.core.params import param
 from saliency_service.core.repository import ModelHandle
 from saliency_service.methods._utils.resize import upsample
 from saliency_service.methods._utils.torch_program import CUT_PREFIX, prepared_module
-from saliency_service.methods.base import CAM_PASS, ENGINE_TORCH, Job, normalize_per_image
+from saliency_service.methods.base import (
+    CAM_PASS,
+    ENGINE_TORCH,
+    Job,
+    normalize_per_image,
+    scales_missing,
+)
 from saliency_service.methods.gradients import GradientHandler
 from saliency_service.methods.registry import register
 from saliency_service.proto import explainer_pb2 as pb
@@ -153,7 +159,7 @@ class CamHandler(GradientHandler):
 
     def unavailable_reason(self, model: ModelHandle) -> str:
         if super().available_for(model) and not model.spec().extra_outputs:
-            return "it needs a CAM layer (scale or token outputs)"
+            return "it needs a CAM layer (scale or token outputs)" + scales_missing(model)
         return super().unavailable_reason(model)
 
     def check(self, job: Job) -> None:

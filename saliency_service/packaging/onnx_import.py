@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from saliency_service.core.onnx_external import ExternalDataRefused, check_files, external_data
+from saliency_service.core.onnx_external import (
+    ExternalDataRefused,
+    check_files,
+    external_data,
+    inline,
+)
 from saliency_service.core.onnx_external import session as onnx_session
 from saliency_service.core.outputs import LOGITS, OUTPUT_KINDS, PROBABILITIES, SIGMOID
 from saliency_service.core.repository import (
@@ -117,6 +123,9 @@ class ImportReport:
     output_kind: str
     classes: int
     decisions: dict[str, str]
+    scale_outputs: tuple[str, ...] = ()
+    cam_output: str = ""
+    seconds: float = 0.0
 
     def lines(self) -> list[str]:
         return [f"wrote {self.path}",
@@ -368,6 +377,7 @@ def import_onnx(
     served, with the flag or change that fixes it; ``labels_source`` (e.g. the labels file)
     is named when the labels do not match the classes.
     """
+    started = time.perf_counter()
     _check_normalization(mean, std, value_range)
     if input_shape is not None and (len(input_shape) != 3 or min(input_shape) < 1):
         raise ImportRefused(f"--input-shape {list(input_shape)} must be three positive "
@@ -412,11 +422,14 @@ def import_onnx(
                     raise _timed_out(timeout) from None
                 raise ImportRefused(f"the model fails on a random input: {exc}") from exc
             rows.append(more)
-    classes = int(scores.shape[1])
-    graph_kind, graph_why = _graph_kind(model, output_name)
-    kind, kind_why = _output_kind(graph_kind, graph_why, np.concatenate(rows), output)
-    decisions["output"] = f"{output_name}: N×{classes}"
-    decisions["kind"] = kind_why
+        classes = int(scores.shape[1])
+        graph_kind, graph_why = _graph_kind(model, output_name)
+        kind, kind_why = _output_kind(graph_kind, graph_why, np.concatenate(rows), output)
+        decisions["output"] = f"{output_name}: N×{classes}"
+        decisions["kind"] = kind_why
+    features, served = find_features(model, external, image, chosen_layout, shape, batch or 0,
+                                     output_name, kind, rng, timeout)
+    decisions.update(features.decisions())
     labels = list(class_labels) or [str(i) for i in range(classes)]
     if len(labels) != classes:
         read = f" read from {labels_source}" if labels_source else ""
@@ -436,22 +449,35 @@ def import_onnx(
         "input": {"name": image.name, "shape": list(model_shape), "dtype": "float32",
                   "layout": chosen_layout, "mean": mean_values, "std": std_values,
                   "value_range": list(value_range)},
-        "outputs": {"logits": output_name, "kind": kind},
+        "outputs": {"logits": output_name, "kind": kind,
+                    "scales": [s.output for s in features.scales],
+                    **({"tokens": [features.tokens.output]} if features.tokens else {})},
+        **features.manifest(),
         "class_labels": labels,
+        "activation_bytes": features.activation_bytes,
         "exporter": {"tool": "saliency import", "source": source.name,
                      "producer": f"{model.producer_name} {model.producer_version}".strip(),
                      "onnx": onnx.__version__, "onnxruntime": ort.__version__,
                      "opset": _opset(model),
+                     **({"scales_missing": features.scales_missing}
+                        if features.scales_missing else {}),
                      **{f"decided.{key}": why for key, why in decisions.items()}},
+        "verification": {"inputs": 1, "max_abs_diff": features.max_difference,
+                         "tolerance": FEATURE_TOLERANCE},
     }
+    if not features.activation_bytes:
+        del manifest["activation_bytes"]
     with staged_package(Path(repository), target) as staging:
-        (staging / ONNX_FILE).write_bytes(data)
+        (staging / ONNX_FILE).write_bytes(data if served is model else
+                                          served.SerializeToString())
         for location, contents in external.items():
             (staging / location).parent.mkdir(parents=True, exist_ok=True)
             (staging / location).write_bytes(contents)
         write_manifest(staging, manifest, [ONNX_FILE, *external])
     return ImportReport(target, image.name, chosen_layout, model_shape, output_name, kind,
-                        classes, decisions)
+                        classes, decisions, tuple(s.output for s in features.scales),
+                        features.cam.output if features.cam else "",
+                        time.perf_counter() - started)
 
 
 def _per_channel(values: Sequence[float] | None, default: float, channels: int,
@@ -467,3 +493,493 @@ def _per_channel(values: Sequence[float] | None, default: float, channels: int,
 
 def _opset(model: onnx.ModelProto) -> int:
     return int(next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0))
+
+
+# ---- feature maps and tokens: what the fast path and Grad-CAM read --------------------------
+
+SCALE_PREFIX = "scale_"
+TOKENS_OUTPUT = "tokens_0"
+# Largest |translated − ONNX Runtime| of a chosen tensor, relative to its largest magnitude.
+FEATURE_TOLERANCE = 1e-4
+# Ops between a linear head's input and the pooled map that keep its values.
+_HEAD_PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze"}
+_MAX_LABEL = 200
+
+
+@dataclass(frozen=True)
+class FeatureTensor:
+    """One ONNX tensor added as an output (``scale_i`` or ``tokens_0``)."""
+
+    output: str
+    tensor: str  # the ONNX tensor it copies
+    node: str  # the ONNX node producing it
+    op: str
+    shape: tuple[int, ...]  # without the batch
+
+    @property
+    def label(self) -> str:
+        """What a client may name it by (``GradCamParams.layer``): the ONNX node's name."""
+        for name in (self.node, self.tensor):
+            if 0 < len(name) <= _MAX_LABEL:
+                return name
+        return self.output
+
+    def record(self) -> dict[str, Any]:
+        return {"node": self.node, "op": self.op, "tensor": self.tensor, "module": "",
+                "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Features:
+    """The scale ends and tokens found in the graph, the CAM layer, the head and, for each
+    family that cannot run, why (``""`` when it can)."""
+
+    scales: tuple[FeatureTensor, ...] = ()
+    tokens: FeatureTensor | None = None
+    grid: tuple[int, int] = (0, 0)
+    prefix_tokens: int = 0
+    token_batch_dim: int = 0
+    head: dict[str, Any] = field(default_factory=lambda: {"type": "unknown"})
+    activation_bytes: int = 0
+    max_difference: float = 0.0
+    scales_missing: str = ""
+    gradients_missing: str = ""
+    gradients_checked: bool = True
+    head_why: str = ""
+
+    @property
+    def cam(self) -> FeatureTensor | None:
+        return self.tokens or (self.scales[-1] if self.scales else None)
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest fields the exporter writes for the same findings."""
+        cam = self.cam
+        tokens = self.tokens
+        return {
+            "scale_modules": [s.label for s in self.scales],
+            "scale_nodes": [s.record() for s in self.scales],
+            "scale_shapes": [list(s.shape) for s in self.scales],
+            "cam_layer": cam.label if cam else "",
+            "cam_output": cam.output if cam else "",
+            "token_grid": ({"output": tokens.output, **tokens.record(), "grid": list(self.grid),
+                            "prefix_tokens": self.prefix_tokens,
+                            "batch_dim": self.token_batch_dim} if tokens else {}),
+            "head": self.head,
+        }
+
+    def decisions(self) -> dict[str, str]:
+        shown = "; ".join(f"{s.output} = {s.op} {s.label!r} {_shown(s.shape)}"
+                          for s in self.scales)
+        found = {"scales": shown or f"none: {self.scales_missing}"}
+        if self.tokens:
+            found["tokens"] = (f"{self.tokens.output} = {self.tokens.op} {self.tokens.label!r} "
+                               f"{_shown(self.tokens.shape)} on a {self.grid[0]}×{self.grid[1]} "
+                               f"patch grid after {self.prefix_tokens} prefix token(s)")
+        cam = self.cam
+        found["cam"] = (f"{cam.output} ({cam.label}), the "
+                        + ("tokens feeding the last attention" if cam is self.tokens
+                           else "last scale") if cam else "none: no scale or token outputs")
+        found["head"] = (f"gap_linear ({self.head.get('linear')}, {self.head.get('features')} "
+                         "features): FastCAM needs no backward pass"
+                         if self.head.get("type") == "gap_linear" else f"unknown: {self.head_why}")
+        if not self.gradients_checked:
+            found["gradients"] = "not checked here (the server checks the graph's translation)"
+        elif self.gradients_missing:
+            found["gradients"] = f"unavailable: {self.gradients_missing}"
+        else:
+            found["gradients"] = ("the graph translates to torch and matches ONNX Runtime "
+                                  f"(max difference {self.max_difference:.1e} of scale)")
+        return found
+
+
+def _analysis_model(model: onnx.ModelProto, image: _Input, layout: str,
+                    shape: tuple[int, int, int], output_name: str) -> onnx.ModelProto:
+    """A copy of the graph that computes the class output alone, with the image size fixed
+    (the batch stays as it is) and node ``i`` named ``n{i}`` (names may be empty or
+    repeated; the translation records the producing node's name on each tensor)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    values = (shape[1], shape[2], shape[0]) if layout == "NHWC" else shape
+    source = next(v for v in graph.input if v.name == image.name)
+    for dim, value in zip(source.type.tensor_type.shape.dim[1:], values, strict=True):
+        dim.dim_value = value
+    for index, node in enumerate(graph.node):
+        node.name = f"n{index}"
+    kept = [o for o in graph.output if o.name == output_name]
+    del graph.output[:]
+    graph.output.extend(kept)
+    return copy
+
+
+def _rewrite_activations(graph_module: Any) -> None:
+    """Names the activations ONNX spells as other ops, so the scale rule sees them as
+    PyTorch's exporter does: ``Clip(x, 0, max)`` is ReLU6's hardtanh (or ReLU without a
+    max), ``x · Sigmoid(x)`` (Keras' swish) is SiLU. Only the analysis copy changes."""
+    import torch  # noqa: PLC0415 - torch is optional for import
+
+    aten = torch.ops.aten
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == aten.clamp.default and len(node.args) >= 2 and node.args[1] == 0:
+            high = node.args[2] if len(node.args) > 2 else None
+            if high is None:
+                node.target, node.args = aten.relu.default, (node.args[0],)
+            elif isinstance(high, int | float):
+                node.target, node.args = aten.hardtanh.default, (node.args[0], 0.0, float(high))
+        elif node.target == aten.mul.Tensor and len(node.args) == 2:
+            left, right = node.args
+            for x, gate in ((left, right), (right, left)):
+                if getattr(gate, "target", None) == aten.sigmoid.default and gate.args[0] is x:
+                    node.target, node.args = aten.silu.default, (x,)
+                    break
+
+
+def _channels_first_input(graph_module: Any) -> None:
+    """An NHWC graph's analysis copy takes N×C×H×W and turns it around itself, so its own
+    Transposes back to N×C×H×W (tf2onnx's, around each Conv) mark the maps the scale rule
+    reads, and maps left N×H×W×C are not mistaken for N×C×H×W ones."""
+    import torch  # noqa: PLC0415
+
+    graph = graph_module.graph
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    original = placeholder.meta["val"]
+    with graph.inserting_after(placeholder):
+        permuted = graph.call_function(torch.ops.aten.permute.default, (placeholder, [0, 2, 3, 1]))
+    placeholder.replace_all_uses_with(permuted, delete_user_cb=lambda user: user is not permuted)
+    permuted.meta["val"] = original
+    placeholder.meta["val"] = original.permute(0, 3, 1, 2)
+    graph_module.recompile()
+
+
+def _activation_bytes(graph_module: Any, batch: int) -> int:
+    """Bytes of every float tensor the graph computes for one image: what a backward pass
+    keeps, at most (the server sizes its chunks by it)."""
+    import torch  # noqa: PLC0415
+
+    total = 0
+    for node in graph_module.graph.nodes:
+        value = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(value, torch.Tensor) \
+                or not value.is_floating_point():
+            continue
+        sizes = [int(d) for d in value.shape if isinstance(d, int)]
+        count = math.prod(sizes) // (batch if batch and sizes and sizes[0] == batch else 1)
+        total += count * value.element_size()
+    return total
+
+
+def _no_scales_reason(graph: Any, layout: str) -> str:
+    """Why the scale rule found nothing, in the graph's terms."""
+    import torch  # noqa: PLC0415
+
+    from saliency_service.packaging.graph_scales import (  # noqa: PLC0415
+        ACTIVATIONS,
+        BLOCK_ENDS,
+        CONVOLUTIONS,
+        GraphScaleError,
+    )
+
+    nodes = list(graph.graph.nodes)
+    if not any(n.target in CONVOLUTIONS for n in nodes):
+        return "the graph has no convolution, so no feature maps"
+    after: set[Any] = set()
+    for node in nodes:
+        if node.target in CONVOLUTIONS or any(a in after for a in node.all_input_nodes):
+            after.add(node)
+    maps = [n for n in nodes if n in after and (n.target in ACTIVATIONS or n.target in BLOCK_ENDS)
+            and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 4]
+    channels_last = []
+    for node in maps:
+        try:
+            graph.named_scales([node.name])
+        except GraphScaleError:
+            channels_last.append(node)
+    if layout == "NHWC" and maps and len(channels_last) == len(maps):
+        return (f"its {len(maps)} activation(s) after convolutions act on N×H×W×C tensors only; "
+                "the scale outputs read N×C×H×W maps (as ONNX's Conv makes them)")
+    return ("no activation, concatenation or residual sum of N×C×H×W maps after a convolution "
+            "lies on every path to the class output (SMOE Scale reads post-activation maps)")
+
+
+def _array(tensor: onnx.TensorProto, external: dict[str, bytes]) -> np.ndarray:
+    """A constant's values as float32, read from the model's external data if kept there."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+        holder = onnx.ModelProto()
+        holder.graph.initializer.add().CopyFrom(tensor)
+        tensor = inline(holder, external).graph.initializer[0]
+    return onnx.numpy_helper.to_array(tensor).astype(np.float32)
+
+
+def _gap_linear_head(model: onnx.ModelProto, external: dict[str, bytes], output_name: str,
+                     kind: str, cam: FeatureTensor | None) -> tuple[dict[str, Any], str, Any]:
+    """``(head, why, (weight, bias))``: a ``gap_linear`` head when the class output is
+    Gemm (or MatMul + Add) of the globally averaged CAM map, read as the server reads it
+    (``methods._utils.linear_head``); the weights are checked against the logits later."""
+    if cam is None or not cam.output.startswith(SCALE_PREFIX):
+        return {"type": "unknown"}, "no scale output to pool", None
+    if kind != LOGITS:
+        return ({"type": "unknown"}, f"the class output holds {kind}, not a linear layer's "
+                "logits", None)
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                constants[node.output[0]] = value
+    node = producers.get(output_name)
+    while node is not None and node.op_type == "Identity":
+        node = producers.get(node.input[0])
+    weight = bias = None
+    features_input = ""
+    if node is not None and node.op_type == "Gemm" and node.input[1] in constants:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if not attrs.get("transA", 0):
+            matrix = _array(constants[node.input[1]], external)
+            weight = (matrix if attrs.get("transB", 0) else matrix.T) * np.float32(
+                attrs.get("alpha", 1.0))
+            bias = np.zeros(weight.shape[0], np.float32)
+            if len(node.input) > 2 and node.input[2] in constants:
+                bias = np.broadcast_to(_array(constants[node.input[2]], external)
+                                       * np.float32(attrs.get("beta", 1.0)),
+                                       weight.shape[:1]).copy()
+            features_input, linear = node.input[0], node
+    elif node is not None and node.op_type == "Add":
+        matmul = next((producers[i] for i in node.input if i in producers
+                       and producers[i].op_type == "MatMul"), None)
+        bias_name = next((i for i in node.input if i in constants), None)
+        if matmul is not None and matmul.input[1] in constants:
+            weight = _array(constants[matmul.input[1]], external).T
+            bias = (_array(constants[bias_name], external) if bias_name
+                    else np.zeros(weight.shape[0], np.float32))
+            features_input, linear = matmul.input[0], matmul
+    if weight is None or weight.ndim != 2:
+        ends = node.op_type if node is not None else "no node"
+        return {"type": "unknown"}, f"the class output comes from {ends}, not a linear layer", None
+    pool = producers.get(features_input)
+    while pool is not None and pool.op_type in _HEAD_PASS_THROUGH:
+        pool = producers.get(pool.input[0])
+    if pool is None or pool.op_type not in ("GlobalAveragePool", "ReduceMean") \
+            or pool.input[0] != cam.tensor:
+        return ({"type": "unknown"}, "the linear layer does not read the global average of the "
+                f"CAM layer {cam.label!r}", None)
+    head = {"type": "gap_linear", "linear": linear.name or linear.output[0],
+            "features": int(weight.shape[1]), "scale_output": cam.output}
+    return head, "", (weight, np.asarray(bias, np.float32).reshape(-1))
+
+
+def _candidates(node: Any, model: onnx.ModelProto) -> list[str]:
+    """ONNX tensors that may hold ``node``'s value: the outputs of the ONNX node it was
+    translated from, else (an op inside one node's translation) those of its users'
+    nodes of the same shape (an Identity, Dropout or Cast after it); checked by value."""
+    def outputs(of: Any) -> list[str]:
+        label = str(of.meta.get("onnx_node", ""))
+        if not (label.startswith("n") and label[1:].isdigit()):
+            return []
+        return [o for o in model.graph.node[int(label[1:])].output if o]
+
+    found = outputs(node)
+    if not found:
+        shape = tuple(node.meta["val"].shape)
+        for user in node.users:
+            value = user.meta.get("val")
+            if value is not None and tuple(getattr(value, "shape", ())) == shape:
+                found += outputs(user)
+    return list(dict.fromkeys(found))
+
+
+def _relative(got: np.ndarray, want: np.ndarray) -> float:
+    if got.shape != want.shape:
+        return math.inf
+    scale = max(float(np.abs(want).max(initial=0.0)), 1e-12)
+    return float(np.abs(got.astype(np.float64) - want).max(initial=0.0)) / scale
+
+
+def _output_info(name: str, dims: Sequence[Any] | None) -> onnx.ValueInfoProto:
+    """A float32 graph output: each dim a number, a symbol (the input's batch) or unknown
+    (None); no shape at all when ``dims`` is None."""
+    info = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+    if dims is None:
+        return info
+    shape = info.type.tensor_type.shape
+    shape.SetInParent()
+    for dim in dims:
+        entry = shape.dim.add()
+        if isinstance(dim, int):
+            entry.dim_value = dim
+        elif isinstance(dim, str) and dim:
+            entry.dim_param = dim
+    return info
+
+
+def _free_names(model: onnx.ModelProto, wanted: Sequence[str]) -> list[str]:
+    """``wanted`` when no tensor of the graph has those names, else ``saliency_`` + each."""
+    graph = model.graph
+    used = {o for n in graph.node for o in n.output} | {v.name for v in graph.input} \
+        | {t.name for t in graph.initializer} | {v.name for v in graph.output}
+    if not used.intersection(wanted):
+        return list(wanted)
+    return [f"saliency_{name}" for name in wanted]
+
+
+def find_features(model: onnx.ModelProto, external: dict[str, bytes], image: _Input,
+                  layout: str, shape: tuple[int, int, int], batch: int, output_name: str,
+                  kind: str, rng: np.random.Generator,
+                  timeout: float = 0.0) -> tuple[Features, onnx.ModelProto]:
+    """The scale ends and patch tokens of ``model`` (the PyTorch exporter's rule, on the
+    graph translated to torch), each checked against ONNX Runtime, and ``model`` with them
+    added as outputs ``scale_0..k`` / ``tokens_0`` (``model`` itself when none are).
+
+    A graph the analysis fails on is still imported, for the methods that need no more."""
+    try:
+        return _find_features(model, external, image, layout, shape, batch, output_name, kind,
+                              rng, timeout)
+    except ImportRefused:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the extra outputs never stop an import
+        why = f"the graph analysis failed ({type(exc).__name__}: {str(exc)[:300]})"
+        return Features(scales_missing=why, head_why=why, gradients_checked=False), model
+
+
+def _find_features(model: onnx.ModelProto, external: dict[str, bytes], image: _Input,
+                   layout: str, shape: tuple[int, int, int], batch: int, output_name: str,
+                   kind: str, rng: np.random.Generator,
+                   timeout: float) -> tuple[Features, onnx.ModelProto]:
+    try:
+        import torch  # noqa: PLC0415
+
+        from saliency_service.methods._utils.onnx_to_fx import (  # noqa: PLC0415
+            UnsupportedGraph,
+            to_graph_module,
+        )
+        from saliency_service.packaging.graph_scales import (  # noqa: PLC0415
+            GraphScaleError,
+            ProgramGraph,
+            distinct,
+        )
+    except ModuleNotFoundError:
+        why = "needs PyTorch, which this install lacks: pip install 'saliency-service[torch]'"
+        return Features(scales_missing=why, gradients_missing=why, head_why=why), model
+    analysis = inline(_analysis_model(model, image, layout, shape, output_name), external)
+    try:
+        graph_module = to_graph_module(analysis)
+    except UnsupportedGraph as exc:
+        why = f"its ONNX graph cannot be translated to torch: {exc}"
+        return Features(scales_missing=why, gradients_missing=why, head_why=why), model
+    del analysis
+    if layout == "NHWC":
+        _channels_first_input(graph_module)
+    _rewrite_activations(graph_module)
+    scales_missing = ""
+    points, tokens = [], None
+    try:
+        graph = ProgramGraph(graph_module, batch)
+        points = distinct(graph.scale_ends())
+        tokens = graph.token_grid()
+        if not points:
+            scales_missing = _no_scales_reason(graph, layout)
+    except GraphScaleError as exc:
+        scales_missing = str(exc)
+    chosen = [*(p.node for p in points), *([tokens.point.node] if tokens else [])]
+    tensors = {node: _candidates(node, model) for node in chosen}
+    names = list(dict.fromkeys([output_name, *(t for ts in tensors.values() for t in ts)]))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(_output_info(name, None) for name in names)
+    inputs = _random_inputs(batch or 2, shape, layout, rng)
+    try:
+        probe_session = onnx_session(probe.SerializeToString(), external)
+        with _bounded_runs(timeout) as options:
+            try:
+                values = probe_session.run(names, {image.name: inputs}, options)
+            except Exception:
+                if options.terminate:
+                    raise _timed_out(timeout) from None
+                raise
+        runtime = dict(zip(names, values, strict=True))
+    except ImportRefused:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a chosen tensor that is not float32
+        why = f"ONNX Runtime cannot return the chosen tensors: {exc}"
+        return Features(scales_missing=why, head_why=why), model
+    del probe
+    interpreter = torch.fx.Interpreter(graph_module, garbage_collect_values=False)
+    channels_first = inputs.transpose(0, 3, 1, 2) if layout == "NHWC" else inputs
+    with torch.no_grad():
+        (scores,) = interpreter.run(torch.from_numpy(np.ascontiguousarray(channels_first)))
+    difference = _relative(scores.numpy(), runtime[output_name])
+    gradients_missing = "" if difference <= FEATURE_TOLERANCE else (
+        f"its translation to torch differs from ONNX Runtime by {difference:.1e} of the "
+        f"class scores' scale (tolerance {FEATURE_TOLERANCE:.0e})")
+    matched: dict[Any, str] = {}
+    for node, names_for in tensors.items():
+        value = interpreter.env[node].detach().numpy()
+        for tensor in names_for:
+            error = _relative(value, runtime[tensor])
+            if error <= FEATURE_TOLERANCE:
+                matched[node] = tensor
+                difference = max(difference, error)
+                break
+    dropped = [p for p in points if p.node not in matched]
+    points = [p for p in points if p.node in matched]
+    if dropped and not points:
+        scales_missing = ("the scale ends found (" + ", ".join(
+            f"{p.node.target} {_shown(p.shape)}" for p in dropped)
+            + ") are computed inside ONNX nodes and have no tensor of their own")
+    if tokens is not None and tokens.point.node not in matched:
+        tokens = None
+    scale_names = _free_names(model, [f"{SCALE_PREFIX}{i}" for i in range(len(points))]
+                              + ([TOKENS_OUTPUT] if tokens else []))
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def feature(name: str, point: Any) -> FeatureTensor:
+        tensor = matched[point.node]
+        node = producers[tensor]
+        return FeatureTensor(name, tensor, node.name, node.op_type, tuple(point.shape))
+
+    scales = tuple(feature(n, p) for n, p in zip(scale_names, points, strict=False))
+    token = feature(scale_names[-1], tokens.point) if tokens else None
+    cam = token or (scales[-1] if scales else None)
+    head, head_why, weights = _gap_linear_head(model, external, output_name, kind, cam)
+    if weights is not None and cam is not None:
+        maps = runtime[cam.tensor].astype(np.float64)
+        logits = maps.mean(axis=(2, 3)) @ weights[0].T + weights[1]
+        if maps.ndim != 4 or _relative(logits, runtime[output_name]) > FEATURE_TOLERANCE:
+            head, head_why = {"type": "unknown"}, (
+                "the linear layer's weights do not reproduce the logits from the pooled map")
+    features = Features(
+        scales=scales, tokens=token, grid=tokens.grid if tokens else (0, 0),
+        prefix_tokens=tokens.prefix_tokens if tokens else 0,
+        token_batch_dim=tokens.batch_dim if tokens else 0, head=head, head_why=head_why,
+        activation_bytes=_activation_bytes(graph_module, batch), max_difference=difference,
+        scales_missing=scales_missing, gradients_missing=gradients_missing)
+    return features, _with_outputs(model, features, image)
+
+
+def _with_outputs(model: onnx.ModelProto, features: Features,
+                  image: _Input) -> onnx.ModelProto:
+    """``model`` with an Identity copy of each chosen tensor as a graph output, its batch
+    dimension the input's (free where the input's is; sizes unknown where the input's
+    height or width is free)."""
+    added = [*features.scales, *([features.tokens] if features.tokens else [])]
+    if not added:
+        return model
+    source = next(v for v in model.graph.input if v.name == image.name)
+    first = source.type.tensor_type.shape.dim[0]
+    batch: Any = int(first.dim_value) if first.HasField("dim_value") else (
+        first.dim_param or "batch")
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    for entry in added:
+        result.graph.node.append(onnx.helper.make_node(
+            "Identity", [entry.tensor], [entry.output], name=f"saliency/{entry.output}"))
+        dims: list[Any] = list(entry.shape)
+        if None in image.dims[1:]:
+            dims = [dims[0], None, None] if entry is not features.tokens else [None, None]
+        dims.insert(features.token_batch_dim if entry is features.tokens else 0, batch)
+        result.graph.output.append(_output_info(entry.output, dims))
+    return result
