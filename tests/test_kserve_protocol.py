@@ -4,7 +4,6 @@ first with plain HTTP, then with KServe's own ``InferenceRESTClient`` when it is
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import RunningServer, make_config
+from tests.kserve_env import run_in_kserve
 
 
 def png(seed: int = 0) -> str:
@@ -56,20 +56,32 @@ def test_explain_without_a_method_runs_the_one_the_server_picks(base: str) -> No
 
 def test_kserve_sdk_client(base: str) -> None:
     """KServe's SDK (0.21) against the server: liveness, readiness, predict, explain."""
-    inference_client = pytest.importorskip("kserve.inference_client")
+    completed = run_in_kserve(f"""
+        import asyncio, base64, io
+        import httpx, numpy as np
+        from kserve.inference_client import InferenceRESTClient, RESTConfig
+        base = {base!r}
+        images = {[png(1), png(2)]!r}
 
-    async def run() -> None:
-        client = inference_client.InferenceRESTClient(
-            inference_client.RESTConfig(protocol="v1", timeout=60))
-        assert await client.is_server_live(base) is True
-        assert await client.is_model_ready(base, "tiny") is True
-        assert await client.is_model_ready(base, "broken") is False
-        predicted = await client.infer(base, {"instances": [png(1), png(2)]}, model_name="tiny")
-        assert len(predicted["predictions"]) == 2
-        assert {"class_index", "label", "probability"} <= set(predicted["predictions"][0])
-        explained = await client.explain(base, "tiny", {"instances": [png(1)]})
-        assert np.asarray(explained["explanations"][0]["saliency"]).shape == (32, 32)
-        with pytest.raises(httpx.HTTPStatusError, match="instances"):
-            await client.infer(base, {"inputs": []}, model_name="tiny")
+        async def run():
+            client = InferenceRESTClient(RESTConfig(protocol="v1", timeout=60))
+            assert await client.is_server_live(base) is True
+            assert await client.is_model_ready(base, "tiny") is True
+            assert await client.is_model_ready(base, "broken") is False
+            predicted = await client.infer(base, {{"instances": images}}, model_name="tiny")
+            assert len(predicted["predictions"]) == 2
+            assert {{"class_index", "label", "probability"}} <= set(predicted["predictions"][0])
+            explained = await client.explain(base, "tiny", {{"instances": images[:1]}})
+            assert np.asarray(explained["explanations"][0]["saliency"]).shape == (32, 32)
+            try:
+                await client.infer(base, {{"inputs": []}}, model_name="tiny")
+            except httpx.HTTPStatusError as error:
+                assert "instances" in error.response.text
+            else:
+                raise AssertionError("a V1 body without instances was accepted")
+            print("kserve sdk ok")
 
-    asyncio.run(run())
+        asyncio.run(run())
+    """)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "kserve sdk ok" in completed.stdout
