@@ -96,6 +96,12 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
                                  "--models", str(root), *fixture.flags)
         assert code == 0, err
         outputs[fixture.name] = out
+    for name, build in CONV_GRAPHS.items():
+        source = root.parent / f"{name}.onnx"
+        onnx.save(build(), str(source))
+        code, out, err = run_cli("import", str(source), "--name", name, "--models", str(root))
+        assert code == 0, err
+        outputs[name] = out
     for broken, (section, key, value) in BROKEN_MANIFESTS.items():
         shutil.copytree(root / "softmax_nchw", root / broken)
         path = root / broken / "1" / "manifest.json"
@@ -338,6 +344,39 @@ def _float(name: str, dims: list[int | str]) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
 
+def conv_classifier(first: str = "", channels_last_maps: bool = False) -> onnx.ModelProto:
+    """A convolution, ReLU, global average pool and linear head on an NHWC input (turned to
+    N×C×H×W for the Conv, as tf2onnx does); ``first`` is an op applied to the input before
+    it, and ``channels_last_maps`` turns the map back to N×H×W×C before the ReLU."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.normal(size=(2, 4)).astype(np.float32), "fc")]
+    nodes = [helper.make_node(first, ["input"], ["entry"])] if first else []
+    nodes.append(helper.make_node("Transpose", ["entry" if first else "input"], ["nchw"],
+                                  perm=[0, 3, 1, 2]))
+    nodes.append(helper.make_node("Conv", ["nchw", "w"], ["conv"], pads=[1, 1, 1, 1]))
+    if channels_last_maps:
+        nodes += [helper.make_node("Transpose", ["conv"], ["nhwc"], perm=[0, 2, 3, 1]),
+                  helper.make_node("Relu", ["nhwc"], ["maps"]),
+                  helper.make_node("ReduceMean", ["maps"], ["pooled"], axes=[1, 2],
+                                   keepdims=0)]
+    else:
+        nodes += [helper.make_node("Relu", ["conv"], ["maps"]),
+                  helper.make_node("GlobalAveragePool", ["maps"], ["gap"]),
+                  helper.make_node("Flatten", ["gap"], ["pooled"])]
+    nodes.append(helper.make_node("Gemm", ["pooled", "fc"], ["logits"], transB=1))
+    return _graph([_float("input", ["N", SIZE, SIZE, 3])], nodes, [_float("logits", ["N", 2])],
+                  tuple(weights))
+
+
+# Graphs with feature maps the fast path cannot read, and why (in the import's output and
+# in GetModel's reasons).
+CONV_GRAPHS = {
+    "untranslatable": lambda: conv_classifier(first="Shrink"),
+    "channels_last_maps": lambda: conv_classifier(channels_last_maps=True),
+}
+
+
 def no_image_input() -> onnx.ModelProto:
     weights = numpy_helper.from_array(np.zeros((2, 16), np.float32), "w")
     return _graph([_float("features", ["N", 16])],
@@ -421,3 +460,55 @@ def test_import_writes_the_preprocessing_it_is_given(tmp_path: Path) -> None:
     code, _, err = run_cli("import", str(source), "--name", "m", "--version", "3",
                            "--models", str(tmp_path / "models"))
     assert code == 2 and "pass --force" in err
+
+
+def test_a_graph_without_a_translation_serves_the_onnx_only_methods_and_says_why(
+        imported: tuple[Path, dict[str, str]], stub: pb_grpc.ExplainerStub) -> None:
+    out = imported[1]["untranslatable"]
+    assert "gradients: unavailable: its ONNX graph cannot be translated" in out
+    assert "scales: none: its ONNX graph cannot be translated" in out and "Shrink" in out
+    info = stub.GetModel(pb.GetModelRequest(model="untranslatable"), timeout=30)
+    assert {m.name for m in info.methods} == ONNX_ONLY
+    reasons = {m.name: m.reason for m in info.unavailable_methods}
+    assert all("Shrink" in reason for reason in reasons.values()), reasons
+
+
+def test_feature_maps_left_channels_last_are_named_as_the_reason(
+        imported: tuple[Path, dict[str, str]], stub: pb_grpc.ExplainerStub) -> None:
+    root, outputs = imported
+    assert "act on N×H×W×C tensors only" in outputs["channels_last_maps"]
+    info = stub.GetModel(pb.GetModelRequest(model="channels_last_maps"), timeout=30)
+    assert {m.name for m in info.methods} == ONNX_ONLY | GRADIENTS_WITHOUT_CAM
+    reasons = {m.name: m.reason for m in info.unavailable_methods}
+    assert all("N×H×W×C tensors only" in reason for reason in reasons.values()), reasons
+    manifest = json.loads((root / "channels_last_maps" / "1" / "manifest.json").read_text())
+    assert manifest["outputs"]["scales"] == [] and manifest["cam_output"] == ""
+
+
+def test_a_conv_classifier_gets_its_scale_and_head_from_the_graph(
+        tmp_path: Path) -> None:
+    """The NCHW map after the Conv's ReLU is the scale; the GAP → Flatten → Gemm head reads
+    it; the written graph returns it for any batch size; its name avoids the graph's own."""
+    model = conv_classifier()
+    model.graph.node[-1].output[0] = "scale_0"  # the class output already has that name
+    model.graph.output[0].name = "scale_0"
+    source = tmp_path / "model.onnx"
+    onnx.save(model, str(source))
+    code, out, err = run_cli("import", str(source), "--name", "m", "--models",
+                             str(tmp_path / "models"))
+    assert code == 0, err
+    assert f"scales: saliency_scale_0 = Relu 'maps' 4×{SIZE}×{SIZE}" in out
+    assert "head: gap_linear" in out
+    folder = tmp_path / "models" / "m" / "1"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["outputs"] == {"logits": "scale_0", "kind": "logits",
+                                   "scales": ["saliency_scale_0"]}
+    assert manifest["cam_output"] == "saliency_scale_0"
+    assert manifest["head"]["type"] == "gap_linear" and manifest["head"]["features"] == 4
+    assert manifest["scale_shapes"] == [[4, SIZE, SIZE]]
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(5, SIZE, SIZE, 3)).astype(np.float32)
+    logits, maps = session.run(["scale_0", "saliency_scale_0"], {"input": x})
+    assert maps.shape == (5, 4, SIZE, SIZE)
+    weights = numpy_helper.to_array(model.graph.initializer[1])
+    np.testing.assert_allclose(maps.mean(axis=(2, 3)) @ weights.T, logits, rtol=1e-5, atol=1e-5)

@@ -717,7 +717,7 @@ def _gap_linear_head(model: onnx.ModelProto, external: dict[str, bytes], output_
     """``(head, why, (weight, bias))``: a ``gap_linear`` head when the class output is
     Gemm (or MatMul + Add) of the globally averaged CAM map, read as the server reads it
     (``methods._utils.linear_head``); the weights are checked against the logits later."""
-    if cam is None or not cam.output.startswith(SCALE_PREFIX):
+    if cam is None or len(cam.shape) != 3:  # tokens, or none
         return {"type": "unknown"}, "no scale output to pool", None
     if kind != LOGITS:
         return ({"type": "unknown"}, f"the class output holds {kind}, not a linear layer's "
