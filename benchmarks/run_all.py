@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run nothing; rewrite summary.md from the results already there",
     )
-    parser.add_argument("--timeout", type=float, help="seconds per suite (default 900, quick 300)")
+    parser.add_argument("--timeout", type=float, help="seconds per suite (default 900, quick 600)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in names if n not in set(args.skip.split(","))]
     if args.summarize:
         names = []  # nothing runs: the summary quotes the results already there
-    timeout = args.timeout or (300.0 if args.quick else 900.0)
+    timeout = args.timeout or (600.0 if args.quick else 900.0)
     started = time.perf_counter()
     runs = []
     for name in names:
