@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -334,6 +335,9 @@ class ModelHandle:
         # Passed to every ONNX Runtime run: the warm-up's, whose ``terminate`` stops a run that
         # outlasts its bound, while the package is not yet served.
         self.run_options: ort.RunOptions | None = None
+        # When the ONNX Runtime run in progress started (time.monotonic()), for the warm-up's
+        # bound on one run; None between runs.
+        self.run_started: float | None = None
 
     @property
     def ready(self) -> bool:
@@ -433,16 +437,24 @@ class ModelHandle:
         pieces = (list(chunks(total, MAX_CHUNK_ROWS)) if not size
                   else [slice(start, start + size) for start in range(0, total, size)])
         if len(pieces) <= 1 and (not size or total == size):
-            return self.session.run(names, {spec.name: inputs}, self.run_options)
+            return self._session_run(names, {spec.name: inputs})
         parts = []
         for part in pieces:
             piece = inputs[part]
             kept = piece.shape[0]
             if size and kept < size:
                 piece = np.concatenate([piece, np.repeat(piece[-1:], size - kept, axis=0)])
-            parts.append([out[:kept] for out in
-                          self.session.run(names, {spec.name: piece}, self.run_options)])
+            parts.append([out[:kept] for out in self._session_run(names, {spec.name: piece})])
         return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
+
+    def _session_run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.run_options is None:  # serving: no bound to keep
+            return self.session.run(names, feeds)  # type: ignore[union-attr]
+        self.run_started = time.monotonic()
+        try:
+            return self.session.run(names, feeds, self.run_options)  # type: ignore[union-attr]
+        finally:
+            self.run_started = None
 
     def onnx_model(self) -> onnx.ModelProto:
         """The package's ONNX model with its external data in memory, read again from its

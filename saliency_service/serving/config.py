@@ -64,9 +64,9 @@ HELP = {
     "drain_notice_seconds": "on SIGTERM, at most this many seconds (within the grace period) "
     "the port stays open answering new calls UNAVAILABLE, until calls pause for 0.1 s; then "
     "every connection gets a GOAWAY and the port closes",
-    "warmup_timeout_seconds": "bound on one package's warm-up at start-up and reload; a "
-    "package whose warm-up (e.g. a model run that never ends) outlasts it is not ready, with "
-    "the reason (0 = no bound)",
+    "warmup_timeout_seconds": "bound on each model run of a package's warm-up at start-up "
+    "and reload; a package with a run that outlasts it (e.g. a graph that never ends) is not "
+    "ready, with the reason (0 = no bound)",
     "reload_interval_seconds": "seconds between repository scans for changed packages "
     "(0 = off; SIGHUP always reloads)",
     "max_connection_age_seconds": "seconds after which a client connection is sent a GOAWAY "

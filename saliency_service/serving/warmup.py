@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 
 class WarmUpBound:
-    """Ends a warm-up that outlasts its time, or that the server no longer wants (it is
-    shutting down): ONNX Runtime's run stops through ``RunOptions.terminate``, a method at
-    its next check, and every later run of the warm-up at once."""
+    """Ends a warm-up whose model run outlasts its time (a graph that never terminates), or
+    that the server no longer wants (it is shutting down): ONNX Runtime's run stops through
+    ``RunOptions.terminate``, a method at its next check, and every later run of the warm-up
+    at once. The bound is per run, so a model of many quick runs is never cut short."""
 
     def __init__(self, handle: ModelHandle, seconds: float) -> None:
         self.handle = handle
@@ -38,29 +39,33 @@ class WarmUpBound:
         self.state = RequestState()
         self.reason = ""
         self._lock = threading.Lock()
-        self._finished = False
-        self._timer = (threading.Timer(seconds, self.stop, (
-            f"warm-up did not finish within {seconds:g} s (--warmup-timeout-seconds): a model "
-            "run that takes longer cannot be served",)) if 0 < seconds < math.inf else None)
+        self._finished = threading.Event()
+        self._watch = (threading.Thread(target=self._watch_runs, daemon=True)
+                       if 0 < seconds < math.inf else None)
 
     def __enter__(self) -> WarmUpBound:
         self.handle.run_options = self.options
-        if self._timer is not None:
-            self._timer.daemon = True
-            self._timer.start()
+        if self._watch is not None:
+            self._watch.start()
         return self
 
     def __exit__(self, *_: object) -> None:
         with self._lock:
-            self._finished = True
-        if self._timer is not None:
-            self._timer.cancel()
+            self._finished.set()
         self.handle.run_options = None
+
+    def _watch_runs(self) -> None:
+        while not self._finished.wait(min(0.25, self.seconds / 4)):
+            started = self.handle.run_started
+            if started is not None and time.monotonic() - started > self.seconds:
+                self.stop(f"a model run did not finish within {self.seconds:g} s "
+                          "(--warmup-timeout-seconds): a model that takes longer cannot be "
+                          "served")
 
     def stop(self, reason: str) -> None:
         """Stops the warm-up with ``reason`` (the first one given stands)."""
         with self._lock:
-            if self._finished or self.reason:
+            if self._finished.is_set() or self.reason:
                 return
             self.reason = reason
             self.options.terminate = True
