@@ -15,8 +15,13 @@ import pytest
 
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
-from saliency_service.protocol.grpc_servicer import LatestUpdates, drained, superseded
 from saliency_service.protocol.images import array_to_tensor
+from saliency_service.protocol.stream_updates import (
+    LatestUpdates,
+    drained,
+    superseded,
+    superseded_progress,
+)
 from saliency_service.serving.background import RunningServer
 from tests.conftest import make_config
 from tests.production_support import scrape, value
@@ -59,6 +64,20 @@ def test_pending_updates_are_bounded_and_hold_one_map() -> None:
         assert [u.progress.step for u in kept] == list(range(101 - pending.max_pending, 101))
         assert [u.progress.step for u in kept if u.progress.HasField("saliency")] == [100]
         assert pending.empty()
+
+    asyncio.run(scenario())
+
+
+def test_the_http_event_stream_holds_one_map_too() -> None:
+    """HTTP's stream carries bare ``Progress`` messages, bounded the same way."""
+    async def scenario() -> None:
+        pending: LatestUpdates[pb.Progress] = LatestUpdates(supersede=superseded_progress)
+        for step in range(1, 101):
+            pending.put(progress(step, with_map=step % 5 == 0).progress)
+            assert len(pending) <= pending.max_pending
+            assert sum(p.HasField("saliency") for p in pending._items) <= 1
+        kept = [await pending.get() for _ in range(pending.max_pending)]
+        assert [p.step for p in kept if p.HasField("saliency")] == [100]
 
     asyncio.run(scenario())
 

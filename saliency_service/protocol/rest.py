@@ -33,7 +33,6 @@ from saliency_service.core.errors import Cancelled, InvalidInput, ServiceError
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol import kserve
 from saliency_service.protocol.calls import CallInfo, Calls, request_id_from
-from saliency_service.protocol.grpc_servicer import drained
 from saliency_service.protocol.json_messages import (
     BodyTooLarge,
     loads_json,
@@ -44,6 +43,11 @@ from saliency_service.protocol.json_messages import (
 )
 from saliency_service.protocol.method_params import ParamError, parse_assignments
 from saliency_service.protocol.status import http_status_of, status_of
+from saliency_service.protocol.stream_updates import (
+    LatestUpdates,
+    drained,
+    superseded_progress,
+)
 from saliency_service.serving.metrics import Metrics
 from saliency_service.serving.security import bearer_token_valid
 
@@ -293,8 +297,8 @@ class HttpApi:
         is answered with its HTTP status instead."""
         message = await self.message(request, pb.ExplainRequest)
         _entered(request)
-        queue: asyncio.Queue[pb.Progress] = asyncio.Queue()
-        task = asyncio.ensure_future(self.calls.explain(message, call, queue.put_nowait))
+        queue: LatestUpdates[pb.Progress] = LatestUpdates(supersede=superseded_progress)
+        task = asyncio.ensure_future(self.calls.explain(message, call, queue.put))
         first = asyncio.ensure_future(queue.get())
         try:
             await watched(request, asyncio.wait((task, first),
