@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
+from saliency_service.core import devices
 from saliency_service.core.repository import InputSpec, Manifest
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
@@ -62,7 +63,7 @@ async def serve(model: str, port: int, threads: int) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, options, providers=devices.session_providers())
     spec = Manifest.from_json(json.loads((Path(model).parent / "manifest.json").read_text())).input
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])

@@ -38,6 +38,7 @@ from benchmarks.common import (
     sized_repository,
     time_interleaved,
 )
+from saliency_service.core import devices
 from saliency_service.core.repository import ONNX_FILE
 from saliency_service.core.request import CostCounter, Job, RequestState
 from saliency_service.methods import registry
@@ -174,10 +175,10 @@ def smoe_numpy_vs_baked(package: Path, inputs: np.ndarray, repeats: int,
     if threads:
         options.intra_op_num_threads = threads
     plain = ort.InferenceSession(proto.SerializeToString(), options,
-                                 providers=["CPUExecutionProvider"])
+                                 providers=devices.session_providers())
     baked_proto = add_smoe_outputs(proto, scales)
     baked = ort.InferenceSession(baked_proto.SerializeToString(), options,
-                                 providers=["CPUExecutionProvider"])
+                                 providers=devices.session_providers())
     smoe_names = [f"smoe_{i}" for i in range(len(scales))]
     weights = np.ones(len(scales), np.float32)
 

@@ -74,6 +74,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = config_module.from_sources(args)
     configure(config.log_level, config.log_format)
+    from saliency_service.core import devices  # noqa: PLC0415
+
+    try:
+        devices.configure(config.device, config.onnx_providers, config.precision)
+    except devices.PlacementRefused as exc:
+        return _usage_error(exc)
     if args.ensure_demo:
         from saliency_service.packaging.shipped import ensure_demo_package  # noqa: PLC0415
 

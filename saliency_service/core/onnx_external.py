@@ -16,6 +16,8 @@ from pathlib import PurePosixPath
 import onnx
 import onnxruntime as ort
 
+from saliency_service.core import devices
+
 _KEYS = {"location", "offset", "length", "checksum"}
 
 
@@ -131,11 +133,12 @@ def inline(model: onnx.ModelProto, files: Mapping[str, bytes]) -> onnx.ModelProt
 def session(model_bytes: bytes, files: Mapping[str, bytes],
             options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session on ``model_bytes`` whose external data comes from ``files``
-    (the result of ``check_files``), so nothing is read from disk."""
+    (the result of ``check_files``), so nothing is read from disk; on the process's execution
+    providers (``core.devices``)."""
     options = options or ort.SessionOptions()
     if files:
         names = list(files)
         buffers = [files[name] for name in names]
         options.add_external_initializers_from_files_in_memory(
             names, buffers, [len(buffer) for buffer in buffers])
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, options, providers=devices.session_providers())

@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 from scipy.ndimage import gaussian_filter
 
+from saliency_service.core import devices
 from saliency_service.core.outputs import LOGITS, probabilities
 from saliency_service.core.outputs import (
     softmax as softmax,  # the metrics module has always offered it
@@ -198,7 +199,7 @@ class OnnxClassifier:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         session = ort.InferenceSession(str(Path(path) / "model.onnx"), options,
-                                       providers=["CPUExecutionProvider"])
+                                       providers=devices.session_providers())
         spec = manifest["input"]
         return cls(session=session, mean=tuple(spec["mean"]), std=tuple(spec["std"]),
                    value_range=tuple(spec.get("value_range", (0.0, 1.0))),

@@ -97,9 +97,9 @@ def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]
         selected = outputs[0][:count].gather(1, targets[part]).sum()
         (grad,) = torch.autograd.grad(selected, activation)
         activations.append(as_feature_map(job.model, output_name,
-                                          activation[:count].detach().contiguous().numpy()))
+                                          activation[:count].detach().contiguous().cpu().numpy()))
         gradients.append(as_feature_map(job.model, output_name,
-                                        grad[:count].contiguous().numpy()))
+                                        grad[:count].contiguous().cpu().numpy()))
         job.cost.forward(count, ENGINE_TORCH)
         job.cost.backward(count)
     return np.concatenate(activations), np.concatenate(gradients)

@@ -29,6 +29,7 @@ import onnxruntime as ort
 import torch
 from torch import fx, nn
 
+from saliency_service.core import devices
 from saliency_service.core.repository import (
     FORMAT_VERSION,
     MANIFEST,
@@ -370,7 +371,7 @@ def _verify(program: Callable[[torch.Tensor], Sequence[torch.Tensor]], onnx_path
             tolerance: float, generator: torch.Generator, fixed_batch: int = 0) -> float:
     """Max |ORT − torch| over ``count`` random inputs (batch sizes 1 and 3, or the fixed
     batch); raises if too big."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), providers=devices.session_providers())
     worst = 0.0
     for index in range(count):
         batch = fixed_batch or (1 if index % 2 == 0 else 3)

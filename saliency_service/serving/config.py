@@ -85,6 +85,15 @@ HELP = {
     "tls_client_ca": "CA bundle (PEM) that client certificates must chain to (mutual TLS)",
     "auth_token": "bearer token required in 'authorization' metadata (health stays open)",
     "auth_token_file": "file with one accepted bearer token per line (e.g. a mounted secret)",
+    "device": "where gradient methods' torch programs run: cpu, cuda or cuda:N (refused at "
+    "start-up when torch sees no such device)",
+    "onnx_providers": "ONNX Runtime execution providers, comma-separated in order of preference "
+    "(e.g. OpenVINOExecutionProvider,CPUExecutionProvider); empty = CPUExecutionProvider, or "
+    "CUDAExecutionProvider,CPUExecutionProvider with --device cuda; one this onnxruntime lacks "
+    "is refused at start-up",
+    "precision": "gradient methods' arithmetic: float32, bfloat16 (torch autocast; inputs, sums "
+    "and maps stay float32) or auto (bfloat16 where the CPU has AMX/AVX-512 BF16 units); a model "
+    "whose bfloat16 gradients do not match float32 at load stays float32 and GetModel says so",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object per line) or text",
 }
@@ -157,6 +166,10 @@ class Config:
     # one token, and/or a file with one token per line (e.g. a mounted secret).
     auth_token: str = ""
     auth_token_file: str = ""
+    # Where models run (validated at start-up by ``core.devices``).
+    device: str = "cpu"
+    onnx_providers: str = ""
+    precision: str = "float32"
     log_level: str = "INFO"
     # "json" (one object per line) or "text".
     log_format: str = "json"
@@ -199,6 +212,9 @@ class Config:
             problems.append("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
             problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.precision not in ("float32", "bfloat16", "auto"):
+            problems.append("precision must be 'float32', 'bfloat16' or 'auto', got "
+                            f"{self.precision!r}")
         if self.log_format not in ("json", "text"):
             problems.append(f"log_format must be 'json' or 'text', got {self.log_format!r}")
         if problems:

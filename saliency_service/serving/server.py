@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from saliency_service.client.connections import server_options
+from saliency_service.core import devices
 from saliency_service.core.repository import ModelHandle, Repository
 from saliency_service.methods import registry
 from saliency_service.proto import explainer_pb2 as pb
@@ -135,6 +136,8 @@ class SaliencyServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
+        # Every session and program of the process follows it; raises PlacementRefused.
+        devices.configure(config.device, config.onnx_providers, config.precision)
         self.repository = Repository(config.models, config.intra_op_threads)
         self.core = Core(self.repository, config, self.metrics)
         self.executor = ThreadPoolExecutor(
