@@ -42,6 +42,13 @@ def target_of(message: pb.Target, max_batch: int) -> Target:
     return Target()
 
 
+def precision_bits(handle: ModelHandle, handler: Handler) -> int:
+    """16 when ``handler`` ran a gradient program under bfloat16 autocast on ``handle``,
+    else 32 (ONNX Runtime and float32 programs)."""
+    checked = handle.derived_items("precision")
+    return 16 if handler.needs_torch and checked and checked[0][1].bfloat16 else 32
+
+
 class Core:
     """Runs requests against the repository; every public call is one request."""
 
@@ -106,6 +113,8 @@ class Core:
                         method=method, name=method_name(method), reason=missing))
         for key, value in spec.extra.get("exporter", {}).items():
             info.metadata[f"exporter.{key}"] = str(value)
+        checked = handle.derived_items("precision")  # set once a gradient program ran
+        info.metadata["precision"] = checked[0][1].note if checked else "float32"
         return info
 
     # ---- inference -----------------------------------------------------------------------
@@ -167,7 +176,8 @@ class Core:
             predictions=predictions(done.logits, spec.class_labels, request.top_k,
                                     spec.output_kind),
             targets=done.targets.tolist(),
-            diagnostics=result.diagnostics,
+            diagnostics={**result.diagnostics,
+                         "precision_bits": float(precision_bits(handle, done.handler))},
             request_id=uuid.uuid4().hex,
         )
         if request.return_raw:

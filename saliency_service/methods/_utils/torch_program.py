@@ -15,12 +15,19 @@ graph is rewritten once per model and cached beside the handle (thread-safe):
   methods that sum gradients over points on a line (Integrated Gradients) run it twice per
   image instead of once per point, and its input-gradient pass once per image.
 
+Every variant runs on the process's torch device (``--device``, ``core.devices``): inputs are
+moved there and outputs come back on the CPU in float32. With ``--precision bfloat16`` (or
+``auto`` on a CPU with bfloat16 units) a model's variants run under ``torch.autocast`` once its
+vanilla gradient in bfloat16 matched float32 on seeded inputs (:func:`model_precision`).
+
 Folding only rewrites the float arithmetic (w·γ/σ instead of BN after conv), so results agree
 with the original program to float32 rounding; ``tests/test_torch_program.py`` checks it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from saliency_service.core import devices
 from saliency_service.core.errors import FailedPrecondition
 from saliency_service.core.repository import ModelHandle
 from saliency_service.methods._utils.gradient_program import gradient_problem, translation
@@ -36,6 +44,12 @@ FAST = "fast"
 GUIDED = "guided"
 CUT_PREFIX = "cut:"
 TRUNK = "trunk"
+# The bfloat16 check: the least Pearson correlation of each image's vanilla gradient with
+# float32's (a manifest's ``verification.bfloat16_min_pearson`` overrides it); the top-1
+# classes must agree too.
+MIN_BF16_PEARSON = 0.98
+PRECISION_SEED = 0
+PRECISION_ROWS = 4
 
 _RELU_TARGETS = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
 _BATCH_NORM_TARGETS = (
@@ -65,8 +79,9 @@ def guided_relu(x: torch.Tensor) -> torch.Tensor:
 
 
 def as_leaf(x: torch.Tensor) -> torch.Tensor:
-    """Cuts the graph: the layers before run without autograd, gradients stop here."""
-    return x.detach().requires_grad_(True)
+    """Cuts the graph: the layers before run without autograd, gradients stop here (a
+    float32 leaf, so its gradient is float32 under autocast too)."""
+    return x.detach().float().requires_grad_(True)
 
 
 @dataclass(frozen=True)
@@ -86,20 +101,21 @@ class LinearStem:
     groups: int
 
     def __call__(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(self.weight.device).contiguous(memory_format=torch.channels_last)
         bias = self.bias if with_bias else None
         return torch.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation,
-                            self.groups)
+                            self.groups).cpu()
 
     def input_gradient(self, grad: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
         """∂(Σ grad ⊙ stem(x)) / ∂x for an input of ``input_shape`` (no autograd graph)."""
-        shape_source = torch.empty(input_shape, dtype=grad.dtype).contiguous(
+        device = self.weight.device
+        shape_source = torch.empty(input_shape, dtype=grad.dtype, device=device).contiguous(
             memory_format=torch.channels_last)
         (result, _, _) = torch.ops.aten.convolution_backward.default(
-            grad.contiguous(memory_format=torch.channels_last), shape_source, self.weight,
-            None, list(self.stride), list(self.padding), list(self.dilation), False, [0, 0],
-            self.groups, [True, False, False])
-        return result
+            grad.to(device).contiguous(memory_format=torch.channels_last), shape_source,
+            self.weight, None, list(self.stride), list(self.padding), list(self.dilation),
+            False, [0, 0], self.groups, [True, False, False])
+        return result.cpu()
 
 
 class PreparedModule(torch.nn.Module):
@@ -108,7 +124,12 @@ class PreparedModule(torch.nn.Module):
     ``stem`` is set on the ``trunk`` variant: the first layer it leaves out. A graph with a
     fixed batch (``fixed_batch`` k) takes at most k inputs, padded to k by repeating the last;
     its outputs keep all k rows (callers read the first rows they gave), so a cut output
-    stays the leaf a backward reaches."""
+    stays the leaf a backward reaches.
+
+    Inputs move to the module's device; outputs come back to the CPU in float32, except a
+    cut output, which stays the (float32) leaf on the device. ``bfloat16`` runs the graph
+    under ``torch.autocast``: its convolutions and products in bfloat16, while the input, its
+    gradient and the outputs stay float32."""
 
     def __init__(self, graph_module: fx.GraphModule, channels_last: bool,
                  stem: LinearStem | None = None, fixed_batch: int = 0) -> None:
@@ -117,6 +138,18 @@ class PreparedModule(torch.nn.Module):
         self.channels_last = channels_last
         self.stem = stem
         self.fixed_batch = fixed_batch
+        self.device = torch.device("cpu")
+        self.bfloat16 = False
+
+    def to_device(self, device: str) -> PreparedModule:
+        """Moves the weights (and the stem's) to ``device``; returns self."""
+        self.device = torch.device(device)
+        self.graph_module.to(self.device)
+        if self.stem is not None and self.stem.weight.device != self.device:
+            bias = self.stem.bias.to(self.device) if self.stem.bias is not None else None
+            self.stem = dataclasses.replace(self.stem, weight=self.stem.weight.to(self.device),
+                                            bias=bias)
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.fixed_batch:
@@ -126,10 +159,94 @@ class PreparedModule(torch.nn.Module):
             missing = self.fixed_batch - x.shape[0]
             if missing:
                 x = torch.cat([x, x[-1:].expand(missing, *x.shape[1:])])
+        x = x.to(self.device)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        outputs = self.graph_module(x)
-        return tuple(outputs) if isinstance(outputs, tuple | list) else (outputs,)
+        if self.bfloat16:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                outputs = self.graph_module(x)
+        else:
+            outputs = self.graph_module(x)
+        outputs = tuple(outputs) if isinstance(outputs, tuple | list) else (outputs,)
+        return tuple(_for_caller(output) for output in outputs)
+
+
+def _for_caller(output: torch.Tensor) -> torch.Tensor:
+    if output.requires_grad and output.is_leaf:  # a cut output: the leaf a backward reaches
+        return output
+    return output.float().cpu()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a model's gradient programs run in, and why (GetModel's metadata)."""
+
+    bfloat16: bool
+    note: str
+
+    @property
+    def bits(self) -> int:
+        return 16 if self.bfloat16 else 32
+
+
+def model_precision(model: ModelHandle) -> Precision:
+    """The precision of ``model``'s gradient programs under ``--precision`` (checked once)."""
+    return model.derived("precision", _choose_precision)
+
+
+def _choose_precision(model: ModelHandle) -> Precision:
+    placement = devices.current()
+    if placement.precision == "float32":
+        return Precision(False, "float32")
+    if (placement.precision == "auto" and placement.device_type == "cpu"
+            and not devices.cpu_has_bf16()):
+        return Precision(False, "float32 (auto: this CPU has no bfloat16 units)")
+    fast = model.derived(f"program:{FAST}", lambda m: _build_cached(m, FAST))
+    spec = model.spec()
+    rows = spec.input.batch or PRECISION_ROWS
+    inputs = np.random.default_rng(PRECISION_SEED).normal(
+        size=(rows, spec.input.channels, spec.input.height, spec.input.width))
+    min_pearson = float(spec.extra.get("verification", {}).get("bfloat16_min_pearson",
+                                                                 MIN_BF16_PEARSON))
+    passed, summary = bfloat16_check(fast, torch.from_numpy(inputs.astype(np.float32)),
+                                     min_pearson)
+    if passed:
+        return Precision(True, f"bfloat16 ({summary})")
+    return Precision(False, f"float32 (bfloat16 failed its check: {summary})")
+
+
+def bfloat16_check(module: PreparedModule, inputs: torch.Tensor,
+                   min_pearson: float = MIN_BF16_PEARSON) -> tuple[bool, str]:
+    """Whether ``module``'s vanilla gradient of the top-1 logit under bfloat16 autocast
+    matches float32 on ``inputs`` (the least per-image Pearson ≥ ``min_pearson`` and the
+    same top-1 classes), and the figures as one phrase."""
+    results = []
+    for bfloat16 in (False, True):
+        leaf = inputs.clone().requires_grad_(True)
+        if bfloat16:
+            with torch.autocast(module.device.type, dtype=torch.bfloat16):
+                logits = module.graph_module(leaf.to(module.device).contiguous(
+                    memory_format=torch.channels_last))
+            logits = (logits[0] if isinstance(logits, tuple | list) else logits).float()
+        else:
+            logits = module(leaf)[0]
+        logits = logits.cpu()[: inputs.shape[0]]
+        if not results:
+            targets = logits.argmax(dim=1, keepdim=True)
+        (grad,) = torch.autograd.grad(logits.gather(1, targets).sum(), leaf)
+        results.append((logits.detach().argmax(dim=1), grad.detach().double()))
+    (top_32, grad_32), (top_16, grad_16) = results
+    pearson = min(_pearson(a, b) for a, b in zip(grad_32, grad_16, strict=True))
+    agree = int((top_32 == top_16).sum())
+    passed = pearson >= min_pearson and agree == inputs.shape[0]
+    return passed, f"pearson {pearson:.3f}, top-1 {agree}/{inputs.shape[0]}"
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    denominator = float(a.norm() * b.norm())
+    value = float(a @ b) / denominator if denominator > 0 else 1.0
+    return value if math.isfinite(value) else 0.0
 
 
 def prepared_module(model: ModelHandle, variant: str = FAST) -> PreparedModule:
@@ -157,7 +274,10 @@ def _cached_variant(model: ModelHandle, variant: str) -> PreparedModule | None:
     if problem:
         raise FailedPrecondition(f"gradient methods are not available for model "
                                  f"{model.name}: {problem}")
-    return model.derived(f"program:{variant}", lambda m: _build_cached(m, variant))
+    module = model.derived(f"program:{variant}", lambda m: _build_cached(m, variant))
+    if module is not None:
+        module.bfloat16 = model_precision(model).bfloat16
+    return module
 
 
 def _build_cached(model: ModelHandle, variant: str) -> PreparedModule | None:
@@ -170,7 +290,7 @@ def _build_cached(model: ModelHandle, variant: str) -> PreparedModule | None:
     except NoStemError:
         return None
     prepared.fixed_batch = model.spec().input.batch
-    return prepared
+    return prepared.to_device(devices.torch_device())
 
 
 def warm_up_variants(model: ModelHandle, inputs: np.ndarray, backward_rows: list[int],
@@ -180,6 +300,7 @@ def warm_up_variants(model: ModelHandle, inputs: np.ndarray, backward_rows: list
     ``max_batch``), so that no request meets a batch shape for the first time: oneDNN
     builds its kernels per shape. ``inputs`` is one image (1×C×H×W); returns the variants."""
     image = torch.from_numpy(np.ascontiguousarray(inputs[:1], dtype=np.float32))
+    bfloat16 = model_precision(model).bfloat16
 
     def rows_of(count: int) -> torch.Tensor:
         return image.expand(count, *image.shape[1:]).clone()
@@ -189,6 +310,7 @@ def warm_up_variants(model: ModelHandle, inputs: np.ndarray, backward_rows: list
         if module is None:
             continue
         variant = key[len("program:"):]
+        module.bfloat16 = bfloat16
         variants.append(variant)
         for rows in backward_rows:
             x = rows_of(rows)
@@ -247,8 +369,10 @@ def trunk_of(fast: PreparedModule) -> PreparedModule:
     graph = fx.Graph()
     graph.output(graph.graph_copy(fast.graph_module.graph, {}))
     trunk, stem = split_at_stem(fx.GraphModule(fast.graph_module, graph))
-    return PreparedModule(_finished(trunk), channels_last=True, stem=stem,
-                          fixed_batch=fast.fixed_batch)
+    prepared = PreparedModule(_finished(trunk), channels_last=True, stem=stem,
+                              fixed_batch=fast.fixed_batch)
+    prepared.device = fast.device
+    return prepared
 
 
 def _finished(graph_module: fx.GraphModule) -> fx.GraphModule:
