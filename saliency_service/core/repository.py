@@ -36,6 +36,7 @@ from saliency_service.core.onnx_external import (
 )
 from saliency_service.core.onnx_external import session as onnx_session
 from saliency_service.core.outputs import LOGITS, OUTPUT_KINDS
+from saliency_service.core.remote import InvalidRemote, RemotePredictor, RemoteSpec, RemoteState
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     # A vision transformer's CAM tokens: output, grid [h, w], prefix_tokens, batch_dim.
     token_grid: dict[str, Any] = field(default_factory=dict)
+    # A predictor that serves the model instead of a file (``core.remote``).
+    remote: RemoteSpec | None = None
 
     @property
     def extra_outputs(self) -> tuple[str, ...]:
@@ -152,6 +155,10 @@ class Manifest:
         if len(labels) > MAX_LABELS:
             raise InvalidManifest(f"manifest class_labels has {len(labels)} entries; at most "
                                   f"{MAX_LABELS}")
+        try:
+            remote = RemoteSpec.from_json(data["remote"]) if "remote" in data else None
+        except InvalidRemote as exc:
+            raise InvalidManifest(str(exc)) from exc
         return cls(
             name=_text(data, "name", required=True),
             version=_whole(data, "version"),
@@ -177,6 +184,7 @@ class Manifest:
             extra={k: v for k, v in data.items() if k in _EXTRA_KEYS},
             output_kind=_choice(outputs, "outputs.kind", OUTPUT_KINDS),
             token_grid=_field(data, "token_grid", dict) or {},
+            remote=remote,
         )
 
 
@@ -321,7 +329,8 @@ def sha256_file(path: Path) -> str:
 
 
 class ModelHandle:
-    """One loaded package: an ONNX Runtime session, the manifest, what methods derive."""
+    """One loaded package: an ONNX Runtime session (or a remote predictor), the manifest,
+    what methods derive."""
 
     def __init__(self, name: str, version: int, path: Path) -> None:
         self.name = name
@@ -329,6 +338,7 @@ class ModelHandle:
         self.path = path
         self.manifest: Manifest | None = None
         self.session: ort.InferenceSession | None = None
+        self.remote: RemotePredictor | None = None
         self.error = ""
         self._derived: dict[str, Any] = {}
         self._derived_lock = threading.RLock()
@@ -341,7 +351,8 @@ class ModelHandle:
 
     @property
     def ready(self) -> bool:
-        return self.session is not None and self.manifest is not None and not self.error
+        return ((self.session is not None or self.remote is not None)
+                and self.manifest is not None and not self.error)
 
     def load(self, intra_op_threads: int = 0) -> None:
         """Loads and verifies the package; on failure records the error instead of raising."""
@@ -350,6 +361,7 @@ class ModelHandle:
             self.error = ""
         except Exception as exc:  # noqa: BLE001 - any failure marks this package broken only
             self.session = None
+            self._close_remote()
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("model %s/%s failed to load: %s", self.name, self.version, self.error)
 
@@ -377,6 +389,14 @@ class ModelHandle:
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{manifest_path} is missing")
         manifest = Manifest.from_json(json.loads(manifest_path.read_text()))
+        if manifest.remote is not None:
+            self._close_remote()
+            self.remote = RemotePredictor(manifest.remote, manifest.input.name,
+                                          manifest.logits_output)
+            self.remote.probe()
+            self._derived = {}
+            self.manifest = manifest
+            return
         if ONNX_FILE not in manifest.files:
             raise ValueError(f"manifest lists no {ONNX_FILE}")
         options = ort.SessionOptions()
@@ -390,6 +410,11 @@ class ModelHandle:
         self.session = onnx_session(model_bytes, files, options)
         self._derived = {}
         self.manifest = manifest
+
+    def _close_remote(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
 
     def _verified_bytes(self, file_name: str, expected: str) -> bytes:
         """The bytes of a file the manifest lists, once its name is shown to stay inside
@@ -418,14 +443,20 @@ class ModelHandle:
             raise Unavailable(f"model {self.name} version {self.version} is not loaded")
         return self.manifest
 
-    def run(self, inputs: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+    def run(self, inputs: np.ndarray, outputs: list[str] | None = None,
+            state: RemoteState | None = None,
+            count_remote: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
         """ONNX Runtime on float32 N×C×H×W ``inputs``; outputs default to the class scores.
 
         This is where the service's convention meets the model's: an NHWC model gets its
         inputs transposed; a free batch runs in the power-of-two chunks of
         ``saliency_service.core.chunking`` (the shapes the warm-up ran), and a fixed batch size k in
         chunks of k (the last one padded by repeating its final item, the padding's
-        outputs dropped), so every method and prediction works unchanged on any model."""
+        outputs dropped), so every method and prediction works unchanged on any model.
+        A remote model's batch goes to its predictor (``core.remote``), bounded by
+        ``state``'s deadline, each call reported to ``count_remote(calls, bytes)``."""
+        if self.remote is not None:
+            return [self._remote_run(inputs, outputs, state, count_remote)]
         if self.session is None:
             raise Unavailable(f"model {self.name} version {self.version} is not loaded")
         spec = self.spec().input
@@ -447,6 +478,18 @@ class ModelHandle:
             parts.append([out[:kept] for out in self._session_run(names, {spec.name: piece})])
         return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
 
+    def _remote_run(self, inputs: np.ndarray, outputs: list[str] | None,
+                    state: RemoteState | None,
+                    count_remote: Callable[[int, int], None] | None) -> np.ndarray:
+        spec = self.spec()
+        if outputs and list(outputs) != [spec.logits_output]:
+            raise Unavailable(f"model {self.name!r} is served remotely; only its class scores "
+                              f"({spec.logits_output!r}) can be read, not {list(outputs)}")
+        if spec.input.layout == "NHWC":
+            inputs = inputs.transpose(0, 2, 3, 1)
+        inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        return self.remote.run(inputs, state, count_remote)  # type: ignore[union-attr]
+
     def _session_run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.run_options is None:  # serving: no bound to keep
             return self.session.run(names, feeds)  # type: ignore[union-attr]
@@ -459,6 +502,8 @@ class ModelHandle:
     def onnx_model(self) -> onnx.ModelProto:
         """The package's ONNX model with its external data in memory, read again from its
         verified files (for the methods that translate the graph; nothing is kept)."""
+        if self.remote is not None:
+            raise Unavailable(f"model {self.name!r} is served remotely: it has no graph")
         model_bytes, files = self._model_files(self.spec())
         return inline(_parse_onnx(model_bytes), files)
 

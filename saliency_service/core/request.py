@@ -28,6 +28,9 @@ class CostCounter:
     forward_passes: int = 0
     backward_passes: int = 0
     forward_by_engine: dict[str, int] = field(default_factory=dict)
+    # Calls to a remote model's predictor and the bytes they moved (request and answer).
+    remote_calls: int = 0
+    remote_bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def forward(self, images: int, engine: str) -> None:
@@ -38,6 +41,11 @@ class CostCounter:
     def backward(self, images: int) -> None:
         with self._lock:
             self.backward_passes += images
+
+    def remote(self, calls: int, transferred_bytes: int) -> None:
+        with self._lock:
+            self.remote_calls += calls
+            self.remote_bytes += transferred_bytes
 
 
 class RequestState:

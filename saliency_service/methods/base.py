@@ -106,6 +106,8 @@ class Handler:
     def available_for(self, model: ModelHandle) -> bool:
         """Whether this package has what the method needs."""
         spec = model.spec()
+        if model.remote is not None and not self.black_box:
+            return False
         if self.needs_torch and gradients_problem(model):
             return False
         return not (self.needs_scales and not spec.scale_outputs)
@@ -114,6 +116,11 @@ class Handler:
         """What the package lacks for this method (empty when it is available)."""
         if self.available_for(model):
             return ""
+        if model.remote is not None and not self.black_box:
+            return (f"the model is served remotely by a {model.remote.spec.protocol} predictor, "
+                    "which gives only its class scores; this method needs "
+                    + ("gradients through the graph" if self.needs_torch
+                       else "its intermediate feature maps"))
         if self.needs_torch and gradients_problem(model):
             return gradients_problem(model)
         grid = model.spec().token_grid
@@ -122,6 +129,12 @@ class Handler:
             return (f"it needs spatial scale outputs; this model's features are tokens on a "
                     f"{height}×{width} patch grid (a vision transformer), not feature maps")
         return "it needs scale outputs" + scales_missing(model)
+
+    @property
+    def black_box(self) -> bool:
+        """Whether the method reads only the model's class scores (so a remote model,
+        ``core.remote``, serves it)."""
+        return not (self.needs_torch or self.needs_scales or self.wants_scale_outputs)
 
     def scale_outputs_for(self, model: ModelHandle) -> list[str]:
         """ONNX outputs (beside the logits) to fetch in the prediction run."""
@@ -208,6 +221,6 @@ def run_onnx_batched(
     size = chunk_items or job.items_per_chunk()
     results: list[list[np.ndarray]] = []
     for part in job.checked_chunks(batch.shape[0], size):
-        results.append(job.model.run(batch[part], outputs))
+        results.append(job.model.run(batch[part], outputs, job.state, job.cost.remote))
         job.cost.forward(part.stop - part.start, ENGINE_ONNX)
     return [np.concatenate([r[i] for r in results]) for i in range(len(results[0]))]

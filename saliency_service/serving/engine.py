@@ -111,7 +111,7 @@ class Engine:
         inputs = decode(handle.spec().input)
         started = time.perf_counter()
         cpu_started = time.process_time()
-        (logits,) = handle.run(inputs)
+        (logits,) = handle.run(inputs, count_remote=cost.remote)
         cost.forward(inputs.shape[0], ENGINE_ONNX)
         return Scores(handle, logits, time.perf_counter() - started,
                       time.process_time() - cpu_started)
@@ -160,9 +160,11 @@ class Engine:
 
     @staticmethod
     def _prediction_run(handle: ModelHandle, inputs: np.ndarray, names: list[str],
-                        cost: CostCounter) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                        cost: CostCounter, state: RequestState | None = None,
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The one ONNX Runtime pass for the prediction, plus any outputs handlers read."""
-        logits, *extra = handle.run(inputs, [handle.spec().logits_output, *names])
+        logits, *extra = handle.run(inputs, [handle.spec().logits_output, *names], state,
+                                    cost.remote)
         cost.forward(inputs.shape[0], ENGINE_ONNX)
         return logits, dict(zip(names, extra, strict=True))
 
@@ -181,7 +183,7 @@ class Engine:
                 n for h in self.methods_for(handle) if h.wants_scale_outputs
                 for n in h.scale_outputs_for(handle)))
             run_started = time.perf_counter()
-            logits, extra = self._prediction_run(handle, inputs, names, cost)
+            logits, extra = self._prediction_run(handle, inputs, names, cost, state)
             handler = self.auto(order, handle, time.perf_counter() - run_started)
             params = self.params(order, handler)
         else:
@@ -191,7 +193,7 @@ class Engine:
             inputs = order.decode(spec.input)
             state.check()
             names = handler.scale_outputs_for(handle) if handler.wants_scale_outputs else []
-            logits, extra = self._prediction_run(handle, inputs, names, cost)
+            logits, extra = self._prediction_run(handle, inputs, names, cost, state)
         targets = resolve_targets(order.target, logits)
         job = Job(
             model=handle, inputs=inputs, targets=targets, params=params, base_logits=logits,

@@ -167,6 +167,8 @@ def warm_up_chunk_shapes(handle: ModelHandle, sample: np.ndarray,
                          limits: Mapping[str, float]) -> None:
     """Runs ONNX Runtime and every torch program variant the methods built at each chunk
     length a request can produce (``core.chunking``), after the methods ran once each."""
+    if handle.remote is not None:  # its predictor batches on its own terms
+        return
     job = Job(model=handle, inputs=sample[:1], targets=np.zeros(1, np.int64), limits=limits)
     forward_rows = chunk_shapes(job.items_per_chunk())
     spec = handle.spec()

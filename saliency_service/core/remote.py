@@ -1,0 +1,350 @@
+"""Remote models: a package whose manifest names a predictor endpoint instead of a file.
+
+Black-box methods (DE-CAM, RISE, occlusion) only need the model's class scores, so a model
+already served by KServe, Triton, MLServer or Seldon can be explained where it runs. The
+manifest's ``remote`` object names the protocol (KServe V1 REST or Open Inference Protocol
+V2 REST), the endpoint and the served model; ``ModelHandle.run`` sends each batch there in
+chunks of ``max_batch`` with at most ``concurrency`` calls in flight, each bounded by the
+request's deadline, retrying an unavailable predictor ``retries`` times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+import numpy as np
+
+from saliency_service.core.errors import DeadlineExceeded, Unavailable
+
+KSERVE_V1 = "kserve-v1"
+V2_REST = "v2-rest"
+PROTOCOLS = (KSERVE_V1, V2_REST)
+DATATYPES = ("FP32",)
+MAX_BATCH = 1024
+MAX_CONCURRENCY = 64
+MAX_RETRIES = 10
+MAX_TIMEOUT_SECONDS = 3600.0
+# Statuses that mean "try again": the predictor is starting, overloaded or behind a proxy
+# that lost it.
+RETRY_STATUSES = (502, 503, 504)
+RETRY_PAUSE_SECONDS = 0.05
+
+
+class InvalidRemote(ValueError):
+    """A ``remote`` manifest field the server cannot use; the message names it."""
+
+
+class RemoteState(Protocol):
+    """What a remote run reads of a request (``core.request.RequestState``)."""
+
+    deadline: float | None
+
+    def check(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TLS:
+    """How to reach an ``https`` predictor: the CA bundle, a client certificate, or no
+    verification (for a test cluster only)."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class RemoteSpec:
+    """The manifest's ``remote`` object: where the predictor is and how to call it.
+
+    The input tensor's name, layout and shape are the manifest's ``input``; the output
+    holding the class scores is ``outputs.logits`` (its kind ``outputs.kind``).
+    """
+
+    protocol: str
+    url: str  # base URL, e.g. http://predictor.default:8080
+    model: str
+    datatype: str = "FP32"
+    max_batch: int = 32
+    concurrency: int = 4
+    timeout_seconds: float = 60.0
+    retries: int = 2
+    headers: dict[str, str] = field(default_factory=dict)
+    bearer_token_env: str = ""
+    tls: TLS = TLS()
+
+    @classmethod
+    def from_json(cls, data: Any) -> RemoteSpec:
+        """The parsed object; InvalidRemote names the first field that is wrong."""
+        if not isinstance(data, dict):
+            raise InvalidRemote("manifest remote must be an object")
+        known = {"protocol", "url", "model", "datatype", "max_batch", "concurrency",
+                 "timeout_seconds", "retries", "headers", "bearer_token_env", "tls"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidRemote(f"manifest remote has unknown fields {unknown[:5]}; known: "
+                                f"{sorted(known)}")
+        protocol = _choice(data, "protocol", PROTOCOLS, required=True)
+        url = _string(data, "url", required=True)
+        if "://" not in url:
+            url = ("https://" if "tls" in data else "http://") + url
+        if not url.startswith(("http://", "https://")):
+            raise InvalidRemote(f"manifest remote.url {url[:80]!r} must be http(s)://host:port "
+                                "or host:port")
+        headers = data.get("headers") or {}
+        if not isinstance(headers, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+            raise InvalidRemote("manifest remote.headers must map header names to strings")
+        tls = data.get("tls") or {}
+        if not isinstance(tls, dict) or not set(tls) <= {"ca_file", "cert_file", "key_file",
+                                                         "verify"}:
+            raise InvalidRemote("manifest remote.tls must be an object of ca_file, cert_file, "
+                                "key_file and verify")
+        return cls(
+            protocol=protocol,
+            url=url.rstrip("/"),
+            model=_string(data, "model", required=True),
+            datatype=_choice(data, "datatype", DATATYPES),
+            max_batch=int(_number(data, "max_batch", 32, 1, MAX_BATCH, whole=True)),
+            concurrency=int(_number(data, "concurrency", 4, 1, MAX_CONCURRENCY, whole=True)),
+            timeout_seconds=_number(data, "timeout_seconds", 60.0, 0.001, MAX_TIMEOUT_SECONDS),
+            retries=int(_number(data, "retries", 2, 0, MAX_RETRIES, whole=True)),
+            headers=dict(headers),
+            bearer_token_env=_string(data, "bearer_token_env"),
+            tls=TLS(ca_file=_string(tls, "ca_file", where="tls.ca_file"),
+                    cert_file=_string(tls, "cert_file", where="tls.cert_file"),
+                    key_file=_string(tls, "key_file", where="tls.key_file"),
+                    verify=bool(tls.get("verify", True))),
+        )
+
+    @property
+    def where(self) -> str:
+        """The predictor as messages name it."""
+        return f"{self.protocol} predictor {self.model!r} at {self.url}"
+
+
+def _string(data: dict[str, Any], key: str, required: bool = False, where: str = "") -> str:
+    value = data.get(key)
+    if value is None or value == "":
+        if required:
+            raise InvalidRemote(f"manifest remote lacks {where or key}")
+        return ""
+    if not isinstance(value, str) or len(value) > 2048:
+        raise InvalidRemote(f"manifest remote.{where or key} must be a string (at most 2048 "
+                            "characters)")
+    return value
+
+
+def _choice(data: dict[str, Any], key: str, choices: tuple[str, ...],
+            required: bool = False) -> str:
+    value = _string(data, key, required) or choices[0]
+    if value not in choices:
+        raise InvalidRemote(f"manifest remote.{key} {value[:40]!r} must be one of "
+                            f"{', '.join(choices)}")
+    return value
+
+
+def _number(data: dict[str, Any], key: str, default: float, low: float, high: float,
+            whole: bool = False) -> float:
+    value = data.get(key, default)
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or not low <= value <= high
+            or (whole and value != int(value))):
+        kind = "an integer" if whole else "a number"
+        raise InvalidRemote(f"manifest remote.{key} {value!r} must be {kind} within "
+                            f"[{low:g}, {high:g}]")
+    return float(value)
+
+
+@dataclass
+class Transfer:
+    """One remote call's size: the request's and the response's body bytes."""
+
+    sent: int
+    received: int
+
+
+class RemotePredictor:
+    """Calls one predictor: chunks, concurrency, deadline, retries; no model file."""
+
+    def __init__(self, spec: RemoteSpec, input_name: str, output_name: str) -> None:
+        self.spec = spec
+        self.input_name = input_name
+        self.output_name = output_name
+        self.metadata: dict[str, Any] = {}
+        headers = {"content-type": "application/json", **spec.headers}
+        if spec.bearer_token_env:
+            token = os.environ.get(spec.bearer_token_env)
+            if not token:
+                raise InvalidRemote(f"manifest remote.bearer_token_env names "
+                                    f"{spec.bearer_token_env!r}, which is not set in the "
+                                    "server's environment")
+            headers["authorization"] = f"Bearer {token}"
+        verify: Any = spec.tls.verify
+        if spec.tls.ca_file:
+            verify = spec.tls.ca_file
+        cert = ((spec.tls.cert_file, spec.tls.key_file) if spec.tls.key_file
+                else spec.tls.cert_file or None)
+        self._client = httpx.Client(
+            headers=headers, verify=verify, cert=cert, timeout=spec.timeout_seconds,
+            limits=httpx.Limits(max_connections=spec.concurrency,
+                                max_keepalive_connections=spec.concurrency))
+        self._pool = ThreadPoolExecutor(max_workers=spec.concurrency,
+                                        thread_name_prefix=f"remote-{spec.model}")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    def probe(self) -> None:
+        """Asks the predictor whether the model is ready (and, over V2, for its metadata);
+        Unavailable says why not, so the package is not ready with that reason."""
+        spec = self.spec
+        path = (f"/v1/models/{spec.model}" if spec.protocol == KSERVE_V1
+                else f"/v2/models/{spec.model}")
+        try:
+            response = self._client.get(spec.url + path, timeout=min(spec.timeout_seconds, 10))
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"the {spec.where} does not answer: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise Unavailable(f"the {spec.where} answered GET {path} with HTTP "
+                              f"{response.status_code}: {response.text[:200]}")
+        body = _json(response, spec)
+        if spec.protocol == KSERVE_V1:
+            if body.get("ready") is False:
+                raise Unavailable(f"the {spec.where} says the model is not ready")
+            return
+        self.metadata = body
+        inputs = [i.get("name") for i in body.get("inputs", []) if isinstance(i, dict)]
+        outputs = [o.get("name") for o in body.get("outputs", []) if isinstance(o, dict)]
+        if inputs and self.input_name not in inputs:
+            raise Unavailable(f"the {spec.where} has no input {self.input_name!r} (the "
+                              f"manifest's input.name); its inputs: {inputs}")
+        if outputs and self.output_name not in outputs:
+            raise Unavailable(f"the {spec.where} has no output {self.output_name!r} (the "
+                              f"manifest's outputs.logits); its outputs: {outputs}")
+
+    def run(self, inputs: np.ndarray, state: RemoteState | None = None,
+            count: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """The class scores of float32 ``inputs`` (already in the model's layout), in
+        chunks of ``max_batch`` sent ``concurrency`` at a time. ``count(calls, bytes)``
+        is told each finished call."""
+        size = self.spec.max_batch
+        parts = [inputs[start:start + size] for start in range(0, inputs.shape[0], size)]
+        if state is not None:
+            state.check()
+        deadline = state.deadline if state is not None else None
+        if len(parts) == 1:
+            return self._call(parts[0], deadline, state, count)
+        futures = [self._pool.submit(self._call, part, deadline, state, count)
+                   for part in parts]
+        try:
+            return np.concatenate([future.result() for future in futures])
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _call(self, batch: np.ndarray, deadline: float | None, state: RemoteState | None,
+              count: Callable[[int, int], None] | None) -> np.ndarray:
+        """One remote call with its retries, each bounded by the time the request has left."""
+        spec = self.spec
+        path, body = self._request(batch)
+        for attempt in range(spec.retries + 1):
+            if state is not None:
+                state.check()
+            timeout = spec.timeout_seconds
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    raise DeadlineExceeded(f"the request's deadline passed while the {spec.where}"
+                                           " was computing")
+            try:
+                response = self._client.post(spec.url + path, content=body, timeout=timeout)
+            except httpx.TimeoutException as exc:
+                if deadline is not None and time.monotonic() >= deadline - 1e-3:
+                    raise DeadlineExceeded(f"the request's deadline passed while the "
+                                           f"{spec.where} was computing") from exc
+                problem = f"no answer within {timeout:g} s (remote.timeout_seconds)"
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if count is not None:
+                    count(1, len(body) + len(response.content))
+                if response.status_code == 200:
+                    return self._scores(_json(response, spec), batch.shape[0])
+                problem = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code not in RETRY_STATUSES:
+                    raise Unavailable(f"the {spec.where} refused a batch of "
+                                      f"{batch.shape[0]}: {problem}")
+            if attempt < spec.retries:
+                time.sleep(RETRY_PAUSE_SECONDS * (2 ** attempt))
+        raise Unavailable(f"the {spec.where} is unavailable after {spec.retries + 1} "
+                          f"attempts: {problem}")
+
+    def _request(self, batch: np.ndarray) -> tuple[str, bytes]:
+        """The path and JSON body of one call (float32 values written exactly)."""
+        spec = self.spec
+        if spec.protocol == KSERVE_V1:
+            return (f"/v1/models/{spec.model}:predict",
+                    json.dumps({"instances": batch.tolist()}).encode())
+        payload = {"inputs": [{"name": self.input_name, "shape": list(batch.shape),
+                               "datatype": spec.datatype,
+                               "data": batch.reshape(-1).tolist()}],
+                   "outputs": [{"name": self.output_name}]}
+        return f"/v2/models/{spec.model}/infer", json.dumps(payload).encode()
+
+    def _scores(self, body: dict[str, Any], rows: int) -> np.ndarray:
+        """The class-score output of one answer, N×classes float32."""
+        spec = self.spec
+        if spec.protocol == KSERVE_V1:
+            predictions = body.get("predictions")
+            if (isinstance(predictions, list) and predictions
+                    and isinstance(predictions[0], dict)):
+                predictions = [p.get(self.output_name) for p in predictions]
+            scores = _array(predictions, spec)
+        else:
+            outputs = body.get("outputs")
+            found = [o for o in outputs or [] if isinstance(o, dict)
+                     and o.get("name") == self.output_name]
+            if not found and isinstance(outputs, list) and len(outputs) == 1:
+                found = outputs
+            if not found:
+                names = [o.get("name") for o in outputs or [] if isinstance(o, dict)]
+                raise Unavailable(f"the {spec.where} answered without the output "
+                                  f"{self.output_name!r} (outputs.logits); it sent {names}")
+            output = found[0]
+            scores = _array(output.get("data"), spec)
+            shape = output.get("shape")
+            if isinstance(shape, list) and shape and math.prod(shape) == scores.size:
+                scores = scores.reshape(shape)
+        if scores.ndim != 2 or scores.shape[0] != rows:
+            raise Unavailable(f"the {spec.where} answered {rows} inputs with scores of shape "
+                              f"{list(scores.shape)}; expected {rows}×classes")
+        return scores
+
+
+def _json(response: httpx.Response, spec: RemoteSpec) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise Unavailable(f"the {spec.where} answered with something other than JSON: "
+                          f"{response.text[:120]!r}") from exc
+    if not isinstance(body, dict):
+        raise Unavailable(f"the {spec.where} answered with JSON that is not an object")
+    return body
+
+
+def _array(values: Any, spec: RemoteSpec) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise Unavailable(f"the {spec.where} answered with scores that are not numbers") from exc
