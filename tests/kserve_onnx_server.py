@@ -54,8 +54,11 @@ class OnnxModel(kserve.Model):
             output = InferOutput(name=self.output.name, shape=list(scores.shape),
                                  datatype="FP32")
             output.set_data_from_numpy(scores, binary_data=False)
+            # KServe writes the outputs as the request asks: JSON, or binary_data.
             return InferResponse(response_id=payload.id or "", model_name=self.name,
-                                 infer_outputs=[output])
+                                 infer_outputs=[output],
+                                 requested_outputs=payload.request_outputs or None,
+                                 use_binary_outputs=payload.use_binary_outputs)
         (scores,) = self.session.run([self.output.name], {self.input.name: batch})
         return {"predictions": scores.tolist()}
 

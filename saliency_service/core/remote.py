@@ -36,6 +36,8 @@ MAX_TIMEOUT_SECONDS = 3600.0
 # that lost it.
 RETRY_STATUSES = (502, 503, 504)
 RETRY_PAUSE_SECONDS = 0.05
+# The binary tensor extension's header: the JSON part's length, binary tensors after it.
+BINARY_HEADER = "inference-header-content-length"
 
 
 class InvalidRemote(ValueError):
@@ -77,6 +79,8 @@ class RemoteSpec:
     concurrency: int = 4
     timeout_seconds: float = 60.0
     retries: int = 2
+    # V2 REST's binary tensor extension (Triton, KServe): raw float32 bytes after the JSON.
+    binary_data: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     bearer_token_env: str = ""
     tls: TLS = TLS()
@@ -87,7 +91,8 @@ class RemoteSpec:
         if not isinstance(data, dict):
             raise InvalidRemote("manifest remote must be an object")
         known = {"protocol", "url", "model", "datatype", "max_batch", "concurrency",
-                 "timeout_seconds", "retries", "headers", "bearer_token_env", "tls"}
+                 "timeout_seconds", "retries", "binary_data", "headers", "bearer_token_env",
+                 "tls"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidRemote(f"manifest remote has unknown fields {unknown[:5]}; known: "
@@ -103,6 +108,10 @@ class RemoteSpec:
         if not isinstance(headers, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise InvalidRemote("manifest remote.headers must map header names to strings")
+        binary = data.get("binary_data", False)
+        if not isinstance(binary, bool) or (binary and protocol != V2_REST):
+            raise InvalidRemote("manifest remote.binary_data must be true or false, and true "
+                                f"only with protocol {V2_REST}")
         tls = data.get("tls") or {}
         if not isinstance(tls, dict) or not set(tls) <= {"ca_file", "cert_file", "key_file",
                                                          "verify"}:
@@ -117,6 +126,7 @@ class RemoteSpec:
             concurrency=int(_number(data, "concurrency", 4, 1, MAX_CONCURRENCY, whole=True)),
             timeout_seconds=_number(data, "timeout_seconds", 60.0, 0.001, MAX_TIMEOUT_SECONDS),
             retries=int(_number(data, "retries", 2, 0, MAX_RETRIES, whole=True)),
+            binary_data=binary,
             headers=dict(headers),
             bearer_token_env=_string(data, "bearer_token_env"),
             tls=TLS(ca_file=_string(tls, "ca_file", where="tls.ca_file"),
@@ -257,7 +267,7 @@ class RemotePredictor:
               count: Callable[[int, int], None] | None) -> np.ndarray:
         """One remote call with its retries, each bounded by the time the request has left."""
         spec = self.spec
-        path, body = self._request(batch)
+        path, body, headers = self._request(batch)
         for attempt in range(spec.retries + 1):
             if state is not None:
                 state.check()
@@ -268,7 +278,8 @@ class RemotePredictor:
                     raise DeadlineExceeded(f"the request's deadline passed while the {spec.where}"
                                            " was computing")
             try:
-                response = self._client.post(spec.url + path, content=body, timeout=timeout)
+                response = self._client.post(spec.url + path, content=body, headers=headers,
+                                             timeout=timeout)
             except httpx.TimeoutException as exc:
                 if deadline is not None and time.monotonic() >= deadline - 1e-3:
                     raise DeadlineExceeded(f"the request's deadline passed while the "
@@ -280,7 +291,7 @@ class RemotePredictor:
                 if count is not None:
                     count(1, len(body) + len(response.content))
                 if response.status_code == 200:
-                    return self._scores(_json(response, spec), batch.shape[0])
+                    return self._scores(response, batch.shape[0])
                 problem = f"HTTP {response.status_code}: {response.text[:300]}"
                 if response.status_code not in RETRY_STATUSES:
                     raise Unavailable(f"the {spec.where} refused a batch of "
@@ -290,21 +301,37 @@ class RemotePredictor:
         raise Unavailable(f"the {spec.where} is unavailable after {spec.retries + 1} "
                           f"attempts: {problem}")
 
-    def _request(self, batch: np.ndarray) -> tuple[str, bytes]:
-        """The path and JSON body of one call (float32 values written exactly)."""
+    def _request(self, batch: np.ndarray) -> tuple[str, bytes, dict[str, str]]:
+        """The path, body and extra headers of one call (float32 values written exactly,
+        in JSON or, with ``binary_data``, as raw little-endian bytes after it)."""
         spec = self.spec
         if spec.protocol == KSERVE_V1:
             return (f"/v1/models/{spec.model}:predict",
-                    json.dumps({"instances": batch.tolist()}).encode())
-        payload = {"inputs": [{"name": self.input_name, "shape": list(batch.shape),
-                               "datatype": spec.datatype,
-                               "data": batch.reshape(-1).tolist()}],
-                   "outputs": [{"name": self.output_name}]}
-        return f"/v2/models/{spec.model}/infer", json.dumps(payload).encode()
+                    json.dumps({"instances": batch.tolist()}).encode(), {})
+        tensor: dict[str, Any] = {"name": self.input_name, "shape": list(batch.shape),
+                                  "datatype": spec.datatype}
+        output: dict[str, Any] = {"name": self.output_name}
+        path = f"/v2/models/{spec.model}/infer"
+        if not spec.binary_data:
+            tensor["data"] = batch.reshape(-1).tolist()
+            return path, json.dumps({"inputs": [tensor], "outputs": [output]}).encode(), {}
+        raw = batch.astype("<f4", copy=False).tobytes()
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        output["parameters"] = {"binary_data": True}
+        header = json.dumps({"inputs": [tensor], "outputs": [output]}).encode()
+        return path, header + raw, {"content-type": "application/octet-stream",
+                                    BINARY_HEADER: str(len(header))}
 
-    def _scores(self, body: dict[str, Any], rows: int) -> np.ndarray:
+    def _scores(self, response: httpx.Response, rows: int) -> np.ndarray:
         """The class-score output of one answer, N×classes float32."""
         spec = self.spec
+        length = response.headers.get(BINARY_HEADER)
+        raw = b""
+        if length is not None and length.isdigit():
+            body = json.loads(response.content[:int(length)])
+            raw = response.content[int(length):]
+        else:
+            body = _json(response, spec)
         if spec.protocol == KSERVE_V1:
             predictions = body.get("predictions")
             if (isinstance(predictions, list) and predictions
@@ -322,7 +349,17 @@ class RemotePredictor:
                 raise Unavailable(f"the {spec.where} answered without the output "
                                   f"{self.output_name!r} (outputs.logits); it sent {names}")
             output = found[0]
-            scores = _array(output.get("data"), spec)
+            size = (output.get("parameters") or {}).get("binary_data_size")
+            if isinstance(size, int) and raw:
+                offset = 0  # binary outputs follow the JSON in the order it lists them
+                for each in outputs:
+                    if each is output:
+                        break
+                    offset += int((each.get("parameters") or {}).get("binary_data_size", 0))
+                scores = np.frombuffer(raw[offset:offset + size], dtype="<f4").astype(
+                    np.float32)
+            else:
+                scores = _array(output.get("data"), spec)
             shape = output.get("shape")
             if isinstance(shape, list) and shape and math.prod(shape) == scores.size:
                 scores = scores.reshape(shape)
