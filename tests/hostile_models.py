@@ -1,7 +1,11 @@
-"""Packages a server must survive: a model whose run never ends, manifests that lie."""
+"""Packages a server must survive: a model whose run never ends, manifests that lie, the
+``torch.export`` archive (``model.pt2``) earlier exports wrote beside the ONNX file."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +15,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from saliency_service.core.repository import MANIFEST
+from tests.models import TinyCNN
 from tests.onnx_models import IR_VERSION, OPSET, write_package
+
+TORCH_ARCHIVE = "model.pt2"
 
 LOOP_SIZE = 8
 LOOP_CLASSES = 4
@@ -72,3 +79,31 @@ def copy_with_manifest(source: Path, repository: Path, name: str,
         target[last] = value
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return folder
+
+
+@functools.cache
+def torch_archive(classes: int, shape: tuple[int, int, int]) -> bytes:
+    """The ``model.pt2`` an earlier ``saliency export`` of ``TinyCNN(classes)`` wrote:
+    ``torch.export.save`` of its program with a free batch dimension."""
+    import torch  # noqa: PLC0415
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(TinyCNN(classes), (torch.zeros(2, *shape),),
+                                  dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def add_torch_archive(package: Path, classes: int, shape: tuple[int, int, int],
+                      listed: bool = True) -> Path:
+    """Puts that archive beside the package's ONNX file, listed in its manifest with its
+    sha256 (as those exports did) when ``listed``; returns the archive's path."""
+    path = package / TORCH_ARCHIVE
+    path.write_bytes(torch_archive(classes, shape))
+    if listed:
+        manifest = json.loads((package / MANIFEST).read_text())
+        manifest["files"][TORCH_ARCHIVE] = {
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        (package / MANIFEST).write_text(json.dumps(manifest))
+    return path

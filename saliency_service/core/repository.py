@@ -399,6 +399,8 @@ class ModelHandle:
             return
         if ONNX_FILE not in manifest.files:
             raise ValueError(f"manifest lists no {ONNX_FILE}")
+        for file_name in manifest.files:  # also those never read (an old model.pt2)
+            self._inside(file_name)
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
         if intra_op_threads > 0:
@@ -416,9 +418,9 @@ class ModelHandle:
             self.remote.close()
             self.remote = None
 
-    def _verified_bytes(self, file_name: str, expected: str) -> bytes:
-        """The bytes of a file the manifest lists, once its name is shown to stay inside
-        the package folder and its sha256 to match."""
+    def _inside(self, file_name: str) -> Path:
+        """The path of a file the manifest lists, once its name (and any link it is) is
+        shown to stay inside the package folder; nothing is opened."""
         folder = self.path.resolve()
         shown = file_name[:120]
         relative = PurePosixPath(file_name)
@@ -429,6 +431,13 @@ class ModelHandle:
         file_path = (folder / relative).resolve()
         if not file_path.is_relative_to(folder):
             raise ValueError(f"manifest file {shown!r} leads outside the package folder")
+        return file_path
+
+    def _verified_bytes(self, file_name: str, expected: str) -> bytes:
+        """The bytes of a file the manifest lists, once its name is shown to stay inside
+        the package folder and its sha256 to match."""
+        shown = file_name[:120]
+        file_path = self._inside(file_name)
         if not file_path.is_file():
             raise FileNotFoundError(f"{shown} is listed in the manifest but missing")
         data = file_path.read_bytes()
