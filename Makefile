@@ -78,6 +78,8 @@ protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . \
 		--python_out=. --grpc_python_out=. --pyi_out=. \
 		saliency_service/proto/explainer.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
+		saliency_service/proto/open_inference.proto
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,8 @@
 """Serves one ONNX file with KServe's own ``ModelServer`` (run by KServe's interpreter,
-``tests.kserve_env``): V1 ``:predict`` and V2 ``/infer`` over REST, ONNX Runtime inside.
+``tests.kserve_env``): V1 ``:predict`` and V2 ``/infer`` over REST, and V2 ``ModelInfer``
+over gRPC with ``--grpc-port``; ONNX Runtime inside.
 
-Usage: python kserve_onnx_server.py MODEL.onnx NAME HTTP_PORT [--fail-first N]
+Usage: python kserve_onnx_server.py MODEL.onnx NAME HTTP_PORT [--grpc-port P] [--fail-first N]
 (``--fail-first N`` answers the first N inference calls with 503, as a predictor that is
 starting does). A batch whose first value is ``SLOW_SENTINEL`` is answered after
 ``SLOW_SECONDS``: a slow model, whatever the machine's speed."""
@@ -69,9 +70,11 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("http_port", type=int)
     parser.add_argument("--fail-first", type=int, default=0)
+    parser.add_argument("--grpc-port", type=int, default=0)
     args = parser.parse_args()
     model = OnnxModel(args.name, args.model, args.fail_first)
-    kserve.ModelServer(http_port=args.http_port, enable_grpc=False, workers=1).start([model])
+    kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port or 8081,
+                       enable_grpc=bool(args.grpc_port), workers=1).start([model])
 
 
 if __name__ == "__main__":

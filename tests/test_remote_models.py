@@ -1,6 +1,7 @@
 """Remote models: packages whose manifest names a predictor instead of a file, explained
 against KServe's own ModelServer (0.21, in its own environment) serving the same ONNX file
-over V1 and V2 REST. A remote DE-CAM, RISE or occlusion equals the local one."""
+over V1 REST, V2 REST and V2 gRPC. A remote DE-CAM, RISE or occlusion equals the local
+one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -25,6 +27,7 @@ from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from tests.conftest import RunningServer, make_config
 from tests.kserve_env import kserve_python
 from tests.onnx_models import small_cnn, write_package
+from tests.production_support import scrape, value
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT = ROOT / "tests" / "kserve_onnx_server.py"
@@ -32,7 +35,13 @@ SIZE = 32
 SLOW_SENTINEL = 1234.5  # tests/kserve_onnx_server.py answers such a batch after 20 s
 # Package name → how its manifest calls the predictor.
 PROTOCOLS = {"kserve-v1": {"protocol": "kserve-v1"}, "v2-rest": {"protocol": "v2-rest"},
-             "v2-rest-binary": {"protocol": "v2-rest", "binary_data": True}}
+             "v2-rest-binary": {"protocol": "v2-rest", "binary_data": True},
+             "v2-grpc": {"protocol": "v2-grpc"}}
+
+
+def endpoint(protocol: dict, urls: dict[str, str]) -> str:
+    """The predictor's address for ``protocol``: its REST URL, or its gRPC host:port."""
+    return urls["grpc"] if protocol["protocol"] == "v2-grpc" else urls["http"]
 
 
 def free_port() -> int:
@@ -41,20 +50,23 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_predictor(model: Path, name: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    """KServe's ModelServer serving ``model`` on a loopback port, once it answers."""
-    port = free_port()
+def start_predictor(model: Path, name: str,
+                    *extra: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """KServe's ModelServer serving ``model`` on loopback ports (REST and gRPC), once it
+    answers; its addresses by ``http`` and ``grpc``."""
+    port, grpc_port = free_port(), free_port()
     log = model.with_name(f"kserve-{port}.log")
     with log.open("w") as output:  # a file, not a pipe: KServe logs every call
         process = subprocess.Popen([str(kserve_python()), str(SERVER_SCRIPT), str(model), name,
-                                    str(port), *extra], stdout=output, stderr=output)
+                                    str(port), "--grpc-port", str(grpc_port), *extra],
+                                   stdout=output, stderr=output)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if process.poll() is not None:
             raise RuntimeError(f"KServe's ModelServer exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/v2/models/{name}/ready", timeout=1).status_code == 200:
-                return process, url
+                return process, {"http": url, "grpc": f"127.0.0.1:{grpc_port}"}
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
@@ -73,13 +85,13 @@ def write_remote(local: Path, root: Path, name: str, remote: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def predictors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def predictors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     folder = tmp_path_factory.mktemp("predictor")
     model = small_cnn(classes=3, size=SIZE)
     local = write_package(model, folder, "plain")
-    steady, steady_url = start_predictor(local / "model.onnx", "plain")
-    flaky, flaky_url = start_predictor(local / "model.onnx", "plain", "--fail-first", "2")
-    yield {"local": str(local), "steady": steady_url, "flaky": flaky_url}
+    steady, steady_urls = start_predictor(local / "model.onnx", "plain")
+    flaky, flaky_urls = start_predictor(local / "model.onnx", "plain", "--fail-first", "2")
+    yield {"local": str(local), "steady": steady_urls, "flaky": flaky_urls}
     for process in (steady, flaky):
         stop(process)
 
@@ -95,16 +107,19 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(predictors: dict[str, str],
+def server(predictors: dict[str, Any],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("remote_models")
     model = small_cnn(classes=3, size=SIZE)
     local = write_package(model, root, "local")
     for name, protocol in PROTOCOLS.items():
-        write_remote(local, root, name, {**protocol, "url": predictors["steady"],
-                                         "model": "plain", "max_batch": 16})
-    write_remote(local, root, "flaky", {"protocol": "v2-rest", "url": predictors["flaky"],
-                                        "model": "plain", "retries": 3})
+        write_remote(local, root, name, {**protocol, "model": "plain", "max_batch": 16,
+                                         "url": endpoint(protocol, predictors["steady"])})
+    write_remote(local, root, "flaky", {"protocol": "v2-rest", "model": "plain",
+                                        "url": predictors["flaky"]["http"], "retries": 3})
+    write_remote(local, root, "flaky-grpc", {"protocol": "v2-grpc", "model": "plain",
+                                             "url": predictors["flaky"]["grpc"],
+                                             "retries": 3})
     write_remote(local, root, "down", {"protocol": "v2-rest",
                                        "url": f"127.0.0.1:{free_port()}", "model": "plain"})
     running = RunningServer(make_config(root, max_inflight=2, max_queue=8)).start()
@@ -152,15 +167,19 @@ def test_remote_map_equals_local_map(stub: pb_grpc.ExplainerStub, protocol: str,
     assert list(remote.predictions) == list(local.predictions)
 
 
-def test_predictor_that_starts_with_503_is_retried(stub: pb_grpc.ExplainerStub) -> None:
+@pytest.mark.parametrize("model", ["flaky", "flaky-grpc"])
+def test_predictor_that_starts_unavailable_is_retried(stub: pb_grpc.ExplainerStub,
+                                                      model: str) -> None:
     batch = inputs(1)
-    assert explain(stub, "flaky", "occlusion", batch).saliency.shape
+    assert explain(stub, model, "occlusion", batch).saliency.shape
 
 
 def test_gradient_methods_are_not_offered_with_the_reason(
         stub: pb_grpc.ExplainerStub) -> None:
     model = stub.GetModel(pb.GetModelRequest(model="v2-rest"), timeout=10)
     assert {m.name for m in model.methods} == {"decam", "rise", "occlusion"}
+    assert model.metadata["remote.protocol"] == "v2-rest"
+    assert model.metadata["remote.model"] == "plain"
     reasons = {m.name: m.reason for m in model.unavailable_methods}
     assert "served remotely by a v2-rest predictor" in reasons["gradcam"]
     assert "feature maps" in reasons["smoe_scale"]
@@ -201,10 +220,11 @@ def test_deadline_shorter_than_the_predictor_is_deadline_exceeded(
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_remote_calls_and_bytes_are_counted_and_deadline_propagated(
-        predictors: dict[str, str], tmp_path: Path, protocol: str) -> None:
+        predictors: dict[str, Any], tmp_path: Path, protocol: str) -> None:
     folder = write_remote(Path(predictors["local"]), tmp_path, "remote",
-                          {**PROTOCOLS[protocol], "url": predictors["steady"],
-                           "model": "plain", "max_batch": 4, "concurrency": 2})
+                          {**PROTOCOLS[protocol], "model": "plain", "max_batch": 4,
+                           "concurrency": 2,
+                           "url": endpoint(PROTOCOLS[protocol], predictors["steady"])})
     handle = ModelHandle("remote", 1, folder)
     handle.load()
     assert handle.ready, handle.error
@@ -214,10 +234,24 @@ def test_remote_calls_and_bytes_are_counted_and_deadline_propagated(
     assert cost.remote_calls == 3  # 4 + 4 + 2
     raw_bytes = 10 * 3 * SIZE * SIZE * 4
     assert cost.remote_bytes >= raw_bytes  # JSON is wider than float32
-    if PROTOCOLS[protocol].get("binary_data"):  # raw bytes after a short JSON header
+    if protocol in ("v2-rest-binary", "v2-grpc"):  # raw bytes beside a short header
         assert cost.remote_bytes < raw_bytes + 3 * 1024
     slow = inputs(1)
     slow[0, 0, 0, 0] = SLOW_SENTINEL
     with pytest.raises(DeadlineExceeded):
         handle.run(slow, state=RequestState(time.monotonic() + 0.5))
     handle.remote.close()
+
+
+def test_remote_calls_and_bytes_reach_the_metrics(server: RunningServer,
+                                                  stub: pb_grpc.ExplainerStub) -> None:
+    before = scrape(server.server.metrics_port)
+    explain(stub, "v2-rest-binary", "occlusion", inputs(1))
+    after = scrape(server.server.metrics_port)
+    labels = {"model": "v2-rest-binary", "method": "occlusion"}
+    calls = (value(after, "saliency_remote_calls_total", **labels)
+             - value(before, "saliency_remote_calls_total", **labels))
+    sent = (value(after, "saliency_remote_bytes_total", **labels)
+            - value(before, "saliency_remote_bytes_total", **labels))
+    assert calls >= 2  # the prediction and at least one chunk of occluded copies
+    assert sent >= calls * 3 * SIZE * SIZE * 4

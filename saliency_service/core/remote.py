@@ -2,10 +2,10 @@
 
 Black-box methods (DE-CAM, RISE, occlusion) only need the model's class scores, so a model
 already served by KServe, Triton, MLServer or Seldon can be explained where it runs. The
-manifest's ``remote`` object names the protocol (KServe V1 REST or Open Inference Protocol
-V2 REST), the endpoint and the served model; ``ModelHandle.run`` sends each batch there in
-chunks of ``max_batch`` with at most ``concurrency`` calls in flight, each bounded by the
-request's deadline, retrying an unavailable predictor ``retries`` times.
+manifest's ``remote`` object names the protocol (KServe V1 REST, Open Inference Protocol
+V2 REST or V2 gRPC), the endpoint and the served model; ``ModelHandle.run`` sends each
+batch there in chunks of ``max_batch`` with at most ``concurrency`` calls in flight, each
+bounded by the request's deadline, retrying an unavailable predictor ``retries`` times.
 """
 
 from __future__ import annotations
@@ -19,14 +19,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import grpc
 import httpx
 import numpy as np
 
 from saliency_service.core.errors import DeadlineExceeded, Unavailable
+from saliency_service.proto import open_inference_pb2 as oip
 
 KSERVE_V1 = "kserve-v1"
 V2_REST = "v2-rest"
-PROTOCOLS = (KSERVE_V1, V2_REST)
+V2_GRPC = "v2-grpc"
+PROTOCOLS = (KSERVE_V1, V2_REST, V2_GRPC)
+# inference.GRPCInferenceService, as Triton, KServe and MLServer serve it.
+GRPC_SERVICE = "/inference.GRPCInferenceService/"
+GRPC_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 DATATYPES = ("FP32",)
 MAX_BATCH = 1024
 MAX_CONCURRENCY = 64
@@ -72,7 +78,7 @@ class RemoteSpec:
     """
 
     protocol: str
-    url: str  # base URL, e.g. http://predictor.default:8080
+    url: str  # base URL, e.g. http://predictor.default:8080 (v2-grpc: host:port)
     model: str
     datatype: str = "FP32"
     max_batch: int = 32
@@ -99,9 +105,14 @@ class RemoteSpec:
                                 f"{sorted(known)}")
         protocol = _choice(data, "protocol", PROTOCOLS, required=True)
         url = _string(data, "url", required=True)
-        if "://" not in url:
+        if protocol == V2_GRPC:
+            url = url.removeprefix("grpc://").removeprefix("http://").removeprefix("https://")
+        elif "://" not in url:
             url = ("https://" if "tls" in data else "http://") + url
-        if not url.startswith(("http://", "https://")):
+        if protocol == V2_GRPC and ("/" in url or ":" not in url):
+            raise InvalidRemote(f"manifest remote.url {url[:80]!r} must be host:port for "
+                                f"{V2_GRPC}")
+        if protocol != V2_GRPC and not url.startswith(("http://", "https://")):
             raise InvalidRemote(f"manifest remote.url {url[:80]!r} must be http(s)://host:port "
                                 "or host:port")
         headers = data.get("headers") or {}
@@ -207,17 +218,53 @@ class RemotePredictor:
             headers=headers, verify=verify, cert=cert, timeout=spec.timeout_seconds,
             limits=httpx.Limits(max_connections=spec.concurrency,
                                 max_keepalive_connections=spec.concurrency))
+        self._channel: grpc.Channel | None = None
+        self._metadata = tuple((k.lower(), v) for k, v in headers.items()
+                               if k != "content-type")
+        if spec.protocol == V2_GRPC:
+            self._channel = _grpc_channel(spec)
         self._pool = ThreadPoolExecutor(max_workers=spec.concurrency,
                                         thread_name_prefix=f"remote-{spec.model}")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+        if self._channel is not None:
+            self._channel.close()
+
+    def _grpc(self, method: str, request: Any, response_type: Any, timeout: float) -> Any:
+        """One unary call of inference.GRPCInferenceService."""
+        call = self._channel.unary_unary(  # type: ignore[union-attr]
+            GRPC_SERVICE + method, request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString)
+        return call(request, timeout=timeout, metadata=self._metadata)
+
+    def _probe_grpc(self) -> None:
+        spec = self.spec
+        timeout = min(spec.timeout_seconds, 10)
+        try:
+            ready = self._grpc("ModelReady", oip.ModelReadyRequest(name=spec.model),
+                               oip.ModelReadyResponse, timeout).ready
+            metadata = self._grpc("ModelMetadata", oip.ModelMetadataRequest(name=spec.model),
+                                  oip.ModelMetadataResponse, timeout)
+        except grpc.RpcError as exc:
+            raise Unavailable(f"the {spec.where} does not answer: {exc.code().name}: "
+                              f"{exc.details()}") from exc
+        if not ready:
+            raise Unavailable(f"the {spec.where} says the model is not ready")
+        self.metadata = {"name": metadata.name, "versions": list(metadata.versions),
+                         "platform": metadata.platform,
+                         "inputs": [{"name": t.name} for t in metadata.inputs],
+                         "outputs": [{"name": t.name} for t in metadata.outputs]}
+        self._check_names(self.metadata)
 
     def probe(self) -> None:
         """Asks the predictor whether the model is ready (and, over V2, for its metadata);
         Unavailable says why not, so the package is not ready with that reason."""
         spec = self.spec
+        if spec.protocol == V2_GRPC:
+            self._probe_grpc()
+            return
         path = (f"/v1/models/{spec.model}" if spec.protocol == KSERVE_V1
                 else f"/v2/models/{spec.model}")
         try:
@@ -234,6 +281,20 @@ class RemotePredictor:
                 raise Unavailable(f"the {spec.where} says the model is not ready")
             return
         self.metadata = body
+        try:
+            ready = self._client.get(f"{spec.url}{path}/ready",
+                                     timeout=min(spec.timeout_seconds, 10)).status_code
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"the {spec.where} does not answer: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if ready != 200:
+            raise Unavailable(f"the {spec.where} says the model is not ready (GET "
+                              f"{path}/ready: HTTP {ready})")
+        self._check_names(body)
+
+    def _check_names(self, body: dict[str, Any]) -> None:
+        """Unavailable when V2 metadata lacks the manifest's input or output name."""
+        spec = self.spec
         inputs = [i.get("name") for i in body.get("inputs", []) if isinstance(i, dict)]
         outputs = [o.get("name") for o in body.get("outputs", []) if isinstance(o, dict)]
         if inputs and self.input_name not in inputs:
@@ -242,6 +303,17 @@ class RemotePredictor:
         if outputs and self.output_name not in outputs:
             raise Unavailable(f"the {spec.where} has no output {self.output_name!r} (the "
                               f"manifest's outputs.logits); its outputs: {outputs}")
+
+    def describe(self) -> dict[str, str]:
+        """What ``GetModel`` shows of the predictor: where it is and, over V2, what its
+        metadata says (platform, versions)."""
+        spec = self.spec
+        shown = {"remote.protocol": spec.protocol, "remote.url": spec.url,
+                 "remote.model": spec.model, "remote.max_batch": str(spec.max_batch)}
+        for key in ("platform", "versions"):
+            if self.metadata.get(key):
+                shown[f"remote.{key}"] = str(self.metadata[key])[:200]
+        return shown
 
     def run(self, inputs: np.ndarray, state: RemoteState | None = None,
             count: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -267,7 +339,8 @@ class RemotePredictor:
               count: Callable[[int, int], None] | None) -> np.ndarray:
         """One remote call with its retries, each bounded by the time the request has left."""
         spec = self.spec
-        path, body, headers = self._request(batch)
+        prepared = self._request(batch)
+        attempt_once = self._grpc_attempt if spec.protocol == V2_GRPC else self._rest_attempt
         for attempt in range(spec.retries + 1):
             if state is not None:
                 state.check()
@@ -278,33 +351,83 @@ class RemotePredictor:
                     raise DeadlineExceeded(f"the request's deadline passed while the {spec.where}"
                                            " was computing")
             try:
-                response = self._client.post(spec.url + path, content=body, headers=headers,
-                                             timeout=timeout)
-            except httpx.TimeoutException as exc:
-                if deadline is not None and time.monotonic() >= deadline - 1e-3:
-                    raise DeadlineExceeded(f"the request's deadline passed while the "
-                                           f"{spec.where} was computing") from exc
-                problem = f"no answer within {timeout:g} s (remote.timeout_seconds)"
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            else:
-                if count is not None:
-                    count(1, len(body) + len(response.content))
-                if response.status_code == 200:
-                    return self._scores(response, batch.shape[0])
-                problem = f"HTTP {response.status_code}: {response.text[:300]}"
-                if response.status_code not in RETRY_STATUSES:
-                    raise Unavailable(f"the {spec.where} refused a batch of "
-                                      f"{batch.shape[0]}: {problem}")
+                return attempt_once(prepared, batch.shape[0], timeout, deadline, count)
+            except _Retry as retry:
+                problem = str(retry)
             if attempt < spec.retries:
                 time.sleep(RETRY_PAUSE_SECONDS * (2 ** attempt))
         raise Unavailable(f"the {spec.where} is unavailable after {spec.retries + 1} "
                           f"attempts: {problem}")
 
-    def _request(self, batch: np.ndarray) -> tuple[str, bytes, dict[str, str]]:
+    def _rest_attempt(self, prepared: Any, rows: int, timeout: float, deadline: float | None,
+                      count: Callable[[int, int], None] | None) -> np.ndarray:
+        spec = self.spec
+        path, body, headers = prepared
+        try:
+            response = self._client.post(spec.url + path, content=body, headers=headers,
+                                         timeout=timeout)
+        except httpx.TimeoutException as exc:
+            _check_deadline(deadline, spec, exc)
+            raise _Retry(f"no answer within {timeout:g} s (remote.timeout_seconds)") from exc
+        except httpx.TransportError as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+        if count is not None:
+            count(1, len(body) + len(response.content))
+        if response.status_code == 200:
+            return self._scores(response, rows)
+        problem = f"HTTP {response.status_code}: {response.text[:300]}"
+        if response.status_code in RETRY_STATUSES:
+            raise _Retry(problem)
+        raise Unavailable(f"the {spec.where} refused a batch of {rows}: {problem}")
+
+    def _grpc_attempt(self, request: Any, rows: int, timeout: float, deadline: float | None,
+                      count: Callable[[int, int], None] | None) -> np.ndarray:
+        spec = self.spec
+        try:
+            response = self._grpc("ModelInfer", request, oip.ModelInferResponse, timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                _check_deadline(deadline, spec, exc)
+                raise _Retry(f"no answer within {timeout:g} s (remote.timeout_seconds)") from exc
+            problem = f"gRPC {code.name}: {str(exc.details())[:300]}"
+            if code in GRPC_RETRY_CODES:
+                raise _Retry(problem) from exc
+            raise Unavailable(f"the {spec.where} refused a batch of {rows}: {problem}") from exc
+        if count is not None:
+            count(1, request.ByteSize() + response.ByteSize())
+        found = [i for i, o in enumerate(response.outputs) if o.name == self.output_name]
+        if not found and len(response.outputs) == 1:
+            found = [0]
+        if not found:
+            raise Unavailable(f"the {spec.where} answered without the output "
+                              f"{self.output_name!r} (outputs.logits); it sent "
+                              f"{[o.name for o in response.outputs]}")
+        output = response.outputs[found[0]]
+        if len(response.raw_output_contents) > found[0]:
+            scores = np.frombuffer(response.raw_output_contents[found[0]], dtype="<f4")
+        else:
+            scores = np.asarray(output.contents.fp32_contents, dtype=np.float32)
+        shape = list(output.shape)
+        if shape and math.prod(shape) == scores.size:
+            scores = scores.reshape(shape)
+        if scores.ndim != 2 or scores.shape[0] != rows:
+            raise Unavailable(f"the {spec.where} answered {rows} inputs with scores of shape "
+                              f"{list(scores.shape)}; expected {rows}×classes")
+        return scores.astype(np.float32)
+
+    def _request(self, batch: np.ndarray) -> Any:
         """The path, body and extra headers of one call (float32 values written exactly,
         in JSON or, with ``binary_data``, as raw little-endian bytes after it)."""
         spec = self.spec
+        if spec.protocol == V2_GRPC:
+            return oip.ModelInferRequest(
+                model_name=spec.model,
+                inputs=[oip.ModelInferRequest.InferInputTensor(
+                    name=self.input_name, datatype=spec.datatype, shape=list(batch.shape))],
+                outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(
+                    name=self.output_name)],
+                raw_input_contents=[batch.astype("<f4", copy=False).tobytes()])
         if spec.protocol == KSERVE_V1:
             return (f"/v1/models/{spec.model}:predict",
                     json.dumps({"instances": batch.tolist()}).encode(), {})
@@ -367,6 +490,33 @@ class RemotePredictor:
             raise Unavailable(f"the {spec.where} answered {rows} inputs with scores of shape "
                               f"{list(scores.shape)}; expected {rows}×classes")
         return scores
+
+
+class _Retry(Exception):  # noqa: N818 - a signal within _call, never raised beyond it
+    """One attempt failed in a way worth another: the message says how."""
+
+
+def _check_deadline(deadline: float | None, spec: RemoteSpec, cause: Exception) -> None:
+    """DeadlineExceeded when a timed-out call was bounded by the request's deadline."""
+    if deadline is not None and time.monotonic() >= deadline - 1e-3:
+        raise DeadlineExceeded(f"the request's deadline passed while the {spec.where} was "
+                               "computing") from cause
+
+
+def _grpc_channel(spec: RemoteSpec) -> grpc.Channel:
+    """A channel to a V2 gRPC predictor: TLS when ``tls`` is given, no message size cap."""
+    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    tls = spec.tls
+    if not (tls.ca_file or tls.cert_file):
+        return grpc.insecure_channel(spec.url, options=options)
+
+    def read(path: str) -> bytes | None:
+        return open(path, "rb").read() if path else None  # noqa: PTH123, SIM115
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(tls.ca_file), private_key=read(tls.key_file),
+        certificate_chain=read(tls.cert_file))
+    return grpc.secure_channel(spec.url, credentials, options=options)
 
 
 def _json(response: httpx.Response, spec: RemoteSpec) -> dict[str, Any]:

@@ -115,6 +115,8 @@ class Core:
             info.metadata[f"exporter.{key}"] = str(value)
         checked = handle.derived_items("precision")  # set once a gradient program ran
         info.metadata["precision"] = checked[0][1].note if checked else "float32"
+        if handle.remote is not None:
+            info.metadata.update(handle.remote.describe())
         return info
 
     # ---- inference -----------------------------------------------------------------------

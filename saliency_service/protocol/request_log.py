@@ -47,7 +47,8 @@ class RequestLog:
             wall = time.perf_counter() - outcome.started - outcome.queue_seconds
             cpu = outcome.cpu_seconds
         self.metrics.observe(outcome.model, outcome.method, outcome.code.name, wall, cpu,
-                             dict(cost.forward_by_engine), cost.backward_passes)
+                             dict(cost.forward_by_engine), cost.backward_passes,
+                             cost.remote_calls, cost.remote_bytes)
         self.metrics.transport_requests.labels(outcome.transport, outcome.code.name).inc()
         # The line is queued on the next turn of the loop, after the reply has gone out:
         # the caller need not wait for the log record to be built.

@@ -104,6 +104,18 @@ class Metrics:
             ["model", "method"],
             registry=r,
         )
+        self.remote_calls = Counter(
+            "saliency_remote_calls",
+            "Calls to remote models' predictors (core.remote).",
+            ["model", "method"],
+            registry=r,
+        )
+        self.remote_bytes = Counter(
+            "saliency_remote_bytes",
+            "Bytes sent to and received from remote models' predictors (bodies).",
+            ["model", "method"],
+            registry=r,
+        )
         self.cpu_seconds = Counter(
             "saliency_cpu_seconds",
             "Process CPU seconds spent while serving requests.",
@@ -154,6 +166,8 @@ class Metrics:
         cpu_seconds: float,
         forward_by_engine: dict[str, int],
         backward_passes: int,
+        remote_calls: int = 0,
+        remote_bytes: int = 0,
     ) -> None:
         """Records one finished request (successful or not)."""
         self.requests.labels(model, method, code).inc()
@@ -162,6 +176,9 @@ class Metrics:
                 self.forward_passes.labels(model, method, engine).inc(count)
         if backward_passes:
             self.backward_passes.labels(model, method).inc(backward_passes)
+        if remote_calls:
+            self.remote_calls.labels(model, method).inc(remote_calls)
+            self.remote_bytes.labels(model, method).inc(remote_bytes)
         if cpu_seconds > 0:
             self.cpu_seconds.labels(model, method).inc(cpu_seconds)
         if code == "OK":
