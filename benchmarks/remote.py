@@ -1,0 +1,137 @@
+"""Remote models: DE-CAM, RISE and occlusion over a predictor served by KServe's own
+ModelServer (0.21, its own environment: ``tests.kserve_env``) against the same ONNX file
+loaded locally, over V1 REST, V2 REST (JSON, and binary tensors) and V2 gRPC on loopback.
+
+Per method and protocol: the wall time of one gRPC Explain (one image, the method's
+default parameters) remote and local, timed round-robin, their ratio, the remote calls
+and bytes one request makes and the largest difference between the two maps.
+
+    python -m benchmarks.remote [--quick] [--repeats 5] [--size 64]
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from benchmarks.common import base_parser, percentiles, table, time_interleaved, write_json
+from saliency_service.core.repository import Repository
+from saliency_service.core.request import CostCounter, Job, RequestState
+from saliency_service.methods import registry
+from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.images import array_to_tensor, tensor_to_array
+from saliency_service.serving.background import RunningServer
+from saliency_service.serving.config import Config
+from tests.onnx_models import small_cnn, write_package
+from tests.test_remote_models import PROTOCOLS, endpoint, start_predictor, stop, write_remote
+
+METHODS = {"decam": pb.METHOD_DECAM, "rise": pb.METHOD_RISE, "occlusion": pb.METHOD_OCCLUSION}
+QUICK_PARAMS = {"decam": {"decam": pb.DecamParams(population=8, generations=4)},
+                "rise": {"rise": pb.RiseParams(masks=128)}, "occlusion": {}}
+MAX_BATCH = 64
+CONCURRENCY = 2
+
+
+def remote_traffic(root: Path, protocol: str, method: str, request: pb.ExplainRequest,
+                   ) -> dict[str, int]:
+    """The remote calls and bytes of one request, counted in process on the same package."""
+    repository = Repository(root)
+    repository.load_all()
+    handle = repository.get(protocol)
+    handler = registry.get(METHODS[method])
+    inputs = tensor_to_array(request.input.tensor)
+    cost = CostCounter()
+    (logits,) = handle.run(inputs, count_remote=cost.remote)
+    message = getattr(request, method) if request.HasField(method) else None
+    job = Job(model=handle, inputs=inputs, targets=logits.argmax(1), base_logits=logits,
+              params=handler.params(message), seed=request.seed, state=RequestState(),
+              cost=cost)
+    handler.explain(job)
+    for each in repository.handles():
+        if each.remote is not None:
+            each.remote.close()
+    return {"remote_calls": cost.remote_calls, "remote_mb": round(cost.remote_bytes / 1e6, 2),
+            "forward_passes": cost.forward_passes}
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", type=int, default=64, help="image side of the model")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    repeats = 2 if args.quick else args.repeats
+    with tempfile.TemporaryDirectory(prefix="bench-remote-") as scratch:
+        folder = Path(scratch)
+        model = small_cnn(classes=10, size=args.size)
+        source = write_package(model, folder / "source", "plain")
+        predictor, urls = start_predictor(source / "model.onnx", "plain")
+        try:
+            root = folder / "models"
+            local = write_package(model, root, "local")
+            for name, protocol in PROTOCOLS.items():
+                write_remote(local, root, name, {**protocol, "url": endpoint(protocol, urls),
+                                                 "model": "plain", "max_batch": MAX_BATCH,
+                                                 "concurrency": CONCURRENCY})
+            rows = measure(root, args.size, repeats, args.quick)
+        finally:
+            stop(predictor)
+    print(table(rows))
+    path = write_json("remote", {
+        "description": __doc__.splitlines()[0],
+        "model": f"small CNN, 3×{args.size}×{args.size}, 10 classes (tests.onnx_models)",
+        "predictor": "KServe 0.21 ModelServer + ONNX Runtime, one worker, loopback",
+        "remote": {"max_batch": MAX_BATCH, "concurrency": CONCURRENCY},
+        "repeats": repeats, "quick": args.quick, "rows": rows}, args.out)
+    print(f"wrote {path}")
+
+
+def measure(root: Path, size: int, repeats: int, quick: bool) -> list[dict[str, Any]]:
+    batch = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
+    config = Config(models=root, host="127.0.0.1", port=0, metrics_port=0, max_batch=8)
+    running = RunningServer(config).start(timeout=600)
+    rows = []
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            for method, enum in METHODS.items():
+                params = QUICK_PARAMS[method] if quick else {}
+
+                def request(model: str, enum: int = enum,
+                            params: dict = params) -> pb.ExplainRequest:
+                    return pb.ExplainRequest(model=model, method=enum, seed=3,
+                                             input=pb.Input(tensor=array_to_tensor(batch)),
+                                             **params)
+
+                answers: dict[str, pb.ExplainResponse] = {}
+
+                def call(model: str, request=request, answers=answers) -> None:  # noqa: ANN001
+                    answers[model] = stub.Explain(request(model), timeout=600)
+
+                calls = {model: (lambda model=model: call(model))
+                         for model in ("local", *PROTOCOLS)}
+                times = time_interleaved(calls, repeats, warmup=1)
+                local_ms = percentiles(times["local"])["p50_ms"]
+                for protocol in PROTOCOLS:
+                    remote_ms = percentiles(times[protocol])["p50_ms"]
+                    difference = np.abs(tensor_to_array(answers[protocol].saliency)
+                                        - tensor_to_array(answers["local"].saliency)).max()
+                    rows.append({"method": method, "protocol": protocol,
+                                 "local_p50_ms": round(local_ms, 1),
+                                 "remote_p50_ms": round(remote_ms, 1),
+                                 "ratio": round(remote_ms / local_ms, 2),
+                                 "max_map_difference": float(difference),
+                                 **remote_traffic(root, protocol, method, request(protocol))})
+    finally:
+        running.stop()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
