@@ -29,6 +29,7 @@ NOT_SUITES = {"__init__", "common", "run_all", "grpc_floor", "memory", "loopback
 # Fast suites first; the long peer comparison last.
 ORDER = (
     "gradients",
+    "precision",
     "warmup",
     "multiscale",
     "multiscale_cells",
