@@ -2,12 +2,13 @@
 
 TorchServe is archived upstream (no longer maintained); our own gRPC server is the primary
 path. This adapter lets an existing TorchServe deployment call every method of the service:
-the ``.mar`` carries the package files (``model.onnx``, ``model.pt2``, ``manifest.json``)
-and this file as its handler (``make mar``). It follows TorchServe's custom handler contract
-(https://pytorch.org/serve/custom_service.html): a module with exactly one class offering
-``initialize(context)`` and ``handle(data, context)``; ``/predictions/<model>`` predicts and
-``/explanations/<model>`` (request header ``explain: True``) explains. TorchServe itself is
-never imported, so the module loads without it.
+the ``.mar`` carries the package files (``model.onnx``, ``manifest.json`` and the
+external-data files it lists) and this file as its handler (``make mar``). It follows
+TorchServe's custom handler contract (https://pytorch.org/serve/custom_service.html): a
+module with exactly one class offering ``initialize(context)`` and ``handle(data, context)``;
+``/predictions/<model>`` predicts and ``/explanations/<model>`` (request header
+``explain: True``) explains. TorchServe itself is never imported, so the module loads
+without it.
 
 A request body is either an encoded image (PNG/JPEG; the default method runs) or JSON:
 ``{"image": <base64 PNG/JPEG>} | {"tensor": {"shape": [...], "data": <base64 float32>}}``
