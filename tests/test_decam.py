@@ -104,15 +104,16 @@ def test_get_model_offers_only_onnx_methods(plain_stub) -> None:
         assert method.engine == "onnxruntime", method.name
         assert not handler.needs_torch and not handler.needs_scales, method.name
     decam = next(m for m in info.methods if m.name == "decam")
-    assert decam.defaults["grid"] == "8" and decam.defaults["baseline"] == "blur"
+    assert decam.defaults["grid"] == "8" and decam.defaults["baseline"] == "least_score"
 
 
 @pytest.mark.parametrize("method, field, params, passes_per_image", [
     (pb.METHOD_RISE, "rise", pb.RiseParams(masks=50, cells=4), 50),
     (pb.METHOD_OCCLUSION, "occlusion", pb.OcclusionParams(window=8, stride=8), 16),
-    # Default refinement: stages 4 and 8, each evaluating its start population once.
+    # Default refinement: stages 4 and 8, each evaluating its start population once; the
+    # default baseline tries 4 candidates first.
     (pb.METHOD_DECAM, "decam", pb.DecamParams(population=6, generations=3, patience=0),
-     2 * 6 * (3 + 2)),
+     4 + 2 * 6 * (3 + 2)),
 ])
 def test_maps_over_grpc_for_a_model_made_without_our_exporter(
         plain_stub, method: int, field: str, params: object, passes_per_image: int) -> None:
@@ -180,7 +181,7 @@ def test_stream_reports_generations_then_the_result(plain_stub) -> None:
     first_map = tensor_to_array(progress[0].saliency)
     assert first_map.shape == (2, SIZE, SIZE) and first_map.max() == pytest.approx(1.0)
     result = updates[-1].result
-    assert result.cost.forward_passes == 2 + 2 * 2 * 8 * (generations + 1)
+    assert result.cost.forward_passes == 2 + 2 * (4 + 2 * 8 * (generations + 1))
     assert result.cost.forward_passes == passes[-1]
     assert result.diagnostics["best_fitness"] == pytest.approx(fitness[-1])
 
@@ -320,7 +321,7 @@ def test_refined_search_streams_across_stages(plain_stub) -> None:
     assert steps == list(range(1, 10))
     result = updates[-1].result
     # Three stages, each evaluating its seeded population once, then 3 generations each.
-    assert result.cost.forward_passes == 2 + 2 * 2 * 6 * (9 + 3)
+    assert result.cost.forward_passes == 2 + 2 * (4 + 2 * 6 * (9 + 3))
 
 
 # ---- the pass budget -------------------------------------------------------------------------
@@ -332,7 +333,8 @@ def test_pass_budget_is_spent_exactly_and_reported(plain_stub, budget: int) -> N
     odd; never more. The budget cuts the 50 generations asked for."""
     batch = 2
     reply = plain_stub.Explain(decam_request(batch=batch, population=6, generations=50,
-                                             patience=0, max_forward_passes=budget), timeout=60)
+                                             patience=0, max_forward_passes=budget,
+                                             baseline=pb.BASELINE_BLUR), timeout=60)
     assert reply.cost.forward_passes == batch * (1 + 2 * ((budget - 1) // 2))
     assert reply.cost.truncated
     assert reply.diagnostics["budget_bound"] == 1.0
@@ -353,7 +355,7 @@ def test_a_budget_that_does_not_bind_changes_nothing(plain_stub) -> None:
     params = {"population": 6, "generations": 3, "patience": 0}
     free = plain_stub.Explain(decam_request(**params), timeout=60)
     roomy = plain_stub.Explain(decam_request(**params, max_forward_passes=10_000), timeout=60)
-    assert roomy.cost.forward_passes == free.cost.forward_passes == 2 + 2 * 2 * 6 * (3 + 2)
+    assert roomy.cost.forward_passes == free.cost.forward_passes == 2 + 2 * (4 + 2 * 6 * (3 + 2))
     assert not roomy.cost.truncated and "budget_bound" not in roomy.diagnostics
     np.testing.assert_array_equal(tensor_to_array(roomy.saliency),
                                   tensor_to_array(free.saliency))
@@ -391,19 +393,23 @@ class RecordingFitness(MaskFitness):
 @pytest.mark.parametrize("budget", [0, 150])
 def test_covariance_map_is_the_fitness_weighted_sum_of_every_evaluated_mask(
         tmp_path: Path, budget: int) -> None:
-    """Σ (f − mean f) · upsample(mask) over all candidates (both stages, the partial last
-    generation included), computed here from the recorded candidates, is the raw map."""
+    """Σ (e − mean e) · upsample(mask) over all candidates (both stages, the partial last
+    generation included), computed here from the recorded candidates, is the raw map; e is
+    the model's part of the fitness (the sparsity penalty added back)."""
     write_package(small_cnn(classes=3, size=SIZE), tmp_path, "plain")
     handle = ModelHandle("plain", 1, tmp_path / "plain" / "1")
     handle.load()
     x = inputs(2)
     (logits,) = handle.run(x)
     params = registry.get(pb.METHOD_DECAM).params(
-        None, population=6, generations=40, patience=0, max_forward_passes=budget)
+        None, population=6, generations=40, patience=0, max_forward_passes=budget,
+        aggregate="covariance")
     job = Job(model=handle, inputs=x, targets=logits.argmax(1), params=params,
               base_logits=logits, seed=3)
     RecordingFitness.seen = []
     raw = search_masks(job, RecordingFitness).raw
+    RecordingFitness.seen = [(g, f + params.sparsity * g.reshape(*f.shape, -1).mean(axis=2))
+                             for g, f in RecordingFitness.seen]
     candidates = sum(f.shape[1] for _, f in RecordingFitness.seen)
     mean = sum(f.sum(axis=1) for _, f in RecordingFitness.seen) / candidates
     expected = np.zeros_like(raw, dtype=np.float64)

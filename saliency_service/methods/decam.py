@@ -10,7 +10,7 @@ Our formulation (the paper fixes the principle, not these details):
 
 * A candidate is a mask on a coarse ``grid × grid`` lattice (default 8, at most 32), values in
   [0, 1], upsampled bilinearly to the input size (``M``).
-* With ``x`` the input, ``b`` a baseline (blur by default; see ``methods._utils.baselines``) and
+* With ``x`` the input, ``b`` a baseline and
   ``p(·)`` the probability of the target class (``core.outputs``), the fitness to maximize is::
 
       preservation_weight · p(M·x + (1−M)·b) / p(x)
@@ -20,19 +20,27 @@ Our formulation (the paper fixes the principle, not these details):
   Keeping the masked region should keep the score, removing it should destroy the score, and
   the mask should be small. Dividing by ``p(x)`` puts every image on the same scale, so one
   ``sparsity`` suits confident and unconfident predictions alike.
+* The baseline (``methods._utils.baselines``): by default ``least_score``, per image the one
+  of blur, desaturated blur, the image's mean colour and the dataset mean that lowers the
+  target probability most (4 passes per image). A blur alone keeps the colour of a large
+  uniform object, so on a colour-decided class it removed nothing and the map was empty
+  (``benchmarks/groundtruth.py``).
 * Standard DE, best/1/bin (default) or rand/1/bin with weight ``mutation`` (F) and binomial
   ``crossover`` (CR), deferred updating (the whole generation is evaluated at once),
   bounce-back into [0, 1] for mutants that leave it, a trial replacing its parent when it is
   at least as fit.
   ``patience`` generations without improvement of any image's best stop the search early.
-* The map (``aggregate``): ``covariance`` (default) weights every mask the search evaluated
-  by its fitness minus the mean fitness of all of them and sums, i.e. the covariance of each
-  pixel's mask value with the fitness over the search's samples (RISE's estimator, on the
-  samples DE steers toward the evidence; negative where covering a pixel lowers fitness).
-  ``best`` is the paper's choice, the fittest mask itself. The covariance map uses every
-  pass, not only the winner's, so it needs far fewer passes for the same quality
-  (``benchmarks/decam_budget.py``). Since upsampling is linear, the sums are kept on each
-  stage's grid and upsampled once.
+* The map (``aggregate``) reads every mask the search evaluated against its fitness without
+  the sparsity term (a penalty that steers the search, not evidence about the model):
+  ``regression`` (default) is the ridge regression of that fitness on the mask's cells, per
+  stage; ``covariance`` the covariance of each cell with it (RISE's estimator, on the
+  samples DE steers toward the evidence). DE's samples are correlated (the population
+  converges), so a cell that travels with the object takes its covariance; the regression
+  divides that out and pointed at the object more often on the ground-truth benchmark.
+  ``best`` is the paper's choice, the fittest mask itself. Since upsampling is linear, the
+  sums are kept on each stage's grid and upsampled once. A map whose positive part covers
+  less than one cell (nothing, or a point) is replaced by the best mask
+  (``diagnostics["best_mask_fallbacks"]``).
 * ``max_forward_passes`` caps what one image may cost, the prediction included (Cost counts
   every image's passes): the plan (``plan_search``) fits as many whole generations as the
   budget allows, drops coarse refinement stages when it cannot pay for their start
@@ -66,7 +74,12 @@ from saliency_service.core.outputs import target_probabilities
 from saliency_service.core.params import param
 from saliency_service.core.repository import ModelHandle
 from saliency_service.core.request import Attribution, ProgressUpdate
-from saliency_service.methods._utils.baselines import BASELINES, make_baseline
+from saliency_service.methods._utils.baselines import (
+    BASELINES,
+    LEAST_SCORE_CANDIDATES,
+    least_score_baseline,
+    make_baseline,
+)
 from saliency_service.methods._utils.resize import upsample, upsample_bytes
 from saliency_service.methods.base import (
     Handler,
@@ -82,7 +95,13 @@ from saliency_service.proto import explainer_pb2 as pb
 MAX_GRID = 32
 MIN_POPULATION = 4
 STRATEGIES = ("best1bin", "rand1bin")
-AGGREGATES = ("covariance", "best")
+AGGREGATES = ("covariance", "regression", "best")
+# Ridge of the regression map, relative to the mean variance of the mask cells.
+RIDGE = 0.1
+# ``least_score``: per image, the baseline of LEAST_SCORE_CANDIDATES that lowers the target
+# score most (one pass per candidate).
+LEAST_SCORE = "least_score"
+DECAM_BASELINES = (*BASELINES, LEAST_SCORE)
 # How often (in generations) a progress update carries the current best maps.
 MAPS_EVERY = 5
 # Smallest improvement of a best fitness that resets the patience counter.
@@ -272,6 +291,12 @@ def min_forward_passes(population: int, terms: int) -> int:
     return PREDICTION_PASSES + population * terms
 
 
+def baseline_passes(baseline: str) -> int:
+    """Forward passes per image that choosing the baseline costs (``least_score``: one per
+    candidate)."""
+    return len(LEAST_SCORE_CANDIDATES) if baseline == LEAST_SCORE else 0
+
+
 def plan_search(grid: int, refine: bool, generations: int, population: int, terms: int,
                 budget: int = 0) -> SearchPlan:
     """What the search runs so that one image costs at most ``budget`` forward passes (0 =
@@ -308,12 +333,12 @@ class DecamParams:
     sparsity: float = param(0.8, low=0.0, high=100.0)
     deletion_weight: float = param(1.0, low=0.0, high=100.0)
     preservation_weight: float = param(1.0, low=0.0, high=100.0)
-    baseline: str = param("blur", choices=BASELINES)
+    baseline: str = param(LEAST_SCORE, choices=DECAM_BASELINES)
     strategy: str = param("best1bin", choices=STRATEGIES)
     refine: bool = param(True)
     patience: int = param(8, low=0)
     max_forward_passes: int = param(0, low=0)
-    aggregate: str = param("covariance", choices=AGGREGATES)
+    aggregate: str = param("regression", choices=AGGREGATES)
 
 
 @register
@@ -337,6 +362,8 @@ class Decam(Handler):
         dims = params.grid * params.grid
         held = (search_bytes(job.batch, params.population, dims)
                 + generation_bytes(params.population, dims))
+        if params.aggregate == "regression":  # Σ mask·maskᵀ per image, float64
+            held += 8 * job.batch * dims * dims
         if held > job.chunk_memory_bytes:
             raise InvalidInput(
                 f"population={params.population} with grid={params.grid} on {job.batch} "
@@ -348,12 +375,14 @@ class Decam(Handler):
                                "one fitness term must query the model")
         budget = int(params.max_forward_passes)
         terms = int(params.preservation_weight > 0) + int(params.deletion_weight > 0)
-        least = min_forward_passes(int(params.population), terms)
+        least = (min_forward_passes(int(params.population), terms)
+                 + baseline_passes(str(params.baseline)))
         if 0 < budget < least:
             raise InvalidInput(
                 f"decam.max_forward_passes={budget} is below the {least} passes per image "
-                f"that the prediction and one population of {params.population} candidates "
-                f"× {terms} fitness term(s) need: raise it or lower decam.population")
+                f"that the prediction, the baseline and one population of "
+                f"{params.population} candidates × {terms} fitness term(s) need: raise it or "
+                "lower decam.population")
 
     def repeats(self, model: ModelHandle) -> float:
         defaults = DecamParams()
@@ -375,14 +404,20 @@ def search_masks(job: Job, fitness_class: type[MaskFitness] = MaskFitness) -> At
     params = job.params
     rng = job.rng()
     height, width = job.inputs.shape[2:]
-    baseline = make_baseline(params.baseline, job.inputs, job.model.spec().input, rng,
-                             job.state)
+    if params.baseline == LEAST_SCORE:
+        baseline, _ = least_score_baseline(job, rng=rng)
+    else:
+        baseline = make_baseline(params.baseline, job.inputs, job.model.spec().input, rng,
+                                 job.state)
     fitness_of = fitness_class(job, baseline, FitnessWeights(
         preservation=float(params.preservation_weight),
         deletion=float(params.deletion_weight),
         sparsity=float(params.sparsity)))
+    budget = int(params.max_forward_passes)
+    if budget > 0:
+        budget -= baseline_passes(str(params.baseline))
     plan = plan_search(int(params.grid), bool(params.refine), int(params.generations),
-                       int(params.population), fitness_of.terms, int(params.max_forward_passes))
+                       int(params.population), fitness_of.terms, budget)
     search = _Search(job, rng, fitness_of, plan.steps)
     population: np.ndarray | None = None
     for index, (grid, generations) in enumerate(zip(plan.stages, plan.generations,
@@ -397,10 +432,13 @@ def search_masks(job: Job, fitness_class: type[MaskFitness] = MaskFitness) -> At
         population = search.run(population, generations, plan.tail if last else 0)
         if search.stopped:
             break
+    maps, fallbacks = search.map(height, width)
     diagnostics = search.diagnostics()
+    if fallbacks:
+        diagnostics["best_mask_fallbacks"] = float(fallbacks)
     if plan.budget_bound:
         diagnostics["budget_bound"] = 1.0
-    return Attribution(raw=search.map(height, width),
+    return Attribution(raw=maps,
                        diagnostics=diagnostics,
                        truncated=search.truncated or plan.budget_bound)
 
@@ -433,6 +471,10 @@ class _Search:
         self.masks_sum: dict[tuple[int, ...], np.ndarray] = {}
         self.fitness_sum = np.zeros(job.batch)
         self.samples = 0
+        # Regression map: per stage grid, Σ mask·maskᵀ, Σ evidence, and the sample count.
+        self.gram: dict[tuple[int, ...], np.ndarray] = {}
+        self.evidence_sum: dict[tuple[int, ...], np.ndarray] = {}
+        self.stage_samples: dict[tuple[int, ...], int] = {}
 
     def _evaluate(self, candidates: np.ndarray) -> np.ndarray | None:
         """Fitness of N×P candidates, or None when a best-effort request ran out of time."""
@@ -447,28 +489,76 @@ class _Search:
         return fitness
 
     def _accumulate(self, candidates: np.ndarray, fitness: np.ndarray) -> None:
-        """Adds N×K evaluated candidates to the covariance map's sums."""
-        if self.aggregate != "covariance":
+        """Adds N×K evaluated candidates to the covariance (or regression) map's sums."""
+        if self.aggregate == "best":
             return
         shape = candidates.shape[2:]
         if shape not in self.weighted:
             self.weighted[shape] = np.zeros((candidates.shape[0], *shape))
             self.masks_sum[shape] = np.zeros((candidates.shape[0], *shape))
-        self.weighted[shape] += np.einsum("nk,nkij->nij", fitness, candidates)
+        # The model's part of the fitness: the sparsity penalty steers the search but is no
+        # evidence, and its covariance with every pixel is negative, which pushed whole maps
+        # below zero (all-zero after clipping) when the model terms were weak.
+        sparsity = self.fitness_of.weights.sparsity
+        evidence = fitness + sparsity * candidates.reshape(*fitness.shape, -1).mean(axis=2)
+        self.weighted[shape] += np.einsum("nk,nkij->nij", evidence, candidates)
         self.masks_sum[shape] += candidates.sum(axis=1)
-        self.fitness_sum += fitness.sum(axis=1)
+        self.fitness_sum += evidence.sum(axis=1)
         self.samples += candidates.shape[1]
+        if self.aggregate == "regression":
+            flat = candidates.reshape(*fitness.shape, -1)
+            if shape not in self.gram:
+                self.gram[shape] = np.zeros((fitness.shape[0], flat.shape[2], flat.shape[2]))
+                self.evidence_sum[shape] = np.zeros(fitness.shape[0])
+                self.stage_samples[shape] = 0
+            self.gram[shape] += np.einsum("nki,nkj->nij", flat, flat)
+            self.evidence_sum[shape] += evidence.sum(axis=1)
+            self.stage_samples[shape] += candidates.shape[1]
 
-    def map(self, height: int, width: int) -> np.ndarray:
-        """The raw N×H×W map: the covariance of mask and fitness, or the best mask."""
-        if self.aggregate != "covariance" or not self.samples:
-            return upsample(self.best_grids(), height, width)
+    def _regression_grids(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Ridge regression of the evidence on the stage's mask cells (N×g×g coefficients):
+        the covariance map with the correlation between cells divided out. DE's samples
+        are far from independent (the population converges), so a cell that merely travels
+        with the object's cells takes their covariance; the regression does not."""
+        count = self.stage_samples[shape]
+        mean_mask = self.masks_sum[shape].reshape(self.job.batch, -1) / count
+        mean_evidence = self.evidence_sum[shape] / count
+        covariance = self.gram[shape] / count - mean_mask[:, :, None] * mean_mask[:, None, :]
+        cross = (self.weighted[shape].reshape(self.job.batch, -1) / count
+                 - mean_mask * mean_evidence[:, None])
+        dims = covariance.shape[1]
+        ridge = RIDGE * np.trace(covariance, axis1=1, axis2=2) / dims + 1e-12
+        system = covariance + ridge[:, None, None] * np.eye(dims)
+        return np.linalg.solve(system, cross[:, :, None])[:, :, 0].reshape(
+            self.job.batch, *shape)
+
+    def map(self, height: int, width: int) -> tuple[np.ndarray, int]:
+        """The raw N×H×W map (the covariance of mask and the model's fitness terms, or the
+        best mask) and how many images fell back to their best mask.
+
+        A covariance map is degenerate when its positive part covers less than one cell of
+        the finest grid (nothing, or a point after clipping): the search found no region
+        whose presence raises the fitness more than chance, and the fittest mask is the
+        better answer."""
+        best = upsample(self.best_grids(), height, width)
+        if self.aggregate == "best" or not self.samples:
+            return best, 0
         mean = (self.fitness_sum / self.samples)[:, None, None]
         out = np.zeros((self.job.batch, height, width), np.float32)
+        finest = 0
         for shape, weighted in self.weighted.items():
-            grids = ((weighted - mean * self.masks_sum[shape]) / self.samples).astype(np.float32)
+            if self.aggregate == "regression":
+                grids = self._regression_grids(shape).astype(np.float32)
+            else:
+                grids = ((weighted - mean * self.masks_sum[shape])
+                         / self.samples).astype(np.float32)
             out += upsample(grids, height, width)
-        return out
+            finest = max(finest, shape[0] * shape[1])
+        cell = height * width / max(finest, 1)
+        support = (out > 0).reshape(self.job.batch, -1).sum(axis=1)
+        degenerate = support < cell
+        out[degenerate] = best[degenerate]
+        return out, int(degenerate.sum())
 
     def _out_of_time(self) -> bool:
         """Best effort: stop when the next generation would not finish before the deadline."""
@@ -562,7 +652,7 @@ class _Search:
         maps = None
         if self.step % MAPS_EVERY == 0 or self.step == 1:
             height, width = job.inputs.shape[2:]
-            maps = scale_by_max(self.map(height, width))
+            maps = scale_by_max(self.map(height, width)[0])
         job.on_progress(ProgressUpdate(
             step=self.step, total_steps=self.total_steps,
             best_fitness=float(self.best_fitness.mean()),

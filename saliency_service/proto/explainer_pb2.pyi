@@ -45,6 +45,8 @@ class Baseline(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BASELINE_UNIFORM_NOISE: _ClassVar[Baseline]
     BASELINE_MEAN: _ClassVar[Baseline]
     BASELINE_ZERO: _ClassVar[Baseline]
+    BASELINE_DESATURATED_BLUR: _ClassVar[Baseline]
+    BASELINE_LEAST_SCORE: _ClassVar[Baseline]
 
 class QuadratureRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -90,6 +92,8 @@ BASELINE_BLUR: Baseline
 BASELINE_UNIFORM_NOISE: Baseline
 BASELINE_MEAN: Baseline
 BASELINE_ZERO: Baseline
+BASELINE_DESATURATED_BLUR: Baseline
+BASELINE_LEAST_SCORE: Baseline
 QUADRATURE_UNSPECIFIED: QuadratureRule
 QUADRATURE_RIEMANN_LEFT: QuadratureRule
 QUADRATURE_RIEMANN_RIGHT: QuadratureRule
