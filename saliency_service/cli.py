@@ -179,10 +179,20 @@ def _demo_model(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.dataset == "groundtruth":
+        from saliency_service.evaluation.groundtruth import write_run  # noqa: PLC0415 - torch
+
+        written = write_run(Path(args.out), full=args.full, models=Path(args.models),
+                            cache=Path(args.cache) if args.cache else None,
+                            images=args.images,
+                            progress=not args.no_progress)
+        print(f"wrote {written}")
+        return 0
     from saliency_service.evaluation.report import Options, run  # noqa: PLC0415 - matplotlib, onnxruntime
 
     summary = run(Options(
-        server=args.server, model=args.model, models=Path(args.models), images=args.images,
+        server=args.server, model=args.model, models=Path(args.models),
+        images=200 if args.images is None else args.images,
         size=args.size, config=args.config, methods=args.methods, out=Path(args.out),
         batch=args.batch, seed=args.seed, timeout=args.timeout, target=args.target,
         progress=not args.no_progress, fill=not args.report_only, deadline=args.deadline,
@@ -267,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default="demo")
     evaluate.add_argument("--models", default="models",
                           help="the repository the server loads (metrics run its model.onnx)")
-    evaluate.add_argument("--images", type=int, default=200)
+    evaluate.add_argument("--images", type=int, default=None,
+                          help="images (default 200; groundtruth: per model, the plan's)")
     evaluate.add_argument("--size", type=int, help="image side (default: the configuration's)")
     evaluate.add_argument("--config", choices=("test", "held_out"), default="test")
     evaluate.add_argument("--methods", default="all",
@@ -285,9 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "(a re-run continues)")
     evaluate.add_argument("--report-only", action="store_true",
                           help="write the summary from cached results without computing more")
-    evaluate.add_argument("--dataset", choices=("cells", "fashion-mnist"), default="cells",
-                          help="synthetic cells with ground truth, or Fashion-MNIST test "
-                          "photographs (faithfulness only; Debian's dataset-fashion-mnist)")
+    evaluate.add_argument("--dataset", choices=("cells", "fashion-mnist", "groundtruth"),
+                          default="cells",
+                          help="synthetic cells with ground truth, Fashion-MNIST test "
+                          "photographs (faithfulness only; Debian's dataset-fashion-mnist), or "
+                          "the ground-truth benchmark over many small models trained here "
+                          "(in this process, no server; --images per model, --full, --cache)")
+    evaluate.add_argument("--full", action="store_true",
+                          help="groundtruth: every task and architecture, the demo and "
+                          "Fashion-MNIST (default: 2 tasks × 2 architectures)")
+    evaluate.add_argument("--cache", default="",
+                          help="groundtruth: where trained models are kept (default "
+                          "~/.cache/saliency-service/groundtruth)")
     evaluate.add_argument("--road-images", type=int, default=50,
                           help="score ROAD on the first N images (a sparse solve per share)")
     evaluate.add_argument("--sanity-images", type=int, default=16,
