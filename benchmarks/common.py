@@ -176,18 +176,30 @@ def flop_count_mode() -> Any:
     return FlopCount()
 
 
+def loaded_handle(package: Path) -> Any:
+    """The package at ``package`` (``…/<name>/<version>``) loaded as the server loads it;
+    raises with its error when it does not load."""
+    from saliency_service.core.repository import ModelHandle  # noqa: PLC0415
+
+    handle = ModelHandle(package.parent.name, int(package.name), package)
+    handle.load()
+    if not handle.ready:
+        raise RuntimeError(f"{package} does not load: {handle.error}")
+    return handle
+
+
 def gradient_gflop(package: Path, images: int = 2) -> float:
     """GFLOP of one forward and one input-gradient backward pass per image of a package's
-    prepared torch program (what one Integrated Gradients step costs), as
-    ``flop_count_mode`` counts them (convolutions and matrix products)."""
+    prepared program (what one Integrated Gradients step costs), as ``flop_count_mode``
+    counts them (convolutions and matrix products)."""
     import torch  # noqa: PLC0415
 
-    from saliency_service.core.program_archive import load_program  # noqa: PLC0415
-    from saliency_service.methods._utils.torch_program import FAST, build_variant  # noqa: PLC0415
+    from saliency_service.methods._utils.torch_program import FAST, prepared_module  # noqa: PLC0415
 
-    shape = json.loads((package / "manifest.json").read_text())["input"]["shape"]
-    module = build_variant(load_program((package / "model.pt2").read_bytes()), FAST)
-    x = torch.rand(images, *shape[1:]).requires_grad_(True)
+    handle = loaded_handle(package)
+    spec = handle.spec().input
+    module = prepared_module(handle, FAST)
+    x = torch.rand(images, spec.channels, spec.height, spec.width).requires_grad_(True)
     with flop_count_mode() as counter:
         module(x)[0][:, 0].sum().backward()
     return counter.flops / images / 1e9

@@ -51,6 +51,7 @@ from benchmarks.common import (
     free_port,
     gradient_gflop,
     in_process_core,
+    loaded_handle,
     model_names,
     percentiles,
     png_images,
@@ -61,7 +62,6 @@ from benchmarks.common import (
     torchserve_missing,
     write_json,
 )
-from saliency_service.core.program_archive import load_program
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 
@@ -89,49 +89,116 @@ OPTIONS = [
 # ---- the model on both sides ----------------------------------------------------------------
 
 
-def _architecture(package: Path) -> tuple[str, dict[str, int], dict[str, Any]]:
-    """The eager class, its constructor arguments and its weights (from ``model.pt2``)."""
-    import torch  # noqa: PLC0415
+def _onnx_weights(package: Path) -> tuple[list[Any], dict[str, np.ndarray]]:
+    """The nodes of the package's ONNX graph and its constant tensors (initializers and
+    Constant values) by name, read as the server reads them."""
+    from onnx import numpy_helper  # noqa: PLC0415
 
+    graph = loaded_handle(package).onnx_model().graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                values[node.output[0]] = numpy_helper.to_array(value)
+    return list(graph.node), values
+
+
+def _architecture(package: Path) -> tuple[str, dict[str, int]]:
+    """The eager class and its constructor arguments (read off the ONNX weights)."""
     name = json.loads((package / "manifest.json").read_text())["name"]
     if name not in ARCHITECTURES:
         raise ValueError(f"no eager architecture known for package {name!r}")
-    program = load_program((package / "model.pt2").read_bytes())
-    state = {key.removeprefix("model."): value for key, value in program.state_dict.items()}
-    state.update(
-        {
-            key.removeprefix("model."): value
-            for key, value in getattr(program, "constants", {}).items()
-            if isinstance(value, torch.Tensor) and key.startswith("model.")
-        }
-    )
-    arguments = {"num_classes": int(state["fc.weight"].shape[0])}
+    nodes, values = _onnx_weights(package)
+    head = next(n for n in reversed(nodes) if n.op_type == "Gemm")
+    arguments = {"num_classes": int(values[head.input[2]].shape[0])}
     if name == "demo":
-        arguments["width"] = int(state["stem.0.weight"].shape[0])
-    return ARCHITECTURES[name][0], arguments, state
+        first = next(n for n in nodes if n.op_type == "Conv")
+        arguments["width"] = int(values[first.input[1]].shape[0])
+    return ARCHITECTURES[name][0], arguments
+
+
+def _load_onnx_weights(module: Any, package: Path, x: Any) -> None:
+    """Copies the package's ONNX weights into the eager ``module``: its convolutions and
+    Gemm heads pair with the graph's in execution order. A graph whose BatchNorms were
+    folded into the convolutions gets each BatchNorm set to adding the folded bias."""
+    import torch  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+
+    called: list[nn.Module] = []
+    made_by: dict[int, tuple[nn.Module, Any]] = {}  # holds the outputs: ids stay unique
+    norm_of: dict[nn.Module, nn.Module] = {}
+
+    def hook(layer: nn.Module, inputs: Any, output: Any) -> None:
+        called.append(layer)
+        if isinstance(layer, nn.BatchNorm2d) and id(inputs[0]) in made_by:
+            norm_of[made_by[id(inputs[0])][0]] = layer
+        made_by[id(output)] = (layer, output)
+
+    kinds = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    nodes, values = _onnx_weights(package)
+    folded = not any(n.op_type == "BatchNormalization" for n in nodes)
+    pairs = [(layer, node) for kind, op in ((nn.Conv2d, "Conv"), (nn.Linear, "Gemm"),
+                                            *(() if folded else ((nn.BatchNorm2d,
+                                                                 "BatchNormalization"),)))
+             for layer, node in zip([m for m in called if isinstance(m, kind)],
+                                    [n for n in nodes if n.op_type == op], strict=True)]
+
+    def tensor(node: Any, index: int) -> torch.Tensor | None:
+        name = node.input[index] if index < len(node.input) else ""
+        return torch.from_numpy(values[name].copy()) if name else None
+
+    with torch.no_grad():
+        for layer, node in pairs:
+            if isinstance(layer, nn.BatchNorm2d):
+                for index, buffer in enumerate((layer.weight, layer.bias, layer.running_mean,
+                                                layer.running_var), start=1):
+                    buffer.copy_(tensor(node, index))
+                continue
+            weight, bias = tensor(node, 1), tensor(node, 2)
+            if isinstance(layer, nn.Linear) and not any(
+                    a.name == "transB" and a.i for a in node.attribute):
+                weight = weight.T
+            layer.weight.copy_(weight)
+            norm = norm_of.get(layer) if folded else None
+            if norm is not None:  # the BatchNorm adds the folded bias and nothing else
+                norm.weight.fill_(1.0)
+                norm.running_mean.zero_()
+                norm.running_var.fill_(1.0 - norm.eps)
+                norm.bias.copy_(bias if bias is not None else torch.zeros_like(norm.bias))
+            elif layer.bias is not None:
+                layer.bias.copy_(bias if bias is not None else torch.zeros_like(layer.bias))
 
 
 def eager_module(package: Path) -> Any:
-    """The package's model as the eager ``zoo.architectures`` module, checked against the
-    package's torch program, so Captum and TorchServe run exactly the served weights."""
+    """The package's model as the eager ``zoo.architectures`` module holding the weights of
+    its ONNX graph, checked against ONNX Runtime on the package, so Captum and TorchServe
+    run exactly the served model."""
     import torch  # noqa: PLC0415
 
     from saliency_service.zoo import architectures  # noqa: PLC0415
 
-    class_name, arguments, state = _architecture(package)
+    class_name, arguments = _architecture(package)
     module = getattr(architectures, class_name)(**arguments)
-    module.load_state_dict(state, strict=False)
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     shape = json.loads((package / "manifest.json").read_text())["input"]["shape"]
     x = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0))
+    _load_onnx_weights(module, package, x)
+    expected = torch.from_numpy(loaded_handle(package).run(x.numpy())[0])
     with torch.no_grad():
-        expected = load_program((package / "model.pt2").read_bytes()).module()(x)[0]
         got = module(x)
     if not torch.allclose(got, expected, atol=1e-3, rtol=1e-3):
         raise RuntimeError(
-            f"eager {class_name} disagrees with {package}/model.pt2 by "
+            f"eager {class_name} disagrees with {package}/model.onnx by "
             f"{float((got - expected).abs().max()):.3g}"
         )
     return module
@@ -144,11 +211,11 @@ def torchserve_mar(package: Path, store: Path) -> str:
 
     manifest = json.loads((package / "manifest.json").read_text())
     _, _channels, height, width = manifest["input"]["shape"]
-    digest = hashlib.sha256((package / "model.pt2").read_bytes()).hexdigest()[:10]
+    digest = hashlib.sha256((package / "model.onnx").read_bytes()).hexdigest()[:10]
     name = f"peer_{manifest['name']}_{digest}"
     if (store / f"{name}.mar").is_file():
         return name
-    class_name, arguments, _ = _architecture(package)
+    class_name, arguments = _architecture(package)
     with tempfile.TemporaryDirectory() as staging:
         staging_dir = Path(staging)
         torch.save(eager_module(package).state_dict(), staging_dir / "weights.pth")

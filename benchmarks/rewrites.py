@@ -15,9 +15,7 @@ calls interleaved in a fresh order each round; medians.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,10 +32,11 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.peers import SERVER_CONFIGS
-from saliency_service.core.program_archive import load_program
+from saliency_service.core.repository import ModelHandle
 from saliency_service.core.request import CostCounter, Job, RequestState
 from saliency_service.methods import integrated, noise
 from saliency_service.methods._utils import torch_program as tp
+from saliency_service.methods._utils.gradient_program import translation
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.codec import Core
 from saliency_service.protocol.images import array_to_tensor
@@ -86,9 +85,9 @@ def explain_calls(core: Core, name: str, inputs: np.ndarray) -> dict[str, Callab
     return calls
 
 
-def pass_calls(package: Path, rows: int) -> dict[str, Callable[[], Any]]:
+def pass_calls(handle: ModelHandle, rows: int) -> dict[str, Callable[[], Any]]:
     """One forward and input-gradient pass of the trunk, with and without in-place ops."""
-    program = load_program((package / "model.pt2").read_bytes())
+    program = translation(handle).program
     in_place = tp.build_variant(program, tp.TRUNK)
     saved = tp.compute_in_place
     tp.compute_in_place = lambda _graph_module: 0  # type: ignore[assignment]
@@ -96,10 +95,10 @@ def pass_calls(package: Path, rows: int) -> dict[str, Callable[[], Any]]:
         out_of_place = tp.build_variant(program, tp.TRUNK)
     finally:
         tp.compute_in_place = saved
-    shape = json.loads((package / "manifest.json").read_text())["input"]["shape"]
+    spec = handle.spec().input
     with torch.no_grad():
-        rows_in = in_place.stem(torch.rand(rows, *shape[1:], generator=torch.Generator()
-                                           .manual_seed(0)))
+        rows_in = in_place.stem(torch.rand(rows, spec.channels, spec.height, spec.width,
+                                           generator=torch.Generator().manual_seed(0)))
 
     def step(module: tp.PreparedModule) -> Callable[[], Any]:
         def call() -> Any:
@@ -123,7 +122,6 @@ def measure(model: str, repeats: int) -> list[dict[str, Any]]:
     config = SERVER_CONFIGS[model]
     threads = config["intra_op_threads"]
     root = demo_repository() if model == "demo" else resnet50_repository(224)
-    package = root / model / "1"
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -132,7 +130,8 @@ def measure(model: str, repeats: int) -> list[dict[str, Any]]:
         shape = core.repository.get(model).spec().input.shape
         inputs = np.random.default_rng(0).random((1, *shape[1:]), dtype=np.float32)
         rows = core_rows(core, model, inputs)
-        calls = {**explain_calls(core, model, inputs), **pass_calls(package, rows)}
+        calls = {**explain_calls(core, model, inputs),
+                 **pass_calls(core.repository.get(model), rows)}
         times = time_interleaved(calls, repeats, warmup=1)
     finally:
         torch.set_num_threads(previous)

@@ -1,8 +1,8 @@
 """Warm at readiness: first request after ready vs steady state, per method, over gRPC; and
 export time and package size, for the architecture matrix of the tests.
 
-Each architecture is exported once (timed; package = model.onnx + model.pt2). Then a server
-that warms every offered method before reporting ready and a server that only runs a
+Each architecture is exported once (timed; package = model.onnx + manifest.json). Then a
+server that warms every offered method before reporting ready and a server that only runs a
 prediction first ("cold"), each on the same packages: per method, the first call's latency
 and the p50 and p95 of the next ones, one image, with each method's default parameters and
 then with the tests' small ones (other sample counts and so other batch shapes than the
@@ -48,7 +48,7 @@ def export_all(root: Path, architectures: list[Architecture]) -> list[dict[str, 
                                 std=[0.25] * channels, class_labels=(), repository=root,
                                 head=architecture.head)
         seconds = time.perf_counter() - started
-        size = sum((report.path / f).stat().st_size for f in ("model.onnx", "model.pt2"))
+        size = sum(f.stat().st_size for f in report.path.iterdir() if f.is_file())
         rows.append({"architecture": architecture.name,
                      "input": "×".join(map(str, architecture.input_shape)),
                      "export_s": round(seconds, 2), "package_mb": round(size / 1e6, 2),
@@ -70,7 +70,7 @@ def repository_of(root: Path, group: list[Architecture]) -> Path:
     return folder
 
 
-def _predict_only(engine: Engine, handle: ModelHandle) -> list[str]:
+def _predict_only(engine: Engine, handle: ModelHandle, bound: object = None) -> list[str]:
     spec = handle.spec().input
     zeros = np.zeros((1, spec.channels, spec.height, spec.width), np.float32)
     handle.run(zeros)
