@@ -86,6 +86,9 @@ def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]
     One forward and one (partial) backward pass per image, chunked by the memory budget.
     """
     module = prepared_module(job.model, CUT_PREFIX + output_name)
+    grid = job.model.spec().token_grid
+    # Tokens may come L×N×D (batch second); feature maps are N×K×h×w.
+    batch_dim = int(grid.get("batch_dim", 0)) if grid and output_name == grid.get("output") else 0
     index = job.model.spec().extra_outputs.index(output_name) + 1
     activations: list[np.ndarray] = []
     gradients: list[np.ndarray] = []
@@ -96,13 +99,17 @@ def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]
         activation = outputs[index]  # a fixed-batch graph's padding rows come after ``count``
         selected = outputs[0][:count].gather(1, targets[part]).sum()
         (grad,) = torch.autograd.grad(selected, activation)
-        activations.append(as_feature_map(job.model, output_name,
-                                          activation[:count].detach().contiguous().cpu().numpy()))
-        gradients.append(as_feature_map(job.model, output_name,
-                                        grad[:count].contiguous().cpu().numpy()))
+        activations.append(as_feature_map(job.model, output_name, _rows(
+            activation.detach(), batch_dim, count)))
+        gradients.append(as_feature_map(job.model, output_name, _rows(grad, batch_dim, count)))
         job.cost.forward(count, ENGINE_TORCH)
         job.cost.backward(count)
     return np.concatenate(activations), np.concatenate(gradients)
+
+
+def _rows(values: torch.Tensor, batch_dim: int, count: int) -> np.ndarray:
+    """The first ``count`` items of ``values`` along its batch dimension, as numpy."""
+    return values.narrow(batch_dim, 0, count).contiguous().cpu().numpy()
 
 
 def gradcam_weights(_activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
