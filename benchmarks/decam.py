@@ -107,11 +107,9 @@ def scipy_search(handle: ModelHandle, image: np.ndarray, params: dict[str, Any],
                  seed: int) -> dict[str, Any]:
     """One image through scipy's vectorized DE with our fitness (it minimizes −fitness)."""
     job = make_job(handle, image, params, seed)
-    from saliency_service.methods._utils.baselines import make_baseline  # noqa: PLC0415
-    from saliency_service.methods.decam import FitnessWeights  # noqa: PLC0415
+    from saliency_service.methods.decam import FitnessWeights, search_baseline  # noqa: PLC0415
 
-    baseline = make_baseline(job.params.baseline, job.inputs, handle.spec().input,
-                             job.rng())
+    baseline = search_baseline(job, job.rng())
     fitness = MaskFitness(job, baseline, FitnessWeights(
         float(job.params.preservation_weight), float(job.params.deletion_weight),
         float(job.params.sparsity)))

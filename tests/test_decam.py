@@ -92,17 +92,19 @@ def test_onnx_only_handler_modules_import_without_torch() -> None:
         assert not any(name.split(".")[0] == "torch" for name in imported), (relative, imported)
 
 
-def test_get_model_offers_only_onnx_methods(plain_stub) -> None:
+def test_get_model_offers_the_black_box_and_gradient_methods(plain_stub) -> None:
+    """A graph made without our exporter: the black-box methods, and the gradient methods
+    through its translation; the methods that need a feature map say so."""
     info = plain_stub.GetModel(pb.GetModelRequest(model="plain"), timeout=10)
     assert info.status.ready, info.status.error
     assert list(info.scale_outputs) == []
     names = {m.name for m in info.methods}
-    assert {"decam", "rise", "occlusion"} <= names
-    assert "vanilla_gradient" not in names
+    assert {"decam", "rise", "occlusion", "vanilla_gradient", "integrated_gradients"} <= names
+    missing = {m.name: m.reason for m in info.unavailable_methods}
+    assert {"gradcam", "smoe_scale"} <= missing.keys()
     for method in info.methods:
         handler = registry.get(method.method)
-        assert method.engine == "onnxruntime", method.name
-        assert not handler.needs_torch and not handler.needs_scales, method.name
+        assert not handler.needs_scales, method.name
     decam = next(m for m in info.methods if m.name == "decam")
     assert decam.defaults["grid"] == "8" and decam.defaults["baseline"] == "least_score"
 
@@ -176,9 +178,12 @@ def test_stream_reports_generations_then_the_result(plain_stub) -> None:
     assert all(later > earlier for earlier, later in itertools.pairwise(passes))
     fitness = [p.best_fitness for p in progress]
     assert all(later >= earlier - 1e-9 for earlier, later in itertools.pairwise(fitness))
+    # Maps come on steps 1, 5 and 10; one still unsent when a newer map is ready is dropped
+    # (a stream holds one pending map), so which arrive depends on how fast the stream is
+    # written, but never the last.
     with_maps = [p.step for p in progress if p.HasField("saliency")]
-    assert with_maps == [1, 5, 10]
-    first_map = tensor_to_array(progress[0].saliency)
+    assert set(with_maps) <= {1, 5, 10} and with_maps[-1] == 10
+    first_map = tensor_to_array(next(p for p in progress if p.HasField("saliency")).saliency)
     assert first_map.shape == (2, SIZE, SIZE) and first_map.max() == pytest.approx(1.0)
     result = updates[-1].result
     assert result.cost.forward_passes == 2 + 2 * (4 + 2 * 8 * (generations + 1))

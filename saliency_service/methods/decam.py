@@ -291,6 +291,15 @@ def min_forward_passes(population: int, terms: int) -> int:
     return PREDICTION_PASSES + population * terms
 
 
+def search_baseline(job: Job, rng: np.random.Generator) -> np.ndarray:
+    """The reference image the search removes evidence towards (N×C×H×W): the named
+    baseline, or per image the ``least_score`` choice."""
+    if job.params.baseline == LEAST_SCORE:
+        return least_score_baseline(job, rng=rng)[0]
+    return make_baseline(job.params.baseline, job.inputs, job.model.spec().input, rng,
+                         job.state)
+
+
 def baseline_passes(baseline: str) -> int:
     """Forward passes per image that choosing the baseline costs (``least_score``: one per
     candidate)."""
@@ -404,11 +413,7 @@ def search_masks(job: Job, fitness_class: type[MaskFitness] = MaskFitness) -> At
     params = job.params
     rng = job.rng()
     height, width = job.inputs.shape[2:]
-    if params.baseline == LEAST_SCORE:
-        baseline, _ = least_score_baseline(job, rng=rng)
-    else:
-        baseline = make_baseline(params.baseline, job.inputs, job.model.spec().input, rng,
-                                 job.state)
+    baseline = search_baseline(job, rng)
     fitness_of = fitness_class(job, baseline, FitnessWeights(
         preservation=float(params.preservation_weight),
         deletion=float(params.deletion_weight),
