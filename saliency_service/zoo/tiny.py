@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from saliency_service.zoo.architectures import BasicBlock, _conv_bn, _init_weights
+from saliency_service.zoo.architectures import FashionResNet, _init_weights
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
@@ -54,31 +54,14 @@ class PlainCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-class TinyResNet(nn.Module):
-    """Stem then three residual stages (BasicBlock), the last two halving; GAP + ``fc``."""
+class TinyResNet(FashionResNet):
+    """Stem then three residual stages (BasicBlock), the last two halving; GAP + ``fc``: the
+    Fashion-MNIST model's design on RGB images."""
 
-    SCALE_MODULES: ClassVar[tuple[str, ...]] = ("layer1", "layer2", "layer3")
-    cam_layer: ClassVar[str | None] = "layer3"
     head: ClassVar[str | None] = "fc"
 
     def __init__(self, num_classes: int, width: int = 16) -> None:
-        super().__init__()
-        conv, bn = _conv_bn(3, width, 3)
-        self.stem = nn.Sequential(conv, bn, nn.ReLU())
-        self.layer1 = nn.Sequential(BasicBlock(width, width))
-        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, stride=2))
-        self.layer3 = nn.Sequential(BasicBlock(2 * width, 4 * width, stride=2))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * width, num_classes)
-        _init_weights(self)
-
-    @classmethod
-    def scale_modules(cls) -> list[str]:
-        return list(cls.SCALE_MODULES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        super().__init__(num_classes, width, in_channels=3)
 
 
 class DepthwiseCNN(nn.Module):
