@@ -275,7 +275,6 @@ def fashion_model(plan: Plan) -> Model | None:
         _log(plan, f"model {key}: cached, test accuracy {accuracy:.3f}")
     else:
         from saliency_service.packaging.export import export_package  # noqa: PLC0415
-        from saliency_service.zoo.fashion import CLASS_NAMES  # noqa: PLC0415
         from saliency_service.zoo.training import accuracy as batch_accuracy  # noqa: PLC0415
         from saliency_service.zoo.training import train_classifier  # noqa: PLC0415
 
@@ -290,7 +289,8 @@ def fashion_model(plan: Plan) -> Model | None:
         for parameter in module.parameters():
             parameter.requires_grad_(False)
         export_package(module, name=key, version=1, input_shape=(1, 28, 28),
-                       mean=[0.286], std=[0.353], class_labels=CLASS_NAMES, repository=folder,
+                       mean=[0.286], std=[0.353], class_labels=fashion_mnist.CLASS_NAMES,
+                       repository=folder,
                        scale_modules=module.scale_modules(), cam_layer=module.cam_layer,
                        head="fc", verify_inputs=2, overwrite=True,
                        metadata={"test_accuracy": accuracy})
