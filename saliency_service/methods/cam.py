@@ -188,7 +188,7 @@ class GradCam(CamHandler):
     """Grad-CAM: channel weights are the spatially averaged gradients of the target logit."""
 
     method = pb.METHOD_GRADCAM
-    auto_rank = 1
+    auto_rank = 2
     warm_up = True
     description = "Gradient-weighted class activation map at the CAM layer; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1610.02391"

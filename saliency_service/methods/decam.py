@@ -356,6 +356,7 @@ class Decam(Handler):
     fitness from ONNX Runtime probabilities only; the best mask is the map."""
 
     method = pb.METHOD_DECAM
+    auto_rank = 3
     Params = DecamParams
     warm_up_overrides: ClassVar[dict[str, Any]] = {"population": 8, "generations": 1}
     description = ("Differential Evolution searches coarse masks that keep/remove the target "

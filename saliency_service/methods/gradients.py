@@ -133,7 +133,7 @@ class VanillaGradient(GradientHandler):
     """Simonyan et al. (arXiv 1312.6034): ∂ logit / ∂ x."""
 
     method = pb.METHOD_VANILLA_GRADIENT
-    auto_rank = 5
+    auto_rank = 8
     warm_up = True
     description = "Gradient of the target logit w.r.t. the input; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1312.6034"
@@ -160,7 +160,7 @@ class GuidedBackprop(GradientHandler):
     of positive inputs; computed on a rewritten copy of the program, never the user's module."""
 
     method = pb.METHOD_GUIDED_BACKPROP
-    auto_rank = 3
+    auto_rank = 6
     warm_up = True
     description = "Gradient with ReLU backward clamped to positive values; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1412.6806"

@@ -30,6 +30,7 @@ class GuidedGradCam(GradientHandler):
     """
 
     method = pb.METHOD_GUIDED_GRADCAM
+    auto_rank = 0  # most mass on the object and passes the sanity checks (groundtruth.md)
     Params = CamParams  # the layer of the Grad-CAM factor
     description = "Guided Backprop × upsampled Grad-CAM; 2 forward + 2 backward."
     paper = "https://arxiv.org/abs/1610.02391"

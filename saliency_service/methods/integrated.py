@@ -144,7 +144,7 @@ class IntegratedGradients(GradientHandler):
 
     method = pb.METHOD_INTEGRATED_GRADIENTS
     Params = IntegratedGradientsParams
-    auto_rank = 2
+    auto_rank = 5
     description = (
         "Path integral of gradients from a baseline (black/blur/uniform noise/mean); "
         "steps forward + steps backward + 1 forward (none for a known black/zero baseline), "

@@ -116,7 +116,7 @@ class SmoeScale(MultiScaleHandler):
     """SMOE Scale fast path: the weighted average of the normalized per-scale maps."""
 
     method = pb.METHOD_SMOE_SCALE
-    auto_rank = 6
+    auto_rank = 9
     warm_up = True
     description = ("SMOE Scale of every scale output, normalized and averaged; reuses the "
                    "prediction's forward pass (1 forward, 0 backward).")
@@ -162,7 +162,7 @@ class FastCam(MultiScaleHandler):
     """
 
     method = pb.METHOD_FASTCAM
-    auto_rank = 0
+    auto_rank = 1
     description = ("Combined SMOE map × class activation map; 1 forward on a GAP+linear "
                    "head, otherwise + 1 torch forward/backward for Grad-CAM.")
 

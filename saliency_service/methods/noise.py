@@ -238,7 +238,7 @@ class GuidedAbsoluteGrad(NoiseHandler):
     """
 
     method = pb.METHOD_GUIDED_ABSOLUTEGRAD
-    auto_rank = 4
+    auto_rank = 7
     min_samples = 2
     Params = GuidedAbsoluteGradParams
     description = (

@@ -81,7 +81,7 @@ class Occlusion(Handler):
     method = pb.METHOD_OCCLUSION
     Params = OcclusionParams
     warm_up_overrides: ClassVar[dict[str, Any]] = {"stride": 16}
-    auto_rank = 7
+    auto_rank = 4
     description = "Drop in target probability when a window is replaced by a baseline."
     paper = "https://arxiv.org/abs/1311.2901"
 
