@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from saliency_service.zoo.tiny import Attention
+
 CLASSES = 5
 
 
@@ -217,22 +219,6 @@ class ViTEncoder(nn.Module):
         tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1) + self.pos
         tokens = self.encoder(tokens.transpose(0, 1))
         return self.head(self.norm(tokens[0]))
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention written out (timm's ``Attention``)."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        weights = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        return self.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
 
 
 class Block(nn.Module):

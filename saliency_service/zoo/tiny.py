@@ -96,8 +96,8 @@ class DepthwiseCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-class _Attention(nn.Module):
-    """Multi-head self-attention, written out."""
+class Attention(nn.Module):
+    """Multi-head self-attention, written out (timm's ``Attention``)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -115,7 +115,7 @@ class _Attention(nn.Module):
 class _Block(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), _Attention(dim, heads)
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
