@@ -145,7 +145,7 @@ UNKNOWN_ENUMS = [
         pb.METHOD_SMOE_SCALE, "smoe_scale", normalization=9), "NORMALIZATION_GAMMA_CDF"),
     ("fastcam.normalization", with_params(
         pb.METHOD_FASTCAM, "fastcam", normalization=-1), "NORMALIZATION_GAUSSIAN_CDF"),
-    ("occlusion.baseline", with_params(pb.METHOD_OCCLUSION, "occlusion", baseline=6),
+    ("occlusion.baseline", with_params(pb.METHOD_OCCLUSION, "occlusion", baseline=99),
      "BASELINE_ZERO"),
     ("decam.baseline", with_params(pb.METHOD_DECAM, "decam", baseline=2**31 - 1),
      "BASELINE_MEAN"),

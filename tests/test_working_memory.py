@@ -76,7 +76,10 @@ def rise(masks: int, cells: int = SIZE) -> pb.ExplainRequest:
 def decam(population: int, batch: int = 4) -> pb.ExplainRequest:
     return pb.ExplainRequest(model="tiny", method=pb.METHOD_DECAM, input=images(batch), seed=3,
                              decam=pb.DecamParams(population=population, grid=32,
-                                                  generations=1, refine=False))
+                                                  generations=1, refine=False,
+                                                  # the search's own arrays; the regression
+                                                  # map adds a grid²×grid² matrix per image
+                                                  aggregate="covariance"))
 
 
 def traced_peak(call: Callable[[], object]) -> int:
