@@ -130,6 +130,9 @@ def test_sighup_reloads_and_sigterm_drains_in_flight_requests(
         "2",
         "--max-queue",
         "4",
+        # No notice: the drain starts at SIGTERM (calls served during a notice: test_startup).
+        "--drain-notice-seconds",
+        "0",
         "--grace-seconds",
         "60",
         "--chunk-memory-bytes",
@@ -211,6 +214,9 @@ def test_drain_answers_every_request_within_the_grace_period(models: Path) -> No
         "2",
         "--max-queue",
         "4",
+        # No notice: the drain starts at SIGTERM (calls served during a notice: test_startup).
+        "--drain-notice-seconds",
+        "0",
         "--grace-seconds",
         str(grace),
         "--chunk-memory-bytes",

@@ -56,9 +56,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
 # reach their next check, and how long gRPC gets to send the last replies.
 WORKER_STOP_SECONDS = 0.5
 REPLY_SECONDS = 0.2
-# While draining, the port stays open (new calls answered UNAVAILABLE) until calls have
-# paused this long, or ``drain_notice_seconds`` have passed: gRPC cancels a call that reaches
-# it after its GOAWAY was sent, so the GOAWAY goes out when no call is on its way.
+# While draining, the port stays open (new calls still served, health NOT_SERVING) until calls
+# have paused this long, or ``drain_notice_seconds`` have passed: gRPC cancels a call that
+# reaches it after its GOAWAY was sent, so the GOAWAY goes out when no call is on its way.
 QUIET_SECONDS = 0.1
 # A port that cannot be bound, by its flag.
 PORT_FLAGS = {"gRPC": "--port", "metrics": "--metrics-port", "HTTP": "--http-port"}
@@ -377,7 +377,6 @@ class SaliencyServer:
         grace = self.config.grace_seconds if grace is None else grace
         ends = time.perf_counter() + grace
         self._stopping = True
-        self.admission.drain(ends)
         warming = self._warming
         if warming is not None:
             warming.stop("not warmed up: the server is shutting down")
@@ -385,6 +384,7 @@ class SaliencyServer:
             self._poller.cancel()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._calls_pause(min(self.config.drain_notice_seconds, grace))
+        self.admission.drain(ends)
         # gRPC's own stop sends the GOAWAY at once; its grace outlasts ours, which ends the
         # calls itself (the second stop below then closes what is left).
         goaway = (asyncio.ensure_future(self.server.stop(grace + WORKER_STOP_SECONDS + 1.0))
@@ -420,7 +420,8 @@ class SaliencyServer:
 
     async def _calls_pause(self, longest: float) -> None:
         """Waits until no call has arrived for ``QUIET_SECONDS``, or ``longest`` seconds:
-        calls arriving meanwhile are answered UNAVAILABLE by the draining admission."""
+        calls arriving meanwhile are still served (health already says NOT_SERVING), so a
+        client balancing over replicas loses none while it learns to go elsewhere."""
         ends = time.monotonic() + longest
         while True:
             now = time.monotonic()
