@@ -50,6 +50,7 @@ from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from saliency_service.serving.background import RunningServer
 from tests.conftest import make_config
 from tests.fixtures.onnx_classifiers import BOXES, FOLDER, GAIN, OFFSET, SIZE
+from tests.models import TinyViT
 
 TOLERANCE = 1e-4
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,30 +105,6 @@ class SmallResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.layer2(self.layer1(self.pool(self.stem(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
-
-
-class TinyViT(nn.Module):
-    """Patch convolution, class token, LayerNorm, multi-head attention, GELU MLP."""
-
-    def __init__(self, classes: int = 3, dim: int = 16, patch: int = 4, size: int = 16) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, patch, patch)
-        self.cls = nn.Parameter(torch.randn(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2 + 1, dim) * 0.1)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attention = nn.MultiheadAttention(dim, 2, batch_first=True)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.patch(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], 1) + self.pos
-        h = self.norm1(tokens)
-        tokens = tokens + self.attention(h, h, h, need_weights=False)[0]
-        tokens = tokens + self.mlp(self.norm2(tokens))
-        return self.head(self.norm(tokens)[:, 0])
 
 
 def trained(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:

@@ -28,6 +28,7 @@ from saliency_service.methods._utils.onnx_to_fx import (
     to_graph_module,
     unsupported_operators,
 )
+from tests.models import TinyViT
 
 try:
     from saliency_service.methods._utils import torch_program
@@ -195,30 +196,6 @@ class MobileNetish(nn.Module):
         return self.head(F.adaptive_avg_pool2d(features, 1).flatten(1)), features
 
 
-class ViTish(nn.Module):
-    """Patch convolution, class token, LayerNorm, multi-head attention, GELU MLP."""
-
-    def __init__(self, classes: int = 3, dim: int = 16, patch: int = 4, size: int = 16) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, patch, patch)
-        self.cls = nn.Parameter(torch.randn(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2 + 1, dim) * 0.1)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attention = nn.MultiheadAttention(dim, 2, batch_first=True)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.patch(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], 1) + self.pos
-        h = self.norm1(tokens)
-        tokens = tokens + self.attention(h, h, h, need_weights=False)[0]
-        tokens = tokens + self.mlp(self.norm2(tokens))
-        return self.head(self.norm(tokens)[:, 0])
-
-
 def trained(cls: type[nn.Module], shape: Sequence[int], seed: int = 0) -> nn.Module:
     """Seeded weights, BatchNorm statistics from a few training-mode batches, then eval."""
     torch.manual_seed(seed)
@@ -360,7 +337,7 @@ VIT_SHAPE = (3, 16, 16)
 def test_tiny_vit(dynamo: bool, tmp_path: Path) -> None:
     """Both exporters keep the batch free here (the dynamo one from a batch-2 example:
     exporting from batch 1 fixes the batch at 1, for ORT and for us alike)."""
-    original = trained(ViTish, VIT_SHAPE)
+    original = trained(TinyViT, VIT_SHAPE)
     model = onnx.load(str(export(original, tmp_path, VIT_SHAPE, dynamo)))
     ops = {n.op_type for n in model.graph.node}
     assert {"LayerNormalization", "MatMul", "Softmax"} <= ops
