@@ -265,7 +265,7 @@ class RiseParams(_message.Message):
     def __init__(self, masks: _Optional[int] = ..., cells: _Optional[int] = ..., keep_probability: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "version", "input", "method", "target", "vanilla_gradient", "input_x_gradient", "smoothgrad", "vargrad", "integrated_gradients", "guided_backprop", "guided_absolutegrad", "gradcam", "gradcam_plus_plus", "guided_gradcam", "xgradcam", "smoe_scale", "fastcam", "lovi", "decam", "occlusion", "rise", "seed", "budget", "return_raw", "return_overlay", "top_k", "resize")
+    __slots__ = ("model", "version", "input", "method", "target", "vanilla_gradient", "input_x_gradient", "smoothgrad", "vargrad", "integrated_gradients", "guided_backprop", "guided_absolutegrad", "gradcam", "gradcam_plus_plus", "guided_gradcam", "xgradcam", "smoe_scale", "fastcam", "lovi", "decam", "occlusion", "rise", "seed", "budget", "return_raw", "return_overlay", "top_k", "resize", "precision")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
@@ -294,6 +294,7 @@ class ExplainRequest(_message.Message):
     RETURN_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     input: Input
@@ -322,7 +323,8 @@ class ExplainRequest(_message.Message):
     return_overlay: bool
     top_k: int
     resize: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., vanilla_gradient: _Optional[_Union[VanillaGradientParams, _Mapping]] = ..., input_x_gradient: _Optional[_Union[InputXGradientParams, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., vargrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., guided_backprop: _Optional[_Union[GuidedBackpropParams, _Mapping]] = ..., guided_absolutegrad: _Optional[_Union[GuidedAbsoluteGradParams, _Mapping]] = ..., gradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., gradcam_plus_plus: _Optional[_Union[GradCamParams, _Mapping]] = ..., guided_gradcam: _Optional[_Union[GuidedGradCamParams, _Mapping]] = ..., xgradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., smoe_scale: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., fastcam: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., lovi: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., decam: _Optional[_Union[DecamParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., rise: _Optional[_Union[RiseParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., return_raw: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., top_k: _Optional[int] = ..., resize: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., vanilla_gradient: _Optional[_Union[VanillaGradientParams, _Mapping]] = ..., input_x_gradient: _Optional[_Union[InputXGradientParams, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., vargrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., guided_backprop: _Optional[_Union[GuidedBackpropParams, _Mapping]] = ..., guided_absolutegrad: _Optional[_Union[GuidedAbsoluteGradParams, _Mapping]] = ..., gradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., gradcam_plus_plus: _Optional[_Union[GradCamParams, _Mapping]] = ..., guided_gradcam: _Optional[_Union[GuidedGradCamParams, _Mapping]] = ..., xgradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., smoe_scale: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., fastcam: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., lovi: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., decam: _Optional[_Union[DecamParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., rise: _Optional[_Union[RiseParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., return_raw: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., top_k: _Optional[int] = ..., resize: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "probability", "logit")
@@ -343,20 +345,22 @@ class Prediction(_message.Message):
     def __init__(self, top: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
 
 class Cost(_message.Message):
-    __slots__ = ("method", "forward_passes", "backward_passes", "wall_seconds", "cpu_seconds", "truncated")
+    __slots__ = ("method", "forward_passes", "backward_passes", "wall_seconds", "cpu_seconds", "truncated", "precision")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     method: Method
     forward_passes: int
     backward_passes: int
     wall_seconds: float
     cpu_seconds: float
     truncated: bool
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., forward_passes: _Optional[int] = ..., backward_passes: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    precision: str
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., forward_passes: _Optional[int] = ..., backward_passes: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., truncated: _Optional[bool] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("model", "version", "saliency", "predictions", "targets", "cost", "raw", "overlays", "diagnostics", "request_id")
@@ -412,18 +416,20 @@ class ExplainUpdate(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ExplainResponse, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "version", "input", "top_k", "resize")
+    __slots__ = ("model", "version", "input", "top_k", "resize", "precision")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     input: Input
     top_k: int
     resize: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ..., resize: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ..., resize: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "version", "predictions", "logits", "cost")
