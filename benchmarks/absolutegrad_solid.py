@@ -36,6 +36,7 @@ from saliency_service.methods import registry
 from saliency_service.methods.noise import noise_sigmas
 from saliency_service.packaging.export import export_package
 from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.codec import method_enum, method_name
 from tests.guided_absolutegrad_reference import handler_noise, reference_per_image
 
 SIZE = 32
@@ -149,7 +150,7 @@ def scores(maps: np.ndarray, masks: np.ndarray) -> dict[str, float]:
 
 def explain(handle: ModelHandle, method: int, params: dict[str, Any], images: np.ndarray,
             labels: np.ndarray) -> np.ndarray:
-    handler = registry.get(method)
+    handler = registry.get(method_name(method))
     job = Job(model=handle, inputs=images, targets=labels, params=handler.params(**params),
               base_logits=handle.run(images)[0], seed=EXPLAIN_SEED)
     return handler.explain(job).maps
@@ -223,7 +224,7 @@ def run_task(task: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     area = float(masks.mean())
     methods: dict[str, Any] = {}
     for name, method, params in METHODS:
-        if method not in {h.method for h in registry.handlers()}:
+        if method not in {method_enum(h.name) for h in registry.handlers()}:
             continue
         methods[name] = scores(explain(handle, method, params, images, labels), masks)
     samples = 20

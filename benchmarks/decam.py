@@ -42,7 +42,6 @@ from saliency_service.methods._utils.resize import upsample
 from saliency_service.methods.base import run_onnx_batched, softmax
 from saliency_service.methods.decam import MaskFitness, search_masks
 from saliency_service.methods.perturbation import blend
-from saliency_service.proto import explainer_pb2 as pb
 
 
 class OneCandidatePerCall(MaskFitness):
@@ -84,7 +83,7 @@ def model_224() -> ModelHandle:
 
 def make_job(handle: ModelHandle, inputs: np.ndarray, params: dict[str, Any],
              seed: int) -> Job:
-    handler = registry.get(pb.METHOD_DECAM)
+    handler = registry.get("decam")
     (logits,) = handle.run(inputs)
     job = Job(model=handle, inputs=inputs, targets=logits.argmax(1),
               params=handler.params(None, {}, **params), base_logits=logits, seed=seed)

@@ -164,7 +164,7 @@ def measure(
     targets = np.argsort(-logits, axis=1)[:, 1].astype(np.int64)  # a non-predicted class
     rows = []
     for method in METHODS:
-        handler = registry.get(next(h.method for h in registry.handlers() if h.name == method))
+        handler = registry.get(method)
         counts = {k: samples or 2 for k in ("samples", "steps") if k in handler.defaults}
         params = handler.params(**counts) if quick or samples else handler.params()
 

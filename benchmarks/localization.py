@@ -28,6 +28,7 @@ from saliency_service.core.request import Job
 from saliency_service.evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate
 from saliency_service.methods import registry
 from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.codec import method_enum, method_name
 from saliency_service.protocol.inputs import preprocess_pixels
 
 RESULTS = Path(__file__).parent / "results" / "localization.json"
@@ -109,7 +110,7 @@ def run_method(handle: ModelHandle, method: int, params: dict[str, Any], inputs:
                batch: int = 8) -> tuple[np.ndarray, int, float, float | None]:
     """Maps for all inputs, in batches; returns (maps, forward passes, seconds, mean DE-CAM
     fitness or None)."""
-    handler = registry.get(method)
+    handler = registry.get(method_name(method))
     resolved = handler.params(None, {}, **params)
     maps, passes, fitness, started = [], 0, [], time.perf_counter()
     for start in range(0, inputs.shape[0], batch):
@@ -164,7 +165,7 @@ def main() -> None:
         ("decam grid 16, refine 4→8→16", pb.METHOD_DECAM, {"grid": 16}, variants),
         ("decam grid 16, one stage", pb.METHOD_DECAM, {"grid": 16, "refine": False}, variants),
     ]
-    available = {h.method for h in registry.handlers() if h.available_for(handle)}
+    available = {method_enum(h.name) for h in registry.handlers() if h.available_for(handle)}
     if pb.METHOD_GRADCAM in available:
         methods.insert(0, ("gradcam", pb.METHOD_GRADCAM, {}, images))
     rows = []

@@ -46,6 +46,7 @@ from saliency_service.methods._utils.smoe import EPSILON, combined_map, smoe_sca
 from saliency_service.methods.cam import grad_cam
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.codec import method_enum
 from saliency_service.protocol.images import array_to_tensor
 from saliency_service.serving.config import Config
 from saliency_service.serving.server import SaliencyServer
@@ -206,7 +207,7 @@ def run(architecture: str, batches: list[int], repeats: int,
     label = LABELS[architecture]  # the rows' label
     core = in_process_core(root, max_batch=16, intra_op_threads=threads)
     handle = core.repository.get(architecture)
-    have_gradcam = pb.METHOD_GRADCAM in {h.method for h in registry.handlers()}
+    have_gradcam = pb.METHOD_GRADCAM in {method_enum(h.name) for h in registry.handlers()}
     peer_name, peer = peer_gradcam(model)
     server = Server(root, threads)
     rows = []

@@ -34,7 +34,7 @@ from saliency_service.methods._utils.resize import upsample
 from saliency_service.methods.base import scale_by_max
 from saliency_service.methods.cam import grad_cam
 from saliency_service.proto import explainer_pb2 as pb
-from saliency_service.protocol.codec import Core
+from saliency_service.protocol.codec import Core, method_enum
 from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from saliency_service.protocol.inputs import preprocess_pixels
 
@@ -82,7 +82,7 @@ def _spec(size: int, mean: list[float], std: list[float]) -> Any:
 def grad_cam_maps(core: Core, handle: Any, inputs: np.ndarray, targets: np.ndarray
                   ) -> tuple[np.ndarray, str]:
     """Grad-CAM maps from the service when registered, else the autograd fallback."""
-    if pb.METHOD_GRADCAM in {h.method for h in registry.handlers()}:
+    if pb.METHOD_GRADCAM in {method_enum(h.name) for h in registry.handlers()}:
         return explain(core, pb.METHOD_GRADCAM, inputs, targets), "saliency_service.methods.cam"
     job = Job(model=handle, inputs=inputs, targets=targets, params={})
     cam = grad_cam(job, handle.spec().cam_output)

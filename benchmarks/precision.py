@@ -103,7 +103,7 @@ def measure(label: str, root: Path, name: str, batch: int, repeats: int,
     targets = logits.argmax(axis=1).astype(np.int64)
     rows = []
     for method, counts in METHODS.items():
-        handler = registry.get(next(h.method for h in registry.handlers() if h.name == method))
+        handler = registry.get(method)
         scaled = {key: max(2, int(value * scale)) for key, value in counts.items()}
         params = handler.params(**scaled)
         maps: dict[str, np.ndarray] = {}

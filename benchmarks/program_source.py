@@ -68,7 +68,7 @@ def measure(name: str, batch: int, repeats: int, quick: bool) -> list[dict[str, 
     targets = np.argsort(-logits, axis=1)[:, 1].astype(np.int64)
     rows = []
     for method, counts in METHODS:
-        handler = registry.get(next(h.method for h in registry.handlers() if h.name == method))
+        handler = registry.get(method)
         params = handler.params(**({k: 2 for k in counts} if quick else counts))
         maps: dict[str, np.ndarray] = {}
 

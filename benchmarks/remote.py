@@ -25,6 +25,7 @@ from saliency_service.core.request import CostCounter, Job, RequestState
 from saliency_service.methods import registry
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.codec import params_values
 from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from saliency_service.serving.background import RunningServer
 from saliency_service.serving.config import Config
@@ -44,14 +45,14 @@ def remote_traffic(root: Path, protocol: str, method: str, request: pb.ExplainRe
     repository = Repository(root)
     repository.load_all()
     handle = repository.get(protocol)
-    handler = registry.get(METHODS[method])
+    handler = registry.get(method)
     inputs = tensor_to_array(request.input.tensor)
     cost = CostCounter()
     (logits,) = handle.run(inputs, count_remote=cost.remote)
     message = getattr(request, method) if request.HasField(method) else None
     job = Job(model=handle, inputs=inputs, targets=logits.argmax(1), base_logits=logits,
-              params=handler.params(message), seed=request.seed, state=RequestState(),
-              cost=cost)
+              params=handler.params(params_values(message, method)), seed=request.seed,
+              state=RequestState(), cost=cost)
     handler.explain(job)
     for each in repository.handles():
         if each.remote is not None:

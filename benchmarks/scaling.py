@@ -24,6 +24,7 @@ from benchmarks.common import (
     write_json,
 )
 from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.codec import method_enum
 
 SIZES = (64, 128, 224, 320)
 COUNTS = (4, 8, 16, 32)
@@ -52,7 +53,7 @@ class InProcess:
         self.model = model
         self.core = in_process_core(root)
         handle = self.core.repository.get(model)
-        self.offered = {h.method for h in self.core.methods_for(handle)}
+        self.offered = {method_enum(h.name) for h in self.core.methods_for(handle)}
         self.size = handle.spec().input.height
 
     def time(self, method: int, params: Any, image: bytes, repeats: int) -> float | None:

@@ -103,7 +103,7 @@ def test_get_model_offers_the_black_box_and_gradient_methods(plain_stub) -> None
     missing = {m.name: m.reason for m in info.unavailable_methods}
     assert {"gradcam", "smoe_scale"} <= missing.keys()
     for method in info.methods:
-        handler = registry.get(method.method)
+        handler = registry.get(method.name)
         assert not handler.needs_scales, method.name
     decam = next(m for m in info.methods if m.name == "decam")
     assert decam.defaults["grid"] == "8" and decam.defaults["baseline"] == "least_score"
@@ -406,7 +406,7 @@ def test_covariance_map_is_the_fitness_weighted_sum_of_every_evaluated_mask(
     handle.load()
     x = inputs(2)
     (logits,) = handle.run(x)
-    params = registry.get(pb.METHOD_DECAM).params(
+    params = registry.get("decam").params(
         None, population=6, generations=40, patience=0, max_forward_passes=budget,
         aggregate="covariance")
     job = Job(model=handle, inputs=x, targets=logits.argmax(1), params=params,

@@ -21,7 +21,6 @@ from saliency_service.methods._utils.baselines import (
     least_score_baseline,
     make_baseline,
 )
-from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.inputs import preprocess_pixels
 from tests.onnx_models import IR_VERSION, OPSET, write_package
 
@@ -73,7 +72,7 @@ def decam_maps(handle: ModelHandle, images: np.ndarray, **params: object,
                ) -> tuple[np.ndarray, Job, dict[str, float]]:
     x = preprocess_pixels(images, handle.spec().input)
     (logits,) = handle.run(x)
-    handler = registry.get(pb.METHOD_DECAM)
+    handler = registry.get("decam")
     job = Job(model=handle, inputs=x, targets=np.zeros(len(x), np.int64),
               params=handler.params(None, **params), base_logits=logits, seed=0)
     result = handler.explain(job)

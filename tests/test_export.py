@@ -17,7 +17,6 @@ from saliency_service.methods import registry
 from saliency_service.methods._utils.torch_program import FAST, prepared_module
 from saliency_service.methods.gradients import input_gradients
 from saliency_service.packaging.export import ExportError, export_package, find_scale_modules
-from saliency_service.proto import explainer_pb2 as pb
 from tests.models import TinyCNN
 
 
@@ -212,7 +211,7 @@ def test_a_forward_that_fixes_its_batch_is_exported_at_batch_one_and_served_in_c
     np.testing.assert_allclose(handle.run(x)[0], expected, rtol=1e-4, atol=1e-5)
     # Gradients in chunks of one, each equal to autograd on the module.
     job = Job(model=handle, inputs=x, targets=np.array([0, 1, 2]),
-              params=registry.get(pb.METHOD_VANILLA_GRADIENT).params(), base_logits=None)
+              params=registry.get("vanilla_gradient").params(), base_logits=None)
     ours = input_gradients(job, x, job.targets)
     leaf = torch.from_numpy(x.copy()).requires_grad_(True)
     rows = torch.cat([model(leaf[i:i + 1]) for i in range(3)])

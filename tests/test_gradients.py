@@ -31,6 +31,7 @@ from saliency_service.methods._utils.gradient_program import translation
 from saliency_service.methods._utils.torch_program import GUIDED
 from saliency_service.methods.noise import noise_sigmas, noise_tunnel, seeded_noise
 from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.codec import method_enum, method_name
 from saliency_service.serving.config import Config
 from tests.gradient_fixtures import (
     ARCHITECTURES,
@@ -59,7 +60,7 @@ def model(request: pytest.FixtureRequest, exported: dict[str, Exported]) -> Expo
 def run(
     method: int, model: Exported, x: np.ndarray, targets: np.ndarray, **params: object
 ) -> tuple[np.ndarray, np.ndarray, object, dict[str, float]]:
-    handler = registry.get(method)
+    handler = registry.get(method_name(method))
     job = make_job(model.handle, x, targets, handler.params(**params))
     attribution = handler.explain(job)
     assert attribution.maps.dtype == np.float32
@@ -155,7 +156,7 @@ def test_noise_tunnel_matches_captum_on_identical_noise(model: Exported, nt_type
         model.handle,
         x,
         targets,
-        registry.get(pb.METHOD_SMOOTHGRAD).params(samples=samples, noise_level=level),
+        registry.get("smoothgrad").params(samples=samples, noise_level=level),
         limits={"chunk_memory_bytes": 1 << 20},
     )  # several chunks
     # SmoothGrad gathers Σg only, so its backward passes stop at the stem's output.
@@ -180,7 +181,7 @@ def test_noise_tunnel_wraps_guided_backprop_as_captum_does(model: Exported, nt_t
     expected, noises = captum_noise_tunnel(model, x, targets, samples, sigmas, nt_type,
                                            inner=GuidedBackprop)
     job = make_job(model.handle, x, targets,
-                   registry.get(pb.METHOD_SMOOTHGRAD).params(samples=samples, noise_level=level))
+                   registry.get("smoothgrad").params(samples=samples, noise_level=level))
     stats = noise_tunnel(job, samples, level, noise=lambda row, image: noises[image][row % samples],
                          spread=nt_type == "vargrad", variant=GUIDED)
     ours = stats.mean() if nt_type == "smoothgrad" else stats.variance()
@@ -194,7 +195,7 @@ def test_noise_methods_are_reproducible_and_seeded(
     exported: dict[str, Exported], method: int
 ) -> None:
     handle = exported["demo_resnet"].handle
-    handler = registry.get(method)
+    handler = registry.get(method_name(method))
     x = inputs(2)
     params = handler.params(samples=4)
 
@@ -329,7 +330,7 @@ def test_integrated_gradients_through_the_stem_equals_the_plain_path(
     unevenly (15 rows: 4, 4, 4, 2, 1)."""
     x = inputs()
     targets = non_predicted_targets(model.handle, x)
-    handler = registry.get(pb.METHOD_INTEGRATED_GRADIENTS)
+    handler = registry.get("integrated_gradients")
     params = handler.params(steps=5, baseline="uniform_noise")
     per_row = make_job(model.handle, x, targets, params).activation_bytes(backward=True)
     limits = {"chunk_memory_bytes": 7 * per_row + per_row // 2}
@@ -519,7 +520,7 @@ def test_gradcam_plus_plus_differs_from_gradcam(model: Exported) -> None:
     assert relative_error(variant / np.abs(variant).max(), plain / np.abs(plain).max()) > 1e-3
 
 
-GRADIENT_METHODS = [h.method for h in registry.handlers() if h.uses_gradients]
+GRADIENT_METHODS = [method_enum(h.name) for h in registry.handlers() if h.uses_gradients]
 
 
 @pytest.mark.parametrize(
@@ -547,7 +548,7 @@ def test_invalid_parameters_are_named(
 ) -> None:
     """Refused where the parameters are made (ranges, choices, limits) or, for what depends
     on the model, by the handler before any pass."""
-    handler = registry.get(method)
+    handler = registry.get(method_name(method))
     pattern = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
     with pytest.raises(InvalidInput, match=pattern):
         job = make_job(exported["demo_resnet"].handle, inputs(1), np.array([0]),
@@ -568,7 +569,7 @@ class CountingState(RequestState):
 
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_deadline_is_checked_between_chunks(exported: dict[str, Exported], method: int) -> None:
-    handler = registry.get(method)
+    handler = registry.get(method_name(method))
     params = handler.params(**{k: 4 for k in ("samples", "steps") if k in handler.defaults})
     job = make_job(
         exported["vgg_style"].handle,
@@ -585,7 +586,7 @@ def test_deadline_is_checked_between_chunks(exported: dict[str, Exported], metho
 def test_a_passed_deadline_stops_a_long_method(exported: dict[str, Exported]) -> None:
     from saliency_service.core.errors import DeadlineExceeded
 
-    handler = registry.get(pb.METHOD_SMOOTHGRAD)
+    handler = registry.get("smoothgrad")
 
     class ExpiresAfterTwoChecks(RequestState):
         checks = 0

@@ -8,6 +8,7 @@ import pytest
 
 from saliency_service.methods import registry
 from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.codec import method_enum
 from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from tests.conftest import TINY_SHAPE
 
@@ -72,7 +73,8 @@ def test_the_whole_family_is_registered() -> None:
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("handler", FAMILY, ids=lambda h: h.name)
 def test_explain_over_grpc(stub, handler, batch: int, target: str) -> None:
-    reply = stub.Explain(request_for(handler.name, handler.method, batch, target), timeout=60)
+    request = request_for(handler.name, method_enum(handler.name), batch, target)
+    reply = stub.Explain(request, timeout=60)
     maps = tensor_to_array(reply.saliency)
     assert maps.dtype == np.float32 and maps.shape == (batch, *TINY_SHAPE[1:])
     assert maps.min() >= 0 and maps.max() <= 1 and np.isfinite(maps).all()
@@ -86,7 +88,7 @@ def test_explain_over_grpc(stub, handler, batch: int, target: str) -> None:
     else:
         assert reply.cost.forward_passes == batch + known[0] * batch
         assert reply.cost.backward_passes == known[1] * batch
-    assert reply.cost.method == handler.method
+    assert reply.cost.method == method_enum(handler.name)
     raw = tensor_to_array(reply.raw)
     assert raw.shape[0] == batch and np.isfinite(raw).all()
     if handler.name == "integrated_gradients":
@@ -112,7 +114,7 @@ def test_equal_seeds_give_equal_maps_over_grpc(stub) -> None:
     ],
 )
 def test_bad_parameters_are_invalid_argument(stub, field: str, params, message: str) -> None:
-    method = {h.name: h.method for h in FAMILY}[field]
+    method = method_enum(field)
     request = request_for(field, method, 1, "predicted")
     getattr(request, field).CopyFrom(params)
     with pytest.raises(grpc.RpcError) as error:

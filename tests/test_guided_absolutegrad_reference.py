@@ -39,7 +39,7 @@ from tests.guided_absolutegrad_reference import (
 from tests.models import TinyCNN
 
 TOLERANCE = 1e-4
-HANDLER = registry.get(pb.METHOD_GUIDED_ABSOLUTEGRAD)
+HANDLER = registry.get("guided_absolutegrad")
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,11 @@ SERVER = ("saliency_service.serving", "saliency_service.protocol")
 UPPER = (*SERVER, "saliency_service.client", "saliency_service.packaging",
          "saliency_service.zoo", "saliency_service.evaluation", "saliency_service.cli")
 FORBIDDEN = {
-    "core": ("grpc", "saliency_service.proto", "saliency_service.methods",
+    "core": ("grpc", "google.protobuf", "saliency_service.proto", "saliency_service.methods",
              "saliency_service.render", *UPPER),
     "render": ("grpc", "saliency_service.proto", "saliency_service.methods", *UPPER),
-    "methods": ("grpc", *UPPER),
+    # Methods take plain parameters and are known by name: the wire stays in protocol/.
+    "methods": ("grpc", "google.protobuf", "saliency_service.proto", *UPPER),
     "client": ("torch", "onnxruntime", "onnx", "cv2", "starlette", "uvicorn", "scipy",
                "saliency_service.serving", "saliency_service.methods",
                "saliency_service.packaging", "saliency_service.zoo",

@@ -18,6 +18,7 @@ from saliency_service.core.params import flag, limits_of
 from saliency_service.methods import registry
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
+from saliency_service.protocol.codec import method_enum
 from saliency_service.protocol.images import array_to_tensor
 from tests.conftest import TINY_SHAPE, RunningServer, make_config
 
@@ -36,7 +37,7 @@ def request_over(handler: registry.Handler, field: str) -> pb.ExplainRequest:
         setattr(params, other, min(defaults[other], LOW))
     setattr(params, field, LOW + 1)
     request = pb.ExplainRequest(
-        model="tiny", method=handler.method,
+        model="tiny", method=method_enum(handler.name),
         input=pb.Input(tensor=array_to_tensor(np.zeros((1, *TINY_SHAPE), np.float32))))
     getattr(request, handler.params_field).CopyFrom(params)
     return request

@@ -148,7 +148,7 @@ def test_the_worker_side_conversions_are_bounded_too() -> None:
     """The engine converts the parameters and targets again off the event loop (for
     transports that call it directly): bounded by length there as well."""
     weights = many_weights()
-    handler = registry.get(pb.METHOD_FASTCAM)
+    handler = registry.get("fastcam")
     assert peak_bytes(lambda: handler.params(weights.fastcam, Config().limits())) < 256 * 1024
     per_item = many_per_item()
     assert peak_bytes(lambda: target_of(per_item.target, 16)) < 256 * 1024

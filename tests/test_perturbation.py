@@ -12,6 +12,7 @@ from saliency_service.core.request import Job
 from saliency_service.methods import registry
 from saliency_service.methods._utils.resize import upsample
 from saliency_service.proto import explainer_pb2 as pb
+from saliency_service.protocol.codec import method_name
 from tests.onnx_models import small_cnn, write_package
 
 SIZE = 20
@@ -37,7 +38,7 @@ def probability(session: ort.InferenceSession, image: np.ndarray, target: int) -
 
 def run_handler(handle: ModelHandle, method: int, params: dict, inputs: np.ndarray,
                 targets: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Job]:
-    handler = registry.get(method)
+    handler = registry.get(method_name(method))
     job = Job(model=handle, inputs=inputs, targets=targets, seed=seed,
                      params=handler.params(**params))
     return handler.explain(job).raw, job
@@ -87,7 +88,7 @@ def test_rise_is_chunking_invariant_and_seeded(handle: ModelHandle) -> None:
     targets = np.array([1, 1, 3])
     params = {"masks": 30, "cells": 5}
     whole, _ = run_handler(handle, pb.METHOD_RISE, params, inputs, targets, seed=9)
-    handler = registry.get(pb.METHOD_RISE)
+    handler = registry.get("rise")
     # A budget of a few images per chunk forces many ONNX Runtime calls.
     job = Job(model=handle, inputs=inputs, targets=targets, seed=9,
               params=handler.params(**params),

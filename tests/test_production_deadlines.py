@@ -17,7 +17,7 @@ from saliency_service.core.repository import Repository
 from saliency_service.core.request import CostCounter, RequestState
 from saliency_service.methods import registry
 from saliency_service.proto import explainer_pb2 as pb
-from saliency_service.protocol.codec import Core
+from saliency_service.protocol.codec import Core, method_enum
 from saliency_service.serving.metrics import Metrics
 from tests.conftest import make_config
 from tests.production_support import tiny_request
@@ -55,7 +55,7 @@ def test_deadline_stops_every_multi_pass_method(core: Core, handler) -> None:
     if not handler.available_for(handle):
         pytest.skip(f"{handler.name} is not offered for the test model")
     batch = 1
-    request = tiny_request(handler.method, batch=batch)
+    request = tiny_request(method_enum(handler.name), batch=batch)
     full_state, full_cost = ExpiringState(), CostCounter()
     try:
         core.explain(request, full_state, full_cost)

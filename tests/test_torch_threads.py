@@ -21,21 +21,22 @@ from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from saliency_service.protocol.images import array_to_tensor
 from saliency_service.serving.config import MAX_INLINE_MS
-from saliency_service.serving.engine import ExplainOrder
+from saliency_service.serving.engine import ExplainOrder, Prepared
 from tests.conftest import RunningServer, make_config
 from tests.production_support import scrape, value
 
 
 @pytest.fixture(scope="module")
-def recorded(repository: Path) -> Iterator[tuple[RunningServer, list[tuple[str, int]]]]:
+def recorded(repository: Path) -> Iterator[tuple[RunningServer, list[tuple[str, str]]]]:
     """A server (inline bound at its widest) whose ``Engine.explain`` records (thread, method)."""
     running = RunningServer(make_config(repository, max_inflight=1, intra_op_threads=2,
                                         inline_below_ms=MAX_INLINE_MS))
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, str]] = []
     explain: Callable[..., Any] = running.server.core.engine.explain
 
-    def recording(order: ExplainOrder, *args: Any, **kwargs: Any) -> Any:
-        calls.append((threading.current_thread().name, order.method))
+    def recording(order: ExplainOrder | Prepared, *args: Any, **kwargs: Any) -> Any:
+        method = order.order.method if isinstance(order, Prepared) else order.method
+        calls.append((threading.current_thread().name, method))
         return explain(order, *args, **kwargs)
 
     running.server.core.engine.explain = recording  # type: ignore[method-assign]
@@ -66,11 +67,11 @@ def inline_count(running: RunningServer, name: str) -> float:
 
 
 def test_warm_up_and_reload_run_on_the_explain_workers(
-    recorded: tuple[RunningServer, list[tuple[str, int]]],
+    recorded: tuple[RunningServer, list[tuple[str, str]]],
 ) -> None:
     running, calls = recorded
     warm_up = list(calls)
-    assert any(method == pb.METHOD_VANILLA_GRADIENT for _, method in warm_up)  # torch ran
+    assert any(method == "vanilla_gradient" for _, method in warm_up)  # torch ran
     assert all(thread.startswith("explain") for thread, _ in warm_up), warm_up
     calls.clear()
     assert running.call(running.server.reload(force=True))
@@ -79,7 +80,7 @@ def test_warm_up_and_reload_run_on_the_explain_workers(
 
 
 def test_cheap_torch_requests_stay_off_the_event_loop(
-    recorded: tuple[RunningServer, list[tuple[str, int]]],
+    recorded: tuple[RunningServer, list[tuple[str, str]]],
 ) -> None:
     """A gradient measured under the inline bound still goes to a worker, while an ONNX
     Runtime method measured as cheap runs inline."""
@@ -96,5 +97,5 @@ def test_cheap_torch_requests_stay_off_the_event_loop(
             stub.Explain(request(pb.METHOD_SMOE_SCALE, seed), timeout=30)
     assert inline_count(running, "vanilla_gradient") == gradients
     assert inline_count(running, "smoe_scale") == smoe + 3
-    torch_threads = {thread for thread, method in calls if method == pb.METHOD_VANILLA_GRADIENT}
+    torch_threads = {thread for thread, method in calls if method == "vanilla_gradient"}
     assert torch_threads and all(thread.startswith("explain") for thread in torch_threads)

@@ -178,7 +178,7 @@ def test_rise_maps_do_not_depend_on_the_chunk_budget(package: Path) -> None:
     """Bit for bit, from one mask per chunk to every mask in one chunk."""
     handle = ModelHandle("tiny", 1, package / "tiny" / "1")
     handle.load()
-    handler = registry.get(pb.METHOD_RISE)
+    handler = registry.get("rise")
     inputs = np.random.default_rng(4).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
     params = handler.params(masks=60, cells=9)
 

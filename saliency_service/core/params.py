@@ -1,9 +1,11 @@
-"""Typed method parameters: a frozen dataclass per method, filled from its proto message.
+"""Typed method parameters: a frozen dataclass per method, filled from plain values.
 
 A field declares its default, its range, its choices and the server limit (a ``Config``
-attribute such as ``max_steps``) that bounds it; ``from_message`` applies all of them, so
+attribute such as ``max_steps``) that bounds it; ``from_values`` applies all of them, so
 a method's parameter knowledge lives in its dataclass alone and every refusal names the
-field, the allowed values and, for a limit, the flag that raises it.
+field, the allowed values and, for a limit, the flag that raises it. The values come from
+the protocol layer (``protocol.codec`` reads the client's params message into a dict), so
+nothing here knows a wire format.
 """
 
 from __future__ import annotations
@@ -42,43 +44,12 @@ def flag(limit: str) -> str:
     return "--" + limit.replace("_", "-")
 
 
-def enum_name(message: Any, name: str, value: int, label: str) -> str:
-    """An enum field's value as its lower-case name without the enum's prefix
-    (``BASELINE_UNIFORM_NOISE`` → ``uniform_noise``). A number the proto does not define is
-    the client's mistake: INVALID_ARGUMENT naming the field (``label``) and its values."""
-    enum = message.DESCRIPTOR.fields_by_name[name].enum_type
-    known = enum.values_by_number.get(value)
-    if known is None:
-        valid = ", ".join(f"{v.name} ({v.number})" for v in enum.values)
-        raise InvalidInput(f"{label}={value} is not a {enum.name} value; use one of {valid}")
-    prefix = enum.values[0].name.rsplit("_", 1)[0] + "_"
-    return known.name.removeprefix(prefix).lower()
-
-
 def check_count(label: str, count: int, bound: int, why: str = "") -> None:
     """Refuses a repeated field of more than ``bound`` values, from its length alone (the
     values are not read, so a huge field costs nothing before it is refused)."""
     if count > bound:
         raise InvalidInput(f"{label} has {count} values; at most {bound} are accepted"
                            f"{f': {why}' if why else ''}")
-
-
-def _given(message: Any, descriptor: Any, label: str,
-           max_items: int = MAX_ITEMS) -> tuple[bool, Any]:
-    """(whether the client set the field, its value) for one proto field; a repeated field
-    is bounded by ``max_items`` before its values are converted."""
-    name = descriptor.name
-    if descriptor.is_repeated:
-        field = getattr(message, name)
-        check_count(label, len(field), max_items)
-        values = tuple(field)
-        return bool(values), values
-    if descriptor.has_presence:
-        return message.HasField(name), getattr(message, name)
-    value = getattr(message, name)
-    if descriptor.enum_type is not None:
-        return value != 0, enum_name(message, name, value, label) if value else ""
-    return bool(value), value
 
 
 def _check(where: str, field: dataclasses.Field[Any], value: Any,
@@ -105,27 +76,32 @@ def _check(where: str, field: dataclasses.Field[Any], value: Any,
                         "to raise the limit")
 
 
-def from_message(cls: type[P], message: Any | None, limits: Mapping[str, float],
-                 where: str, base: P | None = None) -> P:
-    """An instance of the parameters dataclass ``cls``: the dataclass defaults overlaid
-    with the fields the client set in ``message`` (a proto of the same field names), each
-    checked against its declared range, choices and server limit. ``where`` prefixes
-    messages (the request's params field, e.g. ``integrated_gradients``); ``base`` replaces
-    the defaults (to check values set in code)."""
+def from_values(cls: type[P], given: Mapping[str, Any] | None, limits: Mapping[str, float],
+                where: str, base: P | None = None) -> P:
+    """An instance of the parameters dataclass ``cls``: the dataclass defaults (or ``base``,
+    to check values set in code) overlaid with the values the client set in ``given``
+    (field name → value; enum fields by their lower-case names), each checked against its
+    declared range, choices, length and server limit. ``where`` prefixes messages (the
+    request's params field, e.g. ``integrated_gradients``). A name the dataclass lacks is
+    refused with the names it takes."""
+    given = dict(given or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        takes = ", ".join(fields) or "none"
+        raise InvalidInput(f"{where} has no parameter {unknown[0]!r}; it takes: {takes}")
     values: dict[str, Any] = {}
-    by_name = message.DESCRIPTOR.fields_by_name if message is not None else {}
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        descriptor = by_name.get(field.name)
-        value = getattr(base, field.name) if base is not None else field.default
+    for name, field in fields.items():
+        value = getattr(base, name) if base is not None else field.default
+        if name in given:
+            value = given[name]
+            if isinstance(value, list | tuple):
+                check_count(f"{where}.{name}", len(value),
+                            field.metadata.get("max_items", MAX_ITEMS))
         if isinstance(value, list):
             value = tuple(value)
-        if descriptor is not None:
-            given, proto_value = _given(message, descriptor, f"{where}.{field.name}",
-                                        field.metadata.get("max_items", MAX_ITEMS))
-            if given:
-                value = proto_value
-        _check(f"{where}.{field.name}", field, value, limits)
-        values[field.name] = value
+        _check(f"{where}.{name}", field, value, limits)
+        values[name] = value
     return cls(**values)
 
 

@@ -1,6 +1,6 @@
 """The Handler contract: what a method declares, and the steps every method shares.
 
-A method is one subclass: its enum value, its parameters dataclass (``core.params``), its
+A method is one subclass: its name, its parameters dataclass (``core.params``), its
 needs and its cost, and ``_compute``. The base checks, runs and normalizes; chunking by the
 memory budget and the deadline checks between chunks live on the ``Job``
 (``saliency_service.core.request``), so a new method is one small file.
@@ -14,16 +14,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from google.protobuf.message import Message
 
 from saliency_service.core.outputs import softmax
-from saliency_service.core.params import defaults_of, from_message
+from saliency_service.core.params import defaults_of, from_values
 from saliency_service.core.repository import ModelHandle
 from saliency_service.core.request import DEFAULT_LIMITS, Attribution, Job, Result, chunks
-from saliency_service.proto import explainer_pb2 as pb
 
 __all__ = ["ENGINE_ONNX", "ENGINE_TORCH", "Attribution", "Handler", "Job", "NoParams",
-           "Result", "chunks", "method_name", "normalize_per_image", "run_onnx_batched",
+           "Result", "chunks", "normalize_per_image", "run_onnx_batched",
            "scale_by_max", "softmax"]
 
 ENGINE_TORCH = "torch"
@@ -59,7 +57,7 @@ class NoParams:
 class Handler:
     """One explanation method; a subclass declares everything about it.
 
-    ``method`` (the proto enum value) gives ``name`` and ``params_field``; ``Params`` is the
+    ``name`` (``vanilla_gradient``) is also its ``params_field``; ``Params`` is the
     parameters dataclass (``core.params``: defaults, ranges, choices and the server limit
     of each field); ``auto_rank`` places it in METHOD_AUTO's preference (lower first, None
     = ranked after the others); ``warm_up`` runs it once (with ``warm_up_overrides``)
@@ -68,7 +66,6 @@ class Handler:
     ``_compute`` (and ``check``, ``to_maps`` where it needs to).
     """
 
-    method: ClassVar[int]
     name: ClassVar[str]
     params_field: ClassVar[str]
     Params: ClassVar[type] = NoParams
@@ -87,21 +84,20 @@ class Handler:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "method" in cls.__dict__:
-            cls.name = method_name(cls.method)
+        if "name" in cls.__dict__:
             cls.params_field = cls.name
 
     @property
     def defaults(self) -> dict[str, Any]:
         return defaults_of(self.Params)
 
-    def params(self, message: Message | None = None, limits: Mapping[str, float] = DEFAULT_LIMITS,
-               **overrides: Any) -> Any:
+    def params(self, values: Mapping[str, Any] | None = None,
+               limits: Mapping[str, float] = DEFAULT_LIMITS, **overrides: Any) -> Any:
         """The method's parameters: the dataclass defaults, replaced by keyword
-        ``overrides`` (code), then by the fields the client set in ``message``; all checked
-        once against the field declarations and the server ``limits``."""
+        ``overrides`` (code), then by the ``values`` the client set (name → value); all
+        checked once against the field declarations and the server ``limits``."""
         base = dataclasses.replace(self.Params(), **overrides) if overrides else None
-        return from_message(self.Params, message, limits, self.params_field, base=base)
+        return from_values(self.Params, values, limits, self.params_field, base=base)
 
     def available_for(self, model: ModelHandle) -> bool:
         """Whether this package has what the method needs."""
@@ -201,15 +197,6 @@ def gradients_problem(model: ModelHandle) -> str:
             raise
         return TORCH_EXTRA
     return gradient_problem(model)
-
-
-def method_name(method: int) -> str:
-    """``METHOD_VANILLA_GRADIENT`` → ``vanilla_gradient``; ``unknown`` for values the proto
-    does not define (so metric labels stay bounded)."""
-    try:
-        return pb.Method.Name(method).removeprefix("METHOD_").lower()
-    except ValueError:
-        return "unknown"
 
 
 def run_onnx_batched(

@@ -33,7 +33,6 @@ from saliency_service.methods.base import (
 )
 from saliency_service.methods.gradients import GradientHandler
 from saliency_service.methods.registry import register
-from saliency_service.proto import explainer_pb2 as pb
 
 # pytorch-grad-cam's guard in the Grad-CAM++ α denominator.
 PLUS_PLUS_EPSILON = 1e-6
@@ -187,7 +186,7 @@ class CamHandler(GradientHandler):
 class GradCam(CamHandler):
     """Grad-CAM: channel weights are the spatially averaged gradients of the target logit."""
 
-    method = pb.METHOD_GRADCAM
+    name = "gradcam"
     auto_rank = 2
     warm_up = True
     description = "Gradient-weighted class activation map at the CAM layer; 1 forward + 1 backward."
@@ -198,7 +197,7 @@ class GradCam(CamHandler):
 class GradCamPlusPlus(CamHandler):
     """Grad-CAM++: channel weights from positive gradients with per-pixel α coefficients."""
 
-    method = pb.METHOD_GRADCAM_PLUS_PLUS
+    name = "gradcam_plus_plus"
     description = "Grad-CAM with higher-order pixel weights; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1710.11063"
 

@@ -90,7 +90,6 @@ from saliency_service.methods.base import (
 )
 from saliency_service.methods.perturbation import base_probabilities
 from saliency_service.methods.registry import register
-from saliency_service.proto import explainer_pb2 as pb
 
 MAX_GRID = 32
 MIN_POPULATION = 4
@@ -355,7 +354,7 @@ class Decam(Handler):
     """DE-CAM (https://arxiv.org/abs/2209.08906): Differential Evolution over coarse masks,
     fitness from ONNX Runtime probabilities only; the best mask is the map."""
 
-    method = pb.METHOD_DECAM
+    name = "decam"
     auto_rank = 3
     Params = DecamParams
     warm_up_overrides: ClassVar[dict[str, Any]] = {"population": 8, "generations": 1}

@@ -24,7 +24,6 @@ from saliency_service.methods._utils.torch_program import (
 )
 from saliency_service.methods.base import ENGINE_TORCH, Handler, Job
 from saliency_service.methods.registry import register
-from saliency_service.proto import explainer_pb2 as pb
 
 # Builds the network inputs (M×C×H×W) and their target classes (M) for rows ``part``.
 RowMaker = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
@@ -132,7 +131,7 @@ class GradientHandler(Handler):
 class VanillaGradient(GradientHandler):
     """Simonyan et al. (arXiv 1312.6034): ∂ logit / ∂ x."""
 
-    method = pb.METHOD_VANILLA_GRADIENT
+    name = "vanilla_gradient"
     auto_rank = 8
     warm_up = True
     description = "Gradient of the target logit w.r.t. the input; 1 forward + 1 backward."
@@ -146,7 +145,7 @@ class VanillaGradient(GradientHandler):
 class InputXGradient(GradientHandler):
     """Shrikumar et al. (arXiv 1605.01713): x ⊙ ∂ logit / ∂ x, as Captum's InputXGradient."""
 
-    method = pb.METHOD_INPUT_X_GRADIENT
+    name = "input_x_gradient"
     description = "Input times its gradient; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1605.01713"
 
@@ -159,7 +158,7 @@ class GuidedBackprop(GradientHandler):
     """Springenberg et al. (arXiv 1412.6806): every ReLU passes back only positive gradients
     of positive inputs; computed on a rewritten copy of the program, never the user's module."""
 
-    method = pb.METHOD_GUIDED_BACKPROP
+    name = "guided_backprop"
     auto_rank = 6
     warm_up = True
     description = "Gradient with ReLU backward clamped to positive values; 1 forward + 1 backward."

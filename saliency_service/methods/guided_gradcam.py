@@ -17,7 +17,6 @@ from saliency_service.methods.base import CAM_PASS, TORCH_GRADIENT_PASS, Job
 from saliency_service.methods.cam import CamParams, GradCam, grad_cam, resolve_layer
 from saliency_service.methods.gradients import GradientHandler, input_gradients
 from saliency_service.methods.registry import register
-from saliency_service.proto import explainer_pb2 as pb
 
 _GRAD_CAM = GradCam()
 
@@ -29,7 +28,7 @@ class GuidedGradCam(GradientHandler):
     Map: |attribution| maxed over channels, divided by the image's maximum.
     """
 
-    method = pb.METHOD_GUIDED_GRADCAM
+    name = "guided_gradcam"
     auto_rank = 0  # most mass on the object and passes the sanity checks (groundtruth.md)
     Params = CamParams  # the layer of the Grad-CAM factor
     description = "Guided Backprop × upsampled Grad-CAM; 2 forward + 2 backward."

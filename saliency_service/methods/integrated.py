@@ -24,7 +24,6 @@ from saliency_service.methods._utils.torch_program import FAST, linear_stem, pre
 from saliency_service.methods.base import ENGINE_TORCH, Job
 from saliency_service.methods.gradients import GradientHandler, summed_input_gradients
 from saliency_service.methods.registry import register
-from saliency_service.proto import explainer_pb2 as pb
 
 RULES = ("gauss_legendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 IG_BASELINES = ("black", "blur", "uniform_noise", "mean", "zero")
@@ -142,7 +141,7 @@ class IntegratedGradients(GradientHandler):
     and f(baseline) is known from an earlier request to the loaded model).
     """
 
-    method = pb.METHOD_INTEGRATED_GRADIENTS
+    name = "integrated_gradients"
     Params = IntegratedGradientsParams
     auto_rank = 5
     description = (

@@ -40,7 +40,6 @@ from saliency_service.methods.base import (
     scale_by_max,
 )
 from saliency_service.methods.registry import register
-from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.render.drawing import png
 from saliency_service.render.lovi_picture import lovi_picture
 
@@ -115,7 +114,7 @@ class MultiScaleHandler(Handler):
 class SmoeScale(MultiScaleHandler):
     """SMOE Scale fast path: the weighted average of the normalized per-scale maps."""
 
-    method = pb.METHOD_SMOE_SCALE
+    name = "smoe_scale"
     auto_rank = 9
     warm_up = True
     description = ("SMOE Scale of every scale output, normalized and averaged; reuses the "
@@ -144,7 +143,7 @@ class SmoeScale(MultiScaleHandler):
 class Lovi(SmoeScale):
     """LOVI: the per-scale maps as one picture (hue = depth), the combined map as saliency."""
 
-    method = pb.METHOD_LOVI
+    name = "lovi"
     description = ("Per-scale SMOE maps rendered as one PNG overlay (hue by depth, violet = "
                    "early, red = late); saliency is the combined map (1 forward, 0 backward).")
 
@@ -161,7 +160,7 @@ class FastCam(MultiScaleHandler):
     Other heads fall back to Grad-CAM on the torch program.
     """
 
-    method = pb.METHOD_FASTCAM
+    name = "fastcam"
     auto_rank = 1
     description = ("Combined SMOE map × class activation map; 1 forward on a GAP+linear "
                    "head, otherwise + 1 torch forward/backward for Grad-CAM.")

@@ -33,7 +33,6 @@ from saliency_service.methods.gradients import (
     summed_input_gradients,
 )
 from saliency_service.methods.registry import register
-from saliency_service.proto import explainer_pb2 as pb
 
 # (row index, image index) → the noise ε (C×H×W) added to that image for that row.
 NoiseSource = Callable[[int, int], torch.Tensor]
@@ -173,7 +172,7 @@ class SmoothGrad(NoiseHandler):
     Map: |mean gradient| maxed over channels, divided by the image's maximum.
     """
 
-    method = pb.METHOD_SMOOTHGRAD
+    name = "smoothgrad"
     description = (
         "Mean gradient over noisy copies (σ = noise_level × input range); "
         "samples forward + samples backward, batched."
@@ -193,7 +192,7 @@ class VarGrad(NoiseHandler):
     Map: the variance summed over channels, divided by the image's maximum.
     """
 
-    method = pb.METHOD_VARGRAD
+    name = "vargrad"
     min_samples = 2
     description = (
         "Variance of the gradient over noisy copies; samples forward + samples backward, batched."
@@ -237,7 +236,7 @@ class GuidedAbsoluteGrad(NoiseHandler):
     Map: |M| summed over channels, min-max normalized per image (the authors' last step).
     """
 
-    method = pb.METHOD_GUIDED_ABSOLUTEGRAD
+    name = "guided_absolutegrad"
     auto_rank = 7
     min_samples = 2
     Params = GuidedAbsoluteGradParams

@@ -25,7 +25,6 @@ from saliency_service.methods.base import (
     scale_by_max,
 )
 from saliency_service.methods.registry import register
-from saliency_service.proto import explainer_pb2 as pb
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -78,7 +77,7 @@ class Occlusion(Handler):
     """Zeiler & Fergus (arXiv 1311.2901): slide a window of baseline over the image; a pixel's
     attribution is the mean drop in target probability over the windows that cover it."""
 
-    method = pb.METHOD_OCCLUSION
+    name = "occlusion"
     Params = OcclusionParams
     warm_up_overrides: ClassVar[dict[str, Any]] = {"stride": 16}
     auto_rank = 4
@@ -238,7 +237,7 @@ class Rise(Handler):
     item of the batch; each chunk of masks × items is one ONNX Runtime call.
     """
 
-    method = pb.METHOD_RISE
+    name = "rise"
     Params = RiseParams
     warm_up_overrides: ClassVar[dict[str, Any]] = {"masks": 64}
     description = "Expected target probability over random upsampled binary masks."

@@ -1,4 +1,8 @@
-"""Method → Handler. A new method is one handler module plus one line in ``_BUILTIN``."""
+"""Method name → Handler. A new method is one handler module plus one line in ``_BUILTIN``.
+
+Methods are known by their names (``vanilla_gradient``); the protocol layer maps its own
+identifiers (the proto's Method enum) to these names.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import importlib
 
 from saliency_service.core.errors import NotFound
 from saliency_service.methods.base import TORCH_EXTRA, Handler
-from saliency_service.proto import explainer_pb2 as pb
 
 # Modules whose Handler subclasses are registered at start-up.
 _BUILTIN = (
@@ -22,18 +25,17 @@ _BUILTIN = (
     "saliency_service.methods.multiscale",
 )
 
-_HANDLERS: dict[int, Handler] = {}
+_HANDLERS: dict[str, Handler] = {}
 # Why a built-in module's methods are missing from this install (module → reason).
 _MISSING: dict[str, str] = {}
-UNSPECIFIED = pb.METHOD_UNSPECIFIED
-AUTO = pb.METHOD_AUTO  # the engine picks a method by measured cost and the request's budget
+AUTO = "auto"  # the engine picks a method by measured cost and the request's budget
 
 
 def register(handler_class: type[Handler]) -> type[Handler]:
     """Class decorator: registers one stateless instance per method."""
-    if handler_class.method in _HANDLERS:
-        raise ValueError(f"method {pb.Method.Name(handler_class.method)} registered twice")
-    _HANDLERS[handler_class.method] = handler_class()
+    if handler_class.name in _HANDLERS or handler_class.name == AUTO:
+        raise ValueError(f"method {handler_class.name} registered twice")
+    _HANDLERS[handler_class.name] = handler_class()
     return handler_class
 
 
@@ -57,20 +59,16 @@ def missing_reason() -> str | None:
 
 
 def handlers() -> list[Handler]:
-    """Every registered handler, in enum order."""
+    """Every registered handler, in registration order (families together)."""
     load_builtin()
-    return [_HANDLERS[m] for m in sorted(_HANDLERS)]
+    return list(_HANDLERS.values())
 
 
-def get(method: int) -> Handler:
-    """The handler for ``method``; NOT_FOUND lists the registered methods."""
+def get(method: str) -> Handler:
+    """The handler named ``method``; NOT_FOUND lists the registered methods."""
     load_builtin()
     handler = _HANDLERS.get(method)
     if handler is None:
-        try:
-            name = pb.Method.Name(method)
-        except ValueError:
-            name = str(method)
-        known = ", ".join(pb.Method.Name(m) for m in sorted(_HANDLERS))
-        raise NotFound(f"method {name} is not available; available methods: {known}")
+        known = ", ".join(_HANDLERS)
+        raise NotFound(f"method {method} is not available; available methods: {known}")
     return handler

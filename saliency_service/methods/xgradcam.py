@@ -7,7 +7,6 @@ import numpy as np
 
 from saliency_service.methods.cam import CamHandler
 from saliency_service.methods.registry import register
-from saliency_service.proto import explainer_pb2 as pb
 
 # pytorch-grad-cam's guard against a channel whose activations sum to zero.
 EPSILON = 1e-7
@@ -17,7 +16,7 @@ EPSILON = 1e-7
 class XGradCam(CamHandler):
     """XGrad-CAM: gradients weighted by the normalized activations, summed per channel."""
 
-    method = pb.METHOD_XGRADCAM
+    name = "xgradcam"
     description = "Grad-CAM with activation-weighted gradients; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/2008.02312"
 

@@ -30,9 +30,8 @@ from saliency_service.core.errors import (
 )
 from saliency_service.core.request import CostCounter, ProgressUpdate, RequestState
 from saliency_service.methods import registry
-from saliency_service.methods.base import method_name
 from saliency_service.proto import explainer_pb2 as pb
-from saliency_service.protocol.codec import Core
+from saliency_service.protocol.codec import Core, method_label, method_name
 from saliency_service.protocol.images import MAX_TENSOR_DIMS, array_to_tensor
 from saliency_service.protocol.inputs import check_batch
 from saliency_service.protocol.request_log import Outcome, RequestLog
@@ -86,14 +85,6 @@ def check_limits(request: pb.ExplainRequest | pb.PredictRequest, config: Config)
     if request.target.WhichOneof("kind") == "per_item" and indices > max(batch, 1):
         raise InvalidInput(f"target.per_item has {indices} indices for a batch of "
                            f"{max(batch, 1)}: give one class index per batch item")
-    if request.WhichOneof("params"):
-        try:
-            handler = registry.get(request.method)
-        except NotFound:
-            return  # METHOD_AUTO or unknown: the core decides and refuses
-        which = request.WhichOneof("params")
-        if which == handler.params_field:
-            handler.params(getattr(request, which), config.limits())
 
 
 def progress_message(update: ProgressUpdate) -> pb.Progress:
@@ -132,11 +123,17 @@ class Calls:
             def progress(update: ProgressUpdate) -> None:
                 loop.call_soon_threadsafe(on_progress, progress_message(update))
 
-        def work(state: RequestState, cost: CostCounter) -> pb.ExplainResponse:
-            return self.core.explain(request, state, cost, progress)
+        prepared = None
 
-        response = await self._run(call, request, method_name(request.method), work,
-                                   _ran_method)
+        def prepare() -> None:  # before admission: a refused request takes no slot
+            nonlocal prepared
+            prepared = self.core.prepare(request)
+
+        def work(state: RequestState, cost: CostCounter) -> pb.ExplainResponse:
+            return self.core.explain(request, state, cost, progress, prepared)
+
+        response = await self._run(call, request, method_label(request.method), work,
+                                   _ran_method, prepare)
         response.request_id = call.request_id
         return response
 
@@ -157,8 +154,10 @@ class Calls:
 
     async def _run(self, call: CallInfo, request: pb.ExplainRequest | pb.PredictRequest,
                    method: str, work: Callable[[RequestState, CostCounter], T],
-                   relabel: Callable[[T], str] | None = None) -> T:
-        """Checks limits, admits, runs ``work`` and records the request once.
+                   relabel: Callable[[T], str] | None = None,
+                   prepare: Callable[[], None] | None = None) -> T:
+        """Checks limits, ``prepare``s (the request's own checks), admits, runs ``work``
+        and records the request once.
 
         ``relabel`` names the method that actually ran (METHOD_AUTO resolves late). When
         the caller is cancelled or the deadline passes mid-run, the worker is told through
@@ -198,6 +197,8 @@ class Calls:
 
         try:
             check_limits(request, self.config)
+            if prepare is not None:
+                prepare()
             expected = self.metrics.mean_cost(outcome.model, method).recent_seconds
             outcome.queue_seconds = await self.admission.acquire(state, expected)
             admitted = True
@@ -269,7 +270,7 @@ class Calls:
     def _onnx_only(method: int) -> bool:
         """Whether the method runs on ONNX Runtime alone (METHOD_AUTO resolves later)."""
         try:
-            return not registry.get(method).needs_torch
+            return not registry.get(method_name(method)).needs_torch
         except NotFound:
             return False
 
@@ -321,4 +322,4 @@ def _cancelled_code(state: RequestState) -> grpc.StatusCode:
 
 
 def _ran_method(response: Any) -> str:
-    return method_name(response.cost.method)
+    return method_label(response.cost.method)

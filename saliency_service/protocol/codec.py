@@ -7,24 +7,87 @@ Every transport (gRPC, HTTP, TorchServe, benchmarks in-process) calls ``Core`` w
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
-from saliency_service.core.params import check_count
+from saliency_service.core.errors import InvalidInput
+from saliency_service.core.params import MAX_ITEMS, check_count
 from saliency_service.core.repository import ModelHandle, Repository
 from saliency_service.core.request import CostCounter, ProgressUpdate, RequestState
 from saliency_service.methods import registry
-from saliency_service.methods.base import Handler, method_name
+from saliency_service.methods.base import Handler
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.images import array_to_tensor
 from saliency_service.protocol.inputs import ImageGeometry, decode_input
 from saliency_service.protocol.predictions import predictions
 from saliency_service.render.overlays import captioned_overlays
 from saliency_service.serving.config import Config
-from saliency_service.serving.engine import Engine, ExplainOrder, Explanation, Target
+from saliency_service.serving.engine import Engine, ExplainOrder, Explanation, Prepared, Target
 from saliency_service.serving.metrics import Metrics
+
+_METHOD_PREFIX = "METHOD_"
+
+
+def method_name(method: int) -> str:
+    """The engine's name of a proto Method value (``METHOD_VANILLA_GRADIENT`` →
+    ``vanilla_gradient``, METHOD_AUTO → ``auto``, unset → ``""``); a number the proto does
+    not define keeps its digits (refused by the engine, labelled ``unknown`` in metrics)."""
+    if method == pb.METHOD_UNSPECIFIED:
+        return ""
+    try:
+        return pb.Method.Name(method).removeprefix(_METHOD_PREFIX).lower()
+    except ValueError:
+        return str(method)
+
+
+def method_label(method: int) -> str:
+    """A bounded metrics label for a proto Method value: its name, or ``unknown``."""
+    name = method_name(method)
+    return name if name and not name.isdigit() else "unknown"
+
+
+def method_enum(name: str) -> int:
+    """The proto Method value of an engine method name (METHOD_UNSPECIFIED if unknown)."""
+    value = pb.Method.DESCRIPTOR.values_by_name.get(_METHOD_PREFIX + name.upper())
+    return value.number if value is not None else pb.METHOD_UNSPECIFIED
+
+
+def _enum_name(descriptor: FieldDescriptor, value: int, label: str) -> str:
+    """An enum field's value as its lower-case name without the enum's prefix
+    (``BASELINE_UNIFORM_NOISE`` → ``uniform_noise``). A number the proto does not define is
+    the client's mistake: INVALID_ARGUMENT naming the field and its values."""
+    enum = descriptor.enum_type
+    known = enum.values_by_number.get(value)
+    if known is None:
+        valid = ", ".join(f"{v.name} ({v.number})" for v in enum.values)
+        raise InvalidInput(f"{label}={value} is not a {enum.name} value; use one of {valid}")
+    prefix = enum.values[0].name.rsplit("_", 1)[0] + "_"
+    return known.name.removeprefix(prefix).lower()
+
+
+def params_values(message: Message | None, where: str) -> dict[str, Any]:
+    """The fields the client set in a method's params message, as plain values (enum fields
+    by name). A repeated field is bounded by its length before its values are read (this
+    runs before admission, where converting millions of values would stall every call);
+    the method's own bounds are checked by its parameters dataclass."""
+    if message is None:
+        return {}
+    values: dict[str, Any] = {}
+    for descriptor in message.DESCRIPTOR.fields:
+        name, label = descriptor.name, f"{where}.{descriptor.name}"
+        value = getattr(message, name)
+        if descriptor.is_repeated:
+            check_count(label, len(value), MAX_ITEMS)
+            if len(value):
+                values[name] = tuple(value)
+        elif message.HasField(name) if descriptor.has_presence else bool(value):
+            values[name] = (_enum_name(descriptor, value, label)
+                            if descriptor.enum_type is not None else value)
+    return values
 
 
 def target_of(message: pb.Target, max_batch: int) -> Target:
@@ -90,27 +153,26 @@ class Core:
         info.class_labels.extend(spec.class_labels)
         info.scale_outputs.extend(spec.scale_outputs)
         info.cam_layer = spec.cam_layer
-        for handler in self.methods_for(handle):
+        offered = self.methods_for(handle)
+        for handler in sorted(offered, key=lambda h: method_enum(h.name)):
             mean = self.metrics.mean_cost(handle.name, handler.name)
             info.methods.append(pb.MethodInfo(
-                method=handler.method, name=handler.name, engine=handler.engine,
+                method=method_enum(handler.name), name=handler.name, engine=handler.engine,
                 defaults={k: str(v) for k, v in handler.defaults.items()},
                 mean_seconds=mean.mean_seconds, measured_requests=mean.requests,
                 description=handler.description))
-        offered = {h.method for h in self.methods_for(handle)}
-        for handler in registry.handlers():
-            if handler.method not in offered:
-                info.unavailable_methods.append(pb.UnavailableMethod(
-                    method=handler.method, name=handler.name,
-                    reason=handler.unavailable_reason(handle)))
+        names = {h.name for h in offered}
+        reasons = {h.name: h.unavailable_reason(handle)
+                   for h in registry.handlers() if h.name not in names}
         missing = registry.missing_reason()
-        if missing is not None:
-            registered = {h.method for h in registry.handlers()}
-            for method in pb.Method.values():
-                if method not in registered and method not in (registry.UNSPECIFIED,
-                                                               registry.AUTO):
-                    info.unavailable_methods.append(pb.UnavailableMethod(
-                        method=method, name=method_name(method), reason=missing))
+        for value in pb.Method.values():
+            name = method_name(value)
+            if name in names or name in ("", registry.AUTO):
+                continue
+            reason = reasons.get(name, missing)
+            if reason is not None:
+                info.unavailable_methods.append(pb.UnavailableMethod(
+                    method=value, name=name, reason=reason))
         for key, value in spec.extra.get("exporter", {}).items():
             info.metadata[f"exporter.{key}"] = str(value)
         checked = handle.derived_items("precision")  # set once a gradient program ran
@@ -137,19 +199,27 @@ class Core:
 
     def order(self, request: pb.ExplainRequest,
               geometry: ImageGeometry | None = None) -> ExplainOrder:
-        """The engine's order for an Explain request; ``geometry`` records where its images
-        went in the model's input."""
+        """The engine's order for an Explain request (plain Python: the method's name, the
+        parameters the client set); ``geometry`` records where its images went in the
+        model's input."""
         which = request.WhichOneof("params")
         return ExplainOrder(
-            model=request.model, version=request.version, method=request.method,
+            model=request.model, version=request.version, method=method_name(request.method),
             decode=lambda spec: decode_input(request.input, spec, self.config,
                                              resize=request.resize, geometry=geometry),
-            params=getattr(request, which) if which else None, params_field=which,
+            params=params_values(getattr(request, which), which) if which else None,
+            params_field=which,
             target=target_of(request.target, self.config.max_batch), seed=int(request.seed),
             max_latency_ms=request.budget.max_latency_ms,
             best_effort=request.budget.best_effort,
             wants_overlays=request.return_overlay, wants_raw=request.return_raw,
         )
+
+    def prepare(self, request: pb.ExplainRequest) -> tuple[Prepared, ImageGeometry]:
+        """Checks an Explain request before it takes a slot (model, method, parameters);
+        the result is what ``explain`` runs."""
+        geometry = ImageGeometry(keep_pixels=request.return_overlay)
+        return self.engine.prepare(self.order(request, geometry)), geometry
 
     def explain(
         self,
@@ -157,10 +227,12 @@ class Core:
         state: RequestState,
         cost: CostCounter,
         on_progress: Callable[[ProgressUpdate], None] | None = None,
+        prepared: tuple[Prepared, ImageGeometry] | None = None,
     ) -> pb.ExplainResponse:
-        """Runs one Explain request to completion (or raises a ServiceError)."""
-        geometry = ImageGeometry(keep_pixels=request.return_overlay)
-        done = self.engine.explain(self.order(request, geometry), state, cost, on_progress)
+        """Runs one Explain request to completion (or raises a ServiceError); ``prepared``
+        is ``prepare(request)`` when the caller checked it already."""
+        order, geometry = prepared or self.prepare(request)
+        done = self.engine.explain(order, state, cost, on_progress)
         return self.response(done, request, cost, geometry, state.check)
 
     @staticmethod
@@ -180,7 +252,6 @@ class Core:
             targets=done.targets.tolist(),
             diagnostics={**result.diagnostics,
                          "precision_bits": float(precision_bits(handle, done.handler))},
-            request_id=uuid.uuid4().hex,
         )
         if request.return_raw:
             response.raw.CopyFrom(array_to_tensor(result.raw.astype(np.float32)))
@@ -191,7 +262,7 @@ class Core:
                 done.handler.name, cost, time.perf_counter() - done.started, result.overlays,
                 check))
         response.cost.CopyFrom(pb.Cost(
-            method=done.handler.method, forward_passes=cost.forward_passes,
+            method=method_enum(done.handler.name), forward_passes=cost.forward_passes,
             backward_passes=cost.backward_passes, wall_seconds=time.perf_counter() - done.started,
             cpu_seconds=time.process_time() - done.cpu_started, truncated=result.truncated))
         return response

@@ -34,9 +34,8 @@ from google.protobuf import json_format
 from saliency_service.core.errors import InvalidInput, ServiceError
 from saliency_service.core.repository import MANIFEST, Repository
 from saliency_service.core.request import CostCounter, RequestState
-from saliency_service.methods.base import method_name
 from saliency_service.proto import explainer_pb2 as pb
-from saliency_service.protocol.codec import Core
+from saliency_service.protocol.codec import Core, method_name
 from saliency_service.protocol.images import tensor_to_array
 from saliency_service.protocol.status import http_status_of, status_of
 from saliency_service.serving import config as config_module
@@ -158,12 +157,12 @@ class SaliencyTorchServeHandler:
         )
 
     def _explain_request(self, request: dict[str, Any]) -> pb.ExplainRequest:
-        method_name = str(request.get("method") or self.default_method).lower()
-        method_name = method_name.removeprefix("method_")
+        name = str(request.get("method") or self.default_method).lower()
+        name = name.removeprefix("method_")
         try:
-            method = pb.Method.Value("METHOD_" + method_name.upper())
+            method = pb.Method.Value("METHOD_" + name.upper())
         except ValueError:
-            raise InvalidInput(f"unknown method {method_name!r}") from None
+            raise InvalidInput(f"unknown method {name!r}") from None
         message = pb.ExplainRequest(
             model=self.model_name,
             version=self.version,
@@ -175,13 +174,13 @@ class SaliencyTorchServeHandler:
         if request.get("target") is not None:
             message.target.class_index = int(request["target"])
         if request.get("params"):
-            field = method_name
+            field = name
             if field not in pb.ExplainRequest.DESCRIPTOR.fields_by_name:
-                raise InvalidInput(f"method {method_name} takes no params")
+                raise InvalidInput(f"method {name} takes no params")
             try:
                 json_format.ParseDict(request["params"], getattr(message, field))
             except json_format.ParseError as exc:
-                raise InvalidInput(f"params for {method_name}: {exc}") from exc
+                raise InvalidInput(f"params for {name}: {exc}") from exc
         return message
 
     def _explain_row(self, row: Any) -> dict[str, Any]:
@@ -192,7 +191,7 @@ class SaliencyTorchServeHandler:
         return {
             "model": response.model,
             "version": response.version,
-            "method": pb.Method.Name(response.cost.method).removeprefix("METHOD_").lower(),
+            "method": method_name(response.cost.method),
             "shape": list(maps.shape),
             "dtype": "float32",
             "saliency": base64.b64encode(maps.tobytes()).decode("ascii"),

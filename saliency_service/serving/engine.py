@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,14 +36,15 @@ class Target:
 
 @dataclass(frozen=True)
 class ExplainOrder:
-    """One explanation request. ``params`` is the client's parameters message (or None),
-    read field by field by the handler's declaration; ``params_field`` names its kind."""
+    """One explanation request in plain Python. ``method`` is a method's name (``auto``
+    lets the engine choose; ``""`` is unset); ``params`` holds the values the client set
+    (field name → value) for the method named ``params_field``."""
 
     model: str
-    method: int
+    method: str
     decode: Decoder
     version: int = 0
-    params: object | None = None
+    params: Mapping[str, Any] | None = None
     params_field: str | None = None
     target: Target = Target()
     seed: int = 0
@@ -50,6 +52,17 @@ class ExplainOrder:
     best_effort: bool = False
     wants_overlays: bool = False
     wants_raw: bool = False
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An order checked before it takes a slot: its model, its handler and parameters
+    (None while METHOD_AUTO waits for the prediction run's time to choose)."""
+
+    order: ExplainOrder
+    handle: ModelHandle
+    handler: Handler | None
+    params: Any = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +131,7 @@ class Engine:
 
     def choose_handler(self, order: ExplainOrder, handle: ModelHandle) -> Handler:
         """The handler for a named method, offered for this model."""
-        if order.method == registry.UNSPECIFIED:
+        if not order.method:
             raise InvalidInput("method is unset: choose one, e.g. METHOD_VANILLA_GRADIENT, "
                                "or METHOD_AUTO")
         handler = registry.get(order.method)
@@ -135,7 +148,7 @@ class Engine:
         else the cheapest. Expected latency is the measured mean or, before any
         measurement, the handler's prior passes × the prediction run's time."""
         ranked = sorted(self.methods_for(handle), key=lambda h: (
-            h.auto_rank is None, h.auto_rank if h.auto_rank is not None else 0, h.method))
+            h.auto_rank is None, h.auto_rank if h.auto_rank is not None else 0, h.name))
         if not ranked:
             raise NotFound(f"model {handle.name!r} offers no methods")
         budget_seconds = order.max_latency_ms / 1000.0
@@ -152,11 +165,26 @@ class Engine:
         return min(expected)[2]
 
     def params(self, order: ExplainOrder, handler: Handler) -> object:
-        """The handler's parameters from the order's message, checked against the limits."""
+        """The handler's parameters from the order's values, checked against the limits."""
         if order.params_field is not None and order.params_field != handler.params_field:
             raise InvalidInput(f"params {order.params_field!r} were given for method "
                                f"{handler.name}; it takes {handler.params_field!r}")
         return handler.params(order.params if order.params_field else None, self.limits)
+
+    def prepare(self, order: ExplainOrder) -> Prepared:
+        """Everything that can be checked before the request takes a slot: the model, the
+        method and its parameters. METHOD_AUTO under a latency budget chooses after the
+        prediction run (it prices methods by that run's time); its parameters, if given,
+        are checked here against the method they name."""
+        handle = self.repository.get(order.model, order.version)
+        if order.method == registry.AUTO and order.max_latency_ms > 0:
+            params = None
+            if order.params_field is not None:
+                params = registry.get(order.params_field).params(order.params, self.limits)
+            return Prepared(order, handle, None, params)
+        handler = (self.auto(order, handle) if order.method == registry.AUTO
+                   else self.choose_handler(order, handle))
+        return Prepared(order, handle, handler, self.params(order, handler))
 
     @staticmethod
     def _prediction_run(handle: ModelHandle, inputs: np.ndarray, names: list[str],
@@ -168,13 +196,16 @@ class Engine:
         cost.forward(inputs.shape[0], ENGINE_ONNX)
         return logits, dict(zip(names, extra, strict=True))
 
-    def explain(self, order: ExplainOrder, state: RequestState, cost: CostCounter,
+    def explain(self, order: ExplainOrder | Prepared, state: RequestState, cost: CostCounter,
                 on_progress: Callable[[ProgressUpdate], None] | None = None) -> Explanation:
-        """Runs one explanation to completion (or raises a ServiceError)."""
+        """Runs one explanation to completion (or raises a ServiceError); an order not yet
+        prepared is prepared first."""
         started, cpu_started = time.perf_counter(), time.process_time()
-        handle = self.repository.get(order.model, order.version)
+        prepared = order if isinstance(order, Prepared) else self.prepare(order)
+        order, handle, handler = prepared.order, prepared.handle, prepared.handler
+        params = prepared.params
         spec = handle.spec()
-        if order.method == registry.AUTO and order.max_latency_ms > 0:
+        if handler is None:
             # AUTO times the prediction run to price methods not yet measured; that run also
             # fetches the outputs forward-only methods read, so any choice costs one pass.
             inputs = order.decode(spec.input)
@@ -185,11 +216,9 @@ class Engine:
             run_started = time.perf_counter()
             logits, extra = self._prediction_run(handle, inputs, names, cost, state)
             handler = self.auto(order, handle, time.perf_counter() - run_started)
-            params = self.params(order, handler)
+            if params is None or order.params_field != handler.params_field:
+                params = self.params(order, handler)
         else:
-            handler = (self.auto(order, handle) if order.method == registry.AUTO
-                       else self.choose_handler(order, handle))
-            params = self.params(order, handler)
             inputs = order.decode(spec.input)
             state.check()
             names = handler.scale_outputs_for(handle) if handler.wants_scale_outputs else []

@@ -19,7 +19,6 @@ from saliency_service.core.repository import ModelHandle
 from saliency_service.core.request import CostCounter, Job, RequestState
 from saliency_service.methods import registry
 from saliency_service.methods.base import Handler
-from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.serving.engine import Engine, ExplainOrder
 
 log = logging.getLogger(__name__)
@@ -123,20 +122,16 @@ def _warm_up(engine: Engine, handle: ModelHandle, state: RequestState) -> list[s
     if scores.logits.ndim != 2 or (labels and len(labels) != scores.logits.shape[1]):
         return [f"predict: the model gives scores of shape {list(scores.logits.shape)} for "
                 f"{len(labels)} class labels in the manifest (want N×classes, one label each)"]
-    available = {h.method for h in engine.methods_for(handle)}
+    available = {h.name for h in engine.methods_for(handle)}
     failed = []
     warmed = []
     for handler in registry.handlers():
-        if not handler.warm_up or handler.method not in available:
+        if not handler.warm_up or handler.name not in available:
             continue
-        params = None
         overrides, lowered = warm_up_params(handler, engine.limits)
-        if overrides:
-            request = pb.ExplainRequest(**{handler.params_field: overrides})
-            params = getattr(request, handler.params_field)
-        order = ExplainOrder(model=handle.name, version=handle.version, method=handler.method,
-                             decode=lambda _: sample.copy(), params=params,
-                             params_field=handler.params_field if params is not None else None)
+        order = ExplainOrder(model=handle.name, version=handle.version, method=handler.name,
+                             decode=lambda _: sample.copy(), params=overrides or None,
+                             params_field=handler.params_field if overrides else None)
         try:
             state.check()
             engine.explain(order, state, CostCounter())
