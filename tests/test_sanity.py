@@ -147,14 +147,15 @@ def test_a_randomized_copy_changes_exactly_its_blocks_weights(tiny_package: Path
 
 
 def test_layers_of_graphs_without_scopes_are_their_weighted_nodes(tmp_path: Path) -> None:
-    """``saliency export`` (whose graph holds the head as Constant nodes) and a graph built
-    with ``onnx.helper`` with no node names: one layer per node that reads weights."""
+    """``saliency export`` (whose graph holds the head as Constant nodes, its nodes named by
+    module) and a graph built with ``onnx.helper`` with no node names: one layer per node
+    that reads weights."""
     export_package(TinyCNN(4), name="tiny", version=1, input_shape=(3, 32, 32),
                    mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
                    class_labels=("a", "b", "c", "d"), repository=tmp_path / "in", head="fc")
     exported = tmp_path / "in" / "tiny" / "1"
     names = layers(exported)
-    assert len(names) == 4 and names[-1].startswith("Gemm"), names
+    assert names == ["layer1", "layer2", "layer3", "fc"], names
     copy = randomize_package(exported, tmp_path / "out", "tiny-head", [names[-1]])
     graph = onnx.load(str(exported / "model.onnx")).graph
     head = next(node for node in graph.node if node.op_type == "Gemm")

@@ -1,7 +1,11 @@
 """Sanity checks for saliency maps (Adebayo et al., https://arxiv.org/abs/1810.03292).
 
 A map that explains the model must change when the model does. Three tests, each comparing a
-method's maps on the same images and targets with the original model's:
+method's maps on the same images and targets with the original model's. A "layer" is one of the
+model's top-level modules in forward order (``stem``, ``layer1`` … ``fc``), read off the ONNX
+node names that carry each node's module path (``/layer3/layer3.1/conv2/Conv``, as
+``saliency export`` and torch.onnx write them); a step redraws every parameterized module
+inside it:
 
 - cascading randomization: the top layer's weights, then the top two, … down to every layer,
   redrawn (``saliency_service.packaging.randomized``);

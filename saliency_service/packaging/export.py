@@ -6,7 +6,10 @@ each spatial scale and any patch-token tensor in the exported graph
 (``packaging.graph_scales``), adds those tensors as extra outputs ``scale_0..scale_k`` and
 ``tokens_0`` beside ``logits``, exports that one graph to ONNX, checks ONNX Runtime against
 PyTorch on random inputs and refuses to write a package that disagrees. Gradient methods
-later run on the ONNX graph itself (``methods._utils.gradient_program``).
+later run on the ONNX graph itself (``methods._utils.gradient_program``). ONNX nodes are named
+by the modules they came from (``/layer3/layer3.1/conv2/Conv``, as a plain ``torch.onnx``
+export names them), so tools reading the graph (the sanity checks' randomization) see the
+model's modules.
 """
 
 from __future__ import annotations
@@ -136,9 +139,61 @@ def with_outputs(graph_module: fx.GraphModule, extra: Sequence[fx.Node]) -> fx.G
     return graph_module
 
 
+def module_path(node: fx.Node) -> list[tuple[str, str]]:
+    """(qualified name, class name) of each module ``node`` was computed in, outermost
+    first (the model itself left out)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(str(path), str(kind)) for path, kind in stack.values() if path]
+
+
+def scope_name(path: str, kind: str) -> str:
+    """torch.onnx's scope for a submodule: its class and its name's last non-numeric atom
+    onwards, so nodes are named ``/layer3/layer3.1/conv2/Conv`` as for a plain export."""
+    atoms = path.split(".")
+    start = next((i for i in reversed(range(len(atoms))) if not atoms[i].isnumeric()), 0)
+    return torch._C._jit_onnx_create_full_scope_name(kind, ".".join(atoms[start:]))
+
+
+class _ScopedRun(fx.Interpreter):
+    """Runs a graph module under the ONNX tracer inside the scopes of the modules each node
+    came from: the graph itself is flat, and without them every ONNX node would be named
+    after its operator alone (``/Conv_7``), hiding the model's modules from Grad-CAM's
+    layer names and the sanity checks' randomization."""
+
+    def __init__(self, graph_module: fx.GraphModule) -> None:
+        super().__init__(graph_module)
+        self._open: list[tuple[str, str]] = []
+
+    def run_node(self, n: fx.Node) -> Any:
+        state = torch._C._get_tracing_state()
+        if state is not None and n.op == "call_function":
+            wanted = module_path(n)
+            shared = 0
+            while (shared < min(len(wanted), len(self._open))
+                   and wanted[shared] == self._open[shared]):
+                shared += 1
+            for _ in range(len(self._open) - shared):
+                state.pop_scope()
+                self._open.pop()
+            for path, kind in wanted[shared:]:
+                state.push_scope(scope_name(path, kind))
+                self._open.append((path, kind))
+        return super().run_node(n)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().run(*args, **kwargs)
+        finally:
+            state = torch._C._get_tracing_state()
+            while self._open:
+                self._open.pop()
+                if state is not None:
+                    state.pop_scope()
+
+
 class _Traced(nn.Module):
     """Holds a graph module for ONNX tracing without exposing it to ``train()``, which an
-    exported module refuses."""
+    exported module refuses; while traced, its nodes run in their modules' scopes."""
 
     def __init__(self, graph_module: fx.GraphModule) -> None:
         super().__init__()
@@ -148,6 +203,8 @@ class _Traced(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if torch._C._get_tracing_state() is not None:
+            return tuple(_ScopedRun(self.graph_module).run(x))
         return tuple(self.graph_module(x))
 
 
