@@ -90,6 +90,8 @@ class RemoteSpec:
     headers: dict[str, str] = field(default_factory=dict)
     bearer_token_env: str = ""
     tls: TLS = TLS()
+    # v2-grpc over TLS with the system's CAs (the url was https://host:port).
+    secure: bool = False
 
     @classmethod
     def from_json(cls, data: Any) -> RemoteSpec:
@@ -105,6 +107,7 @@ class RemoteSpec:
                                 f"{sorted(known)}")
         protocol = _choice(data, "protocol", PROTOCOLS, required=True)
         url = _string(data, "url", required=True)
+        secure = protocol == V2_GRPC and url.startswith("https://")
         if protocol == V2_GRPC:
             url = url.removeprefix("grpc://").removeprefix("http://").removeprefix("https://")
         elif "://" not in url:
@@ -144,6 +147,7 @@ class RemoteSpec:
                     cert_file=_string(tls, "cert_file", where="tls.cert_file"),
                     key_file=_string(tls, "key_file", where="tls.key_file"),
                     verify=bool(tls.get("verify", True))),
+            secure=secure,
         )
 
     @property
@@ -239,57 +243,75 @@ class RemotePredictor:
             response_deserializer=response_type.FromString)
         return call(request, timeout=timeout, metadata=self._metadata)
 
-    def _probe_grpc(self) -> None:
+    def read_metadata(self) -> dict[str, Any]:
+        """The predictor's V2 model metadata (``name``, ``platform``, ``versions``, and
+        ``inputs``/``outputs`` with their ``name``, ``datatype`` and ``shape``), kept in
+        ``metadata``; {} over KServe V1, which has none. Unavailable when the predictor does
+        not answer or does not know the model."""
         spec = self.spec
         timeout = min(spec.timeout_seconds, 10)
+        if spec.protocol == KSERVE_V1:
+            return {}
+        if spec.protocol == V2_GRPC:
+            try:
+                answer = self._grpc("ModelMetadata", oip.ModelMetadataRequest(name=spec.model),
+                                    oip.ModelMetadataResponse, timeout)
+            except grpc.RpcError as exc:
+                raise Unavailable(f"the {spec.where} does not answer: {exc.code().name}: "
+                                  f"{exc.details()}") from exc
+            self.metadata = {
+                "name": answer.name, "versions": list(answer.versions),
+                "platform": answer.platform,
+                **{kind: [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+                          for t in getattr(answer, kind)] for kind in ("inputs", "outputs")}}
+            return self.metadata
+        path = f"/v2/models/{spec.model}"
+        response = self._get(path, timeout)
+        if response.status_code != 200:
+            raise Unavailable(f"the {spec.where} answered GET {path} with HTTP "
+                              f"{response.status_code}: {response.text[:200]}")
+        self.metadata = _json(response, spec)
+        return self.metadata
+
+    def _get(self, path: str, timeout: float) -> httpx.Response:
+        spec = self.spec
         try:
-            ready = self._grpc("ModelReady", oip.ModelReadyRequest(name=spec.model),
-                               oip.ModelReadyResponse, timeout).ready
-            metadata = self._grpc("ModelMetadata", oip.ModelMetadataRequest(name=spec.model),
-                                  oip.ModelMetadataResponse, timeout)
-        except grpc.RpcError as exc:
-            raise Unavailable(f"the {spec.where} does not answer: {exc.code().name}: "
-                              f"{exc.details()}") from exc
-        if not ready:
-            raise Unavailable(f"the {spec.where} says the model is not ready")
-        self.metadata = {"name": metadata.name, "versions": list(metadata.versions),
-                         "platform": metadata.platform,
-                         "inputs": [{"name": t.name} for t in metadata.inputs],
-                         "outputs": [{"name": t.name} for t in metadata.outputs]}
-        self._check_names(self.metadata)
+            return self._client.get(spec.url + path, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"the {spec.where} does not answer: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
     def probe(self) -> None:
         """Asks the predictor whether the model is ready (and, over V2, for its metadata);
         Unavailable says why not, so the package is not ready with that reason."""
         spec = self.spec
+        timeout = min(spec.timeout_seconds, 10)
         if spec.protocol == V2_GRPC:
-            self._probe_grpc()
+            try:
+                ready = self._grpc("ModelReady", oip.ModelReadyRequest(name=spec.model),
+                                   oip.ModelReadyResponse, timeout).ready
+            except grpc.RpcError as exc:
+                raise Unavailable(f"the {spec.where} does not answer: {exc.code().name}: "
+                                  f"{exc.details()}") from exc
+            if not ready:
+                raise Unavailable(f"the {spec.where} says the model is not ready")
+            self._check_names(self.read_metadata())
             return
-        path = (f"/v1/models/{spec.model}" if spec.protocol == KSERVE_V1
-                else f"/v2/models/{spec.model}")
-        try:
-            response = self._client.get(spec.url + path, timeout=min(spec.timeout_seconds, 10))
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"the {spec.where} does not answer: "
-                              f"{type(exc).__name__}: {exc}") from exc
-        if response.status_code != 200:
-            raise Unavailable(f"the {spec.where} answered GET {path} with HTTP "
-                              f"{response.status_code}: {response.text[:200]}")
-        body = _json(response, spec)
         if spec.protocol == KSERVE_V1:
-            if body.get("ready") is False:
+            path = f"/v1/models/{spec.model}"
+            response = self._get(path, timeout)
+            if response.status_code != 200:
+                raise Unavailable(f"the {spec.where} answered GET {path} with HTTP "
+                                  f"{response.status_code}: {response.text[:200]}")
+            if _json(response, spec).get("ready") is False:
                 raise Unavailable(f"the {spec.where} says the model is not ready")
             return
-        self.metadata = body
-        try:
-            ready = self._client.get(f"{spec.url}{path}/ready",
-                                     timeout=min(spec.timeout_seconds, 10)).status_code
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"the {spec.where} does not answer: "
-                              f"{type(exc).__name__}: {exc}") from exc
+        body = self.read_metadata()
+        path = f"/v2/models/{spec.model}/ready"
+        ready = self._get(path, timeout).status_code
         if ready != 200:
             raise Unavailable(f"the {spec.where} says the model is not ready (GET "
-                              f"{path}/ready: HTTP {ready})")
+                              f"{path}: HTTP {ready})")
         self._check_names(body)
 
     def _check_names(self, body: dict[str, Any]) -> None:
@@ -507,7 +529,7 @@ def _grpc_channel(spec: RemoteSpec) -> grpc.Channel:
     """A channel to a V2 gRPC predictor: TLS when ``tls`` is given, no message size cap."""
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
     tls = spec.tls
-    if not (tls.ca_file or tls.cert_file):
+    if not (tls.ca_file or tls.cert_file or spec.secure):
         return grpc.insecure_channel(spec.url, options=options)
 
     def read(path: str) -> bytes | None:

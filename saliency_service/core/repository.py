@@ -539,9 +539,13 @@ def _parse_onnx(model_bytes: bytes) -> onnx.ModelProto:
 class Repository:
     """All packages under one root, loaded once and reloadable."""
 
-    def __init__(self, root: Path, intra_op_threads: int = 0) -> None:
+    def __init__(self, root: Path, intra_op_threads: int = 0,
+                 pinned: Callable[[], list[ModelHandle]] | None = None) -> None:
         self.root = Path(root)
         self.intra_op_threads = intra_op_threads
+        # Packages that live in no folder (a KServe explainer's predictor), made anew by
+        # every scan so that a reload asks their predictor again.
+        self.pinned = pinned
         self._models: dict[str, dict[int, ModelHandle]] = {}
         # Packages of a scan in progress: named to clients (UNAVAILABLE until installed),
         # found by the thread that prepares them.
@@ -563,8 +567,10 @@ class Repository:
                     if version_dir.name.isdigit():
                         handle = ModelHandle(model_dir.name, int(version_dir.name), version_dir)
                         found.setdefault(model_dir.name, {})[handle.version] = handle
-        else:
+        elif self.pinned is None:
             log.warning("model repository %s does not exist", self.root)
+        for handle in self.pinned() if self.pinned is not None else ():
+            found.setdefault(handle.name, {})[handle.version] = handle
         with self._lock:
             self._pending, self._scanned = found, True
         self._preparing.models = found

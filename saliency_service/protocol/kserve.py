@@ -261,8 +261,8 @@ def tensor_array(tensor: pb.Tensor) -> np.ndarray:
 
 
 def explain_response(response: pb.ExplainResponse) -> dict[str, Any]:
-    """One explanation per instance: the map (H×W, in [0, 1]), its class, the prediction and,
-    when asked for, the overlay PNG."""
+    """One prediction and one explanation per instance: the map (H×W, in [0, 1]), its class,
+    the prediction and, when asked for, the overlay PNG."""
     maps = tensor_array(response.saliency)
     explanations = []
     for index, prediction in enumerate(response.predictions):
@@ -274,6 +274,8 @@ def explain_response(response: pb.ExplainResponse) -> dict[str, Any]:
         if index < len(response.overlays):
             item["overlay"] = {"b64": base64.b64encode(response.overlays[index]).decode()}
         explanations.append(item)
-    return {"explanations": explanations, "model": response.model,
+    # KServe's explainer answer: the predictions beside their explanations.
+    return {"predictions": [_prediction(p) for p in response.predictions],
+            "explanations": explanations, "model": response.model,
             "version": response.version, "cost": to_json(response.cost),
             "diagnostics": dict(response.diagnostics), "request_id": response.request_id}

@@ -164,8 +164,8 @@ def spec() -> dict[str, Any]:
                 "KServe V1 predict: {predictions: [{class_index, label, probability, top}]}",
                 None, "KServeV1Request", parameters=name)},
             "/v1/models/{name}:explain": {"post": _operation(
-                "KServe V1 explain: {explanations: [{saliency (H×W), target, prediction, "
-                "overlay}], cost}", None, "KServeV1Request", parameters=name)},
+                "KServe V1 explain: {predictions: [...], explanations: [{saliency (H×W), "
+                "target, prediction, overlay}], cost}", None, "KServeV1Request", parameters=name)},
             "/healthz": {"get": {"summary": "live", "security": [{}],
                                  "responses": {"200": {"description": "serving"}}}},
             "/readyz": {"get": {"summary": "ready: a model is loaded and the server is not "

@@ -96,7 +96,56 @@ HELP = {
     "whose bfloat16 gradients do not match float32 at load stays float32 and GetModel says so",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object per line) or text",
+    "model_name": "KServe explainer: the name the predictor's model is explained under "
+    "(POST /v1/models/{name}:explain) and served under on the predictor; with predictor_host",
+    "predictor_host": "KServe explainer: host[:port] of the InferenceService's predictor (as "
+    "KServe's controller passes it); the server then explains that predictor's model, "
+    "served remotely (docs/remote-models.md), as model_name",
+    "predictor_protocol": "KServe explainer: how to call the predictor: v1 (KServe V1 REST), "
+    "v2 (Open Inference Protocol REST) or grpc-v2",
+    "predictor_use_ssl": "KServe explainer: call the predictor over https (TLS for grpc-v2)",
+    "predictor_request_timeout_seconds": "KServe explainer: bound on one call to the "
+    "predictor (a request's deadline bounds it further)",
+    "predictor_request_retries": "KServe explainer: how often a call the predictor answers "
+    "502/503/504 (UNAVAILABLE) is tried again",
+    "predictor_max_batch": "KServe explainer: inputs per call to the predictor (its max batch "
+    "size)",
+    "predictor_input_shape": "KServe explainer: the predictor's input shape C,H,W (or H,W,C), "
+    "any batch size, or N,C,H,W with a fixed batch size N; needed with v1, read from the "
+    "predictor's V2 metadata otherwise",
+    "predictor_labels": "KServe explainer: the class labels: a file with one per line, or "
+    "comma-separated",
+    "predictor_manifest": "KServe explainer: a manifest.json describing the predictor's model "
+    "(input name, layout, mean, std, outputs, class_labels, remote options such as "
+    "binary_data or headers); the flags above take precedence",
 }
+
+# KServe's controller starts a custom explainer container with its model server's flags
+# (``--model_name``, ``--predictor_host``, ``--http_port``, ``--workers``): the same settings
+# under those spellings. ``--workers`` is the pod's container concurrency.
+KSERVE_FLAGS = {
+    "http_port": ("--http_port",),
+    "port": ("--grpc_port",),
+    "max_inflight": ("--workers",),
+    "model_name": ("--model_name",),
+    "predictor_host": ("--predictor_host",),
+    "predictor_protocol": ("--predictor_protocol", "--protocol"),
+    "predictor_use_ssl": ("--predictor_use_ssl",),
+    "predictor_request_timeout_seconds": ("--predictor_request_timeout_seconds",),
+    "predictor_request_retries": ("--predictor_request_retries",),
+    "predictor_max_batch": ("--predictor_max_batch",),
+    "predictor_input_shape": ("--predictor_input_shape",),
+    "predictor_labels": ("--predictor_labels",),
+    "predictor_manifest": ("--predictor_manifest",),
+}
+# KServe model server flags that have no meaning here: accepted, so a container spec written
+# for KServe's own servers starts, and named in the log.
+KSERVE_IGNORED = ("--max_threads", "--max_asyncio_workers", "--enable_grpc",
+                  "--enable_docs_url", "--enable_latency_logging", "--configure_logging",
+                  "--log_config_file", "--access_log_format", "--event-loop",
+                  "--timeout-keep-alive", "--grpc_max_send_message_length",
+                  "--grpc_max_receive_message_length", "--enable_predictor_health_check")
+PREDICTOR_PROTOCOLS = ("v1", "v2", "grpc-v2")
 
 
 @dataclass(frozen=True)
@@ -173,6 +222,18 @@ class Config:
     log_level: str = "INFO"
     # "json" (one object per line) or "text".
     log_format: str = "json"
+    # KServe's custom explainer contract (``serving.kserve_explainer``): the InferenceService's
+    # predictor, explained as a remote model named ``model_name``.
+    model_name: str = ""
+    predictor_host: str = ""
+    predictor_protocol: str = "v1"
+    predictor_use_ssl: bool = False
+    predictor_request_timeout_seconds: float = 600.0
+    predictor_request_retries: int = 2
+    predictor_max_batch: int = 32
+    predictor_input_shape: str = ""
+    predictor_labels: str = ""
+    predictor_manifest: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def limits(self) -> dict[str, float]:
@@ -217,8 +278,27 @@ class Config:
                             f"{self.precision!r}")
         if self.log_format not in ("json", "text"):
             problems.append(f"log_format must be 'json' or 'text', got {self.log_format!r}")
+        problems.extend(self._predictor_problems())
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _predictor_problems(self) -> list[str]:
+        """What keeps the KServe explainer settings from describing a predictor."""
+        problems = []
+        if self.predictor_protocol not in PREDICTOR_PROTOCOLS:
+            problems.append(f"predictor_protocol must be one of {', '.join(PREDICTOR_PROTOCOLS)}"
+                            f", got {self.predictor_protocol!r}")
+        if not self.predictor_host:
+            return problems
+        if not self.model_name:
+            problems.append("predictor_host needs model_name (--model_name), the name the "
+                            "predictor serves the model under")
+        if (self.predictor_protocol == "v1" and not self.predictor_input_shape
+                and not self.predictor_manifest):
+            problems.append("a v1 predictor publishes no input shape: add --predictor_input_shape"
+                            " C,H,W (e.g. 3,224,224), or use --predictor_protocol v2, whose "
+                            "metadata has it")
+        return problems
 
     @property
     def concurrent_rpcs(self) -> int:
@@ -253,12 +333,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in _fields():
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
+            *KSERVE_FLAGS.get(f.name, ()),
             dest=f.name,
             default=None,
             # argparse formats help with %: a literal one is doubled.
             help=f"{HELP.get(f.name, '').replace('%', '%%')} (default {f.default!s}; env "
             f"{ENV_PREFIX}{f.name.upper()})",
         )
+    for flag in KSERVE_IGNORED:
+        parser.add_argument(flag, dest="kserve_ignored", action=_Ignored, nargs="?",
+                            help=argparse.SUPPRESS)
+
+
+class _Ignored(argparse.Action):
+    """Notes a KServe flag (and its value) that has no meaning here."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        noted = [*(getattr(namespace, self.dest, None) or []),
+                 f"{option_string} {values or ''}".strip()]
+        setattr(namespace, self.dest, noted)
 
 
 def from_sources(
@@ -276,6 +370,9 @@ def from_sources(
                 values[f.name] = _convert(f.type, str(raw))
             except ValueError as exc:
                 raise SystemExit(f"invalid value {raw!r} for {f.name}: {exc}") from exc
+    ignored = getattr(args, "kserve_ignored", None)
+    if ignored:
+        values["extra"] = {"kserve_ignored": list(ignored)}
     values.update(overrides)
     try:
         return Config(**values)

@@ -40,6 +40,7 @@ from saliency_service.protocol.rest_server import HttpServer
 from saliency_service.serving.admission import Admission
 from saliency_service.serving.allocator import keep_freed_memory
 from saliency_service.serving.config import Config
+from saliency_service.serving.kserve_explainer import pinned_models
 from saliency_service.serving.logging_setup import stop_writer
 from saliency_service.serving.metrics import Metrics
 from saliency_service.serving.onednn_cache import VARIABLE, reserve_kernel_cache
@@ -138,7 +139,8 @@ class SaliencyServer:
         self.metrics = Metrics()
         # Every session and program of the process follows it; raises PlacementRefused.
         devices.configure(config.device, config.onnx_providers, config.precision)
-        self.repository = Repository(config.models, config.intra_op_threads)
+        self.repository = Repository(config.models, config.intra_op_threads,
+                                     pinned_models(config))
         self.core = Core(self.repository, config, self.metrics)
         self.executor = ThreadPoolExecutor(
             max_workers=config.max_inflight, thread_name_prefix="explain"
