@@ -328,8 +328,8 @@ def png_images(count: int, size: int, seed: int = 0) -> list[bytes]:
 
 
 # The architectures the suites measure, by their ``--models`` name: the demo network and the
-# ResNet-50 shape (random weights: only cost matters), as (class in zoo.architectures,
-# classes).
+# ResNet-50 shape (random weights: only cost matters), as (class in zoo.architectures or
+# tests.architectures, classes).
 ARCHITECTURES: dict[str, tuple[str, int]] = {
     "demo": ("DemoResNet", 10),
     "resnet50": ("ResNet50Shape", 1000),
@@ -341,14 +341,21 @@ def random_model(architecture: str) -> Any:
     mode; an unknown name is an error, never silently another architecture."""
     import torch  # noqa: PLC0415
 
-    from saliency_service.zoo import architectures  # noqa: PLC0415
-
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose from "
                          f"{','.join(ARCHITECTURES)}")
     class_name, classes = ARCHITECTURES[architecture]
     torch.manual_seed(0)
-    return getattr(architectures, class_name)(num_classes=classes).eval()
+    return architecture_class(class_name)(num_classes=classes).eval()
+
+
+def architecture_class(name: str) -> Any:
+    """A network class by name: the shipped models' (``zoo.architectures``) or the ones
+    only tests and benchmarks use (``tests.architectures``)."""
+    from saliency_service.zoo import architectures  # noqa: PLC0415
+    from tests import architectures as test_architectures  # noqa: PLC0415
+
+    return getattr(architectures, name, None) or getattr(test_architectures, name)
 
 
 def model_names(parser: argparse.ArgumentParser, text: str) -> list[str]:

@@ -44,6 +44,7 @@ from benchmarks.common import (
     STEADY_BELOW_SECONDS,
     ServerProcess,
     TorchServeProcess,
+    architecture_class,
     base_parser,
     demo_repository,
     dense_gflops,
@@ -183,10 +184,8 @@ def eager_module(package: Path) -> Any:
     run exactly the served model."""
     import torch  # noqa: PLC0415
 
-    from saliency_service.zoo import architectures  # noqa: PLC0415
-
     class_name, arguments = _architecture(package)
-    module = getattr(architectures, class_name)(**arguments)
+    module = architecture_class(class_name)(**arguments)
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
@@ -221,7 +220,7 @@ def torchserve_mar(package: Path, store: Path) -> str:
         torch.save(eager_module(package).state_dict(), staging_dir / "weights.pth")
         call = ", ".join(f"{k}={v}" for k, v in arguments.items())
         (staging_dir / "model.py").write_text(
-            f"from saliency_service.zoo.architectures import {class_name}\n\n\n"
+            f"from {architecture_class(class_name).__module__} import {class_name}\n\n\n"
             f"class Model({class_name}):\n    def __init__(self):\n"
             f"        super().__init__({call})\n"
         )

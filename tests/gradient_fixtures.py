@@ -18,7 +18,8 @@ from torch import nn
 from saliency_service.core.repository import ModelHandle, Repository
 from saliency_service.core.request import DEFAULT_LIMITS, Job
 from saliency_service.packaging.export import export_package
-from saliency_service.zoo.architectures import DemoResNet, VGGStyle
+from saliency_service.zoo.architectures import DemoResNet
+from tests.architectures import VGGStyle
 
 SIZE = 32
 CLASSES = 5

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saliency_service.evaluation.cells import CLASS_NAMES, TEST_CONFIG, TRAIN_CONFIG, generate
-from saliency_service.zoo.architectures import DemoResNet, ResNet50Shape, VGGStyle
+from saliency_service.zoo.architectures import DemoResNet
 from saliency_service.zoo.demo import (
     DEMO_INPUT_SIZE,
     DEMO_MEAN,
@@ -20,6 +20,7 @@ from saliency_service.zoo.demo import (
     preprocess,
     train_demo_model,
 )
+from tests.architectures import ResNet50Shape, VGGStyle
 
 # A few hundred images for one epoch; small batches give enough steps to learn something.
 TINY = {"train_images": 512, "epochs": 1, "size": 64, "batch_size": 16, "test_images": 10}

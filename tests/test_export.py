@@ -132,7 +132,7 @@ def test_export_cli_packages_a_module_by_name(tmp_path: Path) -> None:
 
 
 def test_scale_search_on_bottlenecks_with_the_stride_on_the_3x3_conv() -> None:
-    from saliency_service.zoo.architectures import ResNet50Shape, VGGStyle
+    from tests.architectures import ResNet50Shape, VGGStyle
 
     model = ResNet50Shape(num_classes=10).eval()
     found = find_scale_modules(model, torch.zeros(1, 3, 64, 64))

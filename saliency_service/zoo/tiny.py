@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from saliency_service.zoo.architectures import FashionResNet, _init_weights
+from saliency_service.zoo.architectures import FashionResNet, init_weights
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
@@ -43,7 +43,7 @@ class PlainCNN(nn.Module):
                                     _conv_bn_relu(4 * width, 4 * width))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * width, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     @classmethod
     def scale_modules(cls) -> list[str]:
@@ -85,7 +85,7 @@ class DepthwiseCNN(nn.Module):
                                     separable(4 * width, 4 * width, 1))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * width, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     @classmethod
     def scale_modules(cls) -> list[str]:
