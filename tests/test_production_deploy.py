@@ -192,7 +192,6 @@ def test_manifests_validate_against_the_kubernetes_schemas() -> None:
     documents = _documents()
     assert set(documents) == {
         "ConfigMap",
-        "PersistentVolumeClaim",
         "Deployment",
         "Service",
         "Service/saliency-headless",
@@ -207,7 +206,7 @@ def test_manifests_validate_against_the_kubernetes_schemas() -> None:
             validated.append(kind)
         except kubernetes_validate.SchemaNotFoundError:
             assert kind == "PodMonitor", f"{kind} has no schema"  # a CRD: checked below
-    assert len(validated) == 7
+    assert len(validated) == 6
     # The strict schemas do catch mistakes.
     broken = copy.deepcopy(documents["Deployment"])
     container = broken["spec"]["template"]["spec"]["containers"][0]
@@ -307,9 +306,12 @@ def test_security_context_resources_and_models_volume() -> None:
     models = mounts["models"]
     assert models["mountPath"] == documents["ConfigMap"]["data"]["SALIENCY_MODELS"]
     assert models["readOnly"] is True
+    # The models volume is filled by the init container, from the models image.
     volumes = {v["name"]: v for v in pod["volumes"]}
-    claim = volumes["models"]["persistentVolumeClaim"]["claimName"]
-    assert claim == documents["PersistentVolumeClaim"]["metadata"]["name"]
+    assert "emptyDir" in volumes["models"]
+    (init,) = pod["initContainers"]
+    assert {m["name"]: m["mountPath"] for m in init["volumeMounts"]} == {"models": "/target"}
+    assert init["command"] == ["cp", "-R", "/models/.", "/target/"]
 
 
 def _adapter_rules() -> list[dict[str, Any]]:
