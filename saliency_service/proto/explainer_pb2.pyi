@@ -345,13 +345,15 @@ class Prediction(_message.Message):
     def __init__(self, top: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
 
 class Cost(_message.Message):
-    __slots__ = ("method", "forward_passes", "backward_passes", "wall_seconds", "cpu_seconds", "truncated", "precision")
+    __slots__ = ("method", "forward_passes", "backward_passes", "wall_seconds", "cpu_seconds", "truncated", "remote_calls", "remote_bytes", "precision")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_CALLS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     method: Method
     forward_passes: int
@@ -359,8 +361,10 @@ class Cost(_message.Message):
     wall_seconds: float
     cpu_seconds: float
     truncated: bool
+    remote_calls: int
+    remote_bytes: int
     precision: str
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., forward_passes: _Optional[int] = ..., backward_passes: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., truncated: _Optional[bool] = ..., precision: _Optional[str] = ...) -> None: ...
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., forward_passes: _Optional[int] = ..., backward_passes: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., truncated: _Optional[bool] = ..., remote_calls: _Optional[int] = ..., remote_bytes: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("model", "version", "saliency", "predictions", "targets", "cost", "raw", "overlays", "diagnostics", "request_id")

@@ -194,6 +194,7 @@ class Core:
                                     request.top_k, scores.handle.spec().output_kind),
             logits=array_to_tensor(scores.logits.astype(np.float32)),
             cost=pb.Cost(forward_passes=cost.forward_passes, wall_seconds=scores.wall_seconds,
+                         remote_calls=cost.remote_calls, remote_bytes=cost.remote_bytes,
                          cpu_seconds=scores.cpu_seconds),
         )
 
@@ -262,6 +263,7 @@ class Core:
                 done.handler.name, cost, time.perf_counter() - done.started, result.overlays,
                 check))
         response.cost.CopyFrom(pb.Cost(
+            remote_calls=cost.remote_calls, remote_bytes=cost.remote_bytes,
             method=method_enum(done.handler.name), forward_passes=cost.forward_passes,
             backward_passes=cost.backward_passes, wall_seconds=time.perf_counter() - done.started,
             cpu_seconds=time.process_time() - done.cpu_started, truncated=result.truncated))
