@@ -12,12 +12,15 @@ deletion/insertion, the sanity checks, with 95 % bootstrap intervals across mode
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import QUICK_RESULTS, RESULTS, base_parser, machine_info
-from saliency_service.evaluation import groundtruth
+from saliency_service.evaluation import groundtruth, sanity
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,16 +62,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [t for t in plan.tasks if t not in groundtruth.tasks.TASKS]
     if unknown:
         parser.error(f"unknown tasks {unknown}; choose from {','.join(groundtruth.tasks.TASKS)}")
-    out = args.out if (args.full or args.out not in (RESULTS,)) else QUICK_RESULTS
-    results = groundtruth.run(plan, args.models)
-    document = {"benchmark": "groundtruth", "machine": machine_info(), **results.to_json()}
+    out = args.out or (RESULTS if args.full else QUICK_RESULTS)
     command = "python -m benchmarks.groundtruth " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "groundtruth.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
-    (out / "groundtruth.md").write_text(groundtruth.markdown(document, command))
+    started = time.perf_counter()
+
+    def write(results: groundtruth.Results, finished: bool = False) -> None:
+        """Both files, after every model: a run that fails late keeps what it measured."""
+        document = {"benchmark": "groundtruth", "machine": machine_info(),
+                    "finished": finished, "minutes": (time.perf_counter() - started) / 60,
+                    **results.to_json()}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "groundtruth.json").write_text(json.dumps(document, indent=1, default=str)
+                                              + "\n")
+        (out / "groundtruth.md").write_text(
+            groundtruth.markdown(document, command) + "\n".join(extra_sections(document)))
+
+    results = groundtruth.run(plan, args.models, checkpoint=write)
+    write(results, finished=True)
     print(f"wrote {out / 'groundtruth.json'} and {out / 'groundtruth.md'}", file=sys.stderr)
     return 0
+
+
+def extra_sections(document: dict[str, Any]) -> list[str]:
+    """What was run (size, time, whether it finished) and the sanity checks per method and
+    model."""
+    plan = document["plan"]
+    others = ", ".join([f"{plan['demo_images']} demo"] * plan["demo"]
+                       + [f"{plan['fashion_images']} Fashion-MNIST"] * plan["fashion"])
+    others = f" ({others})" if others else ""
+    lines = ["", "## The run", "",
+             f"{len(document['models'])} models ({len(plan['tasks'])} tasks × "
+             f"{len(plan['architectures'])} architectures × {len(plan['seeds'])} seed(s)"
+             f"{', the demo' if plan['demo'] else ''}"
+             f"{', Fashion-MNIST' if plan['fashion'] else ''}), {plan['images']} images per "
+             f"task model{others}, "
+             f"trained on {plan['train_images']} images for {plan['epochs']} epochs; sanity "
+             f"checks on {plan['sanity_images']} images of up to {plan['sanity_models']} "
+             f"models; {document['minutes']:.0f} min on {document['machine']['cores']} cores "
+             f"(load average {document['machine']['load_average'][0]:.1f} at the end)"
+             + ("." if document["finished"] else "; **stopped before the end**: the tables "
+                "hold the models finished so far.")]
+    return lines + sanity_section(document["sanity"])
+
+
+def sanity_section(checks: list[dict[str, Any]]) -> list[str]:
+    """Per method and model: ρ̄ of the randomization cascade and ρ of the random logit."""
+    if not checks:
+        return []
+    models = list(dict.fromkeys(c["model"] for c in checks))
+    methods = list(dict.fromkeys(c["method"] for c in checks))
+    lines = ["", "## Sanity checks per model", "",
+             "Cells: model randomization ρ̄ (Spearman of |map| against the maps of copies with "
+             "the top block, top half and all blocks randomized, averaged) / label "
+             f"randomization ρ (against a random other class); a test passes below "
+             f"{sanity.PASS_BELOW} (bold: fails).", "",
+             "| method | " + " | ".join(models) + " | passes |",
+             "|---|" + "---|" * (len(models) + 1)]
+
+    def rho(value: float) -> str:
+        if not math.isfinite(value):
+            return "–"
+        return f"{value:.2f}" if value < sanity.PASS_BELOW else f"**{value:.2f}**"
+
+    for method in methods:
+        mine = {c["model"]: c for c in checks if c["method"] == method}
+        cells = [f"{rho(mine[m]['randomization_rho'])} / {rho(mine[m]['random_logit_rho'])}"
+                 if m in mine else "–" for m in models]
+        passed = sum(bool(c["passes"]) for c in mine.values())
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {passed}/{len(mine)} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class Plan:
     methods: tuple[str, ...] = ()  # () = every method a package offers
     # Extra (label, method, parameters) runs beside the defaults.
     variants: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = ()
-    sanity_models: int = 0  # models (the first ones trained) that get the sanity checks
+    sanity_models: int = 0  # models given the sanity checks (each of a new task and family)
     sanity_images: int = 4
     demo: bool = False
     demo_images: int = 8
@@ -80,7 +80,7 @@ class Plan:
 
 SMALL = Plan()
 FULL = Plan(tasks=tuple(tasks.TASKS), architectures=("plain", "residual", "depthwise", "vit"),
-            images=8, train_images=2000, epochs=3, sanity_models=2, sanity_images=3,
+            images=8, train_images=2000, epochs=3, sanity_models=4, sanity_images=3,
             demo=True, demo_images=6, fashion=True, variants=(
                 ("decam @330", "decam", (("max_forward_passes", AISE_PASSES),)),
                 ("rise @330", "rise", (("masks", AISE_PASSES - 1),)),
@@ -469,8 +469,13 @@ class Results:
                 "sanity": self.sanity, "summary": summarize(self)}
 
 
-def run(plan: Plan, models_dir: Path = Path("models")) -> Results:
-    """Trains (or loads) every model of ``plan`` and scores every method on it."""
+def run(plan: Plan, models_dir: Path = Path("models"),
+        checkpoint: Callable[[Results], None] | None = None) -> Results:
+    """Trains (or loads) every model of ``plan`` and scores every method on it.
+
+    ``checkpoint`` gets the results so far after each model, so a run that fails late
+    still leaves every finished model's rows on disk.
+    """
     from saliency_service.protocol.inputs import preprocess_pixels  # noqa: PLC0415
 
     results = Results(plan={k: (str(v) if isinstance(v, Path) else v)
@@ -487,6 +492,7 @@ def run(plan: Plan, models_dir: Path = Path("models")) -> Results:
             yield fashion
 
     sanity_left = plan.sanity_models
+    checked: set[str] = set()  # tasks and architectures already given the sanity checks
     for model in models():
         included = model.accuracy >= plan.min_accuracy
         results.models.append({"model": model.key, "task": model.task,
@@ -509,11 +515,16 @@ def run(plan: Plan, models_dir: Path = Path("models")) -> Results:
                    "seconds_per_image": maps.seconds, **values}
             results.rows.append(row)
             _log(plan, f"  {model.key} {method_run.label}: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in values.items() if k != "zero_maps")
+                f"{k} {v:.3f}" for k, v in values.items())
                 + f", {maps.forward_passes:.0f} fwd + {maps.backward_passes:.0f} bwd /image")
-        if sanity_left > 0 and model.rebuild is not None and included:
+        # One model per task and architecture, so the checks span tasks and families.
+        if (sanity_left > 0 and model.rebuild is not None and included
+                and not {model.task, model.architecture} & checked):
             sanity_left -= 1
+            checked |= {model.task, model.architecture}
             results.sanity += sanity_rows(plan, model, handle, runs)
+        if checkpoint is not None:
+            checkpoint(results)
     return results
 
 
@@ -593,6 +604,11 @@ def _cell(entry: dict[str, Any] | None, digits: int = 2) -> str:
             f"{entry['high']:.{digits}f}]")
 
 
+def _number(entry: dict[str, Any] | None, digits: int = 2) -> str:
+    """The mean of a summary entry, or – when no model has the metric."""
+    return f"{entry['mean']:.{digits}f}" if entry else "–"
+
+
 def markdown(document: dict[str, Any], command: str) -> str:
     """The results as Markdown: the per-method table, then per task, then the models."""
     summary = document["summary"]
@@ -616,7 +632,7 @@ def markdown(document: dict[str, Any], command: str) -> str:
             f"{_cell(entry.get('insertion'))} | "
             f"{entry.get('forward_passes', {}).get('mean', math.nan):.0f} | "
             f"{entry.get('backward_passes', {}).get('mean', math.nan):.0f} | "
-            f"{entry.get('zero_maps', {}).get('mean', math.nan):.2f} | {sane} |")
+            f"{_number(entry.get('zero_maps'))} | {sane} |")
     lines += ["", "## Per task: mass (pointing), and whether the mass beats the uniform map",
               "", "yes / no: the bootstrap interval over the task's models of mass − uniform "
               "lies above / below 0; unclear: it contains 0. Tasks without ground truth show "
