@@ -336,9 +336,9 @@ def test_the_good_package_serves_beside_the_hostile_ones(
 _EVALUATORS = {"exec", "eval", "compile", "__import__"}
 _EVALUATING_ATTRIBUTES = ("sympify", "parse_expr", "import_module", "torch.export.load",
                           "literal_eval")
-_LOAD_PATH = ("saliency_service/core", "saliency_service/serving")
+_LOAD_PATH = ("saliency_service/core", "saliency_service/serving",
+              "saliency_service/methods/_utils/onnx_to_fx")
 _LOAD_PATH_FILES = ("saliency_service/methods/_utils/gradient_program.py",
-                    "saliency_service/methods/_utils/onnx_to_fx.py",
                     "saliency_service/methods/_utils/torch_program.py")
 
 
