@@ -13,10 +13,9 @@ import pytest
 
 from saliency_service.core.errors import InvalidInput
 from saliency_service.core.params import MAX_ITEMS
-from saliency_service.methods import registry
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.calls import check_limits
-from saliency_service.protocol.codec import target_of
+from saliency_service.protocol.codec import params_values, target_of
 from saliency_service.protocol.grpc_wire import (
     MAX_WIRE_FIELDS,
     MAX_WIRE_VALUES,
@@ -134,21 +133,31 @@ def peak_bytes(call: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
+def pre_admission_check(request: pb.ExplainRequest, config: Config) -> None:
+    """What runs on the event loop before a request takes a slot: the limits, then the
+    conversion of its parameters and targets to plain values (``Core.prepare``'s part
+    that reads the message)."""
+    check_limits(request, config)
+    which = request.WhichOneof("params")
+    if which:
+        params_values(getattr(request, which), which)
+    target_of(request.target, config.max_batch)
+
+
 @pytest.mark.parametrize("request_of", [many_weights, many_per_item, many_shape])
 def test_refusing_a_huge_repeated_field_converts_none_of_its_values(
         request_of: Callable[[], pb.ExplainRequest]) -> None:
-    """The check on the event loop reads lengths only: converting a million values to Python
+    """The checks on the event loop read lengths only: converting a million values to Python
     objects would allocate tens of MB (and hold up every call meanwhile)."""
     request = request_of()
     config = Config(max_batch=8)
-    assert peak_bytes(lambda: check_limits(request, config)) < 256 * 1024
+    assert peak_bytes(lambda: pre_admission_check(request, config)) < 256 * 1024
 
 
-def test_the_worker_side_conversions_are_bounded_too() -> None:
-    """The engine converts the parameters and targets again off the event loop (for
-    transports that call it directly): bounded by length there as well."""
+def test_the_conversions_are_bounded_for_in_process_callers_too() -> None:
+    """Transports that call the codec directly (TorchServe's handler, benchmarks) convert
+    the parameters and targets through the same bounded functions."""
     weights = many_weights()
-    handler = registry.get("fastcam")
-    assert peak_bytes(lambda: handler.params(weights.fastcam, Config().limits())) < 256 * 1024
+    assert peak_bytes(lambda: params_values(weights.fastcam, "fastcam")) < 256 * 1024
     per_item = many_per_item()
     assert peak_bytes(lambda: target_of(per_item.target, 16)) < 256 * 1024

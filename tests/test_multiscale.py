@@ -32,7 +32,7 @@ from saliency_service.methods._utils.smoe import (
 from saliency_service.methods.cam import grad_cam
 from saliency_service.packaging.export import export_package
 from saliency_service.proto import explainer_pb2 as pb
-from saliency_service.protocol.codec import Core
+from saliency_service.protocol.codec import Core, method_enum
 from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from saliency_service.render.lovi_picture import lovi_rgb
 from saliency_service.serving.config import Config
@@ -332,7 +332,7 @@ def test_auto_prefers_the_fast_path_when_gradients_are_too_slow(core) -> None:
     assert fast.cost.forward_passes == 2 and fast.cost.backward_passes == 0
     roomy = explain(core, pb.METHOD_AUTO, inputs, budget=pb.Budget(max_latency_ms=5000))
     first = core.engine.auto(core.order(pb.ExplainRequest()), core.repository.get("tiny"))
-    assert roomy.cost.method == first.method
+    assert roomy.cost.method == method_enum(first.name)
 
 
 # ---- over gRPC -------------------------------------------------------------------------------
