@@ -338,24 +338,33 @@ class RemotePredictor:
         return shown
 
     def run(self, inputs: np.ndarray, state: RemoteState | None = None,
-            count: Callable[[int, int], None] | None = None) -> np.ndarray:
+            count: Callable[[int, int], None] | None = None,
+            fixed_batch: int = 0) -> np.ndarray:
         """The class scores of float32 ``inputs`` (already in the model's layout), in
-        chunks of ``max_batch`` sent ``concurrency`` at a time. ``count(calls, bytes)``
-        is told each finished call."""
-        size = self.spec.max_batch
+        chunks of ``max_batch`` sent ``concurrency`` at a time. A predictor whose model
+        takes exactly ``fixed_batch`` inputs gets chunks of that size, the last one padded
+        by repeating its final input (the padding's scores dropped). ``count(calls,
+        bytes)`` is told each finished call."""
+        size = fixed_batch or self.spec.max_batch
         parts = [inputs[start:start + size] for start in range(0, inputs.shape[0], size)]
+        kept = parts[-1].shape[0]
+        if fixed_batch and kept < fixed_batch:
+            parts[-1] = np.concatenate([parts[-1],
+                                        np.repeat(parts[-1][-1:], fixed_batch - kept, axis=0)])
         if state is not None:
             state.check()
         deadline = state.deadline if state is not None else None
         if len(parts) == 1:
-            return self._call(parts[0], deadline, state, count)
+            return self._call(parts[0], deadline, state, count)[:kept]
         futures = [self._pool.submit(self._call, part, deadline, state, count)
                    for part in parts]
         try:
-            return np.concatenate([future.result() for future in futures])
+            scores = [future.result() for future in futures]
         finally:
             for future in futures:
                 future.cancel()
+        scores[-1] = scores[-1][:kept]
+        return np.concatenate(scores)
 
     def _call(self, batch: np.ndarray, deadline: float | None, state: RemoteState | None,
               count: Callable[[int, int], None] | None) -> np.ndarray:

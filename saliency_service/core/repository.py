@@ -497,7 +497,8 @@ class ModelHandle:
         if spec.input.layout == "NHWC":
             inputs = inputs.transpose(0, 2, 3, 1)
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-        return self.remote.run(inputs, state, count_remote)  # type: ignore[union-attr]
+        return self.remote.run(inputs, state, count_remote,  # type: ignore[union-attr]
+                               spec.input.batch)
 
     def _session_run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.run_options is None:  # serving: no bound to keep
@@ -587,6 +588,25 @@ class Repository:
         for handle in self.handles():
             state = "ready" if handle.ready else f"NOT READY ({handle.error})"
             log.info("model %s version %d: %s", handle.name, handle.version, state)
+
+    def replace(self, handle: ModelHandle,
+                prepare: Callable[[ModelHandle], None] | None = None) -> None:
+        """Installs ``handle``, loaded again on its own (a remote package once its predictor
+        answers), in place of the package of its name and version, once ``prepare`` (the
+        warm-up) ran on it, if it is still ready then; meanwhile the old one serves."""
+        if prepare is not None:
+            with self._lock:
+                models = {name: dict(versions) for name, versions in self._models.items()}
+            models.setdefault(handle.name, {})[handle.version] = handle
+            self._preparing.models = models  # ``find`` answers it on this thread
+            try:
+                prepare(handle)
+            finally:
+                self._preparing.models = None
+        with self._lock:
+            versions = self._models.get(handle.name, {})
+            if handle.ready and handle.version in versions:
+                versions[handle.version] = handle
 
     def handles(self) -> list[ModelHandle]:
         with self._lock:

@@ -11,6 +11,7 @@ loading"). Models are reloaded without a restart when the repository changes (po
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from saliency_service.client.connections import server_options
 from saliency_service.core import devices
+from saliency_service.core.errors import Unavailable
 from saliency_service.core.repository import ModelHandle, Repository
 from saliency_service.methods import registry
 from saliency_service.proto import explainer_pb2 as pb
@@ -61,6 +63,9 @@ REPLY_SECONDS = 0.2
 # have paused this long, or ``drain_notice_seconds`` have passed: gRPC cancels a call that
 # reaches it after its GOAWAY was sent, so the GOAWAY goes out when no call is on its way.
 QUIET_SECONDS = 0.1
+# Seconds between attempts to load again the remote packages whose predictor did not
+# answer: doubling from the first to the last while it still does not.
+PREDICTOR_RETRY_SECONDS = (2.0, 30.0)
 # A port that cannot be bound, by its flag.
 PORT_FLAGS = {"gRPC": "--port", "metrics": "--metrics-port", "HTTP": "--http-port"}
 
@@ -158,6 +163,7 @@ class SaliencyServer:
         self._fingerprint: tuple[tuple[str, int, int], ...] = ()
         self._reload_lock: asyncio.Lock | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._awaiting: asyncio.Task[None] | None = None
         self._stopping = False
         # One readiness for gRPC health and HTTP /readyz, set when a load has finished.
         self._ready = False
@@ -234,6 +240,36 @@ class SaliencyServer:
             if ready
             else health_pb2.HealthCheckResponse.NOT_SERVING,
         )
+
+    async def _await_predictors(self) -> None:
+        """Loads again, every few seconds (``PREDICTOR_RETRY_SECONDS``), the remote
+        packages whose predictor did not answer (a predictor that starts after the server,
+        as a KServe InferenceService's does), so each turns ready once it answers."""
+        loop = asyncio.get_running_loop()
+        first, last = PREDICTOR_RETRY_SECONDS
+        delay = first
+        while True:
+            await asyncio.sleep(delay)
+            waiting = [h for h in self.repository.handles()
+                       if h.error.startswith(f"{Unavailable.__name__}: ")]
+            delay = min(delay * 2, last) if waiting else first
+            if not waiting or self._reload_lock is None or self._reload_lock.locked():
+                continue
+            async with self._reload_lock:
+                for handle in waiting:  # a copy loads and warms up; the package serves after
+                    fresh = copy.copy(handle)
+                    await loop.run_in_executor(None, fresh.load, self.config.intra_op_threads)
+                    if fresh.ready:
+                        await loop.run_in_executor(None, self.repository.replace, fresh,
+                                                   self.prepare)
+                    if not fresh.ready:
+                        handle.error = fresh.error
+                        continue
+                    log.info("model %s version %d: ready (its predictor answered)",
+                             fresh.name, fresh.version, extra={"event": "predictor_answered"})
+                self.metrics.set_models_ready(
+                    {(h.name, str(h.version)): h.ready for h in self.repository.handles()})
+                await self._update_readiness()
 
     async def _poll(self, interval: float) -> None:
         while True:
@@ -346,6 +382,7 @@ class SaliencyServer:
             await self._update_readiness()
         if self.config.reload_interval_seconds > 0:
             self._poller = asyncio.ensure_future(self._poll(self.config.reload_interval_seconds))
+        self._awaiting = asyncio.ensure_future(self._await_predictors())
         ready = sum(h.ready for h in self.repository.handles())
         log.info(
             "serving on %s:%d (metrics on :%d, HTTP on :%d, %s); %d model(s) ready",
@@ -382,8 +419,9 @@ class SaliencyServer:
         warming = self._warming
         if warming is not None:
             warming.stop("not warmed up: the server is shutting down")
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in (self._poller, self._awaiting):
+            if task is not None:
+                task.cancel()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._calls_pause(min(self.config.drain_notice_seconds, grace))
         self.admission.drain(ends)
