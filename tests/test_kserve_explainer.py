@@ -200,3 +200,10 @@ def test_v1_predictor_without_a_shape_is_a_start_up_error_naming_the_flag() -> N
         parsed("--model_name", "m", "--predictor_host", "p.ns", "--http_port", "8080")
     with pytest.raises(SystemExit, match="predictor_protocol must be one of v1, v2, grpc-v2"):
         parsed("--model_name", "m", "--predictor_host", "p.ns", "--predictor_protocol", "v3")
+
+
+def test_zero_workers_names_kserves_flag() -> None:
+    """``containerConcurrency: 0`` reaches the server as ``--workers 0``: the message says
+    where the value came from."""
+    with pytest.raises(SystemExit, match="KServe's --workers, from containerConcurrency"):
+        parsed("--workers", "0")

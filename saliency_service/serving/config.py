@@ -246,7 +246,8 @@ class Config:
     def __post_init__(self) -> None:
         problems = []
         if self.max_inflight < 1:
-            problems.append(f"max_inflight must be >= 1, got {self.max_inflight}")
+            problems.append(f"max_inflight (--max-inflight; KServe's --workers, from "
+                            f"containerConcurrency) must be >= 1, got {self.max_inflight}")
         if self.max_concurrent_rpcs < 0:
             problems.append(f"max_concurrent_rpcs must be >= 0, got {self.max_concurrent_rpcs}")
         if self.max_queue < 0:
