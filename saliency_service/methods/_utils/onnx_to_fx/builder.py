@@ -143,10 +143,12 @@ class Op:
 
 
 def const(value: Value | None) -> torch.Tensor | None:
+    """The value when it is a constant, else None."""
     return value if isinstance(value, torch.Tensor) else None
 
 
 def const_ints(value: Value | None, what: str, required: bool = True) -> list[int] | None:
+    """A constant's values as ints; one computed at run time is a problem when ``required``."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
@@ -157,6 +159,7 @@ def const_ints(value: Value | None, what: str, required: bool = True) -> list[in
 
 
 def scalar(value: Value | None) -> float | int | bool | None:
+    """The one value of a constant (None for a graph node)."""
     if not isinstance(value, torch.Tensor):
         return None
     if value.numel() != 1:
@@ -166,17 +169,21 @@ def scalar(value: Value | None) -> float | int | bool | None:
 
 
 def need(value: Value | None, what: str) -> Value:
+    """``value``, or a problem naming the missing input."""
     if value is None:
         raise Problem(f"missing {what}")
     return value
 
 
 def dim_of(b: Builder, op: Op, x: Value, axis: int) -> Any:
+    """Input 0's size along ``axis``: a number when known, else read at run time."""
     static = op.dim(0, axis)
     return static if static is not None else b.call(A.sym_size.int, x, axis)
 
 
 def axes_of(op: Op, index: int) -> list[int] | None:
+    """The axes of a reduction or (un)squeeze: the attribute (older opsets), else input
+    ``index``."""
     if "axes" in op.attrs:
         return list(op.attrs["axes"])
     return const_ints(op.input(index), "axes")

@@ -44,6 +44,7 @@ _ITEM_BYTES = {TensorProto.DOUBLE: 8, TensorProto.INT64: 8, TensorProto.UINT64: 
 
 
 def torch_dtype(elem_type: int) -> torch.dtype:
+    """The dtype the service computes an ONNX element type in."""
     if elem_type not in DTYPES:
         name = TensorProto.DataType.Name(elem_type) if elem_type in TensorProto.DataType.values() \
             else str(elem_type)
@@ -75,6 +76,7 @@ def read_tensor(proto: TensorProto, what: str) -> torch.Tensor:
 
 
 def check_bytes(shape: Sequence[int], dtype: torch.dtype) -> None:
+    """Refuses a tensor of ``shape`` larger than ``MAX_BYTES`` before it is made."""
     if any(int(d) < 0 for d in shape):
         raise ValueError(f"negative size in shape {list(shape)}")
     size = math.prod(int(d) for d in shape) * torch.empty((), dtype=dtype).element_size()
@@ -83,6 +85,7 @@ def check_bytes(shape: Sequence[int], dtype: torch.dtype) -> None:
 
 
 def int_list(value: Any) -> list[int]:
+    """A tensor's or a sequence's values as a flat list of ints."""
     if isinstance(value, torch.Tensor):
         return [int(v) for v in value.reshape(-1).tolist()]
     return [int(v) for v in value]
@@ -94,6 +97,7 @@ class _Subgraph:
 
 
 def attribute_value(attr: AttributeProto) -> Any:
+    """An attribute as a plain value (a tensor stays a protobuf until it is read)."""
     kind = attr.type
     if kind == AttributeProto.FLOAT:
         return float(attr.f)

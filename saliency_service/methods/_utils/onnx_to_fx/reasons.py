@@ -19,6 +19,7 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def op_label(node: onnx.NodeProto) -> str:
+    """The node's op type, prefixed with its domain when that is not ONNX's own."""
     if node.domain in DEFAULT_DOMAINS:
         return node.op_type
     return f"{node.domain}.{node.op_type}"

@@ -121,6 +121,7 @@ def _unsqueeze(x: torch.Tensor, axes: list[int]) -> torch.Tensor:
 
 
 def flatten_at(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """ONNX Flatten: the dimensions before ``axis`` as one, those from it as another."""
     axis = axis % (x.dim() + 1) if axis < 0 else axis
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
