@@ -77,7 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
     from saliency_service.core import devices  # noqa: PLC0415
 
     try:
-        devices.configure(config.device, config.onnx_providers, config.precision)
+        devices.configure(config.device, config.onnx_providers, config.precision,
+                          config.forward_engine)
     except devices.PlacementRefused as exc:
         return _usage_error(exc)
     if args.ensure_demo:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from saliency_service.core import forward_engine
 from saliency_service.core.errors import InvalidInput
 from saliency_service.core.params import param
 from saliency_service.core.repository import ModelHandle
@@ -191,7 +192,8 @@ class FastCam(MultiScaleHandler):
             activations = self.outputs(job, [name])[name]
             rows = np.arange(job.batch)
             if job.base_logits is None or _logits_match(
-                    head.logits(activations, job.targets), job.base_logits[rows, job.targets]):
+                    head.logits(activations, job.targets), job.base_logits[rows, job.targets],
+                    forward_engine.logit_tolerance(job.model)):
                 return head.cam(activations, job.targets), True
             log.warning("model %s: the linear head does not reproduce the logits; using "
                         "Grad-CAM", job.model.name)
@@ -205,6 +207,6 @@ def cam_output(model: ModelHandle) -> str:
     return str(spec.head.get("scale_output") or spec.cam_output or spec.scale_outputs[-1])
 
 
-def _logits_match(predicted: np.ndarray, actual: np.ndarray) -> bool:
-    tolerance = 1e-3 * max(1.0, float(np.abs(actual).max()))
+def _logits_match(predicted: np.ndarray, actual: np.ndarray, relative: float = 1e-3) -> bool:
+    tolerance = relative * max(1.0, float(np.abs(actual).max()))
     return predicted.shape == actual.shape and float(np.abs(predicted - actual).max()) <= tolerance

@@ -94,6 +94,9 @@ HELP = {
     "precision": "gradient methods' arithmetic: float32, bfloat16 (torch autocast; inputs, sums "
     "and maps stay float32) or auto (bfloat16 where the CPU has AMX/AVX-512 BF16 units); a model "
     "whose bfloat16 gradients do not match float32 at load stays float32 and GetModel says so",
+    "forward_engine": "what runs forward passes (prediction, SMOE/FastCAM/LOVI, DE-CAM, RISE, "
+    "occlusion): onnxruntime (float32) or openvino (bfloat16 under --precision bfloat16 or auto, "
+    "checked against float32 per model at warm-up; needs saliency-service[openvino])",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object per line) or text",
     "model_name": "KServe explainer: the name the predictor's model is explained under "
@@ -219,6 +222,7 @@ class Config:
     device: str = "cpu"
     onnx_providers: str = ""
     precision: str = "float32"
+    forward_engine: str = "onnxruntime"
     log_level: str = "INFO"
     # "json" (one object per line) or "text".
     log_format: str = "json"

@@ -143,7 +143,8 @@ class SaliencyServer:
         self.config = config
         self.metrics = Metrics()
         # Every session and program of the process follows it; raises PlacementRefused.
-        devices.configure(config.device, config.onnx_providers, config.precision)
+        devices.configure(config.device, config.onnx_providers, config.precision,
+                          config.forward_engine)
         self.repository = Repository(config.models, config.intra_op_threads,
                                      pinned_models(config))
         self.core = Core(self.repository, config, self.metrics)

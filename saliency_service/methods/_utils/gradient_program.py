@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from saliency_service.core import devices
 from saliency_service.core.repository import ModelHandle
 from saliency_service.methods._utils.onnx_to_fx import (
     GraphProgram,
@@ -100,7 +101,8 @@ def _compare_with_onnx_runtime(model: ModelHandle, graph_module: fx.GraphModule,
     channels, height, width = spec.input.channels, spec.input.height, spec.input.width
     generator = np.random.default_rng(CHECK_SEED)
     inputs = generator.normal(0.0, 1.0, (rows, channels, height, width)).astype(np.float32)
-    expected = model.run(inputs, outputs)
+    with devices.requested("float32"):  # the reference, whatever engine serves
+        expected = model.run(inputs, outputs)
     with torch.no_grad():
         actual = graph_module(torch.from_numpy(inputs))
     for name, want, got in zip(outputs, expected, actual, strict=True):

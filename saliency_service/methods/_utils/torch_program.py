@@ -162,7 +162,7 @@ class PreparedModule(torch.nn.Module):
         x = x.to(self.device)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.bfloat16:
+        if self.bfloat16 and devices.requested_precision() != "float32":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 outputs = self.graph_module(x)
         else:
