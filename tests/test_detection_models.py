@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,15 @@ from tests.peer_grad_cam import import_pytorch_grad_cam
 CAM_TOLERANCE = 1e-4
 DRISE_SCENES = 30
 DRISE_MASKS = 300
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared machine: a second torch thread only waits on the first."""
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(caller_threads)
 
 
 @pytest.fixture(scope="module")
