@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from saliency_service.core import forward_engine
 from saliency_service.core.chunking import MAX_CHUNK_ROWS, chunks
+from saliency_service.core.dense import DENSE_KINDS, DenseSpec, InvalidDenseSpec
 from saliency_service.core.errors import NotFound, Unavailable
 from saliency_service.core.onnx_external import (
     ExternalDataRefused,
@@ -129,6 +129,8 @@ class Manifest:
         tokens = self.token_grid.get("output")
         return (*self.scale_outputs, *([str(tokens)] if tokens else []))
     output_kind: str = LOGITS  # saliency_service.core.outputs: logits, probabilities or sigmoid
+    # A detector's or segmenter's outputs (``core.dense``; output_kind is then its kind).
+    dense: DenseSpec | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
@@ -160,6 +162,17 @@ class Manifest:
             remote = RemoteSpec.from_json(data["remote"]) if "remote" in data else None
         except InvalidRemote as exc:
             raise InvalidManifest(str(exc)) from exc
+        kind = _choice(outputs, "outputs.kind", (*OUTPUT_KINDS, *DENSE_KINDS))
+        try:
+            dense = DenseSpec.from_outputs(kind, outputs) if kind in DENSE_KINDS else None
+        except InvalidDenseSpec as exc:
+            raise InvalidManifest(str(exc)) from exc
+        if dense is not None and not labels:
+            raise InvalidManifest(f"a {kind} model's manifest needs class_labels (the classes "
+                                  "its outputs score)")
+        if dense is not None and remote is not None:
+            raise InvalidManifest(f"a remote model is a classifier; a {kind} model is served "
+                                  "from its package's model.onnx")
         return cls(
             name=_text(data, "name", required=True),
             version=_whole(data, "version"),
@@ -174,7 +187,8 @@ class Manifest:
                 resize=resize,
             ),
             class_labels=labels,
-            logits_output=_text(outputs, "logits", "logits", where="outputs.logits"),
+            logits_output=(dense.outputs[0] if dense is not None else
+                           _text(outputs, "logits", "logits", where="outputs.logits")),
             scale_outputs=_texts(outputs, "scales", where="outputs.scales"),
             scale_modules=_texts(data, "scale_modules"),
             cam_layer=_text(data, "cam_layer"),
@@ -183,7 +197,8 @@ class Manifest:
             files=_files(files),
             head=_field(data, "head", dict) or {},
             extra={k: v for k, v in data.items() if k in _EXTRA_KEYS},
-            output_kind=_choice(outputs, "outputs.kind", OUTPUT_KINDS),
+            output_kind=kind,
+            dense=dense,
             token_grid=_field(data, "token_grid", dict) or {},
             remote=remote,
         )
@@ -502,12 +517,11 @@ class ModelHandle:
                                spec.input.batch)
 
     def _session_run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        session = forward_engine.session_for(self)  # ONNX Runtime, or OpenVINO in bfloat16
         if self.run_options is None:  # serving: no bound to keep
-            return session.run(names, feeds)
+            return self.session.run(names, feeds)  # type: ignore[union-attr]
         self.run_started = time.monotonic()
         try:
-            return session.run(names, feeds, self.run_options)
+            return self.session.run(names, feeds, self.run_options)  # type: ignore[union-attr]
         finally:
             self.run_started = None
 

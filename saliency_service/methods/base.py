@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from saliency_service.core.dense import DETECTION, DETECTORS
 from saliency_service.core.outputs import softmax
 from saliency_service.core.params import defaults_of, from_values
 from saliency_service.core.repository import ModelHandle
@@ -79,6 +80,11 @@ class Handler:
     warm_up: ClassVar[bool] = True
     # Parameters of the warm-up run where the defaults would cost many passes.
     warm_up_overrides: ClassVar[dict[str, Any]] = {}
+    # Whether a black-box method also explains detectors' and segmenters' targets (their
+    # scores read as class probabilities, ``core.dense.TargetedModel``), and whether it
+    # explains nothing else.
+    explains_dense: ClassVar[bool] = True
+    detectors_only: ClassVar[bool] = False
     description: ClassVar[str] = ""
     paper: ClassVar[str] = ""
 
@@ -102,6 +108,10 @@ class Handler:
     def available_for(self, model: ModelHandle) -> bool:
         """Whether this package has what the method needs."""
         spec = model.spec()
+        if spec.dense is not None:
+            return not self._dense_problem(model)
+        if self.detectors_only:
+            return False
         if model.remote is not None and not self.black_box:
             return False
         if self.needs_torch and gradients_problem(model):
@@ -112,6 +122,11 @@ class Handler:
         """What the package lacks for this method (empty when it is available)."""
         if self.available_for(model):
             return ""
+        kind = model.spec().output_kind
+        if model.spec().dense is not None:
+            return self._dense_problem(model)
+        if self.detectors_only:
+            return f"it explains detectors; this model's outputs are {kind} class scores"
         if model.remote is not None and not self.black_box:
             return (f"the model is served remotely by a {model.remote.spec.protocol} predictor, "
                     "which gives only its class scores; this method needs "
@@ -125,6 +140,27 @@ class Handler:
             return (f"it needs spatial scale outputs; this model's features are tokens on a "
                     f"{height}×{width} patch grid (a vision transformer), not feature maps")
         return "it needs scale outputs" + scales_missing(model)
+
+    def _dense_problem(self, model: ModelHandle) -> str:
+        """Why this method does not explain a detector's or segmenter's targets ("" when
+        it does): black-box methods read each target's score; gradient methods differentiate
+        it (a region's summed class logit, a raw grid detection's box score) where the graph
+        translates; the multi-scale path and post-NMS graphs have nothing to read."""
+        dense = model.spec().dense
+        assert dense is not None
+        kind = dense.kind.replace("_", " ")
+        if self.detectors_only and dense.kind not in DETECTORS:
+            return f"it explains detectors; this model is a {kind} model"
+        if self.black_box:
+            return "" if self.explains_dense else f"it does not explain {kind} models"
+        if self.needs_scales or self.wants_scale_outputs or not self.needs_torch:
+            return (f"it reads a classifier's feature maps and class head; on a {kind} model "
+                    "the black-box and gradient methods explain each target's score")
+        if dense.kind == DETECTION:
+            return ("the detector's scores come out of NMS inside its graph, which passes no "
+                    "gradient to a box: use D-RISE or another black-box method, or serve the "
+                    "raw grid head (outputs.kind detection_raw)")
+        return gradients_problem(model)
 
     @property
     def black_box(self) -> bool:

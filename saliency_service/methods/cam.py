@@ -23,6 +23,7 @@ from saliency_service.core.errors import InvalidInput
 from saliency_service.core.params import param
 from saliency_service.core.repository import ModelHandle
 from saliency_service.methods._utils.resize import upsample
+from saliency_service.methods._utils.target_score import selected_scores
 from saliency_service.methods._utils.torch_program import CUT_PREFIX, prepared_module
 from saliency_service.methods.base import (
     CAM_PASS,
@@ -96,7 +97,7 @@ def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]
         outputs = module(torch.from_numpy(np.ascontiguousarray(job.inputs[part])))
         count = part.stop - part.start
         activation = outputs[index]  # a fixed-batch graph's padding rows come after ``count``
-        selected = outputs[0][:count].gather(1, targets[part]).sum()
+        selected = selected_scores(job, outputs, targets[part]).sum()
         (grad,) = torch.autograd.grad(selected, activation)
         activations.append(as_feature_map(job.model, output_name, _rows(
             activation.detach(), batch_dim, count)))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from saliency_service.methods._utils.target_score import selected_scores
 from saliency_service.methods._utils.torch_program import (
     FAST,
     GUIDED,
@@ -44,8 +45,7 @@ def gradient_rows(
     for part in job.checked_chunks(rows, size):
         batch, targets = make_rows(part)
         batch = batch.detach().requires_grad_(True)
-        logits = module(batch)[0][: batch.shape[0]]  # a fixed-batch graph's padding dropped
-        selected = logits.gather(1, targets.view(-1, 1).to(torch.int64)).view(-1)
+        selected = selected_scores(job, module(batch), targets)
         (grad,) = torch.autograd.grad(selected.sum(), batch)
         count = part.stop - part.start
         job.cost.forward(count, ENGINE_TORCH)

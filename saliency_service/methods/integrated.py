@@ -20,6 +20,7 @@ from saliency_service.core.params import param
 from saliency_service.core.repository import ModelHandle
 from saliency_service.core.request import Attribution
 from saliency_service.methods._utils.baselines import baseline_logits, make_baseline
+from saliency_service.methods._utils.target_score import selected_scores
 from saliency_service.methods._utils.torch_program import FAST, linear_stem, prepared_module
 from saliency_service.methods.base import ENGINE_TORCH, Job
 from saliency_service.methods.gradients import GradientHandler, summed_input_gradients
@@ -71,9 +72,8 @@ def target_logits(job: Job, inputs: np.ndarray) -> np.ndarray:
     targets = torch.from_numpy(job.targets.astype(np.int64)).view(-1, 1)
     for part in job.checked_chunks(inputs.shape[0], job.items_per_chunk(backward=True)):
         with torch.no_grad():
-            logits = module(torch.from_numpy(np.ascontiguousarray(inputs[part])))[0]
-        rows = part.stop - part.start
-        out[part] = logits[:rows].gather(1, targets[part]).view(-1).double().numpy()
+            outputs = module(torch.from_numpy(np.ascontiguousarray(inputs[part])))
+        out[part] = selected_scores(job, outputs, targets[part]).double().numpy()
         job.cost.forward(part.stop - part.start, ENGINE_TORCH)
     return out
 

@@ -21,6 +21,7 @@ _BUILTIN = (
     "saliency_service.methods.guided_gradcam",
     "saliency_service.methods.xgradcam",
     "saliency_service.methods.perturbation",
+    "saliency_service.methods.drise",
     "saliency_service.methods.decam",
     "saliency_service.methods.multiscale",
 )

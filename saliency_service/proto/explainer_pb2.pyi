@@ -36,6 +36,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_DECAM: _ClassVar[Method]
     METHOD_OCCLUSION: _ClassVar[Method]
     METHOD_RISE: _ClassVar[Method]
+    METHOD_DRISE: _ClassVar[Method]
 
 class Baseline(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -86,6 +87,7 @@ METHOD_LOVI: Method
 METHOD_DECAM: Method
 METHOD_OCCLUSION: Method
 METHOD_RISE: Method
+METHOD_DRISE: Method
 BASELINE_UNSPECIFIED: Baseline
 BASELINE_BLACK: Baseline
 BASELINE_BLUR: Baseline
@@ -129,14 +131,88 @@ class Input(_message.Message):
     def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., images: _Optional[_Union[EncodedImages, _Mapping]] = ...) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("predicted", "class_index", "per_item")
+    __slots__ = ("predicted", "class_index", "per_item", "detection", "min_score", "region")
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     PER_ITEM_FIELD_NUMBER: _ClassVar[int]
+    DETECTION_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     predicted: bool
     class_index: int
     per_item: ClassIndices
-    def __init__(self, predicted: _Optional[bool] = ..., class_index: _Optional[int] = ..., per_item: _Optional[_Union[ClassIndices, _Mapping]] = ...) -> None: ...
+    detection: DetectionTarget
+    min_score: float
+    region: RegionTarget
+    def __init__(self, predicted: _Optional[bool] = ..., class_index: _Optional[int] = ..., per_item: _Optional[_Union[ClassIndices, _Mapping]] = ..., detection: _Optional[_Union[DetectionTarget, _Mapping]] = ..., min_score: _Optional[float] = ..., region: _Optional[_Union[RegionTarget, _Mapping]] = ...) -> None: ...
+
+class Box(_message.Message):
+    __slots__ = ("x1", "y1", "x2", "y2")
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
+
+class DetectionTarget(_message.Message):
+    __slots__ = ("box", "class_index", "label")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    box: Box
+    class_index: int
+    label: str
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+
+class RegionTarget(_message.Message):
+    __slots__ = ("class_index", "label", "box", "mask")
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    class_index: int
+    label: str
+    box: Box
+    mask: Tensor
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Detection(_message.Message):
+    __slots__ = ("box", "class_index", "label", "score")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    box: Box
+    class_index: int
+    label: str
+    score: float
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Detections(_message.Message):
+    __slots__ = ("detections",)
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    detections: _containers.RepeatedCompositeFieldContainer[Detection]
+    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ...) -> None: ...
+
+class ExplainedTarget(_message.Message):
+    __slots__ = ("item", "class_index", "label", "box", "score", "region_pixels")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    REGION_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    item: int
+    class_index: int
+    label: str
+    box: Box
+    score: float
+    region_pixels: int
+    def __init__(self, item: _Optional[int] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., region_pixels: _Optional[int] = ...) -> None: ...
 
 class ClassIndices(_message.Message):
     __slots__ = ("indices",)
@@ -265,7 +341,7 @@ class RiseParams(_message.Message):
     def __init__(self, masks: _Optional[int] = ..., cells: _Optional[int] = ..., keep_probability: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "version", "input", "method", "target", "vanilla_gradient", "input_x_gradient", "smoothgrad", "vargrad", "integrated_gradients", "guided_backprop", "guided_absolutegrad", "gradcam", "gradcam_plus_plus", "guided_gradcam", "xgradcam", "smoe_scale", "fastcam", "lovi", "decam", "occlusion", "rise", "seed", "budget", "return_raw", "return_overlay", "top_k", "resize", "precision")
+    __slots__ = ("model", "version", "input", "method", "target", "vanilla_gradient", "input_x_gradient", "smoothgrad", "vargrad", "integrated_gradients", "guided_backprop", "guided_absolutegrad", "gradcam", "gradcam_plus_plus", "guided_gradcam", "xgradcam", "smoe_scale", "fastcam", "lovi", "decam", "occlusion", "rise", "drise", "seed", "budget", "return_raw", "return_overlay", "top_k", "resize", "precision")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +364,7 @@ class ExplainRequest(_message.Message):
     DECAM_FIELD_NUMBER: _ClassVar[int]
     OCCLUSION_FIELD_NUMBER: _ClassVar[int]
     RISE_FIELD_NUMBER: _ClassVar[int]
+    DRISE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     RETURN_RAW_FIELD_NUMBER: _ClassVar[int]
@@ -317,6 +394,7 @@ class ExplainRequest(_message.Message):
     decam: DecamParams
     occlusion: OcclusionParams
     rise: RiseParams
+    drise: RiseParams
     seed: int
     budget: Budget
     return_raw: bool
@@ -324,7 +402,7 @@ class ExplainRequest(_message.Message):
     top_k: int
     resize: str
     precision: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., vanilla_gradient: _Optional[_Union[VanillaGradientParams, _Mapping]] = ..., input_x_gradient: _Optional[_Union[InputXGradientParams, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., vargrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., guided_backprop: _Optional[_Union[GuidedBackpropParams, _Mapping]] = ..., guided_absolutegrad: _Optional[_Union[GuidedAbsoluteGradParams, _Mapping]] = ..., gradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., gradcam_plus_plus: _Optional[_Union[GradCamParams, _Mapping]] = ..., guided_gradcam: _Optional[_Union[GuidedGradCamParams, _Mapping]] = ..., xgradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., smoe_scale: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., fastcam: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., lovi: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., decam: _Optional[_Union[DecamParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., rise: _Optional[_Union[RiseParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., return_raw: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., top_k: _Optional[int] = ..., resize: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., vanilla_gradient: _Optional[_Union[VanillaGradientParams, _Mapping]] = ..., input_x_gradient: _Optional[_Union[InputXGradientParams, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., vargrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., guided_backprop: _Optional[_Union[GuidedBackpropParams, _Mapping]] = ..., guided_absolutegrad: _Optional[_Union[GuidedAbsoluteGradParams, _Mapping]] = ..., gradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., gradcam_plus_plus: _Optional[_Union[GradCamParams, _Mapping]] = ..., guided_gradcam: _Optional[_Union[GuidedGradCamParams, _Mapping]] = ..., xgradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., smoe_scale: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., fastcam: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., lovi: _Optional[_Union[MultiScaleParams, _Mapping]] = ..., decam: _Optional[_Union[DecamParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., rise: _Optional[_Union[RiseParams, _Mapping]] = ..., drise: _Optional[_Union[RiseParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., return_raw: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., top_k: _Optional[int] = ..., resize: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "probability", "logit")
@@ -367,7 +445,7 @@ class Cost(_message.Message):
     def __init__(self, method: _Optional[_Union[Method, str]] = ..., forward_passes: _Optional[int] = ..., backward_passes: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., truncated: _Optional[bool] = ..., remote_calls: _Optional[int] = ..., remote_bytes: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("model", "version", "saliency", "predictions", "targets", "cost", "raw", "overlays", "diagnostics", "request_id")
+    __slots__ = ("model", "version", "saliency", "predictions", "targets", "cost", "raw", "overlays", "diagnostics", "request_id", "explained")
     class DiagnosticsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -385,6 +463,7 @@ class ExplainResponse(_message.Message):
     OVERLAYS_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLAINED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     saliency: Tensor
@@ -395,7 +474,8 @@ class ExplainResponse(_message.Message):
     overlays: _containers.RepeatedScalarFieldContainer[bytes]
     diagnostics: _containers.ScalarMap[str, float]
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., saliency: _Optional[_Union[Tensor, _Mapping]] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., targets: _Optional[_Iterable[int]] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., raw: _Optional[_Union[Tensor, _Mapping]] = ..., overlays: _Optional[_Iterable[bytes]] = ..., diagnostics: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    explained: _containers.RepeatedCompositeFieldContainer[ExplainedTarget]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., saliency: _Optional[_Union[Tensor, _Mapping]] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., targets: _Optional[_Iterable[int]] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., raw: _Optional[_Union[Tensor, _Mapping]] = ..., overlays: _Optional[_Iterable[bytes]] = ..., diagnostics: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ..., explained: _Optional[_Iterable[_Union[ExplainedTarget, _Mapping]]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total_steps", "best_fitness", "forward_passes", "saliency")
@@ -436,18 +516,22 @@ class PredictRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ..., resize: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("model", "version", "predictions", "logits", "cost")
+    __slots__ = ("model", "version", "predictions", "logits", "cost", "detections", "class_map")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_MAP_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     logits: Tensor
     cost: Cost
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ...) -> None: ...
+    detections: _containers.RepeatedCompositeFieldContainer[Detections]
+    class_map: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., detections: _Optional[_Iterable[_Union[Detections, _Mapping]]] = ..., class_map: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

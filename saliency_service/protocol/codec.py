@@ -14,7 +14,8 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from saliency_service.core import devices, forward_engine
+from saliency_service.core.dense import TargetRequest
+from saliency_service.core.detections import Detections
 from saliency_service.core.errors import InvalidInput
 from saliency_service.core.params import MAX_ITEMS, check_count
 from saliency_service.core.repository import ModelHandle, Repository
@@ -22,7 +23,7 @@ from saliency_service.core.request import CostCounter, ProgressUpdate, RequestSt
 from saliency_service.methods import registry
 from saliency_service.methods.base import Handler
 from saliency_service.proto import explainer_pb2 as pb
-from saliency_service.protocol.images import array_to_tensor
+from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from saliency_service.protocol.inputs import ImageGeometry, decode_input
 from saliency_service.protocol.predictions import predictions
 from saliency_service.render.overlays import captioned_overlays
@@ -103,19 +104,48 @@ def target_of(message: pb.Target, max_batch: int) -> Target:
                     "one class index per batch item, and a batch holds at most "
                     f"max_batch={max_batch} items (--max-batch)")
         return Target("per_item", tuple(int(i) for i in indices))
+    if kind == "detection":
+        found = message.detection
+        return Target("dense", dense=TargetRequest(
+            "detection", box=_box(found.box) if found.HasField("box") else None,
+            label=found.label or (found.class_index if found.HasField("box") else None)))
+    if kind == "min_score":
+        if not 0.0 <= message.min_score <= 1.0:
+            raise InvalidInput(f"target.min_score={message.min_score:g} must be in [0, 1]")
+        return Target("dense", dense=TargetRequest("min_score",
+                                                   min_score=float(message.min_score)))
+    if kind == "region":
+        region = message.region
+        mask = None
+        if region.HasField("mask"):
+            mask = tensor_to_array(region.mask)
+        return Target("dense", dense=TargetRequest(
+            "region", box=_box(region.box) if region.HasField("box") else None,
+            label=region.label or region.class_index, mask=mask))
     return Target()
 
 
+def _box(box: pb.Box) -> tuple[float, ...]:
+    return (box.x1, box.y1, box.x2, box.y2)
+
+
+def box_message(box: np.ndarray) -> pb.Box:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return pb.Box(x1=x1, y1=y1, x2=x2, y2=y2)
+
+
+def detections_message(found: Detections, labels: tuple[str, ...]) -> pb.Detections:
+    return pb.Detections(detections=[
+        pb.Detection(box=box_message(found.boxes[i]), class_index=int(found.classes[i]),
+                     label=labels[int(found.classes[i])], score=float(found.scores[i]))
+        for i in range(len(found))])
+
+
 def precision_bits(handle: ModelHandle, handler: Handler) -> int:
-    """16 when ``handler``'s passes on ``handle`` ran in bfloat16 for the request being
-    served (torch autocast, or OpenVINO's forward passes), else 32."""
-    return 16 if forward_engine.precision_used(handle, family(handler)) == "bfloat16" else 32
-
-
-def family(handler: Handler) -> str:
-    """Whose precision a method's result has: the gradient programs' or the forward
-    passes' (``core.devices``)."""
-    return devices.GRADIENT if handler.needs_torch else devices.FORWARD
+    """16 when ``handler`` ran a gradient program under bfloat16 autocast on ``handle``,
+    else 32 (ONNX Runtime and float32 programs)."""
+    checked = handle.derived_items("precision")
+    return 16 if handler.needs_torch and checked and checked[0][1].bfloat16 else 32
 
 
 class Core:
@@ -183,7 +213,6 @@ class Core:
             info.metadata[f"exporter.{key}"] = str(value)
         checked = handle.derived_items("precision")  # set once a gradient program ran
         info.metadata["precision"] = checked[0][1].note if checked else "float32"
-        info.metadata["forward_precision"] = forward_engine.precision_note(handle)
         if handle.remote is not None:
             info.metadata.update(handle.remote.describe())
         return info
@@ -191,24 +220,27 @@ class Core:
     # ---- inference -----------------------------------------------------------------------
 
     def predict(self, request: pb.PredictRequest, cost: CostCounter) -> pb.PredictResponse:
-        forward_engine.check_requested(
-            request.precision, self.repository.get(request.model, request.version),
-            devices.FORWARD)
-        with devices.requested(request.precision):
-            scores = self.engine.predict(
-                request.model, request.version,
-                lambda spec: decode_input(request.input, spec, self.config, writable=False,
-                                          resize=request.resize), cost)
-            precision = forward_engine.precision_used(scores.handle, devices.FORWARD)
-        return pb.PredictResponse(
+        scores = self.engine.predict(
+            request.model, request.version,
+            lambda spec: decode_input(request.input, spec, self.config, writable=False,
+                                      resize=request.resize), cost)
+        spec = scores.handle.spec()
+        response = pb.PredictResponse(
             model=scores.handle.name, version=scores.handle.version,
-            predictions=predictions(scores.logits, scores.handle.spec().class_labels,
-                                    request.top_k, scores.handle.spec().output_kind),
+            predictions=([] if spec.dense is not None else
+                         predictions(scores.logits, spec.class_labels, request.top_k,
+                                     spec.output_kind)),
             logits=array_to_tensor(scores.logits.astype(np.float32)),
             cost=pb.Cost(forward_passes=cost.forward_passes, wall_seconds=scores.wall_seconds,
                          remote_calls=cost.remote_calls, remote_bytes=cost.remote_bytes,
-                         cpu_seconds=scores.cpu_seconds, precision=precision),
+                         cpu_seconds=scores.cpu_seconds),
         )
+        if scores.detections is not None:
+            response.detections.extend(detections_message(found, spec.class_labels)
+                                       for found in scores.detections)
+        if scores.class_map is not None:
+            response.class_map.CopyFrom(array_to_tensor(scores.class_map))
+        return response
 
     def order(self, request: pb.ExplainRequest,
               geometry: ImageGeometry | None = None) -> ExplainOrder:
@@ -232,11 +264,7 @@ class Core:
         """Checks an Explain request before it takes a slot (model, method, parameters);
         the result is what ``explain`` runs."""
         geometry = ImageGeometry(keep_pixels=request.return_overlay)
-        prepared = self.engine.prepare(self.order(request, geometry))
-        forward_engine.check_requested(
-            request.precision, prepared.handle,
-            family(prepared.handler) if prepared.handler is not None else None)
-        return prepared, geometry
+        return self.engine.prepare(self.order(request, geometry)), geometry
 
     def explain(
         self,
@@ -249,9 +277,8 @@ class Core:
         """Runs one Explain request to completion (or raises a ServiceError); ``prepared``
         is ``prepare(request)`` when the caller checked it already."""
         order, geometry = prepared or self.prepare(request)
-        with devices.requested(request.precision):
-            done = self.engine.explain(order, state, cost, on_progress)
-            return self.response(done, request, cost, geometry, state.check)
+        done = self.engine.explain(order, state, cost, on_progress)
+        return self.response(done, request, cost, geometry, state.check)
 
     @staticmethod
     def response(done: Explanation, request: pb.ExplainRequest, cost: CostCounter,
@@ -261,20 +288,31 @@ class Core:
         runs between overlays."""
         handle, result, spec = done.handle, done.result, done.handle.spec()
         geometry = geometry or ImageGeometry()  # maps in the images' geometry, when it says
-        maps = geometry.maps(result.maps)
+        dense = done.dense_targets
+        items = None if dense is None else np.array([t.item for t in dense], np.int64)
+        maps = geometry.maps(result.maps, items)
         response = pb.ExplainResponse(
             model=handle.name, version=handle.version,
             saliency=array_to_tensor(maps),
-            predictions=predictions(done.logits, spec.class_labels, request.top_k,
-                                    spec.output_kind),
+            predictions=([] if dense is not None else
+                         predictions(done.logits, spec.class_labels, request.top_k,
+                                     spec.output_kind)),
             targets=done.targets.tolist(),
             diagnostics={**result.diagnostics,
                          "precision_bits": float(precision_bits(handle, done.handler))},
         )
+        if dense is not None:
+            response.explained.extend(pb.ExplainedTarget(
+                item=t.item, class_index=t.label, label=spec.class_labels[t.label],
+                box=box_message(t.box), score=t.score,
+                region_pixels=int(t.region.sum()) if t.region is not None else 0)
+                for t in dense)
         if request.return_raw:
             response.raw.CopyFrom(array_to_tensor(result.raw.astype(np.float32)))
         if request.return_overlay:
             pictures = geometry.pictures(spec.input) if geometry.follows_images else done.inputs
+            if items is not None:
+                pictures = pictures[items]
             response.overlays.extend(captioned_overlays(
                 pictures, spec.input, maps, done.targets, spec.class_labels,
                 done.handler.name, cost, time.perf_counter() - done.started, result.overlays,
@@ -283,6 +321,5 @@ class Core:
             remote_calls=cost.remote_calls, remote_bytes=cost.remote_bytes,
             method=method_enum(done.handler.name), forward_passes=cost.forward_passes,
             backward_passes=cost.backward_passes, wall_seconds=time.perf_counter() - done.started,
-            cpu_seconds=time.process_time() - done.cpu_started, truncated=result.truncated,
-            precision=forward_engine.precision_used(handle, family(done.handler))))
+            cpu_seconds=time.process_time() - done.cpu_started, truncated=result.truncated))
         return response

@@ -82,14 +82,17 @@ class ImageGeometry:
         """Whether maps are returned in the images' geometry (center_crop, letterbox)."""
         return bool(self.placements)
 
-    def maps(self, maps: np.ndarray) -> np.ndarray:
+    def maps(self, maps: np.ndarray, items: np.ndarray | None = None) -> np.ndarray:
         """N×H×W maps of the model's input → N×h×w maps of the images: the region each image
-        filled, scaled back onto the part of the image the model saw; 0 where it saw none."""
+        filled, scaled back onto the part of the image the model saw; 0 where it saw none.
+        ``items`` names each map's image when there are several maps per image."""
         if not self.placements:
             return maps
+        placements = (self.placements if items is None
+                      else [self.placements[int(i)] for i in items])
         height, width = self.placements[0].image_size
-        out = np.zeros((len(self.placements), height, width), np.float32)
-        for index, placed in enumerate(self.placements):
+        out = np.zeros((len(placements), height, width), np.float32)
+        for index, placed in enumerate(placements):
             top, left, fill_height, fill_width = placed.target
             seen = maps[index, top:top + fill_height, left:left + fill_width]
             top, left, source_height, source_width = placed.source

@@ -14,6 +14,18 @@ from typing import Any
 
 import numpy as np
 
+from saliency_service.core.dense import (
+    SEGMENTATION,
+    DenseTarget,
+    TargetedModel,
+    TargetRequest,
+    check_segmentation,
+    class_map,
+    detections,
+    target_scores,
+)
+from saliency_service.core.dense import resolve_targets as resolve_dense
+from saliency_service.core.detections import Detections
 from saliency_service.core.errors import InvalidInput, NotFound
 from saliency_service.core.repository import InputSpec, ModelHandle, Repository
 from saliency_service.core.request import CostCounter, Job, ProgressUpdate, RequestState, Result
@@ -28,10 +40,12 @@ MeanSeconds = Callable[[str, str], tuple[float, int]]  # (model, method) → (me
 
 @dataclass(frozen=True)
 class Target:
-    """Which class to explain per item: the predicted one, one index, or one per item."""
+    """Which class to explain per item: the predicted one, one index, or one per item; for
+    a detector or segmenter, ``dense`` says which detections or regions."""
 
-    kind: str = "predicted"  # "predicted" | "class_index" | "per_item"
+    kind: str = "predicted"  # "predicted" | "class_index" | "per_item" | "dense"
     indices: tuple[int, ...] = ()
+    dense: TargetRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,10 @@ class Explanation:
     result: Result
     started: float = field(default_factory=time.perf_counter)
     cpu_started: float = field(default_factory=time.process_time)
+    # A detector's or segmenter's targets, one per map, and what it predicted.
+    dense_targets: list[DenseTarget] | None = None
+    detections: list[Detections] | None = None
+    class_map: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -87,11 +105,18 @@ class Scores:
     logits: np.ndarray
     wall_seconds: float
     cpu_seconds: float
+    # A detector's detections per item, or a segmenter's N×H×W predicted classes.
+    detections: list[Detections] | None = None
+    class_map: np.ndarray | None = None
 
 
 def resolve_targets(target: Target, logits: np.ndarray) -> np.ndarray:
     """One class index per batch item, checked against the model's classes."""
     batch, classes = logits.shape
+    if target.kind == "dense":
+        raise InvalidInput("target.detection, target.min_score and target.region are for "
+                           "detectors and segmenters; this model is a classifier: give a "
+                           "class_index or per_item classes")
     if target.kind == "predicted":
         return logits.argmax(axis=1).astype(np.int64)
     if target.kind == "class_index":
@@ -105,6 +130,22 @@ def resolve_targets(target: Target, logits: np.ndarray) -> np.ndarray:
     if indices.size and (indices.min() < 0 or indices.max() >= classes):
         raise InvalidInput(f"target class {indices.tolist()} out of range [0, {classes - 1}]")
     return indices
+
+
+def dense_request(target: Target, kind: str) -> TargetRequest:
+    """A detector's or segmenter's target from the order: its own kinds, the default, or
+    a class index (a segmenter's region of the pixels predicted as that class)."""
+    if target.dense is not None:
+        return target.dense
+    if target.kind == "predicted":
+        return TargetRequest()
+    if target.kind == "class_index" and kind == SEGMENTATION:
+        return TargetRequest("region", label=target.indices[0])
+    raise InvalidInput(f"a {kind} model explains detections or regions, not classes per "
+                       "item: give target.detection (a box and class) or target.min_score"
+                       if kind != SEGMENTATION else
+                       "a segmentation model explains regions: give target.region (a class, "
+                       "and a box or mask) or one class_index")
 
 
 class Engine:
@@ -124,10 +165,29 @@ class Engine:
         inputs = decode(handle.spec().input)
         started = time.perf_counter()
         cpu_started = time.process_time()
+        dense = handle.spec().dense
+        if dense is not None:
+            outputs = handle.run(inputs, list(dense.outputs), count_remote=cost.remote)
+            cost.forward(inputs.shape[0], ENGINE_ONNX)
+            found, classes = self._dense_prediction(handle, outputs)
+            return Scores(handle, np.zeros((inputs.shape[0], 0), np.float32),
+                          time.perf_counter() - started, time.process_time() - cpu_started,
+                          found, classes)
         (logits,) = handle.run(inputs, count_remote=cost.remote)
         cost.forward(inputs.shape[0], ENGINE_ONNX)
         return Scores(handle, logits, time.perf_counter() - started,
                       time.process_time() - cpu_started)
+
+    @staticmethod
+    def _dense_prediction(handle: ModelHandle, outputs: list[np.ndarray]
+                          ) -> tuple[list[Detections] | None, np.ndarray | None]:
+        spec = handle.spec()
+        assert spec.dense is not None
+        if spec.dense.kind == SEGMENTATION:
+            check_segmentation(outputs[0], len(spec.class_labels), spec.input.height,
+                               spec.input.width)
+            return None, class_map(outputs[0])
+        return detections(spec.dense, outputs, len(spec.class_labels)), None
 
     def choose_handler(self, order: ExplainOrder, handle: ModelHandle) -> Handler:
         """The handler for a named method, offered for this model."""
@@ -205,6 +265,9 @@ class Engine:
         order, handle, handler = prepared.order, prepared.handle, prepared.handler
         params = prepared.params
         spec = handle.spec()
+        if spec.dense is not None:
+            return self._explain_dense(prepared, state, cost, on_progress, started,
+                                       cpu_started)
         if handler is None:
             # AUTO times the prediction run to price methods not yet measured; that run also
             # fetches the outputs forward-only methods read, so any choice costs one pass.
@@ -233,3 +296,40 @@ class Engine:
         )
         return Explanation(handle, handler, inputs, logits, targets, handler.explain(job),
                            started, cpu_started)
+
+    def _explain_dense(self, prepared: Prepared, state: RequestState, cost: CostCounter,
+                       on_progress: Callable[[ProgressUpdate], None] | None, started: float,
+                       cpu_started: float) -> Explanation:
+        """A detector or segmenter: one map per target (``core.dense``). The targets are
+        resolved on the unperturbed inputs; each becomes one row of the job (its item's
+        image) and the model is seen through ``TargetedModel``, which scores every target,
+        so the method explains row r's target as it would explain a class."""
+        order, handle = prepared.order, prepared.handle
+        spec = handle.spec()
+        assert spec.dense is not None
+        handler = prepared.handler or self.auto(order, handle)
+        params = prepared.params if prepared.handler is not None else self.params(order,
+                                                                                  handler)
+        request = dense_request(order.target, spec.dense.kind)
+        inputs = order.decode(spec.input)
+        state.check()
+        outputs = handle.run(inputs, list(spec.dense.outputs), state, cost.remote)
+        cost.forward(inputs.shape[0], ENGINE_ONNX)
+        found, classes = self._dense_prediction(handle, outputs)
+        targets = resolve_dense(spec.dense, request, outputs, spec.class_labels,
+                                spec.input.height, spec.input.width)
+        model = TargetedModel(handle, spec.dense, targets, spec.class_labels)
+        items = np.array([t.item for t in targets], np.int64)
+        base = target_scores(spec.dense, outputs, targets, len(spec.class_labels))[items]
+        # Gradient methods differentiate another score (``methods._utils.target_score``):
+        # they compute their own at the input.
+        job = Job(
+            model=model, inputs=inputs[items], targets=np.arange(len(targets)), params=params,
+            base_logits=None if handler.needs_torch else base, seed=order.seed, state=state, cost=cost, limits=self.limits,
+            best_effort=order.best_effort, on_progress=on_progress,
+            wants_overlays=order.wants_overlays, wants_raw=order.wants_raw,
+        )
+        return Explanation(handle, handler, inputs, base,
+                           np.array([t.label for t in targets], np.int64), handler.explain(job),
+                           started, cpu_started, dense_targets=targets, detections=found,
+                           class_map=classes)

@@ -13,13 +13,14 @@ import numpy as np
 import onnxruntime as ort
 
 from saliency_service.core.chunking import chunk_shapes
+from saliency_service.core.dense import TargetRequest
 from saliency_service.core.errors import InvalidInput, OverLimit, Unavailable
 from saliency_service.core.params import limits_of
 from saliency_service.core.repository import ModelHandle
 from saliency_service.core.request import CostCounter, Job, RequestState
 from saliency_service.methods import registry
 from saliency_service.methods.base import Handler
-from saliency_service.serving.engine import Engine, ExplainOrder
+from saliency_service.serving.engine import Engine, ExplainOrder, Target
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,9 @@ def _warm_up(engine: Engine, handle: ModelHandle, state: RequestState) -> list[s
     except Exception as exc:  # noqa: BLE001 - reported as the package's error
         return [f"predict: {type(exc).__name__}: {exc}"]
     labels = handle.spec().class_labels
-    if scores.logits.ndim != 2 or (labels and len(labels) != scores.logits.shape[1]):
+    dense = handle.spec().dense is not None
+    if not dense and (scores.logits.ndim != 2 or (labels and
+                                                 len(labels) != scores.logits.shape[1])):
         return [f"predict: the model gives scores of shape {list(scores.logits.shape)} for "
                 f"{len(labels)} class labels in the manifest (want N×classes, one label each)"]
     available = {h.name for h in engine.methods_for(handle)}
@@ -129,9 +132,13 @@ def _warm_up(engine: Engine, handle: ModelHandle, state: RequestState) -> list[s
         if not handler.warm_up or handler.name not in available:
             continue
         overrides, lowered = warm_up_params(handler, engine.limits)
+        # A detector or segmenter may find nothing in noise: its methods explain the whole
+        # input as one target instead.
+        target = Target("dense", dense=TargetRequest("whole")) if dense else Target()
         order = ExplainOrder(model=handle.name, version=handle.version, method=handler.name,
                              decode=lambda _: sample.copy(), params=overrides or None,
-                             params_field=handler.params_field if overrides else None)
+                             params_field=handler.params_field if overrides else None,
+                             target=target)
         try:
             state.check()
             engine.explain(order, state, CostCounter())

@@ -1,0 +1,333 @@
+"""Detectors and segmenters as the engine sees them: their outputs, their targets, and a view
+that scores targets the way a classifier scores classes.
+
+A manifest's ``outputs.kind`` says what the outputs are (``docs/detection.md``):
+``detection_raw`` (one YOLO-style grid head, decoded and NMS'd here), ``detection`` (boxes,
+scores and classes after NMS inside the graph) or ``segmentation`` (N×K×H×W class scores).
+``TargetedModel`` wraps such a model so that, for every input, it returns each target's
+score as a probability (a detection's D-RISE similarity, a region's mean class
+probability): every black-box method (RISE, occlusion, DE-CAM) then explains a target as it
+explains a class, one map per target, with no code of its own for detectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from saliency_service.core.detections import (
+    Detections,
+    check_box,
+    check_class,
+    check_region,
+    decode_grid,
+    drise_similarity,
+    from_post_nms,
+    match_detection,
+    predicted_region,
+    region_from_box,
+    select,
+)
+from saliency_service.core.errors import InvalidInput
+from saliency_service.core.outputs import PROBABILITIES, softmax
+
+DETECTION_RAW = "detection_raw"
+DETECTION = "detection"
+SEGMENTATION = "segmentation"
+DENSE_KINDS = (DETECTION_RAW, DETECTION, SEGMENTATION)
+DETECTORS = (DETECTION_RAW, DETECTION)
+# ``derived`` keys that depend on a request's targets (the rest are the package's).
+TARGET_KEYS = ("baseline_logits", "target_head")
+MAX_TARGETS = 64  # maps one request may ask for (each is a full explanation's passes)
+
+
+class InvalidDenseSpec(ValueError):
+    """A manifest's detector or segmenter fields that cannot be served."""
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """What a detector's or segmenter's outputs are and how to read them."""
+
+    kind: str
+    outputs: tuple[str, ...]  # raw: (head,); detection: (boxes, scores, classes); seg: (scores,)
+    stride: float = 0.0
+    anchor: float = 0.0
+    score_threshold: float = 0.3
+    nms_iou: float = 0.45
+    max_detections: int = 100
+
+    @classmethod
+    def from_outputs(cls, kind: str, outputs: dict[str, Any]) -> DenseSpec:
+        """The spec from a manifest's ``outputs`` object (``kind`` already checked)."""
+        if kind == DETECTION:
+            names = tuple(_name(outputs, key, key) for key in ("boxes", "scores", "classes"))
+            return cls(kind, names)
+        name = _name(outputs, "logits", "logits")
+        if kind == SEGMENTATION:
+            return cls(kind, (name,))
+        grid = outputs.get("detection")
+        if not isinstance(grid, dict):
+            raise InvalidDenseSpec("manifest outputs.detection must be an object with the grid "
+                                   "head's stride and anchor (pixels)")
+        stride, anchor = _positive(grid, "stride"), _positive(grid, "anchor")
+        threshold = _fraction(grid, "score_threshold", 0.3)
+        nms_iou = _fraction(grid, "nms_iou", 0.45)
+        most = grid.get("max_detections", 100)
+        if not isinstance(most, int) or isinstance(most, bool) or not 1 <= most <= 10_000:
+            raise InvalidDenseSpec(f"manifest outputs.detection.max_detections must be an "
+                                   f"integer in 1…10000, got {most!r}")
+        return cls(kind, (name,), stride, anchor, threshold, nms_iou, most)
+
+
+def _name(outputs: dict[str, Any], key: str, default: str) -> str:
+    value = outputs.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise InvalidDenseSpec(f"manifest outputs.{key} must name an ONNX output, got {value!r}")
+    return value
+
+
+def _positive(grid: dict[str, Any], key: str) -> float:
+    value = grid.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not (
+            math.isfinite(value) and value > 0):
+        raise InvalidDenseSpec(f"manifest outputs.detection.{key} must be a number > 0 "
+                               f"(pixels of the model input), got {value!r}")
+    return float(value)
+
+
+def _fraction(grid: dict[str, Any], key: str, default: float) -> float:
+    value = grid.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise InvalidDenseSpec(f"manifest outputs.detection.{key} must be in [0, 1], "
+                               f"got {value!r}")
+    return float(value)
+
+
+# ---- reading outputs -------------------------------------------------------------------------
+
+
+def proposals(dense: DenseSpec, outputs: Sequence[np.ndarray],
+              class_count: int) -> list[Detections]:
+    """Every proposal of each input: a raw head's cells (before thresholds and NMS, as
+    D-RISE reads them) or a post-NMS model's detections."""
+    if dense.kind == DETECTION_RAW:
+        head = np.asarray(outputs[0])
+        if head.ndim != 4 or head.shape[1] != 5 + class_count:
+            raise InvalidInput(f"the detector's head gives {list(head.shape)}; a grid head is "
+                               f"N×(5 + {class_count} classes)×S×S: fix the package's class "
+                               "labels or outputs")
+        return decode_grid(head, dense.stride, dense.anchor)
+    return from_post_nms(outputs[0], outputs[1], outputs[2], class_count)
+
+
+def detections(dense: DenseSpec, outputs: Sequence[np.ndarray],
+               class_count: int) -> list[Detections]:
+    """The detections the model reports for each input, highest score first."""
+    found = proposals(dense, outputs, class_count)
+    if dense.kind == DETECTION_RAW:
+        return [select(p, dense.score_threshold, dense.nms_iou, dense.max_detections)
+                for p in found]
+    return [p.take(np.argsort(-p.scores, kind="stable")) for p in found]
+
+
+def class_map(scores: np.ndarray) -> np.ndarray:
+    """A segmenter's N×K×H×W scores → uint8 N×H×W predicted classes."""
+    return np.asarray(scores).argmax(axis=1).astype(np.uint8)
+
+
+def check_segmentation(scores: np.ndarray, class_count: int, height: int, width: int) -> None:
+    """Refuses a segmenter's output that is not N×classes×H×W at the input's size."""
+    if scores.ndim != 4 or scores.shape[1] != class_count or scores.shape[2:] != (height,
+                                                                                 width):
+        raise InvalidInput(f"the segmenter gives {list(scores.shape)}; a segmentation output "
+                           f"is N×{class_count} classes×{height}×{width} (the input's size)")
+
+
+# ---- targets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetRequest:
+    """What the client asked to explain on a detector or segmenter (plain values)."""
+
+    kind: str = "predicted"  # predicted | detection | min_score | region | whole (warm-up)
+    box: tuple[float, ...] | None = None
+    label: int | str | None = None
+    mask: np.ndarray | None = None
+    min_score: float = 0.0
+
+
+@dataclass(frozen=True)
+class DenseTarget:
+    """One map's target: the batch item, the class, the box (a detection's, or the region's
+    bounding box), a detection's class vector or a region's mask, and its score on the
+    unperturbed input."""
+
+    item: int
+    label: int
+    box: np.ndarray
+    score: float
+    vector: np.ndarray | None = None
+    region: np.ndarray | None = None
+
+
+def resolve_targets(dense: DenseSpec, request: TargetRequest, outputs: Sequence[np.ndarray],
+                    labels: Sequence[str], height: int, width: int) -> list[DenseTarget]:
+    """The targets of every item, checked against what the model predicts on it."""
+    if dense.kind == SEGMENTATION:
+        scores = np.asarray(outputs[0])
+        check_segmentation(scores, len(labels), height, width)
+        targets = [t for item in range(len(scores))
+                   for t in _region_targets(request, scores[item], item, labels)]
+    else:
+        found = detections(dense, outputs, len(labels))
+        targets = [t for item, each in enumerate(found)
+                   for t in _detection_targets(request, each, item, labels, height, width)]
+    if len(targets) > MAX_TARGETS:
+        raise InvalidInput(f"the request names {len(targets)} targets; at most {MAX_TARGETS} "
+                           "maps are computed per request: raise target.min_score or name "
+                           "one detection")
+    return targets
+
+
+def _detection_targets(request: TargetRequest, found: Detections, item: int,
+                       labels: Sequence[str], height: int, width: int) -> list[DenseTarget]:
+    count = len(labels)
+    if request.kind == "whole":
+        label = check_class(request.label or 0, labels)
+        vector = np.eye(count, dtype=np.float32)[label]
+        return [DenseTarget(item, label, np.array([0, 0, width, height], np.float32), 0.0,
+                            vector)]
+    if request.kind == "detection":
+        if request.box is None or request.label is None:
+            raise InvalidInput("target.detection needs a box and a class (class_index or "
+                               "label) from Predict's detections")
+        box = check_box(request.box, height, width)
+        label = check_class(request.label, labels)
+        chosen = [match_detection(found, box, label, labels)]
+    elif request.kind in ("predicted", "min_score"):
+        chosen = [int(i) for i in np.flatnonzero(found.scores >= request.min_score)]
+        if not chosen:
+            best = f"; its best scores {found.scores.max():.2f}" if len(found) else ""
+            raise InvalidInput(f"item {item}: the model reports no detection"
+                               + (f" scoring at least {request.min_score:g}"
+                                  if request.min_score else "")
+                               + f"{best}. Lower target.min_score or give target.detection")
+    else:
+        raise InvalidInput(f"a detector's target is a detection, min_score or the default "
+                           f"(every detection); {request.kind} is for classifiers or "
+                           "segmenters")
+    return [DenseTarget(item, int(found.classes[i]), found.boxes[i].astype(np.float32),
+                        float(found.scores[i]), found.class_probabilities[i])
+            for i in chosen]
+
+
+def _region_targets(request: TargetRequest, scores: np.ndarray, item: int,
+                    labels: Sequence[str]) -> list[DenseTarget]:
+    height, width = scores.shape[1:]
+    probabilities = softmax(np.moveaxis(scores.astype(np.float64), 0, -1))  # H×W×K
+    if request.kind == "whole":
+        labels_wanted = [check_class(request.label or 0, labels)]
+        regions = [np.ones((height, width), bool)]
+    elif request.kind == "region":
+        if request.label is None:
+            raise InvalidInput("target.region needs a class (class_index or label)")
+        label = check_class(request.label, labels)
+        labels_wanted = [label]
+        if request.mask is not None:
+            regions = [check_region(request.mask, height, width)]
+        elif request.box is not None:
+            regions = [region_from_box(check_box(request.box, height, width), height, width)]
+        else:
+            regions = [predicted_region(scores, label, labels)]
+    elif request.kind == "predicted":
+        predicted = scores.argmax(axis=0)
+        present = [int(c) for c in np.unique(predicted)
+                   if labels[int(c)].lower() != "background"]
+        if not present:
+            raise InvalidInput(f"item {item}: the model predicts only background; give "
+                               "target.region with a class")
+        labels_wanted = present
+        regions = [predicted == c for c in present]
+    else:
+        raise InvalidInput(f"a segmenter's target is a region or the default (every "
+                           f"predicted class); {request.kind} is for classifiers or detectors")
+    return [DenseTarget(item, label, _bounds(region),
+                        float(probabilities[..., label][region].mean()), region=region)
+            for label, region in zip(labels_wanted, regions, strict=True)]
+
+
+def _bounds(region: np.ndarray) -> np.ndarray:
+    rows, columns = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    return np.array([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1], np.float32)
+
+
+def target_scores(dense: DenseSpec, outputs: Sequence[np.ndarray],
+                  targets: Sequence[DenseTarget], class_count: int) -> np.ndarray:
+    """N×T: each input's score for every target, in [0, 1]. A detection's is D-RISE's
+    similarity of the input's proposals to it (IoU × class-vector cosine × objectness); a
+    region's is its class's mean probability over the region."""
+    if dense.kind == SEGMENTATION:
+        scores = np.asarray(outputs[0], np.float64)
+        probabilities = softmax(np.moveaxis(scores, 1, -1))  # N×H×W×K
+        columns = [probabilities[..., t.label][:, t.region].mean(axis=1) for t in targets]
+    else:
+        found = proposals(dense, outputs, class_count)
+        columns = [drise_similarity(t.box, t.vector, found) for t in targets]
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+# ---- a detector or segmenter seen as a classifier of its targets ----------------------------
+
+
+class TargetedModel:
+    """A model handle whose ``run`` returns, for every input, each target's score (N×T
+    probabilities): what the black-box methods read as class probabilities. One per request
+    (its ``derived`` cache, e.g. a baseline's scores, holds this request's targets)."""
+
+    def __init__(self, handle: Any, dense: DenseSpec, targets: Sequence[DenseTarget],
+                 labels: Sequence[str]) -> None:
+        self.handle = handle
+        self.dense = dense
+        self.targets = list(targets)
+        self.class_count = len(labels)
+        self._spec = dataclasses.replace(
+            handle.spec(), output_kind=PROBABILITIES, logits_output="target_scores",
+            class_labels=tuple(f"{labels[t.label]}@{t.item}" for t in targets))
+        self._derived: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+    def spec(self) -> Any:
+        return self._spec
+
+    def run(self, inputs: np.ndarray, outputs: list[str] | None = None, state: Any = None,
+            count_remote: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        raw = self.handle.run(inputs, list(self.dense.outputs), state, count_remote)
+        return [target_scores(self.dense, raw, self.targets, self.class_count)]
+
+    def derived(self, key: str, build: Callable[[Any], Any]) -> Any:
+        """What depends on the targets (scores of baselines, the gradient methods' target
+        head: ``TARGET_KEYS``) is built here, once per request; the rest (translated
+        programs, stems) is the package's, built once per load from the package itself."""
+        if not key.startswith(TARGET_KEYS):
+            return self.handle.derived(key, build)
+        with self._lock:
+            if key not in self._derived:
+                self._derived[key] = build(self)
+            return self._derived[key]
+
+    def derived_items(self, prefix: str) -> list[tuple[str, Any]]:
+        if not prefix.startswith(TARGET_KEYS):
+            return self.handle.derived_items(prefix)
+        with self._lock:
+            return [(k, v) for k, v in self._derived.items() if k.startswith(prefix)]
