@@ -132,6 +132,17 @@ def test_no_matching_detection_names_the_nearest() -> None:
         det.match_detection(found.take(np.array([], int)), np.array([0, 0, 4, 4]), 0, LABELS)
 
 
+def test_every_detection_above_a_score() -> None:
+    found = detections([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], [0.9, 0.5, 0.7],
+                       [0, 1, 2])
+    assert det.detections_above(found, 0.6).tolist() == [0, 2]
+    with pytest.raises(InvalidInput, match=r"no detection scores at least 0.95 \(the best "
+                                           r"scores 0.90\): lower the minimum score"):
+        det.detections_above(found, 0.95)
+    with pytest.raises(InvalidInput, match="detects nothing"):
+        det.detections_above(found.take(np.array([], int)), 0.5)
+
+
 def test_drise_similarity_is_iou_times_cosine_times_objectness() -> None:
     vectors = np.array([[0.6, 0.8, 0.0], [1.0, 0.0, 0.0]], np.float32)
     proposals = det.Detections(np.array([[0, 0, 10, 10], [0, 0, 10, 5]], np.float32),

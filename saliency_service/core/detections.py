@@ -226,6 +226,18 @@ def match_detection(detections: Detections, box: np.ndarray, label: int,
                        "detections")
 
 
+def detections_above(detections: Detections, min_score: float) -> np.ndarray:
+    """Indices of the detections scoring at least ``min_score`` (the target "every detection
+    above a score"), refused when there are none."""
+    chosen = np.flatnonzero(detections.scores >= min_score)
+    if not len(chosen):
+        best = (f"the best scores {detections.scores.max():.2f}" if len(detections)
+                else "the model detects nothing in this image")
+        raise InvalidInput(f"no detection scores at least {min_score:g} ({best}): lower the "
+                           "minimum score")
+    return chosen
+
+
 def drise_similarity(target_box: np.ndarray, target_vector: np.ndarray,
                      proposals: Sequence[Detections]) -> np.ndarray:
     """D-RISE's weight of each masked image: the best similarity of its proposals to the
