@@ -30,12 +30,11 @@ from saliency_service.core.detections import (
     drise_similarity,
     from_post_nms,
     match_detection,
-    predicted_region,
     region_from_box,
     select,
 )
 from saliency_service.core.errors import InvalidInput
-from saliency_service.core.outputs import PROBABILITIES, softmax
+from saliency_service.core.outputs import LOGITS, OUTPUT_KINDS, PROBABILITIES, SIGMOID, softmax
 
 DETECTION_RAW = "detection_raw"
 DETECTION = "detection"
@@ -57,6 +56,10 @@ class DenseSpec:
 
     kind: str
     outputs: tuple[str, ...]  # raw: (head,); detection: (boxes, scores, classes); seg: (scores,)
+    # A segmenter's scores: ``logits`` (softmax over the classes), ``probabilities`` (a
+    # softmax already applied) or ``sigmoid`` (each class's own probability, e.g. a text
+    # detector's one-channel map: a pixel belongs to a class at probability >= 0.5).
+    scores: str = LOGITS
     stride: float = 0.0
     anchor: float = 0.0
     score_threshold: float = 0.3
@@ -71,7 +74,11 @@ class DenseSpec:
             return cls(kind, names)
         name = _name(outputs, "logits", "logits")
         if kind == SEGMENTATION:
-            return cls(kind, (name,))
+            scores = outputs.get("scores", LOGITS)
+            if scores not in OUTPUT_KINDS:
+                raise InvalidDenseSpec(f"manifest outputs.scores must be one of "
+                                       f"{', '.join(OUTPUT_KINDS)}, got {scores!r}")
+            return cls(kind, (name,), scores=scores)
         grid = outputs.get("detection")
         if not isinstance(grid, dict):
             raise InvalidDenseSpec("manifest outputs.detection must be an object with the grid "
@@ -83,7 +90,8 @@ class DenseSpec:
         if not isinstance(most, int) or isinstance(most, bool) or not 1 <= most <= 10_000:
             raise InvalidDenseSpec(f"manifest outputs.detection.max_detections must be an "
                                    f"integer in 1…10000, got {most!r}")
-        return cls(kind, (name,), stride, anchor, threshold, nms_iou, most)
+        return cls(kind, (name,), stride=stride, anchor=anchor, score_threshold=threshold,
+                   nms_iou=nms_iou, max_detections=most)
 
 
 def _name(outputs: dict[str, Any], key: str, default: str) -> str:
@@ -137,9 +145,26 @@ def detections(dense: DenseSpec, outputs: Sequence[np.ndarray],
     return [p.take(np.argsort(-p.scores, kind="stable")) for p in found]
 
 
-def class_map(scores: np.ndarray) -> np.ndarray:
-    """A segmenter's N×K×H×W scores → uint8 N×H×W predicted classes."""
-    return np.asarray(scores).argmax(axis=1).astype(np.uint8)
+NO_CLASS = 255  # a sigmoid segmenter's pixel where no class reaches probability 0.5
+
+
+def pixel_probabilities(dense: DenseSpec, scores: np.ndarray) -> np.ndarray:
+    """A segmenter's N×K×H×W scores → each class's probability per pixel (float64, same
+    shape): a softmax over the classes of logits; probabilities as they are."""
+    scores = np.asarray(scores, np.float64)
+    if dense.scores == LOGITS:
+        return np.moveaxis(softmax(np.moveaxis(scores, 1, -1)), -1, 1)
+    return scores
+
+
+def class_map(dense: DenseSpec, scores: np.ndarray) -> np.ndarray:
+    """A segmenter's N×K×H×W scores → uint8 N×H×W predicted classes (``NO_CLASS`` where a
+    sigmoid segmenter's pixel belongs to no class)."""
+    scores = np.asarray(scores)
+    classes = scores.argmax(axis=1).astype(np.uint8)
+    if dense.scores == SIGMOID:
+        classes[scores.max(axis=1) < 0.5] = NO_CLASS
+    return classes
 
 
 def check_segmentation(scores: np.ndarray, class_count: int, height: int, width: int) -> None:
@@ -185,7 +210,7 @@ def resolve_targets(dense: DenseSpec, request: TargetRequest, outputs: Sequence[
         scores = np.asarray(outputs[0])
         check_segmentation(scores, len(labels), height, width)
         targets = [t for item in range(len(scores))
-                   for t in _region_targets(request, scores[item], item, labels)]
+                   for t in _region_targets(dense, request, scores[item], item, labels)]
     else:
         found = detections(dense, outputs, len(labels))
         targets = [t for item, each in enumerate(found)
@@ -229,10 +254,11 @@ def _detection_targets(request: TargetRequest, found: Detections, item: int,
             for i in chosen]
 
 
-def _region_targets(request: TargetRequest, scores: np.ndarray, item: int,
+def _region_targets(dense: DenseSpec, request: TargetRequest, scores: np.ndarray, item: int,
                     labels: Sequence[str]) -> list[DenseTarget]:
     height, width = scores.shape[1:]
-    probabilities = softmax(np.moveaxis(scores.astype(np.float64), 0, -1))  # H×W×K
+    probabilities = np.moveaxis(pixel_probabilities(dense, scores[None])[0], 0, -1)  # H×W×K
+    predicted = class_map(dense, scores[None])[0]
     if request.kind == "whole":
         labels_wanted = [check_class(request.label or 0, labels)]
         regions = [np.ones((height, width), bool)]
@@ -246,11 +272,14 @@ def _region_targets(request: TargetRequest, scores: np.ndarray, item: int,
         elif request.box is not None:
             regions = [region_from_box(check_box(request.box, height, width), height, width)]
         else:
-            regions = [predicted_region(scores, label, labels)]
+            regions = [predicted == label]
+            if not regions[0].any():
+                raise InvalidInput(f"no pixel is predicted as {labels[label]!r} in this image: "
+                                   "give a region (a mask or a box) or choose a class the "
+                                   "model predicts")
     elif request.kind == "predicted":
-        predicted = scores.argmax(axis=0)
         present = [int(c) for c in np.unique(predicted)
-                   if labels[int(c)].lower() != "background"]
+                   if c != NO_CLASS and labels[int(c)].lower() != "background"]
         if not present:
             raise InvalidInput(f"item {item}: the model predicts only background; give "
                                "target.region with a class")
@@ -275,9 +304,8 @@ def target_scores(dense: DenseSpec, outputs: Sequence[np.ndarray],
     similarity of the input's proposals to it (IoU × class-vector cosine × objectness); a
     region's is its class's mean probability over the region."""
     if dense.kind == SEGMENTATION:
-        scores = np.asarray(outputs[0], np.float64)
-        probabilities = softmax(np.moveaxis(scores, 1, -1))  # N×H×W×K
-        columns = [probabilities[..., t.label][:, t.region].mean(axis=1) for t in targets]
+        probabilities = pixel_probabilities(dense, outputs[0])  # N×K×H×W
+        columns = [probabilities[:, t.label][:, t.region].mean(axis=1) for t in targets]
     else:
         found = proposals(dense, outputs, class_count)
         columns = [drise_similarity(t.box, t.vector, found) for t in targets]

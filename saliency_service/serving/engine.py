@@ -186,7 +186,7 @@ class Engine:
         if spec.dense.kind == SEGMENTATION:
             check_segmentation(outputs[0], len(spec.class_labels), spec.input.height,
                                spec.input.width)
-            return None, class_map(outputs[0])
+            return None, class_map(spec.dense, outputs[0])
         return detections(spec.dense, outputs, len(spec.class_labels)), None
 
     def choose_handler(self, order: ExplainOrder, handle: ModelHandle) -> Handler:
