@@ -262,7 +262,7 @@ def _row(name: str, scores: Scores, seconds: float) -> str:
     low, high = scores.gain_interval()
     return (f"| {name} | {len(scores.mass)} | {np.mean(scores.mass):.3f} | "
             f"{np.mean(scores.uniform):.3f} | {low:+.3f} … {high:+.3f} | "
-            f"{np.mean(scores.pointing):.2f} | {seconds / len(scores.mass):.2f} |")
+            f"{np.mean(scores.pointing):.2f} | {seconds / len(scores.mass):.3f} |")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
