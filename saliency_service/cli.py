@@ -141,7 +141,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from saliency_service.packaging.onnx_import import ImportRefused, import_onnx  # noqa: PLC0415
+    from saliency_service.packaging.onnx_import import (  # noqa: PLC0415
+        GridHead,
+        ImportRefused,
+        import_onnx,
+    )
 
     try:
         labels, source = read_labels(args.labels)
@@ -156,6 +160,8 @@ def _import(args: argparse.Namespace) -> int:
             class_labels=labels, labels_source=source, mean=mean, std=std,
             value_range=(value_range[0], value_range[1]), input_shape=shape,
             layout=args.layout, output=args.output, output_name=args.output_name,
+            kind=args.kind, grid=GridHead(args.stride, args.anchor, args.score_threshold,
+                                          args.nms_iou, args.max_detections),
             overwrite=args.force, timeout=args.timeout)
     except (UsageError, ImportRefused) as exc:
         return _usage_error(exc)
@@ -241,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     imported = commands.add_parser(
-        "import", help="package any ONNX image classifier (inspected and checked by running it)")
+        "import", help="package any ONNX image classifier, detector or segmenter (inspected "
+        "and checked by running it)")
     imported.add_argument("model", help="the .onnx file")
     imported.add_argument("--name", required=True)
     imported.add_argument("--version", type=int, default=1)
@@ -256,6 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
                           choices=("auto", "logits", "probabilities", "sigmoid"),
                           help="what the class scores are (default: read from the graph)")
     imported.add_argument("--output-name", help="the class-score output, when several fit")
+    imported.add_argument("--kind", default="auto",
+                          choices=("auto", "classification", "detection_raw", "detection",
+                                   "segmentation"),
+                          help="what the outputs are (default: read from their shapes)")
+    imported.add_argument("--stride", type=float,
+                          help="detection_raw: pixels per grid cell (default: input size / grid)")
+    imported.add_argument("--anchor", type=float,
+                          help="detection_raw: the anchor box side in pixels (required)")
+    imported.add_argument("--score-threshold", type=float, default=0.3,
+                          help="detection_raw: detections kept from this score (default 0.3)")
+    imported.add_argument("--nms-iou", type=float, default=0.45,
+                          help="detection_raw: NMS overlap threshold (default 0.45)")
+    imported.add_argument("--max-detections", type=int, default=100,
+                          help="detection_raw: most detections per image (default 100)")
     imported.add_argument("--models", default="models", help="model repository root")
     imported.add_argument("--force", action="store_true", help="replace an existing version")
     imported.add_argument("--timeout", type=float, default=120.0,

@@ -1,4 +1,5 @@
-"""``saliency import``: any ONNX image classifier → a model package the server loads.
+"""``saliency import``: any ONNX image classifier, detector or segmenter → a model package
+the server loads.
 
 It reads the graph to find what a hand-written manifest would have to say, and checks it by
 running the model:
@@ -8,7 +9,11 @@ running the model:
 * its size: fixed in the graph, or ``--input-shape C,H,W`` when height or width is free;
 * a fixed batch size (the first dimension is a number), which the server then runs in
   chunks of that size;
-* the class output: the one N×classes output (``--output-name`` when several are);
+* what the outputs are (``recognise``; ``--kind`` where they do not tell): one N×classes
+  output (a classifier; ``--output-name`` when several are), one N×K×H×W at the input's
+  size (a segmenter), one N×(5 + K)×S×S with S = H / stride (a raw grid head; the anchor
+  is not in the graph: ``--anchor``), or boxes N×M×4, scores N×M and classes N×M (a
+  detector with NMS inside; ``--labels`` gives its classes);
 * what the scores are (``core.outputs``): a trailing Softmax → probabilities, Sigmoid →
   sigmoid (multi-label), anything else (LogSoftmax included) → logits, confirmed on random
   inputs (rows that sum to 1, values in [0, 1]); ``--output`` overrides, and is checked too.
@@ -21,6 +26,7 @@ as ``torch.onnx.export`` writes it; each must lie in the model's folder) and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -34,6 +40,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from saliency_service.core.dense import (
+    DETECTION,
+    DETECTION_RAW,
+    SEGMENTATION,
+    DenseSpec,
+    InvalidDenseSpec,
+)
 from saliency_service.core.onnx_external import (
     ExternalDataRefused,
     check_files,
@@ -126,12 +139,57 @@ class ImportReport:
     scale_outputs: tuple[str, ...] = ()
     cam_output: str = ""
     seconds: float = 0.0
+    labels: tuple[str, ...] = ()
+    outputs: dict[str, Any] = field(default_factory=dict)  # the manifest's ``outputs``
 
     def lines(self) -> list[str]:
         return [f"wrote {self.path}",
                 f"input: {self.input_name} {self.layout} {list(self.shape)}",
-                f"output: {self.output_name} ({self.classes} classes, {self.output_kind})",
+                f"kind: {self.model_kind()}",
+                f"output: {self.output_name} ({self.classes} classes, {self.output_kind})"
+                if self.output_kind not in (DETECTION_RAW, DETECTION, SEGMENTATION)
+                else f"outputs: {self.dense_outputs()}",
+                f"classes: {_listed(self.labels)}",
                 *(f"  {key}: {why}" for key, why in self.decisions.items())]
+
+    def model_kind(self) -> str:
+        """The kind, as ``--kind`` names it, and a classifier's score kind."""
+        if self.output_kind in (DETECTION_RAW, DETECTION, SEGMENTATION):
+            return self.output_kind
+        return f"{CLASSIFICATION} ({self.output_kind})"
+
+    def dense_outputs(self) -> str:
+        """A detector's or segmenter's outputs and their reading, on one line."""
+        grid = self.outputs.get("detection") or {}
+        if self.output_kind == DETECTION:
+            return (f"boxes {self.outputs['boxes']}, scores {self.outputs['scores']}, "
+                    f"classes {self.outputs['classes']} ({self.classes} classes, after NMS "
+                    "inside the graph)")
+        if self.output_kind == SEGMENTATION:
+            return f"{self.output_name} ({self.classes} classes per pixel)"
+        return (f"{self.output_name} (grid head, {self.classes} classes; stride "
+                f"{grid['stride']:g}, anchor {grid['anchor']:g}; the server keeps scores ≥ "
+                f"{grid['score_threshold']:g}, NMS at IoU {grid['nms_iou']:g}, at most "
+                f"{grid['max_detections']})")
+
+
+def _listed(labels: Sequence[str], most: int = 12) -> str:
+    """Labels comma-separated, the first ``most`` of a long list."""
+    shown = ", ".join(labels[:most])
+    return shown + (f", … ({len(labels)} in all)" if len(labels) > most else "")
+
+
+@dataclass(frozen=True)
+class GridHead:
+    """How the server decodes a raw grid head (``core.detections``): the stride (pixels
+    per cell; None = the input's size over the grid's), the anchor (pixels: the box side
+    the log-size offsets scale; the graph does not say it), and what it keeps."""
+
+    stride: float | None = None
+    anchor: float | None = None
+    score_threshold: float = 0.3
+    nms_iou: float = 0.45
+    max_detections: int = 100
 
 
 @dataclass(frozen=True)
@@ -315,10 +373,10 @@ def _timed_out(seconds: float) -> ImportRefused:
                          "--timeout if it is just slow")
 
 
-def _class_output(session: ort.InferenceSession, input_name: str, inputs: np.ndarray,
-                  wanted: str | None, options: ort.RunOptions | None = None,
-                  timeout: float = 0.0) -> tuple[str, np.ndarray]:
-    """The output that is N×classes on these inputs (``wanted`` names it when several are)."""
+def _run_outputs(session: ort.InferenceSession, input_name: str, inputs: np.ndarray,
+                 options: ort.RunOptions | None = None,
+                 timeout: float = 0.0) -> dict[str, Any]:
+    """Every output of the model on ``inputs``, by name."""
     names = [o.name for o in session.get_outputs()]
     try:
         values = session.run(names, {input_name: inputs}, options)
@@ -328,13 +386,20 @@ def _class_output(session: ort.InferenceSession, input_name: str, inputs: np.nda
         raise ImportRefused(
             f"the model fails on a {_shown(inputs.shape)} input: {exc}; check --input-shape "
             "and --layout") from exc
-    batch = inputs.shape[0]
-    fits = {n: v for n, v in zip(names, values, strict=True)
-            if isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[0] == batch
-            and v.dtype == np.float32}
-    shapes = ", ".join(f"{n} {list(np.shape(v))}" for n, v in zip(names, values, strict=True))
+    return dict(zip(names, values, strict=True))
+
+
+def _shapes(values: dict[str, Any]) -> str:
+    return ", ".join(f"{n} {list(np.shape(v))}" for n, v in values.items())
+
+
+def _class_output(values: dict[str, Any], batch: int,
+                  wanted: str | None) -> tuple[str, np.ndarray]:
+    """The output that is N×classes on these inputs (``wanted`` names it when several are)."""
+    fits = _class_candidates(values, batch)
+    shapes = _shapes(values)
     if wanted is not None:
-        if wanted not in names:
+        if wanted not in values:
             raise ImportRefused(f"--output-name {wanted!r} is not an output; outputs: {shapes}")
         if wanted not in fits:
             raise ImportRefused(f"output {wanted!r} is not N×classes float32 for a batch of "
@@ -342,12 +407,215 @@ def _class_output(session: ort.InferenceSession, input_name: str, inputs: np.nda
         return wanted, fits[wanted]
     if not fits:
         raise ImportRefused(f"no output is N×classes float32 for a batch of {batch}: outputs "
-                            f"are {shapes}; the server explains classifiers")
+                            f"are {shapes}; pass --kind for a detector or segmenter")
     if len(fits) > 1:
         raise ImportRefused(f"several outputs are N×classes ({', '.join(fits)}): pass "
                             "--output-name to choose the class scores")
     ((name, scores),) = fits.items()
     return name, scores
+
+
+def _class_candidates(values: dict[str, Any], batch: int) -> dict[str, np.ndarray]:
+    return {n: v for n, v in values.items()
+            if isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[0] == batch
+            and v.dtype == np.float32}
+
+
+# ---- what the outputs are: a classifier's, a detector's or a segmenter's ---------------------
+
+CLASSIFICATION = "classification"
+MODEL_KINDS = (CLASSIFICATION, DETECTION_RAW, DETECTION, SEGMENTATION)
+# Fewest cells per side of a grid head (a 1×1 "grid" is a classifier's N×K×1×1 output).
+MIN_GRID_CELLS = 2
+_ROLE_HINTS = {"boxes": ("box",), "scores": ("score", "conf"), "classes": ("class", "label")}
+
+
+@dataclass(frozen=True)
+class Recognised:
+    """What the outputs were read as: the kind, the outputs it reads (a classifier's or
+    segmenter's scores, a grid head, or post-NMS boxes, scores and classes), why, the classes
+    the outputs imply (0: they do not say) and a grid head's stride."""
+
+    kind: str
+    outputs: tuple[str, ...]
+    why: str
+    classes: int = 0
+    stride: float = 0.0
+
+
+def _float_maps(values: dict[str, Any], batch: int) -> dict[str, np.ndarray]:
+    return {n: v for n, v in values.items() if isinstance(v, np.ndarray) and v.ndim == 4
+            and v.shape[0] == batch and v.dtype == np.float32}
+
+
+def _segmentation_candidates(values: dict[str, Any], batch: int,
+                             size: tuple[int, int]) -> dict[str, Recognised]:
+    return {n: Recognised(SEGMENTATION, (n,), f"{n} is N×{v.shape[1]}×{size[0]}×{size[1]}: "
+                          "class scores per pixel at the input's size", int(v.shape[1]))
+            for n, v in _float_maps(values, batch).items()
+            if tuple(v.shape[2:]) == size and v.shape[1] >= 2}
+
+
+def _grid_candidates(values: dict[str, Any], batch: int, size: tuple[int, int],
+                     stride: float | None) -> dict[str, Recognised]:
+    found = {}
+    height, width = size
+    for name, value in _float_maps(values, batch).items():
+        channels, rows, columns = (int(d) for d in value.shape[1:])
+        if channels < 6 or min(rows, columns) < MIN_GRID_CELLS or rows >= height \
+                or height % rows or width % columns or height // rows != width // columns:
+            continue
+        inferred = height // rows
+        if stride is not None and stride != inferred:
+            raise ImportRefused(f"--stride {stride:g} disagrees with the grid head {name} "
+                                f"N×{channels}×{rows}×{columns}: a {height}×{width} input "
+                                f"on a {rows}×{columns} grid has stride {inferred}")
+        found[name] = Recognised(
+            DETECTION_RAW, (name,), f"{name} is N×(5 + {channels - 5})×{rows}×{columns}: a "
+            f"grid head with stride {inferred} (the input's {height} pixels over {rows} "
+            f"cells{', as --stride says' if stride is not None else ''})", channels - 5,
+            float(inferred))
+    return found
+
+
+def _post_nms(values: dict[str, Any], batch: int) -> Recognised | None:
+    """Boxes N×M×4, scores N×M and classes N×M, each role told by the output's name (box,
+    score, class or label), else the classes as the integer output."""
+    boxes = [n for n, v in values.items() if isinstance(v, np.ndarray) and v.ndim == 3
+             and v.shape[0] == batch and v.shape[2] == 4 and v.dtype.kind == "f"]
+    if len(boxes) != 1:
+        return None
+    rows = values[boxes[0]].shape[1]
+    pairs = [n for n, v in values.items() if isinstance(v, np.ndarray)
+             and v.shape == (batch, rows) and v.dtype.kind in "fiu"]
+    if len(pairs) != 2:
+        return None
+    named = {role: [n for n in pairs if any(h in n.lower() for h in hints)]
+             for role, hints in _ROLE_HINTS.items() if role != "boxes"}
+    if len(named["scores"]) == 1 and len(named["classes"]) == 1 \
+            and named["scores"] != named["classes"]:
+        scores, classes = named["scores"][0], named["classes"][0]
+        how = "by their names"
+    else:
+        integers = [n for n in pairs if values[n].dtype.kind in "iu"]
+        if len(integers) != 1:
+            raise ImportRefused(
+                f"{pairs[0]} and {pairs[1]} are both N×{rows} beside the boxes {boxes[0]}: "
+                "cannot tell which holds the scores; name the outputs …scores and …classes "
+                "(or give the classes an integer type) when exporting")
+        classes = integers[0]
+        scores = next(n for n in pairs if n != classes)
+        how = "the integer one as the classes"
+    return Recognised(DETECTION, (boxes[0], scores, classes),
+                      f"{boxes[0]} N×{rows}×4, {scores} N×{rows} and {classes} N×{rows}: "
+                      f"post-NMS boxes, scores and classes ({how})")
+
+
+_KIND_SHAPES = {
+    CLASSIFICATION: "N×classes",
+    SEGMENTATION: "N×K×H×W at the input's H×W",
+    DETECTION_RAW: "a grid head N×(5 + K)×S×S with S = H / stride",
+    DETECTION: "boxes N×M×4, scores N×M and classes N×M",
+}
+
+
+def recognise(values: dict[str, Any], batch: int, size: tuple[int, int], kind: str = AUTO,
+              output_name: str | None = None, stride: float | None = None) -> Recognised:
+    """What the model's outputs on a batch of ``batch`` inputs of ``size`` (H, W) are:
+    the one kind that fits (``kind`` when given, ``output_name`` the output it reads), or
+    ImportRefused naming ``--kind`` where several or none fit."""
+    if kind != AUTO and kind not in MODEL_KINDS:
+        raise ImportRefused(f"--kind {kind} must be auto or one of {', '.join(MODEL_KINDS)}")
+    if output_name is not None and output_name not in values:
+        raise ImportRefused(f"--output-name {output_name!r} is not an output; outputs: "
+                            f"{_shapes(values)}")
+    triple = _post_nms(values, batch)
+    claimed = set(triple.outputs) if triple else set()
+    candidates: dict[str, list[Recognised]] = {
+        CLASSIFICATION: [Recognised(CLASSIFICATION, (n,), "", int(v.shape[1]))
+                         for n, v in _class_candidates(values, batch).items()
+                         if n not in claimed],
+        SEGMENTATION: list(_segmentation_candidates(values, batch, size).values()),
+        DETECTION_RAW: list(_grid_candidates(values, batch, size, stride).values()),
+        DETECTION: [triple] if triple else [],
+    }
+    if output_name is not None:
+        candidates = {k: [r for r in found if output_name in r.outputs]
+                      for k, found in candidates.items()}
+    fitting = [k for k, found in candidates.items() if found]
+    if kind == AUTO:
+        if not fitting:
+            raise ImportRefused(
+                f"cannot tell what the outputs are ({_shapes(values)}): none is a classifier's "
+                f"N×classes, a segmenter's N×K×{size[0]}×{size[1]}, a grid head "
+                "N×(5 + K)×S×S or post-NMS boxes, scores and classes; pass --kind (and "
+                "--output-name) if one of them is")
+        if len(fitting) > 1:
+            described = "; ".join(f"{k}: {', '.join(r.outputs[0] for r in candidates[k])}"
+                                  for k in fitting)
+            raise ImportRefused(f"the outputs fit several kinds ({described}): pass --kind "
+                                f"{' or --kind '.join(fitting)}")
+        kind = fitting[0]
+    found = candidates[kind]
+    if not found:
+        raise ImportRefused(f"--kind {kind} needs {_KIND_SHAPES[kind]}; outputs are "
+                            f"{_shapes(values)}")
+    if len(found) > 1:
+        raise ImportRefused(f"several outputs fit --kind {kind} "
+                            f"({', '.join(r.outputs[0] for r in found)}): pass --output-name")
+    return found[0]
+
+
+_NMS_INSIDE = ("the detector's scores come out of NMS inside its graph, which passes no "
+               "gradient to a box (D-RISE and the black-box methods explain it)")
+_NO_CLASS_HEAD = "a detector or segmenter has no class head (FastCAM reads a classifier's)"
+_GRID_FLAGS = {"stride": "--stride", "anchor": "--anchor", "score_threshold": "--score-threshold",
+               "nms_iou": "--nms-iou", "max_detections": "--max-detections"}
+
+
+def _manifest_outputs(found: Recognised, model_kind: str,
+                      grid: GridHead | None) -> dict[str, Any]:
+    """The manifest's ``outputs`` for what was recognised (scales are added later)."""
+    if found.kind == CLASSIFICATION:
+        return {"logits": found.outputs[0], "kind": model_kind}
+    if found.kind == SEGMENTATION:
+        return {"kind": SEGMENTATION, "logits": found.outputs[0]}
+    if found.kind == DETECTION:
+        return {"kind": DETECTION, **dict(zip(("boxes", "scores", "classes"), found.outputs,
+                                              strict=True))}
+    grid = grid or GridHead()
+    if grid.anchor is None:
+        raise ImportRefused(
+            f"the grid head {found.outputs[0]} (stride {found.stride:g}) does not say its "
+            "anchor: pass --anchor PIXELS, the box side its size offsets scale "
+            "(width = anchor × exp(tw))")
+    outputs = {"kind": DETECTION_RAW, "logits": found.outputs[0], "detection": {
+        "stride": found.stride, "anchor": grid.anchor, "score_threshold": grid.score_threshold,
+        "nms_iou": grid.nms_iou, "max_detections": grid.max_detections}}
+    try:
+        DenseSpec.from_outputs(DETECTION_RAW, outputs)
+    except InvalidDenseSpec as exc:
+        message = str(exc)
+        for key, flag in _GRID_FLAGS.items():
+            message = message.replace(f"manifest outputs.detection.{key}", flag)
+        raise ImportRefused(message) from None
+    return outputs
+
+
+def _post_nms_classes(values: dict[str, Any], found: Recognised, labels: Sequence[str],
+                      given: Sequence[str]) -> int:
+    """A post-NMS detector's class count: its outputs do not say it, the labels do."""
+    if not given:
+        raise ImportRefused(f"a post-NMS detector's outputs ({', '.join(found.outputs)}) do "
+                            "not say how many classes it has: pass --labels with its class "
+                            "names in class-index order")
+    classes = np.asarray(values[found.outputs[2]])
+    scores = np.asarray(values[found.outputs[1]])
+    reported = classes[(scores > 0) & (classes >= 0)]
+    if reported.size and int(reported.max()) >= len(labels):
+        raise ImportRefused(f"the detector reports class {int(reported.max())} but --labels "
+                            f"names {len(labels)} classes: give a label for every class")
+    return len(labels)
 
 
 def import_onnx(
@@ -365,6 +633,8 @@ def import_onnx(
     layout: str = AUTO,
     output: str = AUTO,
     output_name: str | None = None,
+    kind: str = AUTO,
+    grid: GridHead | None = None,
     overwrite: bool = False,
     seed: int = 0,
     timeout: float = 120.0,
@@ -375,7 +645,8 @@ def import_onnx(
     in ``value_range``, as the model was trained. The test runs on random inputs take at
     most ``timeout`` seconds in all (0 = no bound). Raises ImportRefused for what cannot be
     served, with the flag or change that fixes it; ``labels_source`` (e.g. the labels file)
-    is named when the labels do not match the classes.
+    is named when the labels do not match the classes. ``kind`` says what the outputs are
+    where they do not tell (``recognise``); ``grid`` is a raw grid head's decoding.
     """
     started = time.perf_counter()
     _check_normalization(mean, std, value_range)
@@ -410,31 +681,52 @@ def import_onnx(
     rng = np.random.default_rng(seed)
     first = _random_inputs(batch or 2, shape, chosen_layout, rng)
     with _bounded_runs(timeout) as options:
-        output_name, scores = _class_output(session, image.name, first, output_name, options,
-                                            timeout)
-        rows = [scores]
-        for _ in range(CHECK_INPUTS - 1):
-            try:
-                (more,) = session.run([output_name], {image.name: _random_inputs(
-                    batch or 1, shape, chosen_layout, rng)}, options)
-            except Exception as exc:  # noqa: BLE001 - only a stopped run is expected here
-                if options.terminate:
-                    raise _timed_out(timeout) from None
-                raise ImportRefused(f"the model fails on a random input: {exc}") from exc
-            rows.append(more)
-        classes = int(scores.shape[1])
-        graph_kind, graph_why = _graph_kind(model, output_name)
-        kind, kind_why = _output_kind(graph_kind, graph_why, np.concatenate(rows), output)
-        decisions["output"] = f"{output_name}: N×{classes}"
-        decisions["kind"] = kind_why
-    features, served = find_features(model, external, image, chosen_layout, shape, batch or 0,
-                                     output_name, kind, rng, timeout)
-    decisions.update(features.decisions())
+        values = _run_outputs(session, image.name, first, options, timeout)
+        found = recognise(values, first.shape[0], (shape[1], shape[2]), kind, output_name,
+                          grid.stride if grid else None)
+        if found.kind == CLASSIFICATION:
+            output_name, scores = _class_output(values, first.shape[0], found.outputs[0])
+            rows = [scores]
+            for _ in range(CHECK_INPUTS - 1):
+                try:
+                    (more,) = session.run([output_name], {image.name: _random_inputs(
+                        batch or 1, shape, chosen_layout, rng)}, options)
+                except Exception as exc:  # noqa: BLE001 - only a stopped run is expected here
+                    if options.terminate:
+                        raise _timed_out(timeout) from None
+                    raise ImportRefused(f"the model fails on a random input: {exc}") from exc
+                rows.append(more)
+            classes = int(scores.shape[1])
+            graph_kind, graph_why = _graph_kind(model, output_name)
+            model_kind, kind_why = _output_kind(graph_kind, graph_why, np.concatenate(rows),
+                                                output)
+            decisions["output"] = f"{output_name}: N×{classes}"
+            decisions["kind"] = kind_why
+        else:
+            if output != AUTO:
+                raise ImportRefused(f"--output {output} is for a classifier's scores; a "
+                                    f"{found.kind} model's outputs are read as documented")
+            output_name, model_kind, classes = found.outputs[0], found.kind, found.classes
+            decisions["kind"] = found.why + (" (given by --kind)" if kind != AUTO else "")
+    outputs = _manifest_outputs(found, model_kind, grid)
     labels = list(class_labels) or [str(i) for i in range(classes)]
+    if found.kind == DETECTION:
+        classes = _post_nms_classes(values, found, labels, class_labels)
     if len(labels) != classes:
         read = f" read from {labels_source}" if labels_source else ""
         raise ImportRefused(f"{len(labels)} class labels{read} for the model's {classes} "
                             "classes (one label per line in a file, or comma-separated)")
+    if found.kind == DETECTION:
+        features = Features(scales_missing=_NMS_INSIDE, gradients_missing=_NMS_INSIDE,
+                            head_why=_NO_CLASS_HEAD)
+        served = model
+    else:
+        features, served = find_features(model, external, image, chosen_layout, shape,
+                                         batch or 0, output_name, model_kind, rng, timeout)
+        if found.kind != CLASSIFICATION:
+            features = dataclasses.replace(features, head={"type": "unknown"},
+                                           head_why=_NO_CLASS_HEAD)
+    decisions.update(features.decisions())
     channels = shape[0]
     mean_values = _per_channel(mean, 0.0, channels, "--mean")
     std_values = _per_channel(std, 1.0, channels, "--std")
@@ -449,8 +741,7 @@ def import_onnx(
         "input": {"name": image.name, "shape": list(model_shape), "dtype": "float32",
                   "layout": chosen_layout, "mean": mean_values, "std": std_values,
                   "value_range": list(value_range)},
-        "outputs": {"logits": output_name, "kind": kind,
-                    "scales": [s.output for s in features.scales],
+        "outputs": {**outputs, "scales": [s.output for s in features.scales],
                     **({"tokens": [features.tokens.output]} if features.tokens else {})},
         **features.manifest(),
         "class_labels": labels,
@@ -474,10 +765,10 @@ def import_onnx(
             (staging / location).parent.mkdir(parents=True, exist_ok=True)
             (staging / location).write_bytes(contents)
         write_manifest(staging, manifest, [ONNX_FILE, *external])
-    return ImportReport(target, image.name, chosen_layout, model_shape, output_name, kind,
-                        classes, decisions, tuple(s.output for s in features.scales),
+    return ImportReport(target, image.name, chosen_layout, model_shape, output_name,
+                        model_kind, classes, decisions, tuple(s.output for s in features.scales),
                         features.cam.output if features.cam else "",
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, tuple(labels), outputs)
 
 
 def _per_channel(values: Sequence[float] | None, default: float, channels: int,
