@@ -338,3 +338,18 @@ def test_gradients_of_a_detection_point_at_its_object(stub: pb_grpc.ExplainerStu
         best = int(np.argmax(det.box_iou(box[None], scenes.scenes[0].boxes)[0]))
         mask = scenes.scenes[0].masks[best]
         assert maps[0][mask].mean() > maps[0][~mask].mean(), pb.Method.Name(method)
+
+
+def test_overlays_are_one_per_target_with_its_box_outlined(stub: pb_grpc.ExplainerStub,
+                                                           scenes) -> None:  # noqa: ANN001
+    from saliency_service.render.drawing import outlined  # noqa: PLC0415
+
+    x = inputs_of(scenes, [0])
+    reply = explain(stub, "grid", pb.METHOD_OCCLUSION, x, return_overlay=True)
+    assert len(reply.overlays) == len(reply.explained) >= 1
+    assert all(png.startswith(b"\x89PNG") for png in reply.overlays)
+    grey = np.full((20, 20, 3), 128, np.uint8)
+    drawn = outlined(grey, np.array([4, 4, 12, 12], np.float32))
+    assert (drawn[4, 4:12] == 0).all() and (drawn[4:12, 11] == 0).all()  # the black edge
+    assert (drawn[5, 5:11] == 255).all()  # the white line inside it
+    assert (drawn[8, 8] == 128).all() and (drawn[0, 0] == 128).all()

@@ -311,12 +311,15 @@ class Core:
             response.raw.CopyFrom(array_to_tensor(result.raw.astype(np.float32)))
         if request.return_overlay:
             pictures = geometry.pictures(spec.input) if geometry.follows_images else done.inputs
-            if items is not None:
+            boxes = None
+            if dense is not None:
                 pictures = pictures[items]
+                # Boxes are in the model input's pixels: drawn where the maps are too.
+                boxes = None if geometry.follows_images else np.stack([t.box for t in dense])
             response.overlays.extend(captioned_overlays(
                 pictures, spec.input, maps, done.targets, spec.class_labels,
                 done.handler.name, cost, time.perf_counter() - done.started, result.overlays,
-                check))
+                check, boxes))
         response.cost.CopyFrom(pb.Cost(
             remote_calls=cost.remote_calls, remote_bytes=cost.remote_bytes,
             method=method_enum(done.handler.name), forward_passes=cost.forward_passes,

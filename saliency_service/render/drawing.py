@@ -196,12 +196,31 @@ def legend_width(picture_shape: Sequence[int]) -> int:
 
 
 def heat_picture(image: np.ndarray, saliency: np.ndarray, caption: str = "",
-                 alpha: float = 0.5) -> np.ndarray:
-    """A [0,1] map blended over a uint8 H×W×3 image, with a ticked colour bar and caption."""
+                 alpha: float = 0.5, box: np.ndarray | None = None) -> np.ndarray:
+    """A [0,1] map blended over a uint8 H×W×3 image, with a ticked colour bar and caption;
+    ``box`` (x1, y1, x2, y2 in the image's pixels) is outlined: what the map explains."""
     heat = jet(saliency).astype(np.float32)
     blended = (image.astype(np.float32) * (1 - alpha) + heat * alpha).clip(0, 255)
+    picture = blended.astype(np.uint8)
+    if box is not None:
+        picture = outlined(picture, box)
     bar = colour_bar(jet(np.linspace(0.0, 1.0, 256)), legend_width(image.shape), HEAT_TICKS)
-    return labelled_picture(blended.astype(np.uint8), [bar], caption)
+    return labelled_picture(picture, [bar], caption)
+
+
+def outlined(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """``image`` with ``box`` drawn as a white line inside a black one (seen on any map)."""
+    height, width = image.shape[:2]
+    x1, y1 = (int(np.clip(np.floor(v), 0, limit - 1)) for v, limit in
+              zip(box[:2], (width, height), strict=True))
+    x2, y2 = (int(np.clip(np.ceil(v) - 1, 0, limit - 1)) for v, limit in
+              zip(box[2:], (width, height), strict=True))
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((x1, y1, x2, y2), outline=(0, 0, 0), width=1)
+    if x2 - x1 > 2 and y2 - y1 > 2:
+        draw.rectangle((x1 + 1, y1 + 1, x2 - 1, y2 - 1), outline=(255, 255, 255), width=1)
+    return np.asarray(canvas)
 
 
 def png(rgb: np.ndarray) -> bytes:

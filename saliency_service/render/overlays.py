@@ -26,13 +26,15 @@ def captioned_overlays(inputs: np.ndarray, spec: InputSpec, maps: np.ndarray,
                        targets: np.ndarray, labels: tuple[str, ...], method: str,
                        cost: CostCounter, wall_seconds: float,
                        rendered: tuple[bytes, ...] = (),
-                       check: Callable[[], None] | None = None) -> list[bytes]:
+                       check: Callable[[], None] | None = None,
+                       boxes: np.ndarray | None = None) -> list[bytes]:
     """One PNG per item: the input picture under its map, at a legible size, with a ticked
     colour bar and a caption (method, explained class, the request's cost) that wraps.
 
     ``rendered`` are a method's own pictures (LOVI's), one per item: they get the caption
     band below instead. ``check`` runs before each item (the request's deadline and
-    cancellation)."""
+    cancellation). ``boxes`` (one per map) outline what a detector's or segmenter's map
+    explains."""
     pictures = to_uint8_rgb(inputs, list(spec.mean), list(spec.std), spec.value_range)
     overlays = []
     for index, picture in enumerate(pictures):
@@ -45,7 +47,8 @@ def captioned_overlays(inputs: np.ndarray, spec: InputSpec, maps: np.ndarray,
             own = _decoded(rendered[index])
             overlays.append(png(column([own, text_band(caption, own.shape[1])])))
         else:
-            overlays.append(png(heat_picture(picture, maps[index], caption)))
+            box = None if boxes is None else boxes[index]
+            overlays.append(png(heat_picture(picture, maps[index], caption, box=box)))
     return overlays
 
 
