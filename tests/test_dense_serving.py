@@ -353,3 +353,22 @@ def test_overlays_are_one_per_target_with_its_box_outlined(stub: pb_grpc.Explain
     assert (drawn[4, 4:12] == 0).all() and (drawn[4:12, 11] == 0).all()  # the black edge
     assert (drawn[5, 5:11] == 255).all()  # the white line inside it
     assert (drawn[8, 8] == 128).all() and (drawn[0, 0] == 128).all()
+
+
+def test_boxes_of_one_image_share_drises_masks_and_passes(stub: pb_grpc.ExplainerStub,
+                                                          scenes) -> None:  # noqa: ANN001
+    """Every box of an image is explained from the same masked images: one pass per mask
+    however many boxes, and each box's map is the one it gets alone."""
+    predicted = stub.Predict(pb.PredictRequest(
+        model="grid", input=tensor_input(inputs_of(scenes, list(range(6))))), timeout=60)
+    item = next(i for i, d in enumerate(predicted.detections) if len(d.detections) >= 2)
+    x = inputs_of(scenes, [item])
+    found = predicted.detections[item].detections
+    every = explain(stub, "grid", pb.METHOD_DRISE, x)
+    assert len(every.explained) == len(found) >= 2
+    assert every.cost.forward_passes == 1 + 200  # the prediction, then one pass per mask
+    maps = tensor_to_array(every.saliency)
+    for index, detection in enumerate(found[:2]):
+        alone = explain(stub, "grid", pb.METHOD_DRISE, x, pb.Target(
+            detection=pb.DetectionTarget(box=detection.box, label=detection.label)))
+        np.testing.assert_allclose(tensor_to_array(alone.saliency)[0], maps[index], atol=1e-5)

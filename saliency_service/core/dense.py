@@ -13,6 +13,7 @@ explains a class, one map per target, with no code of its own for detectors.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -321,8 +322,15 @@ class TargetedModel:
     (its ``derived`` cache, e.g. a baseline's scores, holds this request's targets)."""
 
     def __init__(self, handle: Any, dense: DenseSpec, targets: Sequence[DenseTarget],
-                 labels: Sequence[str]) -> None:
+                 labels: Sequence[str],
+                 on_shared: Callable[[int], None] | None = None) -> None:
         self.handle = handle
+        # Several targets on one image: their perturbed copies repeat each other, so each
+        # distinct input runs once (D-RISE's masks cost one pass however many boxes share
+        # them); ``on_shared(rows)`` is told how many rows were not run.
+        items = [t.item for t in targets]
+        self.shares = len(set(items)) < len(items)
+        self.on_shared = on_shared
         self.dense = dense
         self.targets = list(targets)
         self.class_count = len(labels)
@@ -340,8 +348,14 @@ class TargetedModel:
 
     def run(self, inputs: np.ndarray, outputs: list[str] | None = None, state: Any = None,
             count_remote: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
-        raw = self.handle.run(inputs, list(self.dense.outputs), state, count_remote)
-        return [target_scores(self.dense, raw, self.targets, self.class_count)]
+        distinct, inverse = _distinct_rows(inputs) if self.shares else (inputs, None)
+        raw = self.handle.run(distinct, list(self.dense.outputs), state, count_remote)
+        scores = target_scores(self.dense, raw, self.targets, self.class_count)
+        if inverse is None:
+            return [scores]
+        if self.on_shared is not None and len(distinct) < len(inputs):
+            self.on_shared(len(inputs) - len(distinct))
+        return [scores[inverse]]
 
     def derived(self, key: str, build: Callable[[Any], Any]) -> Any:
         """What depends on the targets (scores of baselines, the gradient methods' target
@@ -359,3 +373,18 @@ class TargetedModel:
             return self.handle.derived_items(prefix)
         with self._lock:
             return [(k, v) for k, v in self._derived.items() if k.startswith(prefix)]
+
+
+def _distinct_rows(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of ``inputs`` (first occurrences, in order) and each row's index
+    among them, found by a digest of each row's bytes."""
+    first: dict[bytes, int] = {}
+    inverse = np.empty(len(inputs), np.int64)
+    keep = []
+    for index, row in enumerate(inputs):
+        key = hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest()
+        if key not in first:
+            first[key] = len(keep)
+            keep.append(index)
+        inverse[index] = first[key]
+    return inputs[keep], inverse

@@ -318,14 +318,16 @@ class Engine:
         found, classes = self._dense_prediction(handle, outputs)
         targets = resolve_dense(spec.dense, request, outputs, spec.class_labels,
                                 spec.input.height, spec.input.width)
-        model = TargetedModel(handle, spec.dense, targets, spec.class_labels)
+        model = TargetedModel(handle, spec.dense, targets, spec.class_labels,
+                              on_shared=lambda rows: cost.forward(-rows, ENGINE_ONNX))
         items = np.array([t.item for t in targets], np.int64)
         base = target_scores(spec.dense, outputs, targets, len(spec.class_labels))[items]
         # Gradient methods differentiate another score (``methods._utils.target_score``):
         # they compute their own at the input.
         job = Job(
             model=model, inputs=inputs[items], targets=np.arange(len(targets)), params=params,
-            base_logits=None if handler.needs_torch else base, seed=order.seed, state=state, cost=cost, limits=self.limits,
+            base_logits=None if handler.needs_torch else base, seed=order.seed, state=state,
+            cost=cost, limits=self.limits,
             best_effort=order.best_effort, on_progress=on_progress,
             wants_overlays=order.wants_overlays, wants_raw=order.wants_raw,
         )
