@@ -372,3 +372,22 @@ def test_boxes_of_one_image_share_drises_masks_and_passes(stub: pb_grpc.Explaine
         alone = explain(stub, "grid", pb.METHOD_DRISE, x, pb.Target(
             detection=pb.DetectionTarget(box=detection.box, label=detection.label)))
         np.testing.assert_allclose(tensor_to_array(alone.saliency)[0], maps[index], atol=1e-5)
+
+
+def test_kserve_v1_answers_detections_and_one_explanation_per_target(
+        http: httpx.Client, stub: pb_grpc.ExplainerStub, scenes) -> None:  # noqa: ANN001
+    x = inputs_of(scenes, [0])
+    predicted = http.post("/v1/models/grid:predict", json={"instances": x.tolist()})
+    assert predicted.status_code == 200, predicted.text
+    detections = predicted.json()["predictions"][0]["detections"]
+    grpc_found = stub.Predict(pb.PredictRequest(model="grid", input=tensor_input(x)),
+                              timeout=60).detections[0].detections
+    assert [d["label"] for d in detections] == [d.label for d in grpc_found]
+    explained = http.post("/v1/models/grid:explain", json={
+        "instances": x.tolist(), "method": "occlusion"}).json()
+    assert len(explained["explanations"]) == len(detections)
+    first = explained["explanations"][0]
+    assert first["item"] == 0 and first["label"] == detections[0]["label"]
+    assert np.asarray(first["saliency"]).shape == (SIZE, SIZE)
+    segmented = http.post("/v1/models/unet:predict", json={"instances": x.tolist()}).json()
+    assert np.asarray(segmented["predictions"][0]["class_map"]).shape == (SIZE, SIZE)

@@ -249,8 +249,21 @@ def _prediction(prediction: pb.Prediction) -> dict[str, Any]:
             "probability": best.probability, "top": top}
 
 
+def _dense_predictions(response: pb.PredictResponse) -> list[dict[str, Any]]:
+    """A detector's detections, or a segmenter's class map (H×W class indices), per
+    instance."""
+    if response.detections:
+        return [{"detections": [to_json(d) for d in found.detections]}
+                for found in response.detections]
+    classes = np.frombuffer(response.class_map.data, np.uint8).reshape(
+        tuple(response.class_map.shape))
+    return [{"class_map": item.tolist()} for item in classes]
+
+
 def predict_response(response: pb.PredictResponse) -> dict[str, Any]:
-    return {"predictions": [_prediction(p) for p in response.predictions],
+    dense = bool(response.detections) or response.HasField("class_map")
+    return {"predictions": (_dense_predictions(response) if dense else
+                            [_prediction(p) for p in response.predictions]),
             "model": response.model, "version": response.version,
             "cost": to_json(response.cost)}
 
@@ -262,9 +275,16 @@ def tensor_array(tensor: pb.Tensor) -> np.ndarray:
 
 def explain_response(response: pb.ExplainResponse) -> dict[str, Any]:
     """One prediction and one explanation per instance: the map (H×W, in [0, 1]), its class,
-    the prediction and, when asked for, the overlay PNG."""
+    the prediction and, when asked for, the overlay PNG; for a detector or segmenter, one
+    explanation per target (its map, instance ``item``, class, box, score)."""
     maps = tensor_array(response.saliency)
     explanations = []
+    for index, target in enumerate(response.explained):  # a detector's or segmenter's
+        entry: dict[str, Any] = {"saliency": np.round(maps[index].astype(np.float64),
+                                                      6).tolist(), **to_json(target)}
+        if index < len(response.overlays):
+            entry["overlay"] = {"b64": base64.b64encode(response.overlays[index]).decode()}
+        explanations.append(entry)
     for index, prediction in enumerate(response.predictions):
         item: dict[str, Any] = {
             "saliency": np.round(maps[index].astype(np.float64), 6).tolist(),
