@@ -391,3 +391,19 @@ def test_kserve_v1_answers_detections_and_one_explanation_per_target(
     assert np.asarray(first["saliency"]).shape == (SIZE, SIZE)
     segmented = http.post("/v1/models/unet:predict", json={"instances": x.tolist()}).json()
     assert np.asarray(segmented["predictions"][0]["class_map"]).shape == (SIZE, SIZE)
+
+
+def test_all_targets_similarities_equal_drises_one_at_a_time(repository: Path,
+                                                              scenes) -> None:  # noqa: ANN001
+    from saliency_service.core.dense import DenseTarget, similarities  # noqa: PLC0415
+
+    session = ort.InferenceSession(str(repository / "grid" / "1" / ONNX_FILE))
+    (raw,) = session.run(["raw"], {"input": inputs_of(scenes, [0, 1, 2, 3])})
+    found = det.decode_grid(raw, STRIDE, ANCHOR)
+    reported = det.select(found[0], SCORE_THRESHOLD, NMS_IOU, MAX_DETECTIONS)
+    targets = [DenseTarget(0, int(reported.classes[i]), reported.boxes[i], 0.0,
+                           reported.class_probabilities[i]) for i in range(len(reported))]
+    together = similarities(found, targets)
+    for index, target in enumerate(targets):
+        alone = det.drise_similarity(target.box, target.vector, found)
+        np.testing.assert_allclose(together[:, index], alone, rtol=1e-5, atol=1e-7)

@@ -24,11 +24,11 @@ import numpy as np
 
 from saliency_service.core.detections import (
     Detections,
+    box_iou,
     check_box,
     check_class,
     check_region,
     decode_grid,
-    drise_similarity,
     from_post_nms,
     match_detection,
     region_from_box,
@@ -308,9 +308,27 @@ def target_scores(dense: DenseSpec, outputs: Sequence[np.ndarray],
         probabilities = pixel_probabilities(dense, outputs[0])  # N×K×H×W
         columns = [probabilities[:, t.label][:, t.region].mean(axis=1) for t in targets]
     else:
-        found = proposals(dense, outputs, class_count)
-        columns = [drise_similarity(t.box, t.vector, found) for t in targets]
+        return similarities(proposals(dense, outputs, class_count), targets)
     return np.stack(columns, axis=1).astype(np.float32)
+
+
+def similarities(found: Sequence[Detections], targets: Sequence[DenseTarget]) -> np.ndarray:
+    """N×T: D-RISE's similarity of each input's proposals to every target at once (what
+    ``core.detections.drise_similarity`` gives one target at a time)."""
+    boxes = np.stack([t.box for t in targets]).astype(np.float64)  # T×4
+    vectors = np.stack([t.vector for t in targets]).astype(np.float64)  # T×K
+    norms = np.linalg.norm(vectors, axis=1)
+    weights = np.zeros((len(found), len(targets)), np.float32)
+    for row, each in enumerate(found):
+        if not len(each):
+            continue
+        overlaps = box_iou(boxes, each.boxes)  # T×M
+        theirs = each.class_probabilities.astype(np.float64)  # M×K
+        scale = norms[:, None] * np.linalg.norm(theirs, axis=1)[None]
+        cosine = np.divide(vectors @ theirs.T, scale, out=np.zeros_like(overlaps),
+                           where=scale > 0)
+        weights[row] = (overlaps * cosine * each.objectness[None]).max(axis=1)
+    return weights
 
 
 # ---- a detector or segmenter seen as a classifier of its targets ----------------------------
