@@ -127,7 +127,10 @@ def _export(args: argparse.Namespace) -> int:
             model, name=args.name, version=args.version, input_shape=shape,
             mean=mean, std=std, class_labels=labels,  # type: ignore[arg-type]
             repository=Path(args.models), cam_layer=args.cam_layer, head=args.head,
-            overwrite=args.force,
+            overwrite=args.force, kind=args.kind,
+            detection={"stride": args.stride, "anchor": args.anchor,
+                       "score_threshold": args.score_threshold, "nms_iou": args.nms_iou,
+                       "max_detections": args.max_detections},
         )
     except ExportError as exc:
         read = f" ({len(labels)} labels read from {source})" if "class labels" in str(exc) \
@@ -135,7 +138,13 @@ def _export(args: argparse.Namespace) -> int:
         print(f"error: {exc}{read}", file=sys.stderr)
         return 2
     print(f"wrote {report.path}")
-    print(f"scale outputs: {', '.join(report.scale_modules)}")
+    grid = report.outputs.get("detection") or {}
+    print(f"kind: {report.kind}; outputs: "
+          + ", ".join(f"{k} {v}" for k, v in report.outputs.items()
+                      if k not in ("kind", "detection"))
+          + "".join(f", {k} {v:g}" for k, v in grid.items()))
+    print(f"classes: {', '.join(report.labels)}")
+    print(f"scale outputs: {', '.join(report.scale_modules) or 'none'}")
     print(f"ONNX Runtime vs PyTorch max abs diff: {report.max_abs_diff:.3g}")
     return 0
 
@@ -220,6 +229,20 @@ def _bench(args: argparse.Namespace) -> int:
     return int(module.main(args.suite_args))
 
 
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the server decodes a raw grid head (``--kind detection_raw``)."""
+    parser.add_argument("--stride", type=float,
+                        help="detection_raw: pixels per grid cell (default: input size / grid)")
+    parser.add_argument("--anchor", type=float,
+                        help="detection_raw: the anchor box side in pixels (required)")
+    parser.add_argument("--score-threshold", type=float, default=0.3,
+                        help="detection_raw: detections kept from this score (default 0.3)")
+    parser.add_argument("--nms-iou", type=float, default=0.45,
+                        help="detection_raw: NMS overlap threshold (default 0.45)")
+    parser.add_argument("--max-detections", type=int, default=100,
+                        help="detection_raw: most detections per image (default 100)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saliency", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or comma-separated")
     export.add_argument("--cam-layer", help="module for Grad-CAM (default: last scale)")
     export.add_argument("--head", help="final nn.Linear after global average pooling, if any")
+    export.add_argument("--kind", default="classification",
+                        choices=("classification", "detection_raw", "detection", "segmentation"),
+                        help="what forward returns: logits (default), a grid head, post-NMS "
+                        "boxes, scores and classes, or N×K×H×W class scores")
+    add_grid_arguments(export)
     export.add_argument("--models", default="models", help="model repository root")
     export.add_argument("--force", action="store_true", help="replace an existing version")
     export.set_defaults(run=_export)
@@ -267,16 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                           choices=("auto", "classification", "detection_raw", "detection",
                                    "segmentation"),
                           help="what the outputs are (default: read from their shapes)")
-    imported.add_argument("--stride", type=float,
-                          help="detection_raw: pixels per grid cell (default: input size / grid)")
-    imported.add_argument("--anchor", type=float,
-                          help="detection_raw: the anchor box side in pixels (required)")
-    imported.add_argument("--score-threshold", type=float, default=0.3,
-                          help="detection_raw: detections kept from this score (default 0.3)")
-    imported.add_argument("--nms-iou", type=float, default=0.45,
-                          help="detection_raw: NMS overlap threshold (default 0.45)")
-    imported.add_argument("--max-detections", type=int, default=100,
-                          help="detection_raw: most detections per image (default 100)")
+    add_grid_arguments(imported)
     imported.add_argument("--models", default="models", help="model repository root")
     imported.add_argument("--force", action="store_true", help="replace an existing version")
     imported.add_argument("--timeout", type=float, default=120.0,

@@ -10,6 +10,11 @@ later run on the ONNX graph itself (``methods._utils.gradient_program``). ONNX n
 by the modules they came from (``/layer3/layer3.1/conv2/Conv``, as a plain ``torch.onnx``
 export names them), so tools reading the graph (the sanity checks' randomization) see the
 model's modules.
+
+A detector or segmenter whose forward returns tensors is exported with its ``kind``
+(``docs/detection.md``): one grid head (``detection_raw``, with the anchor and NMS settings
+the server decodes it with), post-NMS boxes, scores and classes (``detection``; no CAM layer,
+as NMS passes no gradient to a box) or N×K×H×W class scores (``segmentation``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,13 @@ import torch
 from torch import fx, nn
 
 from saliency_service.core import devices
+from saliency_service.core.dense import (
+    DETECTION,
+    DETECTION_RAW,
+    SEGMENTATION,
+    DenseSpec,
+    InvalidDenseSpec,
+)
 from saliency_service.core.repository import (
     FORMAT_VERSION,
     MANIFEST,
@@ -52,6 +64,9 @@ from saliency_service.serving.onednn_cache import reserve_kernel_cache
 log = logging.getLogger(__name__)
 
 TOKENS_OUTPUT = "tokens_0"
+CLASSIFICATION = "classification"
+KINDS = (CLASSIFICATION, DETECTION_RAW, DETECTION, SEGMENTATION)
+POST_NMS_OUTPUTS = ("boxes", "scores", "classes")
 
 
 class ExportError(RuntimeError):
@@ -69,6 +84,9 @@ class ExportReport:
     scale_nodes: tuple[str, ...] = ()
     token_grid: dict[str, Any] | None = None
     export_seconds: float = 0.0
+    kind: str = "classification"
+    outputs: dict[str, Any] = field(default_factory=dict)  # the manifest's, scales aside
+    labels: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -121,16 +139,19 @@ def find_scale_modules(module: nn.Module, example: torch.Tensor) -> list[str]:
     return [point.label for point in graph.scale_ends()]
 
 
-def with_outputs(graph_module: fx.GraphModule, extra: Sequence[fx.Node]) -> fx.GraphModule:
-    """``graph_module`` returning ``(logits, *extra)`` with a plain ``forward(x)`` signature."""
+def with_outputs(graph_module: fx.GraphModule, extra: Sequence[fx.Node],
+                 returns: int = 1) -> fx.GraphModule:
+    """``graph_module`` returning ``(*its results, *extra)`` with a plain ``forward(x)``
+    signature; it must return ``returns`` tensors (the logits, or a post-NMS detector's
+    boxes, scores and classes)."""
     graph = graph_module.graph
     output = next(n for n in graph.nodes if n.op == "output")
     results = output.args[0]
-    logits = results[0] if isinstance(results, tuple | list) else results
-    if isinstance(results, tuple | list) and len(results) != 1:
-        raise ExportError(f"the model returns {len(results)} values; it must return the logits "
-                          "alone")
-    output.args = ((logits, *extra),)
+    values = list(results) if isinstance(results, tuple | list) else [results]
+    if len(values) != returns:
+        wanted = "the logits alone" if returns == 1 else f"{returns} tensors"
+        raise ExportError(f"the model returns {len(values)} values; it must return {wanted}")
+    output.args = ((*values, *extra),)
     for node in [n for n in graph.nodes if n.op == "call_module" and not n.users]:
         graph.erase_node(node)  # the exported input guard: re-export checks shapes again
     graph._codegen = fx.graph.CodeGen()
@@ -250,6 +271,51 @@ def _gap_linear_head(model: nn.Module, cam_output: str, head_name: str | None) -
             "scale_output": cam_output}
 
 
+def _kind_outputs(kind: str, reference: Sequence[torch.Tensor],
+                  input_shape: tuple[int, int, int], labels: int,
+                  detection: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+    """The class count and the manifest's ``outputs`` (scales aside) for what the module's
+    forward returned on the example (``reference``), checked against ``kind``."""
+    first = reference[0]
+    shape = list(first.shape)
+    height, width = input_shape[1:]
+    if kind == CLASSIFICATION:
+        if first.dim() != 2:
+            raise ExportError(f"forward returns {shape}; a classifier returns N×classes "
+                              "logits (pass --kind for a detector or segmenter)")
+        return int(shape[1]), {"logits": "logits"}
+    if kind == SEGMENTATION:
+        if first.dim() != 4 or tuple(shape[2:]) != (height, width) or shape[1] < 2:
+            raise ExportError(f"forward returns {shape}; a segmenter returns N×K×{height}×"
+                              f"{width} class scores (K ≥ 2) at the input's size")
+        return int(shape[1]), {"kind": SEGMENTATION, "logits": "logits"}
+    if kind == DETECTION:
+        boxes, scores, classes = (list(t.shape) for t in reference[:3])
+        if len(boxes) != 3 or boxes[2] != 4 or scores != boxes[:2] or classes != boxes[:2]:
+            raise ExportError(f"forward returns {boxes}, {scores} and {classes}; a post-NMS "
+                              "detector returns boxes N×M×4, scores N×M and classes N×M")
+        return labels, {"kind": DETECTION, **{n: n for n in POST_NMS_OUTPUTS}}
+    grid = dict(detection or {})
+    if first.dim() != 4 or shape[1] < 6:
+        raise ExportError(f"forward returns {shape}; a grid head is N×(5 + K)×S×S")
+    rows, columns = shape[2:]
+    stride = grid.pop("stride", None) or height / rows
+    if rows * stride != height or columns * stride != width:
+        raise ExportError(f"a {rows}×{columns} grid at stride {stride:g} does not cover the "
+                          f"{height}×{width} input: check --stride and --input-shape")
+    if grid.get("anchor") is None:
+        raise ExportError(f"the grid head (stride {stride:g}) does not say its anchor: pass "
+                          "--anchor PIXELS, the box side its size offsets scale")
+    outputs = {"kind": DETECTION_RAW, "logits": "logits",
+               "detection": {"stride": stride, **{k: v for k, v in grid.items()
+                                                  if v is not None}}}
+    try:
+        DenseSpec.from_outputs(DETECTION_RAW, outputs)
+    except InvalidDenseSpec as exc:
+        raise ExportError(str(exc).replace("manifest outputs.detection.", "detection ")) from None
+    return int(shape[1]) - 5, outputs
+
+
 def export_package(
     model: nn.Module,
     *,
@@ -264,6 +330,8 @@ def export_package(
     scale_modules: Sequence[str] | None = None,
     cam_layer: str | None = None,
     head: str | None = None,
+    kind: str = CLASSIFICATION,
+    detection: dict[str, Any] | None = None,
     verify_inputs: int = 4,
     tolerance: float = 1e-3,
     seed: int = 0,
@@ -280,6 +348,13 @@ def export_package(
             vision transformer (default: the tokens feeding the last attention, else the
             last scale).
         head: name of a final ``nn.Linear`` applied after global average pooling, if any.
+        kind: what forward returns (``docs/detection.md``): ``classification`` (N×classes
+            logits), ``detection_raw`` (one grid head N×(5 + K)×S×S), ``detection`` (boxes
+            N×M×4, scores N×M, classes N×M after NMS) or ``segmentation`` (N×K×H×W at the
+            input's size).
+        detection: a grid head's ``anchor`` (pixels, required), ``stride`` (default: the
+            input's size over the grid's), ``score_threshold``, ``nms_iou`` and
+            ``max_detections`` (``core.dense.DenseSpec``'s defaults).
         metadata: free-form facts stored in the manifest (e.g. training accuracy).
         tolerance: largest acceptable |ONNX Runtime − PyTorch| over all outputs, relative to
             the outputs' magnitude (max(1, max |torch output|)).
@@ -289,6 +364,11 @@ def export_package(
             or two scales are the same tensor.
     """
     started = time.perf_counter()
+    if kind not in KINDS:
+        raise ExportError(f"kind {kind!r} must be one of {', '.join(KINDS)}")
+    if kind == DETECTION and not class_labels:
+        raise ExportError("a post-NMS detector's outputs do not say how many classes it has: "
+                          "give its class labels (--labels) in class-index order")
     reserve_kernel_cache()  # before its first convolution, for a server in this process
     model = model.eval()
     for parameter in model.parameters():
@@ -311,21 +391,28 @@ def export_package(
         log.warning("%s: the batch cannot stay free (%s); exported at batch 1", name,
                     str(free).splitlines()[0][:200])
         example, batch = example[:1], 1
-    scales, tokens, cam_output = _choose(graph, scale_modules, cam_layer)
+    if kind == DETECTION:  # NMS passes no gradient to a box: no CAM layer to read
+        scales, tokens, cam_output = [], None, ""
+    else:
+        scales, tokens, cam_output = _choose(graph, scale_modules, cam_layer)
     for index, point in enumerate(scales):
         log.info("scale_%d: node %s (%s) %s, shape %s", index, point.node.name,
                  point.label, point.node.target, list(point.shape))
     extra = [p.node for p in scales] + ([tokens.point.node] if tokens else [])
-    graph_module = with_outputs(graph_module, extra)
+    model_outputs = list(POST_NMS_OUTPUTS) if kind == DETECTION else ["logits"]
+    graph_module = with_outputs(graph_module, extra, len(model_outputs))
     with torch.no_grad():
         reference = graph_module(example)
-    num_classes = int(reference[0].shape[1])
+    num_classes, outputs = _kind_outputs(kind, reference, input_shape, len(class_labels),
+                                         detection)
     if class_labels and len(class_labels) != num_classes:
-        raise ExportError(f"{len(class_labels)} class labels for {num_classes} logits")
+        raise ExportError(f"{len(class_labels)} class labels for {num_classes} "
+                          + ("logits" if kind == CLASSIFICATION else f"classes of the {kind} "
+                             "outputs"))
     labels = list(class_labels) or [str(i) for i in range(num_classes)]
     scale_names = [f"scale_{i}" for i in range(len(scales))]
     token_names = [TOKENS_OUTPUT] if tokens else []
-    output_names = ["logits", *scale_names, *token_names]
+    output_names = [*model_outputs, *scale_names, *token_names]
     batch_axes = {n: 0 for n in output_names}
     if tokens:
         batch_axes[TOKENS_OUTPUT] = tokens.batch_dim
@@ -341,7 +428,8 @@ def export_package(
                            tolerance, generator, batch)
         activation_bytes = _activation_bytes(model, example[:1])
         scale_shapes = [list(p.shape) for p in scales]
-        cam_label = tokens.point.label if tokens else scales[int(cam_output[6:])].label
+        cam_label = (tokens.point.label if tokens else
+                     scales[int(cam_output[6:])].label if cam_output else "")
         manifest = {
             "format": FORMAT_VERSION,
             "name": name,
@@ -349,7 +437,7 @@ def export_package(
             "input": {"name": "input", "shape": [batch or -1, *input_shape], "dtype": "float32",
                       "layout": "NCHW", "mean": list(map(float, mean)),
                       "std": list(map(float, std)), "value_range": list(value_range)},
-            "outputs": {"logits": "logits", "scales": scale_names,
+            "outputs": {**outputs, "scales": scale_names,
                         **({"tokens": token_names} if token_names else {})},
             "scale_modules": [p.label for p in scales],
             "scale_nodes": [p.record() for p in scales],
@@ -358,7 +446,8 @@ def export_package(
             "cam_output": cam_output,
             "token_grid": tokens.record(TOKENS_OUTPUT) if tokens else {},
             "class_labels": labels,
-            "head": _gap_linear_head(model, cam_output, head),
+            "head": (_gap_linear_head(model, cam_output, head) if kind == CLASSIFICATION
+                     else {"type": "unknown"}),
             "methods": [h.name for h in registry.handlers()],
             "activation_bytes": activation_bytes,
             "exporter": {"torch": torch.__version__, "onnx": onnx.__version__,
@@ -381,7 +470,8 @@ def export_package(
     return ExportReport(target, max_diff, tuple(p.label for p in scales),
                         tuple(tuple(s) for s in scale_shapes),
                         tuple(p.node.name for p in scales),
-                        tokens.record(TOKENS_OUTPUT) if tokens else None, seconds)
+                        tokens.record(TOKENS_OUTPUT) if tokens else None, seconds, kind,
+                        outputs, tuple(labels))
 
 
 def _reads_sizes(graph_module: fx.GraphModule) -> bool:
