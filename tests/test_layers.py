@@ -112,3 +112,13 @@ def test_no_method_or_parameter_name_is_written_in_the_service(handler: registry
                        (PACKAGE / folder).glob("*.py")):
         names = {handler.name} | (parameters if path.name in REQUEST_PATH else set())
         assert not names & code_strings(path), f"{path.name}: {names & code_strings(path)}"
+
+
+def test_every_registered_method_is_public_by_class_name() -> None:
+    """``saliency_service.methods`` names each handler class, as ``captum.attr`` does."""
+    import saliency_service.methods as methods  # noqa: PLC0415
+
+    registered = {type(h).__name__: h.name for h in registry.handlers()}
+    assert set(methods.__all__) == set(registered)
+    for class_name, name in registered.items():
+        assert getattr(methods, class_name).name == name
