@@ -1,12 +1,14 @@
 """The web explorer's routes: its page and files under ``/explorer/``, a synthetic cell with its
-ground truth, each method's named parameter values, the evaluation report's cost-vs-quality
+ground truth (for classifiers) or a generated scene with its objects (for detectors and
+segmenters), each method's named parameter values, the evaluation report's cost-vs-quality
 rows per model, the OpenAPI description, and ``GET /`` (KServe's liveness for clients, a
 redirect to the explorer for browsers).
 
 Every explorer response carries a Content-Security-Policy that allows only the explorer's own
 script, so a string the page shows (a package's class labels) can never run as code. The page
 and its files are open; the data routes need the bearer token as the API does (``rest.py``),
-and the cell, the one route that computes, takes an admission slot and a worker like a call.
+and the cell and the scene, the routes that compute, take an admission slot and a worker like
+a call.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from starlette.types import Scope
 from saliency_service.core.errors import InvalidInput, NotFound, ServiceError
 from saliency_service.core.repository import RESIZE_MODES
 from saliency_service.core.request import RequestState
+from saliency_service.evaluation import scenes
 from saliency_service.evaluation.cells import CLASS_NAMES, TEST_CONFIG, CellConfig, generate
 from saliency_service.methods import registry
 from saliency_service.protocol.calls import Calls, request_id_from
@@ -51,6 +54,8 @@ STATIC = Path(__file__).resolve().parent / "explorer_files"
 REPORT = Path(__file__).resolve().parents[2] / "docs" / "evaluation.md"
 PAGE = "/explorer/"
 CELL_SIZES = (16, 512)
+SCENE_SIZES = (32, 512)
+SCENE_SEED = 2  # scenes the shipped scene models were neither trained (0) nor checked (1) on
 MAX_CELL_INDEX = 2**31 - 1  # the cells' seeds are int64; a person never pages this far
 _DIGITS = re.compile(r"[0-9]{1,10}")
 # Only the explorer's own files run; images may be data: or blob: URLs (uploads, maps).
@@ -84,6 +89,19 @@ def cell(index: int, size: int) -> dict[str, Any]:
     label = int(batch.labels[0])
     return {"image": _png(batch.images[0]), "ground_truth": _png(truth),
             "class_index": label, "label": CLASS_NAMES[label], "index": index, "size": size}
+
+
+def scene(index: int, size: int) -> dict[str, Any]:
+    """Scene ``index`` at ``size`` px: the image, its objects (box in pixels, class) and the
+    objects' masks as the ground truth, for trying a detector or segmenter."""
+    batch = scenes.generate(1, scenes.SceneConfig(size=size, seed=SCENE_SEED), start=index)
+    objects = batch.scenes[0]
+    found = [{"box": dict(zip(("x1", "y1", "x2", "y2"), map(float, box), strict=True)),
+              "class_index": int(label), "label": scenes.CLASSES[int(label)]}
+             for box, label in zip(objects.boxes, objects.classes, strict=True)]
+    truth = np.where(batch.class_maps[0] > 0, 255, 0).astype(np.uint8)
+    return {"image": _png(batch.images[0]), "ground_truth": _png(truth), "objects": found,
+            "index": index, "size": size}
 
 
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -262,6 +280,12 @@ def routes(calls: Calls) -> list[BaseRoute]:
         size = query_int(request, "size", 128, low, high)
         return JSONResponse(await admitted(calls, request, cell, index, size))
 
+    async def scene_route(request: Request) -> Response:
+        low, high = SCENE_SIZES
+        index = query_int(request, "index", 0, 0, MAX_CELL_INDEX)
+        size = query_int(request, "size", 64, low, high)
+        return JSONResponse(await admitted(calls, request, scene, index, size))
+
     get = ["GET"]
     return [
         Route("/", root_route, methods=get),
@@ -269,6 +293,7 @@ def routes(calls: Calls) -> list[BaseRoute]:
         Route("/explorer", page_redirect_route, methods=get),
         Route(PAGE, index_route, methods=get),
         Route("/explorer/cell", _guarded(cell_route), methods=get),
+        Route("/explorer/scene", _guarded(scene_route), methods=get),
         Route("/explorer/choices", _guarded(choices_route), methods=get),
         Route("/explorer/evaluation", _guarded(evaluation_route), methods=get),
         Route("/explorer/evaluation.md", _guarded(report_route), methods=get),

@@ -1,6 +1,8 @@
 // The saliency explorer: one page over the HTTP/JSON API (the proto's JSON mapping).
 // GetModel gives the methods and their defaults; /openapi.json each parameter's type;
-// /explorer/choices the named values a parameter takes (offered as a list).
+// /explorer/choices the named values a parameter takes (offered as a list). For a detector or
+// a segmenter, Predict's boxes or class map are drawn over the image as the model sees it, and
+// a click on a box or a pixel explains that detection or that class's region.
 "use strict";
 
 // Every string from the server (labels, names, messages) goes into the page as text:
@@ -13,6 +15,9 @@ const state = {
   schemas: {}, choices: { methods: {}, resize: [] }, info: null, report: null,
   image: null, imageElement: null, results: new Map(), runs: 0, started: 0, timer: 0,
   welcome: "",
+  scene: null,  // a detector's or segmenter's prediction on the image, drawn over it
+  pick: null,  // the detection or region clicked: what the methods explain
+  scenes: 0,  // predictions asked for the scene; an older answer is dropped
 };
 
 function el(tag, props = {}, ...children) {
@@ -98,12 +103,21 @@ async function loadModel(name) {
   if (state.info && state.info.status.name !== info.status.name) clearResults();
   state.info = info;
   const shape = info.input.shape || [];
+  const kind = denseKind(info);
   $("model-status").textContent =
-    `input ${shape.slice(1).join("×")} · ${info.class_labels.length} classes · ` +
-    `${info.methods.length} methods`;
+    `input ${shape.slice(1).join("×")} · ${kind ? `${KIND_NAMES[kind]} · ` : ""}` +
+    `${info.class_labels.length} classes · ${info.methods.length} methods`;
   const target = $("target");
-  target.replaceChildren(new Option("predicted class", ""));
-  info.class_labels.forEach((label, index) => target.add(new Option(`${index}: ${label}`, index)));
+  $("target-name").textContent = `Explained ${kind ? TARGET_NAMES[kind] : "class"}`;
+  $("cell-label").textContent = kind ? "or generated scene" : "or synthetic cell";
+  if (kind) {
+    target.replaceChildren(new Option(`the ${TARGET_NAMES[kind]} clicked on the image`, "pick"),
+                           new Option(`every ${TARGET_NAMES[kind]}, one map each`, "all"));
+  } else {
+    target.replaceChildren(new Option("predicted class", ""));
+    info.class_labels.forEach((label, index) =>
+      target.add(new Option(`${index}: ${label}`, index)));
+  }
   const resize = $("resize");
   resize.replaceChildren(new Option(`model's default (${info.input.resize || "stretch"})`, ""));
   for (const mode of state.choices.resize || []) resize.add(new Option(mode.replace("_", " "), mode));
@@ -111,6 +125,7 @@ async function loadModel(name) {
   $("methods").replaceChildren(...info.methods.map((method) => methodOption(method, chosen)));
   updateRunButton();
   loadReport(name);
+  refreshScene().catch(showError);
 }
 
 async function loadReport(model) {
@@ -230,10 +245,13 @@ function selectedMethods() {
 
 function updateRunButton() {
   const count = selectedMethods().length;
-  $("run").disabled = !(state.image && state.info && count);
+  const kind = denseKind(state.info);
+  const unpicked = Boolean(kind) && $("target").value === "pick" && !state.pick;
+  $("run").disabled = !(state.image && state.info && count) || unpicked;
   $("run-hint").textContent = !state.image ? "choose or generate an image"
     : !count ? "tick one or more methods"
-      : `${count} method${count > 1 ? "s" : ""} on ${state.info ? state.info.status.name : ""}`;
+      : unpicked ? `click a ${TARGET_NAMES[kind]} on the image, or explain every one`
+        : `${count} method${count > 1 ? "s" : ""} on ${state.info ? state.info.status.name : ""}`;
 }
 
 // ---- the image ---------------------------------------------------------------------------
@@ -249,6 +267,7 @@ function showImage(b64, mime, caption, truth) {
   if (truth) $("truth-image").src = `data:image/png;base64,${truth}`;
   $("input-view").hidden = false;
   updateRunButton();
+  refreshScene().catch(showError);
 }
 
 function readFile(file) {
@@ -262,10 +281,234 @@ function readFile(file) {
 }
 
 async function generateCell() {
-  const size = state.info ? Number(state.info.input.shape[2]) : 128;
+  const size = state.info ? inputSize()[0] : 128;
   const index = Math.max(0, Math.trunc(Number($("cell-index").value)) || 0);
+  if (denseKind(state.info)) {  // a scene with known objects, at least 32 px
+    const scene = await api(`/explorer/scene?index=${index}&size=${Math.max(32, size)}`);
+    const names = scene.objects.map((object) => object.label).join(", ");
+    showImage(scene.image, "image/png", `scene ${scene.index}: ${names}`, scene.ground_truth);
+    return;
+  }
   const cell = await api(`/explorer/cell?index=${index}&size=${size}`);
   showImage(cell.image, "image/png", `cell ${cell.index}: ${cell.label}`, cell.ground_truth);
+}
+
+// ---- a detector's or segmenter's scene ---------------------------------------------------
+
+const KIND_NAMES = { detection: "detector", segmentation: "segmenter" };
+const TARGET_NAMES = { detection: "detection", segmentation: "region" };
+const NO_CLASS = 255;  // a class map's pixel where no class reaches 0.5 (sigmoid segmenters)
+const CLASS_COLOURS = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
+                       [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127],
+                       [188, 189, 34], [23, 190, 207]];
+const LAYER_ALPHA = 0.45;  // the class map over the image; the picked class stands out
+
+function denseKind(info) {
+  const kind = info ? info.output_kind || "" : "";
+  return kind.startsWith("detection") ? "detection" : kind === "segmentation" ? kind : "";
+}
+
+function inputSize() {
+  const shape = (state.info.input.shape || []).map(Number);
+  return state.info.input.layout === "NHWC" ? [shape[1], shape[2]] : [shape[2], shape[3]];
+}
+
+function resizeMode() {
+  return $("resize").value || state.info.input.resize || "stretch";
+}
+
+function classColour(index) {
+  return CLASS_COLOURS[index % CLASS_COLOURS.length];
+}
+
+function targetField() {
+  // The request's target: {} for the server's default, null while a click is awaited.
+  const kind = denseKind(state.info);
+  const value = $("target").value;
+  if (!kind) return value === "" ? {} : { target: { class_index: Number(value) } };
+  if (value === "all") return kind === "detection" ? { target: { min_score: 0 } } : {};
+  if (!state.pick) return null;
+  if (kind === "detection") {
+    const { box, class_index: classIndex } = state.pick.detection;
+    return { target: { detection: { box, class_index: classIndex } } };
+  }
+  return { target: { region: { class_index: state.pick.classIndex } } };
+}
+
+function placement(imageWidth, imageHeight, width, height, mode) {
+  // Where the image goes in the model's input (protocol/inputs.placement), as drawImage's
+  // source and destination rectangles.
+  if (mode === "center_crop") {
+    const scale = Math.max(height / imageHeight, width / imageWidth);
+    const cropHeight = Math.min(imageHeight, Math.max(1, Math.round(height / scale)));
+    const cropWidth = Math.min(imageWidth, Math.max(1, Math.round(width / scale)));
+    return [Math.floor((imageWidth - cropWidth) / 2), Math.floor((imageHeight - cropHeight) / 2),
+            cropWidth, cropHeight, 0, 0, width, height];
+  }
+  if (mode === "letterbox") {
+    const scale = Math.min(height / imageHeight, width / imageWidth);
+    const fitHeight = Math.min(height, Math.max(1, Math.round(imageHeight * scale)));
+    const fitWidth = Math.min(width, Math.max(1, Math.round(imageWidth * scale)));
+    return [0, 0, imageWidth, imageHeight, Math.floor((width - fitWidth) / 2),
+            Math.floor((height - fitHeight) / 2), fitWidth, fitHeight];
+  }
+  return [0, 0, imageWidth, imageHeight, 0, 0, width, height];
+}
+
+async function refreshScene() {
+  // Predict on the image and draw what the model found over the image as the model sees it.
+  const asked = ++state.scenes;
+  const kind = denseKind(state.info);
+  state.scene = null;
+  state.pick = null;
+  $("scene").hidden = !(kind && state.image);
+  updateRunButton();
+  if ($("scene").hidden) return;
+  $("scene-hint").textContent = "finding what the model sees…";
+  $("scene-boxes").replaceChildren();
+  $("scene-legend").replaceChildren();
+  const model = state.info.status.name;
+  let predicted;
+  try {
+    predicted = await api("/api/v1/predict", { model, input: input(), ...resizeField() });
+  } catch (error) {
+    if (asked === state.scenes) $("scene-hint").textContent = "the prediction failed";
+    throw error;
+  }
+  await state.imageElement.decode().catch(() => null);  // drawn black if it cannot be decoded
+  if (asked !== state.scenes) return;  // another image, model or fit was chosen meanwhile
+  const [height, width] = inputSize();
+  state.scene = { kind, height, width, detections: [], classMap: null };
+  if (kind === "detection") {
+    state.scene.detections = ((predicted.detections || [])[0] || {}).detections || [];
+  } else {
+    const tensor = predicted.class_map;
+    state.scene.height = Number(tensor.shape[1]);
+    state.scene.width = Number(tensor.shape[2]);
+    state.scene.classMap = Uint8Array.from(atob(tensor.data), (c) => c.charCodeAt(0));
+  }
+  drawScene();
+}
+
+function drawScene() {
+  const scene = state.scene;
+  const canvas = $("scene-canvas");
+  canvas.width = scene.width;
+  canvas.height = scene.height;
+  const context = canvas.getContext("2d", { willReadFrequently: true });
+  context.fillStyle = "#000";
+  context.fillRect(0, 0, scene.width, scene.height);
+  const image = state.imageElement;
+  if (image.naturalWidth) {
+    context.drawImage(image, ...placement(image.naturalWidth, image.naturalHeight,
+                                          scene.width, scene.height, resizeMode()));
+  }
+  if (scene.kind === "detection") drawDetections(scene);
+  else drawRegions(scene, context);
+}
+
+function drawDetections(scene) {
+  const count = scene.detections.length;
+  $("scene-hint").textContent = count
+    ? `${count} detection${count > 1 ? "s" : ""}: click one to explain it`
+    : "the model detects nothing in this image";
+  // Larger boxes first, so a box inside another stays on top and clickable.
+  const area = ({ box }) => (box.x2 - box.x1) * (box.y2 - box.y1);
+  const order = scene.detections.map((d, i) => i)
+    .sort((a, b) => area(scene.detections[b]) - area(scene.detections[a]));
+  $("scene-boxes").replaceChildren(...order.map((index) => boxButton(scene, index)));
+  $("scene-legend").replaceChildren(...scene.detections.map((detection, index) => {
+    const text = `${detection.label} ${Number(detection.score).toFixed(3)}`;
+    return legendItem(detection.class_index, text, index === (state.pick || {}).index,
+                      () => pickDetection(index));
+  }));
+}
+
+function boxButton(scene, index) {
+  const detection = scene.detections[index];
+  const { x1, y1, x2, y2 } = detection.box;
+  const text = `${detection.label} ${Number(detection.score).toFixed(2)}`;
+  const button = el("button", { type: "button", className: "box", title: `explain ${text}` },
+                    el("span", { textContent: text }));
+  button.dataset.index = String(index);
+  const percent = (value, total) => `${(100 * Math.min(total, Math.max(0, value))) / total}%`;
+  Object.assign(button.style, {
+    left: percent(x1, scene.width), top: percent(y1, scene.height),
+    width: percent(x2 - x1, scene.width), height: percent(y2 - y1, scene.height),
+  });
+  button.style.setProperty("--colour", `rgb(${classColour(detection.class_index).join(" ")})`);
+  button.classList.toggle("picked", index === (state.pick || {}).index);
+  button.addEventListener("click", () => pickDetection(index));
+  return button;
+}
+
+function drawRegions(scene, context) {
+  const { width, height, classMap } = scene;
+  const picked = state.pick ? state.pick.classIndex : -1;
+  const pixels = context.getImageData(0, 0, width, height);
+  const counts = new Map();
+  for (let i = 0; i < width * height; i += 1) {
+    const value = classMap[i];
+    if (value === NO_CLASS) continue;
+    counts.set(value, (counts.get(value) || 0) + 1);
+    const alpha = picked < 0 ? LAYER_ALPHA : value === picked ? 0.7 : 0.15;
+    const colour = classColour(value);
+    for (let c = 0; c < 3; c += 1) {
+      pixels.data[i * 4 + c] = pixels.data[i * 4 + c] * (1 - alpha) + colour[c] * alpha;
+    }
+  }
+  context.putImageData(pixels, 0, 0);
+  $("scene-hint").textContent = counts.size
+    ? "click a pixel, or a class below, to explain that class's region"
+    : "the model finds no class in this image";
+  const labels = state.info.class_labels;
+  $("scene-legend").replaceChildren(...[...counts.keys()].sort((a, b) => a - b).map((value) =>
+    legendItem(value, `${value}: ${labels[value] || ""} · ${counts.get(value)} px`,
+               value === picked, () => pickRegion(value))));
+}
+
+function legendItem(classIndex, text, picked, onPick) {
+  const swatch = el("span", { className: "swatch" });
+  swatch.style.background = `rgb(${classColour(classIndex).join(" ")})`;
+  const button = el("button", { type: "button", className: "legend-item" }, swatch,
+                    el("span", { textContent: text }));
+  button.classList.toggle("picked", picked);
+  button.addEventListener("click", onPick);
+  return el("li", {}, button);
+}
+
+function pickDetection(index) {
+  state.pick = { index, detection: state.scene.detections[index] };
+  explainPick();
+}
+
+function pickRegion(classIndex) {
+  state.pick = { classIndex };
+  explainPick();
+}
+
+function pickPixel(event) {
+  const scene = state.scene;
+  if (!scene || !scene.classMap) return;
+  const box = $("scene-canvas").getBoundingClientRect();
+  const at = (offset, size, cells) =>
+    Math.min(cells - 1, Math.max(0, Math.floor((offset / size) * cells)));
+  const x = at(event.clientX - box.left, box.width, scene.width);
+  const y = at(event.clientY - box.top, box.height, scene.height);
+  const value = scene.classMap[y * scene.width + x];
+  if (value === NO_CLASS) {
+    setStatus(`no class reaches probability 0.5 at pixel (${x}, ${y}): click a coloured pixel`);
+    return;
+  }
+  pickRegion(value);
+}
+
+function explainPick() {
+  $("target").value = "pick";
+  drawScene();
+  updateRunButton();
+  if (selectedMethods().length) run();
+  else setStatus(`tick one or more methods to explain this ${TARGET_NAMES[state.scene.kind]}`);
 }
 
 // ---- running methods ---------------------------------------------------------------------
@@ -296,7 +539,8 @@ function bringResultsIntoView() {
 
 async function run() {
   const methods = selectedMethods();
-  if (!methods.length || !state.image) return;
+  const target = targetField();
+  if (!methods.length || !state.image || !target) return;
   const runId = ++state.runs;
   const model = $("model").value;
   state.results.clear();
@@ -310,25 +554,30 @@ async function run() {
   $("elapsed").textContent = "";
   const cards = methods.map((option) => card(option.dataset.method));
   bringResultsIntoView();
-  try {
-    const predicted = await api("/api/v1/predict", { model, input: input(), top_k: 5,
-                                                     ...resizeField() });
-    if (runId !== state.runs) return;
-    showPrediction(predicted);
-  } catch (error) {
-    finish(runId);
-    for (const element of cards) fail(element, "not run: the prediction failed");
-    showError(error);
-    return;
-  }
+  // A detector's or segmenter's prediction is the scene drawn over the image already.
+  if (!denseKind(state.info) && !await predictClasses(runId, model, cards)) return;
   setStatus(`running ${methods.length} method${methods.length > 1 ? "s" : ""}…`);
   await Promise.all(methods.map((option, i) =>
-    explain(cards[i], model, option.dataset.method, chosenParams(option))));
+    explain(cards[i], model, option.dataset.method, chosenParams(option), target)));
   if (runId !== state.runs) return;
   finish(runId);
   const failed = document.querySelectorAll(".result.failed").length;
   setStatus(failed ? `${failed} of ${methods.length} failed` : `done: ${methods.length} ` +
             `method${methods.length > 1 ? "s" : ""}`, failed > 0);
+}
+
+async function predictClasses(runId, model, cards) {
+  try {
+    const predicted = await api("/api/v1/predict", { model, input: input(), top_k: 5,
+                                                     ...resizeField() });
+    if (runId === state.runs) showPrediction(predicted);
+    return runId === state.runs;
+  } catch (error) {
+    finish(runId);
+    for (const element of cards) fail(element, "not run: the prediction failed");
+    showError(error);
+    return false;
+  }
 }
 
 function clearResults() {
@@ -395,11 +644,10 @@ function card(method) {
   return element;
 }
 
-async function explain(element, model, method, params) {
+async function explain(element, model, method, params, target) {
   const body = { model, method, input: input(), seed: Number($("seed").value) || 0,
-                 return_overlay: true, ...resizeField() };
+                 return_overlay: true, ...resizeField(), ...target };
   if (Object.keys(params).length) body[method] = params;
-  if ($("target").value !== "") body.target = { class_index: Number($("target").value) };
   try {
     const response = await fetch("/api/v1/explain/stream",
                                  { method: "POST", headers: headers(), body: JSON.stringify(body) });
@@ -456,6 +704,19 @@ function showResult(element, response) {
   bar.max = 1;
   bar.value = 1;
   element.querySelector(".waiting").hidden = true;
+  if (response.explained && response.explained.length) {
+    showTargets(element, response);
+  } else {
+    showClassMap(element, response);
+  }
+  const cost = response.cost;
+  element.querySelector(".progress-text").textContent = "done";
+  element.querySelector(".cost").textContent =
+    `cost: ${cost.forward_passes} forward, ${cost.backward_passes} backward, ` +
+    `${(cost.wall_seconds * 1000).toFixed(1)} ms${cost.truncated ? " (truncated)" : ""}`;
+}
+
+function showClassMap(element, response) {
   const overlay = element.querySelector("img.overlay");
   if (response.overlays && response.overlays.length) {
     overlay.src = `data:image/png;base64,${response.overlays[0]}`;
@@ -468,11 +729,45 @@ function showResult(element, response) {
   const labels = state.info ? state.info.class_labels : [];
   element.querySelector(".explained").textContent =
     `explained class: ${target} ${labels[target] || ""}`;
-  const cost = response.cost;
-  element.querySelector(".progress-text").textContent = "done";
-  element.querySelector(".cost").textContent =
-    `cost: ${cost.forward_passes} forward, ${cost.backward_passes} backward, ` +
-    `${(cost.wall_seconds * 1000).toFixed(1)} ms${cost.truncated ? " (truncated)" : ""}`;
+}
+
+function showTargets(element, response) {
+  // A detector's or segmenter's answer: one map per detection or region, each overlay with
+  // its box outlined by the server, listed with what it explains.
+  const kind = denseKind(state.info) || "detection";
+  const overlays = response.overlays || [];
+  const list = el("ol", { className: "maps" });
+  response.explained.forEach((target, index) => {
+    const item = el("li", {});
+    if (overlays[index]) {
+      item.append(el("img", { className: "overlay", alt: `map ${index + 1}`,
+                              src: `data:image/png;base64,${overlays[index]}` }));
+    }
+    item.append(el("span", { className: "target-text", textContent: describeTarget(target) }));
+    list.append(item);
+  });
+  const picture = element.querySelector(".picture");
+  if (overlays.length) picture.hidden = true;
+  else drawMap(element, response.saliency);  // the first map, when the server sent no overlay
+  picture.after(list);
+  const count = response.explained.length;
+  element.querySelector(".explained").textContent = count === 1
+    ? `explained ${TARGET_NAMES[kind]}: ${describeTarget(response.explained[0])}`
+    : `explained ${count} ${TARGET_NAMES[kind]}s, one map each`;
+}
+
+function describeTarget(target) {
+  const head = `${target.label || ""} (class ${target.class_index || 0})`;
+  const score = Number(target.score || 0).toFixed(3);
+  if (Number(target.region_pixels || 0) > 0) {
+    return `${head} · ${target.region_pixels} px · mean probability ${score}`;
+  }
+  return `${head} · score ${score} · box ${boxText(target.box)}`;
+}
+
+function boxText(box) {
+  const value = (name) => Math.round(Number((box || {})[name] || 0));
+  return `(${value("x1")}, ${value("y1")})–(${value("x2")}, ${value("y2")})`;
 }
 
 function fail(element, message) {
@@ -634,7 +929,13 @@ function wire() {
   });
   $("cell-button").addEventListener("click", () => generateCell().catch(showError));
   $("run").addEventListener("click", run);
-  $("target").addEventListener("change", () => { if (state.results.size) run(); });
+  $("target").addEventListener("change", () => {
+    if (state.scene) drawScene();
+    updateRunButton();
+    if (state.results.size) run();
+  });
+  $("resize").addEventListener("change", () => refreshScene().catch(showError));
+  $("scene-canvas").addEventListener("click", pickPixel);
   $("chart-button").addEventListener("click", showChart);
   $("report-link").addEventListener("click", openReport);
   loadModels().catch(retryWhileLoading);
