@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="seconds the model's test runs may take in all (0 = no bound)")
     imported.set_defaults(run=_import)
 
-    cli_client.add_commands(commands)  # explain, models, health
+    cli_client.add_commands(commands)  # explain, predict, models, health
 
     demo = commands.add_parser("demo-model", help="train and export the demo model package")
     demo.add_argument("--models", default="models")

@@ -4,10 +4,16 @@
         result = client.explain("demo", "integrated_gradients", images=[png_bytes],
                                 steps=64, baseline="blur")
         result.maps  # float32 N×H×W in [0, 1]
+
+Detectors and segmenters (``docs/detection.md``): ``predict`` returns detections or a class
+map (``detections_of``, ``class_counts``); ``explain`` takes a detection (``box=`` and
+``label=``), ``min_score=``, or a region (``region_class=``, with ``box=`` or ``mask=``), and
+returns one map per target with ``Explanation.explained`` saying what each explains.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +58,98 @@ class Explanation:
     @property
     def overlays(self) -> list[bytes]:
         return list(self.response.overlays)
+
+    @property
+    def explained(self) -> list[pb.ExplainedTarget]:
+        """A detector's or segmenter's targets, one per map (empty for a classifier)."""
+        return list(self.response.explained)
+
+
+Label = int | str
+"""A class by index or by label."""
+
+
+@dataclass(frozen=True)
+class FoundDetection:
+    """One detection a detector reported: its box (x1, y1, x2, y2 in pixels of the model
+    input), class and score."""
+
+    box: tuple[float, float, float, float]
+    class_index: int
+    label: str
+    score: float
+
+
+def detections_of(response: pb.PredictResponse) -> list[list[FoundDetection]]:
+    """A detector's Predict answer: each item's detections, highest score first."""
+    return [[FoundDetection((d.box.x1, d.box.y1, d.box.x2, d.box.y2), d.class_index, d.label,
+                            d.score) for d in item.detections]
+            for item in response.detections]
+
+
+def class_counts(response: pb.PredictResponse,
+                 labels: Sequence[str] = ()) -> list[dict[str, int]]:
+    """A segmenter's Predict answer: each item's pixels per predicted class (by label when
+    ``labels`` are given, e.g. ``GetModel``'s), most first."""
+    counts = []
+    for item in tensor_to_array(response.class_map).astype(np.int64):
+        found = np.bincount(item.ravel())
+        order = np.argsort(-found, kind="stable")
+        counts.append({(labels[c] if c < len(labels) else str(c)): int(found[c])
+                       for c in order if found[c]})
+    return counts
+
+
+def dense_target(box: Sequence[float] | None = None, label: Label | None = None,
+                 min_score: float | None = None, region_class: Label | None = None,
+                 mask: np.ndarray | None = None) -> pb.Target | None:
+    """The Target for a detector or segmenter: a detection (``box`` and ``label``), every
+    detection scoring at least ``min_score``, or ``region_class`` in a region (``box`` or
+    ``mask``; neither = the pixels predicted as that class). None when nothing is given.
+    Raises ParamError (a ValueError) for a combination that names no one target."""
+    if region_class is not None:
+        if label is not None or min_score is not None:
+            raise ParamError("give region_class= (a segmenter's region) or label=/min_score= "
+                             "(a detector's detections), not both")
+        if box is not None and mask is not None:
+            raise ParamError("a region is a box or a mask, not both")
+        region = pb.RegionTarget()
+        _set_class(region, region_class)
+        if box is not None:
+            region.box.CopyFrom(_box(box))
+        if mask is not None:
+            values = np.asarray(mask)
+            region.mask.CopyFrom(array_to_tensor(
+                values.astype(np.uint8) if values.dtype == bool else values))
+        return pb.Target(region=region)
+    if mask is not None:
+        raise ParamError("mask= is a region: give region_class= with it")
+    if label is not None or box is not None:
+        if min_score is not None:
+            raise ParamError("give a detection (box= and label=) or min_score=, not both")
+        if label is None or box is None:
+            raise ParamError("a detection target needs box= (x1, y1, x2, y2 in pixels of the "
+                             "model input) and label= (a class label or index)")
+        detection = pb.DetectionTarget(box=_box(box))
+        _set_class(detection, label)
+        return pb.Target(detection=detection)
+    if min_score is not None:
+        return pb.Target(min_score=float(min_score))
+    return None
+
+
+def _box(values: Sequence[float]) -> pb.Box:
+    numbers = [float(v) for v in values]
+    if len(numbers) != 4:
+        raise ParamError(f"a box is x1, y1, x2, y2: four numbers, got {len(numbers)}")
+    return pb.Box(x1=numbers[0], y1=numbers[1], x2=numbers[2], y2=numbers[3])
+
+
+def _set_class(message: pb.DetectionTarget | pb.RegionTarget, label: Label) -> None:
+    if isinstance(label, str):
+        message.label = label
+    else:
+        message.class_index = int(label)
 
 
 class SaliencyClient:
@@ -113,13 +211,21 @@ class SaliencyClient:
 
     def request(self, model: str, method: str | int, images: list[bytes] | None = None,
                 tensor: np.ndarray | None = None, target: int | list[int] | None = None,
-                seed: int = 0, params: Any = None, **fields: Any) -> pb.ExplainRequest:
+                seed: int = 0, params: Any = None, *, box: Sequence[float] | None = None,
+                label: Label | None = None, min_score: float | None = None,
+                region_class: Label | None = None, mask: np.ndarray | None = None,
+                **fields: Any) -> pb.ExplainRequest:
         """Builds an ExplainRequest. ``fields`` are its other fields (``return_overlay=True``,
         ``top_k=3``, ``resize="center_crop"``, ``budget=pb.Budget(...)``) and the method's
         parameters by name
         (``steps=64, baseline="blur"``: ``protocol.method_params``); ``params`` is the
-        method's params message instead. A wrong method or parameter raises ParamError
-        (a ValueError) listing the valid ones."""
+        method's params message instead. A detector's or segmenter's target is ``box`` and
+        ``label``, ``min_score`` or ``region_class`` (``dense_target``). A wrong method,
+        parameter or target raises ParamError (a ValueError) saying what is valid."""
+        dense = dense_target(box, label, min_score, region_class, mask)
+        if dense is not None and target is not None:
+            raise ParamError("target= is a classifier's class; give it or a detector's or "
+                             "segmenter's target, not both")
         names = pb.ExplainRequest.DESCRIPTOR.fields_by_name
         given = {key: value for key, value in fields.items() if key not in names}
         fields = {key: value for key, value in fields.items() if key in names}
@@ -133,6 +239,8 @@ class SaliencyClient:
             request.target.class_index = target
         elif target is not None:
             request.target.per_item.indices.extend(target)
+        elif dense is not None:
+            request.target.CopyFrom(dense)
         if params is not None:
             field = params_field(request.method)
             if field is None:
@@ -142,7 +250,8 @@ class SaliencyClient:
 
     def explain(self, model: str, method: str | int, **kwargs: Any) -> Explanation:
         """One Explain call; ``kwargs`` as ``request`` takes them (images=, target=, seed=,
-        return_overlay=, resize=, the method's parameters by name, …)."""
+        return_overlay=, resize=, box= and label=, min_score=, region_class=, the method's
+        parameters by name, …)."""
         request = self.request(model, method, **kwargs)
         response = self.stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
         return Explanation(tensor_to_array(response.saliency), list(response.targets), response)

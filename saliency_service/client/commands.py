@@ -1,4 +1,8 @@
-"""The client commands of ``saliency``: ``explain``, ``models`` and ``health``.
+"""The client commands of ``saliency``: ``explain``, ``predict``, ``models`` and ``health``.
+
+A detector's or segmenter's image is explained per target (``--box`` and ``--label``,
+``--min-score``, ``--region-class``), one overlay file per target; ``predict`` prints its
+detections or the pixels per predicted class.
 
 Ordinary mistakes (an unknown method or parameter, a missing image file) and the server's
 refusals are one line on stderr, never a traceback, and the exit code tells a script what
@@ -65,7 +69,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser, timeout: float) ->
 
 
 def add_commands(commands: Any) -> None:
-    """Adds ``explain``, ``models`` and ``health`` to the ``saliency`` subcommands."""
+    """Adds ``explain``, ``predict``, ``models`` and ``health`` to the ``saliency``
+    subcommands."""
     explain = commands.add_parser(
         "explain", help="explain one image; write its overlay, or a panel of several methods",
         description="Explain one image with one or several methods and write the overlay "
@@ -79,13 +84,37 @@ def add_commands(commands: Any) -> None:
                          help="a method parameter (repeatable), e.g. steps=64 baseline=blur; "
                          "`saliency models NAME` lists each method's")
     explain.add_argument("--target", type=int, help="class index (default: predicted)")
+    explain.add_argument("--box", metavar="X1,Y1,X2,Y2",
+                         help="a detector's detection to explain (with --label), or a "
+                         "segmenter's region (with --region-class); pixels of the model "
+                         "input, after resizing")
+    explain.add_argument("--label", help="the class of --box's detection (a label, as "
+                         "`saliency predict` prints it)")
+    explain.add_argument("--min-score", type=float,
+                         help="a detector: one map per detection scoring at least this")
+    explain.add_argument("--region-class", help="a segmenter: explain this class in --box, "
+                         "or where the model predicts it")
     explain.add_argument("--seed", type=int, default=0)
     explain.add_argument("--resize", choices=RESIZE_CHOICES, default="",
                          help="fit the image to the model's input: stretch, center_crop or "
                          "letterbox (default: the model's, `saliency models NAME`); under "
                          "center_crop and letterbox the map has the image's own size")
-    explain.add_argument("--out", default="saliency.png")
+    explain.add_argument("--out", default="saliency.png",
+                         help="the overlay PNG; a detector's or segmenter's several targets "
+                         "get one file each, numbered (saliency-1.png, saliency-2.png, …)")
     explain.set_defaults(run=_guarded(_explain))
+
+    predict = commands.add_parser(
+        "predict", help="run the model on one image: top classes, detections or class areas",
+        description="Prints a classifier's top classes, a detector's detections (box, label, "
+        "score) or a segmenter's pixels per predicted class. " + _EXIT_CODES)
+    add_connection_arguments(predict, timeout=60.0)
+    predict.add_argument("--model", default="demo")
+    predict.add_argument("--image", required=True, help="a PNG or JPEG file")
+    predict.add_argument("--top-k", type=int, default=5, help="a classifier's classes shown")
+    predict.add_argument("--resize", choices=RESIZE_CHOICES, default="",
+                         help="fit the image to the model's input (default: the model's)")
+    predict.set_defaults(run=_guarded(_predict))
 
     models = commands.add_parser(
         "models", help="list the models with readiness and load errors, or one model's methods",
@@ -194,11 +223,49 @@ def _summary(response: pb.ExplainResponse) -> dict[str, Any]:
     return summary
 
 
+def _box(text: str | None) -> list[float] | None:
+    """``--box X1,Y1,X2,Y2``: four finite numbers."""
+    if text is None:
+        return None
+    try:
+        numbers = [float(v) for v in text.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 4 or not all(np.isfinite(numbers)):
+        raise CommandError(f"--box must be X1,Y1,X2,Y2 (four numbers, pixels of the model "
+                           f"input), got {text!r}")
+    return numbers
+
+
+def _dense_target(args: argparse.Namespace) -> dict[str, Any]:
+    """The explain call's target arguments from ``--box``, ``--label``, ``--min-score`` and
+    ``--region-class``, checked for a combination that names one target."""
+    box = _box(args.box)
+    given = [flag for flag, value in (("--label", args.label), ("--min-score", args.min_score),
+                                      ("--region-class", args.region_class)) if value is not None]
+    if args.target is not None and (given or box is not None):
+        raise CommandError("--target is a classifier's class; a detector's or segmenter's "
+                           f"target is {' and '.join(given) or '--box'} alone")
+    if len(given) > 1:
+        raise CommandError(f"give one target: {' or '.join(given)}")
+    if box is not None and not given:
+        raise CommandError("--box needs --label (a detection) or --region-class (a region)")
+    if args.label is not None and box is None:
+        raise CommandError("--label names the class of a detection: give its --box "
+                           "X1,Y1,X2,Y2 too (as `saliency predict` prints it)")
+    if args.min_score is not None and box is not None:
+        raise CommandError("--min-score explains every detection above a score; --box "
+                           "with --label names one")
+    return {"box": box, "label": args.label, "min_score": args.min_score,
+            "region_class": args.region_class}
+
+
 def _explain(args: argparse.Namespace) -> int:
     from saliency_service.render.overlays import panel_png  # noqa: PLC0415
 
     methods = _method_list(args.method)
     assignments = parse_assignments(args.param)
+    targets = _dense_target(args)
     image = _read_image(args.image)
     with _connect(args) as client:
         params: dict[str, Any] = {m: None for m in methods}
@@ -206,8 +273,10 @@ def _explain(args: argparse.Namespace) -> int:
             params = _method_params(client.get_model(args.model), methods, assignments)
         results = [client.explain(args.model, m, images=[image], seed=args.seed,
                                   target=args.target, return_overlay=True, params=params[m],
-                                  resize=args.resize)
+                                  resize=args.resize, **targets)
                    for m in methods]
+    if results[0].explained:
+        return _explained_targets(args, results, panel_png)
     top = results[0].response.predictions[0].top
     if len(results) == 1:
         Path(args.out).write_bytes(results[0].overlays[0])
@@ -233,6 +302,82 @@ def _explain(args: argparse.Namespace) -> int:
     what = "map" if len(results) == 1 else f"panel of {len(results)}"
     print(f"{what}: {args.out} ({maps.shape[1]}×{maps.shape[2]}, "
           f"mean {float(np.mean(maps)):.3f})")
+    return EXIT_OK
+
+
+def _explained_targets(args: argparse.Namespace, results: list[Any],
+                       panel_png: Callable[[list[bytes], str], bytes]) -> int:
+    """A detector's or segmenter's answer: one overlay file per target (a panel of the
+    methods when several), and a line per target saying what it explains."""
+    explained = results[0].explained
+    out = Path(args.out)
+    paths = [out] if len(explained) == 1 else [
+        out.with_name(f"{out.stem}-{index}{out.suffix or '.png'}")
+        for index in range(1, len(explained) + 1)]
+    for index, (path, target) in enumerate(zip(paths, explained, strict=True)):
+        overlays = [r.overlays[index] for r in results]
+        path.write_bytes(overlays[0] if len(results) == 1 else panel_png(
+            overlays, f"{args.model} · {_what(target)} · {args.image}"))
+    if args.json:
+        print(json.dumps({"out": [str(p) for p in paths], "explanations": [
+            {**_summary(r.response), "map_mean": float(np.mean(r.maps))} for r in results]},
+            indent=2))
+        return EXIT_OK
+    for path, target in zip(paths, explained, strict=True):
+        print(f"{path}: {_what(target)}")
+    for result in results:
+        cost = result.cost
+        name = pb.Method.Name(cost.method).removeprefix("METHOD_").lower()
+        print(f"cost: method {name} forward {cost.forward_passes} backward "
+              f"{cost.backward_passes} wall {cost.wall_seconds * 1000:.1f} ms cpu "
+              f"{cost.cpu_seconds * 1000:.1f} ms ({len(explained)} maps)")
+    return EXIT_OK
+
+
+def _what(target: pb.ExplainedTarget) -> str:
+    """What one map explains: the class, the box (a detection's, or a region's bounds) and
+    the score, with a region's size."""
+    box = target.box
+    where = f"[{box.x1:.1f}, {box.y1:.1f}, {box.x2:.1f}, {box.y2:.1f}]"
+    if target.region_pixels:
+        return (f"{target.label} region of {target.region_pixels} pixels in {where}, mean "
+                f"probability {target.score:.3f}")
+    return f"{target.label} {where} score {target.score:.3f}"
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from saliency_service.client.client import class_counts, detections_of  # noqa: PLC0415
+    from saliency_service.protocol.json_messages import to_json  # noqa: PLC0415
+
+    image = _read_image(args.image)
+    with _connect(args) as client:
+        response = client.predict(args.model, images=[image], top_k=args.top_k,
+                                  resize=args.resize)
+        labels = (list(client.get_model(args.model).class_labels)
+                  if response.HasField("class_map") else [])
+    if args.json:
+        summary = to_json(response)
+        if response.HasField("class_map"):
+            summary["class_map"].pop("data", None)
+            summary["class_counts"] = class_counts(response, labels)
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    if response.detections:
+        (found,) = detections_of(response)
+        print(f"{len(found)} detection{'s' if len(found) != 1 else ''}" + (":" if found else ""))
+        for detection in found:
+            x1, y1, x2, y2 = detection.box
+            print(f"  {detection.label} [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}] score "
+                  f"{detection.score:.3f}")
+    elif response.HasField("class_map"):
+        (counts,) = class_counts(response, labels)
+        total = sum(counts.values())
+        print("pixels per class:")
+        for label, pixels in counts.items():
+            print(f"  {label}: {pixels} ({pixels / total:.1%})")
+    else:
+        print("prediction: " + ", ".join(f"{c.label} {c.probability:.3f}"
+                                         for c in response.predictions[0].top))
     return EXIT_OK
 
 
