@@ -27,7 +27,8 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 OPEN_PATHS = ("/", "/explorer", "/explorer/", "/explorer/explorer.js", "/explorer/explorer.css",
               "/explorer/index.html", "/healthz", "/readyz", "/openapi.json")
 # The explorer's data routes: the token, as the API.
-DATA_PATHS = ("/explorer/cell?index=1&size=32", "/explorer/evaluation",
+DATA_PATHS = ("/explorer/cell?index=1&size=32", "/explorer/scene?index=1&size=32",
+              "/explorer/evaluation",
               "/explorer/evaluation?model=demo", "/explorer/evaluation.md", "/explorer/choices")
 
 
