@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from saliency_service import cli
 from saliency_service.core import detections as det
@@ -228,6 +228,34 @@ def test_kind_overrides_what_the_shapes_say(trained: support.Trained, tmp_path: 
     code, _, err = run_cli("import", str(trained.onnx["unet"]), "--name", "unet",
                            "--models", str(tmp_path), "--kind", "detection_raw")
     assert code == 2 and "--kind detection_raw needs a grid head" in err, err
+
+
+def _pixel_scores(activation: str) -> onnx.ModelProto:
+    """A 1×1 convolution to 4 classes per pixel, ending in ``activation`` ("" = none)."""
+    weight = numpy_helper.from_array(
+        np.random.default_rng(0).normal(size=(4, 3, 1, 1)).astype(np.float32), "weight")
+    nodes = [helper.make_node("Conv", ["input", "weight"], ["maps" if activation else "scores"])]
+    if activation:
+        nodes.append(helper.make_node(activation, ["maps"], ["scores"],
+                                      **({"axis": 1} if activation == "Softmax" else {})))
+    model = _graph({"scores": (TensorProto.FLOAT, ["N", 4, 16, 16])}, nodes)
+    model.graph.initializer.append(weight)
+    return model
+
+
+@pytest.mark.parametrize(("activation", "scores"), [("", "logits"), ("Softmax", "probabilities"),
+                                                    ("Sigmoid", "sigmoid")])
+def test_a_segmenters_pixel_scores_are_read_as_a_classifiers_are(
+        tmp_path: Path, activation: str, scores: str) -> None:
+    source = tmp_path / "segmenter.onnx"
+    onnx.save(_pixel_scores(activation), str(source))
+    code, out, err = run_cli("import", str(source), "--name", "pixels", "--models",
+                             str(tmp_path / "models"))
+    assert code == 0, err
+    assert f"outputs: scores (4 classes per pixel, {scores})" in out
+    manifest = json.loads((tmp_path / "models" / "pixels" / "1" / "manifest.json").read_text())
+    assert manifest["outputs"]["kind"] == "segmentation"
+    assert manifest["outputs"]["scores"] == scores
 
 
 # ---- served: the CAM methods on imported detectors and segmenters -------------------------

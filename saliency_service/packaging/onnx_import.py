@@ -166,7 +166,8 @@ class ImportReport:
                     f"classes {self.outputs['classes']} ({self.classes} classes, after NMS "
                     "inside the graph)")
         if self.output_kind == SEGMENTATION:
-            return f"{self.output_name} ({self.classes} classes per pixel)"
+            return (f"{self.output_name} ({self.classes} classes per pixel, "
+                    f"{self.outputs.get('scores', 'logits')})")
         return (f"{self.output_name} (grid head, {self.classes} classes; stride "
                 f"{grid['stride']:g}, anchor {grid['anchor']:g}; the server keeps scores ≥ "
                 f"{grid['score_threshold']:g}, NMS at IoU {grid['nms_iou']:g}, at most "
@@ -703,12 +704,17 @@ def import_onnx(
             decisions["output"] = f"{output_name}: N×{classes}"
             decisions["kind"] = kind_why
         else:
-            if output != AUTO:
-                raise ImportRefused(f"--output {output} is for a classifier's scores; a "
-                                    f"{found.kind} model's outputs are read as documented")
+            if output != AUTO and found.kind != SEGMENTATION:
+                raise ImportRefused(f"--output {output} is for class scores; a {found.kind} "
+                                    "model's outputs are read as documented")
             output_name, model_kind, classes = found.outputs[0], found.kind, found.classes
             decisions["kind"] = found.why + (" (given by --kind)" if kind != AUTO else "")
     outputs = _manifest_outputs(found, model_kind, grid)
+    if found.kind == SEGMENTATION:  # per pixel, the class scores read as a classifier's
+        pixels = np.moveaxis(values[output_name], 1, -1).reshape(-1, classes)
+        graph_kind, graph_why = _graph_kind(model, output_name)
+        outputs["scores"], decisions["scores"] = _output_kind(graph_kind, graph_why, pixels,
+                                                              output)
     labels = list(class_labels) or [str(i) for i in range(classes)]
     if found.kind == DETECTION:
         classes = _post_nms_classes(values, found, labels, class_labels)
