@@ -16,9 +16,12 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from saliency_service.core.dense import NO_CLASS
 from saliency_service.evaluation.scenes import CLASSES, SceneConfig, generate
 from saliency_service.protocol.explorer import SCENE_SEED
 from saliency_service.serving.background import RunningServer
@@ -68,6 +71,26 @@ window.fetch = (url, options) => {
 };"""
 
 
+def sigmoid_segmenter(source: Path, target: Path) -> Path:
+    """The U-Net as a multi-label segmenter: each object class's probability is the sigmoid of
+    its logit over the background's, so a background pixel belongs to no class."""
+    model = onnx.load(source)
+    graph = model.graph
+    (logits,) = graph.output
+    graph.initializer.extend(numpy_helper.from_array(np.array([value], np.int64), name)
+                             for name, value in (("zero", 0), ("one", 1), ("four", 4)))
+    graph.node.extend([
+        helper.make_node("Slice", [logits.name, "one", "four", "one"], ["objects"]),
+        helper.make_node("Slice", [logits.name, "zero", "one", "one"], ["background"]),
+        helper.make_node("Sub", ["objects", "background"], ["margins"]),
+        helper.make_node("Sigmoid", ["margins"], ["probabilities"])])
+    graph.output.remove(logits)
+    graph.output.append(helper.make_tensor_value_info(
+        "probabilities", TensorProto.FLOAT, ["batch", len(CLASSES), SIZE, SIZE]))
+    onnx.save(model, target)
+    return target
+
+
 @pytest.fixture(scope="module")
 def dense_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """The grid detector, the U-Net segmenter, and the detector again with script for labels."""
@@ -78,6 +101,8 @@ def dense_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
     write(models / "unet", trained.onnx["unet"], {"kind": "segmentation", "logits": "logits"},
           SEGMENT_LABELS)
     write(models / "xssgrid", trained.onnx["grid"], GRID_OUTPUTS, XSS_LABELS[:len(CLASSES)])
+    write(models / "sigmoid", sigmoid_segmenter(trained.onnx["unet"], root / "sigmoid.onnx"),
+          {"kind": "segmentation", "logits": "probabilities", "scores": "sigmoid"}, CLASSES)
     running = RunningServer(make_config(models, http_port=0, max_batch=8)).start(timeout=600)
     yield running
     running.stop()
@@ -230,12 +255,7 @@ def test_clicking_a_pixel_explains_its_class_region(browser: WebDriver, url: str
     y, x = (int(v) + 1 for v in np.argwhere(interior)[0])
 
     click(browser, "#m-occlusion")
-    canvas = browser.find_element(By.ID, "scene-canvas")
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
-    side = canvas.rect["width"]
-    ActionChains(browser).move_to_element_with_offset(
-        canvas, round((x + 0.5) / SIZE * side - side / 2),
-        round((y + 0.5) / SIZE * side - side / 2)).click().perform()
+    click_pixel(browser, x, y)
     element = done_card(browser, wait, "occlusion", 1)
     (body,) = explain_bodies(browser)
     assert body["target"] == {"region": {"class_index": label}}
@@ -255,6 +275,42 @@ def test_clicking_a_pixel_explains_its_class_region(browser: WebDriver, url: str
     element = done_card(browser, wait, "occlusion", 3)
     assert "target" not in explain_bodies(browser)[2]
     assert overlays_shown(browser, element) >= 2
+
+
+def click_pixel(browser: WebDriver, x: int, y: int) -> None:
+    """A real click on pixel (x, y) of the model's input drawn on the scene's canvas."""
+    canvas = browser.find_element(By.ID, "scene-canvas")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    side = canvas.rect["width"]
+    ActionChains(browser).move_to_element_with_offset(
+        canvas, round((x + 0.5) / SIZE * side - side / 2),
+        round((y + 0.5) / SIZE * side - side / 2)).click().perform()
+
+
+def test_a_pixel_of_no_class_is_said_so_and_sends_nothing(browser: WebDriver, url: str,
+                                                          http: httpx.Client) -> None:
+    """A sigmoid segmenter's pixels where no class reaches 0.5 (255) are left uncoloured and
+    out of the legend; a click there says so instead of explaining."""
+    wait = open_model(browser, url, "sigmoid", "segmenter")
+    click(browser, "#cell-button")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#scene-legend .legend-item"))
+    scene = http.get("/explorer/scene", params={"index": 0, "size": SIZE}).json()
+    answer = predicted(http, "sigmoid", base64.b64decode(scene["image"]))["class_map"]
+    classes = np.frombuffer(base64.b64decode(answer["data"]), np.uint8).reshape(SIZE, SIZE)
+    assert (classes == NO_CLASS).mean() > 0.5
+    present = sorted(int(c) for c in np.unique(classes) if c != NO_CLASS)
+    legend = [item.text for item in browser.find_elements(By.CSS_SELECTOR, ".legend-item")]
+    assert legend == [f"{c}: {CLASSES[c]} · {int((classes == c).sum())} px" for c in present]
+
+    click(browser, "#m-occlusion")
+    y, x = (int(v) for v in np.argwhere(classes == NO_CLASS)[0])
+    click_pixel(browser, x, y)
+    wait.until(lambda d: "no class reaches probability 0.5" in d.find_element(By.ID, "status").text)
+    assert explain_bodies(browser) == []
+    y, x = (int(v) for v in np.argwhere(classes == present[0])[len(present) // 2])
+    click_pixel(browser, x, y)
+    done_card(browser, wait, "occlusion", 1)
+    assert explain_bodies(browser)[0]["target"] == {"region": {"class_index": present[0]}}
 
 
 def test_detection_labels_are_text_not_script(browser: WebDriver, url: str,
