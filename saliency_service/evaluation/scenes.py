@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from saliency_service.core.detections import box_iou
+from saliency_service.evaluation.tasks import pixel_grid, smooth
 
 CLASSES: tuple[str, ...] = ("disc", "checks", "stripes")
 BACKGROUND = 0  # class-map value of background pixels; object class c is c + 1
@@ -101,29 +102,14 @@ def _background(rng: np.random.Generator, size: int, clutter: float) -> np.ndarr
     level = rng.uniform(0.35, 0.6)
     coarse = rng.uniform(-1.0, 1.0, (8, 8)).astype(np.float32)
     canvas = np.full((size, size, 3), level, np.float32)
-    canvas += clutter * _smooth(coarse, size)[..., None]
-    yy, xx = _grid(size)
+    canvas += clutter * smooth(coarse, size)[..., None]
+    yy, xx = pixel_grid(size)
     for _ in range(int(rng.integers(2, 6))):
         cy, cx = rng.uniform(0, size, 2)
         radius = rng.uniform(0.05, 0.15) * size
         blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius ** 2))
         canvas += rng.uniform(-clutter, clutter) * blob[..., None]
     return canvas
-
-
-def _smooth(grid: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear upsampling of a coarse grid to size × size."""
-    points = np.linspace(0, grid.shape[0] - 1, size)
-    low = np.floor(points).astype(int)
-    high = np.minimum(low + 1, grid.shape[0] - 1)
-    weight = (points - low).astype(np.float32)
-    rows = grid[low] * (1 - weight)[:, None] + grid[high] * weight[:, None]
-    return rows[:, low] * (1 - weight)[None] + rows[:, high] * weight[None]
-
-
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    return yy + 0.5, xx + 0.5
 
 
 def _place_objects(rng: np.random.Generator, canvas: np.ndarray, config: SceneConfig) -> Scene:
@@ -159,7 +145,7 @@ def _draw(rng: np.random.Generator, canvas: np.ndarray, label: int, box: np.ndar
           colour: np.ndarray) -> np.ndarray:
     """Paints object ``label`` inside ``box``; returns its mask."""
     size = canvas.shape[0]
-    yy, xx = _grid(size)
+    yy, xx = pixel_grid(size)
     x1, y1, x2, y2 = (float(v) for v in box)
     cy, cx, half = (y1 + y2) / 2, (x1 + x2) / 2, (x2 - x1) / 2
     inside = (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)

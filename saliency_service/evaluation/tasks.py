@@ -106,13 +106,13 @@ def _background(rng: np.random.Generator, size: int, clutter: float) -> np.ndarr
     every channel) so that colour stays the objects' alone."""
     level = rng.uniform(0.35, 0.65)
     coarse = rng.uniform(-1.0, 1.0, (6, 6)).astype(np.float32)
-    field = _smooth(coarse, size)
+    field = smooth(coarse, size)
     canvas = np.full((size, size, 3), level, np.float32)
     canvas += clutter * field[..., None]
     return canvas
 
 
-def _smooth(grid: np.ndarray, size: int) -> np.ndarray:
+def smooth(grid: np.ndarray, size: int) -> np.ndarray:
     """Bilinear upsampling of a coarse grid to size × size."""
     points = np.linspace(0, grid.shape[0] - 1, size)
     low = np.floor(points).astype(int)
@@ -122,7 +122,8 @@ def _smooth(grid: np.ndarray, size: int) -> np.ndarray:
     return rows[:, low] * (1 - weight)[None] + rows[:, high] * weight[None]
 
 
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+def pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (y, x) of a size × size image."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     return yy + 0.5, xx + 0.5
 
@@ -133,18 +134,18 @@ def _centre(rng: np.random.Generator, size: int, radius: float) -> tuple[float, 
 
 
 def _disc(size: int, cy: float, cx: float, radius: float) -> np.ndarray:
-    yy, xx = _grid(size)
+    yy, xx = pixel_grid(size)
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
 
 
 def _square(size: int, cy: float, cx: float, half: float) -> np.ndarray:
-    yy, xx = _grid(size)
+    yy, xx = pixel_grid(size)
     return (np.abs(yy - cy) <= half) & (np.abs(xx - cx) <= half)
 
 
 def _triangle(size: int, cy: float, cx: float, half: float) -> np.ndarray:
     """An upright isosceles triangle in the square of side 2·half around the centre."""
-    yy, xx = _grid(size)
+    yy, xx = pixel_grid(size)
     depth = (yy - (cy - half)) / (2 * half)  # 0 at the apex, 1 at the base
     return (depth >= 0) & (depth <= 1) & (np.abs(xx - cx) <= depth * half)
 
@@ -179,7 +180,7 @@ def _draw_texture(rng: np.random.Generator, canvas: np.ndarray, label: int) -> n
     half = rng.uniform(0.12, 0.16) * size
     cy, cx = _centre(rng, size, half)
     mask = _square(size, cy, cx, half)
-    yy, xx = _grid(size)
+    yy, xx = pixel_grid(size)
     angle = np.deg2rad(45.0 * label)
     along = (yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle)
     period = 4.0
