@@ -1,15 +1,18 @@
 """Remote models: a package whose manifest names a predictor endpoint instead of a file.
 
 Black-box methods (DE-CAM, RISE, occlusion) only need the model's class scores, so a model
-already served by KServe, Triton, MLServer or Seldon can be explained where it runs. The
-manifest's ``remote`` object names the protocol (KServe V1 REST, Open Inference Protocol
-V2 REST or V2 gRPC), the endpoint and the served model; ``ModelHandle.run`` sends each
+already served by KServe, Triton, MLServer, Seldon or TorchServe can be explained where it
+runs. The manifest's ``remote`` object names the protocol (KServe V1 REST, Open Inference
+Protocol V2 REST or V2 gRPC, TorchServe's predictions API), the endpoint and the served
+model; ``ModelHandle.run`` sends each
 batch there in chunks of ``max_batch`` with at most ``concurrency`` calls in flight, each
 bounded by the request's deadline, retrying an unavailable predictor ``retries`` times.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import os
@@ -29,7 +32,10 @@ from saliency_service.proto import open_inference_pb2 as oip
 KSERVE_V1 = "kserve-v1"
 V2_REST = "v2-rest"
 V2_GRPC = "v2-grpc"
-PROTOCOLS = (KSERVE_V1, V2_REST, V2_GRPC)
+# TorchServe's inference API: POST /predictions/{model} with a JSON tensor, answered with
+# the scores (deploy/torchserve/scores_handler.py is a handler that keeps this contract).
+TORCHSERVE = "torchserve"
+PROTOCOLS = (KSERVE_V1, V2_REST, V2_GRPC, TORCHSERVE)
 # inference.GRPCInferenceService, as Triton, KServe and MLServer serve it.
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
 GRPC_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -85,8 +91,11 @@ class RemoteSpec:
     concurrency: int = 4
     timeout_seconds: float = 60.0
     retries: int = 2
-    # V2 REST's binary tensor extension (Triton, KServe): raw float32 bytes after the JSON.
+    # V2 REST's binary tensor extension (Triton, KServe): raw float32 bytes after the JSON;
+    # over TorchServe, the tensor's data as base64 float32 instead of JSON numbers.
     binary_data: bool = False
+    # TorchServe's management API (http://host:8081): readiness from the model's workers.
+    management_url: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     bearer_token_env: str = ""
     tls: TLS = TLS()
@@ -100,7 +109,7 @@ class RemoteSpec:
             raise InvalidRemote("manifest remote must be an object")
         known = {"protocol", "url", "model", "datatype", "max_batch", "concurrency",
                  "timeout_seconds", "retries", "binary_data", "headers", "bearer_token_env",
-                 "tls"}
+                 "tls", "management_url"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidRemote(f"manifest remote has unknown fields {unknown[:5]}; known: "
@@ -123,9 +132,18 @@ class RemoteSpec:
                 isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise InvalidRemote("manifest remote.headers must map header names to strings")
         binary = data.get("binary_data", False)
-        if not isinstance(binary, bool) or (binary and protocol != V2_REST):
+        if not isinstance(binary, bool) or (binary and protocol not in (V2_REST, TORCHSERVE)):
             raise InvalidRemote("manifest remote.binary_data must be true or false, and true "
-                                f"only with protocol {V2_REST}")
+                                f"only with protocol {V2_REST} or {TORCHSERVE}")
+        management = _string(data, "management_url")
+        if management and protocol != TORCHSERVE:
+            raise InvalidRemote(f"manifest remote.management_url is TorchServe's management "
+                                f"API; it needs protocol {TORCHSERVE}")
+        if management and "://" not in management:
+            management = ("https://" if "tls" in data else "http://") + management
+        if management and not management.startswith(("http://", "https://")):
+            raise InvalidRemote(f"manifest remote.management_url {management[:80]!r} must be "
+                                "http(s)://host:port or host:port")
         tls = data.get("tls") or {}
         if not isinstance(tls, dict) or not set(tls) <= {"ca_file", "cert_file", "key_file",
                                                          "verify"}:
@@ -141,6 +159,7 @@ class RemoteSpec:
             timeout_seconds=_number(data, "timeout_seconds", 60.0, 0.001, MAX_TIMEOUT_SECONDS),
             retries=int(_number(data, "retries", 2, 0, MAX_RETRIES, whole=True)),
             binary_data=binary,
+            management_url=management.rstrip("/"),
             headers=dict(headers),
             bearer_token_env=_string(data, "bearer_token_env"),
             tls=TLS(ca_file=_string(tls, "ca_file", where="tls.ca_file"),
@@ -246,12 +265,16 @@ class RemotePredictor:
     def read_metadata(self) -> dict[str, Any]:
         """The predictor's V2 model metadata (``name``, ``platform``, ``versions``, and
         ``inputs``/``outputs`` with their ``name``, ``datatype`` and ``shape``), kept in
-        ``metadata``; {} over KServe V1, which has none. Unavailable when the predictor does
-        not answer or does not know the model."""
+        ``metadata``; {} over KServe V1, which has none; over TorchServe, what its management
+        API says (``platform`` torchserve, ``versions``, ``workers``), else {}. Unavailable
+        when the predictor does not answer or does not know the model."""
         spec = self.spec
         timeout = min(spec.timeout_seconds, 10)
-        if spec.protocol == KSERVE_V1:
+        if spec.protocol == KSERVE_V1 or (spec.protocol == TORCHSERVE
+                                          and not spec.management_url):
             return {}
+        if spec.protocol == TORCHSERVE:
+            return self._torchserve_metadata(timeout)
         if spec.protocol == V2_GRPC:
             try:
                 answer = self._grpc("ModelMetadata", oip.ModelMetadataRequest(name=spec.model),
@@ -273,13 +296,60 @@ class RemotePredictor:
         self.metadata = _json(response, spec)
         return self.metadata
 
-    def _get(self, path: str, timeout: float) -> httpx.Response:
+    def _get(self, path: str, timeout: float, method: str = "GET",
+             base: str = "") -> httpx.Response:
         spec = self.spec
         try:
-            return self._client.get(spec.url + path, timeout=timeout)
+            return self._client.request(method, (base or spec.url) + path, timeout=timeout)
         except httpx.HTTPError as exc:
             raise Unavailable(f"the {spec.where} does not answer: "
                               f"{type(exc).__name__}: {exc}") from exc
+
+    def _torchserve_metadata(self, timeout: float) -> dict[str, Any]:
+        """``GET {management_url}/models/{model}``: the versions TorchServe serves and their
+        workers' status, kept in ``metadata``."""
+        spec = self.spec
+        path = f"/models/{spec.model}"
+        response = self._get(path, timeout, base=spec.management_url)
+        if response.status_code != 200:
+            raise Unavailable(f"the {spec.where} answered GET {spec.management_url}{path} "
+                              f"(remote.management_url) with HTTP {response.status_code}: "
+                              f"{response.text[:200]}")
+        try:
+            described = response.json()
+        except ValueError:
+            described = None
+        if not isinstance(described, list) or not all(isinstance(d, dict) for d in described):
+            raise Unavailable(f"the {spec.where} answered GET {spec.management_url}{path} "
+                              "with something other than TorchServe's model description")
+        workers = [str(w.get("status")) for d in described for w in d.get("workers") or []
+                   if isinstance(w, dict)]
+        self.metadata = {"name": spec.model, "platform": "torchserve",
+                         "versions": [d.get("modelVersion") for d in described],
+                         "workers": workers}
+        return self.metadata
+
+    def _probe_torchserve(self, timeout: float) -> None:
+        """Ready when the management API shows a READY worker for the model; without
+        ``management_url``, when ``/ping`` is healthy and the inference API knows the model
+        (``OPTIONS /predictions/{model}``, which runs no handler)."""
+        spec = self.spec
+        if spec.management_url:
+            workers = self._torchserve_metadata(timeout)["workers"]
+            if "READY" not in workers:
+                raise Unavailable(f"the {spec.where} has no READY worker for the model "
+                                  f"(workers: {workers or 'none'})")
+            return
+        response = self._get("/ping", timeout)
+        status = response.json().get("status") if _is_json_object(response) else None
+        if response.status_code != 200 or status == "Unhealthy":
+            raise Unavailable(f"the {spec.where} is not healthy (GET /ping: HTTP "
+                              f"{response.status_code}: {response.text[:200]})")
+        path = f"/predictions/{spec.model}"
+        response = self._get(path, timeout, method="OPTIONS")
+        if response.status_code != 200:
+            raise Unavailable(f"the {spec.where} does not serve the model (OPTIONS {path}: "
+                              f"HTTP {response.status_code}: {response.text[:200]})")
 
     def probe(self) -> None:
         """Asks the predictor whether the model is ready (and, over V2, for its metadata);
@@ -296,6 +366,9 @@ class RemotePredictor:
             if not ready:
                 raise Unavailable(f"the {spec.where} says the model is not ready")
             self._check_names(self.read_metadata())
+            return
+        if spec.protocol == TORCHSERVE:
+            self._probe_torchserve(timeout)
             return
         if spec.protocol == KSERVE_V1:
             path = f"/v1/models/{spec.model}"
@@ -462,6 +535,12 @@ class RemotePredictor:
         if spec.protocol == KSERVE_V1:
             return (f"/v1/models/{spec.model}:predict",
                     json.dumps({"instances": batch.tolist()}).encode(), {})
+        if spec.protocol == TORCHSERVE:
+            data: Any = (base64.b64encode(batch.astype("<f4", copy=False).tobytes()).decode()
+                         if spec.binary_data else batch.reshape(-1).tolist())
+            tensor = {"name": self.input_name, "shape": list(batch.shape),
+                      "datatype": spec.datatype, "data": data}
+            return f"/predictions/{spec.model}", json.dumps(tensor).encode(), {}
         tensor: dict[str, Any] = {"name": self.input_name, "shape": list(batch.shape),
                                   "datatype": spec.datatype}
         output: dict[str, Any] = {"name": self.output_name}
@@ -479,6 +558,12 @@ class RemotePredictor:
     def _scores(self, response: httpx.Response, rows: int) -> np.ndarray:
         """The class-score output of one answer, N×classes float32."""
         spec = self.spec
+        if spec.protocol == TORCHSERVE:
+            scores = self._torchserve_scores(response)
+            if scores.ndim != 2 or scores.shape[0] != rows:
+                raise Unavailable(f"the {spec.where} answered {rows} inputs with scores of "
+                                  f"shape {list(scores.shape)}; expected {rows}×classes")
+            return scores
         length = response.headers.get(BINARY_HEADER)
         raw = b""
         if length is not None and length.isdigit():
@@ -523,6 +608,35 @@ class RemotePredictor:
         return scores
 
 
+    def _torchserve_scores(self, response: httpx.Response) -> np.ndarray:
+        """A TorchServe handler's answer: the score rows, or a tensor ``{shape, data}``
+        (data as numbers or base64 float32), either one possibly under ``outputs.logits``."""
+        spec = self.spec
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise Unavailable(f"the {spec.where} answered with something other than JSON: "
+                              f"{response.text[:120]!r}") from exc
+        if isinstance(body, dict) and self.output_name in body:
+            body = body[self.output_name]
+        if not isinstance(body, dict):
+            return _array(body, spec)
+        data = body.get("data")
+        if isinstance(data, str):
+            try:
+                scores = np.frombuffer(base64.b64decode(data, validate=True), "<f4")
+            except (binascii.Error, ValueError) as exc:
+                raise Unavailable(f"the {spec.where} answered data that is neither numbers "
+                                  "nor base64 float32") from exc
+            scores = scores.astype(np.float32)
+        else:
+            scores = _array(data, spec)
+        shape = body.get("shape")
+        if isinstance(shape, list) and shape and math.prod(shape) == scores.size:
+            scores = scores.reshape(shape)
+        return scores
+
+
 class _Retry(Exception):  # noqa: N818 - a signal within _call, never raised beyond it
     """One attempt failed in a way worth another: the message says how."""
 
@@ -559,6 +673,13 @@ def _json(response: httpx.Response, spec: RemoteSpec) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise Unavailable(f"the {spec.where} answered with JSON that is not an object")
     return body
+
+
+def _is_json_object(response: httpx.Response) -> bool:
+    try:
+        return isinstance(response.json(), dict)
+    except ValueError:
+        return False
 
 
 def _array(values: Any, spec: RemoteSpec) -> np.ndarray:
