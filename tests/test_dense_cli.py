@@ -154,7 +154,7 @@ def test_explain_a_detection_by_box_and_label_writes_its_overlay(
                                            detection.label, "--out", str(out)))
     assert code == EXIT_OK, err
     assert printed.splitlines()[0].startswith(f"{out}: {detection.label} [")
-    assert f"score {detection.score:.3f}" in printed and "(1 maps)" in printed
+    assert f"score {detection.score:.3f}" in printed and "(1 map)" in printed
     assert png_size(out)[0] > 64
 
 

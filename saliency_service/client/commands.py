@@ -330,7 +330,8 @@ def _explained_targets(args: argparse.Namespace, results: list[Any],
         name = pb.Method.Name(cost.method).removeprefix("METHOD_").lower()
         print(f"cost: method {name} forward {cost.forward_passes} backward "
               f"{cost.backward_passes} wall {cost.wall_seconds * 1000:.1f} ms cpu "
-              f"{cost.cpu_seconds * 1000:.1f} ms ({len(explained)} maps)")
+              f"{cost.cpu_seconds * 1000:.1f} ms ({len(explained)} "
+              f"map{'s' if len(explained) != 1 else ''})")
     return EXIT_OK
 
 

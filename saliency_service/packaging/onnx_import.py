@@ -713,8 +713,10 @@ def import_onnx(
     if found.kind == SEGMENTATION:  # per pixel, the class scores read as a classifier's
         pixels = np.moveaxis(values[output_name], 1, -1).reshape(-1, classes)
         graph_kind, graph_why = _graph_kind(model, output_name)
-        outputs["scores"], decisions["scores"] = _output_kind(graph_kind, graph_why, pixels,
-                                                              output)
+        outputs["scores"], why = _output_kind(graph_kind, graph_why, pixels, output)
+        decisions["scores"] = why.replace(f"on {len(pixels)} random inputs scores",
+                                          f"on the {len(pixels)} pixels of "
+                                          f"{len(values[output_name])} random inputs scores")
     labels = list(class_labels) or [str(i) for i in range(classes)]
     if found.kind == DETECTION:
         classes = _post_nms_classes(values, found, labels, class_labels)
