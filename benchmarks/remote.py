@@ -1,12 +1,16 @@
 """Remote models: DE-CAM, RISE and occlusion over a predictor served by KServe's own
-ModelServer (0.21, its own environment: ``tests.kserve_env``) against the same ONNX file
-loaded locally, over V1 REST, V2 REST (JSON, and binary tensors) and V2 gRPC on loopback.
+ModelServer (0.21, its own environment: ``tests.kserve_env``) over V1 REST, V2 REST (JSON,
+and binary tensors) and V2 gRPC, and by TorchServe 0.12 over its predictions API (JSON
+numbers, and base64 tensors; deploy/torchserve/scores_handler.py), against the same ONNX
+file loaded locally, on loopback.
 
 Per method and protocol: the wall time of one gRPC Explain (one image, the method's
 default parameters) remote and local, timed round-robin, their ratio, the remote calls
-and bytes one request makes and the largest difference between the two maps.
+and bytes one request makes and the largest difference between the two maps. With
+``--predictors`` naming one of them, the figures go to ``remote_<predictor>.json``.
 
-    python -m benchmarks.remote [--quick] [--repeats 5] [--size 64]
+    nice python -m benchmarks.remote [--quick] [--repeats 5] [--size 64]
+        [--predictors kserve,torchserve]
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks.common import base_parser, percentiles, table, time_interleaved, write_json
+from benchmarks.common import (
+    TorchServeProcess,
+    base_parser,
+    percentiles,
+    table,
+    time_interleaved,
+    write_json,
+)
 from saliency_service.core.repository import Repository
 from saliency_service.core.request import CostCounter, Job, RequestState
 from saliency_service.methods import registry
@@ -31,12 +42,21 @@ from saliency_service.serving.background import RunningServer
 from saliency_service.serving.config import Config
 from tests.onnx_models import small_cnn, write_package
 from tests.test_remote_models import PROTOCOLS, endpoint, start_predictor, stop, write_remote
+from tests.test_remote_torchserve import HANDLER, archive_scores_model, remote_of
 
 METHODS = {"decam": pb.METHOD_DECAM, "rise": pb.METHOD_RISE, "occlusion": pb.METHOD_OCCLUSION}
 QUICK_PARAMS = {"decam": {"decam": pb.DecamParams(population=8, generations=4)},
                 "rise": {"rise": pb.RiseParams(masks=128)}, "occlusion": {}}
 MAX_BATCH = 64
 CONCURRENCY = 2
+PREDICTORS = ("kserve", "torchserve")
+# Package name → how its manifest calls TorchServe.
+TORCHSERVE_VARIANTS = {"torchserve": {}, "torchserve-base64": {"binary_data": True}}
+PREDICTOR_NOTES = {
+    "kserve": "KServe 0.21 ModelServer + ONNX Runtime, one worker, loopback",
+    "torchserve": "TorchServe 0.12 + deploy/torchserve/scores_handler.py (ONNX Runtime), one "
+                  "worker, batch size 1, loopback",
+}
 
 
 def remote_traffic(root: Path, protocol: str, method: str, request: pb.ExplainRequest,
@@ -65,35 +85,63 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=64, help="image side of the model")
+    parser.add_argument("--predictors", default=",".join(PREDICTORS),
+                        help=f"comma-separated, of {', '.join(PREDICTORS)}")
     args = parser.parse_args()
+    predictors = [p for p in PREDICTORS if p in args.predictors.split(",")]
+    if not predictors:
+        parser.error(f"--predictors names none of {', '.join(PREDICTORS)}")
     logging.basicConfig(level=logging.WARNING)
     repeats = 2 if args.quick else args.repeats
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as scratch:
         folder = Path(scratch)
         model = small_cnn(classes=10, size=args.size)
         source = write_package(model, folder / "source", "plain")
-        predictor, urls = start_predictor(source / "model.onnx", "plain")
+        root = folder / "models"
+        local = write_package(model, root, "local")
+        names: list[str] = []
+        stops: list[Any] = []
         try:
-            root = folder / "models"
-            local = write_package(model, root, "local")
-            for name, protocol in PROTOCOLS.items():
-                write_remote(local, root, name, {**protocol, "url": endpoint(protocol, urls),
-                                                 "model": "plain", "max_batch": MAX_BATCH,
-                                                 "concurrency": CONCURRENCY})
-            rows = measure(root, args.size, repeats, args.quick)
+            if "kserve" in predictors:
+                predictor, urls = start_predictor(source / "model.onnx", "plain")
+                stops.append(lambda: stop(predictor))
+                for name, protocol in PROTOCOLS.items():
+                    write_remote(local, root, name, {
+                        **protocol, "url": endpoint(protocol, urls), "model": "plain",
+                        "max_batch": MAX_BATCH, "concurrency": CONCURRENCY})
+                    names.append(name)
+            if "torchserve" in predictors:
+                torchserve = start_torchserve(source, folder / "torchserve")
+                stops.append(torchserve.stop)
+                for name, variant in TORCHSERVE_VARIANTS.items():
+                    write_remote(local, root, name, remote_of(
+                        torchserve, variant, max_batch=MAX_BATCH, concurrency=CONCURRENCY))
+                    names.append(name)
+            rows = measure(root, names, args.size, repeats, args.quick)
         finally:
-            stop(predictor)
+            for each in stops:
+                each()
     print(table(rows))
-    path = write_json("remote", {
+    result = "remote" if predictors == list(PREDICTORS) else f"remote_{predictors[0]}"
+    path = write_json(result, {
         "description": __doc__.splitlines()[0],
         "model": f"small CNN, 3×{args.size}×{args.size}, 10 classes (tests.onnx_models)",
-        "predictor": "KServe 0.21 ModelServer + ONNX Runtime, one worker, loopback",
+        "predictor": "; ".join(PREDICTOR_NOTES[p] for p in predictors),
         "remote": {"max_batch": MAX_BATCH, "concurrency": CONCURRENCY},
         "repeats": repeats, "quick": args.quick, "rows": rows}, args.out)
     print(f"wrote {path}")
 
 
-def measure(root: Path, size: int, repeats: int, quick: bool) -> list[dict[str, Any]]:
+def start_torchserve(source: Path, folder: Path) -> TorchServeProcess:
+    """TorchServe serving the package's ONNX file as ``plain`` through the scores handler,
+    one worker, each request a batch of its own (no aggregation delay)."""
+    archive_scores_model(source / "model.onnx", "plain", folder / "store", batch_size=1,
+                         entry=HANDLER)
+    return TorchServeProcess(folder / "store", "plain=plain.mar", folder).start()
+
+
+def measure(root: Path, names: list[str], size: int, repeats: int,
+            quick: bool) -> list[dict[str, Any]]:
     batch = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
     config = Config(models=root, host="127.0.0.1", port=0, metrics_port=0, max_batch=8)
     running = RunningServer(config).start(timeout=600)
@@ -116,10 +164,10 @@ def measure(root: Path, size: int, repeats: int, quick: bool) -> list[dict[str, 
                     answers[model] = stub.Explain(request(model), timeout=600)
 
                 calls = {model: (lambda model=model: call(model))
-                         for model in ("local", *PROTOCOLS)}
+                         for model in ("local", *names)}
                 times = time_interleaved(calls, repeats, warmup=1)
                 local_ms = percentiles(times["local"])["p50_ms"]
-                for protocol in PROTOCOLS:
+                for protocol in names:
                     remote_ms = percentiles(times[protocol])["p50_ms"]
                     difference = np.abs(tensor_to_array(answers[protocol].saliency)
                                         - tensor_to_array(answers["local"].saliency)).max()

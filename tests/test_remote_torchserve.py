@@ -50,10 +50,11 @@ def archive_scores_model(onnx_file: Path, name: str, store: Path, batch_size: in
                       f"batchSize: {batch_size}\n"
                       "maxBatchDelay: 5\nresponseTimeout: 120\n")
     archiver = Path(sys.executable).parent / "torch-model-archiver"
+    extra = ["--extra-files", str(HANDLER)] if entry != HANDLER else []
     subprocess.run([str(archiver), "--model-name", name, "--version", "1.0",
-                    "--serialized-file", str(onnx_file), "--handler", str(entry),
-                    "--extra-files", str(HANDLER), "--config-file", str(config),
-                    "--export-path", str(store), "--force"], check=True, capture_output=True)
+                    "--serialized-file", str(onnx_file), "--handler", str(entry), *extra,
+                    "--config-file", str(config), "--export-path", str(store), "--force"],
+                   check=True, capture_output=True)
     return store / f"{name}.mar"
 
 
@@ -246,29 +247,38 @@ def test_deadline_shorter_than_the_predictor(stub: pb_grpc.ExplainerStub,
     handle.remote.close()
 
 
-def test_handler_answers_each_request_of_a_batch(source: Path) -> None:
-    """In process: TorchServe's batch of three requests, one malformed, runs the model once
-    for the two others and answers each in its own form."""
+class Context:
+    """What the scores handler reads of TorchServe's context, for in-process calls."""
+
+    def __init__(self, model_dir: Path, serialized_file: str) -> None:
+        self.system_properties = {"model_dir": str(model_dir)}
+        self.manifest = {"model": {"serializedFile": serialized_file}}
+        self.statuses: dict[int, int] = {}
+
+    def set_response_status(self, code: int, phrase: str, idx: int = 0) -> None:
+        self.statuses[idx] = code
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        pass
+
+
+def scores_handler(context: Context) -> Any:
+    """deploy/torchserve/scores_handler.py's handler, initialized in process."""
     sys.path.insert(0, str(HANDLER.parent))
     try:
         from scores_handler import TensorScoresHandler  # noqa: PLC0415
     finally:
         sys.path.remove(str(HANDLER.parent))
-
-    class Context:
-        def __init__(self) -> None:
-            self.system_properties = {"model_dir": str(source)}
-            self.manifest = {"model": {"serializedFile": "model.onnx"}}
-            self.statuses: dict[int, int] = {}
-
-        def set_response_status(self, code: int, phrase: str, idx: int = 0) -> None:
-            self.statuses[idx] = code
-
-        def set_response_content_type(self, idx: int, value: str) -> None:
-            pass
-
-    handler, context = TensorScoresHandler(), Context()
+    handler = TensorScoresHandler()
     handler.initialize(context)
+    return handler
+
+
+def test_handler_answers_each_request_of_a_batch(source: Path) -> None:
+    """In process: TorchServe's batch of three requests, one malformed, runs the model once
+    for the two others and answers each in its own form."""
+    context = Context(source, "model.onnx")
+    handler = scores_handler(context)
     batch = inputs(3)
     rows = [{"body": {"shape": [2, 3, SIZE, SIZE], "data": batch[:2].reshape(-1).tolist()}},
             {"body": {"shape": [1], "data": []}},
@@ -281,3 +291,21 @@ def test_handler_answers_each_request_of_a_batch(source: Path) -> None:
     np.testing.assert_allclose(np.frombuffer(base64.b64decode(last["data"]), "<f4"),
                                expected[2], atol=1e-6)
     assert context.statuses == {1: 400} and "needs 1" in bad["error"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # TorchServe's format
+def test_handler_serves_a_torchscript_file(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                 torch.nn.Flatten(), torch.nn.Linear(4, 5)).eval()
+    torch.jit.script(module).save(str(tmp_path / "model.pt"))
+    context = Context(tmp_path, "model.pt")
+    handler = scores_handler(context)
+    batch = inputs(2)
+    (answer,) = handler.handle([{"body": {"shape": list(batch.shape),
+                                          "data": batch.reshape(-1).tolist()}}], context)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(batch)).numpy()
+    scores = json.loads(answer)
+    assert scores["shape"] == [2, 5]
+    np.testing.assert_allclose(np.asarray(scores["data"]).reshape(2, 5), expected, atol=1e-6)
