@@ -489,6 +489,15 @@ CASES: dict[str, tuple] = {
                               output_padding=[1, 1])],
                        [("w", _R.normal(0, 1, (3, 2, 3, 3)).astype(np.float32)),
                         ("b", _f32(0.5, -0.5))]),
+    # output_shape: ONNX Runtime pads the start by total − total // 2 (the spec's rule), and
+    # an output one row larger than the full result gets a last row of bias.
+    "conv_transpose_output_shape": (
+        [_node("ConvTranspose", ["x", "w", "b"], strides=[2, 2], output_shape=[16, 15])],
+        [("w", _R.normal(0, 1, (3, 2, 3, 3)).astype(np.float32)), ("b", _f32(0.5, -0.5))]),
+    "conv_transpose_output_shape_larger": (
+        [_node("ConvTranspose", ["x", "w", "b"], strides=[2, 2], output_shape=[18, 17],
+               output_padding=[0, 1])],
+        [("w", _R.normal(0, 1, (3, 2, 3, 3)).astype(np.float32)), ("b", _f32(0.5, -0.5))]),
     "conv_transpose_grouped": ([_node("ConvTranspose", ["x", "w"], group=3, strides=[2, 2])],
                                [("w", _R.normal(0, 1, (3, 2, 2, 2)).astype(np.float32))]),
     "max_pool_ceil_pads": ([_node("MaxPool", kernel_shape=[3, 3], strides=[2, 2],
@@ -559,12 +568,35 @@ CASES: dict[str, tuple] = {
          _node("Max", ["sizes", "ones"], ["sizes1"]), _node("Div", ["sizes1", "fix"], ["sz"]),
          _node("Resize", ["x", "", "", "sz"], mode="linear")],
         [("twice", _i64(1, 1, 2, 2)), ("ones", _i64(1, 1, 1, 1)), ("fix", _i64(1, 1, 1, 1))]),
+    # ONNX Runtime computes Resize coordinates and output sizes in float32: 1.5 / 0.6f lands
+    # on 2.0 and picks pixel 2 (1 in float64), and 0.7f × 10 rounds to 7 rows (6 in float64).
+    "resize_nearest_half_pixel_floor_float32": (
+        [_node("Resize", ["x", "", "scales"], mode="nearest", nearest_mode="floor")],
+        [("scales", _f32(1, 1, 0.5, 0.6))], 17, (3, 5, 7)),
+    "resize_nearest_output_size_float32": (
+        [_node("Resize", ["x", "", "scales"], mode="nearest",
+               coordinate_transformation_mode="asymmetric", nearest_mode="floor")],
+        [("scales", _f32(1, 1, 1, 0.7))], 17, (3, 4, 10)),
+    "resize_keeping_the_shape_copies": (  # 1.06f × 10 is 10 rows: ONNX Runtime copies
+        [_node("Resize", ["x", "", "scales"], mode="nearest")],
+        [("scales", _f32(1, 1, 1.06, 1))], 17, (3, 10, 9)),
+    "resize_linear_output_size_float32": (
+        [_node("Resize", ["x", "", "scales"], mode="linear")],
+        [("scales", _f32(1, 1, 1, 0.7))], 17, (3, 4, 10)),
     "upsample_opset9": ([_node("Upsample", ["x", "scales"], mode="nearest")],
                         [("scales", _f32(1, 1, 2, 3))], 9),
     "pad_reflect": ([_node("Pad", ["x", "pads"], mode="reflect")],
                     [("pads", _i64(0, 0, 2, 1, 0, 0, 1, 3))]),
     "pad_edge": ([_node("Pad", ["x", "pads"], mode="edge")],
                  [("pads", _i64(0, 0, 2, 1, 0, 0, 1, 3))]),
+    "pad_reflect_last_axis": ([_node("Pad", ["x", "pads"], mode="reflect")],
+                              [("pads", _i64(0, 0, 0, 2, 0, 0, 0, 1))]),
+    "pad_edge_channels": ([_node("Pad", ["x", "pads"], mode="edge")],
+                          [("pads", _i64(0, 1, 0, 1, 0, 2, 1, 0))]),
+    "pad_reflect_crop": ([_node("Pad", ["x", "pads"], mode="reflect")],
+                         [("pads", _i64(0, 0, -1, 2, 0, 0, 2, -3))]),
+    "pad_wrap_opset19": ([_node("Pad", ["x", "pads"], mode="wrap")],
+                         [("pads", _i64(0, 0, 1, 3, 0, 0, 2, 0))], 19),
     "pad_constant_crop": ([_node("Pad", ["x", "pads", "v"])],
                           [("pads", _i64(0, 1, -1, 2, 0, 0, 1, -2)), ("v", _f32(0.5).reshape(()))]),
     "pad_axes_opset18": ([_node("Pad", ["x", "pads", "", "axes"])],

@@ -60,11 +60,40 @@ def _pad(x: torch.Tensor, pads: Any, value: Any, mode: str, axes: Any) -> torch.
     begin, end = [0] * x.dim(), [0] * x.dim()
     for i, axis in enumerate(axes_list):
         begin[axis], end[axis] = amounts[i], amounts[i + count]
-    torch_pads = _torch_pads(begin, end)
+    if mode != "constant":
+        return _pad_by_mode(x, begin, end, mode)
     fill = float(value.item()) if isinstance(value, torch.Tensor) else float(value or 0.0)
-    if mode == "constant":
-        return torch.constant_pad_nd(x, torch_pads, fill)
-    return torch.nn.functional.pad(x, torch_pads, mode=_PAD_MODES[mode])
+    return torch.constant_pad_nd(x, _torch_pads(begin, end), fill)
+
+
+def _mode_axes(rank: int, begin: Sequence[int], end: Sequence[int]) -> int | None:
+    """How many trailing axes torch's reflect/replicate/circular pad must be given to pad
+    these (it takes 1…3 axes, and one or two leading axes left alone), or None."""
+    padded = [a for a in range(rank) if begin[a] > 0 or end[a] > 0]
+    needed = max(1, rank - padded[0]) if padded else 1
+    for count in (1, 2, 3):
+        if count >= needed and rank - count in (1, 2):
+            return count
+    return None
+
+
+def _pad_by_mode(x: torch.Tensor, begin: Sequence[int], end: Sequence[int],
+                 mode: str) -> torch.Tensor:
+    """ONNX Pad reflect/edge/wrap: negative pads crop first (as ONNX Runtime does), then
+    torch pads the trailing axes that need it."""
+    crop_begin, crop_end = [min(p, 0) for p in begin], [min(q, 0) for q in end]
+    if any(crop_begin) or any(crop_end):
+        x = torch.constant_pad_nd(x, _torch_pads(crop_begin, crop_end), 0.0)
+    grow_begin, grow_end = [max(p, 0) for p in begin], [max(q, 0) for q in end]
+    count = _mode_axes(x.dim(), grow_begin, grow_end)
+    if count is None:
+        raise ValueError(f"Pad mode={mode!r} on these axes of a rank-{x.dim()} tensor")
+    if not any(grow_begin) and not any(grow_end):
+        return x
+    pads: list[int] = []
+    for axis in range(x.dim() - 1, x.dim() - 1 - count, -1):
+        pads += [grow_begin[axis], grow_end[axis]]
+    return torch.nn.functional.pad(x, pads, mode=_PAD_MODES[mode])
 
 
 def _lrn(x: torch.Tensor, size: int, alpha: float, beta: float, bias: float) -> torch.Tensor:
@@ -164,13 +193,20 @@ def _conv_transpose(b: Builder, op: Op) -> list[Any]:
                 raise Problem("ConvTranspose output_shape on an input of unknown size")
             full = strides[axis] * (size - 1) + out_pad[axis] + (kernel[axis] - 1) * \
                 dilations[axis] + 1
-            total = full - target
-            begin.append(total // 2)
-            end.append(total - total // 2)
-    target = _CONV_T[nd]
-    args = [x, w, op.input(2), list(strides), [0] * nd, list(out_pad), op.attr("group", 1),
-            list(dilations)]
-    y = b.call(target, *args)
+            total = full - target  # < 0: the output is longer than the full result
+            begin.append(total - total // 2)
+            end.append(total // 2)
+    bias = op.input(2)
+    longer = any(p < 0 for p in (*begin, *end))
+    args = [x, w, None if longer else bias, list(strides), [0] * nd, list(out_pad),
+            op.attr("group", 1), list(dilations)]
+    y = b.call(_CONV_T[nd], *args)
+    if longer:  # ONNX Runtime's extra rows hold the bias, like the others
+        y = b.call(A.constant_pad_nd.default, y, _torch_pads([-p for p in begin],
+                                                             [-q for q in end]), 0.0)
+        if bias is not None:
+            y = b.call(A.add.Tensor, y, b.call(A.view.default, bias, [-1] + [1] * nd))
+        return [y]
     for axis in range(nd):
         if begin[axis] or end[axis]:
             stop = -end[axis] if end[axis] else INT_MAX
@@ -328,13 +364,11 @@ def _pad_op(b: Builder, op: Op) -> list[Any]:
     begin, end = [0] * rank, [0] * rank
     for i, axis in enumerate(axes if axes is not None else range(count)):
         begin[axis], end[axis] = pads[i], pads[i + count]
-    torch_pads = _torch_pads(begin, end)
-    if mode == "constant":
-        return [b.call(A.constant_pad_nd.default, x, torch_pads, float(value or 0.0))]
-    if len(torch_pads) > 6 or min(torch_pads) < 0:
-        raise Problem(f"Pad mode={mode!r} on more than 3 axes or with negative pads")
-    return [b.call(A.pad.default, x, torch_pads, _PAD_MODES[mode], None)]
-
+    if mode != "constant":
+        if _mode_axes(rank, [max(p, 0) for p in begin], [max(q, 0) for q in end]) is None:
+            raise Problem(f"Pad mode={mode!r} on the first axes of a rank-{rank} tensor")
+        return [b.call(_pad_by_mode, x, begin, end, mode)]
+    return [b.call(A.constant_pad_nd.default, x, _torch_pads(begin, end), float(value or 0.0))]
 
 OPS: dict[str, Translate] = {
     "Conv": _conv,

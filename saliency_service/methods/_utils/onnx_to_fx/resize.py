@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -23,31 +24,53 @@ from saliency_service.methods._utils.onnx_to_fx.data import check_bytes, int_lis
 from saliency_service.methods._utils.onnx_to_fx.reasons import Problem
 
 
+def _output_size(size: int, scale: float) -> int:
+    """ONNX Runtime's output length: the float32 product, truncated (0.7f × 10 gives 7)."""
+    return int(np.float32(scale) * np.float32(size))
+
+
+def _sizes_scale(size: int, out: int) -> float:
+    """The scale ONNX Runtime derives from a requested size: a float32 quotient."""
+    return float(np.float32(out) / np.float32(size))
+
+
 def _source_coordinates(size: int, out: int, scale: float, mode: str) -> torch.Tensor:
-    """Where each output position of a Resize reads from (ONNX's coordinate transforms)."""
-    i = torch.arange(out, dtype=torch.float64)
+    """Where each output position of a Resize reads from: ONNX's coordinate transforms in
+    ONNX Runtime's float32 arithmetic, so a position on a rounding boundary (1.5 / 0.6f is
+    2.0 in float32, 1.99… in float64) picks the same pixel."""
+    f32 = torch.float32
+    i = torch.arange(out, dtype=f32)
+    s = torch.tensor(scale, dtype=f32)
     if mode == "half_pixel":
-        return (i + 0.5) / scale - 0.5
+        return (i + 0.5) / s - 0.5
     if mode == "pytorch_half_pixel":
-        return (i + 0.5) / scale - 0.5 if out > 1 else torch.zeros(out, dtype=torch.float64)
+        return (i + 0.5) / s - 0.5 if out > 1 else torch.zeros(out, dtype=f32)
     if mode == "align_corners":
-        return i * (size - 1) / (out - 1) if out > 1 else torch.zeros(out, dtype=torch.float64)
+        if out == 1:
+            return torch.zeros(out, dtype=f32)
+        return i * torch.tensor(size - 1, dtype=f32) / torch.tensor(out - 1, dtype=f32)
     if mode == "asymmetric":
-        return i / scale
+        return i / s
     if mode == "tf_half_pixel_for_nn":
-        return (i + 0.5) / scale
-    # half_pixel_symmetric
-    adjustment = out / (scale * size)
-    return size / 2 * (1 - adjustment) + (i + 0.5) / scale - 0.5
+        return (i + 0.5) / s
+    # half_pixel_symmetric: the offset in float32, the rest in double, as ONNX Runtime does
+    adjustment = torch.tensor(out, dtype=f32) / (s * torch.tensor(size, dtype=f32))
+    offset = torch.tensor(size / 2, dtype=f32) * (1 - adjustment)
+    coords = offset.double() + (i.double() + 0.5) / s.double() - 0.5
+    return coords.to(f32)
 
 
 def _nearest_index(coords: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """ONNX Runtime's rounding (halves away from zero unless the mode prefers the floor),
+    clamped into the input."""
+    low = torch.floor(coords)
+    fraction = coords - low
     if mode == "round_prefer_floor":
-        index = torch.ceil(coords - 0.5)
+        index = torch.where(fraction > 0.5, low + 1, low)
     elif mode == "round_prefer_ceil":
-        index = torch.floor(coords + 0.5)
+        index = torch.where(fraction >= 0.5, low + 1, low)
     elif mode == "floor":
-        index = torch.floor(coords)
+        index = low
     else:
         index = torch.ceil(coords)
     return index.clamp(0, size - 1).long()
@@ -96,21 +119,25 @@ def _resize(x: torch.Tensor, scales: Any, sizes: Any, mode: str, coordinate: str
     """ONNX Resize, one axis after the other (nearest, linear and cubic are separable)."""
     scale_list = x.new_tensor(scales).tolist() if scales is not None else None
     size_list = int_list(sizes) if sizes is not None else None
+    plan = []
     for axis in range(x.dim()):
         size = x.shape[axis]
         if size_list is not None:
             out = size_list[axis]
-            scale = out / size
+            scale = 1.0 if out == size else _sizes_scale(size, out)
         else:
             scale = float(scale_list[axis])
-            out = math.floor(size * scale)
-        if out == size and scale == 1.0:
+            out = size if scale == 1.0 else _output_size(size, scale)
+        plan.append((axis, size, out, scale))
+    if all(out == size for _, size, out, _ in plan):
+        return x  # ONNX Runtime copies an input whose shape the Resize keeps, whatever the scale
+    for axis, size, out, scale in plan:
+        if scale == 1.0:
             continue
         check_bytes([*x.shape[:axis], out, *x.shape[axis + 1:]], x.dtype)
         coords = _source_coordinates(size, out, scale, coordinate)
         x = _resample(x, axis, coords, size, mode, nearest, cubic_a, bool(exclude_outside))
     return x
-
 
 _COORDINATES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
                 "tf_half_pixel_for_nn", "half_pixel_symmetric")
@@ -194,13 +221,23 @@ def _resize_aten(b: Builder, op: Op, x: Value, scales: list[float] | None,
         return None
     out_hw = [int(s) for s in sizes[2:]] if sizes is not None else None
     scale_hw = [float(s) for s in scales[2:]] if scales is not None and sizes is None else None
+    spatial = [op.dim(0, 2), op.dim(0, 3)]
     if mode == "nearest" and coordinate == "asymmetric" and nearest == "floor":
-        return b.call(A.upsample_nearest2d.vec, x, out_hw, scale_hw)
+        if scale_hw is not None:
+            factors: list[float | None] = list(scale_hw)
+        else:
+            factors = [o / d if d else None for o, d in zip(out_hw, spatial, strict=True)]
+        if all(f is not None and _power_of_two(f) for f in factors):
+            return b.call(A.upsample_nearest2d.vec, x, out_hw, scale_hw)
+        return None  # aten's index arithmetic differs from ONNX Runtime's at other factors
     if mode != "linear" or coordinate not in ("half_pixel", "pytorch_half_pixel",
                                               "align_corners"):
         return None
+    if scale_hw is not None and not all(
+            float(s).is_integer() if d is None else _output_size(d, s) == math.floor(d * s)
+            for d, s in zip(spatial, scale_hw, strict=True)):
+        return None  # aten would size the output in float64, ONNX Runtime in float32
     if coordinate == "pytorch_half_pixel":
-        spatial = [op.dim(0, 2), op.dim(0, 3)]
         known = out_hw or ([math.floor(d * s) for d, s in zip(spatial, scale_hw, strict=True)]
                            if None not in spatial else None)
         if known is None or min(known) <= 1:
@@ -208,6 +245,10 @@ def _resize_aten(b: Builder, op: Op, x: Value, scales: list[float] | None,
     return b.call(A.upsample_bilinear2d.vec, x, out_hw, coordinate == "align_corners",
                   scale_hw)
 
+
+def _power_of_two(factor: float) -> bool:
+    """1, 2, 4, …: where aten's nearest indices equal ONNX Runtime's exactly."""
+    return factor >= 1 and factor == 2.0 ** round(math.log2(factor))
 
 OPS: dict[str, Translate] = {
     "Resize": _resize_op,
