@@ -122,3 +122,18 @@ def test_supported_needs_one_gain_and_no_loss() -> None:
     assert defaults.supported(entry((-0.01, 0.02), (0.05, 0.2)))
     assert not defaults.supported(entry((0.01, 0.05), (-0.2, -0.01)))
     assert not defaults.supported(entry((-0.01, 0.05), (-0.1, 0.1)))
+    assert not defaults.supported(entry((0.05, 0.1), (-0.2, 0.0)))  # never better pointing
+
+
+def test_noise_defaults_are_the_levels_the_committed_sweep_supports() -> None:
+    """Each noise method's default is the supported level with the largest mass gain in
+    benchmarks/results/groundtruth_noise.json, or the measured default when none is."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks/results/groundtruth_noise.json"
+    summary = json.loads(path.read_text())["summary"]
+    for method in defaults.NOISE_METHODS:
+        mine = {label: entry for label, entry in summary.items() if entry["group"] == method}
+        measured = next(e for e in mine.values() if e["reference"])["params"]["noise_level"]
+        better = [e for e in mine.values() if e.get("supported")]
+        best = max(better, key=lambda e: e["mass_difference"]["mean"], default=None)
+        expected = best["params"]["noise_level"] if best else measured
+        assert defaults.handler_defaults(method).noise_level == expected, method

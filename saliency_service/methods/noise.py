@@ -10,7 +10,8 @@ throughout).
 Noise: σ = noise_level × (max(x) − min(x)) per image; row ``i·samples + s`` (image i, sample s,
 Captum's order) gets ε ~ N(0, σ²) drawn from a torch Generator seeded with the request's seed,
 one C×H×W draw per row in row order, so results are bit-for-bit reproducible and do not depend
-on the chunk size.
+on the chunk size. Default noise levels (SmoothGrad 0.05, VarGrad and Guided AbsoluteGrad 0.15)
+are measured on the ground-truth models: ``benchmarks/results/groundtruth_noise.md``.
 """
 
 from __future__ import annotations
@@ -148,6 +149,13 @@ class GuidedAbsoluteGradParams(NoiseParams):
     quantile: float = param(0.85, low=0.0, high=1.0)
 
 
+@dataclass(frozen=True)
+class SmoothGradParams(NoiseParams):
+    """Noise parameters; σ 0.05 of the range puts more of the map on the deciding object."""
+
+    noise_level: float = param(0.05, low=0.0, high=1.0, low_open=True)
+
+
 class NoiseHandler(GradientHandler):
     """Shared sample count and noise level of the noise-tunnel methods."""
 
@@ -173,6 +181,7 @@ class SmoothGrad(NoiseHandler):
     """
 
     name = "smoothgrad"
+    Params = SmoothGradParams
     description = (
         "Mean gradient over noisy copies (σ = noise_level × input range); "
         "samples forward + samples backward, batched."
