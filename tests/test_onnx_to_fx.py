@@ -854,3 +854,29 @@ def test_graph_must_take_one_input() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UnsupportedGraph, match="one input"):
         to_graph_module(model)
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def _resize_at_a_tie() -> onnx.ModelProto:
+    """Relu(Resize(x)) where ONNX Runtime's nearest pixel is not the translation's: asymmetric
+    round_prefer_ceil from 7 to 4 columns puts column 2 at 3.5 in exact arithmetic, 3.4999998
+    in float32, and ONNX Runtime rounds it up."""
+    nodes = [helper.make_node("Resize", ["x", "", "", "sizes"], ["up"], name="upsample",
+                              mode="nearest", coordinate_transformation_mode="asymmetric",
+                              nearest_mode="round_prefer_ceil"),
+             helper.make_node("Relu", ["up"], ["y"], name="after")]
+    return make_model(nodes, (3, 5, 7), [("sizes", _i64(1, 3, 3, 4))])
+
+
+def test_the_first_differing_node_is_named() -> None:
+    from saliency_service.methods._utils.onnx_to_fx import first_difference
+
+    model = _resize_at_a_tie()
+    x = inputs([1, 3, 5, 7])
+    where = first_difference(model, x, TOLERANCE)
+    assert where.startswith("it first differs at Resize node 'upsample', whose output "
+                            "differs by"), where
+    identical = make_model([_node("Relu", ["x"], ["y"], name="after")], (3, 5, 7))
+    assert first_difference(identical, x, TOLERANCE) == ""

@@ -23,6 +23,7 @@ from saliency_service.core.repository import ModelHandle
 from saliency_service.methods._utils.onnx_to_fx import (
     GraphProgram,
     UnsupportedGraph,
+    first_difference,
     to_graph_module,
 )
 
@@ -119,6 +120,9 @@ def _compare_with_onnx_runtime(model: ModelHandle, graph_module: fx.GraphModule,
         scale = max(float(np.abs(want).max()), floors.get(name, 1e-12))
         error = float(np.abs(got - want).max()) / scale
         if not error <= tolerance:
+            graph_inputs = inputs.transpose(0, 2, 3, 1) if spec.input.layout == "NHWC" else inputs
+            where = first_difference(model.onnx_model(), graph_inputs, tolerance)
             return (f"the translated graph's output {name!r} differs from ONNX Runtime's by "
-                    f"{error:.1e} of its scale (tolerance {tolerance:.0e})")
+                    f"{error:.1e} of its scale (tolerance {tolerance:.0e})"
+                    + (f"; {where}" if where else ""))
     return ""

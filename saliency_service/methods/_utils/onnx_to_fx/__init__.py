@@ -18,15 +18,17 @@ holds a fake tensor with a symbolic batch size when the input's other dimensions
 Modules: ``walker`` (one pass over the graph builds the module), ``builder`` (emits nodes or
 folds constants), ``operators`` (the op table), ``shapes``, ``tensor_ops``, ``nn_ops`` and
 ``resize`` (the translations), ``data`` (tensors and attributes from the protobuf),
-``annotate`` (``node.meta["val"]``), ``reasons`` (why a graph cannot be translated).
+``annotate`` (``node.meta["val"]``), ``reasons`` (why a graph cannot be translated),
+``divergence`` (the first node whose output differs from ONNX Runtime's).
 
 Use: ``torch_program.build_variant(GraphProgram(to_graph_module(onnx.load(path))), variant)``.
 """
 
 from saliency_service.methods._utils.onnx_to_fx.data import MAX_BYTES
+from saliency_service.methods._utils.onnx_to_fx.divergence import first_difference
 from saliency_service.methods._utils.onnx_to_fx.operators import unsupported_operators
 from saliency_service.methods._utils.onnx_to_fx.reasons import UnsupportedGraph
 from saliency_service.methods._utils.onnx_to_fx.walker import GraphProgram, to_graph_module
 
-__all__ = ["MAX_BYTES", "GraphProgram", "UnsupportedGraph", "to_graph_module",
-           "unsupported_operators"]
+__all__ = ["MAX_BYTES", "GraphProgram", "UnsupportedGraph", "first_difference",
+           "to_graph_module", "unsupported_operators"]
