@@ -131,3 +131,28 @@ def test_bad_targets_name_what_to_change(stub: pb_grpc.ExplainerStub) -> None:
                                            input=images(png), target=target), timeout=120)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert expected in caught.value.details()
+
+
+def test_gradient_methods_are_offered_and_explain_a_word_where_it_is(
+        stub: pb_grpc.ExplainerStub) -> None:
+    """The translated graph matches ONNX Runtime (its probabilities compared on their 0…1
+    scale), so the gradient methods are offered, and the word's summed text probability is
+    most sensitive to that word's pixels."""
+    info = stub.GetModel(pb.GetModelRequest(model="text"), timeout=60)
+    offered = {m.name for m in info.methods}
+    assert {"vanilla_gradient", "integrated_gradients"} <= offered, info.methods
+    png, boxes = page()
+    (x1, y1, x2, y2), other = boxes[0], boxes[1]
+    region = pb.RegionTarget(label="text", box=pb.Box(x1=x1, y1=y1, x2=x2, y2=y2))
+    for method, params in (
+            (pb.METHOD_VANILLA_GRADIENT, {}),
+            (pb.METHOD_INTEGRATED_GRADIENTS,
+             {"integrated_gradients": pb.IntegratedGradientsParams(steps=8)})):
+        reply = stub.Explain(pb.ExplainRequest(
+            model="text", method=method, input=images(png),
+            target=pb.Target(region=region), **params), timeout=300)
+        maps = tensor_to_array(reply.saliency)
+        assert maps.shape == (1, HEIGHT, WIDTH) and len(reply.explained) == 1
+        own = maps[0, y1:y2, x1:x2].mean()
+        elsewhere = maps[0, other[1]:other[3], other[0]:other[2]].mean()
+        assert own > 2 * elsewhere, (pb.Method.Name(method), own, elsewhere)
