@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from saliency_service.core import forward_engine
 from saliency_service.core.chunking import MAX_CHUNK_ROWS, chunks
 from saliency_service.core.dense import DENSE_KINDS, DenseSpec, InvalidDenseSpec
 from saliency_service.core.errors import NotFound, Unavailable
@@ -517,11 +518,12 @@ class ModelHandle:
                                spec.input.batch)
 
     def _session_run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        session = forward_engine.session_for(self)  # ONNX Runtime, or OpenVINO in bfloat16
         if self.run_options is None:  # serving: no bound to keep
-            return self.session.run(names, feeds)  # type: ignore[union-attr]
+            return session.run(names, feeds)
         self.run_started = time.monotonic()
         try:
-            return self.session.run(names, feeds, self.run_options)  # type: ignore[union-attr]
+            return session.run(names, feeds, self.run_options)
         finally:
             self.run_started = None
 

@@ -14,6 +14,7 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from saliency_service.core import devices, forward_engine
 from saliency_service.core.dense import TargetRequest
 from saliency_service.core.detections import Detections
 from saliency_service.core.errors import InvalidInput
@@ -142,10 +143,15 @@ def detections_message(found: Detections, labels: tuple[str, ...]) -> pb.Detecti
 
 
 def precision_bits(handle: ModelHandle, handler: Handler) -> int:
-    """16 when ``handler`` ran a gradient program under bfloat16 autocast on ``handle``,
-    else 32 (ONNX Runtime and float32 programs)."""
-    checked = handle.derived_items("precision")
-    return 16 if handler.needs_torch and checked and checked[0][1].bfloat16 else 32
+    """16 when ``handler``'s passes on ``handle`` ran in bfloat16 for the request being
+    served (torch autocast, or OpenVINO's forward passes), else 32."""
+    return 16 if forward_engine.precision_used(handle, family(handler)) == "bfloat16" else 32
+
+
+def family(handler: Handler) -> str:
+    """Whose precision a method's result has: the gradient programs' or the forward
+    passes' (``core.devices``)."""
+    return devices.GRADIENT if handler.needs_torch else devices.FORWARD
 
 
 class Core:
@@ -213,6 +219,7 @@ class Core:
             info.metadata[f"exporter.{key}"] = str(value)
         checked = handle.derived_items("precision")  # set once a gradient program ran
         info.metadata["precision"] = checked[0][1].note if checked else "float32"
+        info.metadata["forward_precision"] = forward_engine.precision_note(handle)
         if handle.remote is not None:
             info.metadata.update(handle.remote.describe())
         return info
@@ -220,10 +227,15 @@ class Core:
     # ---- inference -----------------------------------------------------------------------
 
     def predict(self, request: pb.PredictRequest, cost: CostCounter) -> pb.PredictResponse:
-        scores = self.engine.predict(
-            request.model, request.version,
-            lambda spec: decode_input(request.input, spec, self.config, writable=False,
-                                      resize=request.resize), cost)
+        forward_engine.check_requested(
+            request.precision, self.repository.get(request.model, request.version),
+            devices.FORWARD)
+        with devices.requested(request.precision):
+            scores = self.engine.predict(
+                request.model, request.version,
+                lambda spec: decode_input(request.input, spec, self.config, writable=False,
+                                          resize=request.resize), cost)
+            precision = forward_engine.precision_used(scores.handle, devices.FORWARD)
         spec = scores.handle.spec()
         response = pb.PredictResponse(
             model=scores.handle.name, version=scores.handle.version,
@@ -233,7 +245,7 @@ class Core:
             logits=array_to_tensor(scores.logits.astype(np.float32)),
             cost=pb.Cost(forward_passes=cost.forward_passes, wall_seconds=scores.wall_seconds,
                          remote_calls=cost.remote_calls, remote_bytes=cost.remote_bytes,
-                         cpu_seconds=scores.cpu_seconds),
+                         cpu_seconds=scores.cpu_seconds, precision=precision),
         )
         if scores.detections is not None:
             response.detections.extend(detections_message(found, spec.class_labels)
@@ -264,7 +276,11 @@ class Core:
         """Checks an Explain request before it takes a slot (model, method, parameters);
         the result is what ``explain`` runs."""
         geometry = ImageGeometry(keep_pixels=request.return_overlay)
-        return self.engine.prepare(self.order(request, geometry)), geometry
+        prepared = self.engine.prepare(self.order(request, geometry))
+        forward_engine.check_requested(
+            request.precision, prepared.handle,
+            family(prepared.handler) if prepared.handler is not None else None)
+        return prepared, geometry
 
     def explain(
         self,
@@ -277,8 +293,9 @@ class Core:
         """Runs one Explain request to completion (or raises a ServiceError); ``prepared``
         is ``prepare(request)`` when the caller checked it already."""
         order, geometry = prepared or self.prepare(request)
-        done = self.engine.explain(order, state, cost, on_progress)
-        return self.response(done, request, cost, geometry, state.check)
+        with devices.requested(request.precision):
+            done = self.engine.explain(order, state, cost, on_progress)
+            return self.response(done, request, cost, geometry, state.check)
 
     @staticmethod
     def response(done: Explanation, request: pb.ExplainRequest, cost: CostCounter,
@@ -324,5 +341,6 @@ class Core:
             remote_calls=cost.remote_calls, remote_bytes=cost.remote_bytes,
             method=method_enum(done.handler.name), forward_passes=cost.forward_passes,
             backward_passes=cost.backward_passes, wall_seconds=time.perf_counter() - done.started,
-            cpu_seconds=time.process_time() - done.cpu_started, truncated=result.truncated))
+            cpu_seconds=time.process_time() - done.cpu_started, truncated=result.truncated,
+            precision=forward_engine.precision_used(handle, family(done.handler))))
         return response
