@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -249,23 +249,27 @@ def precision_note(handle: ModelHandle) -> str:
     return checked[0][1].note if checked else "float32"
 
 
-def check_requested(precision: str, handle: ModelHandle, family: str | None) -> None:
+def check_requested(precision: str, handle: ModelHandle, family: str | None,
+                    gradient_note: Callable[[ModelHandle], str] | None = None) -> None:
     """Refuses a request's ``precision`` (INVALID_ARGUMENT) that is not a known value, or
     "bfloat16" where the server or the model's check does not run ``family`` in bfloat16
-    (None: a method not yet chosen, refused only when neither family may)."""
+    (None: a method not yet chosen, refused only when neither family may).
+    ``gradient_note(handle)`` is the gradient programs' precision note ("bfloat16 …" or
+    why not), from the methods layer this one does not import."""
     if precision not in devices.REQUEST_PRECISIONS:
         raise InvalidInput(f"precision {precision[:40]!r} must be 'float32', 'bfloat16' or "
                            "empty (the server's --precision)")
     if precision != "bfloat16":
         return
     families = (family,) if family else (devices.GRADIENT, devices.FORWARD)
-    refusals = [_refusal(handle, each) for each in families]
+    refusals = [_refusal(handle, each, gradient_note) for each in families]
     if all(refusals):
         raise InvalidInput(f"precision 'bfloat16' is not available: {'; '.join(refusals)}; "
                            "ask for 'float32' or leave precision empty")
 
 
-def _refusal(handle: ModelHandle, family: str) -> str:
+def _refusal(handle: ModelHandle, family: str,
+             gradient_note: Callable[[ModelHandle], str] | None) -> str:
     """Why ``family``'s passes on ``handle`` do not run in bfloat16 ("" when they do)."""
     what = "gradient methods" if family == devices.GRADIENT else "forward passes"
     refusal = devices.bfloat16_refusal(family)
@@ -273,13 +277,10 @@ def _refusal(handle: ModelHandle, family: str) -> str:
         return f"{what}: {refusal}"
     if family == devices.FORWARD:
         note = forward_precision(handle).note
+    elif gradient_note is None:
+        return f"{what}: this server cannot tell their precision"
     else:
-        try:
-            from saliency_service.methods._utils.torch_program import (  # noqa: PLC0415
-                model_precision,
-            )
-
-            note = model_precision(handle).note
-        except Exception as exc:  # noqa: BLE001 - no gradient program: say why
-            return f"{what}: {exc}"
+        note = gradient_note(handle)
+        if not note.startswith(("bfloat16", "float32")):
+            return f"{what}: {note}"
     return "" if note.startswith("bfloat16") else f"{what}: model {handle.name!r} stays {note}"

@@ -1,29 +1,29 @@
 """Explanation methods, one file each (helpers in ``_utils``); ``registry`` maps a method name
 to its handler.
 
-The handlers are importable from here by class name (``from saliency_service.methods import
-IntegratedGradients``), each loaded on first use: the gradient methods need PyTorch, which an
-install without the ``torch`` extra lacks, and the black-box ones must import without it.
+The handler classes are importable from here by name (``from saliency_service.methods import
+IntegratedGradients``), loaded through the registry on first use: the gradient methods need
+PyTorch, which an install without the ``torch`` extra lacks, and the black-box ones must
+import without it.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-_MODULES = {
-    "VanillaGradient": "gradients", "InputXGradient": "gradients",
-    "GuidedBackprop": "gradients", "SmoothGrad": "noise", "VarGrad": "noise",
-    "GuidedAbsoluteGrad": "noise", "IntegratedGradients": "integrated", "GradCam": "cam",
-    "GradCamPlusPlus": "cam", "XGradCam": "xgradcam", "GuidedGradCam": "guided_gradcam",
-    "SmoeScale": "multiscale", "FastCam": "multiscale", "Lovi": "multiscale",
-    "Occlusion": "perturbation", "Rise": "perturbation", "Drise": "drise", "Decam": "decam",
-}
-__all__ = sorted(_MODULES)
+__all__ = [
+    "Decam", "Drise", "FastCam", "GradCam", "GradCamPlusPlus", "GuidedAbsoluteGrad",
+    "GuidedBackprop", "GuidedGradCam", "InputXGradient", "IntegratedGradients", "Lovi",
+    "Occlusion", "Rise", "SmoeScale", "SmoothGrad", "VanillaGradient", "VarGrad", "XGradCam",
+]
 
 
 def __getattr__(name: str) -> Any:
-    module = _MODULES.get(name)
-    if module is None:
+    if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    from saliency_service.methods import registry  # noqa: PLC0415 - loads the handlers
+
+    for handler in registry.handlers():
+        if type(handler).__name__ == name:
+            return type(handler)
+    raise AttributeError(f"{name} is not available: {registry.missing_reason()}")

@@ -148,6 +148,19 @@ def precision_bits(handle: ModelHandle, handler: Handler) -> int:
     return 16 if forward_engine.precision_used(handle, family(handler)) == "bfloat16" else 32
 
 
+def gradient_note(handle: ModelHandle) -> str:
+    """The gradient programs' precision on ``handle`` ("bfloat16 …", "float32 …"), or why
+    there is none (no torch, a graph that does not translate)."""
+    try:
+        from saliency_service.methods._utils.torch_program import (  # noqa: PLC0415
+            model_precision,
+        )
+
+        return model_precision(handle).note
+    except Exception as exc:  # noqa: BLE001 - no gradient program: say why
+        return str(exc) or type(exc).__name__
+
+
 def family(handler: Handler) -> str:
     """Whose precision a method's result has: the gradient programs' or the forward
     passes' (``core.devices``)."""
@@ -279,7 +292,7 @@ class Core:
         prepared = self.engine.prepare(self.order(request, geometry))
         forward_engine.check_requested(
             request.precision, prepared.handle,
-            family(prepared.handler) if prepared.handler is not None else None)
+            family(prepared.handler) if prepared.handler is not None else None, gradient_note)
         return prepared, geometry
 
     def explain(
