@@ -8,7 +8,7 @@ Measured on a 2-core CPU with the defaults (8,000 images at 128×128, 3 epochs):
 accuracy on 2,000 ``TEST_CONFIG`` images at 128×128 for seed 0 (95.9 % for seed 1). The whole
 call, data generation and test included, took 64 s on an idle machine, 166 s with a load
 average of 3 and about 8 minutes at 5–10: two synchronised threads suffer badly when shared.
-6,000 images × 3 epochs reached only 92 %, 6,000 × 4 reached 94.6 %, 8,000 × 4 96.1 % in a
+6,000 images × 3 epochs reached only 92 %, 6,000 × 4 reached 94.6 %, 8,000 × 4 96.7 % in a
 third more time. Training at 64×64 is four times cheaper per image but does not transfer:
 such a model scores 94 % at 64×64 and 49 % at 128×128 (and 88 % with a last epoch at 128),
 so the demo trains at the deployed size.
