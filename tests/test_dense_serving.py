@@ -407,3 +407,24 @@ def test_all_targets_similarities_equal_drises_one_at_a_time(repository: Path,
     for index, target in enumerate(targets):
         alone = det.drise_similarity(target.box, target.vector, found)
         np.testing.assert_allclose(together[:, index], alone, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("model", "target", "expected"), [
+    ("grid", pb.Target(detection=pb.DetectionTarget(
+        box=pb.Box(x1=float("nan"), y1=0, x2=9, y2=9), label="disc")), "4 finite numbers"),
+    ("grid", pb.Target(detection=pb.DetectionTarget(
+        box=pb.Box(x1=0, y1=0, x2=9, y2=9), label="<b>" * 20000)), "has no class"),
+    ("grid", pb.Target(min_score=float("inf")), "must be in [0, 1]"),
+    ("grid", pb.Target(min_score=float("nan")), "must be in [0, 1]"),
+    ("unet", pb.Target(region=pb.RegionTarget(class_index=1, mask=array_to_tensor(
+        np.ones((3, SIZE, SIZE), np.float32)))), "a region mask is 64×64"),
+    ("unet", pb.Target(region=pb.RegionTarget(class_index=1, mask=array_to_tensor(
+        np.zeros((SIZE, SIZE), np.float32)))), "selects no pixel"),
+    ("unet", pb.Target(region=pb.RegionTarget(class_index=10**6)), "is not one of"),
+])
+def test_hostile_targets_are_refused_in_a_short_message(
+        stub: pb_grpc.ExplainerStub, scenes, model: str, target: pb.Target,  # noqa: ANN001
+        expected: str) -> None:
+    details = refused(lambda: explain(stub, model, pb.METHOD_OCCLUSION, inputs_of(scenes, [0]),
+                                      target))
+    assert expected in details and len(details) < 2000, details[:300]
