@@ -372,3 +372,31 @@ def test_guided_grad_cam_of_a_detection_lies_on_its_object(
     best = int(np.argmax(det.box_iou(box[None], scenes.scenes[0].boxes)[0]))
     mask = scenes.scenes[0].masks[best]
     assert maps[0][mask].mean() > maps[0][~mask].mean()
+
+
+def test_the_fast_path_explains_imported_detectors_and_segmenters(
+        stub: pb_grpc.ExplainerStub, scenes) -> None:  # noqa: ANN001
+    """With the scale outputs import found: SMOE Scale (the features alone, the same map for
+    every target of an image) and FastCAM (SMOE × the target's Grad-CAM) from the prediction's
+    own pass; on the post-NMS graph SMOE still serves, FastCAM not."""
+    image = preprocess(scenes.images[:1])
+    for model in ("grid", "unet"):
+        info = stub.GetModel(pb.GetModelRequest(model=model), timeout=60)
+        assert {"smoe_scale", "fastcam", "lovi"} <= {m.name for m in info.methods}, model
+    smoe = explain(stub, "grid", "smoe_scale", image, pb.Target())
+    maps = tensor_to_array(smoe.saliency)
+    assert len(smoe.explained) >= 2 and smoe.cost.forward_passes == 1
+    np.testing.assert_array_equal(maps[0], maps[1])  # target-free
+    fast = explain(stub, "grid", "fastcam", image, pb.Target())
+    fast_maps = tensor_to_array(fast.saliency)
+    assert fast_maps.shape == maps.shape and not np.allclose(fast_maps[0], fast_maps[1])
+    for index, explained in enumerate(fast.explained):  # each on its own object
+        box = np.array([explained.box.x1, explained.box.y1, explained.box.x2, explained.box.y2])
+        best = int(np.argmax(det.box_iou(box[None], scenes.scenes[0].boxes)[0]))
+        mask = scenes.scenes[0].masks[best]
+        assert fast_maps[index][mask].mean() > fast_maps[index][~mask].mean()
+    region = explain(stub, "unet", "fastcam", image, pb.Target())
+    assert len(region.explained) >= 1 and np.isfinite(tensor_to_array(region.saliency)).all()
+    nms = stub.GetModel(pb.GetModelRequest(model="nms"), timeout=60)
+    reasons = {m.name: m.reason for m in nms.unavailable_methods}
+    assert "fastcam" in reasons

@@ -135,7 +135,7 @@ def test_get_model_offers_the_black_box_methods_and_says_why_not_the_others(
     assert info.output_kind == kind
     assert {m.name for m in info.methods} >= offered
     reasons = {m.name: m.reason for m in info.unavailable_methods}
-    assert "class head" in reasons["smoe_scale"] and "fastcam" in reasons
+    assert "needs scale outputs" in reasons["smoe_scale"] and "fastcam" in reasons
     if model == "unet":
         assert reasons["drise"] == "it explains detectors; this model is a segmentation model"
 
@@ -319,7 +319,7 @@ def test_gradient_methods_are_offered_where_the_graph_translates(
         names = {m.name for m in info.methods}
         assert {"vanilla_gradient", "integrated_gradients", "smoothgrad"} <= names
         reasons = {m.name: m.reason for m in info.unavailable_methods}
-        assert "feature maps" in reasons["fastcam"]
+        assert "needs scale outputs" in reasons["fastcam"]
     nms = stub.GetModel(pb.GetModelRequest(model="nms"), timeout=60)
     reasons = {m.name: m.reason for m in nms.unavailable_methods}
     assert "NMS inside its graph" in reasons["vanilla_gradient"]

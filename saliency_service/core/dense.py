@@ -366,14 +366,19 @@ class TargetedModel:
 
     def run(self, inputs: np.ndarray, outputs: list[str] | None = None, state: Any = None,
             count_remote: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        """Every target's score for each input (N×T); other named outputs (a package's scale
+        outputs) as the model gives them."""
         distinct, inverse = _distinct_rows(inputs) if self.shares else (inputs, None)
-        raw = self.handle.run(distinct, list(self.dense.outputs), state, count_remote)
-        scores = target_scores(self.dense, raw, self.targets, self.class_count)
+        own = outputs is not None and outputs != [self._spec.logits_output]
+        names = list(outputs) if own else list(self.dense.outputs)  # e.g. scale outputs
+        raw = self.handle.run(distinct, names, state, count_remote)
+        found = raw if own else [target_scores(self.dense, raw, self.targets,
+                                               self.class_count)]
         if inverse is None:
-            return [scores]
+            return found
         if self.on_shared is not None and len(distinct) < len(inputs):
             self.on_shared(len(inputs) - len(distinct))
-        return [scores[inverse]]
+        return [values[inverse] for values in found]
 
     def derived(self, key: str, build: Callable[[Any], Any]) -> Any:
         """What depends on the targets (scores of baselines, the gradient methods' target

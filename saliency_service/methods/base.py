@@ -85,6 +85,8 @@ class Handler:
     # explains nothing else.
     explains_dense: ClassVar[bool] = True
     detectors_only: ClassVar[bool] = False
+    # Whether the map is the same whatever the target (SMOE Scale reads the features alone).
+    target_free: ClassVar[bool] = False
     description: ClassVar[str] = ""
     paper: ClassVar[str] = ""
 
@@ -153,14 +155,14 @@ class Handler:
             return f"it explains detectors; this model is a {kind} model"
         if self.black_box:
             return "" if self.explains_dense else f"it does not explain {kind} models"
-        if self.needs_scales or self.wants_scale_outputs or not self.needs_torch:
-            return (f"it reads a classifier's feature maps and class head; on a {kind} model "
-                    "the black-box and gradient methods explain each target's score")
-        if dense.kind == DETECTION:
+        if self.needs_scales and not model.spec().scale_outputs:
+            return (f"it needs scale outputs, which this {kind} package lacks"
+                    + scales_missing(model))
+        if dense.kind == DETECTION and not self.target_free:
             return ("the detector's scores come out of NMS inside its graph, which passes no "
                     "gradient to a box: use D-RISE or another black-box method, or serve the "
                     "raw grid head (outputs.kind detection_raw)")
-        return gradients_problem(model)
+        return gradients_problem(model) if self.needs_torch else ""
 
     @property
     def black_box(self) -> bool:

@@ -117,6 +117,7 @@ class SmoeScale(MultiScaleHandler):
 
     name = "smoe_scale"
     auto_rank = 9
+    target_free = True
     warm_up = True
     description = ("SMOE Scale of every scale output, normalized and averaged; reuses the "
                    "prediction's forward pass (1 forward, 0 backward).")

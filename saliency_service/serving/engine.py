@@ -313,8 +313,12 @@ class Engine:
         request = dense_request(order.target, spec.dense.kind)
         inputs = order.decode(spec.input)
         state.check()
-        outputs = handle.run(inputs, list(spec.dense.outputs), state, cost.remote)
+        # The scale outputs the multi-scale methods read come from the same pass.
+        names = handler.scale_outputs_for(handle) if handler.wants_scale_outputs else []
+        outputs = handle.run(inputs, [*spec.dense.outputs, *names], state, cost.remote)
         cost.forward(inputs.shape[0], ENGINE_ONNX)
+        extra = dict(zip(names, outputs[len(spec.dense.outputs):], strict=True))
+        outputs = outputs[:len(spec.dense.outputs)]
         found, classes = self._dense_prediction(handle, outputs)
         targets = resolve_dense(spec.dense, request, outputs, spec.class_labels,
                                 spec.input.height, spec.input.width)
@@ -329,6 +333,7 @@ class Engine:
             base_logits=None if handler.needs_torch else base, seed=order.seed, state=state,
             cost=cost, limits=self.limits,
             best_effort=order.best_effort, on_progress=on_progress,
+            scale_outputs={name: values[items] for name, values in extra.items()} or None,
             wants_overlays=order.wants_overlays, wants_raw=order.wants_raw,
         )
         return Explanation(handle, handler, inputs, base,
