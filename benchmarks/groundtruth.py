@@ -92,7 +92,7 @@ def extra_sections(document: dict[str, Any]) -> list[str]:
                        + [f"{plan['fashion_images']} Fashion-MNIST"] * plan["fashion"])
     others = f" ({others})" if others else ""
     lines = ["", "## The run", "",
-             f"{len(document['models'])} models ({len(plan['tasks'])} tasks × "
+             f"{len(document['models'])} models scored (planned: {len(plan['tasks'])} tasks × "
              f"{len(plan['architectures'])} architectures × {len(plan['seeds'])} seed(s)"
              f"{', the demo' if plan['demo'] else ''}"
              f"{', Fashion-MNIST' if plan['fashion'] else ''}), {plan['images']} images per "
