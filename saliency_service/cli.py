@@ -9,6 +9,7 @@ import importlib
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from saliency_service.client import commands as cli_client
 from saliency_service.serving import config as config_module
@@ -105,9 +106,19 @@ def _load_factory(spec: str) -> object:
     return factory() if callable(factory) else factory
 
 
-def _export(args: argparse.Namespace) -> int:
+def _state_dict(path: Path) -> dict[str, Any]:
+    """Weights from ``.npz`` (plain arrays) or a torch file read with ``weights_only`` (tensors,
+    never arbitrary pickled objects)."""
+    import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as arrays:
+            return {key: torch.from_numpy(arrays[key]) for key in arrays.files}
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _export(args: argparse.Namespace) -> int:
     from saliency_service.packaging.export import ExportError, export_package  # noqa: PLC0415
 
     try:
@@ -119,9 +130,7 @@ def _export(args: argparse.Namespace) -> int:
         return _usage_error(exc)
     model = _load_factory(args.module)
     if args.state_dict:
-        # weights_only: tensors only, never arbitrary pickled objects.
-        state = torch.load(args.state_dict, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)  # type: ignore[attr-defined]
+        model.load_state_dict(_state_dict(Path(args.state_dict)))  # type: ignore[attr-defined]
     try:
         report = export_package(
             model, name=args.name, version=args.version, input_shape=shape,
@@ -253,9 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="build the demo model package first if it is missing")
     serve.set_defaults(run=_serve)
 
-    export = commands.add_parser("export", help="package a PyTorch module (ONNX + torch.export)")
+    export = commands.add_parser("export", help="package a PyTorch module as ONNX")
     export.add_argument("--module", required=True, help="package.module:factory returning a Module")
-    export.add_argument("--state-dict", help="weights to load (tensors only)")
+    export.add_argument("--state-dict",
+                        help="weights to load: .npz arrays or a torch file of tensors only")
     export.add_argument("--name", required=True)
     export.add_argument("--version", type=int, default=1)
     export.add_argument("--input-shape", required=True, help="C,H,W e.g. 3,224,224")

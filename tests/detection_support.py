@@ -66,11 +66,11 @@ class Trained:
 
 def load_trained(folder: Path) -> Trained:
     """Loads the shipped weights and exports each model to ``folder``."""
-    grid = load(GridDetector(), FOLDER / "grid_detector.pt")
+    grid = load(GridDetector(), FOLDER / "grid_detector.npz")
     assert isinstance(grid, GridDetector)
     trained = Trained(grid, NmsDetector(grid).eval(),
-                      load(UNetSegmenter(), FOLDER / "unet_segmenter.pt"),  # type: ignore[arg-type]
-                      load(DilatedSegmenter(), FOLDER / "dilated_segmenter.pt"))  # type: ignore[arg-type]
+                      load(UNetSegmenter(), FOLDER / "unet_segmenter.npz"),  # type: ignore[arg-type]
+                      load(DilatedSegmenter(), FOLDER / "dilated_segmenter.npz"))  # type: ignore[arg-type]
     for name, module, outputs in (("grid", trained.grid, ["raw"]),
                                   ("nms", trained.nms, POST_NMS_OUTPUTS),
                                   ("unet", trained.unet, ["logits"]),

@@ -129,3 +129,45 @@ def region_model(size: int = 24, box: tuple[int, int, int, int] = (4, 12, 10, 18
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model
+
+
+def box_detector(size: int = 32, box: tuple[float, float, float, float] = (4, 4, 20, 20)
+                 ) -> onnx.ModelProto:
+    """A post-NMS detector ("boxes" N×1×4, "scores" N×1, "classes" N×1) that always reports
+    one ``box`` of class 0, scored by the sigmoid of the image's mean: the smallest graph a
+    detector method can explain."""
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"], axis=1),
+        helper.make_node("ReduceMean", ["f"], ["m"], axes=[1], keepdims=1),
+        helper.make_node("Sigmoid", ["m"], ["scores"]),
+        helper.make_node("Mul", ["scores", "zero"], ["classes"]),
+        helper.make_node("Unsqueeze", ["classes", "axis2"], ["c3"]),
+        helper.make_node("Add", ["c3", "box"], ["boxes"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "box_detector",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 1, 4]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1]),
+         helper.make_tensor_value_info("classes", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+         numpy_helper.from_array(np.asarray([2], np.int64), "axis2"),
+         numpy_helper.from_array(np.asarray([[box]], np.float32), "box")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="onnx.helper")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_detector_package(model: onnx.ModelProto, repository: Path, name: str,
+                           labels: tuple[str, ...] = ("object",)) -> Path:
+    """``write_package`` for a post-NMS detector: the manifest's outputs name its three."""
+    folder = write_package(model, repository, name, labels=labels)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["outputs"] = {"kind": "detection", "boxes": "boxes", "scores": "scores",
+                           "classes": "classes"}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return folder

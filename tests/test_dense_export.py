@@ -71,10 +71,10 @@ def exported(trained: support.Trained,
     root = tmp_path_factory.mktemp("models")
     printed = {}
     for name, factory, weights, extra in (
-            ("grid", "saliency_service.zoo.detectors:GridDetector", "grid_detector.pt",
+            ("grid", "saliency_service.zoo.detectors:GridDetector", "grid_detector.npz",
              ("--kind", "detection_raw", "--anchor", str(ANCHOR), "--labels",
               ",".join(CLASSES))),
-            ("unet", "saliency_service.zoo.segmenters:UNetSegmenter", "unet_segmenter.pt",
+            ("unet", "saliency_service.zoo.segmenters:UNetSegmenter", "unet_segmenter.npz",
              ("--kind", "segmentation", "--cam-layer", UNetSegmenter.cam_layer, "--labels",
               ",".join(SEGMENT_LABELS)))):
         code, out, err = run_cli("export", "--module", factory, "--state-dict",

@@ -82,19 +82,23 @@ def test_sanity_checks_go_to_one_model_per_task_and_family_and_are_tabled_per_mo
         assert line.count(" / ") == 2 and line.rstrip(" |").endswith("/2")
 
 
+LEVEL = 0.4  # a noise level no method has as its default
+
+
 def test_noise_sweep_compares_each_level_with_the_default_on_the_same_models(
         cache: Path, tmp_path: Path) -> None:
     code = defaults.main(["noise", "--cache", str(cache), "--out", str(tmp_path), "--images",
                           "2", "--tasks", "colour,shape", "--architectures", "plain",
-                          "--no-demo", "--levels", "0.05"])
+                          "--no-demo", "--levels", f"{LEVEL:g}"])
     assert code == 0
     document = json.loads((tmp_path / "groundtruth_noise.json").read_text())
     summary = document["summary"]
     for method in defaults.NOISE_METHODS:
         default = defaults.handler_defaults(method).noise_level
+        assert default != LEVEL, "the swept level must differ from every default"
         reference = summary[f"{method} noise {default:g}"]
         assert reference["reference"] and reference["models"] == 2
-        other = summary[f"{method} noise 0.05"]
+        other = summary[f"{method} noise {LEVEL:g}"]
         difference = other["mass"]["mean"] - reference["mass"]["mean"]
         assert other["mass_difference"]["mean"] == pytest.approx(difference)
         assert other["mass_difference"]["low"] <= other["mass_difference"]["high"]

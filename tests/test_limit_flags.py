@@ -9,6 +9,8 @@ limit raised the same request runs.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,6 +23,7 @@ from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from saliency_service.protocol.codec import method_enum
 from saliency_service.protocol.images import array_to_tensor
 from tests.conftest import TINY_SHAPE, RunningServer, make_config
+from tests.onnx_models import box_detector, write_detector_package
 
 LOW = 4
 CASES = [(handler, field, limit) for handler in registry.handlers()
@@ -37,15 +40,24 @@ def request_over(handler: registry.Handler, field: str) -> pb.ExplainRequest:
         setattr(params, other, min(defaults[other], LOW))
     setattr(params, field, LOW + 1)
     request = pb.ExplainRequest(
-        model="tiny", method=method_enum(handler.name),
+        model="detector" if handler.detectors_only else "tiny", method=method_enum(handler.name),
         input=pb.Input(tensor=array_to_tensor(np.zeros((1, *TINY_SHAPE), np.float32))))
     getattr(request, handler.params_field).CopyFrom(params)
     return request
 
 
 @pytest.fixture(scope="module")
-def low_server(repository: object) -> RunningServer:
-    running = RunningServer(make_config(repository, **dict.fromkeys(LIMIT_NAMES, LOW))).start()
+def models(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny classifier and a post-NMS detector, for the methods only detectors offer."""
+    root = tmp_path_factory.mktemp("limits")
+    shutil.copytree(repository / "tiny", root / "tiny")
+    write_detector_package(box_detector(TINY_SHAPE[-1]), root, "detector")
+    return root
+
+
+@pytest.fixture(scope="module")
+def low_server(models: Path) -> RunningServer:
+    running = RunningServer(make_config(models, **dict.fromkeys(LIMIT_NAMES, LOW))).start()
     yield running
     running.stop()
 
@@ -57,7 +69,7 @@ def test_every_limit_flag_governs_a_parameter() -> None:
 
 @pytest.mark.parametrize(("handler", "field", "limit"), CASES,
                          ids=[f"{h.name}.{f}" for h, f, _ in CASES])
-def test_a_limit_alone_admits_and_refuses(repository: object, low_server: RunningServer,
+def test_a_limit_alone_admits_and_refuses(models: Path, low_server: RunningServer,
                                           handler: registry.Handler, field: str,
                                           limit: str) -> None:
     request = request_over(handler, field)
@@ -68,7 +80,7 @@ def test_a_limit_alone_admits_and_refuses(repository: object, low_server: Runnin
     assert flag(limit) in refused.value.details()
     assert f"{handler.params_field}.{field}" in refused.value.details()
     raised = dict.fromkeys(LIMIT_NAMES, LOW) | {limit: LOW + 1}
-    server = RunningServer(make_config(repository, **raised)).start()
+    server = RunningServer(make_config(models, **raised)).start()
     try:
         with grpc.insecure_channel(server.address) as channel:
             reply = pb_grpc.ExplainerStub(channel).Explain(request, timeout=60)

@@ -293,19 +293,8 @@ def test_handler_answers_each_request_of_a_batch(source: Path) -> None:
     assert context.statuses == {1: 400} and "needs 1" in bad["error"]
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # TorchServe's format
-def test_handler_serves_a_torchscript_file(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
-                                 torch.nn.Flatten(), torch.nn.Linear(4, 5)).eval()
-    torch.jit.script(module).save(str(tmp_path / "model.pt"))
-    context = Context(tmp_path, "model.pt")
-    handler = scores_handler(context)
-    batch = inputs(2)
-    (answer,) = handler.handle([{"body": {"shape": list(batch.shape),
-                                          "data": batch.reshape(-1).tolist()}}], context)
-    with torch.no_grad():
-        expected = module(torch.from_numpy(batch)).numpy()
-    scores = json.loads(answer)
-    assert scores["shape"] == [2, 5]
-    np.testing.assert_allclose(np.asarray(scores["data"]).reshape(2, 5), expected, atol=1e-6)
+def test_handler_refuses_a_file_that_is_not_onnx(tmp_path: Path) -> None:
+    """A TorchScript or pickled archive is never loaded: the handler names what it serves."""
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04 not loaded")
+    with pytest.raises(ValueError, match="ONNX files only"):
+        scores_handler(Context(tmp_path, "model.pt"))

@@ -1,6 +1,7 @@
 """A TorchServe handler that answers the class scores of a batch of input tensors: the
-contract of the ``torchserve`` remote protocol (docs/remote-models.md), for an ONNX file
-(ONNX Runtime) or a TorchScript file (torch) as the archive's serialized file.
+contract of the ``torchserve`` remote protocol (docs/remote-models.md), for an ONNX file as
+the archive's serialized file, run by ONNX Runtime. Nothing is unpickled: a TorchScript or
+pickled file is refused at load (write your own handler to the same contract for one).
 
 A request is ``POST /predictions/<model>`` with a JSON tensor in the model's own layout
 and preprocessing::
@@ -39,29 +40,24 @@ class TensorScoresHandler:
         self._run: Any = None
 
     def initialize(self, context: Any) -> None:
-        """Loads the serialized file: ``.onnx`` with ONNX Runtime, else TorchScript."""
+        """Loads the serialized ``.onnx`` file into an ONNX Runtime session."""
+        import onnxruntime as ort  # noqa: PLC0415 - TorchServe's worker imports this file
+
         model_dir = Path(context.system_properties["model_dir"])
         path = model_dir / context.manifest["model"]["serializedFile"]
-        if path.suffix == ".onnx":
-            import onnxruntime as ort  # noqa: PLC0415 - only ONNX archives need it
+        if path.suffix != ".onnx":
+            raise ValueError(f"{path.name}: this handler serves ONNX files only (export the "
+                             f"model with torch.onnx.export or saliency export)")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        graph_input = session.get_inputs()[0]
+        self.input_name = graph_input.name
+        self.output_name = session.get_outputs()[0].name
+        first = graph_input.shape[0] if graph_input.shape else None
+        self.fixed_batch = first if isinstance(first, int) else 0
 
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            graph_input = session.get_inputs()[0]
-            self.input_name = graph_input.name
-            self.output_name = session.get_outputs()[0].name
-            first = graph_input.shape[0] if graph_input.shape else None
-            self.fixed_batch = first if isinstance(first, int) else 0
+        def run(batch: np.ndarray) -> np.ndarray:
+            return session.run([self.output_name], {self.input_name: batch})[0]
 
-            def run(batch: np.ndarray) -> np.ndarray:
-                return session.run([self.output_name], {self.input_name: batch})[0]
-        else:
-            import torch  # noqa: PLC0415 - TorchServe's own dependency
-
-            module = torch.jit.load(str(path), map_location="cpu").eval()
-
-            def run(batch: np.ndarray) -> np.ndarray:
-                with torch.inference_mode():
-                    return module(torch.from_numpy(batch)).float().numpy()
         self._run = run
         self.initialized = True
 
