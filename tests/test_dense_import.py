@@ -70,12 +70,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> support.Trained:
 @pytest.fixture(scope="module")
 def imported(trained: support.Trained,
              tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """The grid detector, the NMS detector and the U-Net imported with ``saliency import``:
+    """The grid detector, the NMS detector and both segmenters imported with ``saliency import``:
     (repository, what each import printed)."""
     root = tmp_path_factory.mktemp("models")
     flags = {"grid": ("--labels", ",".join(CLASSES), "--anchor", str(ANCHOR)),
              "nms": ("--labels", ",".join(CLASSES)),
-             "unet": ("--labels", ",".join(SEGMENT_LABELS))}
+             "unet": ("--labels", ",".join(SEGMENT_LABELS)),
+             "dilated": ("--labels", ",".join(SEGMENT_LABELS))}
     printed = {}
     for name, extra in flags.items():
         code, out, err = run_cli("import", str(trained.onnx[name]), "--name", name,
@@ -134,6 +135,10 @@ def test_import_tells_each_kind_from_the_outputs_and_prints_it(
     unet = json.loads((root / "unet" / "1" / "manifest.json").read_text())
     assert unet["outputs"]["kind"] == "segmentation" and unet["cam_layer"].startswith(
         "/decoder1/")
+    # A Shape → Resize path beside the maps (the dilated segmenter's upsampling to the input's
+    # size) carries no image values: its context block is still the CAM layer.
+    dilated = json.loads((root / "dilated" / "1" / "manifest.json").read_text())
+    assert dilated["cam_layer"].startswith("/context/"), printed["dilated"]
     nms = json.loads((root / "nms" / "1" / "manifest.json").read_text())
     assert {k: nms["outputs"][k] for k in ("kind", "boxes", "scores", "classes")} == {
         "kind": "detection", "boxes": "boxes", "scores": "scores", "classes": "classes"}
@@ -263,7 +268,7 @@ def test_a_segmenters_pixel_scores_are_read_as_a_classifiers_are(
 
 def test_cam_methods_are_offered_on_imported_grid_detectors_and_segmenters(
         stub: pb_grpc.ExplainerStub) -> None:
-    for model in ("grid", "unet"):
+    for model in ("grid", "unet", "dilated"):
         info = stub.GetModel(pb.GetModelRequest(model=model), timeout=60)
         assert info.status.ready, info.status.error
         offered = {m.name for m in info.methods}
@@ -276,12 +281,13 @@ def test_cam_methods_are_offered_on_imported_grid_detectors_and_segmenters(
     assert "drise" in {m.name for m in nms.methods}
 
 
-def test_served_grad_cam_of_a_unet_region_is_pytorch_grad_cams_semantic_segmentation_target(
+@pytest.mark.parametrize(("model", "layer"), [("unet", "decoder1"), ("dilated", "context")])
+def test_served_grad_cam_of_a_segmenter_region_is_pytorch_grad_cams_segmentation_target(
         stub: pb_grpc.ExplainerStub, trained: support.Trained, scenes,  # noqa: ANN001
-        grad_cam_library) -> None:  # noqa: ANN001
+        grad_cam_library, model: str, layer: str) -> None:  # noqa: ANN001
     library, model_targets = grad_cam_library
     inputs = preprocess(scenes.images)
-    module = trained.unet
+    module = getattr(trained, model)
     with torch.no_grad():
         logits = module(inputs).numpy()
     compared = 0
@@ -295,11 +301,11 @@ def test_served_grad_cam_of_a_unet_region_is_pytorch_grad_cams_semantic_segmenta
                 (det.region_from_box(box, support.SIZE, support.SIZE),
                  pb.RegionTarget(class_index=label, box=pb.Box(
                      x1=float(box[0]), y1=float(box[1]), x2=float(box[2]), y2=float(box[3]))))):
-            reply = explain(stub, "unet", "gradcam", image, pb.Target(region=target))
+            reply = explain(stub, model, "gradcam", image, pb.Target(region=target))
             assert reply.explained[0].region_pixels == int(region.sum())
             served = tensor_to_array(reply.saliency)
             peer = model_targets.SemanticSegmentationTarget(label, region.astype(np.float32))
-            theirs = library_cam(library, module, "decoder1", image, [peer])
+            theirs = library_cam(library, module, layer, image, [peer])
             assert_same_cam(served, theirs)
             compared += 1
     assert compared == 6

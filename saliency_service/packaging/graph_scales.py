@@ -86,6 +86,12 @@ def _is_tensor(node: Any) -> bool:
     return isinstance(_val(node), torch.Tensor)
 
 
+def _carries_values(node: Any) -> bool:
+    """A floating-point tensor: one that carries the image's values (not a shape or index)."""
+    value = _val(node)
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
 def _batch_dims(node: fx.Node, fixed_batch: int = 0) -> list[int]:
     """Dimensions whose size is symbolic: the exported dynamic batch (or, in a graph exported
     at a fixed batch, the leading dimension of that size)."""
@@ -123,17 +129,19 @@ class ProgramGraph:
         return [a for a in node.all_input_nodes if _is_tensor(a) and a.op != "get_attr"]
 
     def _find_dominators(self) -> set[fx.Node]:
-        """Nodes every input → output path goes through (exact path counts, big integers)."""
+        """Nodes every input → output path of values goes through (exact path counts, big
+        integers). Paths through integer tensors (a Shape feeding a Resize's sizes, a
+        Reshape's target) carry no values of the image, so they do not count."""
         into: dict[fx.Node, int] = {}
         for node in self.nodes:
             if node is self.input:
                 into[node] = 1
-            elif node.op == "call_function" or node is self.output:
+            elif node is self.output or (node.op == "call_function" and _carries_values(node)):
                 into[node] = sum(into.get(a, 0) for a in node.all_input_nodes
-                                 if node is self.output or _is_tensor(a))
+                                 if node is self.output or _carries_values(a))
         out: dict[fx.Node, int] = {self.output: 1}
         for node in reversed(self.nodes):
-            if node is not self.output and _is_tensor(node):
+            if node is not self.output and _carries_values(node):
                 out[node] = sum(out.get(u, 0) for u in node.users)
         total = into.get(self.output, 0)
         return {n for n in self.nodes if total and into.get(n, 0) * out.get(n, 0) == total}
