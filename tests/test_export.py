@@ -77,6 +77,21 @@ def test_package_files_manifest_and_agreement(tmp_path: Path) -> None:
     np.testing.assert_allclose(program_logits, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_export_leaves_the_callers_module_as_it_was(tmp_path: Path) -> None:
+    """Exporting freezes the module while it runs; a model still in training keeps its mode
+    and its trainable parameters afterwards (the exporter is often called mid-training)."""
+    model = TinyCNN().train()
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    export_package(model, name="m", version=1, input_shape=(3, 32, 32), mean=[0.5] * 3,
+                   std=[0.25] * 3, class_labels=[], repository=tmp_path)
+    assert all(module.training for module in model.modules())
+    assert not frozen.requires_grad
+    assert all(p.requires_grad for p in model.parameters() if p is not frozen)
+    find_scale_modules(model, torch.zeros(1, 3, 32, 32))
+    assert model.training and not frozen.requires_grad
+
+
 def test_export_refuses_a_package_that_disagrees(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     original = export_module._export_onnx

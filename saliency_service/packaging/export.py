@@ -20,6 +20,7 @@ as NMS passes no gradient to a box) or N×K×H×W class scores (``segmentation``
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -117,10 +118,29 @@ def trace_program(model: nn.Module, example: torch.Tensor, free_batch: bool = Tr
         raise ExportError(f"torch.export failed: {exc}") from exc
 
 
+def _keeps_module_state(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs ``function(model, ...)`` and then gives ``model`` back its training mode and its
+    parameters' ``requires_grad``: exporting freezes the module, the caller's stays as it was."""
+
+    @functools.wraps(function)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        modes = [(module, module.training) for module in model.modules()]
+        grads = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            for module, training in modes:
+                module.training = training
+            for parameter, requires_grad in grads:
+                parameter.requires_grad_(requires_grad)
+
+    return wrapper
+
+
 def graph_of(model: nn.Module, example: torch.Tensor, free_batch: bool = True
              ) -> tuple[fx.GraphModule, ProgramGraph]:
     """The exported graph module of ``model`` (eval mode, no parameter gradients) and its
-    analysis."""
+    analysis. The module shares ``model``'s parameters, so ``model`` stays frozen too."""
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -133,9 +153,10 @@ def graph_of(model: nn.Module, example: torch.Tensor, free_batch: bool = True
         raise ExportError(str(exc)) from exc
 
 
+@_keeps_module_state
 def find_scale_modules(module: nn.Module, example: torch.Tensor) -> list[str]:
     """Labels (outermost module, else graph node) of the tensors that end each scale."""
-    _, graph = graph_of(module.eval(), example.expand(2, *example.shape[1:]).contiguous())
+    _, graph = graph_of(module, example.expand(2, *example.shape[1:]).contiguous())
     return [point.label for point in graph.scale_ends()]
 
 
@@ -316,6 +337,7 @@ def _kind_outputs(kind: str, reference: Sequence[torch.Tensor],
     return int(shape[1]) - 5, outputs
 
 
+@_keeps_module_state
 def export_package(
     model: nn.Module,
     *,
