@@ -40,6 +40,7 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
                 "them as root)", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -114,8 +115,15 @@ def page_width(driver: WebDriver) -> tuple[int, int]:
         "return [document.documentElement.scrollWidth, window.innerWidth]"))
 
 
+def waiting(driver: WebDriver, seconds: float) -> WebDriverWait:
+    """A wait that retries while the page re-renders the elements a condition reads (a
+    list rebuilt between finding an element and reading it is not a failure)."""
+    return WebDriverWait(driver, seconds, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,))
+
+
 def ready_page(driver: WebDriver, url: str) -> WebDriverWait:
-    wait = WebDriverWait(driver, 120, poll_frequency=0.05)
+    wait = waiting(driver, 120)
     driver.get(url)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".method-option"))
     return wait
@@ -130,7 +138,7 @@ def set_param(driver: WebDriver, method: str, name: str, value: str) -> None:
 
 def test_explorer_explains_an_uploaded_image_with_two_methods(
         explorer_url: str, browser: WebDriver, tmp_path: Path) -> None:
-    wait = WebDriverWait(browser, 120, poll_frequency=0.05)
+    wait = waiting(browser, 120)
     browser.get(explorer_url)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".method-option"))
     assert "3×128×128" in browser.find_element(By.ID, "model-status").text
@@ -212,7 +220,7 @@ def test_class_labels_are_text_not_script(explorer_url: str, browser: WebDriver)
     """A package whose labels are HTML with script: the prediction, the class list and the
     result show the labels literally, and nothing runs (the page's policy forbids inline
     script, and no label is ever parsed as HTML)."""
-    wait = WebDriverWait(browser, 120, poll_frequency=0.05)
+    wait = waiting(browser, 120)
     browser.get(explorer_url)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".method-option"))
     title = browser.title
@@ -242,7 +250,7 @@ def test_class_labels_are_text_not_script(explorer_url: str, browser: WebDriver)
 
 def test_the_token_stays_in_the_tab(explorer_url: str, browser: WebDriver) -> None:
     """A pasted token is kept in sessionStorage (this tab), never in localStorage."""
-    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    wait = waiting(browser, 60)
     browser.get(explorer_url)
     browser.execute_script("localStorage.setItem('saliency-token', 'stale')")
     browser.get(explorer_url)
@@ -343,7 +351,7 @@ def test_named_values_are_lists_and_the_chart_follows_the_model(explorer_url: st
 def test_root_sends_a_browser_to_the_explorer(explorer_url: str, browser: WebDriver) -> None:
     root = explorer_url.removesuffix("explorer/")
     browser.get(root)
-    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".method-option"))
+    waiting(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".method-option"))
     assert browser.current_url == explorer_url
 
 
@@ -353,7 +361,7 @@ def test_a_server_with_a_token_asks_for_it(repository: Path, browser: WebDriver)
     config = make_config(repository, http_port=0, auth_token="s3cret")
     with RunningServer(config) as running:
         url = f"http://127.0.0.1:{running.server.http_port}/explorer/"
-        wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+        wait = waiting(browser, 60)
         browser.get(url)
         browser.execute_script("sessionStorage.clear()")
         browser.get(url)
