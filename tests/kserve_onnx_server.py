@@ -3,8 +3,9 @@
 over gRPC with ``--grpc-port``; ONNX Runtime inside.
 
 Usage: python kserve_onnx_server.py MODEL.onnx NAME HTTP_PORT [--grpc-port P] [--fail-first N]
-(``--fail-first N`` answers the first N inference calls with 503, as a predictor that is
-starting does). A batch whose first value is ``SLOW_SENTINEL`` is answered after
+[--extensions A,B] (``--fail-first N`` answers the first N inference calls with 503, as a
+predictor that is starting does; ``--extensions`` is what ``GET /v2`` lists, as Triton
+lists ``binary_tensor_data``). A batch whose first value is ``SLOW_SENTINEL`` is answered after
 ``SLOW_SECONDS``: a slow model, whatever the machine's speed."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import kserve
 import numpy as np
 import onnxruntime as ort
 from kserve.errors import ServerNotReady
+from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 SLOW_SENTINEL = 1234.5
@@ -71,7 +73,15 @@ def main() -> None:
     parser.add_argument("http_port", type=int)
     parser.add_argument("--fail-first", type=int, default=0)
     parser.add_argument("--grpc-port", type=int, default=0)
+    parser.add_argument("--extensions", default="")
     args = parser.parse_args()
+    if args.extensions:
+        listed = DataPlane.metadata
+
+        def metadata(self: DataPlane) -> dict:
+            return {**listed(self), "extensions": args.extensions.split(",")}
+
+        DataPlane.metadata = metadata
     model = OnnxModel(args.name, args.model, args.fail_first)
     kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port or 8081,
                        enable_grpc=bool(args.grpc_port), workers=1).start([model])

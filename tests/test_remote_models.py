@@ -255,3 +255,41 @@ def test_remote_calls_and_bytes_reach_the_metrics(server: RunningServer,
             - value(before, "saliency_remote_bytes_total", **labels))
     assert calls >= 2  # the prediction and at least one chunk of occluded copies
     assert sent >= calls * 3 * SIZE * SIZE * 4
+
+
+@pytest.fixture(scope="module")
+def binary_predictor(predictors: dict[str, Any]) -> Iterator[dict[str, str]]:
+    """The same ModelServer, listing binary_tensor_data in GET /v2 as Triton does."""
+    process, urls = start_predictor(Path(predictors["local"]) / "model.onnx", "plain",
+                                    "--extensions", "model_repository,binary_tensor_data")
+    yield urls
+    stop(process)
+
+
+@pytest.mark.parametrize(("lists", "binary_data", "sent_binary"), [
+    (True, None, True), (False, None, False), (True, False, False), (False, True, True)])
+def test_binary_tensors_when_the_predictor_lists_the_extension(
+        predictors: dict[str, Any], binary_predictor: dict[str, str], tmp_path: Path,
+        lists: bool, binary_data: bool | None, sent_binary: bool) -> None:
+    remote = {"protocol": "v2-rest", "model": "plain", "max_batch": 4,
+              "url": (binary_predictor if lists else predictors["steady"])["http"]}
+    if binary_data is not None:
+        remote["binary_data"] = binary_data
+    handle = ModelHandle("remote", 1, write_remote(Path(predictors["local"]), tmp_path,
+                                                   "remote", remote))
+    handle.load()
+    local = ModelHandle("plain", 1, Path(predictors["local"]))
+    local.load()
+    assert handle.ready, handle.error
+    assert handle.remote.describe()["remote.binary_data"] == str(sent_binary).lower()
+    cost = CostCounter()
+    batch = inputs(10)
+    (scores,) = handle.run(batch, state=RequestState(), count_remote=cost.remote)
+    (expected,) = local.run(batch)
+    assert np.abs(scores - expected).max() <= 1e-5
+    raw_bytes = 10 * 3 * SIZE * SIZE * 4
+    if sent_binary:  # raw bytes beside a short header, three calls
+        assert raw_bytes <= cost.remote_bytes < raw_bytes + 3 * 1024
+    else:  # JSON numbers: 15 characters for a float32's 4 bytes
+        assert cost.remote_bytes > 3 * raw_bytes
+    handle.remote.close()

@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 
 from saliency_service.core.errors import DeadlineExceeded, Unavailable
+from saliency_service.core.json_numbers import json_array
 from saliency_service.proto import open_inference_pb2 as oip
 
 KSERVE_V1 = "kserve-v1"
@@ -50,6 +51,8 @@ RETRY_STATUSES = (502, 503, 504)
 RETRY_PAUSE_SECONDS = 0.05
 # The binary tensor extension's header: the JSON part's length, binary tensors after it.
 BINARY_HEADER = "inference-header-content-length"
+# How a V2 server (Triton) says it takes binary tensors, in GET /v2's extensions.
+BINARY_EXTENSION = "binary_tensor_data"
 
 
 class InvalidRemote(ValueError):
@@ -92,8 +95,9 @@ class RemoteSpec:
     timeout_seconds: float = 60.0
     retries: int = 2
     # V2 REST's binary tensor extension (Triton, KServe): raw float32 bytes after the JSON;
-    # over TorchServe, the tensor's data as base64 float32 instead of JSON numbers.
-    binary_data: bool = False
+    # over TorchServe, the tensor's data as base64 float32 instead of JSON numbers. None:
+    # over V2 REST, when the predictor lists the extension (GET /v2), else JSON numbers.
+    binary_data: bool | None = None
     # TorchServe's management API (http://host:8081): readiness from the model's workers.
     management_url: str = ""
     headers: dict[str, str] = field(default_factory=dict)
@@ -131,8 +135,9 @@ class RemoteSpec:
         if not isinstance(headers, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise InvalidRemote("manifest remote.headers must map header names to strings")
-        binary = data.get("binary_data", False)
-        if not isinstance(binary, bool) or (binary and protocol not in (V2_REST, TORCHSERVE)):
+        binary = data.get("binary_data")
+        if ((binary is not None and not isinstance(binary, bool))
+                or (binary and protocol not in (V2_REST, TORCHSERVE))):
             raise InvalidRemote("manifest remote.binary_data must be true or false, and true "
                                 f"only with protocol {V2_REST} or {TORCHSERVE}")
         management = _string(data, "management_url")
@@ -224,6 +229,8 @@ class RemotePredictor:
         self.input_name = input_name
         self.output_name = output_name
         self.metadata: dict[str, Any] = {}
+        # Over V2 REST without remote.binary_data, probe() asks the predictor (GET /v2).
+        self.binary_data = bool(spec.binary_data)
         headers = {"content-type": "application/json", **spec.headers}
         if spec.bearer_token_env:
             token = os.environ.get(spec.bearer_token_env)
@@ -386,6 +393,18 @@ class RemotePredictor:
             raise Unavailable(f"the {spec.where} says the model is not ready (GET "
                               f"{path}: HTTP {ready})")
         self._check_names(body)
+        if spec.binary_data is None:
+            self.binary_data = BINARY_EXTENSION in self._extensions(timeout)
+
+    def _extensions(self, timeout: float) -> list[str]:
+        """The protocol extensions the V2 server lists (``GET /v2``); none when it does not
+        say (a proxy that routes only the model's paths, say)."""
+        try:
+            response = self._client.get(self.spec.url + "/v2", timeout=timeout)
+            listed = response.json().get("extensions") if response.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return []
+        return [str(each) for each in listed] if isinstance(listed, list) else []
 
     def _check_names(self, body: dict[str, Any]) -> None:
         """Unavailable when V2 metadata lacks the manifest's input or output name."""
@@ -405,6 +424,8 @@ class RemotePredictor:
         spec = self.spec
         shown = {"remote.protocol": spec.protocol, "remote.url": spec.url,
                  "remote.model": spec.model, "remote.max_batch": str(spec.max_batch)}
+        if spec.protocol in (V2_REST, TORCHSERVE):
+            shown["remote.binary_data"] = str(self.binary_data).lower()
         for key in ("platform", "versions"):
             if self.metadata.get(key):
                 shown[f"remote.{key}"] = str(self.metadata[key])[:200]
@@ -521,8 +542,9 @@ class RemotePredictor:
         return scores.astype(np.float32)
 
     def _request(self, batch: np.ndarray) -> Any:
-        """The path, body and extra headers of one call (float32 values written exactly,
-        in JSON or, with ``binary_data``, as raw little-endian bytes after it)."""
+        """The path, body and extra headers of one call (float32 values written exactly:
+        as JSON numbers, nine digits each (``core.json_numbers``), or with binary data as
+        raw little-endian bytes after the JSON, or base64 over TorchServe)."""
         spec = self.spec
         if spec.protocol == V2_GRPC:
             return oip.ModelInferRequest(
@@ -534,20 +556,19 @@ class RemotePredictor:
                 raw_input_contents=[batch.astype("<f4", copy=False).tobytes()])
         if spec.protocol == KSERVE_V1:
             return (f"/v1/models/{spec.model}:predict",
-                    json.dumps({"instances": batch.tolist()}).encode(), {})
-        if spec.protocol == TORCHSERVE:
-            data: Any = (base64.b64encode(batch.astype("<f4", copy=False).tobytes()).decode()
-                         if spec.binary_data else batch.reshape(-1).tolist())
-            tensor = {"name": self.input_name, "shape": list(batch.shape),
-                      "datatype": spec.datatype, "data": data}
-            return f"/predictions/{spec.model}", json.dumps(tensor).encode(), {}
+                    b'{"instances": ' + json_array(batch) + b"}", {})
         tensor: dict[str, Any] = {"name": self.input_name, "shape": list(batch.shape),
                                   "datatype": spec.datatype}
+        if spec.protocol == TORCHSERVE:
+            data = (json.dumps(base64.b64encode(batch.astype("<f4", copy=False).tobytes())
+                               .decode()).encode()
+                    if self.binary_data else json_array(batch, nested=False))
+            return f"/predictions/{spec.model}", _with_data(tensor, data), {}
         output: dict[str, Any] = {"name": self.output_name}
         path = f"/v2/models/{spec.model}/infer"
-        if not spec.binary_data:
-            tensor["data"] = batch.reshape(-1).tolist()
-            return path, json.dumps({"inputs": [tensor], "outputs": [output]}).encode(), {}
+        if not self.binary_data:
+            return path, (b'{"inputs": [' + _with_data(tensor, json_array(batch, nested=False))
+                          + b'], "outputs": ' + json.dumps([output]).encode() + b"}"), {}
         raw = batch.astype("<f4", copy=False).tobytes()
         tensor["parameters"] = {"binary_data_size": len(raw)}
         output["parameters"] = {"binary_data": True}
@@ -662,6 +683,11 @@ def _grpc_channel(spec: RemoteSpec) -> grpc.Channel:
         root_certificates=read(tls.ca_file), private_key=read(tls.key_file),
         certificate_chain=read(tls.cert_file))
     return grpc.secure_channel(spec.url, credentials, options=options)
+
+
+def _with_data(tensor: dict[str, Any], data: bytes) -> bytes:
+    """The JSON object ``tensor`` with ``data`` (JSON text already) as its last member."""
+    return json.dumps(tensor).encode()[:-1] + b', "data": ' + data + b"}"
 
 
 def _json(response: httpx.Response, spec: RemoteSpec) -> dict[str, Any]:
