@@ -22,6 +22,7 @@ import torch
 from saliency_service.core.errors import InvalidInput
 from saliency_service.core.params import param
 from saliency_service.core.repository import ModelHandle
+from saliency_service.methods._utils.layer_program import find_layer, layer_module
 from saliency_service.methods._utils.resize import upsample
 from saliency_service.methods._utils.target_score import selected_scores
 from saliency_service.methods._utils.torch_program import CUT_PREFIX, prepared_module
@@ -41,7 +42,8 @@ PLUS_PLUS_EPSILON = 1e-6
 
 def resolve_layer(job: Job, layer: str) -> str:
     """The output for ``layer``: '' = the manifest's CAM output, a scale or token output
-    name, or a module name listed in the manifest's scale modules (or its CAM layer)."""
+    name, or a module name listed in the manifest's scale modules (or its CAM layer); else
+    the ONNX tensor of any N×C×H×W layer named by tensor, node or module (``find_layer``)."""
     spec = job.model.spec()
     if not layer:
         if not spec.cam_output:
@@ -56,13 +58,7 @@ def resolve_layer(job: Job, layer: str) -> str:
         return spec.scale_outputs[spec.scale_modules.index(layer)]
     if layer == spec.cam_layer:
         return spec.cam_output
-    choices = [f"{o} ({m})" for o, m in zip(spec.scale_outputs, spec.scale_modules, strict=False)]
-    if spec.token_grid:
-        choices.append(f"{spec.token_grid['output']} ({spec.cam_layer})")
-    raise InvalidInput(
-        f"layer {layer!r} is neither a scale output nor a scale module of "
-        f"model {spec.name!r}; choose one of {choices}"
-    )
+    return find_layer(job.model, layer)
 
 
 def as_feature_map(model: ModelHandle, output_name: str, values: np.ndarray) -> np.ndarray:
@@ -81,15 +77,19 @@ def as_feature_map(model: ModelHandle, output_name: str, values: np.ndarray) -> 
 
 def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]:
     """Activations A and ∂ logit[target] / ∂ A at ``output_name`` (both N×K×h×w float32;
-    tokens reshaped to their patch grid).
+    tokens reshaped to their patch grid): an extra output, or an ONNX tensor a client named.
 
     One forward and one (partial) backward pass per image, chunked by the memory budget.
     """
-    module = prepared_module(job.model, CUT_PREFIX + output_name)
+    extra_outputs = job.model.spec().extra_outputs
+    if output_name in extra_outputs:
+        module = prepared_module(job.model, CUT_PREFIX + output_name)
+        index = extra_outputs.index(output_name) + 1
+    else:  # a layer the client named
+        module, index = layer_module(job.model, output_name)
     grid = job.model.spec().token_grid
     # Tokens may come L×N×D (batch second); feature maps are N×K×h×w.
     batch_dim = int(grid.get("batch_dim", 0)) if grid and output_name == grid.get("output") else 0
-    index = job.model.spec().extra_outputs.index(output_name) + 1
     activations: list[np.ndarray] = []
     gradients: list[np.ndarray] = []
     targets = torch.from_numpy(job.targets.astype(np.int64)).view(-1, 1)
@@ -146,7 +146,8 @@ def grad_cam(job: Job, output_name: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CamParams:
-    """The layer: a scale output or module name; empty = the manifest's CAM layer."""
+    """The layer: a scale output or module name, or any N×C×H×W tensor of the graph by
+    tensor, node or module name; empty = the manifest's CAM layer."""
 
     layer: str = param("")
 

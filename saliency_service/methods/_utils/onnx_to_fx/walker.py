@@ -174,6 +174,8 @@ class _Translation:
                 if isinstance(value, fx.Node):
                     value.meta["onnx_node"] = node.name
                     value.meta["onnx_op"] = node.op_type
+                    # Every ONNX tensor this node holds (an Identity adds its own name).
+                    value.meta.setdefault("onnx_tensors", []).append(name)
                 self.values[name] = value
         for name, is_used in zip(node.output[len(results):], op.used[len(results):],
                                  strict=False):
