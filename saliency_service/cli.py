@@ -180,7 +180,7 @@ def _import(args: argparse.Namespace) -> int:
             layout=args.layout, output=args.output, output_name=args.output_name,
             kind=args.kind, grid=GridHead(args.stride, args.anchor, args.score_threshold,
                                           args.nms_iou, args.max_detections),
-            overwrite=args.force, timeout=args.timeout)
+            cam_layer=args.cam_layer, overwrite=args.force, timeout=args.timeout)
     except (UsageError, ImportRefused) as exc:
         return _usage_error(exc)
     print("\n".join(report.lines()))
@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                           choices=("auto", "logits", "probabilities", "sigmoid"),
                           help="what the class scores are (default: read from the graph)")
     imported.add_argument("--output-name", help="the class-score output, when several fit")
+    imported.add_argument("--cam-layer", default="",
+                          help="Grad-CAM's default layer: an N×C×H×W tensor, the node making "
+                          "it, or a module path (default: the last scale)")
     imported.add_argument("--kind", default="auto",
                           choices=("auto", "classification", "detection_raw", "detection",
                                    "segmentation"),

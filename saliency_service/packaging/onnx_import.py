@@ -636,6 +636,7 @@ def import_onnx(
     output_name: str | None = None,
     kind: str = AUTO,
     grid: GridHead | None = None,
+    cam_layer: str = "",
     overwrite: bool = False,
     seed: int = 0,
     timeout: float = 120.0,
@@ -647,7 +648,9 @@ def import_onnx(
     most ``timeout`` seconds in all (0 = no bound). Raises ImportRefused for what cannot be
     served, with the flag or change that fixes it; ``labels_source`` (e.g. the labels file)
     is named when the labels do not match the classes. ``kind`` says what the outputs are
-    where they do not tell (``recognise``); ``grid`` is a raw grid head's decoding.
+    where they do not tell (``recognise``); ``grid`` is a raw grid head's decoding;
+    ``cam_layer`` names Grad-CAM's default layer (a tensor, node or module path), added as
+    one more scale output when it ends none.
     """
     started = time.perf_counter()
     _check_normalization(mean, std, value_range)
@@ -725,12 +728,15 @@ def import_onnx(
         raise ImportRefused(f"{len(labels)} class labels{read} for the model's {classes} "
                             "classes (one label per line in a file, or comma-separated)")
     if found.kind == DETECTION:
+        if cam_layer:
+            raise ImportRefused(f"--cam-layer: {_NMS_INSIDE}, so Grad-CAM has no layer")
         features = Features(scales_missing=_NMS_INSIDE, gradients_missing=_NMS_INSIDE,
                             head_why=_NO_CLASS_HEAD)
         served = model
     else:
         features, served = find_features(model, external, image, chosen_layout, shape,
-                                         batch or 0, output_name, model_kind, rng, timeout)
+                                         batch or 0, output_name, model_kind, rng, timeout,
+                                         cam_layer)
         if found.kind != CLASSIFICATION:
             features = dataclasses.replace(features, head={"type": "unknown"},
                                            head_why=_NO_CLASS_HEAD)
@@ -845,10 +851,12 @@ class Features:
     gradients_missing: str = ""
     gradients_checked: bool = True
     head_why: str = ""
+    chosen_cam: str = ""  # the output --cam-layer named
 
     @property
     def cam(self) -> FeatureTensor | None:
-        return self.tokens or (self.scales[-1] if self.scales else None)
+        chosen = [s for s in self.scales if s.output == self.chosen_cam]
+        return chosen[0] if chosen else self.tokens or (self.scales[-1] if self.scales else None)
 
     def manifest(self) -> dict[str, Any]:
         """The manifest fields the exporter writes for the same findings."""
@@ -875,9 +883,10 @@ class Features:
                                f"{_shown(self.tokens.shape)} on a {self.grid[0]}×{self.grid[1]} "
                                f"patch grid after {self.prefix_tokens} prefix token(s)")
         cam = self.cam
-        found["cam"] = (f"{cam.output} ({cam.label}), the "
-                        + ("tokens feeding the last attention" if cam is self.tokens
-                           else "last scale") if cam else "none: no scale or token outputs")
+        why = ("given by --cam-layer" if cam is not None and cam.output == self.chosen_cam
+               else "tokens feeding the last attention" if cam is self.tokens else "last scale")
+        found["cam"] = (f"{cam.output} ({cam.label}), the {why}" if cam
+                        else "none: no scale or token outputs")
         found["head"] = (f"gap_linear ({self.head.get('linear')}, {self.head.get('features')} "
                          "features): FastCAM needs no backward pass"
                          if self.head.get("type") == "gap_linear" else f"unknown: {self.head_why}")
@@ -1070,6 +1079,42 @@ def _gap_linear_head(model: onnx.ModelProto, external: dict[str, bytes], output_
     return head, "", (weight, np.asarray(bias, np.float32).reshape(-1))
 
 
+def _cam_layer_point(graph: Any, model: onnx.ModelProto, cam_layer: str) -> Any:
+    """The analysis graph's tensor that ``--cam-layer`` names (a tensor, the node making it
+    or a module path), as a scale point; ImportRefused when none is an N×C×H×W map the class
+    output depends on."""
+    from saliency_service.methods._utils.layer_names import (  # noqa: PLC0415
+        LayerNameError,
+        graph_names,
+        tensors_named,
+    )
+    from saliency_service.packaging.graph_scales import GraphScaleError  # noqa: PLC0415
+
+    try:
+        tensors, _ = tensors_named(graph_names(model), cam_layer)
+    except LayerNameError as exc:
+        raise ImportRefused(f"--cam-layer: {exc}") from None
+    if not tensors:
+        raise ImportRefused(f"--cam-layer {cam_layer!r} names no tensor, node or module of the "
+                            "graph (node names are listed by e.g. Netron)")
+    held = {t: n for n in graph.nodes if n.op == "call_function"
+            for t in n.meta.get("onnx_tensors", ())}
+    nodes = [held[t] for t in tensors if t in held]
+    if not nodes:
+        raise ImportRefused(f"--cam-layer {cam_layer!r}: the class output does not depend on "
+                            "it (or it is a constant)")
+    problems = []
+    for node in reversed(nodes):
+        try:
+            (point,) = graph.named_scales([node.name])
+            return point
+        except GraphScaleError:
+            problems.append(node)
+    shape = list(problems[0].meta["val"].shape) if "val" in problems[0].meta else "unknown"
+    raise ImportRefused(f"--cam-layer {cam_layer!r} has shape {shape}: Grad-CAM reads an "
+                        "N×C×H×W feature map")
+
+
 def _candidates(node: Any, model: onnx.ModelProto) -> list[str]:
     """ONNX tensors that may hold ``node``'s value: the outputs of the ONNX node it was
     translated from, else (an op inside one node's translation) those of its users'
@@ -1127,26 +1172,30 @@ def _free_names(model: onnx.ModelProto, wanted: Sequence[str]) -> list[str]:
 def find_features(model: onnx.ModelProto, external: dict[str, bytes], image: _Input,
                   layout: str, shape: tuple[int, int, int], batch: int, output_name: str,
                   kind: str, rng: np.random.Generator,
-                  timeout: float = 0.0) -> tuple[Features, onnx.ModelProto]:
+                  timeout: float = 0.0, cam_layer: str = "") -> tuple[Features, onnx.ModelProto]:
     """The scale ends and patch tokens of ``model`` (the PyTorch exporter's rule, on the
     graph translated to torch), each checked against ONNX Runtime, and ``model`` with them
     added as outputs ``scale_0..k`` / ``tokens_0`` (``model`` itself when none are).
 
-    A graph the analysis fails on is still imported, for the methods that need no more."""
+    A graph the analysis fails on is still imported, for the methods that need no more;
+    ``cam_layer`` (a tensor, node or module path) must then be an N×C×H×W map the class
+    output depends on, else the import is refused."""
     try:
         return _find_features(model, external, image, layout, shape, batch, output_name, kind,
-                              rng, timeout)
+                              rng, timeout, cam_layer)
     except ImportRefused:
         raise
     except Exception as exc:  # noqa: BLE001 - the extra outputs never stop an import
         why = f"the graph analysis failed ({type(exc).__name__}: {str(exc)[:300]})"
+        if cam_layer:
+            raise ImportRefused(f"--cam-layer cannot be honoured: {why}") from exc
         return Features(scales_missing=why, head_why=why, gradients_checked=False), model
 
 
 def _find_features(model: onnx.ModelProto, external: dict[str, bytes], image: _Input,
                    layout: str, shape: tuple[int, int, int], batch: int, output_name: str,
                    kind: str, rng: np.random.Generator,
-                   timeout: float) -> tuple[Features, onnx.ModelProto]:
+                   timeout: float, cam_layer: str) -> tuple[Features, onnx.ModelProto]:
     try:
         import torch  # noqa: PLC0415
 
@@ -1161,26 +1210,37 @@ def _find_features(model: onnx.ModelProto, external: dict[str, bytes], image: _I
         )
     except ModuleNotFoundError:
         why = "needs PyTorch, which this install lacks: pip install 'saliency-service[torch]'"
+        if cam_layer:
+            raise ImportRefused(f"--cam-layer {why}") from None
         return Features(scales_missing=why, gradients_missing=why, head_why=why), model
     analysis = inline(_analysis_model(model, image, layout, shape, output_name), external)
     try:
         graph_module = to_graph_module(analysis)
     except UnsupportedGraph as exc:
         why = f"its ONNX graph cannot be translated to torch: {exc}"
+        if cam_layer:
+            raise ImportRefused(f"--cam-layer: {why}") from None
         return Features(scales_missing=why, gradients_missing=why, head_why=why), model
     del analysis
     if layout == "NHWC":
         _channels_first_input(graph_module)
     _rewrite_activations(graph_module)
     scales_missing = ""
-    points, tokens = [], None
+    points, tokens, chosen_cam = [], None, None
     try:
         graph = ProgramGraph(graph_module, batch)
         points = distinct(graph.scale_ends())
         tokens = graph.token_grid()
         if not points:
             scales_missing = _no_scales_reason(graph, layout)
+        if cam_layer:
+            chosen_cam = _cam_layer_point(graph, model, cam_layer)
+            if all(p.node is not chosen_cam.node for p in points):
+                points.append(chosen_cam)
+                scales_missing = ""
     except GraphScaleError as exc:
+        if cam_layer:
+            raise ImportRefused(f"--cam-layer {cam_layer!r}: {exc}") from None
         scales_missing = str(exc)
     chosen = [*(p.node for p in points), *([tokens.point.node] if tokens else [])]
     tensors = {node: _candidates(node, model) for node in chosen}
@@ -1223,6 +1283,9 @@ def _find_features(model: onnx.ModelProto, external: dict[str, bytes], image: _I
                 matched[node] = tensor
                 difference = max(difference, error)
                 break
+    if chosen_cam is not None and chosen_cam.node not in matched:
+        raise ImportRefused(f"--cam-layer {cam_layer!r} is computed inside an ONNX node and "
+                            "has no tensor of its own to add as an output")
     dropped = [p for p in points if p.node not in matched]
     points = [p for p in points if p.node in matched]
     if dropped and not points:
@@ -1243,6 +1306,8 @@ def _find_features(model: onnx.ModelProto, external: dict[str, bytes], image: _I
     scales = tuple(feature(n, p) for n, p in zip(scale_names, points, strict=False))
     token = feature(scale_names[-1], tokens.point) if tokens else None
     cam = token or (scales[-1] if scales else None)
+    if chosen_cam is not None:
+        cam = next(s for s, p in zip(scales, points, strict=False) if p.node is chosen_cam.node)
     head, head_why, weights = _gap_linear_head(model, external, output_name, kind, cam)
     if weights is not None and cam is not None:
         maps = runtime[cam.tensor].astype(np.float64)
@@ -1255,7 +1320,8 @@ def _find_features(model: onnx.ModelProto, external: dict[str, bytes], image: _I
         prefix_tokens=tokens.prefix_tokens if tokens else 0,
         token_batch_dim=tokens.batch_dim if tokens else 0, head=head, head_why=head_why,
         activation_bytes=_activation_bytes(graph_module, batch), max_difference=difference,
-        scales_missing=scales_missing, gradients_missing=gradients_missing)
+        scales_missing=scales_missing, gradients_missing=gradients_missing,
+        chosen_cam=cam.output if chosen_cam is not None and cam is not None else "")
     return features, _with_outputs(model, features, image)
 
 
