@@ -267,6 +267,15 @@ def test_module_paths_from_node_metadata_equal_pytorch_grad_cam(
                      inputs[index:index + 1], [3]))
 
 
+@pytest.mark.parametrize("method", ["xgradcam", "guided_gradcam"])
+def test_every_cam_method_takes_a_named_layer(stub: pb_grpc.ExplainerStub,
+                                              inputs: torch.Tensor, method: str) -> None:
+    at_layer = served(stub, "resnet", method, inputs, "layer2.0", [0, 2])
+    default = served(stub, "resnet", method, inputs, "", [0, 2])
+    assert at_layer.shape == default.shape and at_layer.max() > 0
+    assert not np.allclose(at_layer, default)
+
+
 def test_a_scale_named_by_its_node_is_that_scale(stub: pb_grpc.ExplainerStub,
                                                  inputs: torch.Tensor) -> None:
     info = stub.GetModel(pb.GetModelRequest(model="resnet"), timeout=60)
@@ -331,7 +340,7 @@ def test_an_unknown_layer_is_refused_with_candidates(stub: pb_grpc.ExplainerStub
 
 def test_a_layer_that_is_not_a_feature_map_is_refused(stub: pb_grpc.ExplainerStub) -> None:
     message = refusal(stub, "resnet", "/Flatten")
-    assert "2-D" in message and "N×C×H×W" in message
+    assert "is 2-D (N×16)" in message and "N×C×H×W" in message
     assert "is an input" in refusal(stub, "resnet", "input")
 
 

@@ -114,12 +114,14 @@ def _not_a_map(model: ModelHandle, index: LayerIndex, layer: str, tensor: str) -
                 f"{_shown(layer)} (tensor {_shown(tensor)}: a constant, or it feeds only other "
                 f"outputs); choose one of {suggestions(model)}")
     shape = index.shapes.get(node)
+    shown = ("×".join(["N", *map(str, shape[1:])]) if shape and node in index.batch_first
+             else list(shape or ()))
     if shape is None:
         why = "is not a float tensor"
     elif len(shape) != 4:
-        why = f"is {len(shape)}-D, shape {list(shape)}"
+        why = f"is {len(shape)}-D ({shown})"
     else:
-        why = f"has shape {list(shape)}, whose first dimension is not the batch"
+        why = f"has shape {shown}, whose first dimension is not the batch"
     return (f"layer {_shown(layer)} (tensor {_shown(tensor)}) {why}; Grad-CAM reads an "
             f"N×C×H×W feature map, e.g. {suggestions(model)}")
 
