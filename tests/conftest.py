@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 
+from saliency_service import cli
 from saliency_service.packaging.export import export_package
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from saliency_service.serving.background import RunningServer
 from saliency_service.serving.config import Config
 from tests.models import TinyCNN
+
+if TYPE_CHECKING:
+    from tests.detection_support import Trained
 
 TINY_SHAPE = (3, 32, 32)
 TINY_LABELS = ("alpha", "beta", "gamma", "delta")
@@ -60,3 +67,31 @@ def channel(server: RunningServer) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="session")
 def stub(channel: grpc.Channel) -> pb_grpc.ExplainerStub:
     return pb_grpc.ExplainerStub(channel)
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """``saliency ARGS`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared machine: a second torch thread only waits on the first
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module that wants it)."""
+    import torch  # noqa: PLC0415
+
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(caller_threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """The shipped detector and segmenters, exported to ONNX once per test module."""
+    from tests.detection_support import load_trained  # noqa: PLC0415
+
+    return load_trained(tmp_path_factory.mktemp("detection-models"))

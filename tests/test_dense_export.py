@@ -9,9 +9,7 @@ checked against pytorch-grad-cam). What cannot be exported is refused in one lin
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from saliency_service import cli
 from saliency_service.core import detections as det
 from saliency_service.evaluation.scenes import CLASSES, SceneConfig, generate
 from saliency_service.methods._utils import dense_cam
@@ -33,8 +30,10 @@ from saliency_service.serving.background import RunningServer
 from saliency_service.zoo.detectors import ANCHOR, MEAN, STD, STRIDE, NmsDetector, preprocess
 from saliency_service.zoo.segmenters import UNetSegmenter
 from tests import detection_support as support
-from tests.conftest import make_config
+from tests.conftest import make_config, run_cli
 from tests.fixtures.make_detection_models import FOLDER
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEGMENT_LABELS = ("background", *CLASSES)
 COMMON = ("--input-shape", "3,64,64", "--mean", ",".join(map(str, MEAN)),
@@ -42,25 +41,7 @@ COMMON = ("--input-shape", "3,64,64", "--mean", ",".join(map(str, MEAN)),
 CAM_TOLERANCE = 1e-4
 
 
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared machine: a second torch thread only waits on the first."""
-    caller_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(caller_threads)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> support.Trained:
-    return support.load_trained(tmp_path_factory.mktemp("onnx"))
 
 
 @pytest.fixture(scope="module")

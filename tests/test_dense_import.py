@@ -12,9 +12,7 @@ pytorch-grad-cam's ``GradCAM`` with ``SemanticSegmentationTarget`` and
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from saliency_service import cli
 from saliency_service.core import detections as det
 from saliency_service.evaluation.scenes import CLASSES, SceneConfig, generate
 from saliency_service.methods._utils import dense_cam
@@ -36,8 +33,10 @@ from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from saliency_service.serving.background import RunningServer
 from saliency_service.zoo.detectors import ANCHOR, STRIDE, preprocess
 from tests import detection_support as support
-from tests.conftest import make_config
+from tests.conftest import make_config, run_cli
 from tests.test_detection_models import assert_same_cam, grad_cam_library, library_cam
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 __all__ = ["grad_cam_library"]  # a fixture this module uses
 
@@ -46,25 +45,7 @@ NORMALIZATION = ("--mean", "0.5", "--std", "0.25")
 CAM_METHODS = {"gradcam", "gradcam_plus_plus", "xgradcam", "guided_gradcam"}
 
 
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared machine: a second torch thread only waits on the first."""
-    caller_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(caller_threads)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> support.Trained:
-    return support.load_trained(tmp_path_factory.mktemp("onnx"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,23 +26,13 @@ from saliency_service.zoo.segmenters import segmenter_miou, train_segmenter
 from tests import detection_support as support
 from tests.peer_grad_cam import import_pytorch_grad_cam
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CAM_TOLERANCE = 1e-4
 DRISE_SCENES = 30
 DRISE_MASKS = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared machine: a second torch thread only waits on the first."""
-    caller_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(caller_threads)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> support.Trained:
-    return support.load_trained(tmp_path_factory.mktemp("detection-models"))
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from saliency_service import cli
 from saliency_service.core.repository import ModelHandle, sha256_file
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from saliency_service.protocol.images import array_to_tensor, tensor_to_array
-from tests.conftest import RunningServer, make_config
+from tests.conftest import RunningServer, make_config, run_cli
 
 SHAPE = (3, 16, 16)
 CLASSES = 5
@@ -52,12 +51,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert (folder / "model.onnx.data").is_file()
     return folder / "model.onnx"
 
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

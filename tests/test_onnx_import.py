@@ -11,7 +11,6 @@ checked against the source framework, is in ``tests/test_import_all_methods.py``
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import shutil
@@ -27,13 +26,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from saliency_service import cli
 from saliency_service.core.repository import sha256_file
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from saliency_service.serving.background import RunningServer
-from tests.conftest import make_config
+from tests.conftest import make_config, run_cli
 from tests.fixtures.onnx_classifiers import BOXES, FOLDER, SIZE, region_classifier
 
 ONNX_ONLY = {"occlusion", "rise", "decam"}
@@ -80,12 +78,6 @@ FIXTURES = [
 ]
 IDS = [f.name for f in FIXTURES]
 
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
