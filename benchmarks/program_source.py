@@ -8,6 +8,10 @@ packages carried as ``model.pt2`` before). Both go through the same variant rewr
 (``time_interleaved``); the minimum of the repeats is reported.
 
     .venv/bin/python -m benchmarks.program_source [--quick] [--models resnet50,demo]
+        [--batches 1,8] [--repeats 6] [--threads 1]
+
+``--threads 1`` keeps both sides on one torch thread, so a machine shared with other work
+changes both alike.
 
 Writes ``benchmarks/results/program_source.json``.
 """
@@ -98,15 +102,21 @@ def main() -> None:
     parser.add_argument("--models", default="resnet50,demo")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for both sides (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else args.repeats
     rows = []
     for name in model_names(parser, args.models):
         for batch in (int(b) for b in args.batches.split(",")):
             rows.extend(measure(name, batch, repeats, args.quick))
     print(table(rows))
-    write_json("program_source", {"rows": rows, "size": SIZE, "quick": args.quick},
-               args.out)
+    write_json("program_source", {"rows": rows, "size": SIZE, "quick": args.quick,
+                                  "threads": args.threads or None}, args.out)
 
 
 if __name__ == "__main__":
