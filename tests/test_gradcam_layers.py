@@ -98,6 +98,23 @@ class WithAux(nn.Module):
         return logits, self.aux(middle)
 
 
+class SplitNet(nn.Module):
+    """One convolution's channels split in two (an ONNX Split: a node with two outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 8, 3, 2, 1)
+        self.fc = nn.Linear(8, len(LABELS))
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = self.relu(self.conv1(x)).split([4, 4], dim=1)
+        return self.fc(torch.relu(self.conv2(left * right.sigmoid())).mean((2, 3)))
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -133,7 +150,8 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, nn.Module]:
-    return {"resnet": ResNet(), "tiny": TinyCNN(num_classes=len(LABELS)), "aux": WithAux()}
+    return {"resnet": ResNet(), "tiny": TinyCNN(num_classes=len(LABELS)), "aux": WithAux(),
+            "split": SplitNet()}
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +163,11 @@ def repository(models: dict[str, nn.Module], tmp_path_factory: pytest.TempPathFa
     tiny = onnx_file(models["tiny"], files / "tiny.onnx", ["scores"])
     aux = onnx_file(models["aux"], files / "aux.onnx", ["scores", "aux"])
     scoped = onnx_file(models["tiny"], files / "scoped.onnx", ["scores"], dynamo=True)
+    split = onnx_file(models["split"], files / "split.onnx", ["scores"])
     for name, source, extra in (
             ("tiny", tiny, ()), ("tiny_cam", tiny, ("--cam-layer", "/layer2/conv/Conv")),
             ("scoped", scoped, ("--cam-layer", "layer2.bn")),
-            ("aux", aux, ("--output-name", "scores"))):
+            ("aux", aux, ("--output-name", "scores")), ("split", split, ())):
         code, _, err = run_cli("import", str(source), "--name", name, "--models", str(root),
                                "--labels", ",".join(LABELS), "--output", "logits", *extra)
         assert code == 0, err
@@ -267,6 +286,18 @@ def test_module_paths_from_node_metadata_equal_pytorch_grad_cam(
                      inputs[index:index + 1], [3]))
 
 
+@pytest.mark.parametrize("layer", ["conv1", "/relu/Relu"])
+def test_a_layer_before_a_split_equals_pytorch_grad_cam(
+        stub: pb_grpc.ExplainerStub, repository: Path, models: dict[str, nn.Module],
+        inputs: torch.Tensor, library, layer: str) -> None:  # noqa: ANN001
+    """The scores reach the convolution through both outputs of one Split node."""
+    graph = onnx.load(str(repository / "split" / "1" / "model.onnx")).graph
+    assert "Split" in {node.op_type for node in graph.node}
+    module = {"conv1": "conv1", "/relu/Relu": "relu"}[layer]
+    assert_same_cam(served(stub, "split", "gradcam", inputs, layer, [1, 2]),
+                    peer(library, models["split"], "gradcam", module, inputs, [1, 2]))
+
+
 @pytest.mark.parametrize("method", ["xgradcam", "guided_gradcam"])
 def test_every_cam_method_takes_a_named_layer(stub: pb_grpc.ExplainerStub,
                                               inputs: torch.Tensor, method: str) -> None:
@@ -368,6 +399,25 @@ def test_import_refuses_an_unknown_cam_layer(tmp_path: Path,
     assert not (tmp_path / "bad").exists()
     graph = onnx.load(str(source)).graph
     assert "/Flatten" in {node.name for node in graph.node}
+
+
+def test_import_reads_module_paths_of_very_deep_node_names(
+        tmp_path: Path, models: dict[str, nn.Module]) -> None:
+    """A node name of 300,000 scopes (numeric ones, each making the module path search back
+    over all before it) is read in one pass: the import finishes and finds the layer."""
+    graph_model = onnx.load(str(onnx_file(models["tiny"], tmp_path / "tiny.onnx", ["scores"])))
+    flatten = next(node for node in graph_model.graph.node if node.name == "/Flatten")
+    flatten.name = "/" + "0/" * 300_000 + "Flatten"
+    onnx.save(graph_model, str(tmp_path / "deep.onnx"))
+    code, out, err = run_cli("import", str(tmp_path / "deep.onnx"), "--name", "deep",
+                             "--models", str(tmp_path / "models"), "--labels",
+                             ",".join(LABELS), "--output", "logits", "--cam-layer", "layer2.conv")
+    assert code == 0, err
+    assert "(/layer2/conv/Conv), the layer given by --cam-layer" in out
+    code, _, err = run_cli("import", str(tmp_path / "deep.onnx"), "--name", "deeper",
+                           "--models", str(tmp_path / "models"), "--labels",
+                           ",".join(LABELS), "--output", "logits", "--cam-layer", "0.0")
+    assert code != 0 and "--cam-layer" in err
 
 
 # ---- HTTP/JSON ---------------------------------------------------------------------------

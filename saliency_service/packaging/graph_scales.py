@@ -87,9 +87,11 @@ def _is_tensor(node: Any) -> bool:
 
 
 def _carries_values(node: Any) -> bool:
-    """A floating-point tensor: one that carries the image's values (not a shape or index)."""
+    """A floating-point tensor, or the list of them a Split makes: one that carries the
+    image's values (not a shape or index)."""
     value = _val(node)
-    return isinstance(value, torch.Tensor) and value.is_floating_point()
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in values)
 
 
 def _batch_dims(node: fx.Node, fixed_batch: int = 0) -> list[int]:

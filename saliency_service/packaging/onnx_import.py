@@ -883,7 +883,7 @@ class Features:
                                f"{_shown(self.tokens.shape)} on a {self.grid[0]}×{self.grid[1]} "
                                f"patch grid after {self.prefix_tokens} prefix token(s)")
         cam = self.cam
-        why = ("given by --cam-layer" if cam is not None and cam.output == self.chosen_cam
+        why = ("layer given by --cam-layer" if cam is not None and cam.output == self.chosen_cam
                else "tokens feeding the last attention" if cam is self.tokens else "last scale")
         found["cam"] = (f"{cam.output} ({cam.label}), the {why}" if cam
                         else "none: no scale or token outputs")

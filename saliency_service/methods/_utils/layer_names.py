@@ -59,16 +59,21 @@ def module_path(node: onnx.NodeProto) -> str:
             return scopes[-2] if len(scopes) >= 3 else ""
     if not node.name.startswith("/"):
         return ""
-    path = ""
+    atoms: list[str] = []  # the path's dot-separated atoms
     for scope in node.name.split("/")[1:-1]:
-        atoms = path.split(".") if path else []
-        start = next((i for i in reversed(range(len(atoms))) if not atoms[i].isnumeric()), 0)
-        tail = ".".join(atoms[start:])
-        if path and scope.startswith(tail + "."):
-            path = ".".join([*atoms[:start], scope])
-        else:
-            path = f"{path}.{scope}" if path else scope
-    return path
+        # The tail from the last non-numeric atom, searched back only while it is shorter
+        # than the scope (a longer one cannot start it): one pass over the name in all.
+        start, width = len(atoms), -1
+        while start > 0 and width < len(scope):
+            start -= 1
+            width += len(atoms[start]) + 1
+            if not atoms[start].isnumeric():
+                break
+        if atoms and width < len(scope) and scope.startswith(".".join(atoms[start:]) + "."):
+            del atoms[start:]
+        if atoms or scope:
+            atoms.extend(scope.split("."))
+    return ".".join(atoms)
 
 
 def _inside(path: str, module: str) -> bool:

@@ -131,16 +131,21 @@ def _shown(name: str, most: int = 80) -> str:
 
 
 class _Shapes(fx.Interpreter):
-    """Runs the program once, keeping each float tensor's shape (values are freed)."""
+    """Runs the program once, keeping each float tensor's shape (values are freed) and the
+    nodes that make a list of them (a Split), which the scores' values pass through too."""
 
     def __init__(self, graph_module: fx.GraphModule) -> None:
         super().__init__(graph_module)
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.lists: set[str] = set()
 
     def run_node(self, n: fx.Node) -> object:
         result = super().run_node(n)
         if isinstance(result, torch.Tensor) and result.is_floating_point():
             self.shapes[n.name] = tuple(result.shape)
+        elif isinstance(result, (list, tuple)) and any(
+                isinstance(r, torch.Tensor) and r.is_floating_point() for r in result):
+            self.lists.add(n.name)
         return result
 
 
@@ -186,12 +191,17 @@ def _build_index(model: ModelHandle) -> LayerIndex:
     outputs = {node.name: name for node, name in zip(results[1:], spec.extra_outputs,
                                                       strict=False) if isinstance(node, fx.Node)}
     scored: set[str] = set()
+    seen: set[str] = set()
     pending = [results[0]]
     while pending:
         node = pending.pop()
-        if not isinstance(node, fx.Node) or node.name in scored or node.name not in shapes:
+        if not isinstance(node, fx.Node) or node.name in seen:
             continue
-        scored.add(node.name)
+        seen.add(node.name)
+        if node.name in shapes:
+            scored.add(node.name)
+        elif node.name not in reader.lists:
+            continue
         pending.extend(node.all_input_nodes)
     return LayerIndex(names, nodes, shapes, frozenset(batch_first), frozenset(scored), outputs,
                       labels)
