@@ -68,20 +68,21 @@ def classifier(package: Path, threads: int = 1) -> metrics.OnnxClassifier:
 
 def explain(core: Any, model: str, method: int, inputs: np.ndarray, targets: np.ndarray,
             params: tuple[str, Any] | None = None, batch: int = 8,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, precision: str = "") -> dict[str, Any]:
     """Our maps of float32 N×C×H×W ``inputs`` (already preprocessed), ``batch`` images a
-    request, through the in-process core: maps, forward passes and wall seconds per image
-    (the core's own Cost), and whether any reply was truncated."""
+    request with the request's ``precision`` ("" = the server's), through the in-process
+    core: maps, forward passes and wall seconds per image (the core's own Cost), the
+    precisions the replies report, and whether any reply was truncated."""
     from saliency_service.core.request import CostCounter, RequestState  # noqa: PLC0415
     from saliency_service.proto import explainer_pb2 as pb  # noqa: PLC0415
     from saliency_service.protocol.images import array_to_tensor, tensor_to_array  # noqa: PLC0415
 
-    maps, passes, seconds, truncated = [], 0, 0.0, False
+    maps, passes, seconds, truncated, used = [], 0, 0.0, False, set()
     diagnostics: list[dict[str, float]] = []
     for start in range(0, len(inputs), batch):
         part = slice(start, start + batch)
         request = pb.ExplainRequest(
-            model=model, method=method, seed=seed,
+            model=model, method=method, seed=seed, precision=precision,
             input=pb.Input(tensor=array_to_tensor(np.ascontiguousarray(inputs[part]))),
             target=pb.Target(per_item=pb.ClassIndices(indices=targets[part].tolist())))
         if params is not None:
@@ -92,8 +93,10 @@ def explain(core: Any, model: str, method: int, inputs: np.ndarray, targets: np.
         maps.append(tensor_to_array(reply.saliency))
         passes += reply.cost.forward_passes
         truncated |= reply.cost.truncated
+        used.add(reply.cost.precision)
         diagnostics.append(dict(reply.diagnostics))
     count = len(inputs)
     return {"maps": np.concatenate(maps), "forward_passes_per_image": passes / count,
             "seconds_per_image": seconds / count, "truncated": truncated,
+            "precision": "/".join(sorted(used)),
             "diagnostics": diagnostics}

@@ -3,7 +3,8 @@ environment (``.venv-openvino``), so it imports nothing of this project.
 
 Reads float32 N×C×H×W model inputs (preprocessed by the caller exactly as our server does) and
 int64 targets from .npy files, explains each image with one OpenVINO XAI method on the ONNX
-model, and writes the N×H×W maps (.npy) and a JSON report: seconds and model calls per image.
+model, and writes the N×H×W maps (.npy) and a JSON report: seconds and model calls per image,
+and the inference precision OpenVINO chose (its default: bf16 on CPUs with bfloat16 units).
 Model calls are counted by wrapping the method's ``model_forward`` (every inference it runs,
 by batch size), so AISE's adaptive count is measured, not assumed. The model is compiled
 with ``INFERENCE_NUM_THREADS`` set, so both systems run the same number of threads.
@@ -110,7 +111,9 @@ def main() -> None:
     with open(args.report, "w") as out:
         json.dump({"method": args.method, "params": params, "threads": args.threads,
                    "seconds": seconds, "model_calls": passes,
-                   "openvino": ov.__version__}, out)
+                   "openvino": ov.__version__,
+                   "inference_precision": method._model_compiled.get_property(
+                       "INFERENCE_PRECISION_HINT").get_type_name()}, out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ on its test photographs, which have no ground truth), with paired bootstrap inte
 DE-CAM − AISE. The ResNet-50-shaped model has random weights: time and passes only.
 The peer runs one image per call (its API); ours runs requests of ``--batch`` images.
 
+Ours runs twice per method, one row after the other on the same inputs, targets and seeds,
+in one in-process server started as ``--precision bfloat16 --forward-engine openvino``:
+requests asking for "float32" run on ONNX Runtime (the default server), requests leaving
+``precision`` empty run on OpenVINO in bfloat16 where the model passed the server's check
+(each row says which precision ran). The peer keeps OpenVINO's default inference precision
+(bf16 on CPUs with bfloat16 units; its rows say). On the demo cells, each bfloat16 row's
+metric means are set against the float32 row's 95 % bootstrap interval.
+
     python -m benchmarks.openvino_xai [--quick] [--images 24] [--threads 1]
         [--models demo,resnet50]
 """
@@ -50,6 +58,7 @@ from benchmarks.common import (
     table,
     write_json,
 )
+from saliency_service.core import devices
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.protocol.inputs import preprocess_pixels
 
@@ -57,6 +66,10 @@ PEER_VENV = ROOT / ".venv-openvino"
 PEER_REQUIREMENTS = ("openvino-xai==1.1.0", "openvino==2024.4.0")
 PEER_SCRIPT = ROOT / "benchmarks" / "_openvino_peer.py"
 RISE_CELLS = 8  # OpenVINO XAI's "balance" grid; ours is set to the same
+PEER = "OpenVINO XAI"
+# Our rows: the request's precision field for each.
+OURS = {"ours float32 (ONNX Runtime)": "float32", "ours bfloat16 (OpenVINO)": ""}
+FLOAT32, BFLOAT16 = OURS
 
 
 def peer_python() -> tuple[Path | None, str]:
@@ -102,7 +115,8 @@ def run_peer(python: Path, package: Path, method: str, inputs: np.ndarray,
     return {"maps": maps, "seconds_per_image": float(np.mean(report["seconds"])),
             "forward_passes_per_image": float(np.mean(report["model_calls"])),
             "forward_passes_max": int(max(report["model_calls"])),
-            "openvino": report["openvino"]}
+            "openvino": report["openvino"],
+            "precision": report.get("inference_precision", "?")}
 
 
 def model_setup(name: str, images: int) -> dict[str, Any]:
@@ -129,63 +143,90 @@ def model_setup(name: str, images: int) -> dict[str, Any]:
 
 
 def compare_model(setup: dict[str, Any], python: Path | None, threads: int, masks: int,
-                  batch: int) -> dict[str, Any]:
+                  batch: int, ours_systems: dict[str, str]) -> dict[str, Any]:
     name, package, inputs = setup["name"], setup["package"], setup["inputs"]
-    core = in_process_core(setup["root"], intra_op_threads=threads)
+    placement = devices.current()
+    core = in_process_core(setup["root"], intra_op_threads=threads,
+                           precision=placement.precision,
+                           forward_engine=placement.forward_engine)
     if setup["scored"]:
         targets = setup["batch"].labels.astype(np.int64)
-    else:  # random weights: explain what the model predicts
-        targets = core.repository.find(name, 0).run(inputs)[0].argmax(1).astype(np.int64)
+    else:  # random weights: explain what the model predicts (in float32)
+        with devices.requested("float32"):
+            logits = core.repository.find(name, 0).run(inputs)[0]
+        targets = logits.argmax(1).astype(np.int64)
     scorer = _cells.classifier(package, threads) if setup["scored"] else None
     rows: list[dict[str, Any]] = []
-    scores: dict[str, dict[str, np.ndarray]] = {}
+    scores: dict[tuple[str, str], dict[str, np.ndarray]] = {}
 
     def add(pair: str, system: str, method: str, run: dict[str, Any]) -> None:
         row = {"model": name, "pair": pair, "system": system, "method": method,
-               "seconds_per_image": run["seconds_per_image"],
+               "precision": run["precision"], "seconds_per_image": run["seconds_per_image"],
                "forward_passes_per_image": run["forward_passes_per_image"]}
         if scorer is not None:
             per_image = _cells.quality(run["maps"], setup["batch"], targets, scorer)
-            scores[method] = per_image
+            scores[system, method] = per_image
             row.update(_cells.means(per_image))
         rows.append(row)
         print(table([{k: fmt(v) for k, v in row.items()}]), flush=True)
 
-    def ours(method: int, params: tuple[str, Any] | None = None) -> dict[str, Any]:
-        # An untimed request first, as the peer's first inference is untimed too.
-        _cells.explain(core, name, method, inputs[:1], targets[:1], params)
-        return _cells.explain(core, name, method, inputs, targets, params, batch=batch)
+    def ours(pair: str, label: str, method: int,
+             params: tuple[str, Any] | None = None) -> None:
+        for system, precision in ours_systems.items():
+            # An untimed request first, as the peer's first inference is untimed too (it
+            # also compiles and checks the bfloat16 model, as a server's warm-up does).
+            _cells.explain(core, name, method, inputs[:1], targets[:1], params,
+                           precision=precision)
+            add(pair, system, label, _cells.explain(core, name, method, inputs, targets,
+                                                    params, batch=batch, precision=precision))
 
     if python is not None:
         rise = {"num_masks": masks, "num_cells": RISE_CELLS, "prob": 0.5}
-        add("RISE", "OpenVINO XAI", "rise", run_peer(python, package, "rise", inputs, targets,
-                                                     threads, rise))
-    add("RISE", "ours", "rise", ours(pb.METHOD_RISE, ("rise", pb.RiseParams(
-        masks=masks, cells=RISE_CELLS, keep_probability=0.5))))
+        add("RISE", PEER, "rise", run_peer(python, package, "rise", inputs, targets,
+                                           threads, rise))
+    ours("RISE", "rise", pb.METHOD_RISE, ("rise", pb.RiseParams(
+        masks=masks, cells=RISE_CELLS, keep_probability=0.5)))
     aise_passes = None
     if python is not None:
         aise = run_peer(python, package, "aise", inputs, targets, threads)
         aise_passes = math.floor(aise["forward_passes_per_image"])  # never more than AISE
-        add("AISE / DE-CAM", "OpenVINO XAI", "aise", aise)
+        add("AISE / DE-CAM", PEER, "aise", aise)
         budget = pb.DecamParams(max_forward_passes=aise_passes)
-        add("AISE / DE-CAM", "ours", f"decam[max_forward_passes={aise_passes}]",
-            ours(pb.METHOD_DECAM, ("decam", budget)))
+        ours("AISE / DE-CAM", f"decam[max_forward_passes={aise_passes}]", pb.METHOD_DECAM,
+             ("decam", budget))
     if setup["scored"]:  # what the defaults buy; on random weights only their cost, fixed
-        add("AISE / DE-CAM", "ours", "decam (defaults)", ours(pb.METHOD_DECAM))
+        ours("AISE / DE-CAM", "decam (defaults)", pb.METHOD_DECAM)
     if python is not None:
-        add("ReciproCAM / FastCAM", "OpenVINO XAI", "reciprocam", run_peer(
+        add("ReciproCAM / FastCAM", PEER, "reciprocam", run_peer(
             python, package, "reciprocam", inputs, targets, threads,
             target_layer=setup["target_layer"]))
-    add("ReciproCAM / FastCAM", "ours", "fastcam", ours(pb.METHOD_FASTCAM))
-    add("ReciproCAM / FastCAM", "ours", "smoe_scale", ours(pb.METHOD_SMOE_SCALE))
+    ours("ReciproCAM / FastCAM", "fastcam", pb.METHOD_FASTCAM)
+    ours("ReciproCAM / FastCAM", "smoe_scale", pb.METHOD_SMOE_SCALE)
     result: dict[str, Any] = {"model": name, "images": len(inputs), "rows": rows,
                               "aise_forward_passes": aise_passes}
-    decam = f"decam[max_forward_passes={aise_passes}]"
-    if "aise" in scores and decam in scores:
+    decam = (FLOAT32, f"decam[max_forward_passes={aise_passes}]")
+    if (PEER, "aise") in scores and decam in scores:
         result["decam_minus_aise"] = {
-            metric: _cells.paired(scores[decam][metric], scores["aise"][metric])
+            metric: _cells.paired(scores[decam][metric], scores[PEER, "aise"][metric])
             for metric in scores[decam]}
+    result["bfloat16_against_float32"] = {
+        method: against_float32(scores[FLOAT32, method], scores[BFLOAT16, method])
+        for system, method in scores if system == BFLOAT16 and (FLOAT32, method) in scores}
     return result
+
+
+def against_float32(full: dict[str, np.ndarray],
+                    half: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Per metric: the float32 row's mean with its 95 % bootstrap interval, the bfloat16
+    row's mean, whether it lies within that interval, and the paired difference."""
+    found = {}
+    for metric, values in full.items():
+        interval = _cells.paired(values, np.zeros_like(values))  # the mean's interval
+        mean = float(np.nanmean(half[metric]))
+        found[metric] = {"float32": interval, "bfloat16": mean,
+                         "within": bool(interval["low"] <= mean <= interval["high"]),
+                         "difference": _cells.paired(half[metric], values)}
+    return found
 
 
 def ratios(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -195,11 +236,11 @@ def ratios(result: dict[str, Any]) -> list[dict[str, Any]]:
     pairs = [("rise", "rise"), ("aise", decam), ("reciprocam", "fastcam"),
              ("reciprocam", "smoe_scale")]
     out = []
-    for peer, mine in pairs:
-        theirs, ours = by.get(("OpenVINO XAI", peer)), by.get(("ours", mine))
+    for (peer, mine), system in ((pair, system) for pair in pairs for system in OURS):
+        theirs, ours = by.get((PEER, peer)), by.get((system, mine))
         if theirs is None or ours is None:
             continue
-        row = {"model": result["model"], "OpenVINO XAI": peer, "ours": mine,
+        row = {"model": result["model"], PEER: peer, "ours": f"{mine}, {ours['precision']}",
                "passes (theirs / ours)": f"{theirs['forward_passes_per_image']:.0f} / "
                                          f"{ours['forward_passes_per_image']:.0f}",
                "time ratio (theirs / ours)": theirs["seconds_per_image"]
@@ -211,9 +252,23 @@ def ratios(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def speedups(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per method of ours: float32 (ONNX Runtime) time / bfloat16 (OpenVINO) time."""
+    by = {(row["system"], row["method"]): row for row in result["rows"]}
+    return [{"model": result["model"], "method": method,
+             "precision (ours bfloat16 row)": row["precision"],
+             "float32 s/image": by[FLOAT32, method]["seconds_per_image"],
+             "bfloat16 s/image": row["seconds_per_image"],
+             "speed-up": by[FLOAT32, method]["seconds_per_image"] / row["seconds_per_image"]}
+            for (system, method), row in by.items()
+            if system == BFLOAT16 and (FLOAT32, method) in by]
+
+
 def report(results: dict[str, Any]) -> str:
     lines = [f"OpenVINO XAI {results.get('openvino', '?')} against ours, "
-             f"{results['threads']} thread(s) each, on a 2-core machine shared with other "
+             f"{results['threads']} thread(s) each (ours float32 on ONNX Runtime and "
+             "bfloat16 on OpenVINO, the peer at OpenVINO's default precision), "
+             "on a 2-core machine shared with other "
              "work (absolute times are loaded; the ratios are measured side by side in one "
              "run). Quality on the demo's test cells (ground-truth metrics skip blank "
              "images) and, for the fashion model, RCAP on Fashion-MNIST test photographs; "
@@ -227,9 +282,18 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"DE-CAM − AISE at {result['aise_forward_passes']} passes, {metric}: "
                          f"{value['difference']:+.3f} [95 % CI {value['low']:+.3f}, "
                          f"{value['high']:+.3f}], n = {value['n']}")
+        for method, found in result.get("bfloat16_against_float32", {}).items():
+            lines.append(f"{method}, bfloat16 against float32's 95 % CI: " + "; ".join(
+                f"{metric} {value['bfloat16']:.3f} in [{value['float32']['low']:.3f}, "
+                f"{value['float32']['high']:.3f}]: {'yes' if value['within'] else 'NO'}"
+                for metric, value in found.items()))
     rows = [row for result in results["models"] for row in ratios(result)]
     if rows:
         lines += ["", "Ratios:", table([{k: fmt(v) for k, v in row.items()} for row in rows])]
+    rows = [row for result in results["models"] for row in speedups(result)]
+    if rows:
+        lines += ["", "Ours, bfloat16 on OpenVINO against float32 on ONNX Runtime:",
+                  table([{k: fmt(v) for k, v in row.items()} for row in rows])]
     for note in results.get("notes", []):
         lines.append(note)
     return "\n".join(lines) + "\n"
@@ -241,7 +305,7 @@ def main() -> None:
                         help="demo and fashion images (ResNet-50: 2)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8, help="our images per request")
-    parser.add_argument("--masks", type=int, default=1000, help="RISE masks on the demo")
+    parser.add_argument("--masks", type=int, default=1000, help="RISE masks")
     parser.add_argument("--models", default=None,
                         help="demo,fashion,resnet50 (quick: demo)")
     args = parser.parse_args()
@@ -249,6 +313,12 @@ def main() -> None:
     python, missing = peer_python()
     results: dict[str, Any] = {"threads": args.threads, "models": [], "quick": args.quick,
                                "peer_missing": missing, "notes": []}
+    ours_systems = dict(OURS)
+    try:
+        devices.configure(precision="bfloat16", forward_engine=devices.OPENVINO)
+    except devices.PlacementRefused as refused:
+        del ours_systems[BFLOAT16]
+        results["notes"].append(f"No bfloat16 rows of ours: {refused}")
     if python is not None:
         version = subprocess.run(
             [str(python), "-c", "import openvino; print(openvino.__version__)"],
@@ -260,9 +330,10 @@ def main() -> None:
                                 "run: that model is not in the comparison.")
     for name in models:
         images = (3 if args.quick else args.images) if name != "resnet50" else 2
-        masks = (200 if args.quick else args.masks) if name != "resnet50" else 300
+        masks = 200 if args.quick else args.masks
         results["models"].append(compare_model(model_setup(name, images), python,
-                                               args.threads, masks, args.batch))
+                                               args.threads, masks, args.batch, ours_systems))
+    devices.configure()
     text = report(results)
     print(text)
     print(f"wrote {write_json('openvino_xai', {**results, 'report': text}, args.out)}")
