@@ -53,6 +53,8 @@ RETRY_PAUSE_SECONDS = 0.05
 BINARY_HEADER = "inference-header-content-length"
 # How a V2 server (Triton) says it takes binary tensors, in GET /v2's extensions.
 BINARY_EXTENSION = "binary_tensor_data"
+# Largest answer read (after decompression): the scores, or V1's every output, of a batch.
+MAX_ANSWER_BYTES = 256 << 20
 
 
 class InvalidRemote(ValueError):
@@ -488,18 +490,28 @@ class RemotePredictor:
                       count: Callable[[int, int], None] | None) -> np.ndarray:
         spec = self.spec
         path, body, headers = prepared
+        ends = time.monotonic() + timeout
         try:
-            response = self._client.post(spec.url + path, content=body, headers=headers,
-                                         timeout=timeout)
+            with self._client.stream("POST", spec.url + path, content=body, headers=headers,
+                                     timeout=timeout) as streamed:
+                response = _read_answer(streamed, ends, spec)
         except httpx.TimeoutException as exc:
             _check_deadline(deadline, spec, exc)
             raise _Retry(f"no answer within {timeout:g} s (remote.timeout_seconds)") from exc
         except httpx.TransportError as exc:
             raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+        except httpx.DecodingError as exc:
+            raise Unavailable(f"the {spec.where} answered a body that does not decode as its "
+                              f"content-encoding says: {exc}") from exc
         if count is not None:
             count(1, len(body) + len(response.content))
         if response.status_code == 200:
-            return self._scores(response, rows)
+            try:
+                return self._scores(response, rows)
+            except (ValueError, TypeError, AttributeError) as exc:  # what the predictor sent
+                raise Unavailable(f"the {spec.where} answered a batch of {rows} with a body "
+                                  f"that is not its protocol's: {type(exc).__name__}: "
+                                  f"{str(exc)[:200]}") from exc
         problem = f"HTTP {response.status_code}: {response.text[:300]}"
         if response.status_code in RETRY_STATUSES:
             raise _Retry(problem)
@@ -688,6 +700,25 @@ def _grpc_channel(spec: RemoteSpec) -> grpc.Channel:
 def _with_data(tensor: dict[str, Any], data: bytes) -> bytes:
     """The JSON object ``tensor`` with ``data`` (JSON text already) as its last member."""
     return json.dumps(tensor).encode()[:-1] + b', "data": ' + data + b"}"
+
+
+def _read_answer(response: httpx.Response, ends: float, spec: RemoteSpec) -> httpx.Response:
+    """``response`` read whole by ``ends`` (monotonic) and within ``MAX_ANSWER_BYTES``: a
+    predictor that trickles its answer is stopped at the call's bound, not at each read's."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise Unavailable(f"the {spec.where} answered more than "
+                              f"{MAX_ANSWER_BYTES / (1 << 20):g} MiB for one call")
+        if time.monotonic() > ends:
+            raise httpx.ReadTimeout("the answer did not end in time", request=response.request)
+        chunks.append(chunk)
+    headers = [(key, value) for key, value in response.headers.raw
+               if key.lower() not in (b"content-encoding", b"content-length")]  # decoded
+    return httpx.Response(response.status_code, headers=headers, content=b"".join(chunks),
+                          request=response.request)
 
 
 def _json(response: httpx.Response, spec: RemoteSpec) -> dict[str, Any]:
