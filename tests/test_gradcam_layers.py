@@ -420,6 +420,22 @@ def test_import_reads_module_paths_of_very_deep_node_names(
     assert code != 0 and "--cam-layer" in err
 
 
+def test_import_reads_unterminated_name_scopes_in_one_pass(
+        tmp_path: Path, models: dict[str, nn.Module]) -> None:
+    """A node's ``name_scopes`` metadata of 200,000 escaped quotes that never close (each one
+    a place a quoted string could start) is read in one pass."""
+    graph_model = onnx.load(str(onnx_file(models["tiny"], tmp_path / "tiny.onnx", ["scores"])))
+    flatten = next(node for node in graph_model.graph.node if node.name == "/Flatten")
+    scopes = "'" + "\\'" * 200_000
+    onnx.helper.set_metadata_props(flatten, {"pkg.torch.onnx.name_scopes": scopes})
+    onnx.save(graph_model, str(tmp_path / "quotes.onnx"))
+    code, out, err = run_cli("import", str(tmp_path / "quotes.onnx"), "--name", "quotes",
+                             "--models", str(tmp_path / "models"), "--labels",
+                             ",".join(LABELS), "--output", "logits", "--cam-layer", "layer2.conv")
+    assert code == 0, err
+    assert "(/layer2/conv/Conv), the layer given by --cam-layer" in out
+
+
 # ---- HTTP/JSON ---------------------------------------------------------------------------
 
 

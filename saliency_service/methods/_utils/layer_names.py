@@ -19,7 +19,6 @@ import onnx
 # Longest layer name looked up (tf2onnx's scoped names run to a few hundred characters).
 MAX_LAYER_CHARS = 1024
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
-_QUOTED = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"")
 _CALL_SUFFIX = r"_\d+"
 
 
@@ -55,7 +54,7 @@ def module_path(node: onnx.NodeProto) -> str:
     ``/scope/…/Op`` node name (a repeated call keeps its ``_k`` suffix); '' when neither."""
     for prop in node.metadata_props:
         if prop.key == NAME_SCOPES:
-            scopes = [a or b for a, b in _QUOTED.findall(prop.value)]
+            scopes = _quoted(prop.value)
             return scopes[-2] if len(scopes) >= 3 else ""
     if not node.name.startswith("/"):
         return ""
@@ -74,6 +73,25 @@ def module_path(node: onnx.NodeProto) -> str:
         if atoms or scope:
             atoms.extend(scope.split("."))
     return ".".join(atoms)
+
+
+def _quoted(text: str) -> list[str]:
+    """The quoted strings of a list's text (``['', 'layer2', 'layer2.bn']``), backslash
+    escapes kept, in one pass: an unterminated one ends the list."""
+    found = []
+    opening = -1  # where the string being read opens; -1 between strings
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if opening < 0:
+            opening = index if char in "'\"" else -1
+        elif char == "\\":
+            index += 1
+        elif char == text[opening]:
+            found.append(text[opening + 1:index])
+            opening = -1
+        index += 1
+    return found
 
 
 def _inside(path: str, module: str) -> bool:
