@@ -63,10 +63,12 @@ class Predictor(BaseHTTPRequestHandler):
         if "now" in ANSWER:
             self._send(*ANSWER["now"])
             return
-        # Until a test sets an answer (the warm-up): zero scores for each input, in JSON.
+        # Until a test sets an answer (the warm-up): ``ANSWER["score"]`` (0) for each input
+        # and class, in JSON.
         length = int(self.headers.get("inference-header-content-length", len(body)))
         rows = json.loads(body[:length])["inputs"][0]["shape"][0]
-        self._send(json.dumps(output(shape=[rows, 3], data=[0.0] * rows * 3)).encode())
+        data = [ANSWER.get("score", 0.0)] * rows * 3
+        self._send(json.dumps(output(shape=[rows, 3], data=data)).encode())
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +170,19 @@ def test_an_oversized_answer_is_unavailable(stub: pb_grpc.ExplainerStub,
             tensor=array_to_tensor(batch))), timeout=60)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
     assert "MiB" in caught.value.details()
+
+
+def test_nan_scores_are_unavailable(stub: pb_grpc.ExplainerStub) -> None:
+    """Scores of the right shape, every one NaN: no map or prediction is made of them."""
+    ANSWER.pop("now", None)
+    ANSWER["score"] = float("nan")
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            explain(stub)
+    finally:
+        del ANSWER["score"]
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    assert "NaN" in caught.value.details()
 
 
 def test_a_wellformed_binary_answer_is_read(stub: pb_grpc.ExplainerStub) -> None:

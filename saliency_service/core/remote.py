@@ -478,9 +478,15 @@ class RemotePredictor:
                     raise DeadlineExceeded(f"the request's deadline passed while the {spec.where}"
                                            " was computing")
             try:
-                return attempt_once(prepared, batch.shape[0], timeout, deadline, count)
+                scores = attempt_once(prepared, batch.shape[0], timeout, deadline, count)
             except _Retry as retry:
                 problem = str(retry)
+            else:
+                if np.isnan(scores).any():  # no target or map is made of them
+                    raise Unavailable(f"the {spec.where} answered NaN scores for "
+                                      f"{int(np.isnan(scores).any(axis=1).sum())} of "
+                                      f"{batch.shape[0]} inputs")
+                return scores
             if attempt < spec.retries:
                 time.sleep(RETRY_PAUSE_SECONDS * (2 ** attempt))
         raise Unavailable(f"the {spec.where} is unavailable after {spec.retries + 1} "
