@@ -6,8 +6,12 @@ file loaded locally, on loopback.
 
 Per method and protocol: the wall time of one gRPC Explain (one image, the method's
 default parameters) remote and local, timed round-robin, their ratio, the remote calls
-and bytes one request makes and the largest difference between the two maps. With
-``--predictors`` naming one of them, the figures go to ``remote_<predictor>.json``.
+and bytes one request makes and the largest difference between the two maps. Per
+protocol, one call of ``max_batch`` inputs taken apart (``calls``): the service encoding
+it, the same request sent again already encoded (the predictor, the transfer and reading
+the answer: what the service cannot make cheaper) and the local ONNX Runtime run of those
+inputs. The figures go to ``remote.json``; with ``--predictors torchserve`` alone, to
+``remote_torchserve.json``.
 
     nice python -m benchmarks.remote [--quick] [--repeats 5] [--size 64]
         [--predictors kserve,torchserve]
@@ -28,9 +32,11 @@ from benchmarks.common import (
     base_parser,
     percentiles,
     table,
+    time_calls,
     time_interleaved,
     write_json,
 )
+from saliency_service.core.remote import V2_GRPC
 from saliency_service.core.repository import Repository
 from saliency_service.core.request import CostCounter, Job, RequestState
 from saliency_service.methods import registry
@@ -118,17 +124,19 @@ def main() -> None:
                         torchserve, variant, max_batch=MAX_BATCH, concurrency=CONCURRENCY))
                     names.append(name)
             rows = measure(root, names, args.size, repeats, args.quick)
+            calls = call_floors(root, names, args.size)
         finally:
             for each in stops:
                 each()
     print(table(rows))
-    result = "remote" if predictors == list(PREDICTORS) else f"remote_{predictors[0]}"
+    print(table(calls))
+    result = "remote" if "kserve" in predictors else f"remote_{predictors[0]}"
     path = write_json(result, {
         "description": __doc__.splitlines()[0],
         "model": f"small CNN, 3×{args.size}×{args.size}, 10 classes (tests.onnx_models)",
         "predictor": "; ".join(PREDICTOR_NOTES[p] for p in predictors),
         "remote": {"max_batch": MAX_BATCH, "concurrency": CONCURRENCY},
-        "repeats": repeats, "quick": args.quick, "rows": rows}, args.out)
+        "repeats": repeats, "quick": args.quick, "rows": rows, "calls": calls}, args.out)
     print(f"wrote {path}")
 
 
@@ -138,6 +146,38 @@ def start_torchserve(source: Path, folder: Path) -> TorchServeProcess:
     archive_scores_model(source / "model.onnx", "plain", folder / "store", batch_size=1,
                          entry=HANDLER)
     return TorchServeProcess(folder / "store", "plain=plain.mar", folder).start()
+
+
+def call_floors(root: Path, names: list[str], size: int,
+                repeats: int = 10) -> list[dict[str, Any]]:
+    """Per protocol, one call of MAX_BATCH inputs: p50 ms of the service's encoding, of
+    the call sent already encoded (the floor: predictor, transfer, reading the answer) and
+    of the local run of those inputs."""
+    repository = Repository(root)
+    repository.load_all()
+    batch = np.random.default_rng(1).normal(size=(MAX_BATCH, 3, size, size)).astype(np.float32)
+    local = repository.get("local")
+    local_ms = percentiles(time_calls(lambda: local.run(batch), repeats))["p50_ms"]
+    rows = []
+    for name in names:
+        remote = repository.get(name).remote
+        prepared = remote._request(batch)  # noqa: SLF001 - the call taken apart
+        attempt = (remote._grpc_attempt if remote.spec.protocol == V2_GRPC  # noqa: SLF001
+                   else remote._rest_attempt)  # noqa: SLF001
+        encode_ms = percentiles(time_calls(lambda remote=remote: remote._request(batch),  # noqa: SLF001
+                                           repeats))["p50_ms"]
+        call_ms = percentiles(time_calls(
+            lambda attempt=attempt, prepared=prepared: attempt(prepared, MAX_BATCH, 600, None,
+                                                               None), repeats))["p50_ms"]
+        rows.append({"protocol": name, "inputs": MAX_BATCH,
+                     "binary_data": remote.describe().get("remote.binary_data", ""),
+                     "encode_ms": round(encode_ms, 1), "encoded_call_ms": round(call_ms, 1),
+                     "local_run_ms": round(local_ms, 1),
+                     "floor_ratio": round(call_ms / local_ms, 1)})
+    for each in repository.handles():
+        if each.remote is not None:
+            each.remote.close()
+    return rows
 
 
 def measure(root: Path, names: list[str], size: int, repeats: int,
