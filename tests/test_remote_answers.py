@@ -158,6 +158,18 @@ def test_a_trickled_answer_ends_at_the_deadline(stub: pb_grpc.ExplainerStub) -> 
     assert GAVE_UP.wait(30), "the server still reads an answer its request gave up on"
 
 
+def test_a_trickled_prediction_ends_at_the_deadline(stub: pb_grpc.ExplainerStub) -> None:
+    """Predict is bounded by its deadline as Explain is."""
+    ANSWER["now"] = trickle
+    GAVE_UP.clear()
+    batch = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Predict(pb.PredictRequest(model="remote", input=pb.Input(
+            tensor=array_to_tensor(batch))), timeout=1)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert GAVE_UP.wait(30), "the server still reads an answer its request gave up on"
+
+
 def test_an_oversized_answer_is_unavailable(stub: pb_grpc.ExplainerStub,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A valid answer padded past the bound (lowered here to 1 MiB) is not read whole."""

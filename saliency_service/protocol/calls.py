@@ -140,7 +140,7 @@ class Calls:
     async def predict(self, request: pb.PredictRequest, call: CallInfo) -> pb.PredictResponse:
         def work(state: RequestState, cost: CostCounter) -> pb.PredictResponse:
             state.check()
-            return self.core.predict(request, cost)
+            return self.core.predict(request, cost, state)
 
         return await self._run(call, request, "predict", work)
 

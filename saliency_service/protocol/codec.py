@@ -239,7 +239,8 @@ class Core:
 
     # ---- inference -----------------------------------------------------------------------
 
-    def predict(self, request: pb.PredictRequest, cost: CostCounter) -> pb.PredictResponse:
+    def predict(self, request: pb.PredictRequest, cost: CostCounter,
+                state: RequestState | None = None) -> pb.PredictResponse:
         forward_engine.check_requested(
             request.precision, self.repository.get(request.model, request.version),
             devices.FORWARD)
@@ -247,7 +248,7 @@ class Core:
             scores = self.engine.predict(
                 request.model, request.version,
                 lambda spec: decode_input(request.input, spec, self.config, writable=False,
-                                          resize=request.resize), cost)
+                                          resize=request.resize), cost, state)
             precision = forward_engine.precision_used(scores.handle, devices.FORWARD)
         spec = scores.handle.spec()
         response = pb.PredictResponse(

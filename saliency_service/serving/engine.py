@@ -160,20 +160,24 @@ class Engine:
     def methods_for(self, model: ModelHandle) -> list[Handler]:
         return [h for h in registry.handlers() if h.available_for(model)]
 
-    def predict(self, model: str, version: int, decode: Decoder, cost: CostCounter) -> Scores:
+    def predict(self, model: str, version: int, decode: Decoder, cost: CostCounter,
+                state: RequestState | None = None) -> Scores:
+        """The model's scores for the decoded inputs (a remote model's calls bounded by
+        ``state``'s deadline)."""
         handle = self.repository.get(model, version)
         inputs = decode(handle.spec().input)
         started = time.perf_counter()
         cpu_started = time.process_time()
         dense = handle.spec().dense
         if dense is not None:
-            outputs = handle.run(inputs, list(dense.outputs), count_remote=cost.remote)
+            outputs = handle.run(inputs, list(dense.outputs), state=state,
+                                 count_remote=cost.remote)
             cost.forward(inputs.shape[0], ENGINE_ONNX)
             found, classes = self._dense_prediction(handle, outputs)
             return Scores(handle, np.zeros((inputs.shape[0], 0), np.float32),
                           time.perf_counter() - started, time.process_time() - cpu_started,
                           found, classes)
-        (logits,) = handle.run(inputs, count_remote=cost.remote)
+        (logits,) = handle.run(inputs, state=state, count_remote=cost.remote)
         cost.forward(inputs.shape[0], ENGINE_ONNX)
         return Scores(handle, logits, time.perf_counter() - started,
                       time.process_time() - cpu_started)
