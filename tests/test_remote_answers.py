@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from saliency_service.core import remote
+from saliency_service.core.repository import ModelHandle
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from saliency_service.protocol.images import array_to_tensor, tensor_to_array
@@ -28,6 +30,8 @@ SIZE = 16
 # What the predictor answers each inference: (body, extra headers), or a function that
 # answers by itself.
 ANSWER: dict[str, Any] = {}
+# The predictor's port, once it listens.
+PORT: dict[str, int] = {}
 # Set once the server has closed a trickled answer's connection.
 GAVE_UP = threading.Event()
 
@@ -47,7 +51,9 @@ class Predictor(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        if self.path == "/v2":
+        if self.path == "/v2/models/slow":
+            trickle(self)
+        elif self.path == "/v2":
             self._send(json.dumps({"extensions": ["binary_tensor_data"]}).encode())
         elif self.path.endswith("/ready"):
             self._send(b"")
@@ -74,6 +80,7 @@ class Predictor(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.ExplainerStub]:
     predictor = ThreadingHTTPServer(("127.0.0.1", 0), Predictor)
+    PORT["predictor"] = predictor.server_port
     threading.Thread(target=predictor.serve_forever, daemon=True).start()
     root = tmp_path_factory.mktemp("remote_answers")
     local = write_package(small_cnn(classes=3, size=SIZE), root / "files", "plain")
@@ -168,6 +175,20 @@ def test_a_trickled_prediction_ends_at_the_deadline(stub: pb_grpc.ExplainerStub)
             tensor=array_to_tensor(batch))), timeout=1)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert GAVE_UP.wait(30), "the server still reads an answer its request gave up on"
+
+
+def test_trickled_metadata_ends_at_the_probes_bound(stub: pb_grpc.ExplainerStub,
+                                                     tmp_path: Path) -> None:
+    """Loading asks for the model's metadata; an answer that never ends makes the model not
+    ready within the probe's bound (here remote.timeout_seconds, 1 s) with that reason."""
+    GAVE_UP.clear()
+    local = write_package(small_cnn(classes=3, size=SIZE), tmp_path / "files", "plain")
+    url = f"http://127.0.0.1:{PORT['predictor']}"
+    handle = ModelHandle("slow", 1, write_remote(local, tmp_path, "slow", {
+        "protocol": "v2-rest", "model": "slow", "url": url, "timeout_seconds": 1}))
+    handle.load()
+    assert not handle.ready and "did not end in time" in handle.error, handle.error
+    assert GAVE_UP.wait(30), "the server still reads an answer it gave up on"
 
 
 def test_an_oversized_answer_is_unavailable(stub: pb_grpc.ExplainerStub,

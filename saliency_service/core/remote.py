@@ -308,8 +308,11 @@ class RemotePredictor:
     def _get(self, path: str, timeout: float, method: str = "GET",
              base: str = "") -> httpx.Response:
         spec = self.spec
+        ends = time.monotonic() + timeout
         try:
-            return self._client.request(method, (base or spec.url) + path, timeout=timeout)
+            with self._client.stream(method, (base or spec.url) + path,
+                                     timeout=timeout) as streamed:
+                return _read_answer(streamed, ends, spec)
         except httpx.HTTPError as exc:
             raise Unavailable(f"the {spec.where} does not answer: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -402,9 +405,9 @@ class RemotePredictor:
         """The protocol extensions the V2 server lists (``GET /v2``); none when it does not
         say (a proxy that routes only the model's paths, say)."""
         try:
-            response = self._client.get(self.spec.url + "/v2", timeout=timeout)
+            response = self._get("/v2", timeout)
             listed = response.json().get("extensions") if response.status_code == 200 else []
-        except (httpx.HTTPError, ValueError, AttributeError):
+        except (Unavailable, ValueError, AttributeError):
             return []
         return [str(each) for each in listed] if isinstance(listed, list) else []
 
