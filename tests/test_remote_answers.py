@@ -5,6 +5,7 @@ DEADLINE_EXCEEDED at the request's deadline), never INTERNAL."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -216,6 +217,29 @@ def test_nan_scores_are_unavailable(stub: pb_grpc.ExplainerStub) -> None:
         del ANSWER["score"]
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
     assert "NaN" in caught.value.details()
+
+
+def test_a_stacked_content_encoding_is_not_decoded(stub: pb_grpc.ExplainerStub,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """gzip inside gzip: each layer multiplies the size by up to a thousand in one step, so
+    such an answer is refused before it is decoded (64 MiB here; a 64 kB body can be 64 GB)."""
+    monkeypatch.setattr(remote, "MAX_ANSWER_BYTES", 1 << 20)
+    body = gzip.compress(gzip.compress(bytes(64 << 20), 9), 9)
+    ANSWER["now"] = (body, [("content-encoding", "gzip, gzip")])
+    with pytest.raises(grpc.RpcError) as caught:
+        explain(stub)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    assert "'gzip, gzip'" in caught.value.details()
+
+
+def test_a_gzip_answer_is_read(stub: pb_grpc.ExplainerStub) -> None:
+    """One content coding (a proxy's gzip) is decoded as before."""
+    ANSWER["now"] = (gzip.compress(json.dumps(output(data=[0.5, 2.0, -1.0])).encode()),
+                     [("content-encoding", "gzip")])
+    batch = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    reply = stub.Predict(pb.PredictRequest(model="remote", input=pb.Input(
+        tensor=array_to_tensor(batch))), timeout=60)
+    np.testing.assert_array_equal(tensor_to_array(reply.logits), [[0.5, 2.0, -1.0]])
 
 
 def test_a_wellformed_binary_answer_is_read(stub: pb_grpc.ExplainerStub) -> None:

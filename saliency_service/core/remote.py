@@ -714,6 +714,11 @@ def _with_data(tensor: dict[str, Any], data: bytes) -> bytes:
 def _read_answer(response: httpx.Response, ends: float, spec: RemoteSpec) -> httpx.Response:
     """``response`` read whole by ``ends`` (monotonic) and within ``MAX_ANSWER_BYTES``: a
     predictor that trickles its answer is stopped at the call's bound, not at each read's."""
+    coding = response.headers.get("content-encoding", "")
+    if len([c for c in coding.split(",") if c.strip().lower() not in ("", "identity")]) > 1:
+        raise Unavailable(f"the {spec.where} answered with content-encoding {coding[:80]!r}: "
+                          "one coding at most is decoded (each can multiply the size by a "
+                          "thousand)")
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_bytes():
