@@ -121,16 +121,18 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: 
     return times
 
 
-def dense_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
-    """Float32 GFLOP/s of a ``size``² matrix product on ``threads`` torch threads (best of
-    ``repeats``): the rate this machine reaches on dense arithmetic, which convolutions lowered
-    to the same kind of kernels can at best approach."""
+def dense_gflops(threads: int, size: int = 2048, repeats: int = 10,
+                 dtype: str = "float32") -> float:
+    """GFLOP/s of a ``size``² matrix product in ``dtype`` (float32, bfloat16) on ``threads``
+    torch threads (best of ``repeats``): the rate this machine reaches on dense arithmetic,
+    which convolutions lowered to the same kind of kernels can at best approach."""
     import torch  # noqa: PLC0415
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
+        kind = getattr(torch, dtype)
+        a, b = torch.randn(size, size, dtype=kind), torch.randn(size, size, dtype=kind)
         best = min(time_calls(lambda: torch.mm(a, b), repeats, warmup=2))
     finally:
         torch.set_num_threads(previous)

@@ -15,14 +15,24 @@
 
 Models: the demo model and a ResNet-50-shaped model (random weights) at 224².
 
+``--precision float32,bfloat16`` starts our server with ``--precision bfloat16`` and adds a
+row "ours bfloat16" (requests with ``precision: "bfloat16"``) beside "ours" (requests with
+``precision: "float32"``), in the same interleaved rounds against the same TorchServe
+figures; the bfloat16 maps are compared with float32's (Pearson, top-10 % overlap), and one
+bfloat16 explanation's time is split as above. The ResNet-50 shape's random weights fail
+the server's bfloat16 check (its gradients correlate with float32's at about 0.94): for this
+run only, its manifest's ``verification.bfloat16_min_pearson`` is lowered (the output and
+the JSON say so, with the check's figures).
+
     python -m benchmarks.peers [--quick] [--models demo,resnet50] [--requests 8]
-        [--round-seconds 3]
+        [--round-seconds 3] [--precision float32,bfloat16]
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -81,6 +91,9 @@ SERVER_CONFIGS: dict[str, dict[str, int]] = {
     "demo": {"max_inflight": 2, "intra_op_threads": 1, "chunk_memory_bytes": 512 << 20},
     "resnet50": {"max_inflight": 1, "intra_op_threads": 2, "chunk_memory_bytes": 1536 << 20},
 }
+# Under --precision bfloat16, the least Pearson the bfloat16 check asks of a model whose
+# random weights fail the server's default (0.98): the ResNet-50 shape measures 0.94.
+LOWERED_MIN_PEARSON = {"resnet50": 0.9}
 OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
@@ -203,6 +216,26 @@ def eager_module(package: Path) -> Any:
     return module
 
 
+def lowered_repository(repository: Path, model: str, min_pearson: float, into: Path) -> Path:
+    """A copy of ``repository`` in ``into`` (files hard-linked where possible) whose
+    ``model`` manifests set ``verification.bfloat16_min_pearson`` to ``min_pearson``, so
+    that a server under ``--precision bfloat16`` runs a model whose random weights fail the
+    default check in bfloat16; the cached package itself is left as it is."""
+    def link(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    shutil.copytree(repository, into, copy_function=link, dirs_exist_ok=True)
+    for manifest in (into / model).glob("*/manifest.json"):
+        data = json.loads(manifest.read_text())
+        data.setdefault("verification", {})["bfloat16_min_pearson"] = min_pearson
+        manifest.unlink()  # a hard link: the cached package's manifest stays unchanged
+        manifest.write_text(json.dumps(data, indent=2))
+    return into
+
+
 def torchserve_mar(package: Path, store: Path) -> str:
     """The package's weights in TorchServe's eager layout (``model.py`` + state dict),
     archived with the stock-explain handler; cached by the package's checksum."""
@@ -305,12 +338,14 @@ def _torchserve_explain(url: str, image: bytes) -> tuple[int, np.ndarray]:
     return len(body), np.asarray(json.loads(body), dtype=np.float64)
 
 
-def _ig_request(model: str, image: bytes, steps: int, rule: str) -> pb.ExplainRequest:
+def _ig_request(model: str, image: bytes, steps: int, rule: str,
+                precision: str = "float32") -> pb.ExplainRequest:
     request = pb.ExplainRequest(
         model=model,
         method=pb.METHOD_INTEGRATED_GRADIENTS,
         input=pb.Input(images=pb.EncodedImages(images=[image])),
         return_raw=True,
+        precision=precision,
     )
     request.target.class_index = 0  # TorchServe's explain path explains class 0 by default
     request.integrated_gradients.steps = steps
@@ -394,10 +429,13 @@ def versus_torchserve(
     concurrency: int,
     steps_grid: tuple[int, ...],
     round_seconds: float = ROUND_SECONDS,
+    bfloat16: bool = False,
 ) -> dict[str, Any]:
     """One model: TorchServe's stock explain path against ours, in interleaved rounds (both
     servers up, alternating), so background load hits both sides alike. Each side's round
-    serves its images once and then in turn until ``round_seconds`` have passed."""
+    serves its images once and then in turn until ``round_seconds`` have passed. With
+    ``bfloat16`` (a server under ``--precision bfloat16``), ours in bfloat16 is a third side
+    of the same rounds, and its maps are compared with float32's."""
     from saliency_service.core.repository import Manifest  # noqa: PLC0415
     from saliency_service.protocol.images import decode_image  # noqa: PLC0415
     from saliency_service.protocol.inputs import preprocess_pixels  # noqa: PLC0415
@@ -422,8 +460,10 @@ def versus_torchserve(
     def explain(request: pb.ExplainRequest) -> pb.ExplainResponse:
         return stub.Explain(request, timeout=600)
 
-    def ours_requests(batch: list[bytes], steps: int) -> list[pb.ExplainRequest]:
-        return [_ig_request(model, image, steps, "gauss_legendre") for image in batch]
+    def ours_requests(batch: list[bytes], steps: int,
+                      precision: str = "float32") -> list[pb.ExplainRequest]:
+        return [_ig_request(model, image, steps, "gauss_legendre", precision)
+                for image in batch]
 
     missing = torchserve_missing()
     workdir = Path(tempfile.mkdtemp(prefix="peer-torchserve-"))
@@ -431,6 +471,7 @@ def versus_torchserve(
     try:
         torchserve = _Side()
         ours_equal = _Side()
+        ours_bfloat16 = _Side()
         if missing:
             result["torchserve"] = {"skipped": missing}
         else:
@@ -441,6 +482,15 @@ def versus_torchserve(
             url = f"{served.inference_url}/explanations/{name}"
             _torchserve_explain(url, images[0])  # warm-up
         explain(ours_requests(images[:1], STOCK_STEPS)[0])  # warm-up
+        if bfloat16:
+            # The server's check has run (at warm-up); a model that failed it stays float32.
+            note = stub.GetModel(pb.GetModelRequest(model=model)).metadata["precision"]
+            result["server_precision"] = note
+            if note.startswith("bfloat16"):
+                explain(ours_requests(images[:1], STOCK_STEPS, "bfloat16")[0])  # warm-up
+            else:
+                result["ours_bfloat16"] = {"skipped": f"the model stays {note}"}
+                bfloat16 = False
         for batch in rounds:
             pictures = [images[index] for index in batch]
             if served is not None:
@@ -448,6 +498,9 @@ def versus_torchserve(
                                pictures, concurrency, round_seconds)
             ours_equal.run(explain, ours_requests(pictures, STOCK_STEPS), concurrency,
                            round_seconds)
+            if bfloat16:
+                ours_bfloat16.run(explain, ours_requests(pictures, STOCK_STEPS, "bfloat16"),
+                                  concurrency, round_seconds)
         if served is not None:
             served.stop()
             order = [index for batch in rounds for index in batch]
@@ -465,6 +518,12 @@ def versus_torchserve(
                 "eager model, 1 worker",
             }
         result["ours_equal_steps"] = _ours_summary(ours_equal, STOCK_STEPS, "gauss_legendre")
+        if bfloat16:
+            result["ours_bfloat16"] = {
+                **_ours_summary(ours_bfloat16, STOCK_STEPS, "gauss_legendre"),
+                "precision": sorted({r.cost.precision for r in ours_bfloat16.replies}),
+                **_map_agreement(ours_equal.replies, ours_bfloat16.replies),
+            }
         reference = result["torchserve"].get("completeness_error_relative")
         target = max(float(reference), ERROR_FLOOR) if reference is not None else None
         # Our mean completeness error by steps over the same images TorchServe's mean is
@@ -499,6 +558,11 @@ def versus_torchserve(
                 "response_bytes": ts["response_bytes"]
                 / result["ours_equal_steps"]["response_bytes"],
             }
+            if bfloat16:
+                half = result["ours_bfloat16"]
+                result["ratios"]["throughput_bfloat16_equal_steps"] = (
+                    half["explanations_per_s"] / ts["explanations_per_s"])
+                result["ratios"]["p50_bfloat16_equal_steps"] = ts["p50_ms"] / half["p50_ms"]
     finally:
         channel.close()
         if served is not None:
@@ -507,21 +571,49 @@ def versus_torchserve(
     return result
 
 
+def _map_agreement(full: list[pb.ExplainResponse], half: list[pb.ExplainResponse]
+                   ) -> dict[str, float]:
+    """How bfloat16's IG maps of the same images agree with float32's: per-image Pearson of
+    the maps (mean, min) and of the raw attributions (mean), and the top-10 % overlap of
+    the maps (``benchmarks.precision``'s measures)."""
+    from benchmarks.precision import pearson, top_overlap  # noqa: PLC0415
+    from saliency_service.protocol.images import tensor_to_array  # noqa: PLC0415
+
+    maps = [(tensor_to_array(a.saliency), tensor_to_array(b.saliency))
+            for a, b in zip(full, half, strict=True)]
+    raws = [pearson(tensor_to_array(a.raw), tensor_to_array(b.raw))
+            for a, b in zip(full, half, strict=True)]
+    pearsons = [pearson(a, b) for a, b in maps]
+    return {
+        "map_pearson_mean": float(np.mean(pearsons)),
+        "map_pearson_min": float(np.min(pearsons)),
+        "raw_pearson_mean": float(np.mean(raws)),
+        "map_top10_overlap": float(np.mean([top_overlap(a, b) for a, b in maps])),
+        "maps_compared": len(maps),
+    }
+
+
 def compute_floor(package: Path, config: dict[str, Any], steps: int = STOCK_STEPS
                   ) -> dict[str, Any]:
     """The most IG-``steps`` explanations/s this machine can give: each step is one forward
     and one input-gradient backward pass, done at the dense float32 rate of the cores the
-    server uses (``max_inflight`` × ``intra_op_threads``). Measured while the server idles."""
+    server uses (``max_inflight`` × ``intra_op_threads``); under ``--precision bfloat16``
+    also at the dense bfloat16 rate. Measured while the server idles."""
     cores = config["max_inflight"] * config["intra_op_threads"]
     gflop = gradient_gflop(package)
     rate = dense_gflops(cores)
-    return {
+    floor = {
         "gflop_per_step_and_image": gflop,
         "cores": cores,
         "dense_gflops": rate,
         "steps": steps,
         "floor_explanations_per_s": rate / (steps * gflop),
     }
+    if config.get("precision") == "bfloat16":
+        half = dense_gflops(cores, dtype="bfloat16")
+        floor["bfloat16_dense_gflops"] = half
+        floor["bfloat16_floor_explanations_per_s"] = half / (steps * gflop)
+    return floor
 
 
 def with_floor(entry: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
@@ -531,6 +623,13 @@ def with_floor(entry: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
     if "explanations_per_s" in entry.get("torchserve", {}):
         floor["torchserve_fraction"] = entry["torchserve"]["explanations_per_s"] / best
         floor["ceiling_equal_steps"] = best / entry["torchserve"]["explanations_per_s"]
+    half = entry.get("ours_bfloat16", {}).get("explanations_per_s")
+    if half and "bfloat16_floor_explanations_per_s" in floor:
+        floor["bfloat16_fraction"] = half / floor["bfloat16_floor_explanations_per_s"]
+        if "torchserve_fraction" in floor:
+            floor["bfloat16_ceiling_equal_steps"] = (
+                floor["bfloat16_floor_explanations_per_s"]
+                / entry["torchserve"]["explanations_per_s"])
     return {**entry, "compute_floor": floor}
 
 
@@ -540,15 +639,18 @@ def with_floor(entry: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
 def service_overhead(
     model: str, package: Path, address: str, image: bytes, steps: int, repeats: int,
     config: dict[str, Any],
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """p50 of Captum in-process, our core in-process and our server over gRPC, one image;
-    all three with the server's threads and chunk budget. Also where the time of one of our
-    in-process IG-``steps`` explanations goes (``time_breakdown``)."""
+    all three with the server's threads and chunk budget, ours in float32. Also where the
+    time of one of our in-process IG-``steps`` explanations goes (``time_breakdown``), in
+    float32 and, under ``--precision bfloat16``, in bfloat16 too."""
     import torch  # noqa: PLC0415
     from captum.attr import IntegratedGradients, Saliency  # noqa: PLC0415
 
+    from saliency_service.core import devices  # noqa: PLC0415
     from saliency_service.core.repository import Manifest  # noqa: PLC0415
     from saliency_service.core.request import CostCounter, RequestState  # noqa: PLC0415
+    from saliency_service.methods._utils.torch_program import model_precision  # noqa: PLC0415
     from saliency_service.protocol.images import decode_image  # noqa: PLC0415
     from saliency_service.protocol.inputs import preprocess_pixels  # noqa: PLC0415
 
@@ -560,6 +662,7 @@ def service_overhead(
         x = torch.from_numpy(
             preprocess_pixels(decode_image(image, 0, 1 << 24)[None], manifest.input)
         )
+        devices.configure(precision=config.get("precision", "float32"))
         core = in_process_core(package.parent.parent,
                                intra_op_threads=config["intra_op_threads"],
                                chunk_memory_bytes=config["chunk_memory_bytes"])
@@ -585,6 +688,7 @@ def service_overhead(
                     model=manifest.name,
                     method=method,
                     input=pb.Input(images=pb.EncodedImages(images=[image])),
+                    precision="float32",
                 )
                 request.target.class_index = 0
                 if params is not None:
@@ -610,27 +714,43 @@ def service_overhead(
                         "grpc_added_ms": served["p50_ms"] - core_p50["p50_ms"],
                     }
                 )
-        breakdown = time_breakdown(
-            lambda: core.explain(request, RequestState(None), CostCounter()))
-        return rows, {"model": model, "method": label,
-                      "requests_in_parallel": config["max_inflight"], **breakdown}
+        breakdowns = []
+        for precision in ("float32", "bfloat16"):
+            half = pb.ExplainRequest()
+            half.CopyFrom(request)
+            half.precision = precision
+            if precision == "bfloat16" and not (
+                    config.get("precision") == "bfloat16"
+                    and model_precision(core.repository.get(manifest.name)).bfloat16):
+                continue
+            breakdown = time_breakdown(
+                lambda r=half: core.explain(r, RequestState(None), CostCounter()),
+                dtype=precision)
+            breakdowns.append({"model": model, "method": label, "precision": precision,
+                               "requests_in_parallel": config["max_inflight"], **breakdown})
+        return rows, breakdowns
     finally:
         torch.set_num_threads(threads)
+        devices.configure()
 
 
 # Operators that run the counted floating-point work (convolutions and matrix products,
 # forward and backward) as opposed to elementwise work, pooling and bookkeeping.
 COMPUTE_OPERATORS = ("convolution", "conv2d", "aten::mm", "aten::addmm", "aten::bmm",
                      "aten::linear", "aten::matmul")
+# Operators that change a tensor's type or layout (autocast's casts to and from bfloat16,
+# channels-last copies): counted among the other operators, and also on their own.
+CAST_OPERATORS = ("aten::to", "aten::_to_copy", "aten::copy_", "aten::contiguous",
+                  "aten::clone")
 
 
-def time_breakdown(call: Any, repeats: int = 3) -> dict[str, float]:
+def time_breakdown(call: Any, repeats: int = 3, dtype: str = "float32") -> dict[str, float]:
     """Where the wall time of ``call`` (one explanation, on this thread) goes: torch's
-    convolutions and matrix products, its other operators, and the rest (ONNX Runtime's
-    prediction pass, decoding, the map, Python); of ``repeats`` profiled calls, the one of
-    median wall time, so that one disturbed call does not make the split. Also the GFLOP
-    the first of them ran and the dense rate on as many threads, for the rate the
-    convolutions reach."""
+    convolutions and matrix products, its other operators (of which casts and copies), and
+    the rest (ONNX Runtime's prediction pass, decoding, the map, Python); of ``repeats``
+    profiled calls, the one of median wall time, so that one disturbed call does not make
+    the split. Also the GFLOP the first of them ran and the dense ``dtype`` rate on as many
+    threads, for the rate the convolutions reach."""
     import torch  # noqa: PLC0415
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
@@ -642,24 +762,27 @@ def time_breakdown(call: Any, repeats: int = 3) -> dict[str, float]:
             started = time.perf_counter()
             call()
             total = time.perf_counter() - started
-        compute = other = 0.0
+        compute = other = casts = 0.0
         for event in profiler.key_averages():
             seconds = event.self_cpu_time_total / 1e6
             if any(name in event.key for name in COMPUTE_OPERATORS):
                 compute += seconds
             else:
                 other += seconds
-        splits.append((total, compute, other))
-    total, compute, other = sorted(splits)[len(splits) // 2]
+                casts += seconds if event.key in CAST_OPERATORS else 0.0
+        splits.append((total, compute, other, casts))
+    total, compute, other, casts = sorted(splits)[len(splits) // 2]
     return {
         "total_ms": total * 1e3,
         "compute_ms": compute * 1e3,
         "other_ops_ms": other * 1e3,
+        "casts_ms": casts * 1e3,
         "rest_ms": max(total - compute - other, 0.0) * 1e3,
         "profiled_calls": repeats,
         "gflop": counter.flops / 1e9,
         "threads": torch.get_num_threads(),
-        "dense_gflops": dense_gflops(torch.get_num_threads()),
+        "dense_dtype": dtype,
+        "dense_gflops": dense_gflops(torch.get_num_threads(), dtype=dtype),
     }
 
 
@@ -669,17 +792,21 @@ def breakdown_text(breakdown: dict[str, Any], torchserve_per_s: float | None) ->
     would allow with the server's requests in parallel."""
     threads = breakdown["threads"]
     rate = breakdown["gflop"] / max(breakdown["compute_ms"], 1e-9) * 1e3
+    dtype = breakdown.get("dense_dtype", "float32")
     line = (
-        f"{breakdown['model']}: one in-process {breakdown['method']} explanation (median of "
+        f"{breakdown['model']}: one in-process {breakdown['method']} explanation in "
+        f"{breakdown.get('precision', 'float32')} (median of "
         f"{breakdown['profiled_calls']} profiled) on {threads} "
         f"thread{'s' if threads > 1 else ''} took {breakdown['total_ms']:.0f} ms: convolutions "
         f"and matrix products {breakdown['compute_ms']:.0f} ms ({breakdown['gflop']:.3g} GFLOP "
         f"at {rate:.0f} GFLOP/s"
     )
-    line += f", {rate / breakdown['dense_gflops']:.0%} of the dense rate on as many threads"
+    line += (f", {rate / breakdown['dense_gflops']:.0%} of the dense {dtype} rate on as many "
+             "threads")
     line += (
         f"), other tensor operators {breakdown['other_ops_ms']:.0f} ms (ReLU and its "
-        f"gradient, residual adds, pooling), the rest {breakdown['rest_ms']:.0f} ms (ONNX "
+        f"gradient, residual adds, pooling; casts and copies "
+        f"{breakdown.get('casts_ms', 0.0):.0f} ms), the rest {breakdown['rest_ms']:.0f} ms (ONNX "
         "Runtime's prediction pass, decoding, the map)"
     )
     if torchserve_per_s:
@@ -800,9 +927,10 @@ def report(results: dict[str, Any]) -> str:
             )
         for key, label in (
             ("ours_equal_steps", "ours, equal steps"),
+            ("ours_bfloat16", "ours bfloat16, equal steps"),
             ("ours_equal_error", "ours, equal error"),
         ):
-            if key in entry:
+            if "explanations_per_s" in entry.get(key, {}):
                 ours = entry[key]
                 rows.append(
                     {
@@ -839,6 +967,7 @@ def report(results: dict[str, Any]) -> str:
                 f"p50 ×{ratios['p50_equal_steps']:.2f} faster; responses "
                 f"×{ratios['response_bytes']:.1f} smaller"
             )
+        lines += bfloat16_lines(entry, results.get("lowered_min_pearson", {}))
         sweep = ", ".join(
             f"{s['steps']}: {s['completeness_error_relative']:.3g}"
             for s in entry.get("ours_steps_sweep", [])
@@ -859,6 +988,13 @@ def report(results: dict[str, Any]) -> str:
                 line += (f", TorchServe {floor['torchserve_fraction']:.0%}, so no server can "
                          f"beat TorchServe by more than ×{floor['ceiling_equal_steps']:.2f} "
                          "at equal steps")
+            if "bfloat16_fraction" in floor:
+                line += (f"; at {floor['bfloat16_dense_gflops']:.0f} GFLOP/s (dense bfloat16) "
+                         f"at most {floor['bfloat16_floor_explanations_per_s']:.3g}/s, ours "
+                         f"in bfloat16 reach {floor['bfloat16_fraction']:.0%} of it")
+                if "bfloat16_ceiling_equal_steps" in floor:
+                    line += (f" (×{floor['bfloat16_ceiling_equal_steps']:.2f} TorchServe's "
+                             "throughput)")
             lines.append(line)
     lines += [
         "",
@@ -875,6 +1011,40 @@ def report(results: dict[str, Any]) -> str:
         return "\n".join(lines) + "\n"
     lines.append(predict_overhead_text(predict))
     return "\n".join(lines) + "\n"
+
+
+def bfloat16_lines(entry: dict[str, Any], lowered: dict[str, Any]) -> list[str]:
+    """The bfloat16 side of one model's comparison: its ratios, how its maps agree with
+    float32's, and whether this run lowered the model's bfloat16 check."""
+    model, half = entry["model"], entry.get("ours_bfloat16")
+    if half is None:
+        return []
+    if "skipped" in half:
+        return [f"{model}: ours in bfloat16 skipped: {half['skipped']}"]
+    lines = []
+    if model in lowered:
+        lines.append(
+            f"{model}: random weights: this run lowered the manifest's "
+            f"verification.bfloat16_min_pearson from {lowered[model]['default']:g} to "
+            f"{lowered[model]['lowered_to']:g} so that the server runs it in bfloat16 "
+            f"(GetModel: {entry.get('server_precision', '?')})")
+    ratios = entry.get("ratios", {})
+    if "throughput_bfloat16_equal_steps" in ratios:
+        lines.append(
+            f"{model}: ours in bfloat16: throughput ×"
+            f"{ratios['throughput_bfloat16_equal_steps']:.2f} TorchServe's at equal steps "
+            f"(float32 ×{ratios['throughput_equal_steps']:.2f}), ×"
+            f"{half['explanations_per_s'] / entry['ours_equal_steps']['explanations_per_s']:.2f}"
+            f" ours in float32 (requests with precision \"float32\" on the same server); "
+            f"p50 ×{ratios['p50_bfloat16_equal_steps']:.2f} faster")
+    lines.append(
+        f"{model}: bfloat16 IG-{entry['steps']} maps against float32's, same "
+        f"{half['maps_compared']} images: Pearson {half['map_pearson_mean']:.4f} (min "
+        f"{half['map_pearson_min']:.4f}), raw attributions {half['raw_pearson_mean']:.4f}, "
+        f"top-10 % overlap {half['map_top10_overlap']:.3f}; relative completeness error "
+        f"{half['completeness_error_relative']:.3g} (float32 "
+        f"{entry['ours_equal_steps']['completeness_error_relative']:.3g})")
+    return lines
 
 
 def predict_overhead_text(predict: dict[str, Any]) -> str:
@@ -906,7 +1076,15 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: per model, see SERVER_CONFIGS)")
     parser.add_argument("--threads", type=int, help="our server's intra_op_threads")
     parser.add_argument("--chunk-mib", type=int, help="our server's chunk_memory_bytes, in MiB")
+    parser.add_argument("--precision", default="float32",
+                        help="ours in: float32, or float32,bfloat16 (a server under "
+                        "--precision bfloat16 serving both; lowers the random-weight "
+                        "ResNet-50's bfloat16 check for this run)")
     args = parser.parse_args(argv)
+    precisions = [name for name in args.precision.split(",") if name]
+    if "float32" not in precisions or set(precisions) - {"float32", "bfloat16"}:
+        parser.error(f"--precision must be float32 or float32,bfloat16, got {args.precision!r}")
+    bfloat16 = "bfloat16" in precisions
     models = model_names(parser, args.models or ("demo" if args.quick else "demo,resnet50"))
     requests = args.requests or (4 if args.quick else 8)
     round_seconds = args.round_seconds if args.round_seconds is not None else (
@@ -927,9 +1105,24 @@ def main(argv: list[str] | None = None) -> int:
         ("chunk_memory_bytes", args.chunk_mib << 20 if args.chunk_mib else None)]
         if value is not None}
     results["server_config"] = {}
+    lowered_dir = Path(tempfile.mkdtemp(prefix="peers-bf16-"))
+    if bfloat16:
+        results["lowered_min_pearson"] = {}
     for model in models:
         repository = demo_repository() if model == "demo" else resnet50_repository(224)
         config = {"max_queue": 16, **SERVER_CONFIGS[model], **overrides}
+        if bfloat16:
+            config["precision"] = "bfloat16"
+            if model in LOWERED_MIN_PEARSON:
+                from saliency_service.methods._utils.torch_program import (  # noqa: PLC0415
+                    MIN_BF16_PEARSON,
+                )
+
+                repository = lowered_repository(repository, model, LOWERED_MIN_PEARSON[model],
+                                                lowered_dir / model)
+                results["lowered_min_pearson"][model] = {
+                    "default": MIN_BF16_PEARSON, "lowered_to": LOWERED_MIN_PEARSON[model],
+                    "why": "random weights: the bfloat16 check fails at the default"}
         results["server_config"][model] = config
         package = repository / model / "1"
         size = json.loads((package / "manifest.json").read_text())["input"]["shape"][-1]
@@ -945,10 +1138,10 @@ def main(argv: list[str] | None = None) -> int:
                 floor = compute_floor(package, config)
                 entry = versus_torchserve(
                     model, package, server.address, images, args.concurrency, steps_grid,
-                    round_seconds,
+                    round_seconds, bfloat16,
                 )
                 results["versus_torchserve"].append(with_floor(entry, floor))
-                rows, breakdown = service_overhead(
+                rows, breakdowns = service_overhead(
                     model,
                     package,
                     server.address,
@@ -958,10 +1151,11 @@ def main(argv: list[str] | None = None) -> int:
                     config,
                 )
                 results["service_overhead"] += rows
-                results["time_breakdown"].append(breakdown)
+                results["time_breakdown"] += breakdowns
         except Exception as exc:  # noqa: BLE001 - one model's failure is reported, not fatal
             results.setdefault("errors", {})[model] = f"{type(exc).__name__}: {exc}"
             print(f"{model}: failed: {exc}", file=sys.stderr)
+    shutil.rmtree(lowered_dir, ignore_errors=True)
     if "predict_overhead" not in results and "demo" not in results.get("errors", {}):
         config = {"max_queue": 16, **SERVER_CONFIGS["demo"], **overrides}
         with ServerProcess(demo_repository(), config) as server:

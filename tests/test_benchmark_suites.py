@@ -151,6 +151,10 @@ def test_compute_floor_bounds_both_servers() -> None:
     skipped = with_floor({"ours_equal_steps": {"explanations_per_s": 1.0},
                           "torchserve": {"skipped": "not installed"}}, floor)["compute_floor"]
     assert "ceiling_equal_steps" not in skipped and skipped["ours_fraction"] == 0.5
+    half = with_floor({**entry, "ours_bfloat16": {"explanations_per_s": 2.0}},
+                      {**floor, "bfloat16_floor_explanations_per_s": 8.0})["compute_floor"]
+    assert half["bfloat16_fraction"] == pytest.approx(0.25)
+    assert half["bfloat16_ceiling_equal_steps"] == pytest.approx(16.0)
 
 
 def test_interleaved_timing_times_cheap_calls_right_after_themselves() -> None:
@@ -206,3 +210,45 @@ def test_time_breakdown_counts_every_pass_of_one_explanation(repository: Path) -
     parts = result["compute_ms"] + result["other_ops_ms"] + result["rest_ms"]
     assert parts == pytest.approx(result["total_ms"])
     assert result["threads"] >= 1 and result["dense_gflops"] > 0
+
+
+@pytest.mark.parametrize(("min_pearson", "runs_bfloat16"), [(0.0, True), (1.01, False)])
+def test_peers_lowered_check_decides_bfloat16_and_maps_are_compared(
+        repository: Path, tmp_path: Path, min_pearson: float, runs_bfloat16: bool) -> None:
+    """The copy's manifest decides the bfloat16 check (the cached package is left as it
+    was); a bfloat16 IG answer is compared with the float32 one of the same image."""
+    from benchmarks.common import in_process_core  # noqa: PLC0415
+    from benchmarks.peers import _map_agreement, lowered_repository  # noqa: PLC0415
+    from saliency_service.core import devices  # noqa: PLC0415
+    from saliency_service.core.request import CostCounter, RequestState  # noqa: PLC0415
+    from saliency_service.proto import explainer_pb2 as pb  # noqa: PLC0415
+    from saliency_service.protocol.images import array_to_tensor  # noqa: PLC0415
+
+    original = (repository / "tiny" / "1" / "manifest.json").read_text()
+    copy = lowered_repository(repository, "tiny", min_pearson, tmp_path / "copy")
+    assert (repository / "tiny" / "1" / "manifest.json").read_text() == original
+    manifest = json.loads((copy / "tiny" / "1" / "manifest.json").read_text())
+    assert manifest["verification"]["bfloat16_min_pearson"] == min_pearson
+    image = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    devices.configure(precision="bfloat16")
+    try:
+        core = in_process_core(copy)
+        replies = {}
+        for precision in ("float32", "bfloat16"):
+            request = pb.ExplainRequest(
+                model="tiny", method=pb.METHOD_INTEGRATED_GRADIENTS,
+                input=pb.Input(tensor=array_to_tensor(image)), return_raw=True,
+                precision="" if precision == "bfloat16" else precision,
+                integrated_gradients=pb.IntegratedGradientsParams(steps=4))
+            request.target.class_index = 0
+            replies[precision] = core.explain(request, RequestState(None), CostCounter())
+    finally:
+        devices.configure()
+    assert replies["float32"].cost.precision == "float32"
+    assert replies["bfloat16"].cost.precision == ("bfloat16" if runs_bfloat16 else "float32")
+    agreement = _map_agreement([replies["float32"]], [replies["bfloat16"]])
+    assert agreement["maps_compared"] == 1
+    assert 0.9 < agreement["map_pearson_min"] <= agreement["map_pearson_mean"] <= 1.0 + 1e-9
+    assert 0.0 < agreement["map_top10_overlap"] <= 1.0
+    if not runs_bfloat16:  # float32 twice: the same maps
+        assert agreement["map_pearson_min"] == pytest.approx(1.0)
