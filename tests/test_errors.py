@@ -210,7 +210,7 @@ LONG_VALUES = [
     ("1 MB layer name", "Explain", pb.ExplainRequest(
         model="tiny", method=pb.METHOD_GRADCAM, input=pb.Input(tensor=good_tensor()),
         gradcam=pb.GradCamParams(layer="L" * 1_000_000)), grpc.StatusCode.INVALID_ARGUMENT,
-     "choose one of"),
+     "at most 1024"),
 ]
 
 

@@ -540,7 +540,7 @@ GRADIENT_METHODS = [method_enum(h.name) for h in registry.handlers() if h.uses_g
             "steps must be >= 2",
         ),
         (pb.METHOD_INTEGRATED_GRADIENTS, {"baseline": "zebra"}, "baseline='zebra' is not offered"),
-        (pb.METHOD_GRADCAM, {"layer": "nope"}, "layer 'nope' is neither"),
+        (pb.METHOD_GRADCAM, {"layer": "nope"}, "layer 'nope' names no tensor, node or module"),
     ],
 )
 def test_invalid_parameters_are_named(

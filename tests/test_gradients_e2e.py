@@ -110,7 +110,7 @@ def test_equal_seeds_give_equal_maps_over_grpc(stub) -> None:
         ("smoothgrad", pb.SmoothGradParams(samples=0), "samples must be >= 1"),
         ("guided_absolutegrad", pb.GuidedAbsoluteGradParams(quantile=2.0), "quantile must be <= 1"),
         ("integrated_gradients", pb.IntegratedGradientsParams(steps=100_000), "server limit"),
-        ("gradcam", pb.GradCamParams(layer="fc"), "layer 'fc' is neither"),
+        ("gradcam", pb.GradCamParams(layer="fc"), "layer 'fc' (tensor 'logits') is 2-D"),
     ],
 )
 def test_bad_parameters_are_invalid_argument(stub, field: str, params, message: str) -> None:
