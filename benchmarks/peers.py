@@ -15,17 +15,18 @@
 
 Models: the demo model and a ResNet-50-shaped model (random weights) at 224².
 
-``--precision float32,bfloat16`` starts our server with ``--precision bfloat16`` and adds a
-row "ours bfloat16" (requests with ``precision: "bfloat16"``) beside "ours" (requests with
-``precision: "float32"``), in the same interleaved rounds against the same TorchServe
-figures; the bfloat16 maps are compared with float32's (Pearson, top-10 % overlap), and one
-bfloat16 explanation's time is split as above. The ResNet-50 shape's random weights fail
-the server's bfloat16 check (its gradients correlate with float32's at about 0.94): for this
-run only, its manifest's ``verification.bfloat16_min_pearson`` is lowered (the output and
-the JSON say so, with the check's figures).
+``--precision float32,bfloat16`` (the default where the CPU has bfloat16 units) starts our
+server with ``--precision bfloat16`` and adds a row "ours bfloat16" (requests with
+``precision: "bfloat16"``) beside "ours" (requests with ``precision: "float32"``), in the
+same interleaved rounds against the same TorchServe figures; the bfloat16 maps are compared
+with float32's (Pearson, top-10 % overlap), and one bfloat16 explanation's time is split as
+above. The ResNet-50 shape's random weights fail the server's bfloat16 check (its gradients
+correlate with float32's at about 0.94): for this run only, its manifest's
+``verification.bfloat16_min_pearson`` is lowered (the output and the JSON say so, with the
+check's figures).
 
     python -m benchmarks.peers [--quick] [--models demo,resnet50] [--requests 8]
-        [--round-seconds 3] [--precision float32,bfloat16]
+        [--round-seconds 3] [--precision auto|float32|float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -1076,14 +1077,20 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: per model, see SERVER_CONFIGS)")
     parser.add_argument("--threads", type=int, help="our server's intra_op_threads")
     parser.add_argument("--chunk-mib", type=int, help="our server's chunk_memory_bytes, in MiB")
-    parser.add_argument("--precision", default="float32",
+    parser.add_argument("--precision", default="auto",
                         help="ours in: float32, or float32,bfloat16 (a server under "
                         "--precision bfloat16 serving both; lowers the random-weight "
-                        "ResNet-50's bfloat16 check for this run)")
+                        "ResNet-50's bfloat16 check for this run); auto (default): both "
+                        "where the CPU has bfloat16 units (AMX, AVX-512 BF16)")
     args = parser.parse_args(argv)
+    if args.precision == "auto":
+        from saliency_service.core.devices import cpu_has_bf16  # noqa: PLC0415
+
+        args.precision = "float32,bfloat16" if cpu_has_bf16() else "float32"
     precisions = [name for name in args.precision.split(",") if name]
     if "float32" not in precisions or set(precisions) - {"float32", "bfloat16"}:
-        parser.error(f"--precision must be float32 or float32,bfloat16, got {args.precision!r}")
+        parser.error("--precision must be auto, float32 or float32,bfloat16, got "
+                     f"{args.precision!r}")
     bfloat16 = "bfloat16" in precisions
     models = model_names(parser, args.models or ("demo" if args.quick else "demo,resnet50"))
     requests = args.requests or (4 if args.quick else 8)
