@@ -33,6 +33,7 @@ from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from saliency_service.serving.background import RunningServer
 from tests.conftest import make_config, run_cli
 from tests.fixtures.onnx_classifiers import BOXES, FOLDER, SIZE, region_classifier
+from tests.onnx_models import small_cnn
 
 ONNX_ONLY = {"occlusion", "rise", "decam"}
 # Gradient methods need only the graph's translation; the CAM and multi-scale ones a feature map.
@@ -511,3 +512,22 @@ def test_a_conv_classifier_gets_its_scale_and_head_from_the_graph(
     assert maps.shape == (5, 4, SIZE, SIZE)
     weights = numpy_helper.to_array(model.graph.initializer[1])
     np.testing.assert_allclose(maps.mean(axis=(2, 3)) @ weights.T, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_import_prints_no_control_characters_from_the_file(tmp_path: Path) -> None:
+    """A node name with an ANSI escape and a bell (a hostile file's) is printed as escapes:
+    what import prints cannot move the cursor, clear or recolour the user's terminal."""
+    model = small_cnn()
+    for index, node in enumerate(model.graph.node):
+        node.name = f"n\x1b[2J\x07{index}"
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    code, out, err = run_cli("import", str(tmp_path / "m.onnx"), "--name", "m", "--models",
+                             str(tmp_path / "models"), "--labels", "a,b,c")
+    assert code == 0, err
+    refused, _, message = run_cli("import", str(tmp_path / "m.onnx"), "--name", "m2",
+                                  "--models", str(tmp_path / "models"), "--labels", "a,b,c",
+                                  "--cam-layer", "x\x1b[31m")
+    assert refused == 2
+    for text in (out, err, message):
+        assert not any(not c.isprintable() and c not in "\n\t" for c in text), repr(text)
+    assert "\\x1b[2J\\x07" in out and "\\x1b[31m" in message
