@@ -63,15 +63,9 @@ def parse_shape(value: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def printable(text: object) -> str:
-    """``text`` safe for a terminal: control characters (an ANSI escape hidden in a model
-    file's node name or label) are shown as escapes, never sent; line breaks and tabs stay."""
-    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in str(text))
-
-
 def _usage_error(exc: Exception) -> int:
     """One line on stderr, exit status 2 (as argparse does)."""
-    print(f"error: {printable(exc)}", file=sys.stderr)
+    print(f"error: {cli_client.printable(exc)}", file=sys.stderr)
     return 2
 
 
@@ -150,7 +144,7 @@ def _export(args: argparse.Namespace) -> int:
     except ExportError as exc:
         read = f" ({len(labels)} labels read from {source})" if "class labels" in str(exc) \
             else ""
-        print(f"error: {printable(exc)}{read}", file=sys.stderr)
+        print(f"error: {cli_client.printable(exc)}{read}", file=sys.stderr)
         return 2
     print(f"wrote {report.path}")
     grid = report.outputs.get("detection") or {}
@@ -158,8 +152,8 @@ def _export(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {v}" for k, v in report.outputs.items()
                       if k not in ("kind", "detection"))
           + "".join(f", {k} {v:g}" for k, v in grid.items()))
-    print(printable(f"classes: {', '.join(report.labels)}"))
-    print(printable(f"scale outputs: {', '.join(report.scale_modules) or 'none'}"))
+    print(cli_client.printable(f"classes: {', '.join(report.labels)}"))
+    print(cli_client.printable(f"scale outputs: {', '.join(report.scale_modules) or 'none'}"))
     print(f"ONNX Runtime vs PyTorch max abs diff: {report.max_abs_diff:.3g}")
     return 0
 
@@ -189,7 +183,7 @@ def _import(args: argparse.Namespace) -> int:
             cam_layer=args.cam_layer, overwrite=args.force, timeout=args.timeout)
     except (UsageError, ImportRefused) as exc:
         return _usage_error(exc)
-    print(printable("\n".join(report.lines())))
+    print(cli_client.printable("\n".join(report.lines())))
     return 0
 
 

@@ -15,6 +15,9 @@ from PIL import Image
 from saliency_service.cli import main
 from saliency_service.client.commands import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
 from saliency_service.render.drawing import MIN_WIDTH
+from saliency_service.serving.background import RunningServer
+from tests.conftest import make_config
+from tests.onnx_models import small_cnn, write_package
 
 UNREACHABLE = ["--server", "127.0.0.1:1", "--timeout", "3", "--max-attempts", "1"]
 
@@ -184,3 +187,22 @@ def test_health_says_live_and_ready(server, capsys: pytest.CaptureFixture[str]) 
     code, _, err = run(capsys, "health", *UNREACHABLE)
     assert code == EXIT_UNREACHABLE
     assert one_line_error(err).startswith("error: UNAVAILABLE: ")
+
+
+def test_a_servers_strings_reach_the_terminal_without_control_characters(
+        tmp_path: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A package's labels with an ANSI escape and a bell: `models` and `explain` print them
+    as escapes, so a package cannot clear or recolour the terminal of whoever lists it."""
+    labels = ("clear\x1b[2J", "bell\x07", "red\x1b[31m")
+    write_package(small_cnn(classes=3, size=24), tmp_path / "models", "odd", labels=labels)
+    running = RunningServer(make_config(tmp_path / "models")).start()
+    try:
+        printed = [run(capsys, "models", "odd", "--server", running.address)[1],
+                   run(capsys, *["explain", "--server", running.address, "--model", "odd",
+                                 "--image", str(image), "--out", str(tmp_path / "o.png")])[1]]
+    finally:
+        running.stop()
+    for text in printed:
+        assert not any(not c.isprintable() and c not in "\n\t" for c in text), repr(text)
+    assert "clear\\x1b[2J, bell\\x07, red\\x1b[31m" in printed[0]
+    assert "prediction: " in printed[1] and "\\x1b" in printed[1]

@@ -44,6 +44,18 @@ RESIZE_CHOICES = ("stretch", "center_crop", "letterbox")
 _DEFAULT_METHOD = pb.Method.Name(pb.METHOD_VANILLA_GRADIENT).removeprefix("METHOD_").lower()
 
 
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: control characters (an ANSI escape hidden in a model's
+    label or name, or in a server's message) are shown as escapes, never sent; line breaks
+    and tabs stay."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in str(text))
+
+
+def _say(*values: object, sep: str = " ", end: str = "\n", file: Any = None) -> None:
+    """``print`` for text that may carry a server's strings: see ``printable``."""
+    print(printable(sep.join(str(v) for v in values)), end=end, file=file)
+
+
 class CommandError(Exception):
     """A one-line error for stderr and the exit code that goes with it."""
 
@@ -145,14 +157,14 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         try:
             return command(args)
         except CommandError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            _say(f"error: {exc}", file=sys.stderr)
             return exc.code
         except ParamError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            _say(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         except grpc.RpcError as exc:
             code = exc.code()
-            print(f"error: {code.name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            _say(f"error: {code.name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
             return EXIT_UNREACHABLE if code.name in _TRY_LATER else EXIT_REFUSED
 
     return run
@@ -289,18 +301,18 @@ def _explain(args: argparse.Namespace) -> int:
             {**_summary(r.response), "map_mean": float(np.mean(r.maps))} for r in results]},
             indent=2))
         return EXIT_OK
-    print("prediction: " + ", ".join(f"{c.label} {c.probability:.3f}" for c in top[:3]))
+    _say("prediction: " + ", ".join(f"{c.label} {c.probability:.3f}" for c in top[:3]))
     for result in results:
         cost = result.cost
         name = pb.Method.Name(cost.method).removeprefix("METHOD_").lower()
-        print(f"explained class: {result.targets[0]}" if len(results) == 1 else
+        _say(f"explained class: {result.targets[0]}" if len(results) == 1 else
               f"{name}: explained class {result.targets[0]}")
-        print(f"cost: method {name} forward {cost.forward_passes} backward "
+        _say(f"cost: method {name} forward {cost.forward_passes} backward "
               f"{cost.backward_passes} wall {cost.wall_seconds * 1000:.1f} ms cpu "
               f"{cost.cpu_seconds * 1000:.1f} ms")
     maps = results[0].maps
     what = "map" if len(results) == 1 else f"panel of {len(results)}"
-    print(f"{what}: {args.out} ({maps.shape[1]}×{maps.shape[2]}, "
+    _say(f"{what}: {args.out} ({maps.shape[1]}×{maps.shape[2]}, "
           f"mean {float(np.mean(maps)):.3f})")
     return EXIT_OK
 
@@ -324,11 +336,11 @@ def _explained_targets(args: argparse.Namespace, results: list[Any],
             indent=2))
         return EXIT_OK
     for path, target in zip(paths, explained, strict=True):
-        print(f"{path}: {_what(target)}")
+        _say(f"{path}: {_what(target)}")
     for result in results:
         cost = result.cost
         name = pb.Method.Name(cost.method).removeprefix("METHOD_").lower()
-        print(f"cost: method {name} forward {cost.forward_passes} backward "
+        _say(f"cost: method {name} forward {cost.forward_passes} backward "
               f"{cost.backward_passes} wall {cost.wall_seconds * 1000:.1f} ms cpu "
               f"{cost.cpu_seconds * 1000:.1f} ms ({len(explained)} "
               f"map{'s' if len(explained) != 1 else ''})")
@@ -365,19 +377,19 @@ def _predict(args: argparse.Namespace) -> int:
         return EXIT_OK
     if response.detections:
         (found,) = detections_of(response)
-        print(f"{len(found)} detection{'s' if len(found) != 1 else ''}" + (":" if found else ""))
+        _say(f"{len(found)} detection{'s' if len(found) != 1 else ''}" + (":" if found else ""))
         for detection in found:
             x1, y1, x2, y2 = detection.box
-            print(f"  {detection.label} [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}] score "
+            _say(f"  {detection.label} [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}] score "
                   f"{detection.score:.3f}")
     elif response.HasField("class_map"):
         (counts,) = class_counts(response, labels)
         total = sum(counts.values())
-        print("pixels per class:")
+        _say("pixels per class:")
         for label, pixels in counts.items():
-            print(f"  {label}: {pixels} ({pixels / total:.1%})")
+            _say(f"  {label}: {pixels} ({pixels / total:.1%})")
     else:
-        print("prediction: " + ", ".join(f"{c.label} {c.probability:.3f}"
+        _say("prediction: " + ", ".join(f"{c.label} {c.probability:.3f}"
                                          for c in response.predictions[0].top))
     return EXIT_OK
 
@@ -399,26 +411,26 @@ def _models(args: argparse.Namespace) -> int:
     else:
         for status in listing.models:
             state = "ready" if status.ready else f"NOT READY: {status.error}"
-            print(f"{status.name} {status.version}: {state}")
+            _say(f"{status.name} {status.version}: {state}")
         if not listing.models:
-            print("no models")
+            _say("no models")
     return EXIT_OK if all(s.ready for s in listing.models) else EXIT_REFUSED
 
 
 def _print_model(info: pb.ModelInfo) -> None:
     status = info.status
-    print(f"{status.name} {status.version}: "
+    _say(f"{status.name} {status.version}: "
           + ("ready" if status.ready else f"NOT READY: {status.error}"))
     if info.input.shape:
-        print(f"input: {list(info.input.shape)} {info.input.layout}, mean "
+        _say(f"input: {list(info.input.shape)} {info.input.layout}, mean "
               f"{[round(v, 4) for v in info.input.mean]} std "
               f"{[round(v, 4) for v in info.input.std]}, images resized by "
               f"{info.input.resize or 'stretch'}")
     if info.class_labels:
-        print(f"classes: {', '.join(info.class_labels)}")
+        _say(f"classes: {', '.join(info.class_labels)}")
     for method in info.methods:
         defaults = ", ".join(f"{k}={v}" for k, v in sorted(method.defaults.items()))
-        print(f"  {method.name} ({method.engine}){': ' + defaults if defaults else ''}")
+        _say(f"  {method.name} ({method.engine}){': ' + defaults if defaults else ''}")
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -430,5 +442,5 @@ def _health(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"live": live, "ready": ready}))
     else:
-        print(f"live: {live}, ready: {ready}")
+        _say(f"live: {live}, ready: {ready}")
     return EXIT_OK if ready == "SERVING" else EXIT_REFUSED
