@@ -428,3 +428,27 @@ def test_hostile_targets_are_refused_in_a_short_message(
     details = refused(lambda: explain(stub, model, pb.METHOD_OCCLUSION, inputs_of(scenes, [0]),
                                       target))
     assert expected in details and len(details) < 2000, details[:300]
+
+
+# ---- METHOD_AUTO and ExplainStream, as for classifiers -----------------------------------------
+
+
+@pytest.mark.parametrize("model", ["grid", "nms", "unet"])
+def test_auto_and_the_stream_explain_every_target(stub: pb_grpc.ExplainerStub, scenes,  # noqa: ANN001
+                                                   model: str) -> None:
+    """METHOD_AUTO picks a method the model offers and answers a map per target, echoed; a
+    DE-CAM stream reports progress and ends in the same maps as Explain."""
+    x = inputs_of(scenes, [0])
+    reply = stub.Explain(pb.ExplainRequest(model=model, method=pb.METHOD_AUTO,
+                                           input=tensor_input(x), seed=1), timeout=300)
+    assert reply.cost.method not in (pb.METHOD_AUTO, pb.METHOD_UNSPECIFIED)
+    assert reply.saliency.shape[0] == len(reply.explained) >= 1
+    request = pb.ExplainRequest(model=model, method=pb.METHOD_DECAM, input=tensor_input(x),
+                                seed=1, decam=pb.DecamParams(population=8, generations=3))
+    updates = list(stub.ExplainStream(request, timeout=300))
+    kinds = [update.WhichOneof("update") for update in updates]
+    assert kinds[-1] == "result" and "progress" in kinds[:-1]
+    final = updates[-1].result
+    direct = stub.Explain(request, timeout=300)
+    np.testing.assert_array_equal(tensor_to_array(final.saliency), tensor_to_array(direct.saliency))
+    assert [t.box for t in final.explained] == [t.box for t in direct.explained]
