@@ -17,6 +17,26 @@ class ConvBlock(nn.Module):
         return self.relu(self.bn(self.conv(x)))
 
 
+class BasicBlock(nn.Module):
+    """A ResNet basic block: two 3×3 convolutions, a 1×1 projection when the shape changes.
+    ``shared_relu``: one ReLU module called twice, as torchvision writes it (a module that
+    runs twice has no single output); else ``torch.relu`` calls."""
+
+    def __init__(self, cin: int, cout: int, stride: int, shared_relu: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU() if shared_relu else torch.relu
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                   nn.BatchNorm2d(cout)) if stride != 1 or cin != cout else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (self.down(x) if self.down is not None else x))
+
+
 class TinyCNN(nn.Module):
     """Three scales, BatchNorm, global-average-pool + linear head."""
 

@@ -18,25 +18,7 @@ from saliency_service.client.client import SaliencyClient
 from saliency_service.evaluation import sanity
 from saliency_service.packaging.export import export_package
 from saliency_service.serving.background import local_server
-
-
-class BasicBlock(nn.Module):
-    """A ResNet basic block: two 3×3 convolutions, a 1×1 projection when the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   nn.BatchNorm2d(cout))
-                     if stride != 1 or cin != cout else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (self.down(x) if self.down is not None else x))
+from tests.models import BasicBlock
 
 
 class SmallResNet(nn.Module):

@@ -10,9 +10,7 @@ node holds what that BatchNorm's module returns.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import warnings
 from collections.abc import Iterator
@@ -27,38 +25,19 @@ import torch
 from google.protobuf import json_format
 from torch import nn
 
-from saliency_service import cli
 from saliency_service.methods._utils.layer_program import MAX_LAYER_MODULES, layer_modules
 from saliency_service.packaging.export import export_package
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from saliency_service.serving.background import RunningServer
-from tests.conftest import make_config
-from tests.models import TinyCNN
+from tests.conftest import make_config, run_cli
+from tests.models import BasicBlock, TinyCNN
 from tests.peer_grad_cam import import_pytorch_grad_cam
 
 CAM_TOLERANCE = 1e-4
 SIZE = 16
 LABELS = ("a", "b", "c", "d")
-
-
-class Block(nn.Module):
-    """torchvision's basic block: one ReLU module called twice."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   nn.BatchNorm2d(cout)) if stride != 1 or cin != cout else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(out + (self.down(x) if self.down is not None else x))
 
 
 class ResNet(nn.Module):
@@ -69,8 +48,9 @@ class ResNet(nn.Module):
         torch.manual_seed(0)
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8),
                                   nn.ReLU())
-        self.layer1 = nn.Sequential(Block(8, 8, 1))
-        self.layer2 = nn.Sequential(Block(8, 16, 2), Block(16, 16, 1))
+        self.layer1 = nn.Sequential(BasicBlock(8, 8, 1, shared_relu=True))
+        self.layer2 = nn.Sequential(BasicBlock(8, 16, 2, shared_relu=True),
+                                    BasicBlock(16, 16, 1, shared_relu=True))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(16, len(LABELS))
         for module in self.modules():
@@ -113,13 +93,6 @@ class SplitNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         left, right = self.relu(self.conv1(x)).split([4, 4], dim=1)
         return self.fc(torch.relu(self.conv2(left * right.sigmoid())).mean((2, 3)))
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 def onnx_file(module: nn.Module, path: Path, outputs: list[str], dynamo: bool = False) -> Path:
