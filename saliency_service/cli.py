@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import importlib
 import math
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,16 +107,26 @@ def _load_factory(spec: str) -> object:
     return factory() if callable(factory) else factory
 
 
-def _state_dict(path: Path) -> dict[str, Any]:
-    """Weights from ``.npz`` (plain arrays) or a torch file read with ``weights_only`` (tensors,
-    never arbitrary pickled objects)."""
+def _load_weights(model: Any, path: Path) -> None:
+    """Loads weights from ``.npz`` (plain arrays) or a torch file read with ``weights_only``
+    (tensors, never arbitrary pickled objects) into ``model``; a file that is neither, or
+    weights that do not fit the module, is a UsageError naming the file."""
+    import zipfile  # noqa: PLC0415
+
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as arrays:
-            return {key: torch.from_numpy(arrays[key]) for key in arrays.files}
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                state = {key: torch.from_numpy(arrays[key]) for key in arrays.files}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
+            zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--state-dict {path}: {first[:300]}") from None
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -130,7 +141,10 @@ def _export(args: argparse.Namespace) -> int:
         return _usage_error(exc)
     model = _load_factory(args.module)
     if args.state_dict:
-        model.load_state_dict(_state_dict(Path(args.state_dict)))  # type: ignore[attr-defined]
+        try:
+            _load_weights(model, Path(args.state_dict))
+        except UsageError as exc:
+            return _usage_error(exc)
     try:
         report = export_package(
             model, name=args.name, version=args.version, input_shape=shape,

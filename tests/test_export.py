@@ -146,6 +146,33 @@ def test_export_cli_packages_a_module_by_name(tmp_path: Path) -> None:
     np.testing.assert_allclose(repository.get("cli").run(x)[0], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["object array", "not weights", "wrong keys", "pickle"])
+def test_export_cli_refuses_weights_it_cannot_load_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    """Weights that are not plain arrays or tensors, or that do not fit the module, end the
+    export with one line naming the file (exit 2), never a traceback or an unpickled object."""
+    import pickle
+
+    from saliency_service.cli import main
+
+    path = tmp_path / ("w.pt" if case == "pickle" else "w.npz")
+    if case == "object array":
+        np.savez(path, **{"layer1.conv.weight": np.array([{"a": 1}], dtype=object)})
+    elif case == "not weights":
+        path.write_bytes(b"PK\x03\x04 not a zip")
+    elif case == "wrong keys":
+        np.savez(path, nothing=np.zeros(3, np.float32))
+    else:
+        path.write_bytes(pickle.dumps({"weight": object()}))
+    code = main(["export", "--module", "tests.models:TinyCNN", "--state-dict", str(path),
+                 "--name", "w", "--input-shape", "3,32,32", "--labels", "a,b,c,d",
+                 "--models", str(tmp_path / "models")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"error: --state-dict {path}") and err.count("\n") == 1, err
+    assert not (tmp_path / "models" / "w").exists()
+
+
 def test_scale_search_on_bottlenecks_with_the_stride_on_the_3x3_conv() -> None:
     from tests.architectures import ResNet50Shape, VGGStyle
 
