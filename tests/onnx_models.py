@@ -59,9 +59,11 @@ def small_cnn(classes: int = 3, channels: int = 3, size: int = 24, seed: int = 0
 def write_package(model: onnx.ModelProto, repository: Path, name: str, version: int = 1,
                   mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                   std: tuple[float, ...] = (0.25, 0.25, 0.25),
-                  labels: tuple[str, ...] | None = None) -> Path:
-    """A package with ``model.onnx`` and a hand-written manifest only: no ``model.pt2``, no
-    scale outputs, nothing our exporter would add."""
+                  labels: tuple[str, ...] | None = None,
+                  outputs: dict[str, str] | None = None) -> Path:
+    """A package with ``model.onnx`` and a hand-written manifest only: no scale outputs,
+    nothing our exporter would add. ``outputs``: the manifest's (default: a classifier's
+    ``logits``)."""
     folder = Path(repository) / name / str(version)
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(folder / ONNX_FILE))
@@ -75,7 +77,7 @@ def write_package(model: onnx.ModelProto, repository: Path, name: str, version: 
         "input": {"name": "input", "shape": shape, "mean": list(mean), "std": list(std),
                   "value_range": [0.0, 1.0], "layout": "NCHW", "dtype": "float32"},
         "class_labels": list(labels or (f"class_{i}" for i in range(classes))),
-        "outputs": {"logits": "logits"},
+        "outputs": outputs or {"logits": "logits"},
         "files": {ONNX_FILE: {"sha256": sha256_file(folder / ONNX_FILE)}},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -161,13 +163,3 @@ def box_detector(size: int = 32, box: tuple[float, float, float, float] = (4, 4,
     onnx.checker.check_model(model)
     return model
 
-
-def write_detector_package(model: onnx.ModelProto, repository: Path, name: str,
-                           labels: tuple[str, ...] = ("object",)) -> Path:
-    """``write_package`` for a post-NMS detector: the manifest's outputs name its three."""
-    folder = write_package(model, repository, name, labels=labels)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["outputs"] = {"kind": "detection", "boxes": "boxes", "scores": "scores",
-                           "classes": "classes"}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return folder

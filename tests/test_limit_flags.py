@@ -23,7 +23,7 @@ from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from saliency_service.protocol.codec import method_enum
 from saliency_service.protocol.images import array_to_tensor
 from tests.conftest import TINY_SHAPE, RunningServer, make_config
-from tests.onnx_models import box_detector, write_detector_package
+from tests.onnx_models import box_detector, write_package
 
 LOW = 4
 CASES = [(handler, field, limit) for handler in registry.handlers()
@@ -51,7 +51,9 @@ def models(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny classifier and a post-NMS detector, for the methods only detectors offer."""
     root = tmp_path_factory.mktemp("limits")
     shutil.copytree(repository / "tiny", root / "tiny")
-    write_detector_package(box_detector(TINY_SHAPE[-1]), root, "detector")
+    write_package(box_detector(TINY_SHAPE[-1]), root, "detector", labels=("object",),
+                  outputs={"kind": "detection", "boxes": "boxes", "scores": "scores",
+                           "classes": "classes"})
     return root
 
 
