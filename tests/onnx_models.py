@@ -162,4 +162,3 @@ def box_detector(size: int = 32, box: tuple[float, float, float, float] = (4, 4,
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model
-
