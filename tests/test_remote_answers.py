@@ -141,6 +141,11 @@ def test_a_malformed_answer_is_unavailable(stub: pb_grpc.ExplainerStub, case: st
     assert "predictor 'plain'" in caught.value.details()
 
 
+# The request's deadline in the trickle tests: far longer than reaching the predictor takes
+# on a slow machine, far shorter than the 50 s the answer trickles.
+TRICKLE_DEADLINE = 5.0
+
+
 def trickle(handler: Predictor) -> None:
     """A valid-looking answer one byte every 0.1 s for 50 s, until the server hangs up."""
     handler.send_response(200)
@@ -161,7 +166,7 @@ def test_a_trickled_answer_ends_at_the_deadline(stub: pb_grpc.ExplainerStub) -> 
     ANSWER["now"] = trickle
     GAVE_UP.clear()
     with pytest.raises(grpc.RpcError) as caught:
-        explain(stub, timeout=1)
+        explain(stub, timeout=TRICKLE_DEADLINE)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert GAVE_UP.wait(30), "the server still reads an answer its request gave up on"
 
@@ -173,7 +178,7 @@ def test_a_trickled_prediction_ends_at_the_deadline(stub: pb_grpc.ExplainerStub)
     batch = np.zeros((1, 3, SIZE, SIZE), np.float32)
     with pytest.raises(grpc.RpcError) as caught:
         stub.Predict(pb.PredictRequest(model="remote", input=pb.Input(
-            tensor=array_to_tensor(batch))), timeout=1)
+            tensor=array_to_tensor(batch))), timeout=TRICKLE_DEADLINE)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert GAVE_UP.wait(30), "the server still reads an answer its request gave up on"
 
