@@ -109,10 +109,10 @@ def tensors_named(names: GraphNames, layer: str) -> tuple[tuple[str, ...], str]:
     if layer in names.producers:
         return (layer,), "tensor"
     if layer in names.inputs:
-        raise LayerNameError(f"{_shown(layer)} is an input or weight of the graph, not a layer")
+        raise LayerNameError(f"{shown(layer)} is an input or weight of the graph, not a layer")
     nodes = [i for i, name in enumerate(names.node_names) if name == layer]
     if len(nodes) > 1:
-        raise LayerNameError(f"{len(nodes)} nodes are named {_shown(layer)}; name one of "
+        raise LayerNameError(f"{len(nodes)} nodes are named {shown(layer)}; name one of "
                              f"their output tensors: {_listed(names.node_outputs[nodes[-1]])}")
     if nodes:
         return names.node_outputs[nodes[0]], "node"
@@ -123,14 +123,15 @@ def tensors_named(names: GraphNames, layer: str) -> tuple[tuple[str, ...], str]:
     calls = [i for i, path in enumerate(names.module_paths) if again.match(path)]
     if calls:
         last = [names.node_names[inside[-1]], names.node_names[calls[-1]]]
-        raise LayerNameError(f"module {_shown(layer)} runs more than once in the graph, so it "
+        raise LayerNameError(f"module {shown(layer)} runs more than once in the graph, so it "
                              f"has no single output; name a node instead, e.g. {_listed(last)}")
     return names.node_outputs[inside[-1]], "module"
 
 
-def _shown(name: str, most: int = 80) -> str:
+def shown(name: str, most: int = 80) -> str:
+    """A name in a message: quoted, control characters escaped, at most ``most`` long."""
     return repr(name if len(name) <= most else name[: most - 1] + "…")
 
 
 def _listed(names: Sequence[str]) -> str:
-    return ", ".join(_shown(n) for n in names)
+    return ", ".join(shown(n) for n in names)

@@ -25,6 +25,7 @@ from saliency_service.methods._utils.layer_names import (
     GraphNames,
     LayerNameError,
     graph_names,
+    shown,
     tensors_named,
 )
 from saliency_service.methods._utils.torch_program import (
@@ -72,20 +73,20 @@ def find_layer(model: ModelHandle, layer: str) -> str:
     except LayerNameError as exc:
         raise InvalidInput(f"layer: {exc}") from None
     if not tensors:
-        raise InvalidInput(f"layer {_shown(layer)} names no tensor, node or module of the "
+        raise InvalidInput(f"layer {shown(layer)} names no tensor, node or module of the "
                            f"graph of model {model.spec().name!r}; N×C×H×W layers include "
                            f"{suggestions(model)}")
     held = [t for t in tensors if t in index.nodes]
     maps = [t for t in held if _is_map(index, index.nodes[t])]
     if len(maps) > 1 and kind == "node":
-        raise InvalidInput(f"node {_shown(layer)} makes {len(maps)} N×C×H×W tensors; name one: "
-                           f"{', '.join(_shown(t) for t in maps)}")
+        raise InvalidInput(f"node {shown(layer)} makes {len(maps)} N×C×H×W tensors; name one: "
+                           f"{', '.join(shown(t) for t in maps)}")
     if not maps:
         raise InvalidInput(_not_a_map(model, index, layer, tensors[-1]))
     node = index.nodes[maps[-1]]
     if node not in index.scored:
         raise InvalidInput(f"the class scores of model {model.spec().name!r} do not depend "
-                           f"on layer {_shown(layer)} (tensor {_shown(maps[-1])}): its "
+                           f"on layer {shown(layer)} (tensor {shown(maps[-1])}): its "
                            f"gradient is zero; choose one of {suggestions(model)}")
     return index.outputs.get(node, maps[-1])
 
@@ -93,14 +94,15 @@ def find_layer(model: ModelHandle, layer: str) -> str:
 def suggestions(model: ModelHandle) -> str:
     """The manifest's scales and the last few N×C×H×W tensors before the head."""
     spec = model.spec()
-    shown = [f"{o} ({m})" for o, m in zip(spec.scale_outputs, spec.scale_modules, strict=False)]
+    choices = [f"{o} ({m})" for o, m in zip(spec.scale_outputs, spec.scale_modules,
+                                             strict=False)]
     if spec.token_grid:
-        shown.append(f"{spec.token_grid['output']} ({spec.cam_layer})")
+        choices.append(f"{spec.token_grid['output']} ({spec.cam_layer})")
     index = layer_index(model)
     maps = [node for node in index.shapes if node in index.scored and _is_map(index, node)
             and node not in index.outputs and index.shapes[node][2:] != (1, 1)]
-    shown += [_shown(index.labels[node]) for node in maps[-SUGGESTED:]]
-    return ", ".join(shown) or "none"
+    choices += [shown(index.labels[node]) for node in maps[-SUGGESTED:]]
+    return ", ".join(choices) or "none"
 
 
 def _is_map(index: LayerIndex, node: str) -> bool:
@@ -111,23 +113,19 @@ def _not_a_map(model: ModelHandle, index: LayerIndex, layer: str, tensor: str) -
     node = index.nodes.get(tensor)
     if node is None:
         return (f"the class scores of model {model.spec().name!r} do not depend on layer "
-                f"{_shown(layer)} (tensor {_shown(tensor)}: a constant, or it feeds only other "
+                f"{shown(layer)} (tensor {shown(tensor)}: a constant, or it feeds only other "
                 f"outputs); choose one of {suggestions(model)}")
     shape = index.shapes.get(node)
-    shown = ("×".join(["N", *map(str, shape[1:])]) if shape and node in index.batch_first
+    dims = ("×".join(["N", *map(str, shape[1:])]) if shape and node in index.batch_first
              else list(shape or ()))
     if shape is None:
         why = "is not a float tensor"
     elif len(shape) != 4:
-        why = f"is {len(shape)}-D ({shown})"
+        why = f"is {len(shape)}-D ({dims})"
     else:
-        why = f"has shape {shown}, whose first dimension is not the batch"
-    return (f"layer {_shown(layer)} (tensor {_shown(tensor)}) {why}; Grad-CAM reads an "
+        why = f"has shape {dims}, whose first dimension is not the batch"
+    return (f"layer {shown(layer)} (tensor {shown(tensor)}) {why}; Grad-CAM reads an "
             f"N×C×H×W feature map, e.g. {suggestions(model)}")
-
-
-def _shown(name: str, most: int = 80) -> str:
-    return repr(name if len(name) <= most else name[: most - 1] + "…")
 
 
 class _Shapes(fx.Interpreter):
