@@ -151,8 +151,6 @@ def test_export_cli_refuses_weights_it_cannot_load_in_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
     """Weights that are not plain arrays or tensors, or that do not fit the module, end the
     export with one line naming the file (exit 2), never a traceback or an unpickled object."""
-    import pickle
-
     from saliency_service.cli import main
 
     path = tmp_path / ("w.pt" if case == "pickle" else "w.npz")
@@ -163,7 +161,7 @@ def test_export_cli_refuses_weights_it_cannot_load_in_one_line(
     elif case == "wrong keys":
         np.savez(path, nothing=np.zeros(3, np.float32))
     else:
-        path.write_bytes(pickle.dumps({"weight": object()}))
+        torch.save({"weight": object()}, path)  # a pickled object, not a tensor
     code = main(["export", "--module", "tests.models:TinyCNN", "--state-dict", str(path),
                  "--name", "w", "--input-shape", "3,32,32", "--labels", "a,b,c,d",
                  "--models", str(tmp_path / "models")])
