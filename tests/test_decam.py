@@ -400,7 +400,9 @@ def test_covariance_map_is_the_fitness_weighted_sum_of_every_evaluated_mask(
         tmp_path: Path, budget: int) -> None:
     """Σ (e − mean e) · upsample(mask) over all candidates (both stages, the partial last
     generation included), computed here from the recorded candidates, is the raw map; e is
-    the model's part of the fitness (the sparsity penalty added back)."""
+    the model's part of the fitness (the sparsity penalty added back). ``spread: bilinear``:
+    the cells' values are spread evenly (``changed_pixels`` is tested in
+    test_decam_colour.py)."""
     write_package(small_cnn(classes=3, size=SIZE), tmp_path, "plain")
     handle = ModelHandle("plain", 1, tmp_path / "plain" / "1")
     handle.load()
@@ -408,7 +410,7 @@ def test_covariance_map_is_the_fitness_weighted_sum_of_every_evaluated_mask(
     (logits,) = handle.run(x)
     params = registry.get("decam").params(
         None, population=6, generations=40, patience=0, max_forward_passes=budget,
-        aggregate="covariance")
+        aggregate="covariance", spread="bilinear")
     job = Job(model=handle, inputs=x, targets=logits.argmax(1), params=params,
               base_logits=logits, seed=3)
     RecordingFitness.seen = []

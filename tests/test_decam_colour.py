@@ -140,3 +140,44 @@ def test_least_score_baseline_counts_in_the_pass_budget(handle: ModelHandle) -> 
     # The prediction (1 of the 120) ran before the job; a pass left over from a generation
     # of two-pass candidates stays unspent.
     assert 2 * (120 - 2) <= job.cost.forward_passes <= 2 * (120 - 1)
+
+
+def small_red_squares(count: int = 4, side: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Grey images with one red square smaller than a grid-8 cell (4 px at 32²), each
+    straddling a cell border, so the cells it touches are mostly grey."""
+    rng = np.random.default_rng(1)
+    images = np.full((count, SIZE, SIZE, 3), 128, np.uint8)
+    masks = np.zeros((count, SIZE, SIZE), bool)
+    for index in range(count):
+        y, x = 4 * rng.integers(1, SIZE // 4 - 1, 2) - 1  # a cell border runs through it
+        images[index, y:y + side, x:x + side] = (217, 38, 38)
+        masks[index, y:y + side, x:x + side] = True
+    return images, masks
+
+
+def test_changed_pixels_put_a_cells_evidence_on_the_object_inside_it(
+        handle: ModelHandle) -> None:
+    """The search resolves cells; within a cell only the pixels the baseline changes can
+    carry its effect, so the map peaks on an object smaller than a cell rather than on the
+    grey around it, and puts more of its mass there than the even spread."""
+    images, masks = small_red_squares()
+    changed, _, _ = decam_maps(handle, images)
+    even, _, _ = decam_maps(handle, images, spread="bilinear")
+    assert pointing_game(changed, masks).mean() == 1.0
+    assert relevance_mass(changed, masks).mean() > 2 * relevance_mass(even, masks).mean()
+
+
+def test_spread_keeps_each_cells_total_and_equals_bilinear_for_an_even_change() -> None:
+    from saliency_service.methods._utils.resize import upsample  # noqa: PLC0415
+    from saliency_service.methods.decam import spread_over_changed  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    grids = rng.normal(size=(2, 8, 6)).astype(np.float32)
+    even = spread_over_changed(grids, np.full((2, 40, 30), 0.7, np.float32))
+    np.testing.assert_allclose(even, upsample(grids, 40, 30), atol=1e-5)
+    change = rng.random((2, 40, 30)).astype(np.float32)
+    change[:, :5] = 0.0  # pixels the baseline equals
+    spread = spread_over_changed(grids, change)
+    assert (spread[:, :5] == 0).all()
+    np.testing.assert_allclose(spread.sum(axis=(1, 2)),
+                               grids.sum(axis=(1, 2)) * 40 * 30 / (8 * 6), rtol=1e-4)

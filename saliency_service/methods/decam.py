@@ -38,7 +38,15 @@ Our formulation (the paper fixes the principle, not these details):
   converges), so a cell that travels with the object takes its covariance; the regression
   divides that out and pointed at the object more often on the ground-truth benchmark.
   ``best`` is the paper's choice, the fittest mask itself. Since upsampling is linear, the
-  sums are kept on each stage's grid and upsampled once. A map whose positive part covers
+  sums are kept on each stage's grid and upsampled once.
+* Within a cell (``spread``): a mask value moves pixel p by M·(x_p − b_p), so a pixel the
+  baseline equals cannot carry the cell's effect however the mask is set. ``changed_pixels``
+  (default) shares each cell's coefficient among its pixels in proportion to how far the
+  perturbation moves them (‖x_p − b_p‖ over channels), keeping the cell's total; a cell whose
+  pixels all move alike gets the plain bilinear map. ``bilinear`` spreads it evenly. The
+  search's evidence stays at the grid's resolution, and on an object smaller than a cell the
+  map no longer peaks on the background beside it (``benchmarks/groundtruth_defaults.py
+  decam``). A map whose positive part covers
   less than one cell (nothing, or a point) is replaced by the best mask
   (``diagnostics["best_mask_fallbacks"]``).
 * ``max_forward_passes`` caps what one image may cost, the prediction included (Cost counts
@@ -67,6 +75,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import cv2
 import numpy as np
 
 from saliency_service.core.errors import DeadlineExceeded, InvalidInput
@@ -95,6 +104,7 @@ MAX_GRID = 32
 MIN_POPULATION = 4
 STRATEGIES = ("best1bin", "rand1bin")
 AGGREGATES = ("covariance", "regression", "best")
+SPREADS = ("changed_pixels", "bilinear")
 # Ridge of the regression map, relative to the mean variance of the mask cells.
 RIDGE = 0.1
 # ``least_score``: per image, the baseline of LEAST_SCORE_CANDIDATES that lowers the target
@@ -189,6 +199,27 @@ class MaskFitness:
             if keep:
                 kept += self.baseline[item]
         return images.reshape(-1, *job.inputs.shape[1:])
+
+
+def interpolation_matrix(cells: int, pixels: int) -> np.ndarray:
+    """pixels × cells: column c is ``upsample``'s image of a one-hot cell c along one axis
+    (the resize is separable, so U(β) = R·β·Cᵀ for a cells_h × cells_w grid β)."""
+    eye = np.eye(cells, dtype=np.float32)
+    return cv2.resize(eye, (cells, pixels), interpolation=cv2.INTER_LINEAR)
+
+
+def spread_over_changed(grids: np.ndarray, change: np.ndarray) -> np.ndarray:
+    """N×g×g cell coefficients β → N×H×W pixels: d ⊙ U(β ⊘ Uᵀd) · (H·W / g²), with d =
+    ``change`` (N×H×W, ≥ 0) and U the bilinear upsampling. Each cell's coefficient goes to
+    its pixels in proportion to their change, its total kept; a uniform d gives U(β)."""
+    height, width = change.shape[1:]
+    rows = interpolation_matrix(grids.shape[1], height)
+    cols = interpolation_matrix(grids.shape[2], width)
+    totals = np.einsum("hi,nhw,wj->nij", rows, change, cols)  # Uᵀd: the change per cell
+    floor = 1e-6 * totals.mean(axis=(1, 2), keepdims=True) + 1e-12
+    scale = height * width / (grids.shape[1] * grids.shape[2])
+    per_change = grids / np.maximum(totals, floor) * scale
+    return (change * np.einsum("hi,nij,wj->nhw", rows, per_change, cols)).astype(np.float32)
 
 
 def donor_indices(rng: np.random.Generator, batch: int, population: int) -> np.ndarray:
@@ -347,6 +378,7 @@ class DecamParams:
     patience: int = param(8, low=0)
     max_forward_passes: int = param(0, low=0)
     aggregate: str = param("regression", choices=AGGREGATES)
+    spread: str = param("changed_pixels", choices=SPREADS)
 
 
 @register
@@ -471,6 +503,7 @@ class _Search:
         self.generation_seconds = 0.0
         self.block = job.batch  # images per block of a generation's temporaries
         self.aggregate = str(params.aggregate)
+        self.spread = str(params.spread)
         # Covariance map: per stage grid, Σ fitness·mask and Σ mask; per image Σ fitness, count.
         self.weighted: dict[tuple[int, ...], np.ndarray] = {}
         self.masks_sum: dict[tuple[int, ...], np.ndarray] = {}
@@ -550,6 +583,9 @@ class _Search:
             return best, 0
         mean = (self.fitness_sum / self.samples)[:, None, None]
         out = np.zeros((self.job.batch, height, width), np.float32)
+        change = None
+        if self.spread == "changed_pixels":
+            change = np.sqrt(np.square(self.fitness_of.difference).sum(axis=1))
         finest = 0
         for shape, weighted in self.weighted.items():
             if self.aggregate == "regression":
@@ -557,7 +593,8 @@ class _Search:
             else:
                 grids = ((weighted - mean * self.masks_sum[shape])
                          / self.samples).astype(np.float32)
-            out += upsample(grids, height, width)
+            out += (upsample(grids, height, width) if change is None
+                    else spread_over_changed(grids, change))
             finest = max(finest, shape[0] * shape[1])
         cell = height * width / max(finest, 1)
         support = (out > 0).reshape(self.job.batch, -1).sum(axis=1)

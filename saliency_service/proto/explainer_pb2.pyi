@@ -289,7 +289,7 @@ class MultiScaleParams(_message.Message):
     def __init__(self, weights: _Optional[_Iterable[float]] = ..., normalization: _Optional[_Union[Normalization, str]] = ...) -> None: ...
 
 class DecamParams(_message.Message):
-    __slots__ = ("grid", "population", "generations", "mutation", "crossover", "sparsity", "deletion_weight", "preservation_weight", "baseline", "strategy", "refine", "patience", "max_forward_passes", "aggregate")
+    __slots__ = ("grid", "population", "generations", "mutation", "crossover", "sparsity", "deletion_weight", "preservation_weight", "baseline", "strategy", "refine", "patience", "max_forward_passes", "aggregate", "spread")
     GRID_FIELD_NUMBER: _ClassVar[int]
     POPULATION_FIELD_NUMBER: _ClassVar[int]
     GENERATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +304,7 @@ class DecamParams(_message.Message):
     PATIENCE_FIELD_NUMBER: _ClassVar[int]
     MAX_FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_FIELD_NUMBER: _ClassVar[int]
     grid: int
     population: int
     generations: int
@@ -318,7 +319,8 @@ class DecamParams(_message.Message):
     patience: int
     max_forward_passes: int
     aggregate: str
-    def __init__(self, grid: _Optional[int] = ..., population: _Optional[int] = ..., generations: _Optional[int] = ..., mutation: _Optional[float] = ..., crossover: _Optional[float] = ..., sparsity: _Optional[float] = ..., deletion_weight: _Optional[float] = ..., preservation_weight: _Optional[float] = ..., baseline: _Optional[_Union[Baseline, str]] = ..., strategy: _Optional[str] = ..., refine: _Optional[bool] = ..., patience: _Optional[int] = ..., max_forward_passes: _Optional[int] = ..., aggregate: _Optional[str] = ...) -> None: ...
+    spread: str
+    def __init__(self, grid: _Optional[int] = ..., population: _Optional[int] = ..., generations: _Optional[int] = ..., mutation: _Optional[float] = ..., crossover: _Optional[float] = ..., sparsity: _Optional[float] = ..., deletion_weight: _Optional[float] = ..., preservation_weight: _Optional[float] = ..., baseline: _Optional[_Union[Baseline, str]] = ..., strategy: _Optional[str] = ..., refine: _Optional[bool] = ..., patience: _Optional[int] = ..., max_forward_passes: _Optional[int] = ..., aggregate: _Optional[str] = ..., spread: _Optional[str] = ...) -> None: ...
 
 class OcclusionParams(_message.Message):
     __slots__ = ("window", "stride", "baseline")
