@@ -54,7 +54,8 @@ def test_latency_suite_times_every_method_and_the_predict_overhead(tmp_path: Pat
 def test_rewrites_suite_times_each_rewrite_against_itself_switched_off(tmp_path: Path) -> None:
     result = run_suite("rewrites", tmp_path)
     rows = {row["what"]: row for row in result["rows"]}
-    assert set(rows) == {"integrated_gradients", "smoothgrad", "trunk pass, 15 rows"}
+    assert set(rows) == {"integrated_gradients", "smoothgrad", "trunk pass, 15 rows",
+                         "integrated_gradients bfloat16"}
     for row in rows.values():
         assert row["rewrite_ms"] > 0 and row["without_ms"] > 0
         assert row["time_saved"] == pytest.approx(1 - row["rewrite_ms"] / row["without_ms"])

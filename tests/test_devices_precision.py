@@ -191,3 +191,48 @@ def test_the_check_compares_gradients_and_classes(models: Path) -> None:
         passed, summary = bfloat16_check(module, inputs)
         assert passed and summary.endswith("top-1 3/3"), summary
         assert not bfloat16_check(module, inputs, min_pearson=1.0)[0]
+
+
+def test_bfloat16_weights_are_cast_once_and_change_no_result(models: Path) -> None:
+    """The bfloat16 variant keeps bfloat16 copies of the weights only autocast's bfloat16
+    operators read: its outputs and input gradients equal autocast over the float32 weights
+    exactly, a float32 request still runs on the float32 weights, and the trunk (which
+    shares the fast variant's weights with its float32 stem) keeps the stem float32."""
+    with serve(models, precision="bfloat16") as running:
+        handle = running.server.repository.get("tiny")
+        inputs = torch.from_numpy(np.random.default_rng(2).normal(
+            size=(3, *SHAPE)).astype(np.float32))
+        for variant in (FAST, TRUNK):
+            module = prepared_module(handle, variant)
+            x = module.stem(inputs) if variant == TRUNK else inputs
+            assert module.bfloat16
+            half = module.bfloat16_module()
+            half_dtypes = {t.dtype for t in half.state_dict().values()}
+            assert torch.bfloat16 in half_dtypes
+            assert {t.dtype for t in module.graph_module.state_dict().values()} == {
+                torch.float32}
+
+            def output_and_gradient(run: object, leaf_of: torch.Tensor) -> tuple:
+                leaf = leaf_of.clone().requires_grad_(True)
+                (logits, *_) = run(leaf)  # type: ignore[operator]
+                logits = logits.float()
+                (grad,) = torch.autograd.grad(logits[:, 0].sum(), leaf)
+                return logits.detach(), grad
+
+            def autocast_reference(leaf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = module.graph_module(leaf.contiguous(memory_format=torch.channels_last))
+                return tuple(out) if isinstance(out, tuple | list) else (out,)
+
+            expected = output_and_gradient(autocast_reference, x)
+            got = output_and_gradient(module, x)
+            assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+            with devices.requested("float32"):
+                full = output_and_gradient(module, x)
+            assert not torch.equal(full[0], got[0])
+            reference = output_and_gradient(
+                lambda leaf: module.graph_module(
+                    leaf.contiguous(memory_format=torch.channels_last)), x)
+            np.testing.assert_array_equal(full[0].numpy(), reference[0].numpy())
+        stem = prepared_module(handle, TRUNK).stem
+        assert stem is not None and stem.weight.dtype == torch.float32

@@ -19,6 +19,9 @@ Every variant runs on the process's torch device (``--device``, ``core.devices``
 moved there and outputs come back on the CPU in float32. With ``--precision bfloat16`` (or
 ``auto`` on a CPU with bfloat16 units) a model's variants run under ``torch.autocast`` once its
 vanilla gradient in bfloat16 matched float32 on seeded inputs (:func:`model_precision`).
+Autocast casts frozen weights again on every pass; the variant keeps bfloat16 copies of the
+tensors only autocast's bfloat16 operators read (:func:`bfloat16_graph`), which changes no
+result and leaves float32 requests on the float32 weights.
 
 Folding only rewrites the float arithmetic (w·γ/σ instead of BN after conv), so results agree
 with the original program to float32 rounding; ``tests/test_torch_program.py`` checks it.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +56,13 @@ PRECISION_SEED = 0
 PRECISION_ROWS = 4
 
 _RELU_TARGETS = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+# Operators CPU autocast runs in bfloat16, casting every float argument: a weight read by
+# these alone may be kept in bfloat16 without changing a result.
+_BFLOAT16_OPERATORS = frozenset(
+    getattr(torch.ops.aten, name) for name in (
+        "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+        "conv_transpose2d", "conv_transpose3d", "linear", "matmul", "mm", "bmm", "addmm",
+        "baddbmm", "addbmm"))
 _BATCH_NORM_TARGETS = (
     torch.ops.aten.batch_norm.default,
     torch.ops.aten._native_batch_norm_legit_no_training.default,
@@ -140,11 +151,14 @@ class PreparedModule(torch.nn.Module):
         self.fixed_batch = fixed_batch
         self.device = torch.device("cpu")
         self.bfloat16 = False
+        self._bfloat16_graph: fx.GraphModule | None = None
+        self._lock = threading.Lock()
 
     def to_device(self, device: str) -> PreparedModule:
         """Moves the weights (and the stem's) to ``device``; returns self."""
         self.device = torch.device(device)
         self.graph_module.to(self.device)
+        self._bfloat16_graph = None
         if self.stem is not None and self.stem.weight.device != self.device:
             bias = self.stem.bias.to(self.device) if self.stem.bias is not None else None
             self.stem = dataclasses.replace(self.stem, weight=self.stem.weight.to(self.device),
@@ -163,12 +177,45 @@ class PreparedModule(torch.nn.Module):
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.bfloat16 and devices.requested_precision() != "float32":
+            graph_module = self.bfloat16_module()
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                outputs = self.graph_module(x)
+                outputs = graph_module(x)
         else:
             outputs = self.graph_module(x)
         outputs = tuple(outputs) if isinstance(outputs, tuple | list) else (outputs,)
         return tuple(_for_caller(output) for output in outputs)
+
+
+    def bfloat16_module(self) -> fx.GraphModule:
+        """The graph on bfloat16 copies of its autocast-only weights (built once)."""
+        with self._lock:
+            if self._bfloat16_graph is None:
+                self._bfloat16_graph = bfloat16_graph(self.graph_module)
+            return self._bfloat16_graph
+
+
+def bfloat16_graph(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``graph_module`` whose float32 tensors read only by operators autocast runs
+    in bfloat16 are bfloat16 copies; every other attribute is shared. Under autocast it
+    computes exactly what ``graph_module`` does (autocast would cast those tensors to the
+    same values on every pass)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(graph_module.graph, {}))
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            root[str(node.target)] = graph_module.get_submodule(str(node.target))
+        elif node.op == "get_attr":
+            value = _attr(graph_module, node)
+            autocast_only = bool(node.users) and all(
+                user.op == "call_function"
+                and getattr(user.target, "overloadpacket", None) in _BFLOAT16_OPERATORS
+                for user in node.users)
+            if (autocast_only and isinstance(value, torch.Tensor)
+                    and value.dtype == torch.float32):
+                value = value.to(torch.bfloat16)
+            root[str(node.target)] = value
+    return fx.GraphModule(root, graph)
 
 
 def _for_caller(output: torch.Tensor) -> torch.Tensor:
