@@ -7,8 +7,9 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -193,6 +194,24 @@ def test_the_check_compares_gradients_and_classes(models: Path) -> None:
         assert not bfloat16_check(module, inputs, min_pearson=1.0)[0]
 
 
+def output_and_gradient(run: Callable[[torch.Tensor], Any], inputs: torch.Tensor,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first output of ``run`` and the input gradient of its first column's sum."""
+    leaf = inputs.clone().requires_grad_(True)
+    out = run(leaf)
+    logits = (out[0] if isinstance(out, tuple | list) else out).float()
+    (grad,) = torch.autograd.grad(logits[:, 0].sum(), leaf)
+    return logits.detach(), grad
+
+
+def graph_run(graph_module: torch.nn.Module, bfloat16: bool) -> Callable[[torch.Tensor], Any]:
+    """``graph_module`` on channels-last inputs, under bfloat16 autocast or not."""
+    def run(leaf: torch.Tensor) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+            return graph_module(leaf.contiguous(memory_format=torch.channels_last))
+    return run
+
+
 def test_bfloat16_weights_are_cast_once_and_change_no_result(models: Path) -> None:
     """The bfloat16 variant keeps bfloat16 copies of the weights only autocast's bfloat16
     operators read: its outputs and input gradients equal autocast over the float32 weights
@@ -207,32 +226,16 @@ def test_bfloat16_weights_are_cast_once_and_change_no_result(models: Path) -> No
             x = module.stem(inputs) if variant == TRUNK else inputs
             assert module.bfloat16
             half = module.bfloat16_module()
-            half_dtypes = {t.dtype for t in half.state_dict().values()}
-            assert torch.bfloat16 in half_dtypes
+            assert torch.bfloat16 in {t.dtype for t in half.state_dict().values()}
             assert {t.dtype for t in module.graph_module.state_dict().values()} == {
                 torch.float32}
-
-            def output_and_gradient(run: object, leaf_of: torch.Tensor) -> tuple:
-                leaf = leaf_of.clone().requires_grad_(True)
-                (logits, *_) = run(leaf)  # type: ignore[operator]
-                logits = logits.float()
-                (grad,) = torch.autograd.grad(logits[:, 0].sum(), leaf)
-                return logits.detach(), grad
-
-            def autocast_reference(leaf: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    out = module.graph_module(leaf.contiguous(memory_format=torch.channels_last))
-                return tuple(out) if isinstance(out, tuple | list) else (out,)
-
-            expected = output_and_gradient(autocast_reference, x)
+            expected = output_and_gradient(graph_run(module.graph_module, True), x)
             got = output_and_gradient(module, x)
             assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
             with devices.requested("float32"):
                 full = output_and_gradient(module, x)
             assert not torch.equal(full[0], got[0])
-            reference = output_and_gradient(
-                lambda leaf: module.graph_module(
-                    leaf.contiguous(memory_format=torch.channels_last)), x)
-            np.testing.assert_array_equal(full[0].numpy(), reference[0].numpy())
+            reference = output_and_gradient(graph_run(module.graph_module, False), x)
+            assert torch.equal(full[0], reference[0]) and torch.equal(full[1], reference[1])
         stem = prepared_module(handle, TRUNK).stem
         assert stem is not None and stem.weight.dtype == torch.float32
