@@ -14,12 +14,19 @@ inputs. The figures go to ``remote.json``; with ``--predictors torchserve`` alon
 ``remote_torchserve.json``.
 
     nice python -m benchmarks.remote [--quick] [--repeats 5] [--size 64]
-        [--predictors kserve,torchserve]
+        [--predictors kserve,torchserve] [--model small|demo] [--protocols v2-grpc,…]
+
+``--model demo`` explains the shipped demo package (a ResNet at 128², whose own runs cost
+more than the calls that carry them) instead of the small CNN; its figures go to
+``remote_demo.json``. ``--protocols`` keeps some of the KServe protocols (the REST ones carry
+128² batches as JSON numbers, which KServe's Python server decodes for seconds per call).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,6 +61,10 @@ METHODS = {"decam": pb.METHOD_DECAM, "rise": pb.METHOD_RISE, "occlusion": pb.MET
 QUICK_PARAMS = {"decam": {"decam": pb.DecamParams(population=8, generations=4)},
                 "rise": {"rise": pb.RiseParams(masks=128)}, "occlusion": {}}
 MAX_BATCH = 64
+# KServe's gRPC server takes messages up to 8 MiB: a call carries at most this many bytes.
+MAX_CALL_BYTES = 8 << 20
+DEMO_PACKAGE = Path(__file__).resolve().parent.parent / "models" / "demo" / "1"
+MODELS = ("small", "demo")
 CONCURRENCY = 2
 PREDICTORS = ("kserve", "torchserve")
 # Package name → how its manifest calls TorchServe.
@@ -93,49 +104,70 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="image side of the model")
     parser.add_argument("--predictors", default=",".join(PREDICTORS),
                         help=f"comma-separated, of {', '.join(PREDICTORS)}")
+    parser.add_argument("--model", choices=MODELS, default="small",
+                        help="the small CNN (--size) or the shipped demo package")
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS),
+                        help=f"KServe protocols, comma-separated, of {', '.join(PROTOCOLS)}")
     args = parser.parse_args()
     predictors = [p for p in PREDICTORS if p in args.predictors.split(",")]
     if not predictors:
         parser.error(f"--predictors names none of {', '.join(PREDICTORS)}")
+    protocols = {n: p for n, p in PROTOCOLS.items() if n in args.protocols.split(",")}
+    if not protocols:
+        parser.error(f"--protocols names none of {', '.join(PROTOCOLS)}")
     logging.basicConfig(level=logging.WARNING)
     repeats = 2 if args.quick else args.repeats
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as scratch:
         folder = Path(scratch)
-        model = small_cnn(classes=10, size=args.size)
-        source = write_package(model, folder / "source", "plain")
         root = folder / "models"
-        local = write_package(model, root, "local")
+        if args.model == "demo":
+            source, local = DEMO_PACKAGE, root / "local" / "1"
+            shutil.copytree(DEMO_PACKAGE, local)
+            manifest = json.loads((local / "manifest.json").read_text())
+            (local / "manifest.json").write_text(json.dumps({**manifest, "name": "local"}))
+            size = int(manifest["input"]["shape"][-1])
+            described = f"the demo package ({manifest.get('description', 'DemoResNet')}), " \
+                        f"3×{size}×{size}"
+        else:
+            model = small_cnn(classes=10, size=args.size)
+            source = write_package(model, folder / "source", "plain")
+            local = write_package(model, root, "local")
+            size = args.size
+            described = f"small CNN, 3×{size}×{size}, 10 classes (tests.onnx_models)"
+        max_batch = min(MAX_BATCH, MAX_CALL_BYTES // (4 * 3 * size * size + 1024))
         names: list[str] = []
         stops: list[Any] = []
         try:
             if "kserve" in predictors:
                 predictor, urls = start_predictor(source / "model.onnx", "plain")
                 stops.append(lambda: stop(predictor))
-                for name, protocol in PROTOCOLS.items():
+                for name, protocol in protocols.items():
                     write_remote(local, root, name, {
                         **protocol, "url": endpoint(protocol, urls), "model": "plain",
-                        "max_batch": MAX_BATCH, "concurrency": CONCURRENCY})
+                        "max_batch": max_batch, "concurrency": CONCURRENCY})
                     names.append(name)
             if "torchserve" in predictors:
                 torchserve = start_torchserve(source, folder / "torchserve")
                 stops.append(torchserve.stop)
                 for name, variant in TORCHSERVE_VARIANTS.items():
                     write_remote(local, root, name, remote_of(
-                        torchserve, variant, max_batch=MAX_BATCH, concurrency=CONCURRENCY))
+                        torchserve, variant, max_batch=max_batch, concurrency=CONCURRENCY))
                     names.append(name)
-            rows = measure(root, names, args.size, repeats, args.quick)
-            calls = call_floors(root, names, args.size)
+            rows = measure(root, names, size, repeats, args.quick)
+            calls = call_floors(root, names, size, max_batch)
         finally:
             for each in stops:
                 each()
     print(table(rows))
     print(table(calls))
     result = "remote" if "kserve" in predictors else f"remote_{predictors[0]}"
+    if args.model != "small":
+        result += f"_{args.model}"
     path = write_json(result, {
         "description": __doc__.splitlines()[0],
-        "model": f"small CNN, 3×{args.size}×{args.size}, 10 classes (tests.onnx_models)",
+        "model": described,
         "predictor": "; ".join(PREDICTOR_NOTES[p] for p in predictors),
-        "remote": {"max_batch": MAX_BATCH, "concurrency": CONCURRENCY},
+        "remote": {"max_batch": max_batch, "concurrency": CONCURRENCY},
         "repeats": repeats, "quick": args.quick, "rows": rows, "calls": calls}, args.out)
     print(f"wrote {path}")
 
@@ -148,14 +180,14 @@ def start_torchserve(source: Path, folder: Path) -> TorchServeProcess:
     return TorchServeProcess(folder / "store", "plain=plain.mar", folder).start()
 
 
-def call_floors(root: Path, names: list[str], size: int,
+def call_floors(root: Path, names: list[str], size: int, max_batch: int,
                 repeats: int = 10) -> list[dict[str, Any]]:
-    """Per protocol, one call of MAX_BATCH inputs: p50 ms of the service's encoding, of
+    """Per protocol, one call of ``max_batch`` inputs: p50 ms of the service's encoding, of
     the call sent already encoded (the floor: predictor, transfer, reading the answer) and
     of the local run of those inputs."""
     repository = Repository(root)
     repository.load_all()
-    batch = np.random.default_rng(1).normal(size=(MAX_BATCH, 3, size, size)).astype(np.float32)
+    batch = np.random.default_rng(1).normal(size=(max_batch, 3, size, size)).astype(np.float32)
     local = repository.get("local")
     local_ms = percentiles(time_calls(lambda: local.run(batch), repeats))["p50_ms"]
     rows = []
@@ -167,9 +199,9 @@ def call_floors(root: Path, names: list[str], size: int,
         encode_ms = percentiles(time_calls(lambda remote=remote: remote._request(batch),  # noqa: SLF001
                                            repeats))["p50_ms"]
         call_ms = percentiles(time_calls(
-            lambda attempt=attempt, prepared=prepared: attempt(prepared, MAX_BATCH, 600, None,
+            lambda attempt=attempt, prepared=prepared: attempt(prepared, max_batch, 600, None,
                                                                None), repeats))["p50_ms"]
-        rows.append({"protocol": name, "inputs": MAX_BATCH,
+        rows.append({"protocol": name, "inputs": max_batch,
                      "binary_data": remote.describe().get("remote.binary_data", ""),
                      "encode_ms": round(encode_ms, 1), "encoded_call_ms": round(call_ms, 1),
                      "local_run_ms": round(local_ms, 1),
