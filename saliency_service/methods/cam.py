@@ -189,7 +189,7 @@ class GradCam(CamHandler):
     """Grad-CAM: channel weights are the spatially averaged gradients of the target logit."""
 
     name = "gradcam"
-    auto_rank = 2
+    auto_rank = 3
     warm_up = True
     description = "Gradient-weighted class activation map at the CAM layer; 1 forward + 1 backward."
     paper = "https://arxiv.org/abs/1610.02391"

@@ -387,7 +387,7 @@ class Decam(Handler):
     fitness from ONNX Runtime probabilities only; the best mask is the map."""
 
     name = "decam"
-    auto_rank = 3
+    auto_rank = 1  # second to Guided Grad-CAM on the object, passes the sanity checks
     Params = DecamParams
     warm_up_overrides: ClassVar[dict[str, Any]] = {"population": 8, "generations": 1}
     description = ("Differential Evolution searches coarse masks that keep/remove the target "

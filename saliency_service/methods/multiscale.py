@@ -163,7 +163,7 @@ class FastCam(MultiScaleHandler):
     """
 
     name = "fastcam"
-    auto_rank = 1
+    auto_rank = 2
     description = ("Combined SMOE map × class activation map; 1 forward on a GAP+linear "
                    "head, otherwise + 1 torch forward/backward for Grad-CAM.")
 
