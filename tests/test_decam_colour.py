@@ -181,3 +181,22 @@ def test_spread_keeps_each_cells_total_and_equals_bilinear_for_an_even_change() 
     assert (spread[:, :5] == 0).all()
     np.testing.assert_allclose(spread.sum(axis=(1, 2)),
                                grids.sum(axis=(1, 2)) * 40 * 30 / (8 * 6), rtol=1e-4)
+
+
+def test_an_object_smaller_than_a_cell_on_an_untouched_background_is_not_a_failed_search(
+        handle: ModelHandle) -> None:
+    """With the ``zero`` baseline and a background exactly at the dataset mean, only the
+    object's 4 pixels change; the map is those pixels, not the best-mask fallback that a
+    map covering less than one cell (16 pixels here) gets when the search found nothing."""
+    x = np.zeros((2, 3, SIZE, SIZE), np.float32)
+    masks = np.zeros((2, SIZE, SIZE), bool)
+    for index, (y, col) in enumerate(((5, 9), (20, 14))):
+        x[index, :, y:y + 2, col:col + 2] = np.array([1.5, -1.5, -1.5])[:, None, None]
+        masks[index, y:y + 2, col:col + 2] = True
+    (logits,) = handle.run(x)
+    handler = registry.get("decam")
+    job = Job(model=handle, inputs=x, targets=np.zeros(2, np.int64), base_logits=logits,
+              params=handler.params(None, baseline="zero"), seed=0)
+    result = handler.explain(job)
+    assert "best_mask_fallbacks" not in result.diagnostics
+    assert relevance_mass(result.maps, masks).min() == pytest.approx(1.0)

@@ -577,12 +577,14 @@ class _Search:
         A covariance map is degenerate when its positive part covers less than one cell of
         the finest grid (nothing, or a point after clipping): the search found no region
         whose presence raises the fitness more than chance, and the fittest mask is the
-        better answer."""
+        better answer. Judged on the cells' values spread evenly: an object smaller than a
+        cell on a background the baseline leaves alone is a small map, not a failed search."""
         best = upsample(self.best_grids(), height, width)
         if self.aggregate == "best" or not self.samples:
             return best, 0
         mean = (self.fitness_sum / self.samples)[:, None, None]
-        out = np.zeros((self.job.batch, height, width), np.float32)
+        even = np.zeros((self.job.batch, height, width), np.float32)
+        out = even if self.spread == "bilinear" else np.zeros_like(even)
         change = None
         if self.spread == "changed_pixels":
             change = np.sqrt(np.square(self.fitness_of.difference).sum(axis=1))
@@ -593,11 +595,12 @@ class _Search:
             else:
                 grids = ((weighted - mean * self.masks_sum[shape])
                          / self.samples).astype(np.float32)
-            out += (upsample(grids, height, width) if change is None
-                    else spread_over_changed(grids, change))
+            even += upsample(grids, height, width)
+            if change is not None:
+                out += spread_over_changed(grids, change)
             finest = max(finest, shape[0] * shape[1])
         cell = height * width / max(finest, 1)
-        support = (out > 0).reshape(self.job.batch, -1).sum(axis=1)
+        support = (even > 0).reshape(self.job.batch, -1).sum(axis=1)
         degenerate = support < cell
         out[degenerate] = best[degenerate]
         return out, int(degenerate.sum())
