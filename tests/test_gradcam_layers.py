@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 from google.protobuf import json_format
 from torch import nn
 
+from saliency_service.methods._utils import layer_program
 from saliency_service.methods._utils.layer_program import MAX_LAYER_MODULES, layer_modules
 from saliency_service.packaging.export import export_package
 from saliency_service.proto import explainer_pb2 as pb
@@ -322,6 +325,54 @@ def test_named_layers_keep_a_bounded_number_of_modules(
         served(stub, "resnet", "gradcam", inputs[:1], layer, [0])
     handle = server.server.repository.get("resnet")
     assert len(layer_modules(handle)) == MAX_LAYER_MODULES < len(layers)
+
+
+def test_a_cached_layer_is_served_while_another_is_built(
+        stub: pb_grpc.ExplainerStub, server: RunningServer, inputs: torch.Tensor,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build holds back other builds only: a cached layer answers meanwhile, and a request
+    waiting for the build ends at its deadline with DEADLINE_EXCEEDED."""
+    served(stub, "resnet", "gradcam", inputs[:1], "layer1.0.conv1", [0])
+    registry = server.server.metrics.registry
+
+    def deadlines() -> float:
+        return sum(sample.value for metric in registry.collect()
+                   if metric.name == "saliency_requests" for sample in metric.samples
+                   if sample.labels.get("code") == "DEADLINE_EXCEEDED"
+                   and sample.name.endswith("_total"))
+
+    before = deadlines()
+    started, release = threading.Event(), threading.Event()
+    build = layer_program._build_module
+
+    def slow_build(model: object, node: str) -> object:
+        started.set()
+        release.wait(60)
+        return build(model, node)
+
+    monkeypatch.setattr(layer_program, "_build_module", slow_build)
+    slow = threading.Thread(target=served, args=(stub, "resnet", "gradcam", inputs[:1],
+                                                 "/layer1/layer1.0/conv2/Conv", [0]))
+    slow.start()
+    try:
+        assert started.wait(30)
+        served(stub, "resnet", "gradcam", inputs[:1], "layer1.0.conv1", [0])
+        request = pb.ExplainRequest(model="resnet", method=pb.METHOD_GRADCAM,
+                                    gradcam=pb.GradCamParams(layer="stem"),
+                                    input=pb.Input(tensor=array_to_tensor(inputs[:1].numpy())))
+        with pytest.raises(grpc.RpcError) as waited:
+            stub.Explain(request, timeout=1.0)
+        assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The server gave up waiting too, while the build still runs.
+        for _ in range(200):
+            if deadlines() > before:
+                break
+            time.sleep(0.05)
+        assert deadlines() > before and not release.is_set()
+    finally:
+        release.set()
+        slow.join(60)
+    assert not slow.is_alive()
 
 
 # ---- refusals ------------------------------------------------------------------------------

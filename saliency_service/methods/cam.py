@@ -86,7 +86,7 @@ def layer_gradients(job: Job, output_name: str) -> tuple[np.ndarray, np.ndarray]
         module = prepared_module(job.model, CUT_PREFIX + output_name)
         index = extra_outputs.index(output_name) + 1
     else:  # a layer the client named
-        module, index = layer_module(job.model, output_name)
+        module, index = layer_module(job.model, output_name, job.state)
     grid = job.model.spec().token_grid
     # Tokens may come L×N×D (batch second); feature maps are N×K×h×w.
     batch_dim = int(grid.get("batch_dim", 0)) if grid and output_name == grid.get("output") else 0

@@ -19,6 +19,7 @@ from torch import fx
 from saliency_service.core import devices
 from saliency_service.core.errors import FailedPrecondition, InvalidInput
 from saliency_service.core.repository import ModelHandle
+from saliency_service.core.request import RequestState
 from saliency_service.methods._utils.gradient_program import gradient_problem, translation
 from saliency_service.methods._utils.layer_names import (
     MAX_LAYER_CHARS,
@@ -36,6 +37,8 @@ from saliency_service.methods._utils.torch_program import (
 )
 
 MAX_LAYER_MODULES = 4
+# How often a request waiting for another request's layer build checks its deadline.
+BUILD_WAIT_SECONDS = 0.05
 # The 4-D tensors an unknown name's refusal suggests, besides the manifest's scales.
 SUGGESTED = 3
 SHAPE_SEED = 0
@@ -217,22 +220,41 @@ class _Once:
 
 class _LayerModules:
     """At most ``MAX_LAYER_MODULES`` prepared modules, least recently used dropped first;
-    built one at a time, so concurrent requests never hold more."""
+    built one at a time, so concurrent requests never hold more. A cached layer is served
+    while another is being built; a request waiting for a build gives up at its deadline or
+    cancellation (``state``)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the dictionary; held for lookups only
+        self._building = threading.Lock()  # one build at a time
         self._modules: OrderedDict[str, PreparedModule] = OrderedDict()
 
-    def get(self, model: ModelHandle, node: str) -> PreparedModule:
+    def _cached(self, node: str) -> PreparedModule | None:
         with self._lock:
             module = self._modules.get(node)
+            if module is not None:
+                self._modules.move_to_end(node)
+            return module
+
+    def get(self, model: ModelHandle, node: str,
+            state: RequestState | None = None) -> PreparedModule:
+        module = self._cached(node)
+        if module is not None:
+            return module
+        while not self._building.acquire(timeout=BUILD_WAIT_SECONDS):
+            if state is not None:
+                state.check()
+        try:
+            module = self._cached(node)  # built while this request waited
             if module is None:
                 module = _build_module(model, node)
-                self._modules[node] = module
-                while len(self._modules) > MAX_LAYER_MODULES:
-                    self._modules.popitem(last=False)
-            self._modules.move_to_end(node)
+                with self._lock:
+                    self._modules[node] = module
+                    while len(self._modules) > MAX_LAYER_MODULES:
+                        self._modules.popitem(last=False)
             return module
+        finally:
+            self._building.release()
 
     def __len__(self) -> int:
         return len(self._modules)
@@ -243,11 +265,12 @@ def layer_modules(model: ModelHandle) -> _LayerModules:
     return model.derived("layer_modules", lambda _m: _LayerModules())
 
 
-def layer_module(model: ModelHandle, tensor: str) -> tuple[PreparedModule, int]:
+def layer_module(model: ModelHandle, tensor: str, state: RequestState | None = None,
+                 ) -> tuple[PreparedModule, int]:
     """The module cut at ONNX tensor ``tensor`` (from :func:`find_layer`) and the index of
-    that tensor among its outputs."""
+    that tensor among its outputs; ``state`` ends a wait for another request's build."""
     node = layer_index(model).nodes[tensor]
-    module = layer_modules(model).get(model, node)
+    module = layer_modules(model).get(model, node, state)
     module.bfloat16 = model_precision(model).bfloat16
     return module, len(model.spec().extra_outputs) + 1
 
