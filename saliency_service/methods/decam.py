@@ -208,6 +208,15 @@ def interpolation_matrix(cells: int, pixels: int) -> np.ndarray:
     return cv2.resize(eye, (cells, pixels), interpolation=cv2.INTER_LINEAR)
 
 
+def sandwich(left: np.ndarray, x: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """left · x[k] · right for each of the N matrices of ``x`` (a×h, N×h×w, w×b → N×a×b),
+    as two 2-D products (numpy's stacked matmul of a transposed operand takes a slow path)."""
+    count, height, width = x.shape
+    half = (x.reshape(count * height, width) @ right).reshape(count, height, -1)  # N×h×b
+    half = np.ascontiguousarray(half.transpose(0, 2, 1)).reshape(-1, height)  # (N·b)×h
+    return (half @ left.T).reshape(count, -1, left.shape[0]).transpose(0, 2, 1)
+
+
 def spread_over_changed(grids: np.ndarray, change: np.ndarray) -> np.ndarray:
     """N×g×g cell coefficients β → N×H×W pixels: d ⊙ U(β ⊘ Uᵀd) · (H·W / g²), with d =
     ``change`` (N×H×W, ≥ 0) and U the bilinear upsampling. Each cell's coefficient goes to
@@ -215,11 +224,11 @@ def spread_over_changed(grids: np.ndarray, change: np.ndarray) -> np.ndarray:
     height, width = change.shape[1:]
     rows = interpolation_matrix(grids.shape[1], height)
     cols = interpolation_matrix(grids.shape[2], width)
-    totals = np.einsum("hi,nhw,wj->nij", rows, change, cols)  # Uᵀd: the change per cell
+    totals = sandwich(rows.T, change, cols)  # Uᵀd, N×g×g: the change per cell
     floor = 1e-6 * totals.mean(axis=(1, 2), keepdims=True) + 1e-12
     scale = height * width / (grids.shape[1] * grids.shape[2])
     per_change = grids / np.maximum(totals, floor) * scale
-    return (change * np.einsum("hi,nij,wj->nhw", rows, per_change, cols)).astype(np.float32)
+    return (change * sandwich(rows, per_change.astype(np.float32), cols.T)).astype(np.float32)
 
 
 def donor_indices(rng: np.random.Generator, batch: int, population: int) -> np.ndarray:
