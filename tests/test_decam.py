@@ -270,6 +270,7 @@ def test_same_seed_same_map_other_seed_other_map(plain_stub) -> None:
     ({"deletion_weight": 0.0, "preservation_weight": 0.0}, "deletion_weight"),
     ({"max_forward_passes": -1}, "max_forward_passes"),
     ({"aggregate": "mean"}, "aggregate"),
+    ({"spread": "<b>nearest</b>"}, "spread"),
     # Below the prediction and one start population: 1 + 6 candidates × 2 terms = 13.
     ({"population": 6, "max_forward_passes": 12}, "max_forward_passes"),
 ])
