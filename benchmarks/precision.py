@@ -136,8 +136,8 @@ def measure(label: str, root: Path, name: str, batch: int, repeats: int,
                "bfloat16_ms_per_image": per_image["bfloat16"],
                "speedup": per_image["float32"] / per_image["bfloat16"],
                "pearson": pearson(maps["float32"], maps["bfloat16"]),
-               "pearson_min": min(pearson(a, b) for a, b in zip(
-                   maps["float32"], maps["bfloat16"], strict=True)),
+               "pearson_min": float(np.nanmin([pearson(a, b) for a, b in zip(
+                   maps["float32"], maps["bfloat16"], strict=True)])),
                "top10_overlap": top_overlap(maps["float32"], maps["bfloat16"]),
                "repeats": repeats, "precision_check": verdict}
         rows.append(row)

@@ -121,8 +121,10 @@ def main() -> None:
         folder = Path(scratch)
         root = folder / "models"
         if args.model == "demo":
-            source, local = DEMO_PACKAGE, root / "local" / "1"
-            shutil.copytree(DEMO_PACKAGE, local)
+            # Copies, not the shipped folder: the predictor writes its log beside its file.
+            source, local = folder / "source", root / "local" / "1"
+            for copy in (source, local):
+                shutil.copytree(DEMO_PACKAGE, copy, ignore=shutil.ignore_patterns("*.log"))
             manifest = json.loads((local / "manifest.json").read_text())
             (local / "manifest.json").write_text(json.dumps({**manifest, "name": "local"}))
             size = int(manifest["input"]["shape"][-1])
@@ -134,7 +136,7 @@ def main() -> None:
             local = write_package(model, root, "local")
             size = args.size
             described = f"small CNN, 3×{size}×{size}, 10 classes (tests.onnx_models)"
-        max_batch = min(MAX_BATCH, MAX_CALL_BYTES // (4 * 3 * size * size + 1024))
+        max_batch = max(1, min(MAX_BATCH, MAX_CALL_BYTES // (4 * 3 * size * size + 1024)))
         names: list[str] = []
         stops: list[Any] = []
         try:
