@@ -239,3 +239,41 @@ def test_bfloat16_weights_are_cast_once_and_change_no_result(models: Path) -> No
             assert torch.equal(full[0], reference[0]) and torch.equal(full[1], reference[1])
         stem = prepared_module(handle, TRUNK).stem
         assert stem is not None and stem.weight.dtype == torch.float32
+
+
+def test_a_weight_read_outside_autocasts_operators_stays_float32() -> None:
+    """Two get_attr nodes of one weight, one read by ``mm`` and one by ``add``: the weight
+    stays float32 (the add would otherwise change), and a graph calling a submodule is left
+    as it is."""
+    from torch import fx  # noqa: PLC0415
+
+    from saliency_service.methods._utils.torch_program import bfloat16_graph  # noqa: PLC0415
+
+    root = torch.nn.Module()
+    root.weight = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)
+    root.other = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    first, second = graph.get_attr("weight"), graph.get_attr("weight")
+    other = graph.get_attr("other")
+    shifted = graph.call_function(torch.ops.aten.add.Tensor, (x, first))
+    product = graph.call_function(torch.ops.aten.mm.default, (x, second))
+    graph.output((graph.call_function(torch.ops.aten.mm.default, (product, other)), shifted))
+    module = fx.GraphModule(root, graph)
+    half = bfloat16_graph(module)
+    assert half.weight.dtype == torch.float32 and half.other.dtype == torch.bfloat16
+    inputs = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = module(inputs), half(inputs)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    traced = fx.symbolic_trace(Wrapped())
+    assert bfloat16_graph(traced) is traced

@@ -60,9 +60,8 @@ _RELU_TARGETS = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
 # these alone may be kept in bfloat16 without changing a result.
 _BFLOAT16_OPERATORS = frozenset(
     getattr(torch.ops.aten, name) for name in (
-        "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
-        "conv_transpose2d", "conv_transpose3d", "linear", "matmul", "mm", "bmm", "addmm",
-        "baddbmm", "addbmm"))
+        "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+        "conv_transpose3d", "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm"))
 _BATCH_NORM_TARGETS = (
     torch.ops.aten.batch_norm.default,
     torch.ops.aten._native_batch_norm_legit_no_training.default,
@@ -198,23 +197,25 @@ def bfloat16_graph(graph_module: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``graph_module`` whose float32 tensors read only by operators autocast runs
     in bfloat16 are bfloat16 copies; every other attribute is shared. Under autocast it
     computes exactly what ``graph_module`` does (autocast would cast those tensors to the
-    same values on every pass)."""
+    same values on every pass). A graph that calls submodules is returned as it is."""
+    if any(node.op == "call_module" for node in graph_module.graph.nodes):
+        return graph_module
     graph = fx.Graph()
     graph.output(graph.graph_copy(graph_module.graph, {}))
-    root: dict[str, Any] = {}
+    readers: dict[str, list[fx.Node]] = {}  # every reader of each attribute, over all its nodes
     for node in graph.nodes:
-        if node.op == "call_module":
-            root[str(node.target)] = graph_module.get_submodule(str(node.target))
-        elif node.op == "get_attr":
-            value = _attr(graph_module, node)
-            autocast_only = bool(node.users) and all(
-                user.op == "call_function"
-                and getattr(user.target, "overloadpacket", None) in _BFLOAT16_OPERATORS
-                for user in node.users)
-            if (autocast_only and isinstance(value, torch.Tensor)
-                    and value.dtype == torch.float32):
-                value = value.to(torch.bfloat16)
-            root[str(node.target)] = value
+        if node.op == "get_attr":
+            readers.setdefault(str(node.target), []).extend(node.users)
+    root: dict[str, Any] = {}
+    for target, users in readers.items():
+        value = _attribute(graph_module, target)
+        autocast_only = bool(users) and all(
+            user.op == "call_function"
+            and getattr(user.target, "overloadpacket", None) in _BFLOAT16_OPERATORS
+            for user in users)
+        if autocast_only and isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+            value = value.to(torch.bfloat16)
+        root[target] = value
     return fx.GraphModule(root, graph)
 
 
@@ -431,11 +432,16 @@ def _finished(graph_module: fx.GraphModule) -> fx.GraphModule:
 
 def _attr(graph_module: fx.GraphModule, node: Any) -> torch.Tensor | None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
-        value = graph_module
-        for part in str(node.target).split("."):
-            value = getattr(value, part)
-        return value  # type: ignore[return-value]
+        return _attribute(graph_module, str(node.target))
     return None
+
+
+def _attribute(graph_module: fx.GraphModule, target: str) -> Any:
+    """The attribute a ``get_attr`` target ("a.b.c") names."""
+    value: Any = graph_module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def fold_batch_norms(graph_module: fx.GraphModule) -> int:
