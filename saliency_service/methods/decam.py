@@ -105,6 +105,9 @@ MIN_POPULATION = 4
 STRATEGIES = ("best1bin", "rand1bin")
 AGGREGATES = ("covariance", "regression", "best")
 SPREADS = ("changed_pixels", "bilinear")
+# ``changed_pixels`` adds this fraction of the image's mean change to every pixel's change, so
+# a cell that barely changed spreads its value nearly evenly instead of onto a few pixels.
+SPREAD_FLOOR = 0.1
 # Ridge of the regression map, relative to the mean variance of the mask cells.
 RIDGE = 0.1
 # ``least_score``: per image, the baseline of LEAST_SCORE_CANDIDATES that lowers the target
@@ -513,6 +516,7 @@ class _Search:
         self.block = job.batch  # images per block of a generation's temporaries
         self.aggregate = str(params.aggregate)
         self.spread = str(params.spread)
+        self._change: np.ndarray | None = None
         # Covariance map: per stage grid, Σ fitness·mask and Σ mask; per image Σ fitness, count.
         self.weighted: dict[tuple[int, ...], np.ndarray] = {}
         self.masks_sum: dict[tuple[int, ...], np.ndarray] = {}
@@ -594,9 +598,7 @@ class _Search:
         mean = (self.fitness_sum / self.samples)[:, None, None]
         even = np.zeros((self.job.batch, height, width), np.float32)
         out = even if self.spread == "bilinear" else np.zeros_like(even)
-        change = None
-        if self.spread == "changed_pixels":
-            change = np.sqrt(np.square(self.fitness_of.difference).sum(axis=1))
+        change = self.change() if self.spread == "changed_pixels" else None
         finest = 0
         for shape, weighted in self.weighted.items():
             if self.aggregate == "regression":
@@ -610,9 +612,18 @@ class _Search:
             finest = max(finest, shape[0] * shape[1])
         cell = height * width / max(finest, 1)
         support = (even > 0).reshape(self.job.batch, -1).sum(axis=1)
-        degenerate = support < cell
+        degenerate = (support < cell) | (out.reshape(self.job.batch, -1).max(axis=1) <= 0)
         out[degenerate] = best[degenerate]
         return out, int(degenerate.sum())
+
+    def change(self) -> np.ndarray:
+        """How far the baseline moves each pixel (‖x − b‖ over channels, N×H×W), plus
+        ``SPREAD_FLOOR`` × the image's mean (computed once)."""
+        if self._change is None:
+            difference = self.fitness_of.difference
+            change = np.sqrt(np.einsum("nchw,nchw->nhw", difference, difference))
+            self._change = change + SPREAD_FLOOR * change.mean(axis=(1, 2), keepdims=True)
+        return self._change
 
     def _out_of_time(self) -> bool:
         """Best effort: stop when the next generation would not finish before the deadline."""
