@@ -177,10 +177,19 @@ def test_spread_keeps_each_cells_total_and_equals_bilinear_for_an_even_change() 
     np.testing.assert_allclose(even, upsample(grids, 40, 30), atol=1e-5)
     change = rng.random((2, 40, 30)).astype(np.float32)
     change[:, :5] = 0.0  # pixels the baseline equals
-    spread = spread_over_changed(grids, change)
+    spread = spread_over_changed(grids, change, floor=0.0)
     assert (spread[:, :5] == 0).all()
     np.testing.assert_allclose(spread.sum(axis=(1, 2)),
                                grids.sum(axis=(1, 2)) * 40 * 30 / (8 * 6), rtol=1e-4)
+    # A cell the baseline barely touches, but for one pixel, spreads its value nearly
+    # evenly: that pixel does not take the cell (the floor is a tenth of the mean change).
+    lone = np.ones((1, 40, 40), np.float32)
+    lone[0, 20:, 20:] = 0.0
+    lone[0, 30, 30] = 0.05
+    cells = np.zeros((1, 4, 4), np.float32)
+    cells[0, 3, 3] = 1.0
+    spread = spread_over_changed(cells, lone)
+    assert spread[0, 30, 30] < 3 * np.median(spread[0, 32:, 32:])
 
 
 def test_an_object_smaller_than_a_cell_on_an_untouched_background_is_not_a_failed_search(

@@ -220,10 +220,13 @@ def sandwich(left: np.ndarray, x: np.ndarray, right: np.ndarray) -> np.ndarray:
     return (half @ left.T).reshape(count, -1, left.shape[0]).transpose(0, 2, 1)
 
 
-def spread_over_changed(grids: np.ndarray, change: np.ndarray) -> np.ndarray:
+def spread_over_changed(grids: np.ndarray, change: np.ndarray,
+                        floor: float = SPREAD_FLOOR) -> np.ndarray:
     """N×g×g cell coefficients β → N×H×W pixels: d ⊙ U(β ⊘ Uᵀd) · (H·W / g²), with d =
-    ``change`` (N×H×W, ≥ 0) and U the bilinear upsampling. Each cell's coefficient goes to
-    its pixels in proportion to their change, its total kept; a uniform d gives U(β)."""
+    ``change`` (N×H×W, ≥ 0) plus ``floor`` × its image's mean and U the bilinear
+    upsampling. Each cell's coefficient goes to its pixels in proportion to their change,
+    its total kept; a uniform d gives U(β)."""
+    change = change + floor * change.mean(axis=(1, 2), keepdims=True)
     height, width = change.shape[1:]
     rows = interpolation_matrix(grids.shape[1], height)
     cols = interpolation_matrix(grids.shape[2], width)
@@ -617,12 +620,11 @@ class _Search:
         return out, int(degenerate.sum())
 
     def change(self) -> np.ndarray:
-        """How far the baseline moves each pixel (‖x − b‖ over channels, N×H×W), plus
-        ``SPREAD_FLOOR`` × the image's mean (computed once)."""
+        """How far the baseline moves each pixel: ‖x − b‖ over channels, N×H×W (computed
+        once)."""
         if self._change is None:
             difference = self.fitness_of.difference
-            change = np.sqrt(np.einsum("nchw,nchw->nhw", difference, difference))
-            self._change = change + SPREAD_FLOOR * change.mean(axis=(1, 2), keepdims=True)
+            self._change = np.sqrt(np.einsum("nchw,nchw->nhw", difference, difference))
         return self._change
 
     def _out_of_time(self) -> bool:
