@@ -42,8 +42,10 @@ Our formulation (the paper fixes the principle, not these details):
 * Within a cell (``spread``): a mask value moves pixel p by M·(x_p − b_p), so a pixel the
   baseline equals cannot carry the cell's effect however the mask is set. ``changed_pixels``
   (default) shares each cell's coefficient among its pixels in proportion to how far the
-  perturbation moves them (‖x_p − b_p‖ over channels), keeping the cell's total; a cell whose
-  pixels all move alike gets the plain bilinear map. ``bilinear`` spreads it evenly. The
+  perturbation moves them (‖x_p − b_p‖ over channels, plus a tenth of the image's mean so
+  that a cell the baseline barely touches spreads nearly evenly), keeping the cell's total;
+  a cell whose pixels all move alike gets the plain bilinear map. ``bilinear`` spreads it
+  evenly. The
   search's evidence stays at the grid's resolution, and on an object smaller than a cell the
   map no longer peaks on the background beside it (``benchmarks/groundtruth_defaults.py
   decam``). A map whose positive part covers
