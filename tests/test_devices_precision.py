@@ -239,6 +239,12 @@ def test_bfloat16_weights_are_cast_once_and_change_no_result(models: Path) -> No
             assert torch.equal(full[0], reference[0]) and torch.equal(full[1], reference[1])
         stem = prepared_module(handle, TRUNK).stem
         assert stem is not None and stem.weight.dtype == torch.float32
+        # The trunk runs on the fast variant's weights, and on its bfloat16 copies too.
+        fast_copies = {t.data_ptr() for t in prepared_module(handle, FAST).bfloat16_module()
+                       .state_dict().values() if t.dtype == torch.bfloat16}
+        trunk_copies = {t.data_ptr() for t in prepared_module(handle, TRUNK).bfloat16_module()
+                        .state_dict().values() if t.dtype == torch.bfloat16}
+        assert trunk_copies and trunk_copies <= fast_copies
 
 
 def test_a_weight_read_outside_autocasts_operators_stays_float32() -> None:

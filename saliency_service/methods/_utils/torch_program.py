@@ -151,6 +151,8 @@ class PreparedModule(torch.nn.Module):
         self.device = torch.device("cpu")
         self.bfloat16 = False
         self._bfloat16_graph: fx.GraphModule | None = None
+        # bfloat16 copies by source tensor, shared with variants on the same weights (trunk).
+        self._bfloat16_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def to_device(self, device: str) -> PreparedModule:
@@ -158,6 +160,7 @@ class PreparedModule(torch.nn.Module):
         self.device = torch.device(device)
         self.graph_module.to(self.device)
         self._bfloat16_graph = None
+        self._bfloat16_copies.clear()
         if self.stem is not None and self.stem.weight.device != self.device:
             bias = self.stem.bias.to(self.device) if self.stem.bias is not None else None
             self.stem = dataclasses.replace(self.stem, weight=self.stem.weight.to(self.device),
@@ -189,15 +192,21 @@ class PreparedModule(torch.nn.Module):
         """The graph on bfloat16 copies of its autocast-only weights (built once)."""
         with self._lock:
             if self._bfloat16_graph is None:
-                self._bfloat16_graph = bfloat16_graph(self.graph_module)
+                self._bfloat16_graph = bfloat16_graph(self.graph_module,
+                                                      self._bfloat16_copies)
             return self._bfloat16_graph
 
 
-def bfloat16_graph(graph_module: fx.GraphModule) -> fx.GraphModule:
+def bfloat16_graph(graph_module: fx.GraphModule,
+                   copies: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   ) -> fx.GraphModule:
     """A copy of ``graph_module`` whose float32 tensors read only by operators autocast runs
     in bfloat16 are bfloat16 copies; every other attribute is shared. Under autocast it
     computes exactly what ``graph_module`` does (autocast would cast those tensors to the
-    same values on every pass). A graph that calls submodules is returned as it is."""
+    same values on every pass). A graph that calls submodules is returned as it is.
+    ``copies`` (source tensor's id → source, copy) reuses the copies of another variant on
+    the same weights, and records the new ones."""
+    copies = {} if copies is None else copies
     if any(node.op == "call_module" for node in graph_module.graph.nodes):
         return graph_module
     graph = fx.Graph()
@@ -214,7 +223,10 @@ def bfloat16_graph(graph_module: fx.GraphModule) -> fx.GraphModule:
             and getattr(user.target, "overloadpacket", None) in _BFLOAT16_OPERATORS
             for user in users)
         if autocast_only and isinstance(value, torch.Tensor) and value.dtype == torch.float32:
-            value = value.to(torch.bfloat16)
+            known = copies.get(id(value))
+            if known is None or known[0] is not value:
+                known = copies[id(value)] = (value, value.to(torch.bfloat16))
+            value = known[1]
         root[target] = value
     return fx.GraphModule(root, graph)
 
@@ -420,6 +432,7 @@ def trunk_of(fast: PreparedModule) -> PreparedModule:
     prepared = PreparedModule(_finished(trunk), channels_last=True, stem=stem,
                               fixed_batch=fast.fixed_batch)
     prepared.device = fast.device
+    prepared._bfloat16_copies = fast._bfloat16_copies  # the same weights: one bfloat16 copy
     return prepared
 
 
