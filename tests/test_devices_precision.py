@@ -283,3 +283,51 @@ def test_a_weight_read_outside_autocasts_operators_stays_float32() -> None:
 
     traced = fx.symbolic_trace(Wrapped())
     assert bfloat16_graph(traced) is traced
+
+
+def autocast_cases() -> dict[str, Callable[[Callable[[torch.Tensor], torch.Tensor]], Any]]:
+    """Each operator whose weights are kept in bfloat16, called with the weight passed
+    through the given function."""
+    aten = torch.ops.aten
+    image, volume, line = torch.randn(1, 2, 5, 5), torch.randn(1, 2, 4, 4, 4), torch.randn(1, 2, 5)
+    rows, stacked = torch.randn(2, 4), torch.randn(2, 2, 4)
+    return {
+        "conv1d": lambda w: aten.conv1d.default(line, w(torch.randn(3, 2, 3))),
+        "conv2d": lambda w: aten.conv2d.default(image, w(torch.randn(3, 2, 3, 3))),
+        "conv3d": lambda w: aten.conv3d.default(volume, w(torch.randn(3, 2, 2, 2, 2))),
+        "conv_transpose1d": lambda w: aten.conv_transpose1d.default(line,
+                                                                    w(torch.randn(2, 3, 3))),
+        "conv_transpose2d": lambda w: aten.conv_transpose2d.input(image,
+                                                                  w(torch.randn(2, 3, 3, 3))),
+        "conv_transpose3d": lambda w: aten.conv_transpose3d.input(volume,
+                                                                  w(torch.randn(2, 3, 2, 2, 2))),
+        "linear": lambda w: aten.linear.default(rows, w(torch.randn(3, 4))),
+        "matmul": lambda w: aten.matmul.default(rows, w(torch.randn(4, 3))),
+        "mm": lambda w: aten.mm.default(rows, w(torch.randn(4, 3))),
+        "bmm": lambda w: aten.bmm.default(stacked, w(torch.randn(2, 4, 3))),
+        "addmm": lambda w: aten.addmm.default(torch.randn(3), rows, w(torch.randn(4, 3))),
+        "baddbmm": lambda w: aten.baddbmm.default(torch.randn(2, 2, 3), stacked,
+                                                  w(torch.randn(2, 4, 3))),
+        "addbmm": lambda w: aten.addbmm.default(torch.randn(2, 3), stacked,
+                                                w(torch.randn(2, 4, 3))),
+    }
+
+
+def test_every_operator_given_bfloat16_weights_is_one_autocast_casts() -> None:
+    """A listed operator that CPU autocast left in float32 would fail on a bfloat16 weight
+    (as ``aten.convolution`` does): each one, given its weight in bfloat16, computes in
+    bfloat16 exactly what autocast computes from the float32 weight."""
+    from saliency_service.methods._utils.torch_program import (  # noqa: PLC0415
+        _BFLOAT16_OPERATORS,
+    )
+
+    cases = autocast_cases()
+    assert {packet.__name__ for packet in _BFLOAT16_OPERATORS} == set(cases)
+    for name, call in cases.items():
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = call(lambda weight: weight)
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call(lambda weight: weight.to(torch.bfloat16))
+        assert got.dtype == torch.bfloat16 and torch.equal(expected, got), name
