@@ -14,12 +14,14 @@ inputs. The figures go to ``remote.json``; with ``--predictors torchserve`` alon
 ``remote_torchserve.json``.
 
     nice python -m benchmarks.remote [--quick] [--repeats 5] [--size 64]
-        [--predictors kserve,torchserve] [--model small|demo] [--protocols v2-grpc,…]
+        [--predictors kserve,torchserve] [--model small|demo|resnet50] [--protocols v2-grpc,…]
 
 ``--model demo`` explains the shipped demo package (a ResNet at 128², whose own runs cost
-more than the calls that carry them) instead of the small CNN; its figures go to
-``remote_demo.json``. ``--protocols`` keeps some of the KServe protocols (the REST ones carry
-128² batches as JSON numbers, which KServe's Python server decodes for seconds per call).
+more than the calls that carry them) instead of the small CNN, ``--model resnet50`` a
+ResNet-50 at 224² (random weights: a production-sized model, far more work per byte sent);
+their figures go to ``remote_demo.json`` and ``remote_resnet50.json``. ``--protocols``
+keeps some of the KServe protocols (the REST ones carry large batches as JSON numbers,
+which KServe's Python server decodes for seconds per call).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from benchmarks.common import (
     TorchServeProcess,
     base_parser,
     percentiles,
+    resnet50_repository,
     table,
     time_calls,
     time_interleaved,
@@ -45,11 +48,8 @@ from benchmarks.common import (
 )
 from saliency_service.core.remote import V2_GRPC
 from saliency_service.core.repository import Repository
-from saliency_service.core.request import CostCounter, Job, RequestState
-from saliency_service.methods import registry
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
-from saliency_service.protocol.codec import params_values
 from saliency_service.protocol.images import array_to_tensor, tensor_to_array
 from saliency_service.serving.background import RunningServer
 from saliency_service.serving.config import Config
@@ -64,7 +64,7 @@ MAX_BATCH = 64
 # KServe's gRPC server takes messages up to 8 MiB: a call carries at most this many bytes.
 MAX_CALL_BYTES = 8 << 20
 DEMO_PACKAGE = Path(__file__).resolve().parent.parent / "models" / "demo" / "1"
-MODELS = ("small", "demo")
+MODELS = ("small", "demo", "resnet50")
 CONCURRENCY = 2
 PREDICTORS = ("kserve", "torchserve")
 # Package name → how its manifest calls TorchServe.
@@ -76,28 +76,6 @@ PREDICTOR_NOTES = {
 }
 
 
-def remote_traffic(root: Path, protocol: str, method: str, request: pb.ExplainRequest,
-                   ) -> dict[str, int]:
-    """The remote calls and bytes of one request, counted in process on the same package."""
-    repository = Repository(root)
-    repository.load_all()
-    handle = repository.get(protocol)
-    handler = registry.get(method)
-    inputs = tensor_to_array(request.input.tensor)
-    cost = CostCounter()
-    (logits,) = handle.run(inputs, count_remote=cost.remote)
-    message = getattr(request, method) if request.HasField(method) else None
-    job = Job(model=handle, inputs=inputs, targets=logits.argmax(1), base_logits=logits,
-              params=handler.params(params_values(message, method)), seed=request.seed,
-              state=RequestState(), cost=cost)
-    handler.explain(job)
-    for each in repository.handles():
-        if each.remote is not None:
-            each.remote.close()
-    return {"remote_calls": cost.remote_calls, "remote_mb": round(cost.remote_bytes / 1e6, 2),
-            "forward_passes": cost.forward_passes}
-
-
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -105,7 +83,8 @@ def main() -> None:
     parser.add_argument("--predictors", default=",".join(PREDICTORS),
                         help=f"comma-separated, of {', '.join(PREDICTORS)}")
     parser.add_argument("--model", choices=MODELS, default="small",
-                        help="the small CNN (--size) or the shipped demo package")
+                        help="the small CNN (--size), the shipped demo package or ResNet-50 "
+                             "at 224²")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS),
                         help=f"KServe protocols, comma-separated, of {', '.join(PROTOCOLS)}")
     args = parser.parse_args()
@@ -120,16 +99,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as scratch:
         folder = Path(scratch)
         root = folder / "models"
-        if args.model == "demo":
-            # Copies, not the shipped folder: the predictor writes its log beside its file.
+        if args.model in ("demo", "resnet50"):
+            # Copies, not the package's folder: the predictor writes its log beside its file.
+            package = (DEMO_PACKAGE if args.model == "demo"
+                       else resnet50_repository(224) / "resnet50" / "1")
             source, local = folder / "source", root / "local" / "1"
             for copy in (source, local):
-                shutil.copytree(DEMO_PACKAGE, copy, ignore=shutil.ignore_patterns("*.log"))
+                shutil.copytree(package, copy, ignore=shutil.ignore_patterns("*.log"))
             manifest = json.loads((local / "manifest.json").read_text())
             (local / "manifest.json").write_text(json.dumps({**manifest, "name": "local"}))
             size = int(manifest["input"]["shape"][-1])
-            described = f"the demo package ({manifest.get('description', 'DemoResNet')}), " \
-                        f"3×{size}×{size}"
+            described = (f"the demo package ({manifest.get('description', 'DemoResNet')}), "
+                         f"3×{size}×{size}" if args.model == "demo" else
+                         f"ResNet-50 (random weights, seed 0), 3×{size}×{size}, 1000 classes")
         else:
             model = small_cnn(classes=10, size=args.size)
             source = write_package(model, folder / "source", "plain")
@@ -214,6 +196,13 @@ def call_floors(root: Path, names: list[str], size: int, max_batch: int,
     return rows
 
 
+def traffic(cost: pb.Cost) -> dict[str, Any]:
+    """The remote calls and bytes one request made and its forward passes, as its answer's
+    ``cost`` reports them."""
+    return {"remote_calls": cost.remote_calls, "remote_mb": round(cost.remote_bytes / 1e6, 2),
+            "forward_passes": cost.forward_passes}
+
+
 def measure(root: Path, names: list[str], size: int, repeats: int,
             quick: bool) -> list[dict[str, Any]]:
     batch = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
@@ -250,7 +239,7 @@ def measure(root: Path, names: list[str], size: int, repeats: int,
                                  "remote_p50_ms": round(remote_ms, 1),
                                  "ratio": round(remote_ms / local_ms, 2),
                                  "max_map_difference": float(difference),
-                                 **remote_traffic(root, protocol, method, request(protocol))})
+                                 **traffic(answers[protocol].cost)})
     finally:
         running.stop()
     return rows

@@ -4,6 +4,7 @@ has none."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
+from saliency_service.core.repository import MANIFEST
 from saliency_service.proto import explainer_pb2 as pb
 from saliency_service.proto import explainer_pb2_grpc as pb_grpc
 from saliency_service.protocol.images import array_to_tensor
@@ -34,6 +36,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     predictor, urls = start_predictor(local / "model.onnx", "plain")
     write_remote(local, root, "remote", {"protocol": "v2-grpc", "model": "plain",
                                          "url": urls["grpc"], "max_batch": MAX_BATCH})
+    # A model whose activations would leave room for one input per chunk here, were it run
+    # here: they live at the predictor, so its calls still carry max_batch inputs each.
+    heavy = write_remote(local, root, "heavy", {"protocol": "v2-grpc", "model": "plain",
+                                                "url": urls["grpc"], "max_batch": MAX_BATCH,
+                                                "concurrency": 2})
+    manifest = json.loads((heavy / MANIFEST).read_text())
+    (heavy / MANIFEST).write_text(json.dumps({**manifest, "activation_bytes": 1 << 40}))
     running = RunningServer(make_config(root, http_port=0)).start()
     yield running
     running.stop()
@@ -104,6 +113,19 @@ def test_http_json_shows_remote_calls(server: RunningServer) -> None:
     local = httpx.post(f"{url}/api/v1/explain", timeout=120,
                        json=json_format.MessageToDict(request("local"))).json()
     assert (local["cost"]["remote_calls"], local["cost"]["remote_bytes"]) == (0, 0)
+
+
+def test_a_remote_models_calls_carry_max_batch_inputs_whatever_its_activations(
+        stub: pb_grpc.ExplainerStub) -> None:
+    """Chunks of a remote model are sized by its calls (max_batch × concurrency), not by
+    activations held elsewhere: 64 RISE masks go out as 4 calls of 16, plus the prediction."""
+    masks = 4 * MAX_BATCH
+    answer = stub.Explain(pb.ExplainRequest(
+        model="heavy", input=request("heavy").input, method=pb.METHOD_RISE, seed=1,
+        rise=pb.RiseParams(masks=masks)), timeout=120)
+    assert answer.cost.forward_passes == masks + 1
+    assert answer.cost.remote_calls == masks // MAX_BATCH + 1
+    assert answer.cost.remote_bytes >= (masks + 1) * IMAGE_BYTES
 
 
 def test_the_fields_keep_their_numbers() -> None:

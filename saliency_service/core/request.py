@@ -18,6 +18,8 @@ from saliency_service.core.chunking import MAX_CHUNK_ROWS, chunks
 from saliency_service.core.errors import Cancelled, DeadlineExceeded, ServiceError
 from saliency_service.core.repository import ModelHandle
 
+# A remote model's input is held here as itself and as the bytes of its call.
+REMOTE_COPIES = 2
 DEFAULT_LIMITS: Mapping[str, float] = {"chunk_memory_bytes": 512 * 1024 * 1024}
 
 
@@ -129,8 +131,12 @@ class Job:
 
     def activation_bytes(self, backward: bool = False) -> int:
         """Activation bytes one network input holds in a pass (twice that with a backward
-        pass), from the manifest or, without it, 48 copies of the input."""
+        pass), from the manifest or, without it, 48 copies of the input. A remote model's
+        activations live at its predictor: here an input holds only itself and its
+        encoded copy."""
         spec = self.model.spec()
+        if self.model.remote is not None:
+            return REMOTE_COPIES * int(np.prod(self.inputs.shape[1:]) * 4)
         per_item = int(spec.extra.get("activation_bytes", 0)) or 48 * int(
             np.prod(self.inputs.shape[1:]) * 4
         )
@@ -140,13 +146,23 @@ class Job:
     def chunk_memory_bytes(self) -> int:
         return int(self.limits.get("chunk_memory_bytes", DEFAULT_LIMITS["chunk_memory_bytes"]))
 
+    @property
+    def max_rows(self) -> int:
+        """The most network inputs one chunk takes: ``MAX_CHUNK_ROWS``, or for a remote
+        model what its calls in flight carry together (``max_batch`` × ``concurrency``), so
+        that each call is as full as the predictor takes and the calls overlap."""
+        remote = self.model.remote
+        if remote is None:
+            return MAX_CHUNK_ROWS
+        return max(MAX_CHUNK_ROWS, remote.spec.max_batch * remote.spec.concurrency)
+
     def items_per_chunk(self, backward: bool = False) -> int:
         """How many network inputs fit one chunk under the memory budget (at most
-        ``MAX_CHUNK_ROWS``)."""
+        ``max_rows``)."""
         fitting = self.chunk_memory_bytes // max(self.activation_bytes(backward), 1)
         fixed = self.model.spec().input.batch if backward else 0
         # A graph with a fixed batch k runs its backward passes k inputs at a time.
-        return max(1, min(fitting, MAX_CHUNK_ROWS, fixed or MAX_CHUNK_ROWS))
+        return max(1, min(fitting, self.max_rows, fixed or self.max_rows))
 
     def units_per_chunk(self, rows_each: int = 1, unit_bytes: int = 0,
                         backward: bool = False, reserved_bytes: int = 0) -> int:
@@ -156,7 +172,7 @@ class Job:
         come off the budget first."""
         per_unit = rows_each * self.activation_bytes(backward) + unit_bytes
         budget = self.chunk_memory_bytes - reserved_bytes
-        return max(1, min(budget // max(per_unit, 1), MAX_CHUNK_ROWS // max(rows_each, 1)))
+        return max(1, min(budget // max(per_unit, 1), self.max_rows // max(rows_each, 1)))
 
     def unit_chunks(self, units: int, rows_each: int = 1, unit_bytes: int = 0,
                     backward: bool = False, reserved_bytes: int = 0) -> Iterator[slice]:
