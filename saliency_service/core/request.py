@@ -20,6 +20,8 @@ from saliency_service.core.repository import ModelHandle
 
 # A remote model's input is held here as itself and as the bytes of its call.
 REMOTE_COPIES = 2
+# Rounds of a remote model's calls in flight that one chunk holds.
+REMOTE_ROUNDS = 4
 DEFAULT_LIMITS: Mapping[str, float] = {"chunk_memory_bytes": 512 * 1024 * 1024}
 
 
@@ -149,12 +151,13 @@ class Job:
     @property
     def max_rows(self) -> int:
         """The most network inputs one chunk takes: ``MAX_CHUNK_ROWS``, or for a remote
-        model what its calls in flight carry together (``max_batch`` × ``concurrency``), so
-        that each call is as full as the predictor takes and the calls overlap."""
+        model ``REMOTE_ROUNDS`` rounds of full calls in flight (``max_batch`` ×
+        ``concurrency`` each), so that every call is as full as the predictor takes and the
+        predictor has the next call while it runs one."""
         remote = self.model.remote
         if remote is None:
             return MAX_CHUNK_ROWS
-        return max(MAX_CHUNK_ROWS, remote.spec.max_batch * remote.spec.concurrency)
+        return remote.spec.max_batch * remote.spec.concurrency * REMOTE_ROUNDS
 
     def items_per_chunk(self, backward: bool = False) -> int:
         """How many network inputs fit one chunk under the memory budget (at most
@@ -184,7 +187,11 @@ class Job:
         """The chunk loop: slices of range(total) in steps of ``size``, checking the deadline
         and cancellation before each, so that a chunk's arrays are only allocated for a
         request that is still wanted and the first check comes before the first chunk."""
-        for part in chunks(total, size):
+        # A remote model's chunks are cut into calls of max_batch: even slices fill them;
+        # the powers of two are for a local model's few warmed-up shapes.
+        parts = (chunks(total, size) if self.model.remote is None
+                 else (slice(start, min(start + size, total)) for start in range(0, total, size)))
+        for part in parts:
             self.state.check()
             yield part
 
