@@ -20,8 +20,6 @@ from saliency_service.core.repository import ModelHandle
 
 # A remote model's input is held here as itself and as the bytes of its call.
 REMOTE_COPIES = 2
-# Rounds of a remote model's calls in flight that one chunk holds.
-REMOTE_ROUNDS = 4
 DEFAULT_LIMITS: Mapping[str, float] = {"chunk_memory_bytes": 512 * 1024 * 1024}
 
 
@@ -151,13 +149,13 @@ class Job:
     @property
     def max_rows(self) -> int:
         """The most network inputs one chunk takes: ``MAX_CHUNK_ROWS``, or for a remote
-        model ``REMOTE_ROUNDS`` rounds of full calls in flight (``max_batch`` ×
-        ``concurrency`` each), so that every call is as full as the predictor takes and the
-        predictor has the next call while it runs one."""
+        model whole rounds of full calls in flight (``max_batch`` × ``concurrency`` each),
+        as few as hold ``MAX_CHUNK_ROWS``: every call is as full as the predictor takes."""
         remote = self.model.remote
         if remote is None:
             return MAX_CHUNK_ROWS
-        return remote.spec.max_batch * remote.spec.concurrency * REMOTE_ROUNDS
+        round_rows = remote.spec.max_batch * remote.spec.concurrency
+        return round_rows * -(-MAX_CHUNK_ROWS // round_rows)
 
     def items_per_chunk(self, backward: bool = False) -> int:
         """How many network inputs fit one chunk under the memory budget (at most
