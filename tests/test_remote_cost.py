@@ -26,6 +26,7 @@ from tests.test_remote_models import start_predictor, stop, write_remote
 
 SIZE = 32
 MAX_BATCH = 16
+FIXED_BATCH = 3
 IMAGE_BYTES = 3 * SIZE * SIZE * 4  # one float32 input, as raw bytes
 
 
@@ -43,6 +44,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
                                                 "concurrency": 2})
     manifest = json.loads((heavy / MANIFEST).read_text())
     (heavy / MANIFEST).write_text(json.dumps({**manifest, "activation_bytes": 1 << 40}))
+    # A model whose graph fixes the batch size: its calls carry exactly that many inputs.
+    fixed = write_remote(local, root, "fixed", {"protocol": "v2-grpc", "model": "plain",
+                                                "url": urls["grpc"], "max_batch": MAX_BATCH,
+                                                "concurrency": 2})
+    manifest = json.loads((fixed / MANIFEST).read_text())
+    manifest["input"]["shape"] = [FIXED_BATCH, *manifest["input"]["shape"][1:]]
+    (fixed / MANIFEST).write_text(json.dumps(manifest))
     running = RunningServer(make_config(root, http_port=0)).start()
     yield running
     running.stop()
@@ -115,17 +123,31 @@ def test_http_json_shows_remote_calls(server: RunningServer) -> None:
     assert (local["cost"]["remote_calls"], local["cost"]["remote_bytes"]) == (0, 0)
 
 
+def rise_cost(stub: pb_grpc.ExplainerStub, model: str, masks: int) -> pb.Cost:
+    """The cost of RISE with ``masks`` masks on ``model``, whose passes are the masks and
+    the prediction."""
+    answer = stub.Explain(pb.ExplainRequest(
+        model=model, input=request(model).input, method=pb.METHOD_RISE, seed=1,
+        rise=pb.RiseParams(masks=masks)), timeout=120)
+    assert answer.cost.forward_passes == masks + 1
+    return answer.cost
+
+
 def test_a_remote_models_calls_carry_max_batch_inputs_whatever_its_activations(
         stub: pb_grpc.ExplainerStub) -> None:
     """Chunks of a remote model are sized by its calls (max_batch × concurrency), not by
     activations held elsewhere: 64 RISE masks go out as 4 calls of 16, plus the prediction."""
     masks = 4 * MAX_BATCH
-    answer = stub.Explain(pb.ExplainRequest(
-        model="heavy", input=request("heavy").input, method=pb.METHOD_RISE, seed=1,
-        rise=pb.RiseParams(masks=masks)), timeout=120)
-    assert answer.cost.forward_passes == masks + 1
-    assert answer.cost.remote_calls == masks // MAX_BATCH + 1
-    assert answer.cost.remote_bytes >= (masks + 1) * IMAGE_BYTES
+    cost = rise_cost(stub, "heavy", masks)
+    assert cost.remote_calls == masks // MAX_BATCH + 1
+    assert cost.remote_bytes >= (masks + 1) * IMAGE_BYTES
+
+
+def test_a_fixed_batch_remote_models_calls_are_all_full(stub: pb_grpc.ExplainerStub) -> None:
+    """Chunks of a model with a fixed batch size k are whole rounds of k-input calls: 36 RISE
+    masks go out as 12 calls of 3 (none padded), plus the prediction's one padded call."""
+    masks = 12 * FIXED_BATCH
+    assert rise_cost(stub, "fixed", masks).remote_calls == masks // FIXED_BATCH + 1
 
 
 def test_the_fields_keep_their_numbers() -> None:

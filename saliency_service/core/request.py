@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from saliency_service.core.chunking import MAX_CHUNK_ROWS, chunks
+from saliency_service.core.chunking import MAX_CHUNK_ROWS, chunks, even_chunks
 from saliency_service.core.errors import Cancelled, DeadlineExceeded, ServiceError
 from saliency_service.core.repository import ModelHandle
 
@@ -149,12 +149,14 @@ class Job:
     @property
     def max_rows(self) -> int:
         """The most network inputs one chunk takes: ``MAX_CHUNK_ROWS``, or for a remote
-        model whole rounds of full calls in flight (``max_batch`` × ``concurrency`` each),
+        model whole rounds of full calls in flight (a call's inputs, ``max_batch`` or the
+        model's fixed batch size as ``RemotePredictor.run`` sends them, × ``concurrency``),
         as few as hold ``MAX_CHUNK_ROWS``: every call is as full as the predictor takes."""
         remote = self.model.remote
         if remote is None:
             return MAX_CHUNK_ROWS
-        round_rows = remote.spec.max_batch * remote.spec.concurrency
+        per_call = self.model.spec().input.batch or remote.spec.max_batch
+        round_rows = per_call * remote.spec.concurrency
         return round_rows * -(-MAX_CHUNK_ROWS // round_rows)
 
     def items_per_chunk(self, backward: bool = False) -> int:
@@ -185,11 +187,9 @@ class Job:
         """The chunk loop: slices of range(total) in steps of ``size``, checking the deadline
         and cancellation before each, so that a chunk's arrays are only allocated for a
         request that is still wanted and the first check comes before the first chunk."""
-        # A remote model's chunks are cut into calls of max_batch: even slices fill them;
-        # the powers of two are for a local model's few warmed-up shapes.
-        parts = (chunks(total, size) if self.model.remote is None
-                 else (slice(start, min(start + size, total)) for start in range(0, total, size)))
-        for part in parts:
+        # A remote model's chunks are cut into full calls; the powers of two are for a local
+        # model's few warmed-up shapes.
+        for part in (chunks if self.model.remote is None else even_chunks)(total, size):
             self.state.check()
             yield part
 

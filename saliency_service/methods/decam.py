@@ -45,10 +45,9 @@ Our formulation (the paper fixes the principle, not these details):
   perturbation moves them (‖x_p − b_p‖ over channels, plus a tenth of the image's mean so
   that a cell the baseline barely touches spreads nearly evenly), keeping the cell's total;
   a cell whose pixels all move alike gets the plain bilinear map. ``bilinear`` spreads it
-  evenly. The
-  search's evidence stays at the grid's resolution, and on an object smaller than a cell the
-  map no longer peaks on the background beside it (``benchmarks/groundtruth_defaults.py
-  decam``). A map whose positive part covers
+  evenly. The search's evidence stays at the grid's resolution, and on an object smaller
+  than a cell the map no longer peaks on the background beside it
+  (``benchmarks/groundtruth_defaults.py decam``). A map whose positive part covers
   less than one cell (nothing, or a point) is replaced by the best mask
   (``diagnostics["best_mask_fallbacks"]``).
 * ``max_forward_passes`` caps what one image may cost, the prediction included (Cost counts
